@@ -1,0 +1,2 @@
+//! The runtime layer: tokenizer built from GGUF metadata, sampling, chat templates and the
+//! generation loop that drives a model.
