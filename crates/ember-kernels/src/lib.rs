@@ -1,1 +1,15 @@
+//! Ember's hot operations, expressed as a burn backend extension.
+//!
+//! Model code calls the free functions here on ordinary `burn::tensor::Tensor`s. The
+//! [`EmberBackend`] extension routes each call to the backend the tensor lives on: our own
+//! CPU kernels for burn-flex, and for every other backend a default built from plain burn
+//! ops (correct everywhere, fast nowhere).
 
+pub mod cpu;
+mod matrix;
+mod ops;
+
+pub use matrix::{QuantMatrix, QuantMatrixError, SharedBytes};
+pub use ops::{
+    EmberBackend, causal_attention, causal_attention_fallback, quant_matmul, quant_matmul_fallback,
+};

@@ -1,1 +1,38 @@
+//! Model architectures written once against burn tensors, with weights taken from a GGUF file.
+//!
+//! Linear layers keep their weights quantized in the file's memory map and go through
+//! [`ember_kernels::quant_matmul`]; everything else is ordinary burn ops, so a model runs on
+//! any burn backend.
 
+mod config;
+mod error;
+mod layers;
+mod llama;
+mod weights;
+
+pub use config::{ModelConfig, RopeMode};
+pub use error::ModelError;
+pub use llama::{LlamaModel, Logits};
+pub use weights::Weights;
+
+use burn::tensor::Device;
+use ember_formats::GgufFile;
+
+/// The CPU device used by default: burn-flex when built, else burn-ndarray.
+pub fn default_device() -> Device {
+    #[cfg(feature = "flex")]
+    {
+        Device::flex()
+    }
+    #[cfg(all(not(feature = "flex"), feature = "ndarray"))]
+    #[allow(deprecated)]
+    {
+        Device::ndarray()
+    }
+}
+
+/// Loads the model a GGUF file describes, on `device`.
+pub fn load(file: &GgufFile, device: &Device) -> Result<LlamaModel, ModelError> {
+    let config = ModelConfig::from_gguf(file)?;
+    LlamaModel::load(file, config, device)
+}

@@ -1,2 +1,9 @@
 //! The runtime layer: tokenizer built from GGUF metadata, sampling, chat templates and the
 //! generation loop that drives a model.
+pub mod chat;
+pub mod eval;
+pub mod generate;
+pub mod loaded;
+pub mod sampling;
+pub mod stop;
+pub mod tokenizer;

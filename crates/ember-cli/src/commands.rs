@@ -1,0 +1,453 @@
+//! Subcommands. Flags and `--json` shapes here are contracts other tools rely on: extend them,
+//! never rename.
+
+use std::io::{BufRead, Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use ember_runtime::chat::ChatMessage;
+use ember_runtime::eval;
+use ember_runtime::generate::{GenerateRequest, generate};
+use ember_runtime::loaded::LoadedModel;
+use ember_runtime::sampling::SamplingParams;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "ember",
+    version,
+    about = "Local LLM inference: GGUF models on CPU through burn"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Print the token ids of a text (BOS as the model says, special tokens parsed).
+    Tokenize(TokenizeArgs),
+    /// Raw logits after every position of a prompt, teacher-forced.
+    Logits(LogitsArgs),
+    /// Perplexity of a text file, computed as llama-perplexity does.
+    Perplexity(PerplexityArgs),
+    /// Interactive chat with the model's chat template.
+    Chat(ChatArgs),
+    /// Show a GGUF file's metadata and tensors.
+    Inspect(InspectArgs),
+    /// Fetch a model by name into the local cache.
+    Pull(PullArgs),
+    /// List the models the manifest knows and whether they are cached.
+    List,
+}
+
+#[derive(Args)]
+struct ModelArg {
+    /// A GGUF path, or a model name from the manifest (pulled on first use).
+    #[arg(
+        short = 'm',
+        long = "model",
+        default_value = "smollm2-135m-instruct-q4_1"
+    )]
+    model: String,
+}
+
+#[derive(Args)]
+struct PromptArgs {
+    /// Prompt text.
+    #[arg(short = 'p', long = "prompt", conflicts_with = "stdin")]
+    prompt: Option<String>,
+    /// Read the prompt from standard input.
+    #[arg(long)]
+    stdin: bool,
+}
+
+impl PromptArgs {
+    fn text(&self) -> Result<String> {
+        match (&self.prompt, self.stdin) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, true) => {
+                let mut s = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .context("reading the prompt from stdin")?;
+                Ok(s)
+            }
+            (None, false) => bail!("give a prompt with -p TEXT or --stdin"),
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Top-k (0 disables).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Top-p (1.0 disables).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Min-p (0.0 disables).
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Repetition penalty (1.0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Tokens of history the penalties look at (-1 = all).
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: i32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// RNG seed: the same seed gives the same output.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    n: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Context size in tokens (default: the model's, at most 4096).
+    #[arg(short = 'c', long)]
+    ctx_size: Option<usize>,
+    /// Stop when this string is generated (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Prompt text (tokenized like `ember tokenize`).
+    #[arg(long, conflicts_with = "tokens")]
+    prompt: Option<String>,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    tokens: Option<Vec<u32>>,
+    /// How many of the highest logits to print per position.
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Text file to score.
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Chunk size in tokens.
+    #[arg(long = "ctx", alias = "ctx-size", short = 'c', default_value_t = 512)]
+    ctx: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// A system message to start the conversation with.
+    #[arg(long)]
+    system: Option<String>,
+    /// Tokens to generate at most per reply.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
+    n: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    #[arg(short = 'c', long)]
+    ctx_size: Option<usize>,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// A GGUF path or model name.
+    model: String,
+    /// Print every metadata array in full instead of its first items.
+    #[arg(long)]
+    full: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PullArgs {
+    /// Model name from the manifest (`ember list` shows them).
+    name: String,
+    /// Fetch again even if a verified copy is cached.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Tokenize(a) => cmd_tokenize(a),
+        Command::Logits(a) => cmd_logits(a),
+        Command::Perplexity(a) => cmd_perplexity(a),
+        Command::Chat(a) => cmd_chat(a),
+        Command::Inspect(a) => crate::inspect::run(&a.model, a.full, a.json),
+        Command::Pull(a) => {
+            let opts = ember_hub::PullOptions {
+                force: a.force,
+                ..Default::default()
+            };
+            let path = ember_hub::pull(&a.name, opts)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::List => {
+            for m in ember_hub::list_models() {
+                let state = if m.present { "cached" } else { "not pulled" };
+                println!(
+                    "{:<32} {:>7.1} MiB  {:<10}  {}",
+                    m.entry.name,
+                    m.entry.size as f64 / (1024.0 * 1024.0),
+                    state,
+                    m.entry.description
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn open(model: &ModelArg) -> Result<LoadedModel> {
+    let path = ember_hub::resolve(&model.model)?;
+    Ok(LoadedModel::open(&path, &ember_models::default_device())?)
+}
+
+fn ctx_size(loaded: &LoadedModel, requested: Option<usize>) -> usize {
+    requested.unwrap_or_else(|| loaded.model.config().context_length.min(4096))
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let text = a.prompt.text()?;
+    let loaded = open(&a.model)?;
+    let prompt_tokens = loaded.tokenize_prompt(&text)?;
+    let req = GenerateRequest {
+        prompt_tokens: prompt_tokens.clone(),
+        max_tokens: a.n,
+        sampling: a.sampling.params(),
+        stop: a.stop.clone(),
+        ctx_size: ctx_size(&loaded, a.ctx_size),
+        stop_at_eog: !a.ignore_eos,
+    };
+    let stdout = std::io::stdout();
+    let out = generate(&loaded.model, &loaded.tokenizer, &req, |piece| {
+        if !a.json {
+            let mut lock = stdout.lock();
+            let _ = lock.write_all(piece.as_bytes());
+            let _ = lock.flush();
+        }
+    })?;
+    if a.json {
+        let obj = json!({
+            "prompt_tokens": prompt_tokens,
+            "tokens": out.tokens,
+            "text": out.text,
+            "stop_reason": out.stop_reason,
+            "timings": out.timings,
+        });
+        println!("{obj}");
+    } else {
+        println!();
+        let t = &out.timings;
+        eprintln!(
+            "prompt: {} tokens in {:.0} ms ({:.1} t/s); generated {} tokens in {:.0} ms ({:.1} t/s)",
+            t.prompt_n,
+            t.prompt_ms,
+            t.prompt_n as f64 * 1e3 / t.prompt_ms.max(1e-9),
+            t.predicted_n,
+            t.predicted_ms,
+            t.predicted_n as f64 * 1e3 / t.predicted_ms.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
+    let text = a.prompt.text()?;
+    let path = ember_hub::resolve(&a.model.model)?;
+    // Tokenizing needs no weights: open the file and build only the tokenizer.
+    let file = ember_formats::GgufFile::open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let tok = ember_runtime::tokenizer::GgufTokenizer::from_gguf(&file)?;
+    let ids = tok.encode(&text, true, true)?;
+    if a.json {
+        println!("{}", json!({ "tokens": ids }));
+    } else {
+        for id in ids {
+            let piece = String::from_utf8_lossy(&tok.token_to_piece(id)).into_owned();
+            println!("{id:6} -> {piece:?}");
+        }
+    }
+    Ok(())
+}
+
+fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    let loaded = open(&a.model)?;
+    let tokens = match (&a.prompt, &a.tokens) {
+        (Some(p), _) => loaded.tokenize_prompt(p)?,
+        (None, Some(t)) => t.clone(),
+        (None, None) => bail!("give --prompt TEXT or --tokens 1,2,3"),
+    };
+    if tokens.is_empty() {
+        bail!("no tokens to score");
+    }
+    let rows = eval::teacher_forced_logits(&loaded.model, &tokens, 512)?;
+    let positions: Vec<_> = rows
+        .iter()
+        .enumerate()
+        .map(|(pos, row)| json!({ "pos": pos, "top": eval::top_k(row, a.top_k) }))
+        .collect();
+    if a.json {
+        println!("{}", json!({ "tokens": tokens, "positions": positions }));
+    } else {
+        for (pos, row) in rows.iter().enumerate() {
+            let top: Vec<String> = eval::top_k(row, a.top_k)
+                .into_iter()
+                .map(|(id, l)| {
+                    let piece =
+                        String::from_utf8_lossy(&loaded.tokenizer.token_to_piece(id)).into_owned();
+                    format!("{id} {piece:?} {l:.4}")
+                })
+                .collect();
+            println!("pos {pos} (token {}): {}", tokens[pos], top.join(" | "));
+        }
+    }
+    Ok(())
+}
+
+fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let loaded = open(&a.model)?;
+    let tokens = loaded.tokenize_prompt(&text)?;
+    let bos = if loaded.tokenizer.add_bos() {
+        loaded.tokenizer.bos_id()
+    } else {
+        None
+    };
+    let json_out = a.json;
+    let result = eval::perplexity(&loaded.model, &tokens, a.ctx, bos, |done, total, ppl| {
+        if !json_out {
+            eprintln!("[{done}/{total}] {ppl:.4}");
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!(
+            "Final estimate: PPL = {:.4} ({} tokens scored in {} chunks of {})",
+            result.ppl, result.tokens, result.chunks, a.ctx
+        );
+    }
+    Ok(())
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let loaded = open(&a.model)?;
+    let template = loaded.chat_template()?;
+    let ctx = ctx_size(&loaded, a.ctx_size);
+    let mut messages = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(ChatMessage::system(s.clone()));
+    }
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    eprintln!(
+        "Chatting with {} (ctx {ctx}). Type /exit to quit, /reset to start over.",
+        a.model.model
+    );
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages.retain(|m: &ChatMessage| m.role == "system");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(ChatMessage::user(line));
+        let prompt = template.render_for_tokenizer(&messages, true, loaded.tokenizer.add_bos())?;
+        let req = GenerateRequest {
+            prompt_tokens: loaded.tokenize_prompt(&prompt)?,
+            max_tokens: a.n,
+            sampling: a.sampling.params(),
+            stop: Vec::new(),
+            ctx_size: ctx,
+            stop_at_eog: true,
+        };
+        let out = generate(&loaded.model, &loaded.tokenizer, &req, |piece| {
+            let mut lock = stdout.lock();
+            let _ = lock.write_all(piece.as_bytes());
+            let _ = lock.flush();
+        });
+        println!();
+        match out {
+            Ok(out) => messages.push(ChatMessage::assistant(out.text)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                messages.pop();
+            }
+        }
+    }
+    Ok(())
+}

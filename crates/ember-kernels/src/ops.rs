@@ -1,0 +1,185 @@
+//! The backend extension and its implementations.
+
+use std::sync::Arc;
+
+use burn::backend::{Backend, Dispatch, TensorMetadata, backend_extension, tensor::FloatTensor};
+use burn::tensor::{Shape, Tensor, TensorData};
+
+use crate::QuantMatrix;
+
+#[backend_extension(Flex: cfg(feature = "flex"), NdArray: cfg(feature = "ndarray"))]
+pub trait EmberBackend: Backend {
+    /// `x @ w^T` for `x: [m, w.cols()]`, giving `[m, w.rows()]`, with `w` left quantized.
+    fn quant_matmul(x: FloatTensor<Self>, w: Arc<QuantMatrix>) -> FloatTensor<Self> {
+        quant_matmul_fallback::<Self>(x, &w)
+    }
+
+    /// Causal attention: `q: [n_head, n, d]` over `k, v: [n_kv, t, d]`, the `n` queries being
+    /// the last `n` of `t` positions; query head `h` reads kv head `h / (n_head / n_kv)`.
+    /// Returns `[n, n_head * d]`.
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        causal_attention_fallback::<Self>(q, k, v, scale)
+    }
+}
+
+/// The generic attention: a full score matrix per kv head, masked, softmaxed, times V.
+pub fn causal_attention_fallback<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    scale: f32,
+) -> FloatTensor<B> {
+    let device = q.device();
+    let (qs, ks) = (q.shape(), k.shape());
+    let (n_head, n, d) = (qs[0], qs[1], qs[2]);
+    let (n_kv, t) = (ks[0], ks[1]);
+    let group = n_head / n_kv;
+    let rows = group * n;
+    let q = B::float_reshape(q, Shape::new([n_kv, rows, d]));
+    let scores = B::float_mul_scalar(
+        B::float_matmul(q, B::float_swap_dims(k, 1, 2)),
+        scale.into(),
+    );
+    // Row r of each kv head's block is query r % n.
+    let past = t - n;
+    let mut mask = vec![0.0f32; n_kv * rows * t];
+    for (r, row) in mask.chunks_mut(t).enumerate() {
+        let i = r % n;
+        row[past + i + 1..]
+            .iter_mut()
+            .for_each(|m| *m = f32::NEG_INFINITY);
+    }
+    let mask = B::float_from_data(TensorData::new(mask, [n_kv, rows, t]), &device);
+    let scores = B::float_add(scores, mask);
+    let max = B::float_max_dim(scores.clone(), 2);
+    let e = B::float_exp(B::float_sub(scores, max));
+    let z = B::float_sum_dim(e.clone(), 2);
+    let probs = B::float_div(e, z);
+    let out = B::float_matmul(probs, v); // [n_kv, group * n, d]
+    let out = B::float_reshape(out, Shape::new([n_head, n, d]));
+    let out = B::float_swap_dims(out, 0, 1);
+    B::float_reshape(out, Shape::new([n, n_head * d]))
+}
+
+/// Causal attention on any backend (see [`EmberBackend::causal_attention`]).
+pub fn causal_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, scale: f32) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as EmberBackend>::causal_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        scale,
+    ))
+}
+
+/// The generic path: dequantize the whole weight and use the backend's own matmul. Correct on
+/// every backend, but it materializes an f32 copy of the weight on every call.
+pub fn quant_matmul_fallback<B: Backend>(x: FloatTensor<B>, w: &QuantMatrix) -> FloatTensor<B> {
+    let device = x.device();
+    let weight = TensorData::new(w.dequantize_all(), [w.rows(), w.cols()]);
+    let weight = B::float_from_data(weight, &device);
+    B::float_matmul(x, B::float_transpose(weight))
+}
+
+/// `x @ w^T` on any backend: `x: [m, k]` with `k == w.cols()`, result `[m, w.rows()]`.
+pub fn quant_matmul(x: Tensor<2>, w: &Arc<QuantMatrix>) -> Tensor<2> {
+    let [_, k] = x.dims();
+    assert_eq!(
+        k,
+        w.cols(),
+        "quant_matmul: input width must equal the weight's columns"
+    );
+    Tensor::from_dispatch(<Dispatch as EmberBackend>::quant_matmul(
+        x.into_dispatch(),
+        Arc::clone(w),
+    ))
+}
+
+#[cfg(feature = "ndarray")]
+#[allow(deprecated)]
+impl EmberBackend for burn::backend::NdArray {}
+
+#[cfg(feature = "flex")]
+mod flex {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::backend::ops::FloatTensorOps;
+    use burn_flex::FlexTensor;
+
+    /// Types with an 8-bit integer path always use it (it is llama.cpp's arithmetic). For the
+    /// others, below this many input rows a call is a memory-bound GEMV: f32 dot products off
+    /// the blocks. From here up, dequantize tiles of the weight to f32 and hand them to
+    /// burn-flex's GEMM, which is compute-bound and far faster per element.
+    const GEMM_MIN_ROWS: usize = 8;
+    /// Weight rows dequantized per GEMM tile: 256 rows x 2048 cols x 4 B = 2 MiB, cache-sized.
+    const TILE_ROWS: usize = 256;
+
+    impl EmberBackend for Flex {
+        fn quant_matmul(x: FlexTensor, w: Arc<QuantMatrix>) -> FlexTensor {
+            let shape = x.shape();
+            let (m, n) = (shape[0], w.rows());
+            if m >= GEMM_MIN_ROWS && crate::cpu::q8::act_format(w.ggml_type()).is_none() {
+                return tiled_gemm(x, &w, m, n);
+            }
+            let x = contiguous_f32(x);
+            let xs = x.as_slice::<f32>().expect("contiguous f32");
+            let out = crate::cpu::quant_matmul_rows(&w, xs, m);
+            FlexTensor::from_data(TensorData::new(out, [m, n]))
+        }
+
+        fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, scale: f32) -> FlexTensor {
+            let (qs, ks) = (q.shape(), k.shape());
+            let shape = crate::cpu::attention::AttnShape {
+                n_head: qs[0],
+                n: qs[1],
+                head_dim: qs[2],
+                n_kv: ks[0],
+                t: ks[1],
+            };
+            let (q, k, v) = (contiguous_f32(q), contiguous_f32(k), contiguous_f32(v));
+            let out = crate::cpu::attention::causal_attention(
+                q.as_slice::<f32>().expect("contiguous f32"),
+                k.as_slice::<f32>().expect("contiguous f32"),
+                v.as_slice::<f32>().expect("contiguous f32"),
+                shape,
+                scale,
+            );
+            FlexTensor::from_data(TensorData::new(
+                out,
+                [shape.n, shape.n_head * shape.head_dim],
+            ))
+        }
+    }
+
+    fn contiguous_f32(x: FlexTensor) -> FlexTensor {
+        if x.as_slice::<f32>().is_some() {
+            x
+        } else {
+            x.to_contiguous()
+        }
+    }
+
+    fn tiled_gemm(x: FlexTensor, w: &QuantMatrix, m: usize, n: usize) -> FlexTensor {
+        let k = w.cols();
+        let mut out = vec![0.0f32; m * n];
+        let mut tile = vec![0.0f32; TILE_ROWS * k];
+        for start in (0..n).step_by(TILE_ROWS) {
+            let rows = TILE_ROWS.min(n - start);
+            let tile = &mut tile[..rows * k];
+            w.dequantize_rows_into(start, tile);
+            let wt = FlexTensor::from_data(TensorData::new(tile.to_vec(), [rows, k]));
+            let y = Flex::float_matmul(x.clone(), Flex::float_transpose(wt));
+            let y = contiguous_f32(y);
+            let ys = y.as_slice::<f32>().expect("contiguous f32");
+            for i in 0..m {
+                out[i * n + start..i * n + start + rows]
+                    .copy_from_slice(&ys[i * rows..(i + 1) * rows]);
+            }
+        }
+        FlexTensor::from_data(TensorData::new(out, [m, n]))
+    }
+}

@@ -1,0 +1,34 @@
+use ember_quant::GgmlType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unsupported architecture '{0}' (supported: llama)")]
+    UnsupportedArchitecture(String),
+    #[error("the file has no general.architecture")]
+    NoArchitecture,
+    #[error("missing metadata key '{0}'")]
+    MissingKey(String),
+    #[error("bad metadata '{key}': {why}")]
+    BadMetadata { key: String, why: String },
+    #[error("missing tensor '{0}'")]
+    MissingTensor(String),
+    #[error("tensor '{name}' has shape {got:?}, expected {expected:?}")]
+    BadShape {
+        name: String,
+        got: Vec<u64>,
+        expected: Vec<u64>,
+    },
+    #[error("tensor '{name}': {ty} is not supported here")]
+    UnsupportedType { name: String, ty: GgmlType },
+    #[error("tensor '{name}': {source}")]
+    Weight {
+        name: String,
+        source: ember_kernels::QuantMatrixError,
+    },
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error(transparent)]
+    Kv(#[from] ember_kv::KvError),
+    #[error("empty batch: at least one token is needed")]
+    EmptyBatch,
+}

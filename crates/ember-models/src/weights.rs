@@ -1,0 +1,87 @@
+//! Typed access to a GGUF file's tensors: quantized matrices stay in the memory map, small
+//! vectors (norm weights) are copied into burn tensors.
+
+use std::sync::Arc;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use ember_formats::{GgufFile, TensorInfo};
+use ember_kernels::{QuantMatrix, SharedBytes};
+
+use crate::ModelError;
+
+pub struct Weights<'a> {
+    file: &'a GgufFile,
+    device: Device,
+}
+
+impl<'a> Weights<'a> {
+    pub fn new(file: &'a GgufFile, device: &Device) -> Self {
+        Self {
+            file,
+            device: device.clone(),
+        }
+    }
+
+    fn info(&self, name: &str) -> Result<&'a TensorInfo, ModelError> {
+        self.file
+            .tensor(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.file.tensor(name).is_some()
+    }
+
+    /// A `rows x cols` matrix (`dims == [cols, rows]` in GGUF order), left in the mapping.
+    pub fn matrix(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Arc<QuantMatrix>, ModelError> {
+        let info = self.info(name)?;
+        if info.dims != [cols as u64, rows as u64] {
+            return Err(ModelError::BadShape {
+                name: name.to_string(),
+                got: info.dims.clone(),
+                expected: vec![cols as u64, rows as u64],
+            });
+        }
+        // The reader checked every tensor's range against the file when it opened it.
+        let range = self
+            .file
+            .tensor_range(info)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let bytes = SharedBytes::new(Arc::new(self.file.shared_bytes()), range.start, range.len())
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        QuantMatrix::new(bytes, info.ggml_type, rows, cols)
+            .map(Arc::new)
+            .map_err(|source| ModelError::Weight {
+                name: name.to_string(),
+                source,
+            })
+    }
+
+    /// A 1-D vector of `len` values (norm weights), dequantized into a burn tensor.
+    pub fn vector(&self, name: &str, len: usize) -> Result<Tensor<1>, ModelError> {
+        let info = self.info(name)?;
+        if info.dims != [len as u64] {
+            return Err(ModelError::BadShape {
+                name: name.to_string(),
+                got: info.dims.clone(),
+                expected: vec![len as u64],
+            });
+        }
+        let mut values = vec![0.0f32; len];
+        ember_quant::dequantize(info.ggml_type, self.file.tensor_data(info), &mut values).map_err(
+            |_| ModelError::UnsupportedType {
+                name: name.to_string(),
+                ty: info.ggml_type,
+            },
+        )?;
+        Ok(Tensor::from_data(
+            TensorData::new(values, [len]),
+            &self.device,
+        ))
+    }
+}

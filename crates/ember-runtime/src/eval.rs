@@ -1,0 +1,107 @@
+//! Teacher-forced evaluation: logits at every position, and perplexity as llama-perplexity
+//! computes it.
+
+use ember_models::{LlamaModel, Logits, ModelError};
+use serde::Serialize;
+
+/// Logits after every position of `tokens` (row `i` predicts token `i + 1`), computed in
+/// batches of at most `batch` tokens over one growing cache.
+pub fn teacher_forced_logits(
+    model: &LlamaModel,
+    tokens: &[u32],
+    batch: usize,
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let mut cache = model.new_cache(tokens.len());
+    let mut rows = Vec::with_capacity(tokens.len());
+    for chunk in tokens.chunks(batch.max(1)) {
+        let logits = model.forward(chunk, &mut cache, Logits::All)?;
+        let [n, vocab] = logits.dims();
+        let flat = logits.into_data().try_to_vec::<f32>().unwrap_or_default();
+        rows.extend((0..n).map(|i| flat[i * vocab..(i + 1) * vocab].to_vec()));
+    }
+    Ok(rows)
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Perplexity {
+    pub ppl: f64,
+    /// Tokens scored.
+    pub tokens: usize,
+    pub chunks: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PerplexityError {
+    #[error("need at least 2 * ctx = {needed} tokens for perplexity, the text has {got}")]
+    TooShort { needed: usize, got: usize },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// `log(sum(exp(logits)))` computed stably, then `-log p(target)`.
+fn nll(logits: &[f32], target: u32) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    let lse = max + sum.ln();
+    lse - logits[target as usize] as f64
+}
+
+/// llama-perplexity's method: split `tokens` into non-overlapping chunks of `ctx` tokens (the
+/// tail that doesn't fill a chunk is dropped), put BOS first in each chunk when `bos` is given,
+/// run each chunk from an empty cache and score the second half of it: the predictions of
+/// tokens `ctx/2 + 1 .. ctx`. `on_chunk` sees the running estimate after each chunk.
+pub fn perplexity(
+    model: &LlamaModel,
+    tokens: &[u32],
+    ctx: usize,
+    bos: Option<u32>,
+    mut on_chunk: impl FnMut(usize, usize, f64),
+) -> Result<Perplexity, PerplexityError> {
+    if ctx < 2 || tokens.len() < 2 * ctx {
+        return Err(PerplexityError::TooShort {
+            needed: 2 * ctx.max(2),
+            got: tokens.len(),
+        });
+    }
+    let n_chunks = tokens.len() / ctx;
+    let first = ctx / 2;
+    let (mut nll_sum, mut count) = (0.0f64, 0usize);
+    for c in 0..n_chunks {
+        let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
+        if let Some(bos) = bos {
+            chunk[0] = bos;
+        }
+        let mut cache = model.new_cache(ctx);
+        let logits = model.forward(&chunk, &mut cache, Logits::All)?;
+        let [_, vocab] = logits.dims();
+        let flat = logits.into_data().try_to_vec::<f32>().unwrap_or_default();
+        for i in first..ctx - 1 {
+            // Targets come from the original tokens: only the model input had BOS swapped in.
+            nll_sum += nll(&flat[i * vocab..(i + 1) * vocab], tokens[c * ctx + i + 1]);
+            count += 1;
+        }
+        on_chunk(c + 1, n_chunks, (nll_sum / count as f64).exp());
+    }
+    Ok(Perplexity {
+        ppl: (nll_sum / count as f64).exp(),
+        tokens: count,
+        chunks: n_chunks,
+    })
+}
+
+/// The `k` highest logits as `(id, logit)`, highest first, ties to the lower id.
+pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(ids.len());
+    let order = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    if k < ids.len() && k > 0 {
+        ids.select_nth_unstable_by(k - 1, order);
+    }
+    ids.truncate(k);
+    ids.sort_by(order);
+    ids.into_iter().map(|i| (i, logits[i as usize])).collect()
+}

@@ -1,0 +1,154 @@
+//! The generation loop: prompt in, tokens out, one sequence at a time.
+
+use std::time::Instant;
+
+use burn::tensor::Tensor;
+use ember_models::{LlamaModel, Logits, ModelError};
+use serde::Serialize;
+
+use crate::sampling::{Sampler, SamplingParams};
+use crate::stop::StopMatcher;
+use crate::tokenizer::{GgufTokenizer, StreamDecoder};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(
+        "the prompt is {prompt} tokens but the context size is {ctx}: use a shorter prompt or a larger --ctx-size (nothing was truncated)"
+    )]
+    PromptTooLong { prompt: usize, ctx: usize },
+    #[error("the prompt is empty (no tokens)")]
+    EmptyPrompt,
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt_tokens: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Context size in tokens (prompt + generated).
+    pub ctx_size: usize,
+    /// Stop at the model's end-of-generation tokens (off for reference runs that want exactly
+    /// `max_tokens`).
+    pub stop_at_eog: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// `max_tokens` were generated.
+    Length,
+    /// An end-of-generation token.
+    EndOfGeneration,
+    /// A stop string.
+    StopString,
+    /// The context filled up.
+    ContextFull,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    pub prompt_n: usize,
+    pub prompt_ms: f64,
+    pub predicted_n: usize,
+    pub predicted_ms: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateOutput {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub timings: Timings,
+    pub stop_reason: StopReason,
+}
+
+/// Last-row logits of a forward pass as a host vector.
+pub fn last_logits(logits: Tensor<2>) -> Vec<f32> {
+    let [rows, vocab] = logits.dims();
+    let all = logits.into_data().try_to_vec::<f32>().unwrap_or_default();
+    all[(rows - 1) * vocab..].to_vec()
+}
+
+/// Generates from `req.prompt_tokens`, calling `on_text` with each piece of text as soon as it
+/// is safe to show (complete UTF-8, not a possible stop-string prefix).
+pub fn generate(
+    model: &LlamaModel,
+    tokenizer: &GgufTokenizer,
+    req: &GenerateRequest,
+    mut on_text: impl FnMut(&str),
+) -> Result<GenerateOutput, GenerateError> {
+    let prompt = &req.prompt_tokens;
+    if prompt.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    if prompt.len() > req.ctx_size {
+        return Err(GenerateError::PromptTooLong {
+            prompt: prompt.len(),
+            ctx: req.ctx_size,
+        });
+    }
+    let mut cache = model.new_cache(req.ctx_size);
+    let mut sampler = Sampler::new(req.sampling.clone());
+    let mut history = prompt.clone();
+    let mut decoder = StreamDecoder::new(true);
+    let mut stops = StopMatcher::new(req.stop.clone());
+    let mut text = String::new();
+    let mut tokens = Vec::new();
+    let mut timings = Timings {
+        prompt_n: prompt.len(),
+        ..Timings::default()
+    };
+
+    let t0 = Instant::now();
+    let mut logits = last_logits(model.forward(prompt, &mut cache, Logits::Last)?);
+    timings.prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    let t1 = Instant::now();
+    let mut stop_reason = StopReason::Length;
+    let mut emit = |piece: &str, text: &mut String| {
+        text.push_str(piece);
+        on_text(piece);
+    };
+    while tokens.len() < req.max_tokens {
+        let next = sampler.sample(&logits, &history);
+        tokens.push(next);
+        history.push(next);
+        if req.stop_at_eog && tokenizer.is_eog(next) {
+            stop_reason = StopReason::EndOfGeneration;
+            break;
+        }
+        let piece = decoder.push(tokenizer, next);
+        let out = stops.push(&piece);
+        emit(&out.text, &mut text);
+        if out.stopped {
+            stop_reason = StopReason::StopString;
+            break;
+        }
+        if tokens.len() == req.max_tokens {
+            break;
+        }
+        if cache.len() >= req.ctx_size {
+            stop_reason = StopReason::ContextFull;
+            break;
+        }
+        logits = last_logits(model.forward(&[next], &mut cache, Logits::Last)?);
+    }
+    if stop_reason != StopReason::StopString {
+        let tail = decoder.finish();
+        let out = stops.push(&tail);
+        emit(&out.text, &mut text);
+        if !out.stopped {
+            emit(&stops.finish(), &mut text);
+        }
+    }
+    timings.predicted_n = tokens.len();
+    timings.predicted_ms = t1.elapsed().as_secs_f64() * 1e3;
+    Ok(GenerateOutput {
+        tokens,
+        text,
+        timings,
+        stop_reason,
+    })
+}

@@ -1,0 +1,84 @@
+//! A model file opened for use: the mapping, the model on a device, its tokenizer and its chat
+//! template.
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use ember_formats::{GgufError, GgufFile};
+use ember_models::{LlamaModel, ModelError};
+
+use crate::chat::{BuiltinTemplate, ChatError, ChatTemplate};
+use crate::tokenizer::{GgufTokenizer, TokenizerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    File { path: String, source: GgufError },
+    #[error("{path}: {source}")]
+    Model { path: String, source: ModelError },
+    #[error("{path}: tokenizer: {source}")]
+    Tokenizer {
+        path: String,
+        source: TokenizerError,
+    },
+}
+
+pub struct LoadedModel {
+    pub file: GgufFile,
+    pub model: LlamaModel,
+    pub tokenizer: GgufTokenizer,
+}
+
+impl LoadedModel {
+    pub fn open(path: &Path, device: &Device) -> Result<Self, LoadError> {
+        let shown = path.display().to_string();
+        let file = GgufFile::open(path).map_err(|source| LoadError::File {
+            path: shown.clone(),
+            source,
+        })?;
+        let tokenizer = GgufTokenizer::from_gguf(&file).map_err(|source| LoadError::Tokenizer {
+            path: shown.clone(),
+            source,
+        })?;
+        let model = ember_models::load(&file, device).map_err(|source| LoadError::Model {
+            path: shown,
+            source,
+        })?;
+        Ok(Self {
+            file,
+            model,
+            tokenizer,
+        })
+    }
+
+    /// Tokenizes a prompt the way llama.cpp does: BOS as the model says, special tokens parsed.
+    pub fn tokenize_prompt(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.tokenizer.encode(text, true, true)
+    }
+
+    /// The model's own Jinja template, or when the file has none, the built-in template
+    /// its architecture uses (llama.cpp falls back the same way; Gemma 3's file has none).
+    pub fn chat_template(&self) -> Result<ChatTemplate, ChatError> {
+        let piece = |id: Option<u32>| {
+            id.and_then(|i| self.tokenizer.token_str(i))
+                .unwrap_or("")
+                .to_string()
+        };
+        match self.file.get_str("tokenizer.chat_template") {
+            Some(src) => ChatTemplate::new(
+                src,
+                &piece(self.tokenizer.bos_id()),
+                &piece(self.tokenizer.eos_id()),
+            ),
+            None => {
+                let arch = self.file.architecture().unwrap_or("");
+                let builtin = if arch.starts_with("gemma") {
+                    BuiltinTemplate::Gemma
+                } else {
+                    BuiltinTemplate::ChatMl
+                };
+                Ok(ChatTemplate::from_builtin(builtin))
+            }
+        }
+    }
+}

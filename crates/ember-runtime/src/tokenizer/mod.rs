@@ -1,0 +1,658 @@
+//! The tokenizer, built from GGUF metadata, with llama.cpp's token ids.
+//!
+//! [`GgufTokenizer::from_gguf`] reads `tokenizer.ggml.*` and builds a HF
+//! [`tokenizers::Tokenizer`]:
+//!
+//! * `tokenizer.ggml.model == "gpt2"`: byte-level BPE from `tokens` + `merges`, pre-tokenized by
+//!   the regex profile that `tokenizer.ggml.pre` names (copied from llama.cpp; an unknown name is
+//!   an error).
+//! * `tokenizer.ggml.model == "llama"`: SentencePiece-style BPE whose merges are derived from
+//!   the token scores (llama.cpp's `llm_tokenizer_spm`), with `<0xXX>` byte fallback and
+//!   `add_space_prefix`.
+//!
+//! Encoding follows llama.cpp's `llama_tokenize` exactly: special tokens are split out first
+//! (`tokenizer_st_partition`: CONTROL/UNKNOWN tokens only with `parse_special`, USER_DEFINED
+//! ones always, longest text first), each remaining text fragment goes through the HF
+//! pre-tokenizer and model, and BOS/EOS are added when `add_special` is set and the model asks
+//! for them. Decoding and [`GgufTokenizer::token_to_piece`] follow llama.cpp's
+//! `token_to_piece`/`detokenize`.
+
+mod hf;
+mod pre;
+mod stream;
+mod vocab;
+
+use aho_corasick::AhoCorasick;
+use ember_formats::GgufFile;
+use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+pub use stream::StreamDecoder;
+pub use vocab::VocabKind;
+use vocab::{Vocab, attr};
+
+/// Errors building or using a [`GgufTokenizer`].
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("GGUF metadata key '{0}' is missing")]
+    MissingKey(&'static str),
+    #[error("GGUF metadata key '{key}' has the wrong type (expected {expected})")]
+    WrongType {
+        key: &'static str,
+        expected: &'static str,
+    },
+    #[error("unknown tokenizer model '{0}' (tokenizer.ggml.model); supported: gpt2, llama")]
+    UnknownModel(String),
+    #[error("unknown pre-tokenizer type '{0}' (tokenizer.ggml.pre)")]
+    UnknownPre(String),
+    #[error("pre-tokenizer type '{0}' (tokenizer.ggml.pre) is not supported by Ember")]
+    UnsupportedPre(String),
+    #[error("'{key}' has {got} entries but the vocabulary has {n_tokens} tokens")]
+    ArrayTooShort {
+        key: &'static str,
+        got: usize,
+        n_tokens: usize,
+    },
+    #[error("token text {text:?} appears twice (ids {first} and {second})")]
+    DuplicateToken {
+        text: String,
+        first: u32,
+        second: u32,
+    },
+    #[error("bad vocabulary: {0}")]
+    BadVocab(String),
+    #[error("the model asks for a {0} token but does not define one")]
+    MissingSpecialToken(&'static str),
+    #[error("building the tokenizer failed: {0}")]
+    Build(String),
+    #[error("tokenization failed: {0}")]
+    Encode(String),
+}
+
+/// A tokenizer built from GGUF metadata whose ids match llama.cpp's.
+pub struct GgufTokenizer {
+    inner: tokenizers::Tokenizer,
+    kind: VocabKind,
+    pre_name: Option<String>,
+    pre_type: Option<&'static str>,
+    texts: Vec<String>,
+    attrs: Vec<u32>,
+    /// llama.cpp's `cache_token_to_piece` (rendered with special = true), concatenated.
+    piece_bytes: Vec<u8>,
+    piece_offsets: Vec<u32>,
+    /// CONTROL / USER_DEFINED / UNKNOWN token ids, longest text first.
+    special_cache: Vec<u32>,
+    /// Finds which special-token texts occur in a prompt (pattern i = `special_cache[i]`).
+    special_matcher: Option<AhoCorasick>,
+    special: vocab::SpecialIds,
+    eog: Vec<u32>,
+    add_bos: bool,
+    add_eos: bool,
+    add_space_prefix: bool,
+    clean_spaces: bool,
+}
+
+impl std::fmt::Debug for GgufTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufTokenizer")
+            .field("kind", &self.kind)
+            .field("pre", &self.pre_name)
+            .field("vocab_size", &self.texts.len())
+            .field("bos", &self.special.bos)
+            .field("eos", &self.special.eos)
+            .field("add_bos", &self.add_bos)
+            .field("add_eos", &self.add_eos)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A piece of the prompt after special-token partitioning: raw text (byte range) or a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fragment {
+    Text(usize, usize),
+    Token(u32),
+}
+
+/// C `isspace` in the "C" locale.
+fn c_isspace(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+}
+
+/// GPT-2 byte-level alphabet: byte -> char code.
+fn byte_to_unicode() -> [u32; 256] {
+    let mut map = [0u32; 256];
+    let mut n = 0;
+    for b in 0..256u32 {
+        let direct = (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
+        map[b as usize] = if direct {
+            b
+        } else {
+            n += 1;
+            255 + n
+        };
+    }
+    map
+}
+
+/// llama.cpp's `llama_decode_text`: byte-level token text back to bytes.
+fn byte_level_decode(text: &str, inverse: &[i16]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    for c in text.chars() {
+        match inverse.get(c as usize).copied() {
+            Some(b) if b >= 0 => out.push(b as u8),
+            _ => {
+                // llama.cpp quirk: unmappable characters become "[UNK_BYTE_0x<hex><text>]".
+                out.extend_from_slice(b"[UNK_BYTE_0x");
+                let mut buf = [0u8; 4];
+                for byte in c.encode_utf8(&mut buf).bytes() {
+                    out.extend_from_slice(format!("{byte:02x}").as_bytes());
+                }
+                out.extend_from_slice(text.as_bytes());
+                out.push(b']');
+            }
+        }
+    }
+    out
+}
+
+/// llama.cpp's `token_to_byte`: `strtol(text.substr(3, 2), 16)`.
+fn byte_token_value(text: &str) -> u8 {
+    let digits = text.as_bytes().get(3..).unwrap_or(&[]);
+    let mut v: u32 = 0;
+    for &d in digits.iter().take(2) {
+        match (d as char).to_digit(16) {
+            Some(x) => v = v * 16 + x,
+            None => break,
+        }
+    }
+    v as u8
+}
+
+impl GgufTokenizer {
+    /// Builds the tokenizer from a GGUF file's `tokenizer.ggml.*` metadata.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self, TokenizerError> {
+        let mut v = Vocab::from_gguf(file)?;
+        let map = std::mem::take(&mut v.token_to_id);
+        let merges = std::mem::take(&mut v.merges);
+        // The HF model build dominates (~0.3 s for a 262k vocab); the lookup tables are built
+        // meanwhile on a second thread.
+        let (inner, tables) = hf::join(|| hf::build(&v, map, merges), || Tables::new(&v));
+        let (inner, tables) = (inner?, tables?);
+        Ok(GgufTokenizer {
+            inner,
+            kind: v.kind,
+            pre_name: v.pre_name,
+            pre_type: v.pre.as_ref().map(|p| p.kind),
+            texts: v.texts,
+            attrs: v.attrs,
+            piece_bytes: tables.piece_bytes,
+            piece_offsets: tables.piece_offsets,
+            special_cache: tables.special_cache,
+            special_matcher: tables.special_matcher,
+            special: v.special,
+            eog: v.eog,
+            add_bos: v.add_bos,
+            add_eos: v.add_eos,
+            add_space_prefix: v.add_space_prefix,
+            clean_spaces: v.clean_spaces,
+        })
+    }
+}
+
+/// Lookup tables derived from the vocab.
+struct Tables {
+    piece_bytes: Vec<u8>,
+    piece_offsets: Vec<u32>,
+    special_cache: Vec<u32>,
+    special_matcher: Option<AhoCorasick>,
+}
+
+impl Tables {
+    fn new(v: &Vocab) -> Result<Tables, TokenizerError> {
+        let n = v.texts.len();
+        // Piece cache (llama.cpp `token_to_piece(id, special = true)`).
+        let inverse = {
+            let mut inv = vec![-1i16; 324];
+            for (b, &c) in byte_to_unicode().iter().enumerate() {
+                inv[c as usize] = b as i16;
+            }
+            inv
+        };
+        let mut piece_bytes = Vec::with_capacity(n * 6);
+        let mut piece_offsets = Vec::with_capacity(n + 1);
+        piece_offsets.push(0u32);
+        for (t, &a) in v.texts.iter().zip(v.attrs.iter()) {
+            if a & (attr::UNKNOWN | attr::CONTROL | attr::USER_DEFINED) != 0 {
+                piece_bytes.extend_from_slice(t.as_bytes());
+            } else if a & attr::NORMAL != 0 {
+                match v.kind {
+                    VocabKind::Spm => {
+                        piece_bytes.extend_from_slice(t.replace('\u{2581}', " ").as_bytes())
+                    }
+                    VocabKind::Bpe => piece_bytes.extend(byte_level_decode(t, &inverse)),
+                }
+            } else if a & attr::BYTE != 0 {
+                piece_bytes.push(byte_token_value(t));
+            }
+            let off = u32::try_from(piece_bytes.len())
+                .map_err(|_| TokenizerError::BadVocab("token texts exceed 4 GiB".into()))?;
+            piece_offsets.push(off);
+        }
+
+        // Special-token cache: llama.cpp sorts by text length, descending, with an unstable
+        // std::sort; we use a stable order (length desc, then id) so equal-length tokens are
+        // tried in id order.
+        let mut special_cache: Vec<u32> = (0..n as u32)
+            .filter(|&i| {
+                v.attrs[i as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0
+            })
+            .collect();
+        special_cache.sort_by(|&a, &b| {
+            v.texts[b as usize]
+                .len()
+                .cmp(&v.texts[a as usize].len())
+                .then(a.cmp(&b))
+        });
+        let special_matcher = if special_cache.is_empty() {
+            None
+        } else {
+            let pats = special_cache.iter().map(|&i| v.texts[i as usize].as_str());
+            Some(AhoCorasick::new(pats).map_err(|e| TokenizerError::Build(e.to_string()))?)
+        };
+        Ok(Tables {
+            piece_bytes,
+            piece_offsets,
+            special_cache,
+            special_matcher,
+        })
+    }
+}
+
+impl GgufTokenizer {
+    /// The underlying HF tokenizer (model, normalizer, pre-tokenizer, decoder, added tokens).
+    /// Its own `encode` matches llama.cpp except in rare special-token overlaps; use
+    /// [`GgufTokenizer::encode`] for llama.cpp-exact ids and BOS/EOS handling.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// SPM or BPE.
+    pub fn kind(&self) -> VocabKind {
+        self.kind
+    }
+
+    /// `tokenizer.ggml.pre`, if the file has one.
+    pub fn pre(&self) -> Option<&str> {
+        self.pre_name.as_deref()
+    }
+
+    /// The pre-tokenizer profile in use (llama.cpp's `LLAMA_VOCAB_PRE_TYPE_*` name, e.g.
+    /// `"SMOLLM"`); `None` for SPM vocabularies.
+    pub fn pre_type(&self) -> Option<&'static str> {
+        self.pre_type
+    }
+
+    /// Number of tokens in the vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.texts.len()
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.special.bos
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        self.special.eos
+    }
+
+    /// End-of-turn token (metadata, else llama.cpp's by-text detection).
+    pub fn eot_id(&self) -> Option<u32> {
+        self.special.eot
+    }
+
+    pub fn eom_id(&self) -> Option<u32> {
+        self.special.eom
+    }
+
+    pub fn unk_id(&self) -> Option<u32> {
+        self.special.unk
+    }
+
+    pub fn pad_id(&self) -> Option<u32> {
+        self.special.pad
+    }
+
+    /// Whether `encode(.., add_special = true, ..)` prepends BOS.
+    pub fn add_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    /// Whether `encode(.., add_special = true, ..)` appends EOS.
+    pub fn add_eos(&self) -> bool {
+        self.add_eos
+    }
+
+    /// Whether generation stops at this token (llama.cpp's `special_eog_ids`).
+    pub fn is_eog(&self, id: u32) -> bool {
+        self.eog.binary_search(&id).is_ok()
+    }
+
+    /// All end-of-generation ids, sorted.
+    pub fn eog_ids(&self) -> &[u32] {
+        &self.eog
+    }
+
+    /// Whether the token is a CONTROL token (BOS, EOS, `<|im_start|>`, ...).
+    pub fn is_control(&self, id: u32) -> bool {
+        self.attrs
+            .get(id as usize)
+            .is_some_and(|a| a & attr::CONTROL != 0)
+    }
+
+    /// The token's text as stored in the vocabulary (byte-level or `▁`-escaped).
+    pub fn token_str(&self, id: u32) -> Option<&str> {
+        self.texts.get(id as usize).map(String::as_str)
+    }
+
+    /// The id of a token text (exact vocabulary text).
+    pub fn token_to_id(&self, text: &str) -> Option<u32> {
+        self.inner.get_model().token_to_id(text)
+    }
+
+    /// The raw bytes a token stands for (special tokens rendered as their text). May be a
+    /// partial UTF-8 character; see [`StreamDecoder`].
+    pub fn token_to_piece(&self, id: u32) -> Vec<u8> {
+        self.piece(id, true).to_vec()
+    }
+
+    /// llama.cpp `token_to_piece(id, special)`: with `special == false`, CONTROL and UNKNOWN
+    /// tokens render as nothing. Unknown ids render as nothing.
+    pub fn piece(&self, id: u32, special: bool) -> &[u8] {
+        let i = id as usize;
+        let Some(&a) = self.attrs.get(i) else {
+            return &[];
+        };
+        if !special && a & (attr::UNKNOWN | attr::CONTROL) != 0 {
+            return &[];
+        }
+        let (s, e) = (
+            self.piece_offsets[i] as usize,
+            self.piece_offsets[i + 1] as usize,
+        );
+        &self.piece_bytes[s..e]
+    }
+
+    /// A [`StreamDecoder`] for this tokenizer.
+    pub fn stream_decoder(&self, skip_special: bool) -> StreamDecoder {
+        StreamDecoder::new(skip_special)
+    }
+
+    /// Tokenizes like llama.cpp's `llama_tokenize(text, add_special, parse_special)`.
+    ///
+    /// `add_special` adds BOS (and EOS) if the model's `add_bos_token` (`add_eos_token`) says
+    /// so; `parse_special` lets CONTROL tokens written in the text (`<|im_start|>`) become their
+    /// ids. USER_DEFINED tokens are always split out, as in llama.cpp.
+    pub fn encode(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let frags = self.partition(text, parse_special);
+        let mut out = Vec::with_capacity(text.len() / 3 + 2);
+        if add_special && self.add_bos {
+            out.push(
+                self.special
+                    .bos
+                    .ok_or(TokenizerError::MissingSpecialToken("BOS"))?,
+            );
+        }
+        match self.kind {
+            VocabKind::Spm => {
+                // llama.cpp: a raw fragment gets a leading space when add_space_prefix is set
+                // and it follows a special token or starts the text.
+                let mut is_prev_special = true;
+                let mut buf = String::new();
+                for f in frags {
+                    match f {
+                        Fragment::Text(s, e) => {
+                            buf.clear();
+                            if self.add_space_prefix && is_prev_special {
+                                buf.push('\u{2581}');
+                            }
+                            for c in text[s..e].chars() {
+                                buf.push(if c == ' ' { '\u{2581}' } else { c });
+                            }
+                            self.model_tokenize(&buf, &mut out)?;
+                            is_prev_special = false;
+                        }
+                        Fragment::Token(id) => {
+                            out.push(id);
+                            is_prev_special = true;
+                        }
+                    }
+                }
+            }
+            VocabKind::Bpe => {
+                for f in frags {
+                    match f {
+                        Fragment::Text(s, e) => self.bpe_tokenize(&text[s..e], &mut out)?,
+                        Fragment::Token(id) => out.push(id),
+                    }
+                }
+            }
+        }
+        if add_special && self.add_eos {
+            out.push(
+                self.special
+                    .eos
+                    .ok_or(TokenizerError::MissingSpecialToken("EOS"))?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn model_tokenize(&self, s: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
+        let toks = self
+            .inner
+            .get_model()
+            .tokenize(s)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        out.extend(toks.iter().map(|t| t.id));
+        Ok(())
+    }
+
+    fn bpe_tokenize(&self, s: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
+        let mut pts = PreTokenizedString::from(s);
+        if let Some(pre) = self.inner.get_pre_tokenizer() {
+            pre.pre_tokenize(&mut pts)
+                .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        }
+        for (word, _, _) in pts.get_splits(OffsetReferential::Original, OffsetType::None) {
+            self.model_tokenize(word, out)?;
+        }
+        Ok(())
+    }
+
+    /// llama.cpp's `tokenizer_st_partition`: for each special token, longest text first, split
+    /// every raw fragment at each (leftmost, non-overlapping) occurrence of its text. Tokens
+    /// that do not occur in `text` at all are skipped up front (a pure speed-up: fragments are
+    /// substrings of `text`).
+    fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
+        if text.is_empty() {
+            return Vec::new();
+        }
+        let mut frags = vec![Fragment::Text(0, text.len())];
+        let Some(matcher) = &self.special_matcher else {
+            return frags;
+        };
+        let mut present = vec![false; self.special_cache.len()];
+        let mut any = false;
+        for m in matcher.find_overlapping_iter(text) {
+            present[m.pattern().as_usize()] = true;
+            any = true;
+        }
+        if !any {
+            return frags;
+        }
+        let bytes = text.as_bytes();
+        for (k, &id) in self.special_cache.iter().enumerate() {
+            if !present[k] {
+                continue;
+            }
+            let a = self.attrs[id as usize];
+            // Control and unknown tokens are plain text unless parse_special; user-defined
+            // tokens are always split out.
+            if !parse_special && a & (attr::CONTROL | attr::UNKNOWN) != 0 {
+                continue;
+            }
+            let tok = self.texts[id as usize].as_str();
+            let mut next = Vec::with_capacity(frags.len() + 2);
+            for f in frags {
+                let Fragment::Text(mut s, e) = f else {
+                    next.push(f);
+                    continue;
+                };
+                loop {
+                    let Some(rel) = text[s..e].find(tok) else {
+                        next.push(Fragment::Text(s, e));
+                        break;
+                    };
+                    let m = s + rel;
+                    if m > s {
+                        let mut left_end = m;
+                        if a & attr::LSTRIP != 0 {
+                            while left_end > s && c_isspace(bytes[left_end - 1]) {
+                                left_end -= 1;
+                            }
+                        }
+                        if left_end > s {
+                            next.push(Fragment::Text(s, left_end));
+                        }
+                    }
+                    next.push(Fragment::Token(id));
+                    let mut r = m + tok.len();
+                    if r >= e {
+                        break;
+                    }
+                    if a & attr::RSTRIP != 0 {
+                        while r < e && c_isspace(bytes[r]) {
+                            r += 1;
+                        }
+                    }
+                    if r >= e {
+                        break;
+                    }
+                    s = r;
+                }
+            }
+            frags = next;
+        }
+        frags
+    }
+
+    /// Decodes ids to text (invalid UTF-8 becomes U+FFFD).
+    ///
+    /// `skip_special == true` is llama.cpp's `detokenize(remove_special = true,
+    /// unparse_special = false)`: a leading BOS / trailing EOS that the model adds is removed
+    /// and CONTROL tokens render as nothing. `false` renders every token's text. With
+    /// `add_space_prefix` vocabularies the first piece's leading space is dropped, unless a BOS
+    /// was removed first (llama.cpp quirk, kept for parity).
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
+        String::from_utf8_lossy(&self.decode_bytes(ids, skip_special)).into_owned()
+    }
+
+    /// [`GgufTokenizer::decode`] as raw bytes.
+    pub fn decode_bytes(&self, ids: &[u32], skip_special: bool) -> Vec<u8> {
+        self.detokenize(ids, skip_special, !skip_special)
+    }
+
+    /// llama.cpp's `llama_vocab::impl::detokenize`.
+    fn detokenize(&self, mut ids: &[u32], remove_special: bool, unparse_special: bool) -> Vec<u8> {
+        let mut remove_space = self.add_space_prefix;
+        if remove_special
+            && self.add_bos
+            && let Some((&first, rest)) = ids.split_first()
+            && Some(first) == self.special.bos
+        {
+            remove_space = false;
+            ids = rest;
+        }
+        if remove_special
+            && self.add_eos
+            && let Some((&last, rest)) = ids.split_last()
+            && Some(last) == self.special.eos
+        {
+            ids = rest;
+        }
+        let mut text = Vec::new();
+        for &id in ids {
+            let mut piece = self.piece(id, unparse_special);
+            // lstrip = 1: at most one leading space of the first piece is dropped.
+            if remove_space && piece.first() == Some(&b' ') {
+                piece = &piece[1..];
+            }
+            remove_space = false;
+            text.extend_from_slice(piece);
+        }
+        if self.clean_spaces {
+            clean_spaces(&mut text);
+        }
+        text
+    }
+}
+
+/// llama.cpp's `clean_spaces` post-processing of `detokenize`, ported literally (three
+/// in-place passes over the bytes, including its quirk of writing NUL into the buffer).
+fn clean_spaces(text: &mut Vec<u8>) {
+    // first pass: " ?", " !", " .", " ,"
+    let total1 = text.len();
+    let mut total = usize::from(total1 > 0);
+    for i in 1..total1 {
+        let x = text[i];
+        if text[i - 1] == b' ' && matches!(x, b'?' | b'!' | b'.' | b',') {
+            total -= 1;
+        }
+        text[total] = x;
+        total += 1;
+    }
+    // second pass: strip single apostrophe between spaces
+    let total2 = total;
+    total = usize::from(total2 > 0);
+    let mut i = 1;
+    while i < total2 {
+        let x = text[i];
+        if x == b'\'' && i + 1 < total2 && text[i - 1] == b' ' && text[i + 1] == b' ' {
+            total -= 1;
+            i += 1;
+            text[i] = 0;
+        }
+        text[total] = x;
+        total += 1;
+        i += 1;
+    }
+    // third pass: apostrophe contractions
+    let total3 = total;
+    total = usize::from(total3 > 0);
+    for i in 1..total3 {
+        let x = text[i];
+        if text[i - 1] == b' ' && x == b'\'' && i + 1 < total3 {
+            let x1 = text[i + 1];
+            if x1 == b't' || x1 == b'd' {
+                // " 't", " 'd": kept
+            } else if x1 == b's' || x1 == b'm' {
+                total -= 1;
+            } else if i + 2 < total3 {
+                let x2 = text[i + 2];
+                if matches!((x1, x2), (b'r', b'e') | (b'v', b'e')) {
+                    total -= 1;
+                }
+            }
+        }
+        text[total] = x;
+        total += 1;
+    }
+    text.truncate(total);
+}
+
+#[cfg(test)]
+mod tests;
