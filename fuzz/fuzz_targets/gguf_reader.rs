@@ -23,7 +23,10 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(g.metadata().len(), f.metadata().len());
     for t in f.tensors() {
         let u = g.tensor(&t.name).expect("tensor lost in rewrite");
-        assert_eq!((&u.dims, u.ggml_type, u.n_bytes), (&t.dims, t.ggml_type, t.n_bytes));
+        assert_eq!(
+            (&u.dims, u.ggml_type, u.n_bytes),
+            (&t.dims, t.ggml_type, t.n_bytes)
+        );
         assert_eq!(g.tensor_data(u), f.tensor_data(t));
     }
     let w2 = rewrite(&g).expect("rewrite of a rewrite failed");
@@ -50,11 +53,26 @@ fn touch(f: &GgufFile) {
     let mut acc = 0u64;
     for (k, v) in f.metadata() {
         assert!(f.get(k).is_some());
-        let _ = (f.get_str(k), f.get_u32(k), f.get_u64(k), f.get_f32(k), f.get_bool(k));
-        let _ = (f.get_string_array(k), f.get_i32_array(k), f.get_f32_array(k));
+        let _ = (
+            f.get_str(k),
+            f.get_u32(k),
+            f.get_u64(k),
+            f.get_f32(k),
+            f.get_bool(k),
+        );
+        let _ = (
+            f.get_string_array(k),
+            f.get_i32_array(k),
+            f.get_f32_array(k),
+        );
         acc = acc.wrapping_add(value(v));
     }
-    let _ = (f.architecture(), f.alignment(), f.data_offset(), f.version());
+    let _ = (
+        f.architecture(),
+        f.alignment(),
+        f.data_offset(),
+        f.version(),
+    );
     for t in f.tensors() {
         let d = f.tensor_data(t);
         assert_eq!(d.len() as u64, t.n_bytes);

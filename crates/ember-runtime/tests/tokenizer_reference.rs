@@ -1,8 +1,8 @@
 //! Token ids must equal llama.cpp's (reference dumps in `shared/reference`, produced by
 //! llama.cpp 0c1e570 as vendored in llama-cpp-python 0.3.36).
 //!
-//! Models come from `EMBER_TEST_SMOLLM2` / `EMBER_TEST_GEMMA3` (paths to the GGUF files); a test
-//! whose model is not configured prints why and passes.
+//! Models come from `EMBER_TEST_SMOLLM2` / `EMBER_TEST_GEMMA3` (paths to the GGUF files) or are
+//! pulled by name through ember-hub.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -18,18 +18,19 @@ enum TestModel {
     Gemma3,
 }
 
-/// Where the test model files are (the one place to change when model fetching is wired in).
+/// The test model files: `EMBER_TEST_SMOLLM2` / `EMBER_TEST_GEMMA3` when set, else the
+/// model is resolved by name through ember-hub, which pulls it on first use (as the CLI does).
 fn model_path(model: TestModel) -> Option<PathBuf> {
-    let var = match model {
-        TestModel::SmolLm2 => "EMBER_TEST_SMOLLM2",
-        TestModel::Gemma3 => "EMBER_TEST_GEMMA3",
+    let (var, name) = match model {
+        TestModel::SmolLm2 => ("EMBER_TEST_SMOLLM2", "smollm2-135m-instruct-q4_1"),
+        TestModel::Gemma3 => ("EMBER_TEST_GEMMA3", "gemma3-270m-q4_k_m"),
     };
     match std::env::var_os(var) {
         Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => {
-            eprintln!("skipping {model:?}: set {var} to the model's GGUF path");
-            None
-        }
+        _ => Some(
+            ember_hub::resolve(name)
+                .unwrap_or_else(|e| panic!("cannot get test model {name}: {e}")),
+        ),
     }
 }
 

@@ -106,7 +106,7 @@ impl Raw {
     }
     /// Zero-pad to a multiple of `a`.
     pub fn pad(&mut self, a: usize) -> &mut Self {
-        while self.0.len() % a != 0 {
+        while !self.0.len().is_multiple_of(a) {
             self.0.push(0);
         }
         self

@@ -1,0 +1,197 @@
+//! The `ember` binary as a user (or a tool parsing its `--json`) sees it, on the real SmolLM2
+//! model (pulled by name on first use).
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+const MODEL: &str = "smollm2-135m-instruct-q4_1";
+
+fn ember(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ember")
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "ember failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+#[test]
+fn tokenize_json_matches_llama_cpp() {
+    let out = ember(&[
+        "tokenize",
+        "-m",
+        MODEL,
+        "-p",
+        "The capital of France is",
+        "--json",
+    ]);
+    assert_eq!(
+        json_of(&out),
+        serde_json::json!({"tokens": [504, 3575, 282, 4649, 314]})
+    );
+}
+
+#[test]
+fn generate_json_has_the_contract_fields() {
+    let out = ember(&[
+        "generate",
+        "-m",
+        MODEL,
+        "-p",
+        "The capital of France is",
+        "-n",
+        "6",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    let v = json_of(&out);
+    assert_eq!(
+        v["prompt_tokens"],
+        serde_json::json!([504, 3575, 282, 4649, 314])
+    );
+    // llama.cpp's greedy continuation starts " Paris."
+    assert_eq!(v["tokens"][0], 7042);
+    assert!(v["text"].as_str().unwrap().starts_with(" Paris"));
+    for k in ["prompt_n", "prompt_ms", "predicted_n", "predicted_ms"] {
+        assert!(v["timings"][k].is_number(), "timings.{k}");
+    }
+    assert_eq!(v["timings"]["prompt_n"], 5);
+}
+
+#[test]
+fn generate_streams_from_stdin() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args([
+            "generate",
+            "-m",
+            MODEL,
+            "--stdin",
+            "-n",
+            "3",
+            "--temperature",
+            "0",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"The capital of France is")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(" Paris"));
+}
+
+#[test]
+fn logits_json_shape() {
+    let out = ember(&[
+        "logits",
+        "-m",
+        MODEL,
+        "--tokens",
+        "504,3575,282",
+        "--top-k",
+        "3",
+        "--json",
+    ]);
+    let v = json_of(&out);
+    assert_eq!(v["tokens"], serde_json::json!([504, 3575, 282]));
+    let positions = v["positions"].as_array().unwrap();
+    assert_eq!(positions.len(), 3);
+    for (i, p) in positions.iter().enumerate() {
+        assert_eq!(p["pos"], i);
+        let top = p["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert!(top[0][1].as_f64().unwrap() >= top[1][1].as_f64().unwrap());
+    }
+}
+
+#[test]
+fn prompt_over_context_size_fails_clearly() {
+    let long = "word ".repeat(300);
+    let out = ember(&[
+        "generate",
+        "-m",
+        MODEL,
+        "-p",
+        &long,
+        "--ctx-size",
+        "256",
+        "-n",
+        "4",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("context size is 256") && err.contains("nothing was truncated"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hostile_and_truncated_files_exit_1_without_panicking() {
+    let dir = std::env::temp_dir().join(format!("ember-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let real = ember_hub::resolve(MODEL).unwrap();
+    let bytes = std::fs::read(&real).unwrap();
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        ("not-gguf", b"hello, this is not a model".to_vec()),
+        ("truncated-header", bytes[..1000].to_vec()),
+        ("truncated-data", bytes[..bytes.len() / 2].to_vec()),
+    ];
+    // A tensor count of 2^62 in an otherwise valid header.
+    let mut huge = bytes[..4096].to_vec();
+    huge[8..16].copy_from_slice(&(1u64 << 62).to_le_bytes());
+    cases.push(("huge-count", huge));
+    for (name, data) in cases {
+        let path = dir.join(format!("{name}.gguf"));
+        std::fs::write(&path, data).unwrap();
+        for cmd in ["inspect", "generate"] {
+            let p = path.to_str().unwrap();
+            let out = if cmd == "inspect" {
+                ember(&["inspect", p])
+            } else {
+                ember(&["generate", "-m", p, "-p", "hi", "-n", "1"])
+            };
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{cmd} {name}: {err}");
+            assert!(
+                err.starts_with("error:") && !err.contains("panicked"),
+                "{cmd} {name}: {err}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn inspect_lists_tensors() {
+    let out = ember(&["inspect", MODEL, "--json"]);
+    let v = json_of(&out);
+    assert_eq!(v["metadata"]["general.architecture"], "llama");
+    let tensors = v["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), 272);
+    let embd = tensors
+        .iter()
+        .find(|t| t["name"] == "token_embd.weight")
+        .unwrap();
+    assert_eq!(embd["type"], "q8_0");
+    assert_eq!(embd["shape"], serde_json::json!([576, 49152]));
+}

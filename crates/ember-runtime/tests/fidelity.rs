@@ -1,0 +1,230 @@
+//! The whole model against llama.cpp: SmolLM2-135M-Instruct Q4_1 on the reference prompts in
+//! `shared/reference` (llama.cpp 0c1e570, CPU, 2 threads, f16 KV cache).
+//!
+//! Teacher-forced over prompt + llama.cpp's greedy tokens, at every position llama.cpp scored:
+//! - the argmax must equal llama.cpp's wherever llama.cpp's top-2 margin exceeds 0.25;
+//! - llama.cpp's top-5 logits must be matched within `MAX_ABS` each, and within `MEAN_ABS` on
+//!   average per prompt.
+//!
+//! Why not 0.25 per logit: both engines quantize activations to 8 bits per 32-value block before
+//! every matmul, so a value that lands on the other side of a rounding boundary moves the logits.
+//! Measured here, flipping only how exact ties round (half-even vs half-away) moves SmolLM2's
+//! logits by up to 0.5. Our arithmetic follows llama.cpp's (Q8_1/Q8_0 activations, f16 K/V, f16
+//! flash-attention accumulator); what is left is float noise that this model amplifies. Measured
+//! on these prompts: max 0.61-1.30, mean 0.155-0.218, argmax never differs where it matters.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use ember_runtime::eval::{teacher_forced_logits, top_k};
+use ember_runtime::generate::{GenerateRequest, generate};
+use ember_runtime::loaded::LoadedModel;
+use ember_runtime::sampling::SamplingParams;
+use serde_json::Value;
+
+const MAX_ABS: f32 = 1.5;
+const MEAN_ABS: f32 = 0.3;
+const MARGIN: f32 = 0.25;
+
+fn model() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = match std::env::var_os("EMBER_TEST_SMOLLM2") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => ember_hub::resolve("smollm2-135m-instruct-q4_1")
+                .unwrap_or_else(|e| panic!("cannot get SmolLM2: {e}")),
+        };
+        LoadedModel::open(&path, &ember_models::default_device()).expect("load SmolLM2")
+    })
+}
+
+fn reference_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference")
+}
+
+fn references() -> Vec<(String, Value)> {
+    let mut out: Vec<_> = std::fs::read_dir(reference_dir())
+        .expect("shared/reference beside the repository")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("smollm2_") && n.ends_with(".json"))
+        })
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).expect("read reference");
+            (
+                p.display().to_string(),
+                serde_json::from_str(&text).expect("reference JSON"),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(
+        out.len() >= 3,
+        "expected SmolLM2 references in {:?}",
+        reference_dir()
+    );
+    out
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// The reference's top-5 lists: after the last prompt token, then after each greedy token.
+fn reference_top5(r: &Value) -> Vec<Vec<(u32, f32)>> {
+    let first = r["top5_logits_at_last_prompt_position"]
+        .as_array()
+        .expect("top5")
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_u64().unwrap() as u32,
+                e["logit"].as_f64().unwrap() as f32,
+            )
+        })
+        .collect();
+    let steps: Value = match &r["step_top5"] {
+        Value::String(s) => serde_json::from_str(s).expect("step_top5 JSON"),
+        v => v.clone(),
+    };
+    let mut out = vec![first];
+    for step in steps.as_array().expect("steps") {
+        out.push(
+            step.as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+                .collect(),
+        );
+    }
+    out
+}
+
+#[test]
+fn prompt_tokens_match_llama_cpp() {
+    let m = model();
+    for (name, r) in references() {
+        let got = m
+            .tokenize_prompt(r["prompt_text"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(got, ids(&r["prompt_token_ids"]), "{name}");
+    }
+}
+
+#[test]
+fn teacher_forced_logits_match_llama_cpp() {
+    let m = model();
+    for (name, r) in references() {
+        let prompt = ids(&r["prompt_token_ids"]);
+        let greedy = ids(&r["greedy_generated_token_ids"]);
+        let all: Vec<u32> = prompt.iter().chain(&greedy).copied().collect();
+        let rows = teacher_forced_logits(&m.model, &all, 512).unwrap();
+        let refs = reference_top5(&r);
+        let (mut sum, mut n, mut max) = (0.0f32, 0usize, 0.0f32);
+        // refs[j] is the distribution after token prompt.len() - 1 + j; the last greedy token's
+        // successor is outside what we fed.
+        for (j, top5) in refs.iter().enumerate() {
+            let pos = prompt.len() - 1 + j;
+            if pos >= rows.len() {
+                break;
+            }
+            let row = &rows[pos];
+            for &(id, logit) in top5 {
+                let d = (row[id as usize] - logit).abs();
+                assert!(
+                    d <= MAX_ABS,
+                    "{name} pos {pos} token {id}: ours {} vs {logit}",
+                    row[id as usize]
+                );
+                sum += d;
+                max = max.max(d);
+                n += 1;
+            }
+            if top5[0].1 - top5[1].1 > MARGIN {
+                let ours = top_k(row, 1)[0].0;
+                assert_eq!(
+                    ours,
+                    top5[0].0,
+                    "{name} pos {pos}: argmax differs (llama.cpp margin {})",
+                    top5[0].1 - top5[1].1
+                );
+            }
+        }
+        let mean = sum / n as f32;
+        eprintln!("{name}: {n} logits, mean |diff| {mean:.3}, max {max:.3}");
+        assert!(mean <= MEAN_ABS, "{name}: mean |diff| {mean}");
+    }
+}
+
+#[test]
+fn greedy_generation_follows_llama_cpp_while_it_is_decided() {
+    let m = model();
+    for (name, r) in references() {
+        let prompt = ids(&r["prompt_token_ids"]);
+        let greedy = ids(&r["greedy_generated_token_ids"]);
+        let refs = reference_top5(&r);
+        // Compare up to the first step where llama.cpp's own choice was a near-tie.
+        let decided = refs
+            .iter()
+            .take_while(|t| t[0].1 - t[1].1 > 0.5)
+            .count()
+            .min(greedy.len());
+        let req = GenerateRequest {
+            prompt_tokens: prompt,
+            max_tokens: decided.max(1),
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+            ctx_size: 2048,
+            stop_at_eog: false,
+        };
+        let out = generate(&m.model, &m.tokenizer, &req, |_| {}).unwrap();
+        assert_eq!(out.tokens[..decided], greedy[..decided], "{name}");
+    }
+}
+
+#[test]
+fn prompt_longer_than_context_is_refused_not_truncated() {
+    let m = model();
+    let req = GenerateRequest {
+        prompt_tokens: vec![504; 40],
+        max_tokens: 4,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        ctx_size: 16,
+        stop_at_eog: true,
+    };
+    let err = generate(&m.model, &m.tokenizer, &req, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("40 tokens") && err.contains("16"), "{err}");
+}
+
+#[test]
+fn same_seed_same_output() {
+    let m = model();
+    let prompt = m.tokenize_prompt("Once upon a time").unwrap();
+    let run = |seed| {
+        let req = GenerateRequest {
+            prompt_tokens: prompt.clone(),
+            max_tokens: 12,
+            sampling: SamplingParams {
+                seed: Some(seed),
+                ..SamplingParams::default()
+            },
+            stop: Vec::new(),
+            ctx_size: 256,
+            stop_at_eog: false,
+        };
+        generate(&m.model, &m.tokenizer, &req, |_| {})
+            .unwrap()
+            .tokens
+    };
+    assert_eq!(run(42), run(42));
+}
