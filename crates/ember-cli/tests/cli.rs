@@ -195,3 +195,21 @@ fn inspect_lists_tensors() {
     assert_eq!(embd["type"], "q8_0");
     assert_eq!(embd["shape"], serde_json::json!([576, 49152]));
 }
+
+/// `ember perplexity` against llama-perplexity's result on the same file and ctx (fixture made
+/// with the command recorded in it). Acceptance: within 1%.
+#[test]
+fn perplexity_matches_llama_perplexity_within_one_percent() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/fixtures/perplexity-smollm2-q4_1-ctx512.json")).unwrap(),
+    )
+    .unwrap();
+    let text = root.join(fixture["text"].as_str().unwrap());
+    let out = ember(&["perplexity", "-m", MODEL, "-f", text.to_str().unwrap(), "--ctx", "512", "--json"]);
+    let v = json_of(&out);
+    assert_eq!(v["chunks"], fixture["chunks"]);
+    assert_eq!(v["tokens"], 7 * 255);
+    let (ours, theirs) = (v["ppl"].as_f64().unwrap(), fixture["ppl"].as_f64().unwrap());
+    assert!((ours / theirs - 1.0).abs() < 0.01, "ember {ours} vs llama.cpp {theirs}");
+}

@@ -1,8 +1,8 @@
-//! Opens real GGUF models when available. Paths come from environment variables; without them
-//! the tests print a message and pass.
+//! Opens the real GGUF models. Paths come from environment variables when set, else the models
+//! are resolved by name through ember-hub (pulled on first use).
 //!
 //! * `EMBER_TEST_SMOLLM2`: SmolLM2-135M-Instruct.Q4_1.gguf
-//! * `EMBER_TEST_GEMMA3_270M`: gemma-3-270m-q4_k_m.gguf (optional)
+//! * `EMBER_TEST_GEMMA3_270M`: gemma-3-270m-q4_k_m.gguf
 //!
 //! Expected values were cross-checked against the Python `gguf.GGUFReader`.
 
@@ -11,15 +11,15 @@ mod common;
 use ember_formats::{GgmlType, GgufFile};
 
 fn model(var: &str) -> Option<GgufFile> {
-    let Some(path) = std::env::var_os(var) else {
-        eprintln!("skipping: set {var} to a model path to run this test");
-        return None;
+    let name = match var {
+        "EMBER_TEST_SMOLLM2" => "smollm2-135m-instruct-q4_1",
+        _ => "gemma3-270m-q4_k_m",
     };
-    if !std::path::Path::new(&path).exists() {
-        eprintln!("skipping: {var}={} does not exist", path.to_string_lossy());
-        return None;
-    }
-    Some(GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.to_string_lossy())))
+    let path = match std::env::var_os(var) {
+        Some(p) if !p.is_empty() => std::path::PathBuf::from(p),
+        _ => ember_hub::resolve(name).unwrap_or_else(|e| panic!("cannot get {name}: {e}")),
+    };
+    Some(GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
 }
 
 fn check_common(f: &GgufFile) {

@@ -24,6 +24,20 @@ pub fn quant_matmul_rows(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
     match q8::act_format(ty) {
         Some(fmt) => {
             let acts = q8::quantize_acts(x, k, fmt);
+            if m == 1 {
+                // Decode: dot straight from the packed blocks, nothing to amortize an unpack.
+                let row_bytes = k / q8::BLOCK * ty.type_size();
+                let bytes = w.bytes();
+                out_t
+                    .par_chunks_mut(ROWS_PER_TASK)
+                    .enumerate()
+                    .for_each(|(task, dst)| {
+                        let start = task * ROWS_PER_TASK * row_bytes;
+                        let rows = &bytes[start..start + dst.len() * row_bytes];
+                        q8::dot_packed_rows(ty, rows, &acts, 0, dst);
+                    });
+                return out_t;
+            }
             let with_min = fmt == q8::ActFormat::Q8_1;
             out_t
                 .par_chunks_mut(m * ROWS_PER_TASK)

@@ -8,10 +8,21 @@
 //! SmolLM2) and is faster, since integer products vectorize well.
 //!
 //! Weight rows are unpacked once into `i8` values plus per-block scale and offset, then dotted
-//! with every activation row: one unpack serves a whole batch.
+//! with every activation row: one unpack serves a whole batch. For a single activation row
+//! (decode), [`dot_packed_rows`] dots straight from the packed blocks instead.
+//!
+//! Each entry point picks, once per process, the best instruction set the CPU has
+//! ([`isa`]): AVX-512 VNNI, AVX2, or portable scalar code. All of them return bit-identical
+//! results: per-block integer sums are exact, and the float operations and the order blocks
+//! are added in are the same (see `x86`).
+
+use std::sync::OnceLock;
 
 use ember_quant::GgmlType;
 use half::f16;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 /// Elements per block in every format handled here.
 pub const BLOCK: usize = 32;
@@ -50,35 +61,76 @@ fn round_f16(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
+/// An instruction set the kernels are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust, whatever the target.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+    /// x86-64 AVX2 + F16C + AVX-512 (F, BW, VL, VNNI).
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// Whether this CPU can run code compiled for `self`.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                Isa::Avx2.supported()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+}
+
+/// The instruction set the dispatched kernels use: the best this CPU supports, detected once.
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        [Isa::Avx512Vnni, Isa::Avx2]
+            .into_iter()
+            .find(|isa| isa.supported())
+            .unwrap_or(Isa::Scalar)
+    })
+}
+
 /// Quantizes row-major `x: [m, k]` (`k` a multiple of 32) as ggml's x86 `quantize_row_q8_{0,1}`
 /// does: scale by `127 / amax` and round half to even (`_mm256_round_ps`), which differs from
 /// the scalar reference (`1 / d`, round half away from zero) in the last bit now and then.
 pub fn quantize_acts(x: &[f32], k: usize, fmt: ActFormat) -> QuantizedActs {
-    debug_assert_eq!(k % BLOCK, 0);
-    let nb = x.len() / BLOCK;
-    let mut qs = vec![0i8; x.len()];
-    let mut d = vec![0.0f32; nb];
-    let mut s = vec![0.0f32; nb];
-    for (b, (src, dst)) in x
-        .chunks_exact(BLOCK)
-        .zip(qs.chunks_exact_mut(BLOCK))
-        .enumerate()
-    {
-        let amax = src.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
-        let scale = amax / 127.0;
-        let inv = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in dst.iter_mut().zip(src) {
-            let r = (v * inv).round_ties_even() as i32;
-            *q = r as i8;
-            sum += r;
+    quantize_acts_with(isa(), x, k, fmt)
+}
+
+/// [`quantize_acts`] compiled for `isa`, which must be [`Isa::supported`] (panics otherwise).
+pub fn quantize_acts_with(isa: Isa, x: &[f32], k: usize, fmt: ActFormat) -> QuantizedActs {
+    match isa {
+        Isa::Scalar => scalar::quantize_acts(x, k, fmt),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.supported() => {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
+            unsafe { x86::avx2::quantize_acts(x, k, fmt) }
         }
-        d[b] = round_f16(scale);
-        if fmt == ActFormat::Q8_1 {
-            s[b] = round_f16(sum as f32 * scale);
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if isa.supported() => {
+            // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
+            unsafe { x86::avx512::quantize_acts(x, k, fmt) }
         }
+        _ => panic!("{isa:?} is not supported by this CPU"),
     }
-    QuantizedActs { k, qs, d, s }
 }
 
 /// One weight row unpacked to `i8` values with per-block scale `d` and offset `m`.
@@ -87,108 +139,250 @@ pub struct UnpackedRow {
     pub q: Vec<i8>,
     pub d: Vec<f32>,
     pub m: Vec<f32>,
-}
-
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+    /// Every value in `q` is non-negative (Q4_1, Q5_1): lets SIMD skip a sign fix-up.
+    pub unsigned: bool,
 }
 
 /// Unpacks one row of `ty` blocks (a type with [`act_format`] `Some`).
 pub fn unpack_row(ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
-    let bs = ty.type_size();
-    let nb = row.len() / bs;
-    out.q.resize(nb * BLOCK, 0);
-    out.d.resize(nb, 0.0);
-    out.m.resize(nb, 0.0);
-    for (b, blk) in row.chunks_exact(bs).enumerate() {
-        let q = &mut out.q[b * BLOCK..(b + 1) * BLOCK];
-        match ty {
-            GgmlType::Q4_0 => {
-                out.d[b] = f16_at(blk, 0);
-                let qs = &blk[2..18];
-                for j in 0..16 {
-                    q[j] = (qs[j] & 0x0F) as i8 - 8;
-                    q[j + 16] = (qs[j] >> 4) as i8 - 8;
-                }
-            }
-            GgmlType::Q4_1 => {
-                out.d[b] = f16_at(blk, 0);
-                out.m[b] = f16_at(blk, 2);
-                let qs = &blk[4..20];
-                for j in 0..16 {
-                    q[j] = (qs[j] & 0x0F) as i8;
-                    q[j + 16] = (qs[j] >> 4) as i8;
-                }
-            }
-            GgmlType::Q5_0 => {
-                out.d[b] = f16_at(blk, 0);
-                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-                let qs = &blk[6..22];
-                for j in 0..16 {
-                    let h0 = (((qh >> j) << 4) & 0x10) as u8;
-                    let h1 = ((qh >> (j + 12)) & 0x10) as u8;
-                    q[j] = ((qs[j] & 0x0F) | h0) as i8 - 16;
-                    q[j + 16] = ((qs[j] >> 4) | h1) as i8 - 16;
-                }
-            }
-            GgmlType::Q5_1 => {
-                out.d[b] = f16_at(blk, 0);
-                out.m[b] = f16_at(blk, 2);
-                let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
-                let qs = &blk[8..24];
-                for j in 0..16 {
-                    let h0 = (((qh >> j) << 4) & 0x10) as u8;
-                    let h1 = ((qh >> (j + 12)) & 0x10) as u8;
-                    q[j] = ((qs[j] & 0x0F) | h0) as i8;
-                    q[j + 16] = ((qs[j] >> 4) | h1) as i8;
-                }
-            }
-            GgmlType::Q8_0 => {
-                out.d[b] = f16_at(blk, 0);
-                for (dst, &v) in q.iter_mut().zip(&blk[2..34]) {
-                    *dst = v as i8;
-                }
-            }
-            other => unreachable!("unpack_row called for {other}, which has no integer path"),
-        }
-    }
+    unpack_row_with(isa(), ty, row, out)
 }
 
-/// Sum of `a[i] * b[i]` over one block; written so LLVM vectorizes it (widening multiply-add).
-#[inline(always)]
-fn block_dot(a: &[i8], b: &[i8]) -> i32 {
-    let mut acc = 0i32;
-    for i in 0..BLOCK {
-        acc += a[i] as i32 * b[i] as i32;
+/// [`unpack_row`] compiled for `isa`, which must be [`Isa::supported`] (panics otherwise).
+pub fn unpack_row_with(isa: Isa, ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
+    match isa {
+        Isa::Scalar => scalar::unpack_row(ty, row, out),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.supported() => {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
+            unsafe { x86::avx2::unpack_row(ty, row, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if isa.supported() => {
+            // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
+            unsafe { x86::avx512::unpack_row(ty, row, out) }
+        }
+        _ => panic!("{isa:?} is not supported by this CPU"),
     }
-    acc
 }
 
 /// Dot product of an unpacked weight row with activation row `i`.
 pub fn dot(row: &UnpackedRow, acts: &QuantizedActs, i: usize, with_min: bool) -> f32 {
-    let nb = acts.k / BLOCK;
-    let xq = &acts.qs[i * acts.k..(i + 1) * acts.k];
-    let xd = &acts.d[i * nb..(i + 1) * nb];
-    let mut sum = 0.0f32;
-    if with_min {
-        let xs = &acts.s[i * nb..(i + 1) * nb];
-        for b in 0..nb {
-            let sumi = block_dot(
-                &row.q[b * BLOCK..(b + 1) * BLOCK],
-                &xq[b * BLOCK..(b + 1) * BLOCK],
-            );
-            sum += row.d[b] * xd[b] * sumi as f32 + row.m[b] * xs[b];
+    dot_with(isa(), row, acts, i, with_min)
+}
+
+/// [`dot`] compiled for `isa`, which must be [`Isa::supported`] (panics otherwise).
+pub fn dot_with(
+    isa: Isa,
+    row: &UnpackedRow,
+    acts: &QuantizedActs,
+    i: usize,
+    with_min: bool,
+) -> f32 {
+    match isa {
+        Isa::Scalar => scalar::dot(row, acts, i, with_min),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.supported() => {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
+            unsafe { x86::avx2::dot(row, acts, i, with_min) }
         }
-    } else {
-        for b in 0..nb {
-            let sumi = block_dot(
-                &row.q[b * BLOCK..(b + 1) * BLOCK],
-                &xq[b * BLOCK..(b + 1) * BLOCK],
-            );
-            sum += sumi as f32 * (row.d[b] * xd[b]);
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if isa.supported() => {
+            // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
+            unsafe { x86::avx512::dot(row, acts, i, with_min) }
+        }
+        _ => panic!("{isa:?} is not supported by this CPU"),
+    }
+}
+
+/// Dots consecutive packed `ty` rows (`rows` holds exactly `out.len()` of them) with activation
+/// row `i`, one result per row: the same values as [`unpack_row`] then [`dot`], without
+/// writing the unpacked row.
+pub fn dot_packed_rows(ty: GgmlType, rows: &[u8], acts: &QuantizedActs, i: usize, out: &mut [f32]) {
+    dot_packed_rows_with(isa(), ty, rows, acts, i, out)
+}
+
+/// [`dot_packed_rows`] compiled for `isa`, which must be [`Isa::supported`] (panics otherwise).
+pub fn dot_packed_rows_with(
+    isa: Isa,
+    ty: GgmlType,
+    rows: &[u8],
+    acts: &QuantizedActs,
+    i: usize,
+    out: &mut [f32],
+) {
+    match isa {
+        Isa::Scalar => scalar::dot_packed_rows(ty, rows, acts, i, out),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.supported() => {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
+            unsafe { x86::avx2::dot_packed_rows(ty, rows, acts, i, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if isa.supported() => {
+            // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
+            unsafe { x86::avx512::dot_packed_rows(ty, rows, acts, i, out) }
+        }
+        _ => panic!("{isa:?} is not supported by this CPU"),
+    }
+}
+
+/// The portable kernels: the definition of what every SIMD version must return.
+mod scalar {
+    use super::*;
+
+    /// Quantizes one block with reciprocal scale `inv`, returning the sum of the values.
+    pub(super) fn quantize_block(src: &[f32], dst: &mut [i8], inv: f32) -> i32 {
+        let mut sum = 0i32;
+        for (q, &v) in dst.iter_mut().zip(src) {
+            let r = (v * inv).round_ties_even() as i32;
+            *q = r as i8;
+            sum += r;
+        }
+        sum
+    }
+
+    pub(super) fn quantize_acts(x: &[f32], k: usize, fmt: ActFormat) -> QuantizedActs {
+        debug_assert_eq!(k % BLOCK, 0);
+        let nb = x.len() / BLOCK;
+        let mut qs = vec![0i8; x.len()];
+        let mut d = vec![0.0f32; nb];
+        let mut s = vec![0.0f32; nb];
+        for (b, (src, dst)) in x
+            .chunks_exact(BLOCK)
+            .zip(qs.chunks_exact_mut(BLOCK))
+            .enumerate()
+        {
+            let amax = src.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let sum = quantize_block(src, dst, inv);
+            d[b] = round_f16(scale);
+            if fmt == ActFormat::Q8_1 {
+                s[b] = round_f16(sum as f32 * scale);
+            }
+        }
+        QuantizedActs { k, qs, d, s }
+    }
+
+    pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
+        f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+    }
+
+    pub(super) fn unpack_row(ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
+        let bs = ty.type_size();
+        let nb = row.len() / bs;
+        out.q.resize(nb * BLOCK, 0);
+        out.d.resize(nb, 0.0);
+        out.m.resize(nb, 0.0);
+        out.unsigned = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+        for (b, blk) in row.chunks_exact(bs).enumerate() {
+            let q = &mut out.q[b * BLOCK..(b + 1) * BLOCK];
+            match ty {
+                GgmlType::Q4_0 => {
+                    out.d[b] = f16_at(blk, 0);
+                    let qs = &blk[2..18];
+                    for j in 0..16 {
+                        q[j] = (qs[j] & 0x0F) as i8 - 8;
+                        q[j + 16] = (qs[j] >> 4) as i8 - 8;
+                    }
+                }
+                GgmlType::Q4_1 => {
+                    out.d[b] = f16_at(blk, 0);
+                    out.m[b] = f16_at(blk, 2);
+                    let qs = &blk[4..20];
+                    for j in 0..16 {
+                        q[j] = (qs[j] & 0x0F) as i8;
+                        q[j + 16] = (qs[j] >> 4) as i8;
+                    }
+                }
+                GgmlType::Q5_0 => {
+                    out.d[b] = f16_at(blk, 0);
+                    let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                    let qs = &blk[6..22];
+                    for j in 0..16 {
+                        let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                        let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                        q[j] = ((qs[j] & 0x0F) | h0) as i8 - 16;
+                        q[j + 16] = ((qs[j] >> 4) | h1) as i8 - 16;
+                    }
+                }
+                GgmlType::Q5_1 => {
+                    out.d[b] = f16_at(blk, 0);
+                    out.m[b] = f16_at(blk, 2);
+                    let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
+                    let qs = &blk[8..24];
+                    for j in 0..16 {
+                        let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                        let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                        q[j] = ((qs[j] & 0x0F) | h0) as i8;
+                        q[j + 16] = ((qs[j] >> 4) | h1) as i8;
+                    }
+                }
+                GgmlType::Q8_0 => {
+                    out.d[b] = f16_at(blk, 0);
+                    for (dst, &v) in q.iter_mut().zip(&blk[2..34]) {
+                        *dst = v as i8;
+                    }
+                }
+                other => unreachable!("unpack_row called for {other}, which has no integer path"),
+            }
         }
     }
-    sum
+
+    /// Sum of `a[i] * b[i]` over one block; written so LLVM vectorizes it (widening multiply-add).
+    #[inline(always)]
+    fn block_dot(a: &[i8], b: &[i8]) -> i32 {
+        let mut acc = 0i32;
+        for i in 0..BLOCK {
+            acc += a[i] as i32 * b[i] as i32;
+        }
+        acc
+    }
+
+    pub(super) fn dot(row: &UnpackedRow, acts: &QuantizedActs, i: usize, with_min: bool) -> f32 {
+        let nb = acts.k / BLOCK;
+        let xq = &acts.qs[i * acts.k..(i + 1) * acts.k];
+        let xd = &acts.d[i * nb..(i + 1) * nb];
+        let mut sum = 0.0f32;
+        if with_min {
+            let xs = &acts.s[i * nb..(i + 1) * nb];
+            for b in 0..nb {
+                let sumi = block_dot(
+                    &row.q[b * BLOCK..(b + 1) * BLOCK],
+                    &xq[b * BLOCK..(b + 1) * BLOCK],
+                );
+                sum += row.d[b] * xd[b] * sumi as f32 + row.m[b] * xs[b];
+            }
+        } else {
+            for b in 0..nb {
+                let sumi = block_dot(
+                    &row.q[b * BLOCK..(b + 1) * BLOCK],
+                    &xq[b * BLOCK..(b + 1) * BLOCK],
+                );
+                sum += sumi as f32 * (row.d[b] * xd[b]);
+            }
+        }
+        sum
+    }
+
+    /// Unpack-then-dot, one row at a time.
+    pub(super) fn dot_packed_rows(
+        ty: GgmlType,
+        rows: &[u8],
+        acts: &QuantizedActs,
+        i: usize,
+        out: &mut [f32],
+    ) {
+        let row_bytes = acts.k / BLOCK * ty.type_size();
+        assert_eq!(rows.len(), out.len() * row_bytes, "rows do not match out");
+        let with_min = act_format(ty) == Some(ActFormat::Q8_1);
+        let mut un = UnpackedRow::default();
+        for (o, row) in out.iter_mut().zip(rows.chunks_exact(row_bytes.max(1))) {
+            unpack_row(ty, row, &mut un);
+            *o = dot(&un, acts, i, with_min);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -230,13 +424,19 @@ mod tests {
                 for i in 0..2 {
                     let got = dot(&un, &acts, i, fmt == ActFormat::Q8_1) as f64;
                     let want = reference(ty, &row, &acts, i);
-                    // Q8_1's `s` is rounded through f16: allow that rounding, relative to scale.
-                    let tol = 1e-4 * (1.0 + want.abs())
-                        + if fmt == ActFormat::Q8_1 {
-                            2e-3 * k as f64 / 32.0
-                        } else {
-                            0.0
-                        };
+                    // Q8_1's `s = round_f16(d * sum(q))` differs from `round_f16(d) * sum(q)`
+                    // (what the reference uses) by up to an f16 half-ulp for each of the two
+                    // roundings: 2^-10 relative, times the block offset `m`.
+                    let nb = k / BLOCK;
+                    let offset_err: f64 = if fmt == ActFormat::Q8_1 {
+                        (0..nb)
+                            .map(|b| (un.m[b] as f64 * acts.s[i * nb + b] as f64).abs())
+                            .sum::<f64>()
+                            * 2f64.powi(-10)
+                    } else {
+                        0.0
+                    };
+                    let tol = 1e-4 * (1.0 + want.abs()) + 1.01 * offset_err;
                     assert!((got - want).abs() <= tol, "{ty} k={k}: {got} vs {want}");
                 }
             }
@@ -252,11 +452,163 @@ mod tests {
         let bytes = ember_quant::quantize(GgmlType::Q8_0, &x).unwrap();
         for b in 0..8 {
             let blk = &bytes[b * 34..(b + 1) * 34];
-            assert_eq!(acts.d[b], f16_at(blk, 0));
+            assert_eq!(acts.d[b], scalar::f16_at(blk, 0));
             for j in 0..32 {
                 // Rounding ties may go the other way (x86 rounds half to even).
                 let diff = (acts.qs[b * 32 + j] as i32 - blk[2 + j] as i8 as i32).abs();
                 assert!(diff <= 1, "block {b} item {j}");
+            }
+        }
+    }
+
+    /// Bit patterns, with every NaN the same (NaN payloads are not part of the contract).
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter()
+            .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+            .collect()
+    }
+
+    /// A random finite f16 (normals across the whole range, subnormals, zeros), as raw bits.
+    fn random_f16(rng: &mut StdRng) -> u16 {
+        let sign = if rng.random_bool(0.5) { 0x8000 } else { 0 };
+        let mag = match rng.random_range(0..10) {
+            0 => 0,
+            1 => rng.random_range(1..0x400),       // subnormal
+            2 => rng.random_range(0x400..0x7C00),  // any normal
+            _ => rng.random_range(0x1000..0x3000), // typical scale magnitudes
+        };
+        sign | mag
+    }
+
+    /// Random blocks of `ty`: every quant bit pattern, random finite scales.
+    fn random_row(ty: GgmlType, nb: usize, rng: &mut StdRng) -> Vec<u8> {
+        let bs = ty.type_size();
+        let mut row: Vec<u8> = (0..nb * bs).map(|_| rng.random()).collect();
+        let scales = if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+            2
+        } else {
+            1
+        };
+        for blk in row.chunks_exact_mut(bs) {
+            for s in 0..scales {
+                blk[2 * s..2 * s + 2].copy_from_slice(&random_f16(rng).to_le_bytes());
+            }
+        }
+        row
+    }
+
+    /// Activations of mixed magnitudes, with some all-zero, tiny, infinite and NaN blocks.
+    fn random_acts(len: usize, rng: &mut StdRng) -> Vec<f32> {
+        let mut x = vec![0.0f32; len];
+        for blk in x.chunks_exact_mut(BLOCK) {
+            let kind = rng.random_range(0..20);
+            let mag = match kind {
+                0 => 0.0,
+                1 => 1e-42,
+                2 => 1e30,
+                _ => 10f32.powf(rng.random_range(-4.0..2.0)),
+            };
+            for v in blk.iter_mut() {
+                *v = rng.random_range(-1.0..1.0f32) * mag;
+            }
+            match kind {
+                3 => blk[rng.random_range(0..BLOCK)] = f32::INFINITY,
+                4 => blk[rng.random_range(0..BLOCK)] = f32::NAN,
+                5 => {
+                    // Exact ties after scaling: values that are multiples of amax / 254.
+                    for v in blk.iter_mut() {
+                        *v = rng.random_range(-254i32..=254) as f32 * 0.5;
+                    }
+                    blk[0] = 127.0;
+                }
+                _ => {}
+            }
+        }
+        x
+    }
+
+    fn simd_isas() -> Vec<Isa> {
+        [Isa::Avx2, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|isa| isa.supported())
+            .collect()
+    }
+
+    #[test]
+    fn simd_kernels_match_scalar_bit_for_bit() {
+        let isas = simd_isas();
+        eprintln!(
+            "comparing {isas:?} against scalar (dispatch picks {:?})",
+            isa()
+        );
+        let mut rng = StdRng::seed_from_u64(0x5EED);
+        let types = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+        ];
+        for case in 0..400 {
+            let ty = types[case % types.len()];
+            let nb = match case % 4 {
+                0 => rng.random_range(1..8),
+                1 => rng.random_range(8..70),
+                2 => 18,
+                _ => 48,
+            };
+            let k = nb * BLOCK;
+            let m = rng.random_range(1..4);
+            let n = rng.random_range(1..6);
+            let fmt = act_format(ty).unwrap();
+            let with_min = fmt == ActFormat::Q8_1;
+            let x = random_acts(m * k, &mut rng);
+            let rows: Vec<u8> = (0..n).flat_map(|_| random_row(ty, nb, &mut rng)).collect();
+            let row_bytes = nb * ty.type_size();
+
+            let acts = quantize_acts_with(Isa::Scalar, &x, k, fmt);
+            let mut want = vec![0.0f32; n * m];
+            let mut un = UnpackedRow::default();
+            let mut unpacked = Vec::new();
+            for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
+                unpack_row_with(Isa::Scalar, ty, row, &mut un);
+                for i in 0..m {
+                    want[i * n + r] = dot_with(Isa::Scalar, &un, &acts, i, with_min);
+                }
+                unpacked.push((un.q.clone(), bits(&un.d), bits(&un.m), un.unsigned));
+            }
+            for i in 0..m {
+                let mut got = vec![0.0f32; n];
+                dot_packed_rows_with(Isa::Scalar, ty, &rows, &acts, i, &mut got);
+                assert_eq!(bits(&got), bits(&want[i * n..(i + 1) * n]), "scalar fused");
+            }
+
+            for &isa in &isas {
+                let ctx = format!("{isa:?} {ty} k={k} m={m} n={n} case={case}");
+                let a = quantize_acts_with(isa, &x, k, fmt);
+                assert_eq!(a.qs, acts.qs, "{ctx}: quantized activations");
+                assert_eq!(bits(&a.d), bits(&acts.d), "{ctx}: activation scales");
+                assert_eq!(bits(&a.s), bits(&acts.s), "{ctx}: activation sums");
+                let mut un = UnpackedRow::default();
+                for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
+                    unpack_row_with(isa, ty, row, &mut un);
+                    let (q, d, mm, unsigned) = &unpacked[r];
+                    assert_eq!(&un.q, q, "{ctx}: unpacked values");
+                    assert_eq!(&bits(&un.d), d, "{ctx}: unpacked scales");
+                    if with_min {
+                        assert_eq!(&bits(&un.m), mm, "{ctx}: unpacked offsets");
+                    }
+                    assert_eq!(un.unsigned, *unsigned, "{ctx}: signedness");
+                    for i in 0..m {
+                        let got = dot_with(isa, &un, &acts, i, with_min);
+                        assert_eq!(bits(&[got]), bits(&[want[i * n + r]]), "{ctx}: dot row {r}");
+                    }
+                }
+                for i in 0..m {
+                    let mut got = vec![0.0f32; n];
+                    dot_packed_rows_with(isa, ty, &rows, &acts, i, &mut got);
+                    assert_eq!(bits(&got), bits(&want[i * n..(i + 1) * n]), "{ctx}: fused");
+                }
             }
         }
     }

@@ -1,0 +1,559 @@
+//! x86-64 versions of the q8 kernels: AVX2 (+F16C) and AVX-512 VNNI.
+//!
+//! Every function here returns exactly what its scalar counterpart in `super::scalar` returns.
+//! The per-block integer sums are exact however they are computed, and the float work per
+//! block is the same IEEE operations (no FMA contraction: each `mul` and `add` rounds as the
+//! scalar code's do). Only the per-block products are computed 8 blocks at a time; they are
+//! still added to the row sum one block after another, in block order.
+//!
+//! The bodies are `#[inline(always)]` generics; only the entry points in [`avx2`] and
+//! [`avx512`] carry `#[target_feature]`, so each is compiled once per instruction set.
+
+use std::arch::x86_64::*;
+use std::ptr;
+
+use ember_quant::GgmlType;
+
+use super::{ActFormat, BLOCK, QuantizedActs, UnpackedRow};
+
+/// How 32 `u8 x i8` products become 8 `i32` partial sums.
+pub(super) trait Dot {
+    /// `a` as `u8` (at most 128), `b` as `i8` (never -128 with `a = 128`).
+    unsafe fn dot_u8i8(a: __m256i, b: __m256i) -> __m256i;
+}
+
+/// `vpmaddubsw` + `vpmaddwd`: pairs of products never exceed `2 * 128 * 127 < i16::MAX`, so
+/// the saturating 16-bit step is exact.
+pub(super) struct Avx2;
+
+impl Dot for Avx2 {
+    #[inline(always)]
+    unsafe fn dot_u8i8(a: __m256i, b: __m256i) -> __m256i {
+        unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)) }
+    }
+}
+
+/// `vpdpbusd` (AVX-512 VNNI on 256-bit vectors): four products summed straight into `i32`.
+pub(super) struct Vnni;
+
+impl Dot for Vnni {
+    #[inline(always)]
+    unsafe fn dot_u8i8(a: __m256i, b: __m256i) -> __m256i {
+        unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b) }
+    }
+}
+
+/// Block formats as const-generic tags.
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q5_0: u8 = 2;
+const Q5_1: u8 = 3;
+const Q8_0: u8 = 4;
+
+/// Where a row's 32-value weight blocks and their scales come from.
+trait Weights {
+    /// Values may be negative (use the sign trick for `u8 x i8`).
+    const SIGNED: bool;
+    /// Blocks carry an offset `m` (dot against Q8_1 activations).
+    const WITH_MIN: bool;
+    /// The 32 weights of block `b`, as `i8`.
+    unsafe fn q(&self, b: usize) -> __m256i;
+    /// Scales of blocks `b..b + 8`.
+    unsafe fn d8(&self, b: usize) -> __m256;
+    /// Offsets of blocks `b..b + 8`.
+    unsafe fn m8(&self, b: usize) -> __m256;
+    unsafe fn d(&self, b: usize) -> f32;
+    unsafe fn m(&self, b: usize) -> f32;
+}
+
+/// A row straight from its packed ggml blocks.
+struct Packed<const TY: u8> {
+    p: *const u8,
+}
+
+impl<const TY: u8> Packed<TY> {
+    const BS: usize = match TY {
+        Q4_0 => 18,
+        Q4_1 => 20,
+        Q5_0 => 22,
+        Q5_1 => 24,
+        _ => 34,
+    };
+}
+
+#[inline(always)]
+unsafe fn rd_i16(p: *const u8) -> i16 {
+    unsafe { ptr::read_unaligned(p.cast::<i16>()) }
+}
+
+/// One f16 to f32 with F16C: the same instruction `half` uses when F16C is present.
+#[inline(always)]
+unsafe fn f16_to_f32(bits: i16) -> f32 {
+    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as u16 as i32))) }
+}
+
+/// f32 rounded to the nearest f16 and back (as `half::f16::from_f32(x).to_f32()` with F16C).
+#[inline(always)]
+unsafe fn round_f16(x: f32) -> f32 {
+    unsafe {
+        let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x));
+        _mm_cvtss_f32(_mm_cvtph_ps(h))
+    }
+}
+
+/// Eight f16 values `stride` bytes apart, as f32.
+#[inline(always)]
+unsafe fn gather_f16(p: *const u8, stride: usize) -> __m256 {
+    unsafe {
+        _mm256_cvtph_ps(_mm_setr_epi16(
+            rd_i16(p),
+            rd_i16(p.add(stride)),
+            rd_i16(p.add(2 * stride)),
+            rd_i16(p.add(3 * stride)),
+            rd_i16(p.add(4 * stride)),
+            rd_i16(p.add(5 * stride)),
+            rd_i16(p.add(6 * stride)),
+            rd_i16(p.add(7 * stride)),
+        ))
+    }
+}
+
+/// 16 bytes of nibbles: low nibbles to elements 0..16, high nibbles to 16..32.
+#[inline(always)]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    unsafe {
+        let x = _mm_loadu_si128(p.cast());
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(x, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), mask);
+        _mm256_set_m128i(hi, lo)
+    }
+}
+
+/// `0x10` in byte `i` where bit `i` of the little-endian `u32` at `p` is set.
+#[inline(always)]
+unsafe fn high_bits(p: *const u8) -> __m256i {
+    unsafe {
+        let qh = ptr::read_unaligned(p.cast::<i32>());
+        let shuf = _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        );
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf);
+        let bits = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+        let set = _mm256_cmpeq_epi8(bits, _mm256_set1_epi64x(-1));
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+}
+
+impl<const TY: u8> Weights for Packed<TY> {
+    const SIGNED: bool = matches!(TY, Q4_0 | Q5_0 | Q8_0);
+    const WITH_MIN: bool = matches!(TY, Q4_1 | Q5_1);
+
+    #[inline(always)]
+    unsafe fn q(&self, b: usize) -> __m256i {
+        unsafe {
+            let p = self.p.add(b * Self::BS);
+            match TY {
+                Q4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
+                Q4_1 => nibbles(p.add(4)),
+                Q5_0 => _mm256_sub_epi8(
+                    _mm256_or_si256(nibbles(p.add(6)), high_bits(p.add(2))),
+                    _mm256_set1_epi8(16),
+                ),
+                Q5_1 => _mm256_or_si256(nibbles(p.add(8)), high_bits(p.add(4))),
+                _ => _mm256_loadu_si256(p.add(2).cast()),
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn d8(&self, b: usize) -> __m256 {
+        unsafe { gather_f16(self.p.add(b * Self::BS), Self::BS) }
+    }
+    #[inline(always)]
+    unsafe fn m8(&self, b: usize) -> __m256 {
+        unsafe { gather_f16(self.p.add(b * Self::BS + 2), Self::BS) }
+    }
+    #[inline(always)]
+    unsafe fn d(&self, b: usize) -> f32 {
+        unsafe { f16_to_f32(rd_i16(self.p.add(b * Self::BS))) }
+    }
+    #[inline(always)]
+    unsafe fn m(&self, b: usize) -> f32 {
+        unsafe { f16_to_f32(rd_i16(self.p.add(b * Self::BS + 2))) }
+    }
+}
+
+/// A row already unpacked to `i8` values and f32 scales.
+struct Unpacked<const SIGNED: bool, const WITH_MIN: bool> {
+    q: *const i8,
+    d: *const f32,
+    m: *const f32,
+}
+
+impl<const SIGNED: bool, const WITH_MIN: bool> Weights for Unpacked<SIGNED, WITH_MIN> {
+    const SIGNED: bool = SIGNED;
+    const WITH_MIN: bool = WITH_MIN;
+
+    #[inline(always)]
+    unsafe fn q(&self, b: usize) -> __m256i {
+        unsafe { _mm256_loadu_si256(self.q.add(b * BLOCK).cast()) }
+    }
+    #[inline(always)]
+    unsafe fn d8(&self, b: usize) -> __m256 {
+        unsafe { _mm256_loadu_ps(self.d.add(b)) }
+    }
+    #[inline(always)]
+    unsafe fn m8(&self, b: usize) -> __m256 {
+        unsafe { _mm256_loadu_ps(self.m.add(b)) }
+    }
+    #[inline(always)]
+    unsafe fn d(&self, b: usize) -> f32 {
+        unsafe { *self.d.add(b) }
+    }
+    #[inline(always)]
+    unsafe fn m(&self, b: usize) -> f32 {
+        unsafe { *self.m.add(b) }
+    }
+}
+
+/// `i32x8` partial sums of block `b`'s weights times activations `x` (32 `i8`).
+#[inline(always)]
+unsafe fn block_dot<D: Dot, W: Weights>(w: &W, b: usize, x: *const i8) -> __m256i {
+    unsafe {
+        let q = w.q(b);
+        let x = _mm256_loadu_si256(x.add(b * BLOCK).cast());
+        if W::SIGNED {
+            D::dot_u8i8(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q))
+        } else {
+            D::dot_u8i8(q, x)
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256i) -> i32 {
+    unsafe {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+}
+
+/// Horizontal sums of eight `i32x8` vectors, as one vector (lane `j` = sum of `v[j]`).
+#[inline(always)]
+unsafe fn reduce8(v: &[__m256i; 8]) -> __m256i {
+    unsafe {
+        let a01 = _mm256_hadd_epi32(v[0], v[1]);
+        let a23 = _mm256_hadd_epi32(v[2], v[3]);
+        let a45 = _mm256_hadd_epi32(v[4], v[5]);
+        let a67 = _mm256_hadd_epi32(v[6], v[7]);
+        // [s0L s1L s2L s3L | s0H s1H s2H s3H], L/H = each vector's low/high 128-bit half.
+        let b0 = _mm256_hadd_epi32(a01, a23);
+        let b1 = _mm256_hadd_epi32(a45, a67);
+        let lo = _mm256_permute2x128_si256::<0x20>(b0, b1);
+        let hi = _mm256_permute2x128_si256::<0x31>(b0, b1);
+        _mm256_add_epi32(lo, hi)
+    }
+}
+
+/// Dot product of one weight row (`nb` blocks) with one quantized activation row.
+///
+/// Float operations per block as in `scalar::dot`: `(d * xd) * sumi [+ m * xs]`, then added
+/// to the running sum in block order.
+#[inline(always)]
+unsafe fn row_dot<D: Dot, W: Weights>(
+    w: &W,
+    nb: usize,
+    xq: *const i8,
+    xd: *const f32,
+    xs: *const f32,
+) -> f32 {
+    unsafe {
+        let mut sum = 0.0f32;
+        let mut b = 0;
+        while b + 8 <= nb {
+            let mut v = [_mm256_setzero_si256(); 8];
+            for (j, vj) in v.iter_mut().enumerate() {
+                *vj = block_dot::<D, W>(w, b + j, xq);
+            }
+            let sumf = _mm256_cvtepi32_ps(reduce8(&v));
+            let mut t = _mm256_mul_ps(_mm256_mul_ps(w.d8(b), _mm256_loadu_ps(xd.add(b))), sumf);
+            if W::WITH_MIN {
+                t = _mm256_add_ps(t, _mm256_mul_ps(w.m8(b), _mm256_loadu_ps(xs.add(b))));
+            }
+            let mut ts = [0.0f32; 8];
+            _mm256_storeu_ps(ts.as_mut_ptr(), t);
+            for tv in ts {
+                sum += tv;
+            }
+            b += 8;
+        }
+        while b < nb {
+            let sumi = hsum(block_dot::<D, W>(w, b, xq));
+            if W::WITH_MIN {
+                sum += w.d(b) * *xd.add(b) * sumi as f32 + w.m(b) * *xs.add(b);
+            } else {
+                sum += sumi as f32 * (w.d(b) * *xd.add(b));
+            }
+            b += 1;
+        }
+        sum
+    }
+}
+
+/// Activation row `i` as raw pointers, after checking it lies inside `acts`.
+#[inline(always)]
+fn act_row(acts: &QuantizedActs, i: usize) -> (usize, *const i8, *const f32, *const f32) {
+    let nb = acts.k / BLOCK;
+    let xq = &acts.qs[i * acts.k..(i + 1) * acts.k];
+    let xd = &acts.d[i * nb..(i + 1) * nb];
+    let xs = &acts.s[i * nb..(i + 1) * nb];
+    (nb, xq.as_ptr(), xd.as_ptr(), xs.as_ptr())
+}
+
+#[inline(always)]
+unsafe fn packed_rows<D: Dot, const TY: u8>(
+    rows: &[u8],
+    acts: &QuantizedActs,
+    i: usize,
+    out: &mut [f32],
+) {
+    let (nb, xq, xd, xs) = act_row(acts, i);
+    let row_bytes = nb * Packed::<TY>::BS;
+    assert_eq!(rows.len(), out.len() * row_bytes, "rows do not match out");
+    for (r, o) in out.iter_mut().enumerate() {
+        // SAFETY: row `r` spans `row_bytes = nb * BS` bytes inside `rows` (asserted above);
+        // the activation pointers cover `nb` blocks (`act_row`); CPU features are the caller's.
+        *o = unsafe {
+            let w = Packed::<TY> {
+                p: rows.as_ptr().add(r * row_bytes),
+            };
+            row_dot::<D, _>(&w, nb, xq, xd, xs)
+        };
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_packed_rows<D: Dot>(
+    ty: GgmlType,
+    rows: &[u8],
+    acts: &QuantizedActs,
+    i: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: forwarded; `packed_rows` checks every bound it relies on.
+    unsafe {
+        match ty {
+            GgmlType::Q4_0 => packed_rows::<D, Q4_0>(rows, acts, i, out),
+            GgmlType::Q4_1 => packed_rows::<D, Q4_1>(rows, acts, i, out),
+            GgmlType::Q5_0 => packed_rows::<D, Q5_0>(rows, acts, i, out),
+            GgmlType::Q5_1 => packed_rows::<D, Q5_1>(rows, acts, i, out),
+            GgmlType::Q8_0 => packed_rows::<D, Q8_0>(rows, acts, i, out),
+            other => unreachable!("dot_packed_rows called for {other}, which has no integer path"),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn dot<D: Dot>(row: &UnpackedRow, acts: &QuantizedActs, i: usize, with_min: bool) -> f32 {
+    let (nb, xq, xd, xs) = act_row(acts, i);
+    assert!(
+        row.q.len() >= nb * BLOCK && row.d.len() >= nb,
+        "row shorter than activations"
+    );
+    assert!(!with_min || row.m.len() >= nb, "row has no offsets");
+    let (q, d, m) = (row.q.as_ptr(), row.d.as_ptr(), row.m.as_ptr());
+    // SAFETY: `q`, `d` (and `m` when read, i.e. with_min) cover `nb` blocks (asserted above),
+    // the activation pointers too (`act_row`); CPU features are the caller's.
+    unsafe {
+        match (row.unsigned, with_min) {
+            (true, true) => row_dot::<D, _>(&Unpacked::<false, true> { q, d, m }, nb, xq, xd, xs),
+            (true, false) => row_dot::<D, _>(&Unpacked::<false, false> { q, d, m }, nb, xq, xd, xs),
+            (false, true) => row_dot::<D, _>(&Unpacked::<true, true> { q, d, m }, nb, xq, xd, xs),
+            (false, false) => row_dot::<D, _>(&Unpacked::<true, false> { q, d, m }, nb, xq, xd, xs),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn unpack_typed<const TY: u8>(row: &[u8], out: &mut UnpackedRow) {
+    let bs = Packed::<TY>::BS;
+    let nb = row.len() / bs;
+    out.q.resize(nb * BLOCK, 0);
+    out.d.resize(nb, 0.0);
+    out.m.resize(nb, 0.0);
+    out.unsigned = !<Packed<TY> as Weights>::SIGNED;
+    let w = Packed::<TY> { p: row.as_ptr() };
+    for b in 0..nb {
+        // SAFETY: block `b < nb` lies inside `row`; `out.q` holds `nb * BLOCK` values.
+        unsafe {
+            _mm256_storeu_si256(out.q.as_mut_ptr().add(b * BLOCK).cast(), w.q(b));
+            out.d[b] = w.d(b);
+            if <Packed<TY> as Weights>::WITH_MIN {
+                out.m[b] = w.m(b);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn unpack_row(ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
+    // SAFETY: forwarded; `unpack_typed` only touches memory inside `row` and `out`.
+    unsafe {
+        match ty {
+            GgmlType::Q4_0 => unpack_typed::<Q4_0>(row, out),
+            GgmlType::Q4_1 => unpack_typed::<Q4_1>(row, out),
+            GgmlType::Q5_0 => unpack_typed::<Q5_0>(row, out),
+            GgmlType::Q5_1 => unpack_typed::<Q5_1>(row, out),
+            GgmlType::Q8_0 => unpack_typed::<Q8_0>(row, out),
+            other => unreachable!("unpack_row called for {other}, which has no integer path"),
+        }
+    }
+}
+
+/// `quantize_acts` 32 values at a time. Blocks whose scale is not finite (an infinite input,
+/// or an `amax` so small that `127 / amax` overflows) take the scalar code, whose float to
+/// integer conversion saturates where `vcvtps2dq` would not.
+#[inline(always)]
+unsafe fn quantize_acts(x: &[f32], k: usize, fmt: ActFormat) -> QuantizedActs {
+    debug_assert_eq!(k % BLOCK, 0);
+    let nb = x.len() / BLOCK;
+    let mut qs = vec![0i8; x.len()];
+    let mut d = vec![0.0f32; nb];
+    let mut s = vec![0.0f32; nb];
+    for b in 0..nb {
+        // SAFETY: block `b < nb` is inside `x` and `qs` (both `nb * BLOCK` long at least).
+        unsafe {
+            let src = x.as_ptr().add(b * BLOCK);
+            let v = [
+                _mm256_loadu_ps(src),
+                _mm256_loadu_ps(src.add(8)),
+                _mm256_loadu_ps(src.add(16)),
+                _mm256_loadu_ps(src.add(24)),
+            ];
+            // max(|v|, acc) returns acc when |v| is NaN, as `f32::max` ignores NaN; acc never
+            // becomes NaN, so the result is the scalar fold's whatever the order.
+            let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+            let mut acc = _mm256_setzero_ps();
+            for &vi in &v {
+                acc = _mm256_max_ps(_mm256_and_ps(vi, abs), acc);
+            }
+            let h = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+            let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_max_ss(h, _mm_shuffle_ps::<1>(h, h));
+            let amax = _mm_cvtss_f32(h);
+            let scale = amax / 127.0;
+            let inv = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            if !(amax.is_finite() && inv.is_finite()) {
+                let sum = super::scalar::quantize_block(
+                    &x[b * BLOCK..(b + 1) * BLOCK],
+                    &mut qs[b * BLOCK..(b + 1) * BLOCK],
+                    inv,
+                );
+                d[b] = round_f16(scale);
+                if fmt == ActFormat::Q8_1 {
+                    s[b] = round_f16(sum as f32 * scale);
+                }
+                continue;
+            }
+            // |v * inv| <= ~127 here, so rounding and converting is exact; NaN gives 0 as
+            // Rust's `as i32` does.
+            let iv = _mm256_set1_ps(inv);
+            let mut r = [_mm256_setzero_si256(); 4];
+            for (ri, &vi) in r.iter_mut().zip(&v) {
+                let p = _mm256_mul_ps(vi, iv);
+                let q = _mm256_cvtps_epi32(_mm256_round_ps::<
+                    { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+                >(p));
+                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(p, p));
+                *ri = _mm256_andnot_si256(nan, q);
+            }
+            let sum = hsum(_mm256_add_epi32(
+                _mm256_add_epi32(r[0], r[1]),
+                _mm256_add_epi32(r[2], r[3]),
+            ));
+            let p01 = _mm256_packs_epi32(r[0], r[1]);
+            let p23 = _mm256_packs_epi32(r[2], r[3]);
+            let p = _mm256_packs_epi16(p01, p23);
+            let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(qs.as_mut_ptr().add(b * BLOCK).cast(), p);
+            d[b] = round_f16(scale);
+            if fmt == ActFormat::Q8_1 {
+                s[b] = round_f16(sum as f32 * scale);
+            }
+        }
+    }
+    QuantizedActs { k, qs, d, s }
+}
+
+/// Entry points compiled for one instruction set. Callers must have checked that the CPU
+/// supports it (see `super::isa`).
+macro_rules! entry_points {
+    ($name:ident, $dot:ty, $features:literal) => {
+        pub(super) mod $name {
+            use super::*;
+
+            /// # Safety
+            /// The CPU must support the features this module is compiled for.
+            #[target_feature(enable = $features)]
+            pub(in super::super) unsafe fn quantize_acts(
+                x: &[f32],
+                k: usize,
+                fmt: ActFormat,
+            ) -> QuantizedActs {
+                // SAFETY: the features the body needs are enabled on this function.
+                unsafe { super::quantize_acts(x, k, fmt) }
+            }
+
+            /// # Safety
+            /// The CPU must support the features this module is compiled for.
+            #[target_feature(enable = $features)]
+            pub(in super::super) unsafe fn unpack_row(
+                ty: GgmlType,
+                row: &[u8],
+                out: &mut UnpackedRow,
+            ) {
+                // SAFETY: the features the body needs are enabled on this function.
+                unsafe { super::unpack_row(ty, row, out) }
+            }
+
+            /// # Safety
+            /// The CPU must support the features this module is compiled for.
+            #[target_feature(enable = $features)]
+            pub(in super::super) unsafe fn dot(
+                row: &UnpackedRow,
+                acts: &QuantizedActs,
+                i: usize,
+                with_min: bool,
+            ) -> f32 {
+                // SAFETY: the features the body needs are enabled on this function.
+                unsafe { super::dot::<$dot>(row, acts, i, with_min) }
+            }
+
+            /// # Safety
+            /// The CPU must support the features this module is compiled for.
+            #[target_feature(enable = $features)]
+            pub(in super::super) unsafe fn dot_packed_rows(
+                ty: GgmlType,
+                rows: &[u8],
+                acts: &QuantizedActs,
+                i: usize,
+                out: &mut [f32],
+            ) {
+                // SAFETY: the features the body needs are enabled on this function.
+                unsafe { super::dot_packed_rows::<$dot>(ty, rows, acts, i, out) }
+            }
+        }
+    };
+}
+
+entry_points!(avx2, Avx2, "avx2,fma,f16c");
+entry_points!(
+    avx512,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+);
