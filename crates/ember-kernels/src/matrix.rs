@@ -104,7 +104,7 @@ impl QuantMatrix {
             return Err(QuantMatrixError::Unsupported(ty));
         }
         let block = ty.block_size();
-        if cols % block != 0 {
+        if !cols.is_multiple_of(block) {
             return Err(QuantMatrixError::PartialBlock { ty, cols, block });
         }
         let row_bytes = cols / block * ty.type_size();

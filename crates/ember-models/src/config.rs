@@ -53,7 +53,7 @@ impl ModelConfig {
         let n_head_kv = file
             .get_u64(&key("attention.head_count_kv"))
             .map_or(n_head, |v| v as usize);
-        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
+        if n_head == 0 || n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) {
             return Err(ModelError::BadMetadata {
                 key: key("attention.head_count_kv"),
                 why: format!("{n_head} query heads cannot share {n_head_kv} kv heads"),
@@ -65,7 +65,7 @@ impl ModelConfig {
         let rope_dim = file
             .get_u64(&key("rope.dimension_count"))
             .map_or(head_dim, |v| v as usize);
-        if rope_dim > head_dim || rope_dim % 2 != 0 {
+        if rope_dim > head_dim || !rope_dim.is_multiple_of(2) {
             return Err(ModelError::BadMetadata {
                 key: key("rope.dimension_count"),
                 why: format!("{rope_dim} must be even and at most the head size {head_dim}"),
