@@ -42,6 +42,29 @@ enum Command {
     Pull(PullArgs),
     /// List the models the manifest knows and whether they are cached.
     List,
+    /// Prompt-processing and generation speed, llama-bench style.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Prompt tokens processed in one batch (the pp test); 0 skips it.
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    n_prompt: usize,
+    /// Tokens generated one at a time (the tg test); 0 skips it.
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    n_gen: usize,
+    /// Threads (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    threads: Option<usize>,
+    /// Timed repetitions per test (after one warm-up run).
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    reps: usize,
+    /// Print a JSON list with llama-bench's field names instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -245,6 +268,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
+        Command::Bench(a) => cmd_bench(a),
         Command::List => {
             for m in ember_hub::list_models() {
                 let state = if m.present { "cached" } else { "not pulled" };
@@ -447,6 +471,75 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
                 eprintln!("error: {e}");
                 messages.pop();
             }
+        }
+    }
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // burn-flex and our kernels both run on rayon's global pool: size it before any work.
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("setting the thread count")?;
+    let path = ember_hub::resolve(&a.model.model)?;
+    let loaded = LoadedModel::open(&path, &ember_models::default_device())?;
+    let cfg = loaded.model.config();
+    let size: u64 = loaded.file.tensors().iter().map(|t| t.n_bytes).sum();
+    let params: u64 = loaded.file.tensors().iter().map(|t| t.n_elements()).sum();
+    let file_type = loaded
+        .file
+        .tensor("blk.0.ffn_down.weight")
+        .map_or("?", |t| t.ggml_type.name());
+    let mut tests = Vec::new();
+    if a.n_prompt > 0 {
+        tests.push((a.n_prompt, 0));
+    }
+    if a.n_gen > 0 {
+        tests.push((0, a.n_gen));
+    }
+    let mut results = Vec::new();
+    for (p, n) in tests {
+        let r = ember_runtime::bench::bench(&loaded.model, p, n, a.reps, threads)?;
+        results.push(r);
+    }
+    let model_type = format!("{} {}", cfg.architecture, file_type);
+    if a.json {
+        let out: Vec<_> = results
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("model_filename".into(), json!(path.display().to_string()));
+                    o.insert("model_type".into(), json!(model_type));
+                    o.insert("model_size".into(), json!(size));
+                    o.insert("model_n_params".into(), json!(params));
+                    o.insert("backend".into(), json!("flex"));
+                    o.insert("build_commit".into(), json!(env!("CARGO_PKG_VERSION")));
+                }
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("| model | size | params | backend | threads | test | t/s |");
+        println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
+        for r in &results {
+            let test = if r.n_prompt > 0 {
+                format!("pp{}", r.n_prompt)
+            } else {
+                format!("tg{}", r.n_gen)
+            };
+            println!(
+                "| {model_type} | {:.2} MiB | {:.2} M | flex | {threads} | {test} | {:.2} ± {:.2} |",
+                size as f64 / (1024.0 * 1024.0),
+                params as f64 / 1e6,
+                r.avg_ts,
+                r.stddev_ts
+            );
         }
     }
     Ok(())

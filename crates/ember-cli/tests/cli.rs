@@ -202,14 +202,27 @@ fn inspect_lists_tensors() {
 fn perplexity_matches_llama_perplexity_within_one_percent() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let fixture: Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("tests/fixtures/perplexity-smollm2-q4_1-ctx512.json")).unwrap(),
+        &std::fs::read_to_string(root.join("tests/fixtures/perplexity-smollm2-q4_1-ctx512.json"))
+            .unwrap(),
     )
     .unwrap();
     let text = root.join(fixture["text"].as_str().unwrap());
-    let out = ember(&["perplexity", "-m", MODEL, "-f", text.to_str().unwrap(), "--ctx", "512", "--json"]);
+    let out = ember(&[
+        "perplexity",
+        "-m",
+        MODEL,
+        "-f",
+        text.to_str().unwrap(),
+        "--ctx",
+        "512",
+        "--json",
+    ]);
     let v = json_of(&out);
     assert_eq!(v["chunks"], fixture["chunks"]);
     assert_eq!(v["tokens"], 7 * 255);
     let (ours, theirs) = (v["ppl"].as_f64().unwrap(), fixture["ppl"].as_f64().unwrap());
-    assert!((ours / theirs - 1.0).abs() < 0.01, "ember {ours} vs llama.cpp {theirs}");
+    assert!(
+        (ours / theirs - 1.0).abs() < 0.01,
+        "ember {ours} vs llama.cpp {theirs}"
+    );
 }

@@ -1,5 +1,6 @@
 //! The runtime layer: tokenizer built from GGUF metadata, sampling, chat templates and the
 //! generation loop that drives a model.
+pub mod bench;
 pub mod chat;
 pub mod eval;
 pub mod generate;
