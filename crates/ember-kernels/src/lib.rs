@@ -12,4 +12,5 @@ mod ops;
 pub use matrix::{QuantMatrix, QuantMatrixError, SharedBytes};
 pub use ops::{
     EmberBackend, causal_attention, causal_attention_fallback, quant_matmul, quant_matmul_fallback,
+    round_to_f16,
 };

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use burn::backend::{Backend, Dispatch, TensorMetadata, backend_extension, tensor::FloatTensor};
+use burn::backend::{
+    Backend, Dispatch, FloatDType, TensorMetadata, backend_extension, tensor::FloatTensor,
+};
 use burn::tensor::{Shape, Tensor, TensorData};
 
 use crate::QuantMatrix;
@@ -24,6 +26,12 @@ pub trait EmberBackend: Backend {
         scale: f32,
     ) -> FloatTensor<Self> {
         causal_attention_fallback::<Self>(q, k, v, scale)
+    }
+
+    /// Rounds every value to the nearest f16, keeping the f32 dtype: how K and V are stored
+    /// in llama.cpp's default f16 cache. Default: cast to f16 and back.
+    fn round_to_f16(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_cast(Self::float_cast(x, FloatDType::F16), FloatDType::F32)
     }
 }
 
@@ -99,9 +107,20 @@ pub fn quant_matmul(x: Tensor<2>, w: &Arc<QuantMatrix>) -> Tensor<2> {
     ))
 }
 
+/// Rounds to f16 precision on any backend (see [`EmberBackend::round_to_f16`]).
+pub fn round_to_f16<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as EmberBackend>::round_to_f16(x.into_dispatch()))
+}
+
 #[cfg(feature = "ndarray")]
 #[allow(deprecated)]
-impl EmberBackend for burn::backend::NdArray {}
+impl EmberBackend for burn::backend::NdArray {
+    /// burn-ndarray has no f16 tensors: K and V stay f32 there (closer to exact, further from
+    /// llama.cpp's rounding).
+    fn round_to_f16(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        x
+    }
+}
 
 #[cfg(feature = "flex")]
 mod flex {

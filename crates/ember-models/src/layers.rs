@@ -1,6 +1,6 @@
 //! Building blocks shared by architectures, on plain burn ops.
 
-use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::RopeMode;
 
@@ -79,11 +79,4 @@ pub fn rope(x: Tensor<3>, table: &RopeTable, rope_dim: usize, mode: RopeMode) ->
         Some(pass) => Tensor::cat(vec![rotated, pass], 2),
         None => rotated,
     }
-}
-
-/// Rounds every value to the nearest f16. llama.cpp keeps K and V in an f16 cache by default and
-/// its CPU flash attention converts Q to f16 as well; rounding the same way keeps our logits
-/// within float noise of its logits.
-pub fn round_to_f16<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    x.cast(FloatDType::F16).cast(FloatDType::F32)
 }

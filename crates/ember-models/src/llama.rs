@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData, activation};
 use ember_formats::GgufFile;
-use ember_kernels::{QuantMatrix, causal_attention, quant_matmul};
+use ember_kernels::{QuantMatrix, causal_attention, quant_matmul, round_to_f16};
 use ember_kv::ContiguousKvCache;
 
-use crate::layers::{RopeTable, rms_norm, rope, round_to_f16};
+use crate::layers::{RopeTable, rms_norm, rope};
 use crate::{ModelConfig, ModelError, Weights};
 
 struct Block {
