@@ -20,6 +20,11 @@ use super::{ActFormat, BLOCK, QuantizedActs, UnpackedRow};
 pub(super) trait Dot {
     /// `a` as `u8` (at most 128), `b` as `i8` (never -128 with `a = 128`).
     unsafe fn dot_u8i8(a: __m256i, b: __m256i) -> __m256i;
+    /// `dot_u8i8(a1, b1) + dot_u8i8(a2, b2)`.
+    #[inline(always)]
+    unsafe fn dot2_u8i8(a1: __m256i, b1: __m256i, a2: __m256i, b2: __m256i) -> __m256i {
+        unsafe { _mm256_add_epi32(Self::dot_u8i8(a1, b1), Self::dot_u8i8(a2, b2)) }
+    }
 }
 
 /// `vpmaddubsw` + `vpmaddwd`: pairs of products never exceed `2 * 128 * 127 < i16::MAX`, so
@@ -41,6 +46,10 @@ impl Dot for Vnni {
     unsafe fn dot_u8i8(a: __m256i, b: __m256i) -> __m256i {
         unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b) }
     }
+    #[inline(always)]
+    unsafe fn dot2_u8i8(a1: __m256i, b1: __m256i, a2: __m256i, b2: __m256i) -> __m256i {
+        unsafe { _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a1, b1), a2, b2) }
+    }
 }
 
 /// Block formats as const-generic tags.
@@ -58,6 +67,12 @@ trait Weights {
     const WITH_MIN: bool;
     /// The 32 weights of block `b`, as `i8`.
     unsafe fn q(&self, b: usize) -> __m256i;
+    /// Blocks `b` and `b + 1` by halves: `(elements 0..16 of b | of b + 1, 16..32 of b | of
+    /// b + 1)`, the layout [`act_pair`] loads activations in.
+    unsafe fn q2(&self, b: usize) -> (__m256i, __m256i);
+    /// Hints that blocks a little past `b` will be read soon.
+    #[inline(always)]
+    fn prefetch(&self, _b: usize) {}
     /// Scales of blocks `b..b + 8`.
     unsafe fn d8(&self, b: usize) -> __m256;
     /// Offsets of blocks `b..b + 8`.
@@ -65,6 +80,9 @@ trait Weights {
     unsafe fn d(&self, b: usize) -> f32;
     unsafe fn m(&self, b: usize) -> f32;
 }
+
+/// How far ahead of the block being dotted packed weights are prefetched.
+const PREFETCH_BYTES: usize = 1024;
 
 /// A row straight from its packed ggml blocks.
 struct Packed<const TY: u8> {
@@ -130,6 +148,56 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     }
 }
 
+/// Two 16-byte loads as one vector: `p` in the low half, `q` in the high half.
+#[inline(always)]
+unsafe fn load_2x128(p: *const u8, q: *const u8) -> __m256i {
+    unsafe {
+        _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(p.cast())),
+            _mm_loadu_si128(q.cast()),
+        )
+    }
+}
+
+/// The nibbles of two blocks' 16 bytes at `p` and `q`: `(low nibbles of p | of q, high
+/// nibbles of p | of q)`.
+#[inline(always)]
+unsafe fn nibbles2(p: *const u8, q: *const u8) -> (__m256i, __m256i) {
+    unsafe {
+        let x = load_2x128(p, q);
+        let mask = _mm256_set1_epi8(0x0F);
+        (
+            _mm256_and_si256(x, mask),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask),
+        )
+    }
+}
+
+/// Two blocks' high bits (the `u32`s at `p` and `q`) in [`nibbles2`]'s layout, as `0x10`.
+#[inline(always)]
+unsafe fn high_bits2(p: *const u8, q: *const u8) -> (__m256i, __m256i) {
+    unsafe {
+        let qp = ptr::read_unaligned(p.cast::<i32>());
+        let qq = ptr::read_unaligned(q.cast::<i32>());
+        let both = _mm256_set_m128i(_mm_set1_epi32(qq), _mm_set1_epi32(qp));
+        let shuf_lo = _mm256_set_epi64x(0x0101_0101_0101_0101, 0, 0x0101_0101_0101_0101, 0);
+        let shuf_hi = _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+        );
+        let bit = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        let ones = _mm256_set1_epi64x(-1);
+        let x10 = _mm256_set1_epi8(0x10);
+        let expand = |shuf| {
+            let bytes = _mm256_or_si256(_mm256_shuffle_epi8(both, shuf), bit);
+            _mm256_and_si256(_mm256_cmpeq_epi8(bytes, ones), x10)
+        };
+        (expand(shuf_lo), expand(shuf_hi))
+    }
+}
+
 /// `0x10` in byte `i` where bit `i` of the little-endian `u32` at `p` is set.
 #[inline(always)]
 unsafe fn high_bits(p: *const u8) -> __m256i {
@@ -153,6 +221,14 @@ impl<const TY: u8> Weights for Packed<TY> {
     const WITH_MIN: bool = matches!(TY, Q4_1 | Q5_1);
 
     #[inline(always)]
+    fn prefetch(&self, b: usize) {
+        // A hint only: the address may lie past the row (`wrapping_add`, never dereferenced).
+        let p = self.p.wrapping_add(b * Self::BS + PREFETCH_BYTES);
+        // SAFETY: prefetching has no architectural effect and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+    }
+
+    #[inline(always)]
     unsafe fn q(&self, b: usize) -> __m256i {
         unsafe {
             let p = self.p.add(b * Self::BS);
@@ -165,6 +241,39 @@ impl<const TY: u8> Weights for Packed<TY> {
                 ),
                 Q5_1 => _mm256_or_si256(nibbles(p.add(8)), high_bits(p.add(4))),
                 _ => _mm256_loadu_si256(p.add(2).cast()),
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn q2(&self, b: usize) -> (__m256i, __m256i) {
+        unsafe {
+            let p = self.p.add(b * Self::BS);
+            let q = p.add(Self::BS);
+            match TY {
+                Q4_0 => {
+                    let (lo, hi) = nibbles2(p.add(2), q.add(2));
+                    let eight = _mm256_set1_epi8(8);
+                    (_mm256_sub_epi8(lo, eight), _mm256_sub_epi8(hi, eight))
+                }
+                Q4_1 => nibbles2(p.add(4), q.add(4)),
+                Q5_0 => {
+                    let (lo, hi) = nibbles2(p.add(6), q.add(6));
+                    let (hlo, hhi) = high_bits2(p.add(2), q.add(2));
+                    let sixteen = _mm256_set1_epi8(16);
+                    (
+                        _mm256_sub_epi8(_mm256_or_si256(lo, hlo), sixteen),
+                        _mm256_sub_epi8(_mm256_or_si256(hi, hhi), sixteen),
+                    )
+                }
+                Q5_1 => {
+                    let (lo, hi) = nibbles2(p.add(8), q.add(8));
+                    let (hlo, hhi) = high_bits2(p.add(4), q.add(4));
+                    (_mm256_or_si256(lo, hlo), _mm256_or_si256(hi, hhi))
+                }
+                _ => (
+                    load_2x128(p.add(2), q.add(2)),
+                    load_2x128(p.add(18), q.add(18)),
+                ),
             }
         }
     }
@@ -200,6 +309,16 @@ impl<const SIGNED: bool, const WITH_MIN: bool> Weights for Unpacked<SIGNED, WITH
     #[inline(always)]
     unsafe fn q(&self, b: usize) -> __m256i {
         unsafe { _mm256_loadu_si256(self.q.add(b * BLOCK).cast()) }
+    }
+    #[inline(always)]
+    unsafe fn q2(&self, b: usize) -> (__m256i, __m256i) {
+        unsafe {
+            let p = self.q.add(b * BLOCK).cast::<u8>();
+            (
+                load_2x128(p, p.add(BLOCK)),
+                load_2x128(p.add(16), p.add(BLOCK + 16)),
+            )
+        }
     }
     #[inline(always)]
     unsafe fn d8(&self, b: usize) -> __m256 {
@@ -243,20 +362,59 @@ unsafe fn hsum(v: __m256i) -> i32 {
     }
 }
 
-/// Horizontal sums of eight `i32x8` vectors, as one vector (lane `j` = sum of `v[j]`).
+/// `i32x8` partial sums of blocks `b` and `b + 1`: lanes 0..4 hold block `b`'s, 4..8 block
+/// `b + 1`'s.
 #[inline(always)]
-unsafe fn reduce8(v: &[__m256i; 8]) -> __m256i {
+unsafe fn pair_dot<D: Dot, W: Weights>(w: &W, b: usize, x: *const i8) -> __m256i {
     unsafe {
-        let a01 = _mm256_hadd_epi32(v[0], v[1]);
-        let a23 = _mm256_hadd_epi32(v[2], v[3]);
-        let a45 = _mm256_hadd_epi32(v[4], v[5]);
-        let a67 = _mm256_hadd_epi32(v[6], v[7]);
-        // [s0L s1L s2L s3L | s0H s1H s2H s3H], L/H = each vector's low/high 128-bit half.
-        let b0 = _mm256_hadd_epi32(a01, a23);
-        let b1 = _mm256_hadd_epi32(a45, a67);
-        let lo = _mm256_permute2x128_si256::<0x20>(b0, b1);
-        let hi = _mm256_permute2x128_si256::<0x31>(b0, b1);
-        _mm256_add_epi32(lo, hi)
+        w.prefetch(b);
+        let (qlo, qhi) = w.q2(b);
+        let p = x.add(b * BLOCK).cast::<u8>();
+        let xlo = load_2x128(p, p.add(BLOCK));
+        let xhi = load_2x128(p.add(16), p.add(BLOCK + 16));
+        if W::SIGNED {
+            D::dot2_u8i8(
+                _mm256_abs_epi8(qlo),
+                _mm256_sign_epi8(xlo, qlo),
+                _mm256_abs_epi8(qhi),
+                _mm256_sign_epi8(xhi, qhi),
+            )
+        } else {
+            D::dot2_u8i8(qlo, xlo, qhi, xhi)
+        }
+    }
+}
+
+/// Adds adjacent lane pairs: even lanes get `a[2i] + a[2i + 1]`, odd lanes `b[2i] + b[2i + 1]`.
+/// Blends and in-lane shuffles only (cheaper than `vphaddd`).
+#[inline(always)]
+unsafe fn fold_pairs(a: __m256i, b: __m256i) -> __m256i {
+    unsafe {
+        let x = _mm256_blend_epi32::<0xAA>(a, b);
+        let y = _mm256_blend_epi32::<0x55>(a, b);
+        _mm256_add_epi32(x, _mm256_shuffle_epi32::<0xB1>(y))
+    }
+}
+
+/// Adds lanes two apart within each 128-bit half: lanes 0, 1 get `a[0] + a[2]`, `a[1] +
+/// a[3]`, lanes 2, 3 get `b[2] + b[0]`, `b[3] + b[1]`.
+#[inline(always)]
+unsafe fn fold_quads(a: __m256i, b: __m256i) -> __m256i {
+    unsafe {
+        let x = _mm256_blend_epi32::<0xCC>(a, b);
+        let y = _mm256_blend_epi32::<0x33>(a, b);
+        _mm256_add_epi32(x, _mm256_shuffle_epi32::<0x4E>(y))
+    }
+}
+
+/// Sums of eight blocks from four [`pair_dot`] vectors, lane `j` = block `j`.
+#[inline(always)]
+unsafe fn reduce8(v: &[__m256i; 4]) -> __m256i {
+    unsafe {
+        // v[k] = [blk 2k: 4 lanes | blk 2k+1: 4 lanes]. After the folds, the low half holds
+        // blocks 0, 2, 4, 6 and the high half 1, 3, 5, 7.
+        let s = fold_quads(fold_pairs(v[0], v[1]), fold_pairs(v[2], v[3]));
+        _mm256_permutevar8x32_epi32(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
     }
 }
 
@@ -276,9 +434,9 @@ unsafe fn row_dot<D: Dot, W: Weights>(
         let mut sum = 0.0f32;
         let mut b = 0;
         while b + 8 <= nb {
-            let mut v = [_mm256_setzero_si256(); 8];
+            let mut v = [_mm256_setzero_si256(); 4];
             for (j, vj) in v.iter_mut().enumerate() {
-                *vj = block_dot::<D, W>(w, b + j, xq);
+                *vj = pair_dot::<D, W>(w, b + 2 * j, xq);
             }
             let sumf = _mm256_cvtepi32_ps(reduce8(&v));
             let mut t = _mm256_mul_ps(_mm256_mul_ps(w.d8(b), _mm256_loadu_ps(xd.add(b))), sumf);
