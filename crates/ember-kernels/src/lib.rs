@@ -12,5 +12,6 @@ mod ops;
 pub use matrix::{QuantMatrix, QuantMatrixError, SharedBytes};
 pub use ops::{
     EmberBackend, causal_attention, causal_attention_fallback, quant_matmul, quant_matmul_fallback,
-    round_to_f16,
+    residual_add, rms_norm, rms_norm_fallback, rope, rope_fallback, round_to_f16, swiglu,
+    swiglu_fallback,
 };

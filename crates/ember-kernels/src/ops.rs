@@ -5,7 +5,7 @@ use std::sync::Arc;
 use burn::backend::{
     Backend, Dispatch, FloatDType, TensorMetadata, backend_extension, tensor::FloatTensor,
 };
-use burn::tensor::{Shape, Tensor, TensorData};
+use burn::tensor::{Shape, Slice, Tensor, TensorData};
 
 use crate::QuantMatrix;
 
@@ -33,6 +33,139 @@ pub trait EmberBackend: Backend {
     fn round_to_f16(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_cast(Self::float_cast(x, FloatDType::F16), FloatDType::F32)
     }
+
+    /// `x * weight / sqrt(mean(x^2) + eps)` over the last dimension of `x: [n, d]`,
+    /// `weight: [d]`.
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        rms_norm_fallback::<Self>(x, weight, eps)
+    }
+
+    /// Rotary embedding of `x: [n, heads, head_dim]` at positions `start..start + n`: the
+    /// first `rope_dim` dimensions of each head rotate in pairs `(2i, 2i + 1)`, or
+    /// `(i, i + rope_dim / 2)` when `neox`; the rest pass through. Angles follow ggml's f32
+    /// recurrence: `theta = pos`, times `base^(-2 / rope_dim)` per pair.
+    fn rope(
+        x: FloatTensor<Self>,
+        start: usize,
+        rope_dim: usize,
+        base: f32,
+        neox: bool,
+    ) -> FloatTensor<Self> {
+        rope_fallback::<Self>(x, start, rope_dim, base, neox)
+    }
+
+    /// `silu(gate) * up`, element-wise over same-shaped tensors.
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        swiglu_fallback::<Self>(gate, up)
+    }
+
+    /// `a + b`, element-wise over same-shaped tensors (the residual connection).
+    fn residual_add(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_add(a, b)
+    }
+}
+
+/// The generic RMS norm from burn ops: the mean of squares in f32.
+pub fn rms_norm_fallback<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    eps: f32,
+) -> FloatTensor<B> {
+    let d = weight.shape()[0];
+    let ms = B::float_mean_dim(B::float_powi_scalar(x.clone(), 2.into()), 1);
+    let inv = B::float_recip(B::float_sqrt(B::float_add_scalar(ms, eps.into())));
+    let w = B::float_reshape(weight, Shape::new([1, d]));
+    B::float_mul(B::float_mul(x, inv), w)
+}
+
+/// ggml's rotary angles for positions `start..start + n`: `(cos, sin)`, each `[n * rope_dim / 2]`.
+fn rope_angles(start: usize, n: usize, rope_dim: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
+    let half = rope_dim / 2;
+    let theta_scale = base.powf(-2.0 / rope_dim as f32);
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in start..start + n {
+        let mut theta = p as f32;
+        for _ in 0..half {
+            cos.push(theta.cos());
+            sin.push(theta.sin());
+            theta *= theta_scale;
+        }
+    }
+    (cos, sin)
+}
+
+/// The generic rotary embedding from burn ops: slices, products and concatenations.
+pub fn rope_fallback<B: Backend>(
+    x: FloatTensor<B>,
+    start: usize,
+    rope_dim: usize,
+    base: f32,
+    neox: bool,
+) -> FloatTensor<B> {
+    let device = x.device();
+    let xs = x.shape();
+    let (n, h, d) = (xs[0], xs[1], xs[2]);
+    let half = rope_dim / 2;
+    let (cos, sin) = rope_angles(start, n, rope_dim, base);
+    let (rot, pass) = if rope_dim < d {
+        (
+            B::float_slice(
+                x.clone(),
+                &[(0..n).into(), (0..h).into(), (0..rope_dim).into()],
+            ),
+            Some(B::float_slice(
+                x,
+                &[(0..n).into(), (0..h).into(), (rope_dim..d).into()],
+            )),
+        )
+    } else {
+        (x, None)
+    };
+    // r0 = x0 cos - x1 sin, r1 = x0 sin + x1 cos.
+    let rotate =
+        |x0: FloatTensor<B>, x1: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>| {
+            let r0 = B::float_sub(
+                B::float_mul(x0.clone(), cos.clone()),
+                B::float_mul(x1.clone(), sin.clone()),
+            );
+            let r1 = B::float_add(B::float_mul(x0, sin), B::float_mul(x1, cos));
+            (r0, r1)
+        };
+    let rotated = if neox {
+        let cos = B::float_from_data(TensorData::new(cos, [n, 1, half]), &device);
+        let sin = B::float_from_data(TensorData::new(sin, [n, 1, half]), &device);
+        let x0 = B::float_slice(
+            rot.clone(),
+            &[(0..n).into(), (0..h).into(), (0..half).into()],
+        );
+        let x1 = B::float_slice(
+            rot,
+            &[(0..n).into(), (0..h).into(), (half..rope_dim).into()],
+        );
+        let (r0, r1) = rotate(x0, x1, cos, sin);
+        B::float_cat(vec![r0, r1], 2)
+    } else {
+        // Pairs are adjacent: view as [n, h, half, 2].
+        let cos = B::float_from_data(TensorData::new(cos, [n, 1, half, 1]), &device);
+        let sin = B::float_from_data(TensorData::new(sin, [n, 1, half, 1]), &device);
+        let pairs = B::float_reshape(rot, Shape::new([n, h, half, 2]));
+        let all: [Slice; 3] = [(0..n).into(), (0..h).into(), (0..half).into()];
+        let x0 = B::float_slice(pairs.clone(), &[all[0], all[1], all[2], (0..1).into()]);
+        let x1 = B::float_slice(pairs, &[all[0], all[1], all[2], (1..2).into()]);
+        let (r0, r1) = rotate(x0, x1, cos, sin);
+        B::float_reshape(B::float_cat(vec![r0, r1], 3), Shape::new([n, h, rope_dim]))
+    };
+    match pass {
+        Some(pass) => B::float_cat(vec![rotated, pass], 2),
+        None => rotated,
+    }
+}
+
+/// The generic SwiGLU from burn ops: `gate * sigmoid(gate) * up`.
+pub fn swiglu_fallback<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    let silu = B::float_mul(gate.clone(), B::sigmoid(gate));
+    B::float_mul(silu, up)
 }
 
 /// The generic attention: a full score matrix per kv head, masked, softmaxed, times V.
@@ -112,6 +245,55 @@ pub fn round_to_f16<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as EmberBackend>::round_to_f16(x.into_dispatch()))
 }
 
+/// RMS norm on any backend (see [`EmberBackend::rms_norm`]).
+pub fn rms_norm(x: Tensor<2>, weight: &Tensor<1>, eps: f32) -> Tensor<2> {
+    let [_, d] = x.dims();
+    assert_eq!(
+        weight.dims()[0],
+        d,
+        "rms_norm: weight must match the row width"
+    );
+    Tensor::from_dispatch(<Dispatch as EmberBackend>::rms_norm(
+        x.into_dispatch(),
+        weight.clone().into_dispatch(),
+        eps,
+    ))
+}
+
+/// Rotary embedding on any backend (see [`EmberBackend::rope`]).
+pub fn rope(x: Tensor<3>, start: usize, rope_dim: usize, base: f32, neox: bool) -> Tensor<3> {
+    let [_, _, d] = x.dims();
+    assert!(
+        rope_dim <= d && rope_dim.is_multiple_of(2),
+        "rope: rope_dim must be even and at most the head size"
+    );
+    Tensor::from_dispatch(<Dispatch as EmberBackend>::rope(
+        x.into_dispatch(),
+        start,
+        rope_dim,
+        base,
+        neox,
+    ))
+}
+
+/// `silu(gate) * up` on any backend (see [`EmberBackend::swiglu`]).
+pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    assert_eq!(gate.dims(), up.dims(), "swiglu: shapes must match");
+    Tensor::from_dispatch(<Dispatch as EmberBackend>::swiglu(
+        gate.into_dispatch(),
+        up.into_dispatch(),
+    ))
+}
+
+/// `a + b` on any backend (see [`EmberBackend::residual_add`]).
+pub fn residual_add<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    assert_eq!(a.dims(), b.dims(), "residual_add: shapes must match");
+    Tensor::from_dispatch(<Dispatch as EmberBackend>::residual_add(
+        a.into_dispatch(),
+        b.into_dispatch(),
+    ))
+}
+
 #[cfg(feature = "ndarray")]
 #[allow(deprecated)]
 impl EmberBackend for burn::backend::NdArray {
@@ -171,6 +353,64 @@ mod flex {
                 out,
                 [shape.n, shape.n_head * shape.head_dim],
             ))
+        }
+
+        fn round_to_f16(x: FlexTensor) -> FlexTensor {
+            let shape = x.shape();
+            let x = contiguous_f32(x);
+            let out = x
+                .as_slice::<f32>()
+                .expect("contiguous f32")
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect::<Vec<_>>();
+            FlexTensor::from_data(TensorData::new(out, shape))
+        }
+
+        fn rms_norm(x: FlexTensor, weight: FlexTensor, eps: f32) -> FlexTensor {
+            let shape = x.shape();
+            let (x, weight) = (contiguous_f32(x), contiguous_f32(weight));
+            let out = crate::cpu::fused::rms_norm(
+                x.as_slice::<f32>().expect("contiguous f32"),
+                weight.as_slice::<f32>().expect("contiguous f32"),
+                eps,
+            );
+            FlexTensor::from_data(TensorData::new(out, shape))
+        }
+
+        fn rope(x: FlexTensor, start: usize, rope_dim: usize, base: f32, neox: bool) -> FlexTensor {
+            let shape = x.shape();
+            let x = contiguous_f32(x);
+            let out = crate::cpu::fused::rope(
+                x.as_slice::<f32>().expect("contiguous f32"),
+                shape[1],
+                shape[2],
+                start,
+                rope_dim,
+                base,
+                neox,
+            );
+            FlexTensor::from_data(TensorData::new(out, shape))
+        }
+
+        fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+            let shape = gate.shape();
+            let (gate, up) = (contiguous_f32(gate), contiguous_f32(up));
+            let out = crate::cpu::fused::swiglu(
+                gate.as_slice::<f32>().expect("contiguous f32"),
+                up.as_slice::<f32>().expect("contiguous f32"),
+            );
+            FlexTensor::from_data(TensorData::new(out, shape))
+        }
+
+        fn residual_add(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+            let shape = a.shape();
+            let (a, b) = (contiguous_f32(a), contiguous_f32(b));
+            let out = crate::cpu::fused::add(
+                a.as_slice::<f32>().expect("contiguous f32"),
+                b.as_slice::<f32>().expect("contiguous f32"),
+            );
+            FlexTensor::from_data(TensorData::new(out, shape))
         }
     }
 

@@ -3,12 +3,14 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{Device, Tensor, TensorData, activation};
+use burn::tensor::{Device, Tensor, TensorData};
 use ember_formats::GgufFile;
-use ember_kernels::{QuantMatrix, causal_attention, quant_matmul, round_to_f16};
+use ember_kernels::{
+    QuantMatrix, causal_attention, quant_matmul, residual_add, round_to_f16, swiglu,
+};
 use ember_kv::ContiguousKvCache;
 
-use crate::layers::{RopeTable, rms_norm, rope};
+use crate::layers::{rms_norm, rope};
 use crate::{ModelConfig, ModelError, Weights};
 
 struct Block {
@@ -120,24 +122,24 @@ impl LlamaModel {
                 source,
             })?;
         let mut x = Tensor::<2>::from_data(TensorData::new(embd, [n, c.n_embd]), &self.device);
-        let table = RopeTable::new(start, n, c.rope_dim, c.rope_base, &self.device);
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         for (layer, b) in self.blocks.iter().enumerate() {
             let h = rms_norm(x.clone(), &b.attn_norm, c.rms_eps);
             let q = quant_matmul(h.clone(), &b.wq).reshape([n, c.n_head, c.head_dim]);
             let k = quant_matmul(h.clone(), &b.wk).reshape([n, c.n_head_kv, c.head_dim]);
             let v = quant_matmul(h, &b.wv).reshape([n, c.n_head_kv, c.head_dim]);
-            let q = round_to_f16(rope(q, &table, c.rope_dim, c.rope_mode).swap_dims(0, 1));
-            let k = round_to_f16(rope(k, &table, c.rope_dim, c.rope_mode).swap_dims(0, 1));
+            let rope = |x| rope(x, start, c.rope_dim, c.rope_base, c.rope_mode);
+            let q = round_to_f16(rope(q).swap_dims(0, 1));
+            let k = round_to_f16(rope(k).swap_dims(0, 1));
             let v = round_to_f16(v.swap_dims(0, 1));
             let (k_all, v_all) = cache.append(layer, k, v)?;
             let attn = causal_attention(q, k_all, v_all, scale);
-            x = x.add(quant_matmul(attn, &b.wo));
+            x = residual_add(x, quant_matmul(attn, &b.wo));
 
             let h = rms_norm(x.clone(), &b.ffn_norm, c.rms_eps);
-            let gate = activation::silu(quant_matmul(h.clone(), &b.w_gate));
+            let gate = quant_matmul(h.clone(), &b.w_gate);
             let up = quant_matmul(h, &b.w_up);
-            x = x.add(quant_matmul(gate.mul(up), &b.w_down));
+            x = residual_add(x, quant_matmul(swiglu(gate, up), &b.w_down));
         }
         cache.advance(n);
         let x = match which {

@@ -1,0 +1,130 @@
+//! Fused element-wise kernels for the non-matmul parts of a transformer block: one pass over
+//! host slices instead of a chain of burn ops, each allocating and dispatching.
+
+use rayon::prelude::*;
+
+/// Rows at which the row-wise kernels split across threads; below this a call is decode-sized
+/// and the scheduling costs more than the work.
+const PAR_MIN_ROWS: usize = 32;
+/// Element count at which the element-wise kernels split across threads.
+const PAR_MIN_ELEMS: usize = 1 << 16;
+
+/// `x * w / sqrt(mean(x^2) + eps)` per row of row-major `x: [n, d]`, `w: [d]`.
+///
+/// As ggml: the squares are summed in f64, the scale is `1 / sqrtf(mean + eps)` in f32, and
+/// the normalized row is multiplied by the weight afterwards.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    assert!(
+        d > 0 && x.len().is_multiple_of(d),
+        "rms_norm: shape mismatch"
+    );
+    let mut out = vec![0.0f32; x.len()];
+    let row = |(xr, yr): (&[f32], &mut [f32])| {
+        let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum / d as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for ((y, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+            *y = (v * scale) * g;
+        }
+    };
+    if x.len() / d >= PAR_MIN_ROWS {
+        x.par_chunks(d).zip(out.par_chunks_mut(d)).for_each(row);
+    } else {
+        x.chunks(d).zip(out.chunks_mut(d)).for_each(row);
+    }
+    out
+}
+
+/// Cosines and sines for one position, `rope_dim / 2` each, with ggml's f32 recurrence
+/// (`theta` starts at the position and is multiplied by `theta_scale` per pair).
+fn rope_cache(pos: usize, theta_scale: f32, cos: &mut [f32], sin: &mut [f32]) {
+    let mut theta = pos as f32;
+    for (c, s) in cos.iter_mut().zip(sin.iter_mut()) {
+        *c = theta.cos();
+        *s = theta.sin();
+        theta *= theta_scale;
+    }
+}
+
+/// Rotary embedding of row-major `x: [n, heads, head_dim]` at positions `start..start + n`,
+/// rotating the first `rope_dim` dimensions of every head and passing the rest through.
+/// Normal mode rotates pairs `(2i, 2i + 1)`, neox mode `(i, i + rope_dim / 2)`.
+pub fn rope(
+    x: &[f32],
+    heads: usize,
+    head_dim: usize,
+    start: usize,
+    rope_dim: usize,
+    base: f32,
+    neox: bool,
+) -> Vec<f32> {
+    assert!(
+        rope_dim <= head_dim && rope_dim.is_multiple_of(2),
+        "rope: rope_dim must be even and at most head_dim"
+    );
+    let stride = heads * head_dim;
+    assert!(
+        stride > 0 && x.len().is_multiple_of(stride),
+        "rope: shape mismatch"
+    );
+    let half = rope_dim / 2;
+    let theta_scale = base.powf(-2.0 / rope_dim as f32);
+    let mut out = x.to_vec();
+    let pos_rows = |(i, row): (usize, &mut [f32])| {
+        let mut cos = vec![0.0f32; half];
+        let mut sin = vec![0.0f32; half];
+        rope_cache(start + i, theta_scale, &mut cos, &mut sin);
+        for head in row.chunks_mut(head_dim) {
+            if neox {
+                let (a, b) = head[..rope_dim].split_at_mut(half);
+                for (((x0, x1), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(&cos).zip(&sin) {
+                    let (v0, v1) = (*x0, *x1);
+                    *x0 = v0 * c - v1 * s;
+                    *x1 = v0 * s + v1 * c;
+                }
+            } else {
+                for ((pair, &c), &s) in head[..rope_dim].chunks_exact_mut(2).zip(&cos).zip(&sin) {
+                    let (v0, v1) = (pair[0], pair[1]);
+                    pair[0] = v0 * c - v1 * s;
+                    pair[1] = v0 * s + v1 * c;
+                }
+            }
+        }
+    };
+    if x.len() / stride >= PAR_MIN_ROWS {
+        out.par_chunks_mut(stride).enumerate().for_each(pos_rows);
+    } else {
+        out.chunks_mut(stride).enumerate().for_each(pos_rows);
+    }
+    out
+}
+
+/// The logistic function, evaluated as burn-flex does (no overflow for either sign).
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// `silu(gate) * up` element-wise, as `(gate * sigmoid(gate)) * up`: bit-for-bit the
+/// unfused burn-flex ops it replaces.
+pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    assert_eq!(gate.len(), up.len(), "swiglu: shape mismatch");
+    let f = |(&g, &u): (&f32, &f32)| (g * sigmoid(g)) * u;
+    if gate.len() >= PAR_MIN_ELEMS {
+        gate.par_iter().zip(up).map(f).collect()
+    } else {
+        gate.iter().zip(up).map(f).collect()
+    }
+}
+
+/// `a + b` element-wise.
+pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+    assert_eq!(a.len(), b.len(), "add: shape mismatch");
+    a.iter().zip(b).map(|(&x, &y)| x + y).collect()
+}

@@ -1,0 +1,227 @@
+//! The fused element-wise ops (`rms_norm`, `rope`, `swiglu`, `residual_add`) through burn's
+//! dispatch against f64 references, and on burn-flex against the generic burn-op fallbacks.
+
+use burn::tensor::{Device, Tensor, TensorData};
+use ember_kernels::{residual_add, rms_norm, rope, swiglu};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+fn device() -> Device {
+    #[cfg(feature = "flex")]
+    {
+        Device::flex()
+    }
+    #[cfg(all(not(feature = "flex"), feature = "ndarray"))]
+    #[allow(deprecated)]
+    {
+        Device::ndarray()
+    }
+}
+
+fn random(rng: &mut StdRng, len: usize, range: f32) -> Vec<f32> {
+    (0..len).map(|_| rng.random_range(-range..range)).collect()
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g as f64 - w).abs() <= tol * (1.0 + w.abs()),
+            "{what} [{i}]: {g} vs {w}"
+        );
+    }
+}
+
+fn rms_norm_ref(x: &[f32], w: &[f32], eps: f32) -> Vec<f64> {
+    let d = w.len();
+    x.chunks(d)
+        .flat_map(|row| {
+            let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+            let inv = 1.0 / (ms + eps as f64).sqrt();
+            row.iter()
+                .zip(w)
+                .map(move |(&v, &g)| v as f64 * inv * g as f64)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rope_ref(
+    x: &[f32],
+    heads: usize,
+    head_dim: usize,
+    start: usize,
+    rope_dim: usize,
+    base: f32,
+    neox: bool,
+) -> Vec<f64> {
+    let half = rope_dim / 2;
+    let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for (i, row) in out.chunks_mut(heads * head_dim).enumerate() {
+        let pos = (start + i) as f64;
+        for head in row.chunks_mut(head_dim) {
+            for p in 0..half {
+                let theta = pos * (base as f64).powf(-2.0 * p as f64 / rope_dim as f64);
+                let (s, c) = theta.sin_cos();
+                let (a, b) = if neox {
+                    (p, p + half)
+                } else {
+                    (2 * p, 2 * p + 1)
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * c - x1 * s;
+                head[b] = x0 * s + x1 * c;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn rms_norm_matches_f64() {
+    let mut rng = StdRng::seed_from_u64(1);
+    for (n, d) in [(1, 576), (3, 64), (40, 96)] {
+        let x = random(&mut rng, n * d, 3.0);
+        let w = random(&mut rng, d, 1.5);
+        let eps = 1e-5;
+        let got = to_vec(rms_norm(
+            Tensor::from_data(TensorData::new(x.clone(), [n, d]), &device()),
+            &Tensor::from_data(TensorData::new(w.clone(), [d]), &device()),
+            eps,
+        ));
+        assert_close(&got, &rms_norm_ref(&x, &w, eps), 1e-5, "rms_norm");
+    }
+}
+
+#[test]
+fn rope_matches_f64() {
+    let mut rng = StdRng::seed_from_u64(2);
+    for neox in [false, true] {
+        for (n, heads, head_dim, rope_dim, start) in [
+            (1, 9, 64, 64, 0),
+            (1, 3, 64, 64, 77),
+            (5, 4, 32, 16, 3),
+            (40, 2, 16, 16, 100),
+        ] {
+            let x = random(&mut rng, n * heads * head_dim, 2.0);
+            let base = 10_000.0;
+            let got = to_vec(rope(
+                Tensor::from_data(TensorData::new(x.clone(), [n, heads, head_dim]), &device()),
+                start,
+                rope_dim,
+                base,
+                neox,
+            ));
+            // ggml's f32 angle recurrence drifts from the exact angle by a few ulps of theta.
+            let want = rope_ref(&x, heads, head_dim, start, rope_dim, base, neox);
+            assert_close(&got, &want, 1e-4, "rope");
+        }
+    }
+}
+
+#[test]
+fn swiglu_and_add_match_f64() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for len in [1, 1536, 100_000] {
+        let g = random(&mut rng, len, 8.0);
+        let u = random(&mut rng, len, 2.0);
+        let t = |v: &Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [len]), &device());
+        let got = to_vec(swiglu(t(&g), t(&u)));
+        let want: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(&g, &u)| g as f64 / (1.0 + (-g as f64).exp()) * u as f64)
+            .collect();
+        assert_close(&got, &want, 1e-6, "swiglu");
+        let got = to_vec(residual_add(t(&g), t(&u)));
+        let want: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(&a, &b)| a as f64 + b as f64)
+            .collect();
+        assert_close(&got, &want, 1e-6, "residual_add");
+    }
+}
+
+/// The Flex kernels against the generic burn-op bodies, run on Flex tensors.
+#[cfg(feature = "flex")]
+mod against_fallback {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::backend::ops::FloatTensorOps;
+    use burn::backend::tensor::FloatTensor;
+    use ember_kernels::{EmberBackend, rms_norm_fallback, rope_fallback, swiglu_fallback};
+
+    fn flex<const D: usize>(v: &[f32], shape: [usize; D]) -> FloatTensor<Flex> {
+        Flex::float_from_data(TensorData::new(v.to_vec(), shape), &Default::default())
+    }
+
+    fn host(t: FloatTensor<Flex>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    fn assert_same(a: &[f32], b: &[f32], tol: f32, what: &str) {
+        assert_eq!(a.len(), b.len());
+        for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "{what} [{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    #[test]
+    fn flex_ops_match_fallbacks() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let (n, d) = (7, 128);
+        let x = random(&mut rng, n * d, 3.0);
+        let w = random(&mut rng, d, 1.5);
+        let a = host(<Flex as EmberBackend>::rms_norm(
+            flex(&x, [n, d]),
+            flex(&w, [d]),
+            1e-6,
+        ));
+        let b = host(rms_norm_fallback::<Flex>(
+            flex(&x, [n, d]),
+            flex(&w, [d]),
+            1e-6,
+        ));
+        assert_same(&a, &b, 1e-5, "rms_norm");
+
+        for neox in [false, true] {
+            for rope_dim in [32, 64] {
+                let (h, hd) = (3, 64);
+                let x = random(&mut rng, n * h * hd, 2.0);
+                let a = host(<Flex as EmberBackend>::rope(
+                    flex(&x, [n, h, hd]),
+                    41,
+                    rope_dim,
+                    10_000.0,
+                    neox,
+                ));
+                let b = host(rope_fallback::<Flex>(
+                    flex(&x, [n, h, hd]),
+                    41,
+                    rope_dim,
+                    10_000.0,
+                    neox,
+                ));
+                // Same angles, same products: only the fused multiply-add order may differ.
+                assert_same(&a, &b, 1e-6, "rope");
+            }
+        }
+
+        let g = random(&mut rng, n * d, 8.0);
+        let a = host(<Flex as EmberBackend>::swiglu(
+            flex(&g, [n, d]),
+            flex(&x, [n, d]),
+        ));
+        let b = host(swiglu_fallback::<Flex>(flex(&g, [n, d]), flex(&x, [n, d])));
+        // Bit-for-bit: the fused kernel evaluates exactly the unfused burn-flex ops.
+        assert_eq!(a, b, "swiglu");
+    }
+}
