@@ -9,7 +9,10 @@
 //!
 //! Weight rows are unpacked once into `i8` values plus per-block scale and offset, then dotted
 //! with every activation row: one unpack serves a whole batch. For a single activation row
-//! (decode), [`dot_packed_rows`] dots straight from the packed blocks instead.
+//! (decode), [`dot_packed_rows`] dots straight from the packed blocks instead. For batches,
+//! [`tile_matmul`] multiplies a [`Tile`] of 16 weight rows with every activation row: on
+//! AVX-512 VNNI the tile is interleaved so one `vpdpbusd` feeds all 16 rows' block sums (no
+//! horizontal reductions), elsewhere it runs [`dot_batch`] (eight activation rows per pass).
 //!
 //! Each entry point picks, once per process, the best instruction set the CPU has
 //! ([`isa`]): AVX-512 VNNI, AVX2, or portable scalar code. All of them return bit-identical
@@ -192,6 +195,226 @@ pub fn dot_with(
             unsafe { x86::avx512::dot(row, acts, i, with_min) }
         }
         _ => panic!("{isa:?} is not supported by this CPU"),
+    }
+}
+
+/// Activation scales regrouped for [`dot_batch`]: block `b`'s scales of rows `0..m` are
+/// `d[b * stride..b * stride + m]` (likewise `s`), so consecutive rows' scales of one block
+/// load as one vector. `stride >= m + 7`; the padding is zeros.
+pub struct BatchScales {
+    pub m: usize,
+    pub stride: usize,
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+}
+
+/// [`BatchScales`] for the `m` rows of `acts`.
+pub fn batch_scales(acts: &QuantizedActs, m: usize) -> BatchScales {
+    let nb = acts.k / BLOCK;
+    assert!(
+        acts.d.len() >= m * nb && acts.s.len() >= m * nb,
+        "fewer than m rows"
+    );
+    let stride = m + 8;
+    let mut d = vec![0.0f32; nb * stride];
+    let mut s = vec![0.0f32; nb * stride];
+    for i in 0..m {
+        for b in 0..nb {
+            d[b * stride + i] = acts.d[i * nb + b];
+            s[b * stride + i] = acts.s[i * nb + b];
+        }
+    }
+    BatchScales { m, stride, d, s }
+}
+
+/// `out[j] = dot(row, acts, rows.start + j, with_min)` for every row in `rows` (bit for bit),
+/// several activation rows per pass over the weight row.
+pub fn dot_batch(
+    row: &UnpackedRow,
+    acts: &QuantizedActs,
+    sc: &BatchScales,
+    with_min: bool,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    dot_batch_with(isa(), row, acts, sc, with_min, rows, out)
+}
+
+/// [`dot_batch`] compiled for `isa`, which must be [`Isa::supported`] (panics otherwise).
+pub fn dot_batch_with(
+    isa: Isa,
+    row: &UnpackedRow,
+    acts: &QuantizedActs,
+    sc: &BatchScales,
+    with_min: bool,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    match isa {
+        Isa::Scalar => {
+            assert_eq!(out.len(), rows.len(), "rows do not match out");
+            for (o, i) in out.iter_mut().zip(rows) {
+                *o = scalar::dot(row, acts, i, with_min);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.supported() => {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
+            unsafe { x86::avx2::dot_batch(row, acts, sc, with_min, rows, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if isa.supported() => {
+            // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
+            unsafe { x86::avx512::dot_batch(row, acts, sc, with_min, rows, out) }
+        }
+        _ => panic!("{isa:?} is not supported by this CPU"),
+    }
+}
+
+/// `m` activation rows prepared for [`tile_matmul`].
+pub struct Batch {
+    pub m: usize,
+    pub acts: QuantizedActs,
+    /// Scales regrouped for [`dot_batch`].
+    pub sc: BatchScales,
+    /// `acts.qs` plus 128, as `u8` (for signed weights on AVX-512 VNNI).
+    pub xu: Vec<u8>,
+}
+
+/// Quantizes row-major `x: [m, k]` ([`quantize_acts`]) and prepares it for [`tile_matmul`].
+pub fn prepare_batch(x: &[f32], k: usize, m: usize, fmt: ActFormat) -> Batch {
+    prepare_batch_with(isa(), x, k, m, fmt)
+}
+
+/// [`prepare_batch`] compiled for `isa`, which must be [`Isa::supported`].
+pub fn prepare_batch_with(isa: Isa, x: &[f32], k: usize, m: usize, fmt: ActFormat) -> Batch {
+    assert_eq!(x.len(), m * k, "x is not m rows of k");
+    let acts = quantize_acts_with(isa, x, k, fmt);
+    let sc = batch_scales(&acts, m);
+    let xu = if isa == Isa::Avx512Vnni {
+        acts.qs.iter().map(|&v| (v as u8) ^ 0x80).collect()
+    } else {
+        Vec::new()
+    };
+    Batch { m, acts, sc, xu }
+}
+
+/// Weight rows per [`Tile`].
+pub const TILE_ROWS: usize = 16;
+
+/// Up to [`TILE_ROWS`] weight rows unpacked for [`tile_matmul`]: as [`UnpackedRow`]s and, for
+/// AVX-512 VNNI, interleaved so that each 64-byte group holds four consecutive values of one
+/// block from every row (`q[((b * 8 + j) * 16 + l) * 4 + e]` = value `4j + e` of block `b` of
+/// row `l`), with per-block scales `d[b * 16 + l]`, offsets `m[b * 16 + l]` and, for signed
+/// values, `corr[b * 16 + l] = -128 * sum(values)`. Missing rows are zeros.
+#[derive(Default)]
+pub struct Tile {
+    pub rows: usize,
+    pub nb: usize,
+    pub signed: bool,
+    pub q: Vec<i8>,
+    pub d: Vec<f32>,
+    pub m: Vec<f32>,
+    pub corr: Vec<i32>,
+    pub un: Vec<UnpackedRow>,
+    interleaved: bool,
+}
+
+impl Tile {
+    /// Loads the packed `ty` rows in `rows` (at most [`TILE_ROWS`], each `row_bytes` long).
+    pub fn load(&mut self, ty: GgmlType, rows: &[u8], row_bytes: usize) {
+        self.load_with(isa(), ty, rows, row_bytes)
+    }
+
+    /// [`Tile::load`] for kernels compiled for `isa`, which must be [`Isa::supported`].
+    pub fn load_with(&mut self, isa: Isa, ty: GgmlType, rows: &[u8], row_bytes: usize) {
+        let n = rows.len() / row_bytes;
+        assert!(
+            n <= TILE_ROWS && n * row_bytes == rows.len(),
+            "bad tile rows"
+        );
+        self.rows = n;
+        self.nb = row_bytes / ty.type_size();
+        self.signed = !matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+        self.un.resize_with(n.max(self.un.len()), Default::default);
+        for (un, row) in self.un.iter_mut().zip(rows.chunks_exact(row_bytes)) {
+            unpack_row_with(isa, ty, row, un);
+        }
+        self.interleaved = isa == Isa::Avx512Vnni;
+        if !self.interleaved {
+            return;
+        }
+        let nb = self.nb;
+        self.q.clear();
+        self.q.resize(nb * BLOCK * TILE_ROWS, 0);
+        self.d.clear();
+        self.d.resize(nb * TILE_ROWS, 0.0);
+        self.m.clear();
+        self.m.resize(nb * TILE_ROWS, 0.0);
+        self.corr.clear();
+        self.corr.resize(nb * TILE_ROWS, 0);
+        for (l, un) in self.un[..n].iter().enumerate() {
+            for b in 0..nb {
+                let src = &un.q[b * BLOCK..(b + 1) * BLOCK];
+                for j in 0..BLOCK / 4 {
+                    let at = ((b * BLOCK / 4 + j) * TILE_ROWS + l) * 4;
+                    self.q[at..at + 4].copy_from_slice(&src[4 * j..4 * j + 4]);
+                }
+                self.d[b * TILE_ROWS + l] = un.d[b];
+                self.m[b * TILE_ROWS + l] = un.m[b];
+                if self.signed {
+                    self.corr[b * TILE_ROWS + l] =
+                        -128 * src.iter().map(|&v| v as i32).sum::<i32>();
+                }
+            }
+        }
+    }
+
+    /// Panics unless the tile is interleaved and matches `batch`'s width.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn check(&self, batch: &Batch) {
+        let nb = self.nb;
+        assert!(self.interleaved, "tile not interleaved");
+        assert_eq!(
+            nb * BLOCK,
+            batch.acts.k,
+            "tile width differs from activations"
+        );
+        assert!(self.q.len() >= nb * BLOCK * TILE_ROWS);
+        assert!(self.d.len() >= nb * TILE_ROWS && self.m.len() >= nb * TILE_ROWS);
+        assert!(self.corr.len() >= nb * TILE_ROWS);
+        assert!(batch.acts.qs.len() >= batch.m * batch.acts.k);
+        assert!(!self.signed || batch.xu.len() >= batch.m * batch.acts.k);
+        assert!(batch.acts.d.len() >= batch.m * nb && batch.acts.s.len() >= batch.m * nb);
+    }
+}
+
+/// `out[i * tile.rows + l]` = `dot(row l of tile, activation row i)` for every row `i` of
+/// `batch`: bit for bit [`dot`]'s results.
+pub fn tile_matmul(tile: &Tile, batch: &Batch, with_min: bool, out: &mut [f32]) {
+    tile_matmul_with(isa(), tile, batch, with_min, out)
+}
+
+/// [`tile_matmul`] compiled for `isa`, which must be [`Isa::supported`] and the one `tile`
+/// and `batch` were prepared for.
+pub fn tile_matmul_with(isa: Isa, tile: &Tile, batch: &Batch, with_min: bool, out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if isa.supported() => {
+            // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
+            unsafe { x86::avx512_tile_matmul(tile, batch, with_min, out) }
+        }
+        Isa::Scalar | Isa::Avx2 | Isa::Avx512Vnni => {
+            let (m, rows) = (batch.m, tile.rows);
+            assert_eq!(out.len(), m * rows, "out does not match the tile");
+            let mut col = vec![0.0f32; m];
+            for (l, un) in tile.un[..rows].iter().enumerate() {
+                dot_batch_with(isa, un, &batch.acts, &batch.sc, with_min, 0..m, &mut col);
+                for (i, &v) in col.iter().enumerate() {
+                    out[i * rows + l] = v;
+                }
+            }
+        }
     }
 }
 
@@ -608,6 +831,108 @@ mod tests {
                     let mut got = vec![0.0f32; n];
                     dot_packed_rows_with(isa, ty, &rows, &acts, i, &mut got);
                     assert_eq!(bits(&got), bits(&want[i * n..(i + 1) * n]), "{ctx}: fused");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tile_matmul_matches_scalar_bit_for_bit() {
+        let mut isas = simd_isas();
+        isas.push(Isa::Scalar);
+        let mut rng = StdRng::seed_from_u64(0x711E);
+        let types = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+        ];
+        for case in 0..200 {
+            let ty = types[case % types.len()];
+            let m = [2, 3, 4, 5, 8, 17, 1, 9][(case / types.len()) % 8];
+            let nb = match case % 3 {
+                0 => rng.random_range(1..8),
+                1 => rng.random_range(8..40),
+                _ => 18,
+            };
+            let k = nb * BLOCK;
+            let n = if case % 2 == 0 {
+                TILE_ROWS
+            } else {
+                rng.random_range(1..=TILE_ROWS)
+            };
+            let fmt = act_format(ty).unwrap();
+            let with_min = fmt == ActFormat::Q8_1;
+            let x = random_acts(m * k, &mut rng);
+            let rows: Vec<u8> = (0..n).flat_map(|_| random_row(ty, nb, &mut rng)).collect();
+            let row_bytes = nb * ty.type_size();
+            let acts = quantize_acts_with(Isa::Scalar, &x, k, fmt);
+            let mut want = vec![0.0f32; m * n];
+            let mut un = UnpackedRow::default();
+            for (l, row) in rows.chunks_exact(row_bytes).enumerate() {
+                unpack_row_with(Isa::Scalar, ty, row, &mut un);
+                for i in 0..m {
+                    want[i * n + l] = dot_with(Isa::Scalar, &un, &acts, i, with_min);
+                }
+            }
+            for &isa in &isas {
+                let ctx = format!("{isa:?} {ty} k={k} m={m} n={n} case={case}");
+                let batch = prepare_batch_with(isa, &x, k, m, fmt);
+                let mut tile = Tile::default();
+                tile.load_with(isa, ty, &rows, row_bytes);
+                let mut got = vec![0.0f32; m * n];
+                tile_matmul_with(isa, &tile, &batch, with_min, &mut got);
+                assert_eq!(bits(&got), bits(&want), "{ctx}: tile");
+            }
+        }
+    }
+
+    #[test]
+    fn batched_dot_matches_scalar_bit_for_bit() {
+        let mut isas = simd_isas();
+        isas.push(Isa::Scalar);
+        let mut rng = StdRng::seed_from_u64(0xBA7C);
+        let types = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+        ];
+        for case in 0..300 {
+            let ty = types[case % types.len()];
+            let m = [2, 3, 4, 5, 8, 17, 1, 9, 16][(case / types.len()) % 9];
+            let nb = match case % 3 {
+                0 => rng.random_range(1..8),
+                1 => rng.random_range(8..40),
+                _ => 18,
+            };
+            let k = nb * BLOCK;
+            let n = rng.random_range(1..4);
+            let fmt = act_format(ty).unwrap();
+            let with_min = fmt == ActFormat::Q8_1;
+            let x = random_acts(m * k, &mut rng);
+            let acts = quantize_acts_with(Isa::Scalar, &x, k, fmt);
+            let sc = batch_scales(&acts, m);
+            let mut un = UnpackedRow::default();
+            for _ in 0..n {
+                let row = random_row(ty, nb, &mut rng);
+                unpack_row_with(Isa::Scalar, ty, &row, &mut un);
+                let want: Vec<f32> = (0..m)
+                    .map(|i| dot_with(Isa::Scalar, &un, &acts, i, with_min))
+                    .collect();
+                for &isa in &isas {
+                    let ctx = format!("{isa:?} {ty} k={k} m={m} case={case}");
+                    let mut got = vec![0.0f32; m];
+                    dot_batch_with(isa, &un, &acts, &sc, with_min, 0..m, &mut got);
+                    assert_eq!(bits(&got), bits(&want), "{ctx}: batch");
+                    // Sub-ranges, including ones not starting at a multiple of 8.
+                    let start = rng.random_range(0..m);
+                    let end = rng.random_range(start..=m);
+                    let mut got = vec![0.0f32; end - start];
+                    dot_batch_with(isa, &un, &acts, &sc, with_min, start..end, &mut got);
+                    assert_eq!(bits(&got), bits(&want[start..end]), "{ctx}: {start}..{end}");
                 }
             }
         }

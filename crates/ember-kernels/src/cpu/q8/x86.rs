@@ -14,7 +14,7 @@ use std::ptr;
 
 use ember_quant::GgmlType;
 
-use super::{ActFormat, BLOCK, QuantizedActs, UnpackedRow};
+use super::{ActFormat, BLOCK, Batch, BatchScales, QuantizedActs, TILE_ROWS, Tile, UnpackedRow};
 
 /// How 32 `u8 x i8` products become 8 `i32` partial sums.
 pub(super) trait Dot {
@@ -463,6 +463,272 @@ unsafe fn row_dot<D: Dot, W: Weights>(
     }
 }
 
+/// Sums of eight `i32x8` vectors: lane `r` holds the sum of all lanes of `v[r]`.
+#[inline(always)]
+unsafe fn reduce_rows8(v: &[__m256i; 8]) -> __m256i {
+    unsafe {
+        // Each half: `[v0, v1, v2, v3]` (resp. `v4..v8`) summed over that half's lanes.
+        let a = fold_quads(fold_pairs(v[0], v[1]), fold_pairs(v[2], v[3]));
+        let b = fold_quads(fold_pairs(v[4], v[5]), fold_pairs(v[6], v[7]));
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256::<0x20>(a, b),
+            _mm256_permute2x128_si256::<0x31>(a, b),
+        )
+    }
+}
+
+/// Dots one unpacked weight row (`nb` blocks at `q`, scales `d`, offsets `m`) with the eight
+/// activation rows at `x`, returning the eight results (lane `r` = row `x[r]`).
+///
+/// Each weight block is loaded once and multiplied with all eight rows; the eight per-block
+/// integer sums are reduced together, so lane `r` gets exactly `scalar::dot`'s float
+/// operations for its row: `(d * xd) * sumi [+ m * xs]` added to the running sum in block
+/// order. `xd` and `xs` point at the eight rows' scales of block 0; block `b`'s are
+/// `b * stride` further.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_dot8<D: Dot, const SIGNED: bool, const WITH_MIN: bool>(
+    q: *const i8,
+    d: *const f32,
+    m: *const f32,
+    nb: usize,
+    x: &[*const i8; 8],
+    xd: *const f32,
+    xs: *const f32,
+    stride: usize,
+) -> __m256 {
+    unsafe {
+        let mut sum = _mm256_setzero_ps();
+        for b in 0..nb {
+            let w = _mm256_loadu_si256(q.add(b * BLOCK).cast());
+            let wu = if SIGNED { _mm256_abs_epi8(w) } else { w };
+            let mut v = [_mm256_setzero_si256(); 8];
+            for (vr, &xr) in v.iter_mut().zip(x) {
+                let xv = _mm256_loadu_si256(xr.add(b * BLOCK).cast());
+                let xv = if SIGNED { _mm256_sign_epi8(xv, w) } else { xv };
+                *vr = D::dot_u8i8(wu, xv);
+            }
+            let f = _mm256_cvtepi32_ps(reduce_rows8(&v));
+            let dd = _mm256_mul_ps(
+                _mm256_set1_ps(*d.add(b)),
+                _mm256_loadu_ps(xd.add(b * stride)),
+            );
+            let t = if WITH_MIN {
+                _mm256_add_ps(
+                    _mm256_mul_ps(dd, f),
+                    _mm256_mul_ps(
+                        _mm256_set1_ps(*m.add(b)),
+                        _mm256_loadu_ps(xs.add(b * stride)),
+                    ),
+                )
+            } else {
+                _mm256_mul_ps(f, dd)
+            };
+            sum = _mm256_add_ps(sum, t);
+        }
+        sum
+    }
+}
+
+/// `dot(row, acts, i, with_min)` for every `i` in `rows`, into `out`, eight rows per pass.
+#[inline(always)]
+unsafe fn dot_batch<D: Dot>(
+    row: &UnpackedRow,
+    acts: &QuantizedActs,
+    sc: &BatchScales,
+    with_min: bool,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let k = acts.k;
+    let nb = k / BLOCK;
+    assert_eq!(out.len(), rows.len(), "rows do not match out");
+    assert!(rows.end <= sc.m, "rows past the batch");
+    assert!(
+        acts.qs.len() >= sc.m * k,
+        "activations shorter than the batch"
+    );
+    assert!(sc.stride >= sc.m + 7, "scale stride too small");
+    assert!(sc.d.len() >= nb * sc.stride && sc.s.len() >= nb * sc.stride);
+    assert!(
+        row.q.len() >= nb * BLOCK && row.d.len() >= nb,
+        "row shorter than activations"
+    );
+    assert!(!with_min || row.m.len() >= nb, "row has no offsets");
+    if rows.is_empty() {
+        return;
+    }
+    let (q, d, m) = (row.q.as_ptr(), row.d.as_ptr(), row.m.as_ptr());
+    let mut i0 = rows.start;
+    while i0 < rows.end {
+        let n = (rows.end - i0).min(8);
+        // Rows past the end repeat the last one; their results are dropped.
+        let x: [*const i8; 8] =
+            std::array::from_fn(|r| acts.qs[(i0 + r.min(n - 1)) * k..].as_ptr());
+        // Scales of rows `i0..i0 + 8` lie within `stride` (at least `m + 7`, and `i0 < m`).
+        let xd = sc.d[i0..].as_ptr();
+        let xs = sc.s[i0..].as_ptr();
+        // SAFETY: the weight pointers cover `nb` blocks and each activation row `k` values
+        // (asserted above); block `b`'s eight scales are at `b * stride + i0 .. + 8`, inside
+        // `nb * stride` since `i0 + 8 <= m + 7 <= stride`; CPU features are the caller's.
+        let v = unsafe {
+            let st = sc.stride;
+            match (row.unsigned, with_min) {
+                (true, true) => row_dot8::<D, false, true>(q, d, m, nb, &x, xd, xs, st),
+                (true, false) => row_dot8::<D, false, false>(q, d, m, nb, &x, xd, xs, st),
+                (false, true) => row_dot8::<D, true, true>(q, d, m, nb, &x, xd, xs, st),
+                (false, false) => row_dot8::<D, true, false>(q, d, m, nb, &x, xd, xs, st),
+            }
+        };
+        let mut tmp = [0.0f32; 8];
+        // SAFETY: `tmp` holds eight floats.
+        unsafe { _mm256_storeu_ps(tmp.as_mut_ptr(), v) };
+        out[i0 - rows.start..i0 - rows.start + n].copy_from_slice(&tmp[..n]);
+        i0 += n;
+    }
+}
+
+/// Products of a [`Tile`]'s 16 weight rows with `R` activation rows (AVX-512 VNNI only):
+/// lane `l` of result `r` is `scalar::dot` of weight row `l` with activation row `x[r]`.
+///
+/// The tile stores, for each block and each group of four values, the 16 rows' four bytes
+/// side by side, so one `vpdpbusd` against the activation's four bytes (broadcast) adds four
+/// products to each row's lane: the per-block integer sums come out one per lane with no
+/// horizontal reduction. Signed weights multiply `x + 128` (unsigned) and start from
+/// `-128 * sum(w)`, which is exact. The float work per lane is `scalar::dot`'s, in block
+/// order.
+#[inline(always)]
+unsafe fn tile_rows<const SIGNED: bool, const WITH_MIN: bool, const R: usize>(
+    tile: &Tile,
+    x: [*const u8; R],
+    xd: [*const f32; R],
+    xs: [*const f32; R],
+) -> [__m512; R] {
+    unsafe {
+        let (q, d, mm, corr) = (
+            tile.q.as_ptr(),
+            tile.d.as_ptr(),
+            tile.m.as_ptr(),
+            tile.corr.as_ptr(),
+        );
+        let mut sum = [_mm512_setzero_ps(); R];
+        for b in 0..tile.nb {
+            let init = if SIGNED {
+                _mm512_loadu_si512(corr.add(b * TILE_ROWS).cast())
+            } else {
+                _mm512_setzero_si512()
+            };
+            let mut acc = [init; R];
+            for j in 0..BLOCK / 4 {
+                let w = _mm512_loadu_si512(q.add((b * BLOCK / 4 + j) * 4 * TILE_ROWS).cast());
+                for r in 0..R {
+                    let xv = ptr::read_unaligned(x[r].add(b * BLOCK + 4 * j).cast::<i32>());
+                    let xb = _mm512_set1_epi32(xv);
+                    acc[r] = if SIGNED {
+                        _mm512_dpbusd_epi32(acc[r], xb, w)
+                    } else {
+                        _mm512_dpbusd_epi32(acc[r], w, xb)
+                    };
+                }
+            }
+            let dw = _mm512_loadu_ps(d.add(b * TILE_ROWS));
+            for r in 0..R {
+                let f = _mm512_cvtepi32_ps(acc[r]);
+                let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b)));
+                let t = if WITH_MIN {
+                    let mw = _mm512_loadu_ps(mm.add(b * TILE_ROWS));
+                    _mm512_add_ps(
+                        _mm512_mul_ps(dd, f),
+                        _mm512_mul_ps(mw, _mm512_set1_ps(*xs[r].add(b))),
+                    )
+                } else {
+                    _mm512_mul_ps(f, dd)
+                };
+                sum[r] = _mm512_add_ps(sum[r], t);
+            }
+        }
+        sum
+    }
+}
+
+/// Activation rows `i..i + R` of `batch` against `tile`, into `out` (`[m, tile.rows]`).
+#[inline(always)]
+unsafe fn tile_group<const SIGNED: bool, const WITH_MIN: bool, const R: usize>(
+    tile: &Tile,
+    batch: &Batch,
+    i: usize,
+    out: &mut [f32],
+) {
+    let k = batch.acts.k;
+    let nb = k / BLOCK;
+    let xq: &[u8] = if SIGNED {
+        &batch.xu
+    } else {
+        // SAFETY: `i8` and `u8` have the same layout.
+        unsafe { std::slice::from_raw_parts(batch.acts.qs.as_ptr().cast(), batch.acts.qs.len()) }
+    };
+    let x: [*const u8; R] = std::array::from_fn(|r| xq[(i + r) * k..(i + r + 1) * k].as_ptr());
+    let xd: [*const f32; R] =
+        std::array::from_fn(|r| batch.acts.d[(i + r) * nb..(i + r + 1) * nb].as_ptr());
+    let xs: [*const f32; R] =
+        std::array::from_fn(|r| batch.acts.s[(i + r) * nb..(i + r + 1) * nb].as_ptr());
+    // SAFETY: each activation pointer covers one row (`nb` blocks, sliced above); the tile's
+    // buffers cover `nb` blocks of 16 rows (`Tile::check`); CPU features are the caller's.
+    let sums = unsafe { tile_rows::<SIGNED, WITH_MIN, R>(tile, x, xd, xs) };
+    let rows = tile.rows;
+    for (r, s) in sums.iter().enumerate() {
+        let mut tmp = [0.0f32; TILE_ROWS];
+        // SAFETY: `tmp` holds 16 floats.
+        unsafe { _mm512_storeu_ps(tmp.as_mut_ptr(), *s) };
+        out[(i + r) * rows..(i + r + 1) * rows].copy_from_slice(&tmp[..rows]);
+    }
+}
+
+#[inline(always)]
+unsafe fn tile_matmul_typed<const SIGNED: bool, const WITH_MIN: bool>(
+    tile: &Tile,
+    batch: &Batch,
+    out: &mut [f32],
+) {
+    let m = batch.m;
+    let mut i = 0;
+    // SAFETY: forwarded (rows `i..i + R` are below `m`, checked by the slicing in
+    // `tile_group`).
+    unsafe {
+        while i + TILE_ACTS <= m {
+            tile_group::<SIGNED, WITH_MIN, TILE_ACTS>(tile, batch, i, out);
+            i += TILE_ACTS;
+        }
+        while i < m {
+            tile_group::<SIGNED, WITH_MIN, 1>(tile, batch, i, out);
+            i += 1;
+        }
+    }
+}
+
+/// Activation rows per pass over a tile.
+const TILE_ACTS: usize = 4;
+
+/// `out[i * tile.rows + l]` = dot of the tile's row `l` with activation row `i`, every `i`.
+#[inline(always)]
+unsafe fn tile_matmul(tile: &Tile, batch: &Batch, with_min: bool, out: &mut [f32]) {
+    tile.check(batch);
+    assert_eq!(
+        out.len(),
+        batch.m * tile.rows,
+        "out does not match the tile"
+    );
+    assert!(!with_min || !tile.signed, "offsets with signed weights");
+    // SAFETY: forwarded; buffers checked above and in `tile_group`.
+    unsafe {
+        match (tile.signed, with_min) {
+            (false, true) => tile_matmul_typed::<false, true>(tile, batch, out),
+            (false, false) => tile_matmul_typed::<false, false>(tile, batch, out),
+            (true, _) => tile_matmul_typed::<true, false>(tile, batch, out),
+        }
+    }
+}
+
 /// Activation row `i` as raw pointers, after checking it lies inside `acts`.
 #[inline(always)]
 fn act_row(acts: &QuantizedActs, i: usize) -> (usize, *const i8, *const f32, *const f32) {
@@ -695,6 +961,21 @@ macro_rules! entry_points {
             /// # Safety
             /// The CPU must support the features this module is compiled for.
             #[target_feature(enable = $features)]
+            pub(in super::super) unsafe fn dot_batch(
+                row: &UnpackedRow,
+                acts: &QuantizedActs,
+                sc: &BatchScales,
+                with_min: bool,
+                rows: std::ops::Range<usize>,
+                out: &mut [f32],
+            ) {
+                // SAFETY: the features the body needs are enabled on this function.
+                unsafe { super::dot_batch::<$dot>(row, acts, sc, with_min, rows, out) }
+            }
+
+            /// # Safety
+            /// The CPU must support the features this module is compiled for.
+            #[target_feature(enable = $features)]
             pub(in super::super) unsafe fn dot_packed_rows(
                 ty: GgmlType,
                 rows: &[u8],
@@ -715,3 +996,16 @@ entry_points!(
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 );
+
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI (and AVX2, FMA, F16C).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn avx512_tile_matmul(
+    tile: &Tile,
+    batch: &Batch,
+    with_min: bool,
+    out: &mut [f32],
+) {
+    // SAFETY: the features the body needs are enabled on this function.
+    unsafe { tile_matmul(tile, batch, with_min, out) }
+}
