@@ -5,10 +5,20 @@
 //! noise of llama.cpp's.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+#[cfg(test)]
 fn r16(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
+}
+
+/// Rounds every value to the nearest f16 (ties to even) in place. Whole-slice conversions use
+/// F16C when the CPU has it, far cheaper than converting one value at a time; the result is
+/// the same as rounding each value separately.
+fn round_slice(xs: &mut [f32], tmp: &mut [f16]) {
+    tmp.convert_from_f32_slice(xs);
+    tmp.convert_to_f32_slice(xs);
 }
 
 /// Shapes of one attention call.
@@ -38,38 +48,41 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, scale: f3
     let past = t - n;
     let mut out = vec![0.0f32; n * n_head * d];
     // One task per (query row, head): each writes its own d-wide slice of `out`.
-    out.par_chunks_mut(d).enumerate().for_each(|(idx, dst)| {
-        let (i, h) = (idx / n_head, idx % n_head);
-        let kvh = h / group;
-        let qrow: Vec<f32> = q[(h * n + i) * d..(h * n + i + 1) * d]
-            .iter()
-            .map(|&x| r16(x))
-            .collect();
-        let mut acc = vec![0.0f32; d];
-        let (mut m, mut sum) = (f32::NEG_INFINITY, 0.0f32);
-        for ic in 0..=past + i {
-            let krow = &k[(kvh * t + ic) * d..(kvh * t + ic + 1) * d];
-            let vrow = &v[(kvh * t + ic) * d..(kvh * t + ic + 1) * d];
-            let score = qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f32>() * scale;
-            let (mut ms, mut vs) = (1.0f32, 1.0f32);
-            if score > m {
-                let old = m;
-                m = score;
-                ms = (old - m).exp();
-                acc.iter_mut().for_each(|a| *a = r16(*a * ms));
-            } else {
-                vs = (score - m).exp();
+    let scratch = || (vec![0.0f32; d], vec![0.0f32; d], vec![f16::ZERO; d]);
+    out.par_chunks_mut(d)
+        .enumerate()
+        .for_each_init(scratch, |(qrow, acc, tmp), (idx, dst)| {
+            let (i, h) = (idx / n_head, idx % n_head);
+            let kvh = h / group;
+            qrow.copy_from_slice(&q[(h * n + i) * d..(h * n + i + 1) * d]);
+            round_slice(qrow, tmp);
+            acc.iter_mut().for_each(|a| *a = 0.0);
+            let (mut m, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+            for ic in 0..=past + i {
+                let krow = &k[(kvh * t + ic) * d..(kvh * t + ic + 1) * d];
+                let vrow = &v[(kvh * t + ic) * d..(kvh * t + ic + 1) * d];
+                let score = qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f32>() * scale;
+                let (mut ms, mut vs) = (1.0f32, 1.0f32);
+                if score > m {
+                    let old = m;
+                    m = score;
+                    ms = (old - m).exp();
+                    acc.iter_mut().for_each(|a| *a *= ms);
+                    round_slice(acc, tmp);
+                } else {
+                    vs = (score - m).exp();
+                }
+                for (a, &x) in acc.iter_mut().zip(vrow) {
+                    *a += x * vs;
+                }
+                round_slice(acc, tmp);
+                sum = sum * ms + vs;
             }
-            for (a, &x) in acc.iter_mut().zip(vrow) {
-                *a = r16(*a + x * vs);
+            let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+            for (o, a) in dst.iter_mut().zip(acc.iter()) {
+                *o = a * inv;
             }
-            sum = sum * ms + vs;
-        }
-        let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-        for (o, a) in dst.iter_mut().zip(&acc) {
-            *o = a * inv;
-        }
-    });
+        });
     out
 }
 
@@ -109,6 +122,24 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn slice_rounding_equals_per_value_rounding() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut xs: Vec<f32> = (0..4096)
+            .map(|i| match i % 4 {
+                0 => rng.random_range(-70000.0..70000.0f32),
+                1 => rng.random_range(-1e-6..1e-6f32),
+                _ => rng.random_range(-4.0..4.0f32),
+            })
+            .collect();
+        let want: Vec<f32> = xs.iter().map(|&x| r16(x)).collect();
+        let mut tmp = vec![f16::ZERO; xs.len()];
+        round_slice(&mut xs, &mut tmp);
+        for (a, b) in xs.iter().zip(&want) {
+            assert_eq!(a.to_bits(), b.to_bits());
+        }
     }
 
     #[test]
