@@ -22,6 +22,26 @@ pub fn teacher_forced_logits(
     Ok(rows)
 }
 
+/// Logits the way a generation computes them: the prompt in one batch (its last row), then
+/// each of `continuation` fed one token at a time. Row `j` predicts `continuation[j]`, the last
+/// row what follows it. This mirrors how llama.cpp produced its reference logits, batch sizes
+/// included (its attention takes a different path for batches of 64 tokens or more).
+pub fn prompt_then_step_logits(
+    model: &LlamaModel,
+    prompt: &[u32],
+    continuation: &[u32],
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let mut cache = model.new_cache(prompt.len() + continuation.len());
+    let mut rows = Vec::with_capacity(continuation.len() + 1);
+    let first = model.forward(prompt, &mut cache, Logits::Last)?;
+    rows.push(first.into_data().try_to_vec::<f32>().unwrap_or_default());
+    for &t in continuation {
+        let row = model.forward(&[t], &mut cache, Logits::Last)?;
+        rows.push(row.into_data().try_to_vec::<f32>().unwrap_or_default());
+    }
+    Ok(rows)
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Perplexity {
     pub ppl: f64,

@@ -1,8 +1,9 @@
-//! Causal attention for one sequence on the CPU, one query row at a time with an online
-//! softmax (no `n x t` score matrix), following llama.cpp's CPU flash-attention arithmetic for
-//! an f16 KV cache: Q rounded to f16, f32 dot products, and the weighted sum of V kept in f16
-//! (`VKQ16`), rounded after every update. Matching that rounding keeps our logits within float
-//! noise of llama.cpp's.
+//! Causal attention for one sequence on the CPU with an online softmax (no `n x t` score
+//! matrix), following llama.cpp's two CPU flash-attention paths for an f16 KV cache: for small
+//! batches (decode, short prompts) Q rounded to f16, f32 dot products and the weighted sum of V
+//! kept in f16 (`VKQ16`), rounded after every update; for batches of 64 queries and more, f32
+//! throughout with the softmax advancing a tile of 64 keys at a time. Matching that arithmetic
+//! keeps our logits within float noise of llama.cpp's.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -33,10 +34,101 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// Batches of at least this many queries take the tiled path, as llama.cpp's CPU flash
+/// attention does (`GGML_FA_TILE_Q`); smaller ones the one-row-at-a-time f16 path.
+pub const TILE_Q: usize = 64;
+/// Keys per softmax tile in the tiled path (`GGML_FA_TILE_KV`).
+pub const TILE_KV: usize = 64;
+
 /// `q: [n_head, n, d]`, `k`, `v: [n_kv, t, d]` (row-major). Query `i` sits at position
 /// `t - n + i` and sees keys `0..=t - n + i`. Query head `h` reads kv head `h / (n_head / n_kv)`.
 /// Returns `[n, n_head * d]`.
 pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, scale: f32) -> Vec<f32> {
+    if s.n >= TILE_Q {
+        causal_attention_tiled(q, k, v, s, scale)
+    } else {
+        causal_attention_f16acc(q, k, v, s, scale)
+    }
+}
+
+/// f32 dot product with 16 independent partial sums, so the compiler can vectorize it (the
+/// tiled path does not follow ggml's summation order bit for bit anyway).
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// llama.cpp's tiled CPU flash attention (batches of 64 queries and more): Q stays f32, scores
+/// and the V accumulator are f32, and the online softmax advances one tile of 64 keys at a
+/// time (tile maximum first, then `exp(s - max)` for the whole tile, its sum taken in f64).
+fn causal_attention_tiled(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, scale: f32) -> Vec<f32> {
+    let AttnShape {
+        n_head,
+        n_kv,
+        n,
+        t,
+        head_dim: d,
+    } = s;
+    let group = n_head / n_kv;
+    let past = t - n;
+    let mut out = vec![0.0f32; n * n_head * d];
+    out.par_chunks_mut(d).enumerate().for_each_init(
+        || (vec![0.0f32; d], [0.0f32; TILE_KV]),
+        |(acc, p), (idx, dst)| {
+            let (i, h) = (idx / n_head, idx % n_head);
+            let kvh = h / group;
+            let qrow = &q[(h * n + i) * d..(h * n + i + 1) * d];
+            let visible = past + i + 1;
+            acc.iter_mut().for_each(|a| *a = 0.0);
+            let (mut m, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+            for tile in (0..visible).step_by(TILE_KV) {
+                let len = TILE_KV.min(visible - tile);
+                let mut tile_max = f32::NEG_INFINITY;
+                for (j, pj) in p.iter_mut().enumerate().take(len) {
+                    let krow = &k[(kvh * t + tile + j) * d..(kvh * t + tile + j + 1) * d];
+                    let score = qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    *pj = score;
+                    tile_max = tile_max.max(score);
+                }
+                let m_new = m.max(tile_max);
+                if m_new > m {
+                    let ms = (m - m_new).exp();
+                    acc.iter_mut().for_each(|a| *a *= ms);
+                    sum *= ms;
+                }
+                m = m_new;
+                let mut tile_sum = 0.0f64;
+                for pj in p.iter_mut().take(len) {
+                    *pj = (*pj - m).exp();
+                    tile_sum += *pj as f64;
+                }
+                sum = (sum as f64 + tile_sum) as f32;
+                for (j, &pj) in p.iter().enumerate().take(len) {
+                    let vrow = &v[(kvh * t + tile + j) * d..(kvh * t + tile + j + 1) * d];
+                    for (a, &x) in acc.iter_mut().zip(vrow) {
+                        *a += pj * x;
+                    }
+                }
+            }
+            let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+            for (o, a) in dst.iter_mut().zip(acc.iter()) {
+                *o = a * inv;
+            }
+        },
+    );
+    out
+}
+
+/// llama.cpp's one-row CPU flash attention with an f16 cache (batches under 64 queries).
+fn causal_attention_f16acc(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, scale: f32) -> Vec<f32> {
     let AttnShape {
         n_head,
         n_kv,
@@ -149,7 +241,8 @@ mod tests {
             let n_kv = rng.random_range(1..4);
             let group = rng.random_range(1..4);
             let d = 8 * rng.random_range(1..9);
-            let t = rng.random_range(1..40);
+            // Both paths: fewer than TILE_Q queries, and at least TILE_Q.
+            let t = rng.random_range(1..160);
             let n = rng.random_range(1..=t);
             let s = AttnShape {
                 n_head: n_kv * group,
