@@ -101,6 +101,19 @@ impl LlamaModel {
         cache: &mut ContiguousKvCache,
         which: Logits,
     ) -> Result<Tensor<2>, ModelError> {
+        // Run the whole pass on a rayon worker: the kernels' parallel loops then start from
+        // inside the pool (work-stealing, no cross-thread hand-off per op) instead of each one
+        // injecting a job and putting the calling thread to sleep. On 2 cores that hand-off
+        // cost more than the small decode matmuls themselves.
+        rayon::scope(|_| self.forward_in_pool(tokens, cache, which))
+    }
+
+    fn forward_in_pool(
+        &self,
+        tokens: &[u32],
+        cache: &mut ContiguousKvCache,
+        which: Logits,
+    ) -> Result<Tensor<2>, ModelError> {
         let c = &self.config;
         let n = tokens.len();
         if n == 0 {
