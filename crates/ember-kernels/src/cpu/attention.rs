@@ -94,7 +94,7 @@ fn causal_attention_tiled(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, scale: 
                 let mut tile_max = f32::NEG_INFINITY;
                 for (j, pj) in p.iter_mut().enumerate().take(len) {
                     let krow = &k[(kvh * t + tile + j) * d..(kvh * t + tile + j + 1) * d];
-                    let score = qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    let score = dot_f32(qrow, krow) * scale;
                     *pj = score;
                     tile_max = tile_max.max(score);
                 }
