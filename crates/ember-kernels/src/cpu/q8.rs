@@ -15,15 +15,17 @@
 //! horizontal reductions), elsewhere it runs [`dot_batch`] (eight activation rows per pass).
 //!
 //! Each entry point picks, once per process, the best instruction set the CPU has
-//! ([`isa`]): AVX-512 VNNI, AVX2, or portable scalar code. All of them return bit-identical
-//! results: per-block integer sums are exact, and the float operations and the order blocks
-//! are added in are the same (see `x86`).
+//! ([`isa`]): AVX-512 VNNI, AVX2, NEON (aarch64; dot products only), or portable scalar code.
+//! All of them return bit-identical results: per-block integer sums are exact, and the float
+//! operations and the order blocks are added in are the same (see `x86` and `neon`).
 
 use std::sync::OnceLock;
 
 use ember_quant::GgmlType;
 use half::f16;
 
+#[cfg(target_arch = "aarch64")]
+mod neon;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -73,6 +75,9 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX2 + F16C + AVX-512 (F, BW, VL, VNNI).
     Avx512Vnni,
+    /// aarch64 NEON (Advanced SIMD): `dot`, `dot_batch` and `dot_packed_rows` only, the other
+    /// kernels run the scalar code.
+    Neon,
 }
 
 impl Isa {
@@ -94,7 +99,8 @@ impl Isa {
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
             }
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             _ => false,
         }
     }
@@ -104,7 +110,7 @@ impl Isa {
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        [Isa::Avx512Vnni, Isa::Avx2]
+        [Isa::Avx512Vnni, Isa::Avx2, Isa::Neon]
             .into_iter()
             .find(|isa| isa.supported())
             .unwrap_or(Isa::Scalar)
@@ -122,6 +128,7 @@ pub fn quantize_acts(x: &[f32], k: usize, fmt: ActFormat) -> QuantizedActs {
 pub fn quantize_acts_with(isa: Isa, x: &[f32], k: usize, fmt: ActFormat) -> QuantizedActs {
     match isa {
         Isa::Scalar => scalar::quantize_acts(x, k, fmt),
+        Isa::Neon if isa.supported() => scalar::quantize_acts(x, k, fmt),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.supported() => {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
@@ -155,6 +162,7 @@ pub fn unpack_row(ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
 pub fn unpack_row_with(isa: Isa, ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
     match isa {
         Isa::Scalar => scalar::unpack_row(ty, row, out),
+        Isa::Neon if isa.supported() => scalar::unpack_row(ty, row, out),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.supported() => {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
@@ -184,6 +192,11 @@ pub fn dot_with(
 ) -> f32 {
     match isa {
         Isa::Scalar => scalar::dot(row, acts, i, with_min),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon if isa.supported() => {
+            // SAFETY: the CPU supports NEON (checked at run time).
+            unsafe { neon::dot(row, acts, i, with_min) }
+        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.supported() => {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
@@ -266,6 +279,11 @@ pub fn dot_batch_with(
         Isa::Avx512Vnni if isa.supported() => {
             // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
             unsafe { x86::avx512::dot_batch(row, acts, sc, with_min, rows, out) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon if isa.supported() => {
+            // SAFETY: the CPU supports NEON (checked at run time).
+            unsafe { neon::dot_batch(row, acts, sc, with_min, rows, out) }
         }
         _ => panic!("{isa:?} is not supported by this CPU"),
     }
@@ -404,7 +422,7 @@ pub fn tile_matmul_with(isa: Isa, tile: &Tile, batch: &Batch, with_min: bool, ou
             // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
             unsafe { x86::avx512_tile_matmul(tile, batch, with_min, out) }
         }
-        Isa::Scalar | Isa::Avx2 | Isa::Avx512Vnni => {
+        Isa::Scalar | Isa::Avx2 | Isa::Avx512Vnni | Isa::Neon => {
             let (m, rows) = (batch.m, tile.rows);
             assert_eq!(out.len(), m * rows, "out does not match the tile");
             let mut col = vec![0.0f32; m];
@@ -436,6 +454,11 @@ pub fn dot_packed_rows_with(
 ) {
     match isa {
         Isa::Scalar => scalar::dot_packed_rows(ty, rows, acts, i, out),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon if isa.supported() => {
+            // SAFETY: the CPU supports NEON (checked at run time).
+            unsafe { neon::dot_packed_rows(ty, rows, acts, i, out) }
+        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.supported() => {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
@@ -751,7 +774,7 @@ mod tests {
     }
 
     fn simd_isas() -> Vec<Isa> {
-        [Isa::Avx2, Isa::Avx512Vnni]
+        [Isa::Avx2, Isa::Avx512Vnni, Isa::Neon]
             .into_iter()
             .filter(|isa| isa.supported())
             .collect()
