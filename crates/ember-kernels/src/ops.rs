@@ -425,12 +425,12 @@ mod flex {
     fn tiled_gemm(x: FlexTensor, w: &QuantMatrix, m: usize, n: usize) -> FlexTensor {
         let k = w.cols();
         let mut out = vec![0.0f32; m * n];
-        let mut tile = vec![0.0f32; TILE_ROWS * k];
         for start in (0..n).step_by(TILE_ROWS) {
             let rows = TILE_ROWS.min(n - start);
-            let tile = &mut tile[..rows * k];
-            w.dequantize_rows_into(start, tile);
-            let wt = FlexTensor::from_data(TensorData::new(tile.to_vec(), [rows, k]));
+            // Dequantize straight into the buffer the tensor takes over: no second copy.
+            let mut tile = vec![0.0f32; rows * k];
+            w.dequantize_rows_into(start, &mut tile);
+            let wt = FlexTensor::from_data(TensorData::new(tile, [rows, k]));
             let y = Flex::float_matmul(x.clone(), Flex::float_transpose(wt));
             let y = contiguous_f32(y);
             let ys = y.as_slice::<f32>().expect("contiguous f32");
