@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use ember_kv::KvOptions;
 use ember_runtime::chat::ChatMessage;
 use ember_runtime::eval;
-use ember_runtime::generate::{GenerateRequest, generate};
+use ember_runtime::generate::{ContextShift, GenerateRequest, generate};
 use ember_runtime::loaded::LoadedModel;
 use ember_runtime::sampling::SamplingParams;
 use serde_json::json;
@@ -105,6 +106,54 @@ impl PromptArgs {
 }
 
 #[derive(Args, Clone)]
+struct KvArgs {
+    /// KV cache type for K and V: f16 (llama.cpp's default), f32 or q8_0.
+    #[arg(long = "kv-type", alias = "cache-type", default_value = "f16")]
+    kv_type: ember_kernels::KvDtype,
+    /// Tokens per KV cache block.
+    #[arg(long, default_value_t = 32)]
+    kv_block_size: usize,
+    /// Memory the KV cache may take, in MiB; the default context is the model's trained
+    /// length capped by this.
+    #[arg(long, default_value_t = 1024.0)]
+    kv_budget_mib: f64,
+}
+
+impl KvArgs {
+    fn options(&self) -> KvOptions {
+        KvOptions {
+            dtype: self.kv_type,
+            block_size: self.kv_block_size,
+            budget: None,
+            prefix_caching: true,
+        }
+    }
+
+    /// The context size: as asked, or the model's trained length capped by the budget. An
+    /// explicit size larger than the budget allows is refused, not cut.
+    fn ctx_size(&self, loaded: &LoadedModel, requested: Option<usize>) -> Result<usize> {
+        if self.kv_block_size == 0 {
+            bail!("--kv-block-size must be at least 1");
+        }
+        let model = &loaded.model;
+        let per_token = model.kv_config(&self.options(), 1).bytes_per_token().max(1);
+        let fits = (self.kv_budget_mib.max(0.0) * 1024.0 * 1024.0 / per_token as f64) as usize;
+        match requested {
+            Some(n) if n > fits => bail!(
+                "--ctx-size {n} needs {:.1} MiB of KV cache ({} bytes per token as {}), more than --kv-budget-mib {}",
+                n as f64 * per_token as f64 / 1048576.0,
+                per_token,
+                self.kv_type,
+                self.kv_budget_mib
+            ),
+            Some(0) => bail!("--ctx-size must be at least 1"),
+            Some(n) => Ok(n),
+            None => Ok(model.config().context_length.min(fits).max(1)),
+        }
+    }
+}
+
+#[derive(Args, Clone)]
 struct SamplingArgs {
     /// Temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.8)]
@@ -160,9 +209,19 @@ struct GenerateArgs {
     n: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Context size in tokens (default: the model's, at most 4096).
+    /// Context size in tokens (default: the model's trained length, capped by --kv-budget-mib).
+    /// A longer prompt is refused, never truncated.
     #[arg(short = 'c', long)]
     ctx_size: Option<usize>,
+    #[command(flatten)]
+    kv: KvArgs,
+    /// When the context fills while generating, drop the oldest half of the tokens (after
+    /// --keep) and go on, as llama.cpp's context shift; reported on stderr and in --json.
+    #[arg(long)]
+    context_shift: bool,
+    /// Tokens at the start that a context shift keeps (the BOS is always kept).
+    #[arg(long, default_value_t = 0)]
+    keep: usize,
     /// Stop when this string is generated (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -229,6 +288,11 @@ struct ChatArgs {
     sampling: SamplingArgs,
     #[arg(short = 'c', long)]
     ctx_size: Option<usize>,
+    #[command(flatten)]
+    kv: KvArgs,
+    /// Drop the oldest half of the conversation when the context fills, instead of stopping.
+    #[arg(long)]
+    context_shift: bool,
 }
 
 #[derive(Args)]
@@ -290,8 +354,11 @@ fn open(model: &ModelArg) -> Result<LoadedModel> {
     Ok(LoadedModel::open(&path, &ember_models::default_device())?)
 }
 
-fn ctx_size(loaded: &LoadedModel, requested: Option<usize>) -> usize {
-    requested.unwrap_or_else(|| loaded.model.config().context_length.min(4096))
+/// A context shift keeps the BOS and then `keep` more tokens.
+fn context_shift(enabled: bool, keep: usize, loaded: &LoadedModel) -> Option<ContextShift> {
+    enabled.then(|| ContextShift {
+        keep: keep + usize::from(loaded.tokenizer.add_bos()),
+    })
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
@@ -303,8 +370,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         max_tokens: a.n,
         sampling: a.sampling.params(),
         stop: a.stop.clone(),
-        ctx_size: ctx_size(&loaded, a.ctx_size),
+        ctx_size: a.kv.ctx_size(&loaded, a.ctx_size)?,
         stop_at_eog: !a.ignore_eos,
+        context_shift: context_shift(a.context_shift, a.keep, &loaded),
+        kv: a.kv.options(),
     };
     let stdout = std::io::stdout();
     let out = generate(&loaded.model, &loaded.tokenizer, &req, |piece| {
@@ -314,6 +383,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             let _ = lock.flush();
         }
     })?;
+    for dropped in &out.context_shifts {
+        eprintln!(
+            "context shift: the context of {} tokens filled; dropped the {dropped} oldest tokens and went on",
+            req.ctx_size
+        );
+    }
     if a.json {
         let obj = json!({
             "prompt_tokens": prompt_tokens,
@@ -321,6 +396,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             "text": out.text,
             "stop_reason": out.stop_reason,
             "timings": out.timings,
+            "context_shifts": out.context_shifts,
         });
         println!("{obj}");
     } else {
@@ -422,7 +498,7 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
 fn cmd_chat(a: ChatArgs) -> Result<()> {
     let loaded = open(&a.model)?;
     let template = loaded.chat_template()?;
-    let ctx = ctx_size(&loaded, a.ctx_size);
+    let ctx = a.kv.ctx_size(&loaded, a.ctx_size)?;
     let mut messages = Vec::new();
     if let Some(s) = &a.system {
         messages.push(ChatMessage::system(s.clone()));
@@ -458,6 +534,8 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             stop: Vec::new(),
             ctx_size: ctx,
             stop_at_eog: true,
+            context_shift: context_shift(a.context_shift, 0, &loaded),
+            kv: a.kv.options(),
         };
         let out = generate(&loaded.model, &loaded.tokenizer, &req, |piece| {
             let mut lock = stdout.lock();

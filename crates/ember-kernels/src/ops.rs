@@ -8,6 +8,7 @@ use burn::backend::{
 use burn::tensor::{Shape, Slice, Tensor, TensorData};
 
 use crate::QuantMatrix;
+use crate::paged::{PagedAttention, PagedError};
 
 #[backend_extension(Flex: cfg(feature = "flex"), NdArray: cfg(feature = "ndarray"))]
 pub trait EmberBackend: Backend {
@@ -28,6 +29,15 @@ pub trait EmberBackend: Backend {
         causal_attention_fallback::<Self>(q, k, v, scale)
     }
 
+    /// Attention over a paged KV cache for a ragged batch: `q: [n_rows, n_head, head_dim]`
+    /// (token-major), each sequence of `attn.seqs` owning a range of rows (see
+    /// [`crate::SeqAttn`]). Returns `[n_rows, n_head * head_dim]`; rows of no sequence are zero.
+    /// Query head `h` reads kv head `h / (n_head / n_kv)`. Panics if `attn` does not
+    /// validate against `q`'s shape ([`PagedAttention::validate`]).
+    fn paged_attention(q: FloatTensor<Self>, attn: PagedAttention) -> FloatTensor<Self> {
+        paged_attention_fallback::<Self>(q, &attn)
+    }
+
     /// Rounds every value to the nearest f16, keeping the f32 dtype: how K and V are stored
     /// in llama.cpp's default f16 cache. Default: cast to f16 and back.
     fn round_to_f16(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -46,12 +56,12 @@ pub trait EmberBackend: Backend {
     /// recurrence: `theta = pos`, times `base^(-2 / rope_dim)` per pair.
     fn rope(
         x: FloatTensor<Self>,
-        start: usize,
+        positions: Arc<[u32]>,
         rope_dim: usize,
         base: f32,
         neox: bool,
     ) -> FloatTensor<Self> {
-        rope_fallback::<Self>(x, start, rope_dim, base, neox)
+        rope_fallback::<Self>(x, &positions, rope_dim, base, neox)
     }
 
     /// `silu(gate) * up`, element-wise over same-shaped tensors.
@@ -78,13 +88,13 @@ pub fn rms_norm_fallback<B: Backend>(
     B::float_mul(B::float_mul(x, inv), w)
 }
 
-/// ggml's rotary angles for positions `start..start + n`: `(cos, sin)`, each `[n * rope_dim / 2]`.
-fn rope_angles(start: usize, n: usize, rope_dim: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
+/// ggml's rotary angles for `positions`: `(cos, sin)`, each `[n * rope_dim / 2]`.
+fn rope_angles(positions: &[u32], rope_dim: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
     let half = rope_dim / 2;
     let theta_scale = base.powf(-2.0 / rope_dim as f32);
-    let mut cos = Vec::with_capacity(n * half);
-    let mut sin = Vec::with_capacity(n * half);
-    for p in start..start + n {
+    let mut cos = Vec::with_capacity(positions.len() * half);
+    let mut sin = Vec::with_capacity(positions.len() * half);
+    for &p in positions {
         let mut theta = p as f32;
         for _ in 0..half {
             cos.push(theta.cos());
@@ -98,7 +108,7 @@ fn rope_angles(start: usize, n: usize, rope_dim: usize, base: f32) -> (Vec<f32>,
 /// The generic rotary embedding from burn ops: slices, products and concatenations.
 pub fn rope_fallback<B: Backend>(
     x: FloatTensor<B>,
-    start: usize,
+    positions: &[u32],
     rope_dim: usize,
     base: f32,
     neox: bool,
@@ -107,7 +117,8 @@ pub fn rope_fallback<B: Backend>(
     let xs = x.shape();
     let (n, h, d) = (xs[0], xs[1], xs[2]);
     let half = rope_dim / 2;
-    let (cos, sin) = rope_angles(start, n, rope_dim, base);
+    assert_eq!(positions.len(), n, "rope: one position per row");
+    let (cos, sin) = rope_angles(positions, rope_dim, base);
     let (rot, pass) = if rope_dim < d {
         (
             B::float_slice(
@@ -217,6 +228,114 @@ pub fn causal_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, scale: f32) ->
     ))
 }
 
+/// The generic paged attention from burn ops: per sequence, its visible K and V gathered and
+/// dequantized into dense `[n_kv, t, d]` tensors, a causal (and window) mask, a full score
+/// matrix, softmax, times V; the sequences' outputs laid out in row order. Panics if `attn`
+/// does not validate against `q`'s shape.
+pub fn paged_attention_fallback<B: Backend>(
+    q: FloatTensor<B>,
+    attn: &PagedAttention,
+) -> FloatTensor<B> {
+    paged_fallback::<B>(q, attn).unwrap_or_else(|e| panic!("paged_attention: {e}"))
+}
+
+fn paged_fallback<B: Backend>(
+    q: FloatTensor<B>,
+    attn: &PagedAttention,
+) -> Result<FloatTensor<B>, PagedError> {
+    let device = q.device();
+    let qs = q.shape();
+    let (n_rows, n_head, d) = (qs[0], qs[1], qs[2]);
+    attn.validate(n_rows, n_head, d)?;
+    let store = &*attn.store;
+    let n_kv = store.n_kv();
+    let group = n_head / n_kv;
+    let width = n_head * d;
+    let zeros = |n: usize| {
+        B::float_from_data(
+            TensorData::new(vec![0.0f32; n * width], [n, width]),
+            &device,
+        )
+    };
+    let mut seqs: Vec<_> = attn.seqs.iter().filter(|s| s.n_q > 0).collect();
+    seqs.sort_by_key(|s| s.q_start);
+    let mut parts = Vec::with_capacity(2 * seqs.len() + 1);
+    let mut row = 0;
+    for seq in seqs {
+        if seq.q_start > row {
+            parts.push(zeros(seq.q_start - row));
+        }
+        let n = seq.n_q;
+        let keys = seq.visible_keys();
+        let t = keys.len();
+        let (k, v) = store.gather_f32(seq)?;
+        let k = B::float_from_data(TensorData::new(k, [n_kv, t, d]), &device);
+        let v = B::float_from_data(TensorData::new(v, [n_kv, t, d]), &device);
+        let qseq = B::float_slice(
+            q.clone(),
+            &[
+                (seq.q_start..seq.q_start + n).into(),
+                (0..n_head).into(),
+                (0..d).into(),
+            ],
+        );
+        // [n, n_head, d] -> [n_kv, group * n, d]: row r of a kv head's block is query r % n.
+        let qseq = B::float_reshape(
+            B::float_swap_dims(qseq, 0, 1),
+            Shape::new([n_kv, group * n, d]),
+        );
+        let scores = B::float_mul_scalar(
+            B::float_matmul(qseq, B::float_swap_dims(k, 1, 2)),
+            attn.scale.into(),
+        );
+        let mut mask = vec![0.0f32; group * n * t];
+        for (r, m) in mask.chunks_mut(t).enumerate() {
+            let qp = seq.n_past + r % n;
+            for (j, m) in m.iter_mut().enumerate() {
+                let kp = keys.start + j;
+                let visible = kp <= qp && seq.window.is_none_or(|w| qp - kp < w);
+                if !visible {
+                    *m = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let mask = B::float_from_data(TensorData::new(mask, [1, group * n, t]), &device);
+        let scores = B::float_add(scores, mask);
+        let max = B::float_max_dim(scores.clone(), 2);
+        let e = B::float_exp(B::float_sub(scores, max));
+        let z = B::float_sum_dim(e.clone(), 2);
+        let out = B::float_matmul(B::float_div(e, z), v); // [n_kv, group * n, d]
+        let out = B::float_swap_dims(B::float_reshape(out, Shape::new([n_head, n, d])), 0, 1);
+        parts.push(B::float_reshape(out, Shape::new([n, width])));
+        row = seq.q_start + n;
+    }
+    if row < n_rows || parts.is_empty() {
+        parts.push(zeros(n_rows - row));
+    }
+    Ok(if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        B::float_cat(parts, 0)
+    })
+}
+
+/// Paged attention on any backend (see [`EmberBackend::paged_attention`]): `q: [n_rows,
+/// n_head, head_dim]`, result `[n_rows, n_head * head_dim]`. Panics if `attn` does not
+/// validate against `q`'s shape; [`try_paged_attention`] returns the error instead.
+pub fn paged_attention(q: Tensor<3>, attn: PagedAttention) -> Tensor<2> {
+    try_paged_attention(q, attn).unwrap_or_else(|e| panic!("paged_attention: {e}"))
+}
+
+/// [`paged_attention`], with an invalid call (a block id out of range, too short a table,
+/// overlapping rows, ...) returned as an error before anything runs.
+pub fn try_paged_attention(q: Tensor<3>, attn: PagedAttention) -> Result<Tensor<2>, PagedError> {
+    let [n_rows, n_head, d] = q.dims();
+    attn.validate(n_rows, n_head, d)?;
+    Ok(Tensor::from_dispatch(
+        <Dispatch as EmberBackend>::paged_attention(q.into_dispatch(), attn),
+    ))
+}
+
 /// The generic path: dequantize the whole weight and use the backend's own matmul. Correct on
 /// every backend, but it materializes an f32 copy of the weight on every call.
 pub fn quant_matmul_fallback<B: Backend>(x: FloatTensor<B>, w: &QuantMatrix) -> FloatTensor<B> {
@@ -260,16 +379,30 @@ pub fn rms_norm(x: Tensor<2>, weight: &Tensor<1>, eps: f32) -> Tensor<2> {
     ))
 }
 
+/// Positions `start..start + n`, for [`rope`] over one sequence's rows.
+pub fn positions_from(start: usize, n: usize) -> Arc<[u32]> {
+    (start..start + n).map(|p| p as u32).collect()
+}
+
 /// Rotary embedding on any backend (see [`EmberBackend::rope`]).
-pub fn rope(x: Tensor<3>, start: usize, rope_dim: usize, base: f32, neox: bool) -> Tensor<3> {
-    let [_, _, d] = x.dims();
+/// Row `i` of `x: [n, heads, head_dim]` sits at `positions[i]` (a ragged batch mixes
+/// sequences; [`positions_from`] gives `start..start + n`).
+pub fn rope(
+    x: Tensor<3>,
+    positions: Arc<[u32]>,
+    rope_dim: usize,
+    base: f32,
+    neox: bool,
+) -> Tensor<3> {
+    let [n, _, d] = x.dims();
     assert!(
         rope_dim <= d && rope_dim.is_multiple_of(2),
         "rope: rope_dim must be even and at most the head size"
     );
+    assert_eq!(positions.len(), n, "rope: one position per row");
     Tensor::from_dispatch(<Dispatch as EmberBackend>::rope(
         x.into_dispatch(),
-        start,
+        positions,
         rope_dim,
         base,
         neox,
@@ -355,6 +488,21 @@ mod flex {
             ))
         }
 
+        fn paged_attention(q: FlexTensor, attn: PagedAttention) -> FlexTensor {
+            let shape = q.shape();
+            let (n_rows, n_head, d) = (shape[0], shape[1], shape[2]);
+            let q = contiguous_f32(q);
+            let out = crate::cpu::paged_attention::paged_attention(
+                q.as_slice::<f32>().expect("contiguous f32"),
+                n_rows,
+                n_head,
+                d,
+                &attn,
+            )
+            .unwrap_or_else(|e| panic!("paged_attention: {e}"));
+            FlexTensor::from_data(TensorData::new(out, [n_rows, n_head * d]))
+        }
+
         fn round_to_f16(x: FlexTensor) -> FlexTensor {
             let shape = x.shape();
             let x = contiguous_f32(x);
@@ -378,14 +526,20 @@ mod flex {
             FlexTensor::from_data(TensorData::new(out, shape))
         }
 
-        fn rope(x: FlexTensor, start: usize, rope_dim: usize, base: f32, neox: bool) -> FlexTensor {
+        fn rope(
+            x: FlexTensor,
+            positions: Arc<[u32]>,
+            rope_dim: usize,
+            base: f32,
+            neox: bool,
+        ) -> FlexTensor {
             let shape = x.shape();
             let x = contiguous_f32(x);
             let out = crate::cpu::fused::rope(
                 x.as_slice::<f32>().expect("contiguous f32"),
                 shape[1],
                 shape[2],
-                start,
+                &positions,
                 rope_dim,
                 base,
                 neox,

@@ -2,7 +2,7 @@
 //! dispatch against f64 references, and on burn-flex against the generic burn-op fallbacks.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use ember_kernels::{residual_add, rms_norm, rope, swiglu};
+use ember_kernels::{positions_from, residual_add, rms_norm, rope, swiglu};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 fn device() -> Device {
@@ -111,7 +111,7 @@ fn rope_matches_f64() {
             let base = 10_000.0;
             let got = to_vec(rope(
                 Tensor::from_data(TensorData::new(x.clone(), [n, heads, head_dim]), &device()),
-                start,
+                positions_from(start, n),
                 rope_dim,
                 base,
                 neox,
@@ -154,7 +154,9 @@ mod against_fallback {
     use burn::backend::Flex;
     use burn::backend::ops::FloatTensorOps;
     use burn::backend::tensor::FloatTensor;
-    use ember_kernels::{EmberBackend, rms_norm_fallback, rope_fallback, swiglu_fallback};
+    use ember_kernels::{
+        EmberBackend, positions_from, rms_norm_fallback, rope_fallback, swiglu_fallback,
+    };
 
     fn flex<const D: usize>(v: &[f32], shape: [usize; D]) -> FloatTensor<Flex> {
         Flex::float_from_data(TensorData::new(v.to_vec(), shape), &Default::default())
@@ -198,14 +200,14 @@ mod against_fallback {
                 let x = random(&mut rng, n * h * hd, 2.0);
                 let a = host(<Flex as EmberBackend>::rope(
                     flex(&x, [n, h, hd]),
-                    41,
+                    positions_from(41, n),
                     rope_dim,
                     10_000.0,
                     neox,
                 ));
                 let b = host(rope_fallback::<Flex>(
                     flex(&x, [n, h, hd]),
-                    41,
+                    &positions_from(41, n),
                     rope_dim,
                     10_000.0,
                     neox,

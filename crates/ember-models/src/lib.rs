@@ -12,7 +12,7 @@ mod weights;
 
 pub use config::{ModelConfig, RopeMode};
 pub use error::ModelError;
-pub use llama::{LlamaModel, Logits};
+pub use llama::{BatchSeq, LlamaModel, Logits};
 pub use weights::Weights;
 
 use burn::tensor::Device;

@@ -195,7 +195,7 @@ fn tiny_llama_matches_f64_reference() {
         let tokens: Vec<u32> = (0..12)
             .map(|i| (i * 7 + seed as u32) % VOCAB as u32)
             .collect();
-        let mut cache = model.new_cache(64);
+        let mut cache = model.new_cache(64).unwrap();
         let got = logits_rows(model.forward(&tokens, &mut cache, Logits::All).unwrap());
         let want = reference(&t, &tokens);
         for (pos, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -219,9 +219,9 @@ fn incremental_decoding_equals_one_batch() {
     let file = GgufFile::from_bytes(t.bytes).unwrap();
     let model = load(&file, &default_device()).unwrap();
     let tokens: Vec<u32> = (0..10).map(|i| (i * 13 + 5) % VOCAB as u32).collect();
-    let mut batch = model.new_cache(32);
+    let mut batch = model.new_cache(32).unwrap();
     let all = logits_rows(model.forward(&tokens, &mut batch, Logits::All).unwrap());
-    let mut step = model.new_cache(32);
+    let mut step = model.new_cache(32).unwrap();
     model
         .forward(&tokens[..4], &mut step, Logits::Last)
         .unwrap();
@@ -242,7 +242,7 @@ fn context_overflow_and_bad_tokens_are_errors() {
     let t = tiny_model(1);
     let file = GgufFile::from_bytes(t.bytes).unwrap();
     let model = load(&file, &default_device()).unwrap();
-    let mut cache = model.new_cache(4);
+    let mut cache = model.new_cache(4).unwrap();
     let err = model
         .forward(&[1, 2, 3, 4, 5], &mut cache, Logits::Last)
         .unwrap_err();
@@ -252,4 +252,68 @@ fn context_overflow_and_bad_tokens_are_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     assert!(model.forward(&[], &mut cache, Logits::Last).is_err());
+}
+
+/// Two sequences in one paged cache: the second reuses the first's prompt blocks (prefix
+/// cache) and computes only the rest, yet its logits equal a run from an empty cache.
+#[test]
+fn prefix_cached_sequence_matches_a_fresh_run() {
+    use ember_kv::{KvOptions, PagedKvCache};
+    let t = tiny_model_with(5, false);
+    let file = GgufFile::from_bytes(t.bytes).unwrap();
+    let model = load(&file, &default_device()).unwrap();
+    let opts = KvOptions {
+        block_size: 4,
+        budget: Some(ember_kv::KvBudget::Tokens(64)),
+        ..KvOptions::default()
+    };
+    let mut cache = PagedKvCache::new(&model.kv_config(&opts, 32)).unwrap();
+    let shared: Vec<u32> = (0..9).map(|i| (i * 11 + 3) % VOCAB as u32).collect();
+    let (a, cached) = cache.add_sequence(&shared).unwrap();
+    assert_eq!(cached, 0);
+    model
+        .forward_seq(&shared, &mut cache, a, Logits::Last)
+        .unwrap();
+
+    let mut prompt_b = shared[..8].to_vec();
+    prompt_b.extend([7, 8, 9]);
+    let (b, cached) = cache.add_sequence(&prompt_b).unwrap();
+    assert_eq!(cached, 8);
+    let used_before = cache.used_blocks();
+    let got = logits_rows(
+        model
+            .forward_seq(&prompt_b[cached..], &mut cache, b, Logits::All)
+            .unwrap(),
+    );
+    // Only the new positions took blocks (one more block for positions 8..11).
+    assert_eq!(cache.used_blocks(), used_before + 1);
+
+    let mut fresh = model.new_cache(32).unwrap();
+    let want = logits_rows(model.forward(&prompt_b, &mut fresh, Logits::All).unwrap());
+    for (row, (g, w)) in got.iter().zip(&want[cached..]).enumerate() {
+        for (x, y) in g.iter().zip(w) {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                "row {row}: {x} vs {y}"
+            );
+        }
+    }
+    cache.free(a).unwrap();
+    cache.free(b).unwrap();
+    assert_eq!(cache.used_blocks(), 0);
+}
+
+/// A refused batch (it would overflow the context) leaves the sequence as it was, and the
+/// room it did not take is still there.
+#[test]
+fn refused_batch_leaves_the_sequence_unchanged() {
+    let t = tiny_model(2);
+    let file = GgufFile::from_bytes(t.bytes).unwrap();
+    let model = load(&file, &default_device()).unwrap();
+    let mut cache = model.new_cache(8).unwrap();
+    model.forward(&[1, 2, 3], &mut cache, Logits::Last).unwrap();
+    assert!(model.forward(&[4; 6], &mut cache, Logits::Last).is_err());
+    assert_eq!(cache.len(), 3);
+    model.forward(&[4; 5], &mut cache, Logits::Last).unwrap();
+    assert_eq!(cache.len(), 8);
 }

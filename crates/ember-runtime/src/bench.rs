@@ -39,14 +39,14 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
 }
 
 fn run_pp(model: &LlamaModel, n: usize) -> Result<(), ModelError> {
-    let mut cache = model.new_cache(n);
+    let mut cache = model.new_cache(n)?;
     let toks = tokens(n, model.config().n_vocab);
     last_logits(model.forward(&toks, &mut cache, Logits::Last)?);
     Ok(())
 }
 
 fn run_tg(model: &LlamaModel, n: usize) -> Result<(), ModelError> {
-    let mut cache = model.new_cache(n);
+    let mut cache = model.new_cache(n)?;
     let toks = tokens(n, model.config().n_vocab);
     for t in toks {
         last_logits(model.forward(&[t], &mut cache, Logits::Last)?);

@@ -11,7 +11,7 @@ pub fn teacher_forced_logits(
     tokens: &[u32],
     batch: usize,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
-    let mut cache = model.new_cache(tokens.len());
+    let mut cache = model.new_cache(tokens.len())?;
     let mut rows = Vec::with_capacity(tokens.len());
     for chunk in tokens.chunks(batch.max(1)) {
         let logits = model.forward(chunk, &mut cache, Logits::All)?;
@@ -31,7 +31,7 @@ pub fn prompt_then_step_logits(
     prompt: &[u32],
     continuation: &[u32],
 ) -> Result<Vec<Vec<f32>>, ModelError> {
-    let mut cache = model.new_cache(prompt.len() + continuation.len());
+    let mut cache = model.new_cache(prompt.len() + continuation.len())?;
     let mut rows = Vec::with_capacity(continuation.len() + 1);
     let first = model.forward(prompt, &mut cache, Logits::Last)?;
     rows.push(first.into_data().try_to_vec::<f32>().unwrap_or_default());
@@ -91,7 +91,7 @@ pub fn perplexity(
         if let Some(bos) = bos {
             chunk[0] = bos;
         }
-        let mut cache = model.new_cache(ctx);
+        let mut cache = model.new_cache(ctx)?;
         let logits = model.forward(&chunk, &mut cache, Logits::All)?;
         let [_, vocab] = logits.dims();
         let flat = logits.into_data().try_to_vec::<f32>().unwrap_or_default();

@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use burn::tensor::Tensor;
+use ember_kv::KvOptions;
 use ember_models::{LlamaModel, Logits, ModelError};
 use serde::Serialize;
 
@@ -33,6 +34,18 @@ pub struct GenerateRequest {
     /// Stop at the model's end-of-generation tokens (off for reference runs that want exactly
     /// `max_tokens`).
     pub stop_at_eog: bool,
+    /// When the context fills during generation, drop the oldest half of the tokens after the
+    /// first `keep` (as llama.cpp's context shift) and go on, instead of stopping.
+    pub context_shift: Option<ContextShift>,
+    /// KV cache type and block size.
+    pub kv: KvOptions,
+}
+
+/// Opt-in context shifting (llama.cpp's `--context-shift`): keep the first `keep` tokens (the
+/// BOS, a system prompt), discard half of the rest, recompute the cache from what is left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContextShift {
+    pub keep: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -62,6 +75,8 @@ pub struct GenerateOutput {
     pub text: String,
     pub timings: Timings,
     pub stop_reason: StopReason,
+    /// Tokens dropped by context shifts, one entry per shift (empty when none happened).
+    pub context_shifts: Vec<usize>,
 }
 
 /// Last-row logits of a forward pass as a host vector.
@@ -89,7 +104,7 @@ pub fn generate(
             ctx: req.ctx_size,
         });
     }
-    let mut cache = model.new_cache(req.ctx_size);
+    let mut cache = model.new_cache_with(&req.kv, req.ctx_size)?;
     let mut sampler = Sampler::new(req.sampling.clone());
     let mut history = prompt.clone();
     let mut decoder = StreamDecoder::new(true);
@@ -107,6 +122,7 @@ pub fn generate(
 
     let t1 = Instant::now();
     let mut stop_reason = StopReason::Length;
+    let mut context_shifts = Vec::new();
     let mut emit = |piece: &str, text: &mut String| {
         text.push_str(piece);
         on_text(piece);
@@ -130,8 +146,27 @@ pub fn generate(
             break;
         }
         if cache.len() >= req.ctx_size {
-            stop_reason = StopReason::ContextFull;
-            break;
+            let Some(shift) = req.context_shift else {
+                stop_reason = StopReason::ContextFull;
+                break;
+            };
+            // The cache holds `history` minus `next`. Rebuild it from the kept tokens and
+            // `next` in one pass: recomputing costs one prefill per shift but gives exactly
+            // the K/V a fresh run over the shorter text would (no re-rotated keys).
+            let cached = &history[..history.len() - 1];
+            let keep = shift.keep.min(cached.len());
+            let discard = (cached.len() - keep) / 2;
+            if discard == 0 {
+                stop_reason = StopReason::ContextFull;
+                break;
+            }
+            let mut kept = cached[..keep].to_vec();
+            kept.extend_from_slice(&cached[keep + discard..]);
+            kept.push(next);
+            cache = model.new_cache_with(&req.kv, req.ctx_size)?;
+            logits = last_logits(model.forward(&kept, &mut cache, Logits::Last)?);
+            context_shifts.push(discard);
+            continue;
         }
         logits = last_logits(model.forward(&[next], &mut cache, Logits::Last)?);
     }
@@ -150,5 +185,6 @@ pub fn generate(
         text,
         timings,
         stop_reason,
+        context_shifts,
     })
 }

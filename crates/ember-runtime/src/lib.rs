@@ -2,6 +2,7 @@
 //! generation loop that drives a model.
 pub mod bench;
 pub mod chat;
+pub mod engine;
 pub mod eval;
 pub mod generate;
 pub mod loaded;

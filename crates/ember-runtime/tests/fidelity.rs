@@ -199,6 +199,8 @@ fn greedy_generation_follows_llama_cpp_while_it_is_decided() {
             stop: Vec::new(),
             ctx_size: 2048,
             stop_at_eog: false,
+            context_shift: None,
+            kv: Default::default(),
         };
         let out = generate(&m.model, &m.tokenizer, &req, |_| {}).unwrap();
         assert_eq!(out.tokens[..decided], greedy[..decided], "{name}");
@@ -215,6 +217,8 @@ fn prompt_longer_than_context_is_refused_not_truncated() {
         stop: Vec::new(),
         ctx_size: 16,
         stop_at_eog: true,
+        context_shift: None,
+        kv: Default::default(),
     };
     let err = generate(&m.model, &m.tokenizer, &req, |_| {})
         .unwrap_err()
@@ -237,6 +241,8 @@ fn same_seed_same_output() {
             stop: Vec::new(),
             ctx_size: 256,
             stop_at_eog: false,
+            context_shift: None,
+            kv: Default::default(),
         };
         generate(&m.model, &m.tokenizer, &req, |_| {})
             .unwrap()

@@ -17,7 +17,7 @@ fn r16(x: f32) -> f32 {
 /// Rounds every value to the nearest f16 (ties to even) in place. Whole-slice conversions use
 /// F16C when the CPU has it, far cheaper than converting one value at a time; the result is
 /// the same as rounding each value separately.
-fn round_slice(xs: &mut [f32], tmp: &mut [f16]) {
+pub(crate) fn round_slice(xs: &mut [f32], tmp: &mut [f16]) {
     tmp.convert_from_f32_slice(xs);
     tmp.convert_to_f32_slice(xs);
 }
@@ -52,8 +52,10 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, scale: f3
 }
 
 /// f32 dot product with 16 independent partial sums, so the compiler can vectorize it (the
-/// tiled path does not follow ggml's summation order bit for bit anyway).
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+/// tiled path does not follow ggml's summation order bit for bit anyway). Always inlined, so the
+/// paged kernel's AVX2 build gets it at full width (same operations per lane, same bits).
+#[inline(always)]
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let (ra, rb) = (ca.remainder(), cb.remainder());

@@ -47,14 +47,14 @@ fn rope_cache(pos: usize, theta_scale: f32, cos: &mut [f32], sin: &mut [f32]) {
     }
 }
 
-/// Rotary embedding of row-major `x: [n, heads, head_dim]` at positions `start..start + n`,
+/// Rotary embedding of row-major `x: [n, heads, head_dim]`, row `i` at `positions[i]`,
 /// rotating the first `rope_dim` dimensions of every head and passing the rest through.
 /// Normal mode rotates pairs `(2i, 2i + 1)`, neox mode `(i, i + rope_dim / 2)`.
 pub fn rope(
     x: &[f32],
     heads: usize,
     head_dim: usize,
-    start: usize,
+    positions: &[u32],
     rope_dim: usize,
     base: f32,
     neox: bool,
@@ -74,7 +74,7 @@ pub fn rope(
     let pos_rows = |(i, row): (usize, &mut [f32])| {
         let mut cos = vec![0.0f32; half];
         let mut sin = vec![0.0f32; half];
-        rope_cache(start + i, theta_scale, &mut cos, &mut sin);
+        rope_cache(positions[i] as usize, theta_scale, &mut cos, &mut sin);
         for head in row.chunks_mut(head_dim) {
             if neox {
                 let (a, b) = head[..rope_dim].split_at_mut(half);

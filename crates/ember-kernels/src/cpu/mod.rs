@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod fused;
+pub mod paged_attention;
 pub mod q8;
 
 use rayon::prelude::*;

@@ -1,0 +1,979 @@
+//! Flash attention over a paged KV cache, for a ragged batch of sequences.
+//!
+//! The arithmetic is that of [`super::attention`] (llama.cpp's two CPU flash-attention paths),
+//! chosen per sequence: fewer than [`TILE_Q`] queries take the one-row path, more the tiled
+//! one. With an f16 cache and no window the result is bit for bit that of
+//! [`super::attention::causal_attention`] on the same values.
+//!
+//! Per dtype, following llama.cpp:
+//! - `f16`: one-row path with Q rounded to f16 and the V sum kept in f16 (`VKQ16`), rounded
+//!   after every update; tiled path in f32.
+//! - `f32`: both paths in f32 (`VKQ32`).
+//! - `q8_0`: rows dequantized to f32, then as `f32`. llama.cpp's one-row path instead quantizes
+//!   Q to q8_0 and takes integer dot products with the K blocks; we keep Q in f32, so scores
+//!   differ from llama.cpp's by Q's quantization error (~0.4% of a score's magnitude) but are
+//!   closer to exact.
+//!
+//! A window hides keys more than `window - 1` positions behind the query; the walk over keys
+//! starts at the first visible one (in the tiled path, tiles start there), so released blocks
+//! before it are never touched.
+//!
+//! Work is split into one task per (query row, kv head): the task runs the group of query heads
+//! that share the kv head, so each K and V row is read and converted once per group. Within a
+//! tile of 64 keys, the one-row path computes every key's score first (keys in vector lanes,
+//! each score still summed in order) and then runs the softmax updates key by key; the tiled
+//! path converts the tile's K and V once and runs each head over it from L1. None of this
+//! changes any head's sequence of floating-point operations.
+
+use std::ops::Range;
+
+use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+use rayon::prelude::*;
+
+use super::attention::{TILE_KV, TILE_Q, dot_f32, round_slice};
+use crate::paged::{
+    Arenas, PagedAttention, PagedError, SeqAttn, dequantize_q8_0_row, first_visible,
+};
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// f16 conversions. [`Portable`] uses `half`'s slice functions (which pick F16C at run time,
+/// per call, out of line); [`F16c`] inlines the F16C instructions into a kernel compiled for
+/// AVX2. Both round to nearest even, so they give identical bits.
+trait Conv: Copy + Send + Sync {
+    /// Rounds every value to the nearest f16 in place; `tmp` is `xs.len()` long.
+    fn round(self, xs: &mut [f32], tmp: &mut [f16]);
+    /// `src` widened to f32 into `out` (exact).
+    fn to_f32(self, src: &[f16], out: &mut [f32]);
+    /// Runs one task of the kernel, compiled for this converter's instruction set.
+    #[inline(always)]
+    fn task<R: Rows<Self>>(self, c: &Call<'_, R, Self>, t: Task<'_>, sc: &mut Scratch) {
+        task(c, t, sc)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Portable;
+
+impl Conv for Portable {
+    #[inline(always)]
+    fn round(self, xs: &mut [f32], tmp: &mut [f16]) {
+        round_slice(xs, tmp);
+    }
+    #[inline(always)]
+    fn to_f32(self, src: &[f16], out: &mut [f32]) {
+        src.convert_to_f32_slice(out);
+    }
+}
+
+/// Proof that the CPU has AVX2, FMA and F16C: the private field means only [`F16c::detect`]
+/// makes one.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct F16c(());
+
+#[cfg(target_arch = "x86_64")]
+impl F16c {
+    fn detect() -> Option<Self> {
+        (is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c"))
+        .then_some(F16c(()))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Conv for F16c {
+    #[inline(always)]
+    fn round(self, xs: &mut [f32], _: &mut [f16]) {
+        let mut chunks = xs.chunks_exact_mut(8);
+        for ch in &mut chunks {
+            // SAFETY: `self` proves the CPU has AVX and F16C; `ch` is 8 f32, read and written
+            // unaligned.
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(ch.as_ptr()));
+                _mm256_storeu_ps(ch.as_mut_ptr(), _mm256_cvtph_ps(h));
+            }
+        }
+        for x in chunks.into_remainder() {
+            *x = f16::from_f32(*x).to_f32();
+        }
+    }
+
+    #[inline(always)]
+    fn to_f32(self, src: &[f16], out: &mut [f32]) {
+        let n = src.len().min(out.len()) / 8 * 8;
+        let (src_body, src_tail) = src.split_at(n);
+        let (out_body, out_tail) = out.split_at_mut(n);
+        for (s, o) in src_body.chunks_exact(8).zip(out_body.chunks_exact_mut(8)) {
+            // SAFETY: `self` proves the CPU has AVX and F16C; `s` is 8 f16 (16 bytes) and `o`
+            // 8 f32, both accessed unaligned.
+            unsafe {
+                let h = _mm_loadu_si128(s.as_ptr().cast());
+                _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(h));
+            }
+        }
+        for (s, o) in src_tail.iter().zip(out_tail) {
+            *o = s.to_f32();
+        }
+    }
+
+    #[inline(always)]
+    fn task<R: Rows<Self>>(self, c: &Call<'_, R, Self>, t: Task<'_>, sc: &mut Scratch) {
+        // SAFETY: `self` proves the CPU has every feature `task_avx2` is compiled for.
+        unsafe { task_avx2(c, t, sc) }
+    }
+}
+
+/// [`task`] compiled for AVX2 + FMA + F16C, the F16C conversions inlined. No FMA contraction
+/// happens (Rust never fuses a `*` and a `+`), so the arithmetic is the portable code's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn task_avx2<R: Rows<F16c>>(c: &Call<'_, R, F16c>, t: Task<'_>, sc: &mut Scratch) {
+    task(c, t, sc)
+}
+
+/// Reads rows of one arena as f32. The kernel is generic over this, so the dtype is decided
+/// once per call rather than per key or per value.
+trait Rows<C: Conv>: Sync {
+    /// llama.cpp's one-row path with an f16 V keeps the V sum in f16 and rounds Q to f16 (the
+    /// f16 K's dot type).
+    const F16_ACC: bool;
+    /// Row `row` as f32 into `out`.
+    fn read(&self, conv: C, row: usize, out: &mut [f32]);
+    /// Row `row` as f32: borrowed when stored as f32, otherwise converted into `buf`.
+    #[inline(always)]
+    fn row<'a>(&'a self, conv: C, row: usize, buf: &'a mut [f32]) -> &'a [f32] {
+        self.read(conv, row, buf);
+        buf
+    }
+}
+
+struct F32Rows<'s> {
+    a: &'s [f32],
+    d: usize,
+}
+
+impl<C: Conv> Rows<C> for F32Rows<'_> {
+    const F16_ACC: bool = false;
+    #[inline(always)]
+    fn read(&self, _: C, row: usize, out: &mut [f32]) {
+        out.copy_from_slice(&self.a[row * self.d..(row + 1) * self.d]);
+    }
+    #[inline(always)]
+    fn row<'a>(&'a self, _: C, row: usize, _: &'a mut [f32]) -> &'a [f32] {
+        &self.a[row * self.d..(row + 1) * self.d]
+    }
+}
+
+struct F16Rows<'s> {
+    a: &'s [f16],
+    d: usize,
+}
+
+impl<C: Conv> Rows<C> for F16Rows<'_> {
+    const F16_ACC: bool = true;
+    #[inline(always)]
+    fn read(&self, conv: C, row: usize, out: &mut [f32]) {
+        conv.to_f32(&self.a[row * self.d..(row + 1) * self.d], out);
+    }
+}
+
+struct Q8Rows<'s> {
+    a: &'s [u8],
+    row_bytes: usize,
+}
+
+impl<C: Conv> Rows<C> for Q8Rows<'_> {
+    const F16_ACC: bool = false;
+    #[inline(always)]
+    fn read(&self, _: C, row: usize, out: &mut [f32]) {
+        dequantize_q8_0_row(
+            &self.a[row * self.row_bytes..(row + 1) * self.row_bytes],
+            out,
+        );
+    }
+}
+
+/// Per-task scratch, allocated once per rayon job (never per key). Sized for the `group`
+/// query heads that share one kv head.
+struct Scratch {
+    /// Q of the group's heads, `[group][d]` (rounded to f16 on the f16 one-row path).
+    q: Vec<f32>,
+    /// Unnormalized outputs, `[group][d]`.
+    acc: Vec<f32>,
+    /// Running max and softmax denominator per head.
+    m: Vec<f32>,
+    sum: Vec<f32>,
+    /// Scores of the current tile, `[group][TILE_KV]`.
+    p: Vec<f32>,
+    /// K and V of the current tile as f32, `[TILE_KV][d]`; in the one-row path K is
+    /// transposed (`[d][TILE_KV]`) and V's first two rows hold single converted rows.
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    tmp: Vec<f16>,
+    rows: [usize; TILE_KV],
+}
+
+impl Scratch {
+    fn new(d: usize, group: usize) -> Self {
+        Self {
+            q: vec![0.0; group * d],
+            acc: vec![0.0; group * d],
+            m: vec![0.0; group],
+            sum: vec![0.0; group],
+            p: vec![0.0; group * TILE_KV],
+            kt: vec![0.0; TILE_KV * d],
+            vt: vec![0.0; TILE_KV * d],
+            tmp: vec![f16::ZERO; group * d],
+            rows: [0; TILE_KV],
+        }
+    }
+}
+
+/// What every task of one call shares.
+struct Call<'a, R, C> {
+    q: &'a [f32],
+    conv: C,
+    k: R,
+    v: R,
+    seqs: &'a [SeqAttn],
+    group: usize,
+    n_kv: usize,
+    block_size: usize,
+    d: usize,
+    scale: f32,
+}
+
+/// One task: one query row of `seq` (seeing key positions `keys`) against kv head `kvh`, for
+/// the group of query heads `qrows` (`[group][d]`), writing `dst` (`[group][d]`).
+struct Task<'a> {
+    seq: &'a SeqAttn,
+    kvh: usize,
+    qrows: &'a [f32],
+    keys: Range<usize>,
+    dst: &'a mut [f32],
+}
+
+/// Paged attention for `q: [n_rows, n_head, head_dim]` (token-major, row-major), returning
+/// `[n_rows, n_head * head_dim]`. Query head `h` reads kv head `h / (n_head / n_kv)`. Rows
+/// that belong to no sequence come out zero. The call is validated first
+/// ([`PagedAttention::validate`]); nothing is read outside the store.
+pub fn paged_attention(
+    q: &[f32],
+    n_rows: usize,
+    n_head: usize,
+    head_dim: usize,
+    attn: &PagedAttention,
+) -> Result<Vec<f32>, PagedError> {
+    paged_attention_with(q, n_rows, n_head, head_dim, attn, false)
+}
+
+/// [`paged_attention`], with `portable` forcing the code without F16C intrinsics (for tests:
+/// both must give the same bits).
+fn paged_attention_with(
+    q: &[f32],
+    n_rows: usize,
+    n_head: usize,
+    head_dim: usize,
+    attn: &PagedAttention,
+    portable: bool,
+) -> Result<Vec<f32>, PagedError> {
+    attn.validate(n_rows, n_head, head_dim)?;
+    let expected = n_rows
+        .checked_mul(n_head)
+        .and_then(|x| x.checked_mul(head_dim))
+        .unwrap_or(usize::MAX);
+    if q.len() != expected {
+        return Err(PagedError::Length {
+            what: "q",
+            expected,
+            got: q.len(),
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if !portable && let Some(conv) = F16c::detect() {
+        return Ok(dispatch(q, n_rows, n_head, attn, conv));
+    }
+    let _ = portable;
+    Ok(dispatch(q, n_rows, n_head, attn, Portable))
+}
+
+/// Picks the row reader for the store's dtype, once per call.
+fn dispatch<C: Conv>(
+    q: &[f32],
+    n_rows: usize,
+    n_head: usize,
+    attn: &PagedAttention,
+    conv: C,
+) -> Vec<f32> {
+    let store = &*attn.store;
+    let d = store.head_dim();
+    macro_rules! call {
+        ($k:expr, $v:expr) => {
+            run(
+                &Call {
+                    q,
+                    conv,
+                    k: $k,
+                    v: $v,
+                    seqs: &attn.seqs,
+                    group: n_head / store.n_kv(),
+                    n_kv: store.n_kv(),
+                    block_size: store.block_size(),
+                    d,
+                    scale: attn.scale,
+                },
+                n_rows,
+            )
+        };
+    }
+    match &store.arenas {
+        Arenas::F32([k, v]) => call!(F32Rows { a: k, d }, F32Rows { a: v, d }),
+        Arenas::F16([k, v]) => call!(
+            F16Rows {
+                a: k.reinterpret_cast(),
+                d
+            },
+            F16Rows {
+                a: v.reinterpret_cast(),
+                d
+            }
+        ),
+        Arenas::Q8_0([k, v]) => {
+            let row_bytes = store.row_units();
+            call!(Q8Rows { a: k, row_bytes }, Q8Rows { a: v, row_bytes })
+        }
+    }
+}
+
+fn run<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, n_rows: usize) -> Vec<f32> {
+    let (n_kv, gd) = (c.n_kv, c.group * c.d);
+    // Row -> its sequence, so each task finds its own in O(1).
+    let mut row_seq = vec![usize::MAX; n_rows];
+    for (i, s) in c.seqs.iter().enumerate() {
+        row_seq[s.q_start..s.q_start + s.n_q].fill(i);
+    }
+    let mut out = vec![0.0f32; n_rows * n_kv * gd];
+    // One task per (query row, kv head): the heads of a GQA group are adjacent in both `q` and
+    // `out`, so a task reads and writes one contiguous `group * d` slice, and converts each K
+    // and V row once for the whole group. Each head's arithmetic is unchanged by the sharing.
+    out.par_chunks_mut(gd).enumerate().for_each_init(
+        || Scratch::new(c.d, c.group),
+        |sc, (idx, dst)| {
+            let (row, kvh) = (idx / n_kv, idx % n_kv);
+            let Some(seq) = c.seqs.get(row_seq[row]) else {
+                return;
+            };
+            let qp = seq.n_past + (row - seq.q_start);
+            let keys = first_visible(qp, seq.window)..qp + 1;
+            let qrows = &c.q[idx * gd..(idx + 1) * gd];
+            let t = Task {
+                seq,
+                kvh,
+                qrows,
+                keys,
+                dst,
+            };
+            c.conv.task(c, t, sc);
+        },
+    );
+    out
+}
+
+/// One task: the path is chosen per sequence, as llama.cpp chooses it per batch.
+#[inline(always)]
+fn task<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratch) {
+    if t.seq.n_q >= TILE_Q {
+        tiled(c, t, sc);
+    } else {
+        one_row(c, t, sc);
+    }
+}
+
+/// Row indices of kv head `kvh` at `positions` (at most one tile), walking the block table
+/// a block at a time instead of dividing per key.
+#[inline(always)]
+fn fill_rows<R, C>(
+    c: &Call<'_, R, C>,
+    seq: &SeqAttn,
+    kvh: usize,
+    positions: Range<usize>,
+    rows: &mut [usize],
+) {
+    let bs = c.block_size;
+    let mut p = positions.start;
+    let mut i = 0;
+    while p < positions.end {
+        let (block, slot) = (seq.block_table[p / bs] as usize, p % bs);
+        let n = (bs - slot).min(positions.end - p);
+        let base = (block * c.n_kv + kvh) * bs + slot;
+        for (j, r) in rows[i..i + n].iter_mut().enumerate() {
+            *r = base + j;
+        }
+        (p, i) = (p + n, i + n);
+    }
+}
+
+/// Scores of one query head against a tile of keys stored transposed (`kt: [d][TILE_KV]`):
+/// `out[j] = q . k_j`, each a plain sequential f32 sum over `x` exactly as
+/// `iter().sum::<f32>()` (which folds from -0.0). That order is part of the bit-exact contract
+/// with `causal_attention_f16acc`, and it is a chain of `d` dependent adds per key; with the
+/// keys in vector lanes, 64 chains advance together. Lanes past the tile's keys hold stale
+/// values and are ignored.
+#[inline(always)]
+fn tile_scores(q: &[f32], kt: &[f32], out: &mut [f32]) {
+    let mut s = [-0.0f32; TILE_KV];
+    for (&qx, col) in q.iter().zip(kt.chunks_exact(TILE_KV)) {
+        for (s, &k) in s.iter_mut().zip(col) {
+            *s += qx * k;
+        }
+    }
+    out[..TILE_KV].copy_from_slice(&s);
+}
+
+/// llama.cpp's one-row path: one key at a time, the V sum rescaled whenever the max grows.
+#[inline(always)]
+fn one_row<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratch) {
+    let Task {
+        seq,
+        kvh,
+        qrows,
+        keys,
+        dst,
+    } = t;
+    let (d, conv) = (c.d, c.conv);
+    let Scratch {
+        q,
+        acc,
+        m,
+        sum,
+        p,
+        kt,
+        vt,
+        tmp,
+        rows,
+    } = sc;
+    let (kbuf, vbuf) = vt.split_at_mut(d);
+    let vbuf = &mut vbuf[..d];
+    q.copy_from_slice(qrows);
+    if R::F16_ACC {
+        conv.round(q, tmp);
+    }
+    acc.fill(0.0);
+    m.fill(f32::NEG_INFINITY);
+    sum.fill(0.0);
+    for start in keys.clone().step_by(TILE_KV) {
+        let len = TILE_KV.min(keys.end - start);
+        fill_rows(c, seq, kvh, start..start + len, &mut rows[..len]);
+        // The tile's K transposed, converted once for the group's heads.
+        for (j, &r) in rows[..len].iter().enumerate() {
+            for (x, &k) in c.k.row(conv, r, kbuf).iter().enumerate() {
+                kt[x * TILE_KV + j] = k;
+            }
+        }
+        for (qg, pg) in q.chunks_exact(d).zip(p.chunks_exact_mut(TILE_KV)) {
+            tile_scores(qg, kt, pg);
+        }
+        // The online softmax itself goes one key at a time, as llama.cpp's.
+        for (j, &r) in rows[..len].iter().enumerate() {
+            let vrow = c.v.row(conv, r, vbuf);
+            for (g, acc) in acc.chunks_exact_mut(d).enumerate() {
+                let score = p[g * TILE_KV + j] * c.scale;
+                let (mut ms, mut vs) = (1.0f32, 1.0f32);
+                if score > m[g] {
+                    let old = m[g];
+                    m[g] = score;
+                    ms = (old - score).exp();
+                    acc.iter_mut().for_each(|a| *a *= ms);
+                    if R::F16_ACC {
+                        conv.round(acc, &mut tmp[..d]);
+                    }
+                } else {
+                    vs = (score - m[g]).exp();
+                }
+                for (a, &x) in acc.iter_mut().zip(vrow) {
+                    *a += x * vs;
+                }
+                if R::F16_ACC {
+                    conv.round(acc, &mut tmp[..d]);
+                }
+                sum[g] = sum[g] * ms + vs;
+            }
+        }
+    }
+    finish(acc, sum, d, dst);
+}
+
+/// `dst[g] = acc[g] / sum[g]` per head (zero when nothing was visible).
+#[inline(always)]
+fn finish(acc: &[f32], sum: &[f32], d: usize, dst: &mut [f32]) {
+    for ((o, a), &s) in dst.chunks_exact_mut(d).zip(acc.chunks_exact(d)).zip(sum) {
+        let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
+        for (o, a) in o.iter_mut().zip(a) {
+            *o = a * inv;
+        }
+    }
+}
+
+/// llama.cpp's tiled path: f32 throughout, the softmax advancing a tile of 64 keys at a time
+/// (tile max, then `exp(s - max)` for the tile, its sum in f64). Tiles start at the first
+/// visible key. The tile's K and V are converted once and stay in L1 for the group's heads.
+#[inline(always)]
+fn tiled<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratch) {
+    let Task {
+        seq,
+        kvh,
+        qrows,
+        keys,
+        dst,
+    } = t;
+    let (d, conv) = (c.d, c.conv);
+    let Scratch {
+        acc,
+        m,
+        sum,
+        p,
+        kt,
+        vt,
+        rows,
+        ..
+    } = sc;
+    acc.fill(0.0);
+    m.fill(f32::NEG_INFINITY);
+    sum.fill(0.0);
+    for start in keys.clone().step_by(TILE_KV) {
+        let len = TILE_KV.min(keys.end - start);
+        fill_rows(c, seq, kvh, start..start + len, &mut rows[..len]);
+        for ((&r, kr), vr) in rows[..len]
+            .iter()
+            .zip(kt.chunks_exact_mut(d))
+            .zip(vt.chunks_exact_mut(d))
+        {
+            c.k.read(conv, r, kr);
+            c.v.read(conv, r, vr);
+        }
+        for (g, (acc, p)) in acc
+            .chunks_exact_mut(d)
+            .zip(p.chunks_exact_mut(TILE_KV))
+            .enumerate()
+        {
+            let qrow = &qrows[g * d..(g + 1) * d];
+            let mut tile_max = f32::NEG_INFINITY;
+            for (pj, krow) in p[..len].iter_mut().zip(kt.chunks_exact(d)) {
+                let score = dot_f32(qrow, krow) * c.scale;
+                *pj = score;
+                tile_max = tile_max.max(score);
+            }
+            let m_new = m[g].max(tile_max);
+            if m_new > m[g] {
+                let ms = (m[g] - m_new).exp();
+                acc.iter_mut().for_each(|a| *a *= ms);
+                sum[g] *= ms;
+            }
+            m[g] = m_new;
+            let mut tile_sum = 0.0f64;
+            for pj in p[..len].iter_mut() {
+                *pj = (*pj - m_new).exp();
+                tile_sum += *pj as f64;
+            }
+            sum[g] = (sum[g] as f64 + tile_sum) as f32;
+            for (&pj, vrow) in p[..len].iter().zip(vt.chunks_exact(d)) {
+                for (a, &x) in acc.iter_mut().zip(vrow) {
+                    *a += pj * x;
+                }
+            }
+        }
+    }
+    finish(acc, sum, d, dst);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cpu::attention::{AttnShape, causal_attention};
+    use crate::paged::{KvDtype, PagedLayerStore};
+    use proptest::prelude::*;
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    fn r16(x: f32) -> f32 {
+        f16::from_f32(x).to_f32()
+    }
+
+    fn fill16(rng: &mut StdRng, n: usize, range: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| r16(rng.random_range(-range..range)))
+            .collect()
+    }
+
+    /// One sequence's data: token-major `q: [n_q, n_head, d]` and `k`, `v: [t, n_kv, d]`.
+    struct SeqData {
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        n_q: usize,
+        t: usize,
+    }
+
+    /// Stores every sequence's K/V through its own block table, drawn from a shuffled pool
+    /// (the blocks of one sequence are scattered and out of order). Blocks that no query sees
+    /// are released (`u32::MAX`) in the returned tables.
+    fn build(
+        rng: &mut StdRng,
+        dtype: KvDtype,
+        block_size: usize,
+        n_kv: usize,
+        d: usize,
+        data: &[SeqData],
+        windows: &[Option<usize>],
+    ) -> (Arc<PagedLayerStore>, Vec<SeqAttn>) {
+        let need: Vec<usize> = data.iter().map(|s| s.t.div_ceil(block_size)).collect();
+        let total: usize = need.iter().sum::<usize>() + 3;
+        let mut pool: Vec<u32> = (0..total as u32).collect();
+        pool.shuffle(rng);
+        let mut store = PagedLayerStore::new(dtype, total, block_size, n_kv, d).unwrap();
+        let mut seqs = Vec::new();
+        let mut q_start = 0;
+        for ((s, &n), &window) in data.iter().zip(&need).zip(windows) {
+            let mut table: Vec<u32> = pool.drain(..n).collect();
+            for p in 0..s.t {
+                let (block, slot) = (table[p / block_size] as usize, p % block_size);
+                let row = &s.k[p * n_kv * d..(p + 1) * n_kv * d];
+                let vrow = &s.v[p * n_kv * d..(p + 1) * n_kv * d];
+                store.write(block, slot, row, vrow).unwrap();
+            }
+            let seq = SeqAttn {
+                q_start,
+                n_q: s.n_q,
+                n_past: s.t - s.n_q,
+                block_table: Arc::from(&[][..]),
+                window,
+            };
+            let first = seq.visible_keys().start / block_size;
+            table[..first].fill(u32::MAX);
+            seqs.push(SeqAttn {
+                block_table: table.into(),
+                ..seq
+            });
+            q_start += s.n_q;
+        }
+        (Arc::new(store), seqs)
+    }
+
+    fn concat_q(data: &[SeqData]) -> Vec<f32> {
+        data.iter().flat_map(|s| s.q.iter().copied()).collect()
+    }
+
+    /// With an f16 cache and no window the paged kernel is `causal_attention` bit for bit,
+    /// in both paths, with several sequences in one batch.
+    #[test]
+    fn f16_matches_causal_attention_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for case in 0..12 {
+            let n_kv = rng.random_range(1..=3);
+            let group = rng.random_range(1..=3);
+            let n_head = n_kv * group;
+            let d = [8, 32, 64, 96][case % 4];
+            let block_size = [1, 4, 16, 32][(case / 4 + case) % 4];
+            // One short batch (one-row path), one long (tiled path), one decode.
+            let shapes = [
+                (rng.random_range(1..TILE_Q), rng.random_range(0..150)),
+                (
+                    rng.random_range(TILE_Q..TILE_Q + 40),
+                    rng.random_range(0..150),
+                ),
+                (1, rng.random_range(0..300)),
+            ];
+            let data: Vec<SeqData> = shapes
+                .iter()
+                .map(|&(n_q, past)| SeqData {
+                    q: fill16(&mut rng, n_q * n_head * d, 2.0),
+                    k: fill16(&mut rng, (past + n_q) * n_kv * d, 2.0),
+                    v: fill16(&mut rng, (past + n_q) * n_kv * d, 2.0),
+                    n_q,
+                    t: past + n_q,
+                })
+                .collect();
+            let (store, seqs) = build(
+                &mut rng,
+                KvDtype::F16,
+                block_size,
+                n_kv,
+                d,
+                &data,
+                &[None; 3],
+            );
+            let scale = 1.0 / (d as f32).sqrt();
+            let n_rows: usize = data.iter().map(|s| s.n_q).sum();
+            let attn = PagedAttention {
+                store,
+                seqs: seqs.into(),
+                scale,
+            };
+            let q = concat_q(&data);
+            let got = paged_attention(&q, n_rows, n_head, d, &attn).unwrap();
+            let portable = paged_attention_with(&q, n_rows, n_head, d, &attn, true).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&portable)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+            let mut row = 0;
+            for s in &data {
+                // The dense kernel takes q as [n_head, n, d] and k, v as [n_kv, t, d].
+                let mut q = vec![0.0f32; s.q.len()];
+                for i in 0..s.n_q {
+                    for h in 0..n_head {
+                        q[(h * s.n_q + i) * d..(h * s.n_q + i + 1) * d]
+                            .copy_from_slice(&s.q[(i * n_head + h) * d..(i * n_head + h + 1) * d]);
+                    }
+                }
+                let head_major = |x: &[f32]| {
+                    let mut out = vec![0.0f32; x.len()];
+                    for p in 0..s.t {
+                        for h in 0..n_kv {
+                            out[(h * s.t + p) * d..(h * s.t + p + 1) * d]
+                                .copy_from_slice(&x[(p * n_kv + h) * d..(p * n_kv + h + 1) * d]);
+                        }
+                    }
+                    out
+                };
+                let shape = AttnShape {
+                    n_head,
+                    n_kv,
+                    n: s.n_q,
+                    t: s.t,
+                    head_dim: d,
+                };
+                let want = causal_attention(&q, &head_major(&s.k), &head_major(&s.v), shape, scale);
+                let w = n_head * d;
+                let mine = &got[row * w..(row + s.n_q) * w];
+                for (i, (a, b)) in mine.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "case {case} {shape:?} bs {block_size} [{i}]: {a} vs {b}"
+                    );
+                }
+                row += s.n_q;
+            }
+        }
+    }
+
+    /// The lane-wise tile scores are `iter().sum::<f32>()` bit for bit, down to the sign of a
+    /// zero (std folds from -0.0).
+    #[test]
+    fn tile_scores_equal_iterator_sums() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for d in [8, 64, 96] {
+            let q = fill16(&mut rng, d, 2.0);
+            let mut k = fill16(&mut rng, TILE_KV * d, 2.0);
+            // Key 3: every product -0.0.
+            (0..d).for_each(|x| k[3 * d + x] = if q[x] < 0.0 { 0.0 } else { -0.0 });
+            let mut kt = vec![0.0f32; TILE_KV * d];
+            for j in 0..TILE_KV {
+                for x in 0..d {
+                    kt[x * TILE_KV + j] = k[j * d + x];
+                }
+            }
+            let mut got = [0.0f32; TILE_KV];
+            tile_scores(&q, &kt, &mut got);
+            for (j, got) in got.iter().enumerate() {
+                let want: f32 = q
+                    .iter()
+                    .zip(&k[j * d..(j + 1) * d])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                assert_eq!(got.to_bits(), want.to_bits(), "d {d} key {j}");
+            }
+            assert_eq!(got[3].to_bits(), (-0.0f32).to_bits());
+        }
+    }
+
+    /// Naive f64 attention over the stored (rounded / dequantized) K and V.
+    fn naive(q: &[f32], n_head: usize, attn: &PagedAttention, n_rows: usize) -> Vec<f64> {
+        let s = &*attn.store;
+        let (d, bs) = (s.head_dim(), s.block_size());
+        let group = n_head / s.n_kv();
+        let mut out = vec![0.0f64; n_rows * n_head * d];
+        let (mut k, mut v) = (vec![0.0f32; d], vec![0.0f32; d]);
+        for seq in attn.seqs.iter() {
+            for i in 0..seq.n_q {
+                let (row, qp) = (seq.q_start + i, seq.n_past + i);
+                let keys = first_visible(qp, seq.window)..qp + 1;
+                for h in 0..n_head {
+                    let qrow = &q[(row * n_head + h) * d..(row * n_head + h + 1) * d];
+                    let mut scores = Vec::new();
+                    let mut vals = Vec::new();
+                    for p in keys.clone() {
+                        let block = seq.block_table[p / bs] as usize;
+                        s.k_row_f32(block, h / group, p % bs, &mut k).unwrap();
+                        s.v_row_f32(block, h / group, p % bs, &mut v).unwrap();
+                        let dot: f64 = qrow
+                            .iter()
+                            .zip(&k)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum();
+                        scores.push(dot * attn.scale as f64);
+                        vals.push(v.clone());
+                    }
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                    let z: f64 = w.iter().sum();
+                    let o = &mut out[(row * n_head + h) * d..(row * n_head + h + 1) * d];
+                    for (wj, vj) in w.iter().zip(&vals) {
+                        for (o, &x) in o.iter_mut().zip(vj) {
+                            *o += wj * x as f64 / z;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Absolute tolerance against the f64 reference (outputs are convex combinations of V
+    /// values in [-1, 1], so absolute error is the right measure; largest errors seen over
+    /// 1500 random cases in brackets):
+    /// - f32 / q8_0 (both paths) and the tiled f16 path: f32 arithmetic on exactly the
+    ///   reference's inputs, f32 rounding of scores, exps and sums over at most ~270 keys
+    ///   [8e-7]: 1e-5.
+    /// - f16 one-row path: the V sum is rounded to f16 (half an ulp is 2^-12 relative) after
+    ///   every key, a random walk over up to ~270 roundings [2.9e-3]: 1e-2 (the dense kernel's
+    ///   own test allows 2e-2).
+    fn tolerance(dtype: KvDtype, n_q: usize) -> f64 {
+        if dtype == KvDtype::F16 && n_q < TILE_Q {
+            1e-2
+        } else {
+            1e-5
+        }
+    }
+
+    fn check_against_naive(
+        seed: u64,
+        dtype: KvDtype,
+        n_kv: usize,
+        group: usize,
+        d: usize,
+        block_size: usize,
+        seqs: &[(usize, usize, Option<usize>)],
+    ) -> Result<(), TestCaseError> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let n_head = n_kv * group;
+        let data: Vec<SeqData> = seqs
+            .iter()
+            .map(|&(past, n_q, _)| SeqData {
+                q: fill16(&mut rng, n_q * n_head * d, 2.0),
+                k: fill16(&mut rng, (past + n_q) * n_kv * d, 2.0),
+                v: fill16(&mut rng, (past + n_q) * n_kv * d, 1.0),
+                n_q,
+                t: past + n_q,
+            })
+            .collect();
+        let windows: Vec<Option<usize>> = seqs.iter().map(|s| s.2).collect();
+        let (store, seqs) = build(&mut rng, dtype, block_size, n_kv, d, &data, &windows);
+        let n_rows: usize = data.iter().map(|s| s.n_q).sum();
+        let attn = PagedAttention {
+            store,
+            seqs: seqs.into(),
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let q = concat_q(&data);
+        let got = paged_attention(&q, n_rows, n_head, d, &attn).unwrap();
+        // The F16C build and the portable one agree to the bit.
+        let portable = paged_attention_with(&q, n_rows, n_head, d, &attn, true).unwrap();
+        prop_assert!(
+            got.iter()
+                .zip(&portable)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        let want = naive(&q, n_head, &attn, n_rows);
+        let w = n_head * d;
+        for seq in attn.seqs.iter() {
+            let tol = tolerance(dtype, seq.n_q);
+            for i in seq.q_start * w..(seq.q_start + seq.n_q) * w {
+                let err = (got[i] as f64 - want[i]).abs();
+                prop_assert!(
+                    err <= tol,
+                    "{dtype} {seq:?} [{i}]: {} vs {} (err {err:e})",
+                    got[i],
+                    want[i]
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn shape_strategy() -> impl Strategy<Value = (KvDtype, usize)> {
+        prop_oneof![
+            (
+                Just(KvDtype::F32),
+                prop::sample::select(vec![8, 16, 32, 64, 96])
+            ),
+            (
+                Just(KvDtype::F16),
+                prop::sample::select(vec![8, 16, 32, 64, 96])
+            ),
+            (Just(KvDtype::Q8_0), prop::sample::select(vec![32, 64, 96])),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+        #[test]
+        fn matches_naive_attention(
+            seed in any::<u64>(),
+            (dtype, d) in shape_strategy(),
+            n_kv in 1usize..=4,
+            group in 1usize..=4,
+            block_size in prop::sample::select(vec![1usize, 4, 16, 32]),
+            seqs in prop::collection::vec(
+                (
+                    0usize..200,
+                    prop_oneof![3 => 1usize..8, 1 => TILE_Q..TILE_Q + 8],
+                    prop::option::of(1usize..200),
+                ),
+                1..4,
+            ),
+        ) {
+            check_against_naive(seed, dtype, n_kv, group, d, block_size, &seqs)?;
+        }
+    }
+
+    /// Rows outside every sequence are zero; a window of 1 attends to the query's own key.
+    #[test]
+    fn gaps_and_window_of_one() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let (n_kv, d, bs) = (1, 8, 4);
+        let data = [SeqData {
+            q: fill16(&mut rng, 2 * d, 1.0),
+            k: fill16(&mut rng, 9 * d, 1.0),
+            v: fill16(&mut rng, 9 * d, 1.0),
+            n_q: 2,
+            t: 9,
+        }];
+        let (store, mut seqs) = build(&mut rng, KvDtype::F32, bs, n_kv, d, &data, &[Some(1)]);
+        seqs[0].q_start = 1;
+        let attn = PagedAttention {
+            store,
+            seqs: seqs.into(),
+            scale: 0.5,
+        };
+        let mut q = vec![0.0f32; 4 * d];
+        q[d..3 * d].copy_from_slice(&data[0].q);
+        let got = paged_attention(&q, 4, 1, d, &attn).unwrap();
+        assert!(got[..d].iter().chain(&got[3 * d..]).all(|&x| x == 0.0));
+        assert_eq!(&got[d..2 * d], &data[0].v[7 * d..8 * d]);
+        assert_eq!(&got[2 * d..3 * d], &data[0].v[8 * d..9 * d]);
+        // A wrong q length is an error, not a panic.
+        assert!(matches!(
+            paged_attention(&q[1..], 4, 1, d, &attn),
+            Err(PagedError::Length { what: "q", .. })
+        ));
+    }
+}

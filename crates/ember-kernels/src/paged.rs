@@ -1,0 +1,914 @@
+//! Storage of one layer's paged KV cache, and the description of a paged attention call.
+//!
+//! The cache is a pool of fixed-size blocks of `block_size` token positions; a sequence owns a
+//! list of block ids (its block table), handed out by the block allocator in `ember-kv`. This
+//! module only stores and reads the values: which block belongs to whom is not its business.
+//!
+//! # Layout
+//!
+//! Each of the K and V arenas is one allocation laid out `[block][kv_head][slot][head_dim]`:
+//! the rows of one kv head inside one block are contiguous, so attention for one head streams
+//! `block_size` consecutive rows per block. Row `(block, head, slot)` starts at byte
+//! `((block * n_kv + head) * block_size + slot) * row_bytes`, where `row_bytes` is
+//! [`KvDtype::row_bytes`]`(head_dim)`:
+//!
+//! - `f32`: `head_dim` little-endian f32 values;
+//! - `f16`: `head_dim` IEEE binary16 values (round to nearest even on write);
+//! - `q8_0`: `head_dim / 32` ggml `block_q8_0`s (an f16 scale, then 32 i8), 34 bytes each.
+//!
+//! A GPU kernel takes the arenas with exactly this layout.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use ember_quant::GgmlType;
+use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+
+/// Values per q8_0 block (ggml's `QK8_0`).
+pub const Q8_0_BLOCK: usize = 32;
+/// Bytes per q8_0 block: an f16 scale and 32 i8.
+pub const Q8_0_BYTES: usize = 34;
+
+/// How K and V values are stored; names as llama.cpp's `-ctk` / `-ctv`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KvDtype {
+    F32,
+    F16,
+    Q8_0,
+}
+
+impl KvDtype {
+    pub const ALL: [KvDtype; 3] = [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0];
+
+    /// llama.cpp's name: `f32`, `f16`, `q8_0`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::Q8_0 => "q8_0",
+        }
+    }
+
+    /// The ggml type with the same encoding.
+    pub fn ggml_type(self) -> GgmlType {
+        match self {
+            KvDtype::F32 => GgmlType::F32,
+            KvDtype::F16 => GgmlType::F16,
+            KvDtype::Q8_0 => GgmlType::Q8_0,
+        }
+    }
+
+    /// Values per storage block (32 for q8_0, 1 otherwise): a row is a whole number of these.
+    pub fn block_values(self) -> usize {
+        match self {
+            KvDtype::Q8_0 => Q8_0_BLOCK,
+            _ => 1,
+        }
+    }
+
+    /// Bytes per storage block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+            KvDtype::Q8_0 => Q8_0_BYTES,
+        }
+    }
+
+    /// Average bytes per value (4, 2, 34 / 32).
+    pub fn bytes_per_value(self) -> f64 {
+        self.block_bytes() as f64 / self.block_values() as f64
+    }
+
+    /// Bytes of a row of `n` values, or `None` if `n` is not whole blocks (or overflows).
+    pub fn row_bytes(self, n: usize) -> Option<usize> {
+        if !n.is_multiple_of(self.block_values()) {
+            return None;
+        }
+        (n / self.block_values()).checked_mul(self.block_bytes())
+    }
+}
+
+impl fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for KvDtype {
+    type Err = PagedError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        KvDtype::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| PagedError::UnknownDtype(s.to_owned()))
+    }
+}
+
+/// Everything that can be wrong with a store request or a paged attention call.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PagedError {
+    #[error("unknown KV cache type {0:?} (expected f32, f16 or q8_0)")]
+    UnknownDtype(String),
+    #[error("q8_0 KV cache needs head_dim a multiple of 32, got {head_dim}")]
+    Q8HeadDim { head_dim: usize },
+    #[error(
+        "KV store dimensions must be non-zero: block_size {block_size}, n_kv {n_kv}, head_dim {head_dim}"
+    )]
+    ZeroDim {
+        block_size: usize,
+        n_kv: usize,
+        head_dim: usize,
+    },
+    #[error(
+        "KV store of {n_blocks} blocks x {block_size} slots x {n_kv} heads x {head_dim} overflows"
+    )]
+    TooLarge {
+        n_blocks: usize,
+        block_size: usize,
+        n_kv: usize,
+        head_dim: usize,
+    },
+    #[error("block {block} out of range for a store of {n_blocks} blocks")]
+    Block { block: usize, n_blocks: usize },
+    #[error("slot {slot} out of range for blocks of {block_size} slots")]
+    Slot { slot: usize, block_size: usize },
+    #[error("kv head {head} out of range for {n_kv} kv heads")]
+    Head { head: usize, n_kv: usize },
+    #[error("{what} has {got} values, expected {expected}")]
+    Length {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error("{n_head} query heads are not a multiple of {n_kv} kv heads")]
+    HeadGroups { n_head: usize, n_kv: usize },
+    #[error("query head_dim {got} differs from the store's {expected}")]
+    HeadDim { expected: usize, got: usize },
+    #[error("sequence {seq}: query rows {start}..{end} out of range for {n_rows} rows")]
+    Rows {
+        seq: usize,
+        start: usize,
+        end: usize,
+        n_rows: usize,
+    },
+    #[error("sequences {a} and {b} share query rows")]
+    Overlap { a: usize, b: usize },
+    #[error("sequence {seq}: positions overflow")]
+    Positions { seq: usize },
+    #[error("sequence {seq}: a window of 0 positions hides every key")]
+    ZeroWindow { seq: usize },
+    #[error("sequence {seq}: block table has {len} entries, positions up to {last} need {needed}")]
+    TableShort {
+        seq: usize,
+        len: usize,
+        last: usize,
+        needed: usize,
+    },
+    #[error("position {position} has no block table entry (table of {len})")]
+    NoEntry { position: usize, len: usize },
+    #[error(
+        "sequence {seq}: table entry {index} (block {block}) is out of range for {n_blocks} blocks but visible to a query"
+    )]
+    TableEntry {
+        seq: usize,
+        index: usize,
+        block: u32,
+        n_blocks: usize,
+    },
+}
+
+/// The K and V arenas (`[0]` is K, `[1]` is V), one variant so they always share a type. f16
+/// is kept as raw bits so the allocation is zeroed lazily by the OS (`vec![0u16; n]` is a
+/// calloc; `vec![f16::ZERO; n]` would write every value).
+#[derive(Clone)]
+pub(crate) enum Arenas {
+    F32([Vec<f32>; 2]),
+    F16([Vec<u16>; 2]),
+    Q8_0([Vec<u8>; 2]),
+}
+
+impl Arenas {
+    fn zeroed(dtype: KvDtype, values: usize, bytes: usize) -> Self {
+        match dtype {
+            KvDtype::F32 => Arenas::F32([vec![0.0; values], vec![0.0; values]]),
+            KvDtype::F16 => Arenas::F16([vec![0; values], vec![0; values]]),
+            KvDtype::Q8_0 => Arenas::Q8_0([vec![0; bytes], vec![0; bytes]]),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Arenas::F32([k, v]) => (k.len() + v.len()) * 4,
+            Arenas::F16([k, v]) => (k.len() + v.len()) * 2,
+            Arenas::Q8_0([k, v]) => k.len() + v.len(),
+        }
+    }
+}
+
+/// One layer's K and V for every block of the pool (layout in the module docs).
+#[derive(Clone)]
+pub struct PagedLayerStore {
+    n_blocks: usize,
+    block_size: usize,
+    n_kv: usize,
+    head_dim: usize,
+    dtype: KvDtype,
+    /// Bytes (q8_0) or values (f32, f16) per row: the unit the arena is indexed in.
+    row_units: usize,
+    pub(crate) arenas: Arenas,
+}
+
+impl fmt::Debug for PagedLayerStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PagedLayerStore")
+            .field("n_blocks", &self.n_blocks)
+            .field("block_size", &self.block_size)
+            .field("n_kv", &self.n_kv)
+            .field("head_dim", &self.head_dim)
+            .field("dtype", &self.dtype)
+            .finish()
+    }
+}
+
+impl PagedLayerStore {
+    /// Allocates both arenas once, zero-filled.
+    pub fn new(
+        dtype: KvDtype,
+        n_blocks: usize,
+        block_size: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<Self, PagedError> {
+        if block_size == 0 || n_kv == 0 || head_dim == 0 {
+            return Err(PagedError::ZeroDim {
+                block_size,
+                n_kv,
+                head_dim,
+            });
+        }
+        let row_bytes = dtype
+            .row_bytes(head_dim)
+            .ok_or(PagedError::Q8HeadDim { head_dim })?;
+        let too_large = PagedError::TooLarge {
+            n_blocks,
+            block_size,
+            n_kv,
+            head_dim,
+        };
+        let rows = n_blocks
+            .checked_mul(block_size)
+            .and_then(|r| r.checked_mul(n_kv))
+            .ok_or(too_large.clone())?;
+        let values = rows.checked_mul(head_dim).ok_or(too_large.clone())?;
+        let bytes = rows.checked_mul(row_bytes).ok_or(too_large.clone())?;
+        // Both arenas together must stay addressable.
+        bytes.checked_mul(2).ok_or(too_large)?;
+        let row_units = match dtype {
+            KvDtype::Q8_0 => row_bytes,
+            _ => head_dim,
+        };
+        Ok(Self {
+            n_blocks,
+            block_size,
+            n_kv,
+            head_dim,
+            dtype,
+            row_units,
+            arenas: Arenas::zeroed(dtype, values, bytes),
+        })
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn n_kv(&self) -> usize {
+        self.n_kv
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+
+    /// Bytes of one stored row (one head of one position).
+    pub fn row_bytes(&self) -> usize {
+        match self.dtype {
+            KvDtype::Q8_0 => self.row_units,
+            KvDtype::F16 => self.head_dim * 2,
+            KvDtype::F32 => self.head_dim * 4,
+        }
+    }
+
+    /// Memory held by the K and V arenas.
+    pub fn bytes(&self) -> usize {
+        self.arenas.bytes()
+    }
+
+    /// Row index of `(block, head, slot)`, unchecked (callers check or validated the ids).
+    #[inline(always)]
+    pub(crate) fn row_index(&self, block: usize, head: usize, slot: usize) -> usize {
+        (block * self.n_kv + head) * self.block_size + slot
+    }
+
+    /// Arena units (values, or bytes for q8_0) per row.
+    pub(crate) fn row_units(&self) -> usize {
+        self.row_units
+    }
+
+    fn check(&self, block: usize, slot: usize) -> Result<(), PagedError> {
+        if block >= self.n_blocks {
+            return Err(PagedError::Block {
+                block,
+                n_blocks: self.n_blocks,
+            });
+        }
+        if slot >= self.block_size {
+            return Err(PagedError::Slot {
+                slot,
+                block_size: self.block_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Stores one token: `k` and `v` are its `[n_kv * head_dim]` values, converted to the
+    /// store's type (f16: round to nearest even; q8_0: ggml's `quantize_row_q8_0_ref` per row).
+    pub fn write(
+        &mut self,
+        block: usize,
+        slot: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), PagedError> {
+        self.check(block, slot)?;
+        let expected = self.n_kv * self.head_dim;
+        for (what, x) in [("k", k), ("v", v)] {
+            if x.len() != expected {
+                return Err(PagedError::Length {
+                    what,
+                    expected,
+                    got: x.len(),
+                });
+            }
+        }
+        let first = self.row_index(block, 0, slot);
+        let (n_kv, bs, d, units) = (self.n_kv, self.block_size, self.head_dim, self.row_units);
+        // Row of head `h` of this token, in arena units.
+        let row = |h: usize| (first + h * bs) * units;
+        match &mut self.arenas {
+            Arenas::F32(arenas) => {
+                for (a, x) in arenas.iter_mut().zip([k, v]) {
+                    for h in 0..n_kv {
+                        a[row(h)..row(h) + d].copy_from_slice(&x[h * d..(h + 1) * d]);
+                    }
+                }
+            }
+            Arenas::F16(arenas) => {
+                for (a, x) in arenas.iter_mut().zip([k, v]) {
+                    for h in 0..n_kv {
+                        a[row(h)..row(h) + d]
+                            .reinterpret_cast_mut::<f16>()
+                            .convert_from_f32_slice(&x[h * d..(h + 1) * d]);
+                    }
+                }
+            }
+            Arenas::Q8_0(arenas) => {
+                for (a, x) in arenas.iter_mut().zip([k, v]) {
+                    // Blocks never straddle heads (head_dim % 32 == 0): quantize the token in
+                    // one call, then copy each head's blocks to its row.
+                    let q = ember_quant::quantize(GgmlType::Q8_0, x)
+                        .map_err(|_| PagedError::Q8HeadDim { head_dim: d })?;
+                    for h in 0..n_kv {
+                        a[row(h)..row(h) + units].copy_from_slice(&q[h * units..(h + 1) * units]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies slots `0..slots` of every head, K and V, from `src_block` to `dst_block`: the
+    /// copy-on-write of a shared, partly filled block. Equal blocks are a no-op.
+    pub fn copy_slots(
+        &mut self,
+        src_block: usize,
+        dst_block: usize,
+        slots: usize,
+    ) -> Result<(), PagedError> {
+        for block in [src_block, dst_block] {
+            if block >= self.n_blocks {
+                return Err(PagedError::Block {
+                    block,
+                    n_blocks: self.n_blocks,
+                });
+            }
+        }
+        if slots > self.block_size {
+            return Err(PagedError::Slot {
+                slot: slots,
+                block_size: self.block_size,
+            });
+        }
+        if src_block == dst_block || slots == 0 {
+            return Ok(());
+        }
+        let units = self.row_units;
+        let len = slots * units;
+        for h in 0..self.n_kv {
+            let src = self.row_index(src_block, h, 0) * units;
+            let dst = self.row_index(dst_block, h, 0) * units;
+            match &mut self.arenas {
+                Arenas::F32(a) => a
+                    .iter_mut()
+                    .for_each(|a| a.copy_within(src..src + len, dst)),
+                Arenas::F16(a) => a
+                    .iter_mut()
+                    .for_each(|a| a.copy_within(src..src + len, dst)),
+                Arenas::Q8_0(a) => a
+                    .iter_mut()
+                    .for_each(|a| a.copy_within(src..src + len, dst)),
+            }
+        }
+        Ok(())
+    }
+
+    /// K row of `(block, head, slot)` as f32 (dequantized).
+    pub fn k_row_f32(
+        &self,
+        block: usize,
+        head: usize,
+        slot: usize,
+        out: &mut [f32],
+    ) -> Result<(), PagedError> {
+        self.row_f32(0, block, head, slot, out)
+    }
+
+    /// V row of `(block, head, slot)` as f32 (dequantized).
+    pub fn v_row_f32(
+        &self,
+        block: usize,
+        head: usize,
+        slot: usize,
+        out: &mut [f32],
+    ) -> Result<(), PagedError> {
+        self.row_f32(1, block, head, slot, out)
+    }
+
+    /// Row of K (`which == 0`) or V (`1`) as f32.
+    fn row_f32(
+        &self,
+        which: usize,
+        block: usize,
+        head: usize,
+        slot: usize,
+        out: &mut [f32],
+    ) -> Result<(), PagedError> {
+        self.check(block, slot)?;
+        if head >= self.n_kv {
+            return Err(PagedError::Head {
+                head,
+                n_kv: self.n_kv,
+            });
+        }
+        if out.len() != self.head_dim {
+            return Err(PagedError::Length {
+                what: "row buffer",
+                expected: self.head_dim,
+                got: out.len(),
+            });
+        }
+        let (units, row) = (self.row_units, self.row_index(block, head, slot));
+        let at = row * units..(row + 1) * units;
+        match &self.arenas {
+            Arenas::F32(a) => out.copy_from_slice(&a[which][at]),
+            Arenas::F16(a) => a[which][at]
+                .reinterpret_cast::<f16>()
+                .convert_to_f32_slice(out),
+            Arenas::Q8_0(a) => dequantize_q8_0_row(&a[which][at], out),
+        }
+        Ok(())
+    }
+}
+
+impl PagedLayerStore {
+    /// K and V of the keys `seq`'s queries see ([`SeqAttn::visible_keys`]), dequantized into
+    /// dense `[n_kv, t, head_dim]` arrays (for the generic fallback and tests).
+    pub fn gather_f32(&self, seq: &SeqAttn) -> Result<(Vec<f32>, Vec<f32>), PagedError> {
+        let keys = seq.visible_keys();
+        let (t, d, bs) = (keys.len(), self.head_dim, self.block_size);
+        let mut k = vec![0.0f32; self.n_kv * t * d];
+        let mut v = vec![0.0f32; self.n_kv * t * d];
+        for (j, p) in keys.enumerate() {
+            let block = *seq.block_table.get(p / bs).ok_or(PagedError::NoEntry {
+                position: p,
+                len: seq.block_table.len(),
+            })? as usize;
+            for h in 0..self.n_kv {
+                let at = (h * t + j) * d..(h * t + j + 1) * d;
+                self.k_row_f32(block, h, p % bs, &mut k[at.clone()])?;
+                self.v_row_f32(block, h, p % bs, &mut v[at])?;
+            }
+        }
+        Ok((k, v))
+    }
+}
+
+/// Dequantizes whole q8_0 blocks: `q as f32 * d`, ggml's `dequantize_row_q8_0` exactly.
+#[inline]
+pub(crate) fn dequantize_q8_0_row(src: &[u8], out: &mut [f32]) {
+    let (blocks, _) = src.as_chunks::<Q8_0_BYTES>();
+    let (outs, _) = out.as_chunks_mut::<Q8_0_BLOCK>();
+    for (b, y) in blocks.iter().zip(outs) {
+        let d = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+        for (o, &q) in y.iter_mut().zip(&b[2..]) {
+            *o = (q as i8) as f32 * d;
+        }
+    }
+}
+
+/// One sequence of a ragged batch.
+///
+/// Its queries are rows `q_start..q_start + n_q` of the call's `q`, at positions
+/// `n_past..n_past + n_q`; its keys are positions `0..n_past + n_q`, position `p` stored at
+/// block `block_table[p / block_size]`, slot `p % block_size`. A query at position `qp` sees
+/// key `kp` iff `kp <= qp` and, with a window, `qp - kp < window`. Table entries for positions
+/// no query sees may be `u32::MAX` (released): they are never read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqAttn {
+    pub q_start: usize,
+    pub n_q: usize,
+    pub n_past: usize,
+    pub block_table: Arc<[u32]>,
+    pub window: Option<usize>,
+}
+
+impl SeqAttn {
+    /// Positions some query of this sequence sees: `first..end` (empty without queries).
+    pub fn visible_keys(&self) -> std::ops::Range<usize> {
+        let end = self.n_past + self.n_q;
+        if self.n_q == 0 {
+            return end..end;
+        }
+        first_visible(self.n_past, self.window)..end
+    }
+}
+
+/// First key position visible to a query at position `qp`.
+#[inline]
+pub(crate) fn first_visible(qp: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (qp + 1).saturating_sub(w))
+}
+
+/// One layer's paged attention call: the store, the batch's sequences and the score scale.
+/// Cheap to clone (two `Arc`s).
+#[derive(Clone, Debug)]
+pub struct PagedAttention {
+    pub store: Arc<PagedLayerStore>,
+    pub seqs: Arc<[SeqAttn]>,
+    pub scale: f32,
+}
+
+impl PagedAttention {
+    /// Checks the call against `q: [n_rows, n_head, head_dim]`: head counts and sizes, query
+    /// rows in range and not shared between sequences, positions without overflow, and every
+    /// table entry a query can see inside the store. After this the kernels index without
+    /// further checks.
+    pub fn validate(
+        &self,
+        n_rows: usize,
+        n_head: usize,
+        head_dim: usize,
+    ) -> Result<(), PagedError> {
+        let s = &*self.store;
+        if head_dim != s.head_dim {
+            return Err(PagedError::HeadDim {
+                expected: s.head_dim,
+                got: head_dim,
+            });
+        }
+        if n_head == 0 || !n_head.is_multiple_of(s.n_kv) {
+            return Err(PagedError::HeadGroups {
+                n_head,
+                n_kv: s.n_kv,
+            });
+        }
+        let mut ranges = Vec::with_capacity(self.seqs.len());
+        for (i, seq) in self.seqs.iter().enumerate() {
+            let end = seq.q_start.checked_add(seq.n_q);
+            if end.is_none_or(|e| e > n_rows) {
+                return Err(PagedError::Rows {
+                    seq: i,
+                    start: seq.q_start,
+                    end: end.unwrap_or(usize::MAX),
+                    n_rows,
+                });
+            }
+            if seq.window == Some(0) {
+                return Err(PagedError::ZeroWindow { seq: i });
+            }
+            if seq.n_q == 0 {
+                continue;
+            }
+            ranges.push((seq.q_start, seq.q_start + seq.n_q, i));
+            let Some(t) = seq.n_past.checked_add(seq.n_q) else {
+                return Err(PagedError::Positions { seq: i });
+            };
+            let keys = seq.visible_keys();
+            let (first, last) = (keys.start / s.block_size, (t - 1) / s.block_size);
+            if seq.block_table.len() <= last {
+                return Err(PagedError::TableShort {
+                    seq: i,
+                    len: seq.block_table.len(),
+                    last: t - 1,
+                    needed: last + 1,
+                });
+            }
+            for (index, &block) in seq.block_table[first..=last].iter().enumerate() {
+                if block as usize >= s.n_blocks {
+                    return Err(PagedError::TableEntry {
+                        seq: i,
+                        index: first + index,
+                        block,
+                        n_blocks: s.n_blocks,
+                    });
+                }
+            }
+        }
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(PagedError::Overlap {
+                    a: w[0].2,
+                    b: w[1].2,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-3.0..3.0f32)).collect()
+    }
+
+    #[test]
+    fn dtype_names_and_sizes() {
+        for t in KvDtype::ALL {
+            assert_eq!(t.name().parse::<KvDtype>(), Ok(t));
+            assert_eq!(t.to_string(), t.name());
+            assert_eq!(t.block_values(), t.ggml_type().block_size());
+            assert_eq!(t.block_bytes(), t.ggml_type().type_size());
+        }
+        assert_eq!("Q8_0".parse::<KvDtype>(), Ok(KvDtype::Q8_0));
+        assert!(matches!(
+            "q4_0".parse::<KvDtype>(),
+            Err(PagedError::UnknownDtype(_))
+        ));
+        assert_eq!(KvDtype::Q8_0.row_bytes(64), Some(68));
+        assert_eq!(KvDtype::Q8_0.row_bytes(48), None);
+        assert_eq!(KvDtype::F16.row_bytes(48), Some(96));
+        assert_eq!(KvDtype::Q8_0.bytes_per_value(), 34.0 / 32.0);
+    }
+
+    #[test]
+    fn new_checks_shapes() {
+        assert_eq!(
+            PagedLayerStore::new(KvDtype::Q8_0, 4, 16, 2, 48).unwrap_err(),
+            PagedError::Q8HeadDim { head_dim: 48 }
+        );
+        assert!(matches!(
+            PagedLayerStore::new(KvDtype::F16, 4, 0, 2, 64),
+            Err(PagedError::ZeroDim { .. })
+        ));
+        assert!(matches!(
+            PagedLayerStore::new(KvDtype::F32, usize::MAX / 2, 16, 2, 64),
+            Err(PagedError::TooLarge { .. })
+        ));
+        let s = PagedLayerStore::new(KvDtype::Q8_0, 10, 16, 3, 64).unwrap();
+        assert_eq!(s.bytes(), 2 * 10 * 16 * 3 * 68);
+        assert_eq!(s.row_bytes(), 68);
+        let s = PagedLayerStore::new(KvDtype::F16, 10, 16, 3, 64).unwrap();
+        assert_eq!(s.bytes(), 2 * 10 * 16 * 3 * 64 * 2);
+    }
+
+    /// Rows come back as the dtype's rounding of what was written: exact for f32, ggml's
+    /// f16 conversion, and the bytes of ggml's reference q8_0 quantizer.
+    #[test]
+    fn write_read_round_trip() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (n_kv, d, bs) = (3, 64, 4);
+        for dtype in KvDtype::ALL {
+            let mut s = PagedLayerStore::new(dtype, 5, bs, n_kv, d).unwrap();
+            let mut written = Vec::new();
+            for (block, slot) in [(0, 0), (4, 3), (2, 1), (2, 2)] {
+                let (k, v) = (random(&mut rng, n_kv * d), random(&mut rng, n_kv * d));
+                s.write(block, slot, &k, &v).unwrap();
+                written.push((block, slot, k, v));
+            }
+            let mut row = vec![0.0f32; d];
+            let mut want = vec![0.0f32; d];
+            for (block, slot, k, v) in &written {
+                for h in 0..n_kv {
+                    for (src, is_k) in [(k, true), (v, false)] {
+                        let src = &src[h * d..(h + 1) * d];
+                        let bytes = ember_quant::quantize(dtype.ggml_type(), src).unwrap();
+                        ember_quant::dequantize(dtype.ggml_type(), &bytes, &mut want).unwrap();
+                        if is_k {
+                            s.k_row_f32(*block, h, *slot, &mut row).unwrap();
+                        } else {
+                            s.v_row_f32(*block, h, *slot, &mut row).unwrap();
+                        }
+                        let same = row
+                            .iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{dtype} block {block} slot {slot} head {h}");
+                    }
+                }
+            }
+            // Untouched rows are zero.
+            s.k_row_f32(1, 2, 3, &mut row).unwrap();
+            assert!(row.iter().all(|&x| x == 0.0));
+        }
+    }
+
+    #[test]
+    fn q8_0_bytes_match_ggml_quantizer() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let (n_kv, d) = (2, 64);
+        let mut s = PagedLayerStore::new(KvDtype::Q8_0, 2, 2, n_kv, d).unwrap();
+        let k = random(&mut rng, n_kv * d);
+        let mut v = random(&mut rng, n_kv * d);
+        v[..32].iter_mut().for_each(|x| *x = 0.0); // an all-zero block: scale 0
+        s.write(1, 1, &k, &v).unwrap();
+        let Arenas::Q8_0([arena, _]) = &s.arenas else {
+            unreachable!()
+        };
+        let want = ember_quant::quantize(GgmlType::Q8_0, &k).unwrap();
+        for h in 0..n_kv {
+            let row = s.row_index(1, h, 1) * 68;
+            assert_eq!(&arena[row..row + 68], &want[h * 68..(h + 1) * 68]);
+        }
+    }
+
+    #[test]
+    fn copy_slots_copies_a_prefix_of_every_head() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let (n_kv, d, bs) = (2, 32, 4);
+        for dtype in KvDtype::ALL {
+            let mut s = PagedLayerStore::new(dtype, 3, bs, n_kv, d).unwrap();
+            for block in 0..3 {
+                for slot in 0..bs {
+                    let (k, v) = (random(&mut rng, n_kv * d), random(&mut rng, n_kv * d));
+                    s.write(block, slot, &k, &v).unwrap();
+                }
+            }
+            let before = s.clone();
+            s.copy_slots(0, 2, 3).unwrap();
+            let (mut a, mut b) = (vec![0.0f32; d], vec![0.0f32; d]);
+            for h in 0..n_kv {
+                for slot in 0..bs {
+                    let src = if slot < 3 { 0 } else { 2 };
+                    before.k_row_f32(src, h, slot, &mut a).unwrap();
+                    s.k_row_f32(2, h, slot, &mut b).unwrap();
+                    assert_eq!(a, b, "{dtype} k head {h} slot {slot}");
+                    before.v_row_f32(src, h, slot, &mut a).unwrap();
+                    s.v_row_f32(2, h, slot, &mut b).unwrap();
+                    assert_eq!(a, b, "{dtype} v head {h} slot {slot}");
+                    // Source and the other block untouched.
+                    for block in [0, 1] {
+                        before.k_row_f32(block, h, slot, &mut a).unwrap();
+                        s.k_row_f32(block, h, slot, &mut b).unwrap();
+                        assert_eq!(a, b);
+                    }
+                }
+            }
+            s.copy_slots(1, 1, 4).unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_ids_are_errors() {
+        let mut s = PagedLayerStore::new(KvDtype::F16, 2, 4, 2, 8).unwrap();
+        let x = vec![0.0f32; 16];
+        let mut row = vec![0.0f32; 8];
+        assert!(matches!(
+            s.write(2, 0, &x, &x),
+            Err(PagedError::Block { .. })
+        ));
+        assert!(matches!(
+            s.write(0, 4, &x, &x),
+            Err(PagedError::Slot { .. })
+        ));
+        assert!(matches!(
+            s.write(0, 0, &x[1..], &x),
+            Err(PagedError::Length { what: "k", .. })
+        ));
+        assert!(matches!(
+            s.k_row_f32(0, 2, 0, &mut row),
+            Err(PagedError::Head { .. })
+        ));
+        assert!(matches!(
+            s.v_row_f32(0, 0, 0, &mut row[1..]),
+            Err(PagedError::Length { .. })
+        ));
+        assert!(matches!(
+            s.copy_slots(0, 2, 1),
+            Err(PagedError::Block { .. })
+        ));
+        assert!(matches!(
+            s.copy_slots(0, 1, 5),
+            Err(PagedError::Slot { .. })
+        ));
+    }
+
+    fn seq(
+        q_start: usize,
+        n_q: usize,
+        n_past: usize,
+        table: &[u32],
+        window: Option<usize>,
+    ) -> SeqAttn {
+        SeqAttn {
+            q_start,
+            n_q,
+            n_past,
+            block_table: table.into(),
+            window,
+        }
+    }
+
+    #[test]
+    fn validate_reports_each_problem() {
+        let store = Arc::new(PagedLayerStore::new(KvDtype::F16, 4, 4, 2, 8).unwrap());
+        let call = |seqs: Vec<SeqAttn>| PagedAttention {
+            store: Arc::clone(&store),
+            seqs: seqs.into(),
+            scale: 1.0,
+        };
+        let ok = call(vec![seq(0, 2, 5, &[0, 1], None), seq(2, 1, 0, &[3], None)]);
+        assert_eq!(ok.validate(3, 4, 8), Ok(()));
+        assert!(matches!(
+            ok.validate(3, 4, 16),
+            Err(PagedError::HeadDim { .. })
+        ));
+        assert!(matches!(
+            ok.validate(3, 3, 8),
+            Err(PagedError::HeadGroups { .. })
+        ));
+        assert!(matches!(
+            ok.validate(2, 4, 8),
+            Err(PagedError::Rows { seq: 1, .. })
+        ));
+        let overlap = call(vec![seq(0, 2, 0, &[0], None), seq(1, 1, 0, &[3], None)]);
+        assert!(matches!(
+            overlap.validate(3, 2, 8),
+            Err(PagedError::Overlap { .. })
+        ));
+        let short = call(vec![seq(0, 2, 7, &[0, 1], None)]);
+        assert!(matches!(
+            short.validate(2, 2, 8),
+            Err(PagedError::TableShort { needed: 3, .. })
+        ));
+        let released = call(vec![seq(0, 1, 8, &[0, u32::MAX, 2], None)]);
+        assert!(matches!(
+            released.validate(1, 2, 8),
+            Err(PagedError::TableEntry { index: 1, .. })
+        ));
+        // With a window of 4, position 8 sees 5..=8: block 0 may be released.
+        let windowed = call(vec![seq(0, 1, 8, &[u32::MAX, 1, 2], Some(4))]);
+        assert_eq!(windowed.validate(1, 2, 8), Ok(()));
+        let windowed = call(vec![seq(0, 1, 8, &[u32::MAX, u32::MAX, 2], Some(4))]);
+        assert!(windowed.validate(1, 2, 8).is_err());
+        let zero = call(vec![seq(0, 1, 0, &[0], Some(0))]);
+        assert!(matches!(
+            zero.validate(1, 2, 8),
+            Err(PagedError::ZeroWindow { .. })
+        ));
+        let overflow = call(vec![seq(0, 1, usize::MAX, &[0], None)]);
+        assert!(matches!(
+            overflow.validate(1, 2, 8),
+            Err(PagedError::Positions { .. })
+        ));
+        // A sequence without queries needs no table.
+        let empty = call(vec![seq(1, 0, 100, &[], None)]);
+        assert_eq!(empty.validate(1, 2, 8), Ok(()));
+    }
+}

@@ -1,0 +1,517 @@
+//! The paged KV cache: the [`BlockAllocator`]'s bookkeeping plus one storage arena per layer.
+//!
+//! Layers are grouped by their attention window (Gemma 3: full layers and window-512 layers;
+//! llama: one full group). Each group has its own block pool and block tables, and each layer
+//! its own [`PagedLayerStore`] sized to its group's pool, laid out `[block][kv_head][slot]
+//! [head_dim]`. The model writes a batch's K/V through [`PagedKvCache::write`] and reads them
+//! back through [`PagedKvCache::attention`], which hands the attention kernel the layer's
+//! store and the sequences' block tables.
+
+use std::sync::Arc;
+
+use ember_kernels::{KvDtype, PagedAttention, PagedError, PagedLayerStore, SeqAttn};
+
+use crate::KvError;
+use crate::allocator::{
+    AllocatorConfig, BlockAllocator, GroupConfig, RELEASED, SeqId, blocks_for_budget,
+};
+
+/// How much memory the cache may take.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvBudget {
+    /// Room for this many token positions in every group (summed over sequences).
+    Tokens(usize),
+    /// At most this many MiB of K and V over all layers, split between groups in proportion
+    /// to their per-token cost (each group then holds the same number of tokens).
+    Mib(f64),
+}
+
+/// Shape and policy of a cache, fixed at start-up.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvCacheConfig {
+    /// Token slots per block.
+    pub block_size: usize,
+    pub dtype: KvDtype,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Each layer's sliding window (`None`: full attention); its length is the layer count.
+    pub layer_windows: Vec<Option<usize>>,
+    pub budget: KvBudget,
+    /// Longest sequence (the context size): an append past it is [`KvError::ContextFull`].
+    pub max_seq_len: usize,
+    /// Reuse the KV of cached full blocks for a prompt that starts the same way.
+    pub prefix_caching: bool,
+}
+
+impl KvCacheConfig {
+    /// Bytes of K and V one token takes over all layers.
+    pub fn bytes_per_token(&self) -> u64 {
+        let per_layer = self
+            .dtype
+            .row_bytes(self.head_dim)
+            .map_or(0, |row| row as u64 * self.n_kv_heads as u64 * 2);
+        per_layer.saturating_mul(self.layer_windows.len() as u64)
+    }
+}
+
+/// What a user picks for the cache at start-up; the model fills in the shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvOptions {
+    pub dtype: KvDtype,
+    pub block_size: usize,
+    /// `None`: room for the requested context exactly.
+    pub budget: Option<KvBudget>,
+    pub prefix_caching: bool,
+}
+
+impl Default for KvOptions {
+    /// f16 K and V as llama.cpp's default, blocks of 32 tokens, prefix caching on.
+    fn default() -> Self {
+        Self {
+            dtype: KvDtype::F16,
+            block_size: 32,
+            budget: None,
+            prefix_caching: true,
+        }
+    }
+}
+
+/// A store-level failure (a bad block id or row length) is a bug in the caller or in the
+/// allocator, never a user error; keep its message.
+fn storage(e: PagedError) -> KvError {
+    KvError::Storage(e.to_string())
+}
+
+pub struct PagedKvCache {
+    alloc: BlockAllocator,
+    /// Group of each layer.
+    layer_group: Vec<usize>,
+    stores: Vec<Arc<PagedLayerStore>>,
+    max_seq_len: usize,
+    dtype: KvDtype,
+}
+
+impl PagedKvCache {
+    pub fn new(config: &KvCacheConfig) -> Result<Self, KvError> {
+        let bs = config.block_size.max(1);
+        // One group per distinct window, in order of first appearance.
+        let mut windows: Vec<Option<usize>> = Vec::new();
+        let layer_group: Vec<usize> = config
+            .layer_windows
+            .iter()
+            .map(|w| match windows.iter().position(|x| x == w) {
+                Some(g) => g,
+                None => {
+                    windows.push(*w);
+                    windows.len() - 1
+                }
+            })
+            .collect();
+        let tokens = match config.budget {
+            KvBudget::Tokens(t) => t,
+            KvBudget::Mib(mib) => {
+                let bytes = (mib.max(0.0) * 1024.0 * 1024.0) as u64;
+                let per_block = config.bytes_per_token().max(1);
+                blocks_for_budget(bytes, per_block, bs).saturating_mul(bs)
+            }
+        };
+        let n_blocks = tokens.div_ceil(bs);
+        let groups = windows
+            .iter()
+            .map(|&window| GroupConfig { window, n_blocks })
+            .collect();
+        let alloc = BlockAllocator::new(AllocatorConfig {
+            block_size: config.block_size,
+            groups,
+            prefix_caching: config.prefix_caching,
+        })?;
+        let stores = layer_group
+            .iter()
+            .map(|_| {
+                PagedLayerStore::new(
+                    config.dtype,
+                    n_blocks,
+                    bs,
+                    config.n_kv_heads,
+                    config.head_dim,
+                )
+                .map(Arc::new)
+                .map_err(storage)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            alloc,
+            layer_group,
+            stores,
+            max_seq_len: config.max_seq_len,
+            dtype: config.dtype,
+        })
+    }
+
+    /// The bookkeeping (block tables, counts), read-only.
+    pub fn allocator(&self) -> &BlockAllocator {
+        &self.alloc
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+
+    pub fn max_seq_len(&self) -> usize {
+        self.max_seq_len
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.stores.len()
+    }
+
+    /// Memory held by every layer's K and V arenas (reserved address space; pages are touched
+    /// only as positions are written).
+    pub fn bytes(&self) -> usize {
+        self.stores.iter().map(|s| s.bytes()).sum()
+    }
+
+    /// Blocks in use and in total, summed over groups.
+    pub fn used_blocks(&self) -> usize {
+        (0..self.alloc.n_groups())
+            .filter_map(|g| self.alloc.used_blocks(g).ok())
+            .sum()
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        (0..self.alloc.n_groups())
+            .filter_map(|g| self.alloc.total_blocks(g).ok())
+            .sum()
+    }
+
+    /// Starts a sequence; returns it and how many leading prompt tokens are already cached
+    /// (their K/V need not be computed again).
+    pub fn add_sequence(&mut self, prompt: &[u32]) -> Result<(SeqId, usize), KvError> {
+        self.alloc.add_sequence(prompt)
+    }
+
+    pub fn len(&self, seq: SeqId) -> Result<usize, KvError> {
+        self.alloc.len(seq)
+    }
+
+    /// Reserves positions for `tokens` after the sequence's current length and performs the
+    /// copy-on-write the allocator asks for. Refuses (changing nothing) past `max_seq_len` or
+    /// when a pool is exhausted.
+    pub fn append(&mut self, seq: SeqId, tokens: &[u32]) -> Result<(), KvError> {
+        let used = self.alloc.len(seq)?;
+        if used + tokens.len() > self.max_seq_len {
+            return Err(KvError::ContextFull {
+                used,
+                requested: tokens.len(),
+                capacity: self.max_seq_len,
+            });
+        }
+        let copies = self.alloc.append(seq, tokens)?;
+        for c in copies {
+            for (store, _) in self
+                .stores
+                .iter_mut()
+                .zip(&self.layer_group)
+                .filter(|(_, g)| **g == c.group)
+            {
+                Arc::make_mut(store)
+                    .copy_slots(c.src as usize, c.dst as usize, c.slots)
+                    .map_err(storage)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes K and V of positions `start..start + n` of `seq` for `layer`: `k` and `v` are
+    /// `[n, n_kv_heads * head_dim]`, row-major. The positions must have been appended.
+    pub fn write(
+        &mut self,
+        layer: usize,
+        seq: SeqId,
+        start: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), KvError> {
+        let layers = self.stores.len();
+        let group = *self
+            .layer_group
+            .get(layer)
+            .ok_or(KvError::NoSuchLayer { layer, layers })?;
+        let table = self.alloc.block_table(seq, group)?;
+        let store = &mut self.stores[layer];
+        // Unique unless a lazy backend still holds the previous pass's view; then copy.
+        let store = Arc::make_mut(store);
+        let bs = store.block_size();
+        let row = store.n_kv() * store.head_dim();
+        if k.len() != v.len() || !k.len().is_multiple_of(row) {
+            return Err(KvError::Storage(format!(
+                "k/v of {} and {} values are not rows of {row}",
+                k.len(),
+                v.len()
+            )));
+        }
+        for (i, (kr, vr)) in k.chunks_exact(row).zip(v.chunks_exact(row)).enumerate() {
+            let pos = start + i;
+            let block = match table.get(pos / bs) {
+                Some(&b) if b != RELEASED => b as usize,
+                _ => {
+                    return Err(KvError::Storage(format!(
+                        "position {pos} of {seq} has no block (append it first)"
+                    )));
+                }
+            };
+            store.write(block, pos % bs, kr, vr).map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    /// The attention kernel's view of `layer` for a batch: each entry is a sequence with its
+    /// query rows `q_start..q_start + n_q`, the last `n_q` of its appended positions.
+    pub fn attention(
+        &self,
+        layer: usize,
+        batch: &[(SeqId, usize, usize)],
+        scale: f32,
+    ) -> Result<PagedAttention, KvError> {
+        let layers = self.stores.len();
+        let group = *self
+            .layer_group
+            .get(layer)
+            .ok_or(KvError::NoSuchLayer { layer, layers })?;
+        let window = self.alloc.window(group)?;
+        let seqs = batch
+            .iter()
+            .map(|&(seq, q_start, n_q)| {
+                let len = self.alloc.len(seq)?;
+                Ok(SeqAttn {
+                    q_start,
+                    n_q,
+                    n_past: len.saturating_sub(n_q),
+                    block_table: self.alloc.block_table(seq, group)?.into(),
+                    window,
+                })
+            })
+            .collect::<Result<Vec<_>, KvError>>()?;
+        Ok(PagedAttention {
+            store: Arc::clone(&self.stores[layer]),
+            seqs: seqs.into(),
+            scale,
+        })
+    }
+
+    /// Makes the appended positions permanent (prefix registration, window release).
+    pub fn commit(&mut self, seq: SeqId) -> Result<(), KvError> {
+        self.alloc.commit(seq)
+    }
+
+    /// Forgets positions from `len` on (also how a failed pass is rolled back).
+    pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<(), KvError> {
+        self.alloc.truncate(seq, len)
+    }
+
+    pub fn fork(&mut self, seq: SeqId) -> Result<SeqId, KvError> {
+        self.alloc.fork(seq)
+    }
+
+    /// Ends a sequence and gives its blocks back (kept for prefix reuse until needed).
+    pub fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
+        self.alloc.free(seq)
+    }
+}
+
+/// One sequence with a cache of its own: what single-stream callers (generation, perplexity,
+/// bench) use.
+pub struct SequenceCache {
+    cache: PagedKvCache,
+    seq: SeqId,
+}
+
+impl SequenceCache {
+    /// A cache holding exactly one sequence of at most `config.max_seq_len` positions.
+    pub fn new(config: &KvCacheConfig) -> Result<Self, KvError> {
+        let mut cache = PagedKvCache::new(config)?;
+        let (seq, _) = cache.add_sequence(&[])?;
+        Ok(Self { cache, seq })
+    }
+
+    pub fn len(&self) -> usize {
+        self.cache.len(self.seq).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cache.max_seq_len()
+    }
+
+    pub fn seq(&self) -> SeqId {
+        self.seq
+    }
+
+    pub fn parts(&mut self) -> (&mut PagedKvCache, SeqId) {
+        (&mut self.cache, self.seq)
+    }
+
+    pub fn cache(&self) -> &PagedKvCache {
+        &self.cache
+    }
+
+    /// Forgets every position from `len` on.
+    pub fn truncate(&mut self, len: usize) -> Result<(), KvError> {
+        self.cache.truncate(self.seq, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(windows: Vec<Option<usize>>, tokens: usize, max_seq_len: usize) -> KvCacheConfig {
+        KvCacheConfig {
+            block_size: 4,
+            dtype: KvDtype::F32,
+            n_kv_heads: 2,
+            head_dim: 8,
+            layer_windows: windows,
+            budget: KvBudget::Tokens(tokens),
+            max_seq_len,
+            prefix_caching: true,
+        }
+    }
+
+    /// K row of a token: its position and head in every value, so reads can be checked.
+    fn kv_of(pos: usize) -> Vec<f32> {
+        (0..16).map(|i| (pos * 100 + i / 8) as f32).collect()
+    }
+
+    fn step(cache: &mut PagedKvCache, seq: SeqId, tok: u32) {
+        let pos = cache.len(seq).unwrap();
+        cache.append(seq, &[tok]).unwrap();
+        for layer in 0..cache.n_layers() {
+            cache
+                .write(layer, seq, pos, &kv_of(pos), &kv_of(pos))
+                .unwrap();
+        }
+        cache.commit(seq).unwrap();
+    }
+
+    /// Reads position `pos` of `seq` in `layer` back through the attention view's table.
+    fn read(cache: &PagedKvCache, layer: usize, seq: SeqId, pos: usize) -> f32 {
+        let n = cache.len(seq).unwrap();
+        let view = cache.attention(layer, &[(seq, 0, n)], 1.0).unwrap();
+        let block = view.seqs[0].block_table[pos / 4] as usize;
+        let mut row = [0.0f32; 8];
+        view.store.k_row_f32(block, 1, pos % 4, &mut row).unwrap();
+        row[0]
+    }
+
+    #[test]
+    fn window_layers_release_blocks_full_layers_keep_them() {
+        let mut cache = PagedKvCache::new(&config(vec![None, Some(8)], 64, 64)).unwrap();
+        let (seq, _) = cache.add_sequence(&[]).unwrap();
+        for t in 0..40 {
+            step(&mut cache, seq, t);
+        }
+        let a = cache.allocator();
+        assert_eq!(
+            a.used_blocks(0).unwrap(),
+            10,
+            "full group keeps every block"
+        );
+        // The window group keeps only what a query at 40 or later can still see.
+        assert!(
+            a.used_blocks(1).unwrap() <= 3,
+            "{}",
+            a.used_blocks(1).unwrap()
+        );
+        for pos in 0..40 {
+            assert_eq!(read(&cache, 0, seq, pos), (pos * 100 + 1) as f32);
+        }
+        for pos in 33..40 {
+            assert_eq!(read(&cache, 1, seq, pos), (pos * 100 + 1) as f32);
+        }
+        cache.free(seq).unwrap();
+        assert_eq!(cache.used_blocks(), 0);
+    }
+
+    #[test]
+    fn prefix_is_shared_and_copy_on_write_keeps_sequences_apart() {
+        let mut cache = PagedKvCache::new(&config(vec![None, None], 64, 64)).unwrap();
+        let prompt: Vec<u32> = (0..10).collect();
+        let (a, cached) = cache.add_sequence(&prompt).unwrap();
+        assert_eq!(cached, 0);
+        for &t in &prompt {
+            step(&mut cache, a, t);
+        }
+        let (b, cached) = cache.add_sequence(&prompt).unwrap();
+        assert_eq!(cached, 8, "two full blocks of 4 reused");
+        assert_eq!(
+            cache.allocator().block_table(a, 0).unwrap()[..2],
+            cache.allocator().block_table(b, 0).unwrap()[..2]
+        );
+        for &t in &prompt[8..] {
+            step(&mut cache, b, t);
+        }
+        // A fork shares everything; writing its next token copies the partly filled block.
+        let c = cache.fork(b).unwrap();
+        let pos = cache.len(c).unwrap();
+        cache.append(c, &[99]).unwrap();
+        let other: Vec<f32> = vec![-1.0; 16];
+        for layer in 0..2 {
+            cache.write(layer, c, pos, &other, &other).unwrap();
+        }
+        cache.commit(c).unwrap();
+        step(&mut cache, b, 7);
+        assert_eq!(read(&cache, 0, c, pos), -1.0);
+        assert_eq!(read(&cache, 0, b, pos), (pos * 100 + 1) as f32);
+        for seq in [a, b, c] {
+            for p in 0..10 {
+                assert_eq!(read(&cache, 1, seq, p), (p * 100 + 1) as f32);
+            }
+            cache.free(seq).unwrap();
+        }
+        assert_eq!(cache.used_blocks(), 0);
+    }
+
+    #[test]
+    fn full_context_and_exhausted_pool_are_typed_errors_that_change_nothing() {
+        let mut cache = PagedKvCache::new(&config(vec![None], 8, 6)).unwrap();
+        let (a, _) = cache.add_sequence(&[]).unwrap();
+        let err = cache.append(a, &[0; 7]).unwrap_err();
+        assert_eq!(
+            err,
+            KvError::ContextFull {
+                used: 0,
+                requested: 7,
+                capacity: 6
+            }
+        );
+        for t in 0..6 {
+            step(&mut cache, a, t);
+        }
+        let (b, _) = cache.add_sequence(&[]).unwrap();
+        let err = cache.append(b, &[1, 2, 3, 4, 5]).unwrap_err();
+        assert!(
+            matches!(err, KvError::OutOfBlocks { group: 0, .. }),
+            "{err}"
+        );
+        assert_eq!(cache.len(b).unwrap(), 0);
+        assert_eq!(cache.used_blocks(), 2);
+        cache.free(a).unwrap();
+        cache.append(b, &[1, 2, 3, 4, 5]).unwrap();
+    }
+
+    #[test]
+    fn mib_budget_counts_every_layer() {
+        let mut cfg = config(vec![None; 4], 0, 1024);
+        cfg.dtype = KvDtype::F16;
+        // 4 layers x 2 heads x 8 dims x 2 bytes x (K, V) = 256 bytes per token.
+        assert_eq!(cfg.bytes_per_token(), 256);
+        cfg.budget = KvBudget::Mib(1.0);
+        let cache = PagedKvCache::new(&cfg).unwrap();
+        assert_eq!(cache.total_blocks(), 4096 / 4);
+        assert_eq!(cache.bytes(), 1024 * 1024);
+    }
+}
