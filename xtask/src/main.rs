@@ -5,6 +5,11 @@
 //!   or `$EMBER_LLAMACPP_BIN`), then runs `llama-bench` and `ember bench` interleaved, one
 //!   repetition each per round, on the same file and thread count, and prints best and median
 //!   tokens/s and the ratio ember / llama.cpp for pp and tg.
+//! - `bench-serve [--model NAME] [--clients N] [--tokens T] [--rounds R] [--threads T]`: starts
+//!   `ember serve --parallel N` and llama.cpp's `llama-server -np N` (continuous batching) on
+//!   the same file and thread count, and in interleaved rounds runs 1 and then N concurrent
+//!   streaming `/v1/completions` clients (`ignore_eos`, T tokens each) against each; prints
+//!   aggregate tokens/s, time to first token and time per output token (p50/p99).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,30 +17,33 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+mod serve_bench;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench-vs-llamacpp") => bench_vs_llamacpp(&args[1..]),
+        Some("bench-serve") => serve_bench::run(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask bench-vs-llamacpp [--model NAME] [--threads T] [--rounds R] [-p N] [-n N]"
+                "usage: cargo xtask bench-vs-llamacpp [--model NAME] [--threads T] [--rounds R] [-p N] [-n N]\n       cargo xtask bench-serve [--model NAME] [--clients N] [--tokens T] [--rounds R] [--threads T]"
             );
             bail!("unknown or missing task")
         }
     }
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn flag(args: &[String], names: &[&str], default: &str) -> String {
+pub(crate) fn flag(args: &[String], names: &[&str], default: &str) -> String {
     args.windows(2)
         .find(|w| names.contains(&w[0].as_str()))
         .map_or(default.to_string(), |w| w[1].clone())
 }
 
-fn llama_bin() -> Result<PathBuf> {
+pub(crate) fn llama_bin() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("EMBER_LLAMACPP_BIN") {
         return Ok(PathBuf::from(dir));
     }
@@ -97,7 +105,7 @@ fn rates(v: &Value) -> Vec<(String, f64)> {
         .collect()
 }
 
-fn best_median(xs: &mut [f64]) -> (f64, f64) {
+pub(crate) fn best_median(xs: &mut [f64]) -> (f64, f64) {
     xs.sort_by(f64::total_cmp);
     let best = xs.last().copied().unwrap_or(0.0);
     let mid = xs.len() / 2;

@@ -1,0 +1,246 @@
+//! `cargo xtask bench-serve`: Ember's server against llama-server under concurrent streams.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+use crate::{best_median, flag, llama_bin, root};
+
+/// A server process, killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn start(mut cmd: Command, port: u16, what: &str) -> Result<Server> {
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let server = Server { child, port };
+    let t0 = Instant::now();
+    loop {
+        let ok = ureq::get(&format!("http://127.0.0.1:{port}/health"))
+            .timeout(Duration::from_secs(2))
+            .call()
+            .is_ok();
+        if ok {
+            return Ok(server);
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!("{what} did not become healthy on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One streaming completion: (time to first token, times between tokens, tokens).
+fn stream_once(port: u16, prompt: &str, tokens: usize) -> Result<(f64, Vec<f64>, usize)> {
+    let t0 = Instant::now();
+    let resp = ureq::post(&format!("http://127.0.0.1:{port}/v1/completions"))
+        .timeout(Duration::from_secs(600))
+        .send_json(json!({
+            "prompt": prompt,
+            "max_tokens": tokens,
+            "temperature": 0.0,
+            "ignore_eos": true,
+            "stream": true,
+        }))
+        .context("completion request")?;
+    let mut first = None;
+    let mut last = t0;
+    let mut gaps = Vec::new();
+    let mut n = 0;
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data.trim() == "[DONE]" {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(data)?;
+        let has_text = v["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty());
+        if !has_text {
+            continue;
+        }
+        let now = Instant::now();
+        n += 1;
+        match first {
+            None => first = Some(now.duration_since(t0).as_secs_f64()),
+            Some(_) => gaps.push(now.duration_since(last).as_secs_f64()),
+        }
+        last = now;
+    }
+    Ok((first.unwrap_or(f64::NAN), gaps, n))
+}
+
+struct RunResult {
+    tokens_per_s: f64,
+    ttft: Vec<f64>,
+    tpot: Vec<f64>,
+}
+
+/// `clients` concurrent streams; aggregate rate is all streamed tokens over the wall time.
+fn run_clients(port: u16, clients: usize, tokens: usize) -> Result<RunResult> {
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|i| {
+            let prompt = format!(
+                "Client {i} asks: write a long story about a lighthouse keeper and the sea."
+            );
+            std::thread::spawn(move || stream_once(port, &prompt, tokens))
+        })
+        .collect();
+    let mut total = 0;
+    let (mut ttft, mut tpot) = (Vec::new(), Vec::new());
+    for h in handles {
+        let (first, gaps, n) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("client panicked"))??;
+        total += n;
+        ttft.push(first);
+        tpot.extend(gaps);
+    }
+    Ok(RunResult {
+        tokens_per_s: total as f64 / t0.elapsed().as_secs_f64(),
+        ttft,
+        tpot,
+    })
+}
+
+fn percentile(xs: &mut [f64], p: f64) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    xs[((xs.len() - 1) as f64 * p).round() as usize]
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let model = flag(args, &["--model", "-m"], "smollm2-135m-instruct-q4_1");
+    let clients: usize = flag(args, &["--clients", "-c"], "8").parse()?;
+    let tokens: usize = flag(args, &["--tokens", "-n"], "128").parse()?;
+    let rounds: usize = flag(args, &["--rounds", "-r"], "3").parse()?;
+    let threads = flag(args, &["--threads", "-t"], "2");
+    let ctx = 512;
+
+    let path = ember_hub::resolve(&model)?;
+    let model_arg = path.to_string_lossy().to_string();
+    let bin = llama_bin()?;
+    let status = Command::new("cargo")
+        .args(["build", "--release", "-p", "ember-cli"])
+        .current_dir(root())
+        .status()?;
+    if !status.success() {
+        bail!("building ember failed");
+    }
+
+    let ember_port = free_port()?;
+    let mut ember = Command::new(root().join("target/release/ember"));
+    ember.env("RAYON_NUM_THREADS", &threads).args([
+        "serve",
+        "-m",
+        &model_arg,
+        "--port",
+        &ember_port.to_string(),
+        "--parallel",
+        &clients.to_string(),
+        "--ctx-size",
+        &ctx.to_string(),
+    ]);
+    let llama_port = free_port()?;
+    let mut llama = Command::new(bin.join("llama-server"));
+    llama.args([
+        "-m",
+        &model_arg,
+        "--port",
+        &llama_port.to_string(),
+        "-np",
+        &clients.to_string(),
+        "-c",
+        &(ctx * clients).to_string(),
+        "-t",
+        &threads,
+        "-tb",
+        &threads,
+        // This host reports AMX and llama.cpp's AMX matmul crashes on batches here.
+        "--no-repack",
+    ]);
+    let servers = [
+        ("ember", start(ember, ember_port, "ember serve")?),
+        ("llama-server", start(llama, llama_port, "llama-server")?),
+    ];
+    // Warm up both (page cache, first-call costs).
+    for (_, s) in &servers {
+        run_clients(s.port, 1, 8)?;
+    }
+
+    type Key = (&'static str, usize);
+    let mut rate: std::collections::BTreeMap<Key, Vec<f64>> = Default::default();
+    let mut ttft: std::collections::BTreeMap<Key, Vec<f64>> = Default::default();
+    let mut tpot: std::collections::BTreeMap<Key, Vec<f64>> = Default::default();
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}", round + 1);
+        let order: Vec<&(&str, Server)> = if round % 2 == 0 {
+            servers.iter().collect()
+        } else {
+            servers.iter().rev().collect()
+        };
+        for (name, s) in order {
+            for n in [1, clients] {
+                let r = run_clients(s.port, n, tokens)?;
+                rate.entry((name, n)).or_default().push(r.tokens_per_s);
+                ttft.entry((name, n)).or_default().extend(r.ttft);
+                tpot.entry((name, n)).or_default().extend(r.tpot);
+            }
+        }
+    }
+    println!(
+        "model {model}, {threads} threads, {tokens} tokens per stream, {rounds} interleaved rounds, ctx {ctx} per sequence"
+    );
+    println!();
+    println!(
+        "| server | streams | tokens/s best | tokens/s median | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut medians = std::collections::BTreeMap::new();
+    for (key, xs) in rate.iter_mut() {
+        let (best, median) = best_median(xs);
+        medians.insert(*key, median);
+        let t = ttft.get_mut(key).map_or(&mut [][..], |v| &mut v[..]);
+        let (t50, t99) = (percentile(t, 0.5) * 1e3, percentile(t, 0.99) * 1e3);
+        let p = tpot.get_mut(key).map_or(&mut [][..], |v| &mut v[..]);
+        let (p50, p99) = (percentile(p, 0.5) * 1e3, percentile(p, 0.99) * 1e3);
+        println!(
+            "| {} | {} | {best:.1} | {median:.1} | {t50:.0} | {t99:.0} | {p50:.1} | {p99:.1} |",
+            key.0, key.1
+        );
+    }
+    let get = |k: Key| medians.get(&k).copied().unwrap_or(f64::NAN);
+    println!();
+    println!(
+        "ember: {clients} streams / 1 stream = {:.2}x; ember / llama-server at {clients} streams = {:.2}x",
+        get(("ember", clients)) / get(("ember", 1)),
+        get(("ember", clients)) / get(("llama-server", clients)),
+    );
+    Ok(())
+}
