@@ -211,7 +211,7 @@ fn perplexity_matches_fixture(name: &str) {
     let out = ember(&[
         "perplexity",
         "-m",
-        MODEL,
+        fixture["model"].as_str().unwrap(),
         "-f",
         text.to_str().unwrap(),
         "--ctx",
@@ -237,6 +237,13 @@ fn perplexity_matches_llama_perplexity_within_one_percent() {
 #[test]
 fn perplexity_at_ctx_2048_matches_llama_perplexity_within_one_percent() {
     perplexity_matches_fixture("perplexity-smollm2-q4_1-ctx2048.json");
+}
+
+/// Gemma 3 at ctx 512 and at ctx 2048, past its 512-token sliding window.
+#[test]
+fn gemma3_perplexity_matches_llama_perplexity_within_one_percent() {
+    perplexity_matches_fixture("perplexity-gemma3-270m-q4_k_m-ctx512.json");
+    perplexity_matches_fixture("perplexity-gemma3-270m-q4_k_m-ctx2048.json");
 }
 
 #[test]

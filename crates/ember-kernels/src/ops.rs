@@ -69,6 +69,11 @@ pub trait EmberBackend: Backend {
         swiglu_fallback::<Self>(gate, up)
     }
 
+    /// `gelu(gate) * up` (tanh-approximated GELU), element-wise over same-shaped tensors.
+    fn geglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        geglu_fallback::<Self>(gate, up)
+    }
+
     /// `a + b`, element-wise over same-shaped tensors (the residual connection).
     fn residual_add(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_add(a, b)
@@ -177,6 +182,21 @@ pub fn rope_fallback<B: Backend>(
 pub fn swiglu_fallback<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
     let silu = B::float_mul(gate.clone(), B::sigmoid(gate));
     B::float_mul(silu, up)
+}
+
+/// The generic GEGLU from burn ops: `0.5 g (1 + tanh(sqrt(2/pi) g (1 + 0.044715 g^2))) * up`,
+/// in f32 (ggml's CPU kernel also rounds `g` and the GELU to f16; this does not).
+pub fn geglu_fallback<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    let g2 = B::float_mul(gate.clone(), gate.clone());
+    let inner = B::float_mul(
+        B::float_mul_scalar(gate.clone(), 0.797_884_6f32.into()),
+        B::float_add_scalar(B::float_mul_scalar(g2, 0.044715f32.into()), 1.0f32.into()),
+    );
+    let gelu = B::float_mul(
+        B::float_mul_scalar(gate, 0.5f32.into()),
+        B::float_add_scalar(B::float_tanh(inner), 1.0f32.into()),
+    );
+    B::float_mul(gelu, up)
 }
 
 /// The generic attention: a full score matrix per kv head, masked, softmaxed, times V.
@@ -418,6 +438,15 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     ))
 }
 
+/// `gelu(gate) * up` on any backend (see [`EmberBackend::geglu`]).
+pub fn geglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    assert_eq!(gate.dims(), up.dims(), "geglu: shapes must match");
+    Tensor::from_dispatch(<Dispatch as EmberBackend>::geglu(
+        gate.into_dispatch(),
+        up.into_dispatch(),
+    ))
+}
+
 /// `a + b` on any backend (see [`EmberBackend::residual_add`]).
 pub fn residual_add<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
     assert_eq!(a.dims(), b.dims(), "residual_add: shapes must match");
@@ -551,6 +580,16 @@ mod flex {
             let shape = gate.shape();
             let (gate, up) = (contiguous_f32(gate), contiguous_f32(up));
             let out = crate::cpu::fused::swiglu(
+                gate.as_slice::<f32>().expect("contiguous f32"),
+                up.as_slice::<f32>().expect("contiguous f32"),
+            );
+            FlexTensor::from_data(TensorData::new(out, shape))
+        }
+
+        fn geglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+            let shape = gate.shape();
+            let (gate, up) = (contiguous_f32(gate), contiguous_f32(up));
+            let out = crate::cpu::fused::geglu(
                 gate.as_slice::<f32>().expect("contiguous f32"),
                 up.as_slice::<f32>().expect("contiguous f32"),
             );

@@ -39,6 +39,7 @@ impl ModelConfig {
             .to_string();
         let rope_mode = match arch.as_str() {
             "llama" => RopeMode::Normal,
+            "gemma3" => RopeMode::Neox,
             other => return Err(ModelError::UnsupportedArchitecture(other.to_string())),
         };
         let key = |k: &str| format!("{arch}.{k}");

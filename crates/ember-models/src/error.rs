@@ -2,7 +2,7 @@ use ember_quant::GgmlType;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("unsupported architecture '{0}' (supported: llama)")]
+    #[error("unsupported architecture '{0}' (supported: llama, gemma3)")]
     UnsupportedArchitecture(String),
     #[error("the file has no general.architecture")]
     NoArchitecture,

@@ -6,13 +6,17 @@
 
 mod config;
 mod error;
+mod gemma3;
 mod layers;
 mod llama;
+mod model;
 mod weights;
 
 pub use config::{ModelConfig, RopeMode};
 pub use error::ModelError;
-pub use llama::{BatchSeq, LlamaModel, Logits};
+pub use gemma3::Gemma3;
+pub use llama::Llama;
+pub use model::{Architecture, BatchSeq, Logits, Model, Pass};
 pub use weights::Weights;
 
 use burn::tensor::Device;
@@ -32,7 +36,12 @@ pub fn default_device() -> Device {
 }
 
 /// Loads the model a GGUF file describes, on `device`.
-pub fn load(file: &GgufFile, device: &Device) -> Result<LlamaModel, ModelError> {
+pub fn load(file: &GgufFile, device: &Device) -> Result<Model, ModelError> {
     let config = ModelConfig::from_gguf(file)?;
-    LlamaModel::load(file, config, device)
+    let arch: Box<dyn Architecture> = match config.architecture.as_str() {
+        "llama" => Box::new(Llama::load(file, &config, device)?),
+        "gemma3" => Box::new(Gemma3::load(file, &config, device)?),
+        other => return Err(ModelError::UnsupportedArchitecture(other.to_string())),
+    };
+    Model::new(file, config, device, arch)
 }

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use ember_models::{LlamaModel, Logits, ModelError};
+use ember_models::{Logits, Model, ModelError};
 use serde::Serialize;
 
 use crate::generate::last_logits;
@@ -38,14 +38,14 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
 }
 
-fn run_pp(model: &LlamaModel, n: usize) -> Result<(), ModelError> {
+fn run_pp(model: &Model, n: usize) -> Result<(), ModelError> {
     let mut cache = model.new_cache(n)?;
     let toks = tokens(n, model.config().n_vocab);
     last_logits(model.forward(&toks, &mut cache, Logits::Last)?);
     Ok(())
 }
 
-fn run_tg(model: &LlamaModel, n: usize) -> Result<(), ModelError> {
+fn run_tg(model: &Model, n: usize) -> Result<(), ModelError> {
     let mut cache = model.new_cache(n)?;
     let toks = tokens(n, model.config().n_vocab);
     for t in toks {
@@ -56,13 +56,13 @@ fn run_tg(model: &LlamaModel, n: usize) -> Result<(), ModelError> {
 
 /// Runs one test (`n_prompt` > 0 for pp, else `n_gen` for tg).
 pub fn bench(
-    model: &LlamaModel,
+    model: &Model,
     n_prompt: usize,
     n_gen: usize,
     reps: usize,
     n_threads: usize,
 ) -> Result<BenchResult, ModelError> {
-    let run = |m: &LlamaModel| {
+    let run = |m: &Model| {
         if n_prompt > 0 {
             run_pp(m, n_prompt)
         } else {

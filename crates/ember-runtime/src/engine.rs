@@ -169,7 +169,6 @@ impl RequestStream {
 }
 
 struct Submission {
-    id: u64,
     req: EngineRequest,
     events: UnboundedSender<Event>,
     submitted: Instant,
@@ -256,7 +255,6 @@ impl Engine {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, rx) = unbounded_channel();
         let sub = Submission {
-            id,
             req,
             events,
             submitted: Instant::now(),
@@ -330,7 +328,6 @@ struct Sequence {
 impl Sequence {
     fn new(sub: Submission) -> Self {
         let Submission {
-            id: _,
             req,
             events,
             submitted,

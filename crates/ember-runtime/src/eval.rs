@@ -1,13 +1,13 @@
 //! Teacher-forced evaluation: logits at every position, and perplexity as llama-perplexity
 //! computes it.
 
-use ember_models::{LlamaModel, Logits, ModelError};
+use ember_models::{BatchSeq, Logits, Model, ModelError};
 use serde::Serialize;
 
 /// Logits after every position of `tokens` (row `i` predicts token `i + 1`), computed in
 /// batches of at most `batch` tokens over one growing cache.
 pub fn teacher_forced_logits(
-    model: &LlamaModel,
+    model: &Model,
     tokens: &[u32],
     batch: usize,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
@@ -27,7 +27,7 @@ pub fn teacher_forced_logits(
 /// row what follows it. This mirrors how llama.cpp produced its reference logits, batch sizes
 /// included (its attention takes a different path for batches of 64 tokens or more).
 pub fn prompt_then_step_logits(
-    model: &LlamaModel,
+    model: &Model,
     prompt: &[u32],
     continuation: &[u32],
 ) -> Result<Vec<Vec<f32>>, ModelError> {
@@ -66,12 +66,15 @@ fn nll(logits: &[f32], target: u32) -> f64 {
     lse - logits[target as usize] as f64
 }
 
+/// llama-perplexity's default micro-batch (`n_ubatch`).
+const PERPLEXITY_UBATCH: usize = 512;
+
 /// llama-perplexity's method: split `tokens` into non-overlapping chunks of `ctx` tokens (the
 /// tail that doesn't fill a chunk is dropped), put BOS first in each chunk when `bos` is given,
 /// run each chunk from an empty cache and score the second half of it: the predictions of
 /// tokens `ctx/2 + 1 .. ctx`. `on_chunk` sees the running estimate after each chunk.
 pub fn perplexity(
-    model: &LlamaModel,
+    model: &Model,
     tokens: &[u32],
     ctx: usize,
     bos: Option<u32>,
@@ -92,13 +95,32 @@ pub fn perplexity(
             chunk[0] = bos;
         }
         let mut cache = model.new_cache(ctx)?;
-        let logits = model.forward(&chunk, &mut cache, Logits::All)?;
-        let [_, vocab] = logits.dims();
-        let flat = logits.into_data().try_to_vec::<f32>().unwrap_or_default();
-        for i in first..ctx - 1 {
-            // Targets come from the original tokens: only the model input had BOS swapped in.
-            nll_sum += nll(&flat[i * vocab..(i + 1) * vocab], tokens[c * ctx + i + 1]);
-            count += 1;
+        let (cache, seq) = cache.parts();
+        // Micro-batches of 512 as llama-perplexity's default `n_ubatch` (so attention and
+        // matmuls see the batch sizes llama.cpp does), logits only where rows are scored.
+        for start in (0..ctx).step_by(PERPLEXITY_UBATCH) {
+            let end = (start + PERPLEXITY_UBATCH).min(ctx);
+            let scored = end > first;
+            let batch = BatchSeq {
+                seq,
+                tokens: &chunk[start..end],
+                logits: scored.then_some(Logits::All),
+            };
+            let logits = model.forward_batch(&[batch], cache)?;
+            if !scored {
+                continue;
+            }
+            let [_, vocab] = logits.dims();
+            let flat = logits.into_data().try_to_vec::<f32>().unwrap_or_default();
+            for i in start.max(first)..end.min(ctx - 1) {
+                // Targets come from the original tokens: only the input had BOS swapped in.
+                let row = i - start;
+                nll_sum += nll(
+                    &flat[row * vocab..(row + 1) * vocab],
+                    tokens[c * ctx + i + 1],
+                );
+                count += 1;
+            }
         }
         on_chunk(c + 1, n_chunks, (nll_sum / count as f64).exp());
     }

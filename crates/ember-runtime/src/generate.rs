@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use burn::tensor::Tensor;
 use ember_kv::KvOptions;
-use ember_models::{LlamaModel, Logits, ModelError};
+use ember_models::{Logits, Model, ModelError};
 use serde::Serialize;
 
 use crate::sampling::{Sampler, SamplingParams};
@@ -89,7 +89,7 @@ pub fn last_logits(logits: Tensor<2>) -> Vec<f32> {
 /// Generates from `req.prompt_tokens`, calling `on_text` with each piece of text as soon as it
 /// is safe to show (complete UTF-8, not a possible stop-string prefix).
 pub fn generate(
-    model: &LlamaModel,
+    model: &Model,
     tokenizer: &GgufTokenizer,
     req: &GenerateRequest,
     mut on_text: impl FnMut(&str),

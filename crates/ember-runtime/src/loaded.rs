@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use ember_formats::{GgufError, GgufFile};
-use ember_models::{LlamaModel, ModelError};
+use ember_models::{Model, ModelError};
 
 use crate::chat::{BuiltinTemplate, ChatError, ChatTemplate};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
@@ -25,7 +25,7 @@ pub enum LoadError {
 
 pub struct LoadedModel {
     pub file: GgufFile,
-    pub model: LlamaModel,
+    pub model: Model,
     pub tokenizer: GgufTokenizer,
 }
 

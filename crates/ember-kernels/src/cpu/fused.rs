@@ -123,6 +123,45 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     }
 }
 
+/// ggml's tanh-approximated GELU in f32: `0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))`.
+pub fn gelu_f32(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const GELU_COEF_A: f32 = 0.044715;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
+}
+
+/// GELU of every f16 value, rounded to f16: ggml's `ggml_table_gelu_f16`, which its CPU GELU
+/// looks inputs up in (after rounding them to f16). Built once, 128 KiB.
+fn gelu_table() -> &'static [half::f16] {
+    static TABLE: std::sync::OnceLock<Vec<half::f16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| half::f16::from_f32(gelu_f32(half::f16::from_bits(bits).to_f32())))
+            .collect()
+    })
+}
+
+/// `gelu(gate) * up` element-wise as ggml's CPU GEGLU computes it: 0 below -10, the identity
+/// above 10, and in between the f16 table entry of `gate` rounded to f16.
+pub fn geglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    assert_eq!(gate.len(), up.len(), "geglu: shape mismatch");
+    let table = gelu_table();
+    let f = |(&g, &u): (&f32, &f32)| {
+        if g <= -10.0 {
+            0.0
+        } else if g >= 10.0 {
+            g * u
+        } else {
+            table[half::f16::from_f32(g).to_bits() as usize].to_f32() * u
+        }
+    };
+    if gate.len() >= PAR_MIN_ELEMS {
+        gate.par_iter().zip(up).map(f).collect()
+    } else {
+        gate.iter().zip(up).map(f).collect()
+    }
+}
+
 /// `a + b` element-wise.
 pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     assert_eq!(a.len(), b.len(), "add: shape mismatch");

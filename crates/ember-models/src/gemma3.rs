@@ -1,0 +1,143 @@
+//! Gemma 3 (`gemma3`): GQA attention with RMS-normed Q and K (QK-norm), NEOX RoPE with a
+//! different base on sliding-window layers, norms after attention and after the feed-forward
+//! as well as before, a GELU-gated feed-forward, embeddings scaled by `sqrt(n_embd)`, and
+//! sliding-window layers (window `gemma3.attention.sliding_window`) interleaved with global
+//! ones: with the default pattern of 6, layer `i` is global iff `i % 6 == 5`. Follows
+//! llama.cpp's `gemma3` graph (norm weights in GGUF already include Gemma's `+1`).
+
+use std::sync::Arc;
+
+use burn::tensor::{Device, Tensor};
+use ember_formats::GgufFile;
+use ember_kernels::{QuantMatrix, geglu, quant_matmul, residual_add};
+
+use crate::layers::{rms_norm, rope};
+use crate::model::{Architecture, Pass};
+use crate::{ModelConfig, ModelError, Weights};
+
+struct Block {
+    attn_norm: Tensor<1>,
+    wq: Arc<QuantMatrix>,
+    wk: Arc<QuantMatrix>,
+    wv: Arc<QuantMatrix>,
+    q_norm: Tensor<1>,
+    k_norm: Tensor<1>,
+    wo: Arc<QuantMatrix>,
+    attn_post_norm: Tensor<1>,
+    ffn_norm: Tensor<1>,
+    w_gate: Arc<QuantMatrix>,
+    w_up: Arc<QuantMatrix>,
+    w_down: Arc<QuantMatrix>,
+    ffn_post_norm: Tensor<1>,
+    /// `Some(window)` on sliding-window layers.
+    window: Option<usize>,
+    rope_base: f32,
+}
+
+pub struct Gemma3 {
+    config: ModelConfig,
+    blocks: Vec<Block>,
+    /// Q is multiplied by this before attention (which then uses a scale of 1, as llama.cpp).
+    attn_scale: f32,
+}
+
+/// llama.cpp's default: every `pattern`-th layer (the last of each group) is global.
+const DEFAULT_SWA_PATTERN: usize = 6;
+/// `rope.freq_base_swa` when the file has none (llama.cpp's `rope_freq_base_train_swa`).
+const DEFAULT_ROPE_BASE_SWA: f32 = 10_000.0;
+
+impl Gemma3 {
+    pub fn load(
+        file: &GgufFile,
+        config: &ModelConfig,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let w = Weights::new(file, device);
+        let c = config;
+        let arch = &c.architecture;
+        let (d, hd) = (c.n_embd, c.head_dim);
+        let window = file
+            .get_u64(&format!("{arch}.attention.sliding_window"))
+            .map(|v| v as usize)
+            .filter(|&v| v > 0);
+        let pattern = file
+            .get_u64(&format!("{arch}.attention.sliding_window_pattern"))
+            .map_or(DEFAULT_SWA_PATTERN, |v| v as usize);
+        let rope_base_swa = file
+            .get_f32(&format!("{arch}.rope.freq_base_swa"))
+            .unwrap_or(DEFAULT_ROPE_BASE_SWA);
+        let mut blocks = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let name = |t: &str| format!("blk.{i}.{t}.weight");
+            // llama.cpp's `set_swa_pattern(n_pattern)`: a pattern of 0 makes every layer SWA.
+            let is_swa = window.is_some() && (pattern == 0 || i % pattern < pattern - 1);
+            blocks.push(Block {
+                attn_norm: w.vector(&name("attn_norm"), d)?,
+                wq: w.matrix(&name("attn_q"), c.n_head * hd, d)?,
+                wk: w.matrix(&name("attn_k"), c.n_head_kv * hd, d)?,
+                wv: w.matrix(&name("attn_v"), c.n_head_kv * hd, d)?,
+                q_norm: w.vector(&name("attn_q_norm"), hd)?,
+                k_norm: w.vector(&name("attn_k_norm"), hd)?,
+                wo: w.matrix(&name("attn_output"), d, c.n_head * hd)?,
+                attn_post_norm: w.vector(&name("post_attention_norm"), d)?,
+                ffn_norm: w.vector(&name("ffn_norm"), d)?,
+                w_gate: w.matrix(&name("ffn_gate"), c.n_ff, d)?,
+                w_up: w.matrix(&name("ffn_up"), c.n_ff, d)?,
+                w_down: w.matrix(&name("ffn_down"), d, c.n_ff)?,
+                ffn_post_norm: w.vector(&name("post_ffw_norm"), d)?,
+                window: if is_swa { window } else { None },
+                rope_base: if is_swa { rope_base_swa } else { c.rope_base },
+            });
+        }
+        // gemma_pytorch: the 27B model scales by the query_pre_attn_scalar n_embd / n_head.
+        let attn_scale = if c.n_layer == 62 {
+            1.0 / ((c.n_embd / c.n_head) as f32).sqrt()
+        } else {
+            1.0 / (hd as f32).sqrt()
+        };
+        Ok(Self {
+            config: config.clone(),
+            blocks,
+            attn_scale,
+        })
+    }
+}
+
+impl Architecture for Gemma3 {
+    fn layer_windows(&self) -> Vec<Option<usize>> {
+        self.blocks.iter().map(|b| b.window).collect()
+    }
+
+    fn embedding_scale(&self) -> Option<f32> {
+        Some((self.config.n_embd as f32).sqrt())
+    }
+
+    fn blocks(&self, mut x: Tensor<2>, pass: &mut Pass<'_>) -> Result<Tensor<2>, ModelError> {
+        let c = &self.config;
+        let n = pass.n_rows;
+        let hd = c.head_dim;
+        // RMS norm of every head's vector: `[n, heads * hd]` viewed as `[n * heads, hd]`.
+        let head_norm = |t: Tensor<2>, heads: usize, w: &Tensor<1>| {
+            rms_norm(t.reshape([n * heads, hd]), w, c.rms_eps).reshape([n, heads, hd])
+        };
+        for (layer, b) in self.blocks.iter().enumerate() {
+            let h = rms_norm(x.clone(), &b.attn_norm, c.rms_eps);
+            let q = head_norm(quant_matmul(h.clone(), &b.wq), c.n_head, &b.q_norm);
+            let k = head_norm(quant_matmul(h.clone(), &b.wk), c.n_head_kv, &b.k_norm);
+            let v = quant_matmul(h, &b.wv).reshape([n, c.n_head_kv, hd]);
+            let rope = |x| rope(x, &pass.positions, c.rope_dim, b.rope_base, c.rope_mode);
+            let q = rope(q).mul_scalar(self.attn_scale);
+            let k = rope(k);
+            let attn = pass.attend(layer, q, k, v, 1.0)?;
+            let attn = rms_norm(quant_matmul(attn, &b.wo), &b.attn_post_norm, c.rms_eps);
+            x = residual_add(attn, x);
+
+            let h = rms_norm(x.clone(), &b.ffn_norm, c.rms_eps);
+            let gate = quant_matmul(h.clone(), &b.w_gate);
+            let up = quant_matmul(h, &b.w_up);
+            let ffn = quant_matmul(geglu(gate, up), &b.w_down);
+            x = residual_add(rms_norm(ffn, &b.ffn_post_norm, c.rms_eps), x);
+        }
+        Ok(x)
+    }
+}

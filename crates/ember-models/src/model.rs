@@ -1,0 +1,324 @@
+//! What every architecture shares: the embedding and output head, the KV cache protocol of a
+//! pass (append, write, attend, commit or roll back) and ragged batches. An architecture only
+//! supplies its blocks ([`Architecture`]); the runtime sees one [`Model`] type.
+
+use std::sync::Arc;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use ember_formats::GgufFile;
+use ember_kernels::{KvDtype, QuantMatrix, paged_attention, quant_matmul, round_to_f16};
+use ember_kv::{KvBudget, KvCacheConfig, KvOptions, PagedKvCache, SeqId, SequenceCache};
+
+use crate::layers::rms_norm;
+use crate::{ModelConfig, ModelError, Weights};
+
+/// Which positions of a batch to compute logits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position (generation).
+    Last,
+    /// Every position (teacher forcing, perplexity).
+    All,
+}
+
+/// One sequence's part of a batched pass.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchSeq<'a> {
+    pub seq: SeqId,
+    /// Tokens following the sequence's cached positions (a prompt chunk or a sampled token).
+    pub tokens: &'a [u32],
+    /// Which of its rows to return logits for (`None`: a prefill chunk that is not the last).
+    pub logits: Option<Logits>,
+}
+
+/// The transformer blocks of one architecture, between the embedding and the output head.
+pub trait Architecture: Send + Sync {
+    /// Each layer's attention window (`None`: full causal attention).
+    fn layer_windows(&self) -> Vec<Option<usize>>;
+
+    /// Scale applied to the token embeddings before the first block (Gemma: `sqrt(n_embd)`).
+    fn embedding_scale(&self) -> Option<f32> {
+        None
+    }
+
+    /// Runs the hidden states `x: [rows, n_embd]` of a batch through every block.
+    fn blocks(&self, x: Tensor<2>, pass: &mut Pass<'_>) -> Result<Tensor<2>, ModelError>;
+}
+
+/// One forward pass over a ragged batch: row ranges, positions and the cache, so a block can
+/// store its K/V and attend with one call.
+pub struct Pass<'a> {
+    /// `(sequence, first row, rows)` of each item.
+    pub rows: Vec<(SeqId, usize, usize)>,
+    /// Cached length of each item's sequence before this pass.
+    pub starts: Vec<usize>,
+    /// Position of every row.
+    pub positions: Arc<[u32]>,
+    pub n_rows: usize,
+    pub cache: &'a mut PagedKvCache,
+}
+
+impl Pass<'_> {
+    /// Stores `k`, `v` (`[rows, n_kv, head_dim]`, after RoPE) for `layer` and returns the
+    /// attention of `q` (`[rows, n_head, head_dim]`) over every sequence's cached and new
+    /// positions: `[rows, n_head * head_dim]`.
+    pub fn attend(
+        &mut self,
+        layer: usize,
+        q: Tensor<3>,
+        k: Tensor<3>,
+        v: Tensor<3>,
+        scale: f32,
+    ) -> Result<Tensor<2>, ModelError> {
+        // llama.cpp's f16-cache attention rounds Q to f16 as well.
+        let q = if self.cache.dtype() == KvDtype::F16 {
+            round_to_f16(q)
+        } else {
+            q
+        };
+        let [_, n_kv, head_dim] = k.dims();
+        let kv_row = n_kv * head_dim;
+        let (k, v) = (host(k), host(v));
+        for (&(seq, first, len), &start) in self.rows.iter().zip(&self.starts) {
+            let span = first * kv_row..(first + len) * kv_row;
+            self.cache
+                .write(layer, seq, start, &k[span.clone()], &v[span])?;
+        }
+        Ok(paged_attention(
+            q,
+            self.cache.attention(layer, &self.rows, scale)?,
+        ))
+    }
+}
+
+/// A loaded model: shared head and embedding plus its architecture's blocks.
+pub struct Model {
+    config: ModelConfig,
+    device: Device,
+    token_embd: Arc<QuantMatrix>,
+    output_norm: Tensor<1>,
+    output: Arc<QuantMatrix>,
+    arch: Box<dyn Architecture>,
+}
+
+impl Model {
+    /// The embedding (`token_embd`), output norm and head (`output`, or the embedding when
+    /// tied) that every architecture here shares, around `arch`'s blocks.
+    pub fn new(
+        file: &GgufFile,
+        config: ModelConfig,
+        device: &Device,
+        arch: Box<dyn Architecture>,
+    ) -> Result<Self, ModelError> {
+        let w = Weights::new(file, device);
+        let d = config.n_embd;
+        let token_embd = w.matrix("token_embd.weight", config.n_vocab, d)?;
+        let output = if w.has("output.weight") {
+            w.matrix("output.weight", config.n_vocab, d)?
+        } else {
+            Arc::clone(&token_embd)
+        };
+        Ok(Self {
+            output_norm: w.vector("output_norm.weight", d)?,
+            config,
+            device: device.clone(),
+            token_embd,
+            output,
+            arch,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The KV cache layout this model needs for sequences of at most `max_seq_len` positions.
+    pub fn kv_config(&self, opts: &KvOptions, max_seq_len: usize) -> KvCacheConfig {
+        let c = &self.config;
+        KvCacheConfig {
+            block_size: opts.block_size,
+            dtype: opts.dtype,
+            n_kv_heads: c.n_head_kv,
+            head_dim: c.head_dim,
+            layer_windows: self.arch.layer_windows(),
+            budget: opts.budget.unwrap_or(KvBudget::Tokens(max_seq_len)),
+            max_seq_len,
+            prefix_caching: opts.prefix_caching,
+        }
+    }
+
+    /// A fresh KV cache (default options: f16, as llama.cpp) for one sequence of at most
+    /// `n_ctx` positions.
+    pub fn new_cache(&self, n_ctx: usize) -> Result<SequenceCache, ModelError> {
+        self.new_cache_with(&KvOptions::default(), n_ctx)
+    }
+
+    pub fn new_cache_with(
+        &self,
+        opts: &KvOptions,
+        n_ctx: usize,
+    ) -> Result<SequenceCache, ModelError> {
+        Ok(SequenceCache::new(&self.kv_config(opts, n_ctx))?)
+    }
+
+    /// Runs `tokens` (which follow the positions already cached) through the model, appends
+    /// them to the cache and returns logits `[rows, n_vocab]`, where rows is 1 for
+    /// [`Logits::Last`] and `tokens.len()` for [`Logits::All`].
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut SequenceCache,
+        which: Logits,
+    ) -> Result<Tensor<2>, ModelError> {
+        let (cache, seq) = cache.parts();
+        self.forward_seq(tokens, cache, seq, which)
+    }
+
+    /// [`forward`](Self::forward) for sequence `seq` of a shared paged cache. On error the
+    /// sequence is rolled back to its length before the call.
+    pub fn forward_seq(
+        &self,
+        tokens: &[u32],
+        cache: &mut PagedKvCache,
+        seq: SeqId,
+        which: Logits,
+    ) -> Result<Tensor<2>, ModelError> {
+        self.forward_batch(
+            &[BatchSeq {
+                seq,
+                tokens,
+                logits: Some(which),
+            }],
+            cache,
+        )
+    }
+
+    /// One pass over a ragged batch: each sequence's `tokens` follow its cached positions.
+    /// Every linear layer runs once over all rows (so 8 decoding sequences cost about one
+    /// weight read, not eight); attention reads each sequence's own blocks. Returns the logits
+    /// rows the items ask for, in item order. Either every sequence advances or (on error)
+    /// none does.
+    pub fn forward_batch(
+        &self,
+        batch: &[BatchSeq<'_>],
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor<2>, ModelError> {
+        let c = &self.config;
+        if batch.is_empty() || batch.iter().any(|b| b.tokens.is_empty()) {
+            return Err(ModelError::EmptyBatch);
+        }
+        for b in batch {
+            if let Some(&id) = b.tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
+                return Err(ModelError::TokenOutOfRange {
+                    id,
+                    vocab: c.n_vocab,
+                });
+            }
+        }
+        let mut starts = Vec::with_capacity(batch.len());
+        for b in batch {
+            let start = cache.len(b.seq)?;
+            if let Err(e) = cache.append(b.seq, b.tokens) {
+                for (done, &s) in batch.iter().zip(&starts) {
+                    let _ = cache.truncate(done.seq, s);
+                }
+                return Err(e.into());
+            }
+            starts.push(start);
+        }
+        // Run the whole pass on a rayon worker: the kernels' parallel loops then start from
+        // inside the pool (work-stealing, no cross-thread hand-off per op) instead of each one
+        // injecting a job and putting the calling thread to sleep. On 2 cores that hand-off
+        // cost more than the small decode matmuls themselves.
+        let out = rayon::scope(|_| self.forward_in_pool(batch, starts.clone(), cache));
+        let result = out.and_then(|logits| {
+            for b in batch {
+                cache.commit(b.seq)?;
+            }
+            Ok(logits)
+        });
+        if result.is_err() {
+            // Best effort: the error that stopped the pass is the one to report.
+            for (b, &s) in batch.iter().zip(&starts) {
+                let _ = cache.truncate(b.seq, s);
+            }
+        }
+        result
+    }
+
+    fn forward_in_pool(
+        &self,
+        batch: &[BatchSeq<'_>],
+        starts: Vec<usize>,
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor<2>, ModelError> {
+        let c = &self.config;
+        let tokens: Vec<u32> = batch
+            .iter()
+            .flat_map(|b| b.tokens.iter().copied())
+            .collect();
+        let n = tokens.len();
+        let mut embd =
+            self.token_embd
+                .gather_rows(&tokens)
+                .map_err(|source| ModelError::Weight {
+                    name: "token_embd.weight".into(),
+                    source,
+                })?;
+        if let Some(s) = self.arch.embedding_scale() {
+            embd.iter_mut().for_each(|x| *x *= s);
+        }
+        let x = Tensor::<2>::from_data(TensorData::new(embd, [n, c.n_embd]), &self.device);
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut first = 0;
+        for b in batch {
+            rows.push((b.seq, first, b.tokens.len()));
+            first += b.tokens.len();
+        }
+        let positions: Arc<[u32]> = batch
+            .iter()
+            .zip(&starts)
+            .flat_map(|(b, &s)| (s..s + b.tokens.len()).map(|p| p as u32))
+            .collect();
+        let mut pass = Pass {
+            rows,
+            starts,
+            positions,
+            n_rows: n,
+            cache,
+        };
+        let x = self.arch.blocks(x, &mut pass)?;
+
+        // Keep only the rows whose logits were asked for.
+        let mut keep: Vec<usize> = Vec::new();
+        for (b, &(_, first, len)) in batch.iter().zip(&pass.rows) {
+            match b.logits {
+                None => {}
+                Some(Logits::Last) => keep.push(first + len - 1),
+                Some(Logits::All) => keep.extend(first..first + len),
+            }
+        }
+        let x = if keep.len() == n {
+            x
+        } else if keep.is_empty() {
+            return Ok(Tensor::<2>::empty([0, c.n_vocab], &self.device));
+        } else if keep.windows(2).all(|w| w[1] == w[0] + 1) {
+            x.slice([keep[0]..keep[0] + keep.len(), 0..c.n_embd])
+        } else {
+            let idx: Vec<i64> = keep.iter().map(|&r| r as i64).collect();
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [keep.len()]), &self.device);
+            x.select(0, idx)
+        };
+        let x = rms_norm(x, &self.output_norm, c.rms_eps);
+        Ok(quant_matmul(x, &self.output))
+    }
+}
+
+/// A tensor's values on the host, row-major (the cache stores K/V in host memory).
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap_or_default()
+}
