@@ -2,7 +2,7 @@
 //! dispatch against f64 references, and on burn-flex against the generic burn-op fallbacks.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use ember_kernels::{positions_from, residual_add, rms_norm, rope, swiglu};
+use ember_kernels::{geglu, positions_from, residual_add, rms_norm, rope, swiglu};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 fn device() -> Device {
@@ -144,6 +144,47 @@ fn swiglu_and_add_match_f64() {
             .map(|(&a, &b)| a as f64 + b as f64)
             .collect();
         assert_close(&got, &want, 1e-6, "residual_add");
+    }
+}
+
+/// GEGLU against the exact tanh-GELU in f64. ggml (and our CPU kernel) look the GELU up in an
+/// f16 table after rounding the input to f16, so the CPU result is within f16 rounding of the
+/// exact value (relative 2^-10 twice, on |gelu| at most |x|); the burn-ops fallback is f32.
+#[test]
+fn geglu_matches_f64_within_f16_table_rounding() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for len in [1, 2048, 100_000] {
+        let mut g = random(&mut rng, len, 12.0);
+        // The clamps at +-10 and values near 0.
+        g[0] = -10.0;
+        if len > 3 {
+            g[1] = 10.0;
+            g[2] = 1e-4;
+            g[3] = -9.99;
+        }
+        let u = random(&mut rng, len, 2.0);
+        let t = |v: &Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [len]), &device());
+        let got = to_vec(geglu(t(&g), t(&u)));
+        for ((&x, &up), &y) in g.iter().zip(&u).zip(&got) {
+            let (x64, u64) = (x as f64, up as f64);
+            let gelu = 0.5
+                * x64
+                * (1.0
+                    + ((2.0 / std::f64::consts::PI).sqrt() * x64 * (1.0 + 0.044715 * x64 * x64))
+                        .tanh());
+            let want = if x <= -10.0 {
+                0.0
+            } else if x >= 10.0 {
+                x64 * u64
+            } else {
+                gelu * u64
+            };
+            let tol = 3e-3 * (x64.abs() * u64.abs()) + 1e-6;
+            assert!(
+                (y as f64 - want).abs() <= tol,
+                "geglu({x}, {up}) = {y}, want {want}"
+            );
+        }
     }
 }
 
