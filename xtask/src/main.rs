@@ -10,6 +10,9 @@
 //!   the same file and thread count, and in interleaved rounds runs 1 and then N concurrent
 //!   streaming `/v1/completions` clients (`ignore_eos`, T tokens each) against each; prints
 //!   aggregate tokens/s, time to first token and time per output token (p50/p99).
+//! - `tiny-models [--out DIR] [--build DIR] [-t THREADS]`: writes a tiny random GGUF per
+//!   architecture (f32 and f16 weights) and llama.cpp's logits for them as fixtures in
+//!   `tests/fixtures/tiny/` (see `tiny_models`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,15 +21,17 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 mod serve_bench;
+mod tiny_models;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench-vs-llamacpp") => bench_vs_llamacpp(&args[1..]),
         Some("bench-serve") => serve_bench::run(&args[1..]),
+        Some("tiny-models") => tiny_models::run(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask bench-vs-llamacpp [--model NAME] [--threads T] [--rounds R] [-p N] [-n N]\n       cargo xtask bench-serve [--model NAME] [--clients N] [--tokens T] [--rounds R] [--threads T]"
+                "usage: cargo xtask bench-vs-llamacpp [--model NAME] [--threads T] [--rounds R] [-p N] [-n N]\n       cargo xtask bench-serve [--model NAME] [--clients N] [--tokens T] [--rounds R] [--threads T]\n       cargo xtask tiny-models [--out DIR] [--build DIR] [-t THREADS]"
             );
             bail!("unknown or missing task")
         }

@@ -113,9 +113,7 @@ fn run_clients(port: u16, clients: usize, tokens: usize) -> Result<RunResult> {
     let mut total = 0;
     let (mut ttft, mut tpot) = (Vec::new(), Vec::new());
     for h in handles {
-        let (first, gaps, n) = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("client panicked"))??;
+        let (first, gaps, n) = h.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
         total += n;
         ttft.push(first);
         tpot.extend(gaps);

@@ -39,7 +39,8 @@ impl ModelConfig {
             .to_string();
         let rope_mode = match arch.as_str() {
             "llama" => RopeMode::Normal,
-            "gemma3" => RopeMode::Neox,
+            // llama.cpp's `llama_model_rope_type`: all of these pair dims `(i, i + n_rot / 2)`.
+            "gemma3" | "qwen2" | "qwen3" | "phi3" => RopeMode::Neox,
             other => return Err(ModelError::UnsupportedArchitecture(other.to_string())),
         };
         let key = |k: &str| format!("{arch}.{k}");
@@ -72,6 +73,9 @@ impl ModelConfig {
                 why: format!("{rope_dim} must be even and at most the head size {head_dim}"),
             });
         }
+        if matches!(arch.as_str(), "qwen2" | "qwen3" | "phi3") {
+            check_plain_attention(file, &arch, head_dim, rope_dim)?;
+        }
         let n_vocab = file
             .get_u64(&key("vocab_size"))
             .map(|v| v as usize)
@@ -98,4 +102,59 @@ impl ModelConfig {
             rope_mode,
         })
     }
+}
+
+/// What the newer architectures' blocks assume and llama.cpp would otherwise do differently:
+/// V heads as wide as K heads, rotary dims covering the head where llama.cpp asserts so, and
+/// no RoPE frequency scaling (our rope kernel has no scale or YaRN terms).
+fn check_plain_attention(
+    file: &GgufFile,
+    arch: &str,
+    head_dim: usize,
+    rope_dim: usize,
+) -> Result<(), ModelError> {
+    let key = |k: &str| format!("{arch}.{k}");
+    if let Some(v) = file.get_u64(&key("attention.value_length"))
+        && v as usize != head_dim
+    {
+        return Err(ModelError::BadMetadata {
+            key: key("attention.value_length"),
+            why: format!("{v} differs from the key length {head_dim}"),
+        });
+    }
+    // llama.cpp's qwen2 and qwen3 graphs assert `n_rot == n_embd_head`.
+    if arch != "phi3" && rope_dim != head_dim {
+        return Err(ModelError::BadMetadata {
+            key: key("rope.dimension_count"),
+            why: format!("{arch} rotates whole heads: {rope_dim} != {head_dim}"),
+        });
+    }
+    if let Some(t) = file.get_str(&key("rope.scaling.type"))
+        && t != "none"
+        && t != "linear"
+    {
+        return Err(ModelError::Unsupported(format!("RoPE scaling type '{t}'")));
+    }
+    for k in ["rope.scaling.factor", "rope.scale_linear"] {
+        // llama.cpp reads 0 as "no scaling".
+        if let Some(f) = file.get_f32(&key(k))
+            && f != 0.0
+            && f != 1.0
+        {
+            return Err(ModelError::Unsupported(format!(
+                "RoPE scaling factor {f} ({})",
+                key(k)
+            )));
+        }
+    }
+    // Written with LongRoPE (Phi-3 128k, Phi-3.5) and YaRN; scales cos and sin.
+    let attn_factor = key("rope.scaling.attn_factor");
+    if let Some(f) = file.get_f32(&attn_factor)
+        && f != 1.0
+    {
+        return Err(ModelError::Unsupported(format!(
+            "RoPE attention factor {f} ({attn_factor})"
+        )));
+    }
+    Ok(())
 }

@@ -2,7 +2,7 @@ use ember_quant::GgmlType;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("unsupported architecture '{0}' (supported: llama, gemma3)")]
+    #[error("unsupported architecture '{0}' (supported: llama, gemma3, qwen2, qwen3, phi3)")]
     UnsupportedArchitecture(String),
     #[error("the file has no general.architecture")]
     NoArchitecture,
@@ -10,6 +10,8 @@ pub enum ModelError {
     MissingKey(String),
     #[error("bad metadata '{key}': {why}")]
     BadMetadata { key: String, why: String },
+    #[error("{0} is not supported yet")]
+    Unsupported(String),
     #[error("missing tensor '{0}'")]
     MissingTensor(String),
     #[error("tensor '{name}' has shape {got:?}, expected {expected:?}")]

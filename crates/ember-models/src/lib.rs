@@ -10,6 +10,10 @@ mod gemma3;
 mod layers;
 mod llama;
 mod model;
+mod phi3;
+mod qwen2;
+mod qwen3;
+pub mod testing;
 mod weights;
 
 pub use config::{ModelConfig, RopeMode};
@@ -17,6 +21,9 @@ pub use error::ModelError;
 pub use gemma3::Gemma3;
 pub use llama::Llama;
 pub use model::{Architecture, BatchSeq, Logits, Model, Pass};
+pub use phi3::Phi3;
+pub use qwen2::Qwen2;
+pub use qwen3::Qwen3;
 pub use weights::Weights;
 
 use burn::tensor::Device;
@@ -41,6 +48,9 @@ pub fn load(file: &GgufFile, device: &Device) -> Result<Model, ModelError> {
     let arch: Box<dyn Architecture> = match config.architecture.as_str() {
         "llama" => Box::new(Llama::load(file, &config, device)?),
         "gemma3" => Box::new(Gemma3::load(file, &config, device)?),
+        "qwen2" => Box::new(Qwen2::load(file, &config, device)?),
+        "qwen3" => Box::new(Qwen3::load(file, &config, device)?),
+        "phi3" => Box::new(Phi3::load(file, &config, device)?),
         other => return Err(ModelError::UnsupportedArchitecture(other.to_string())),
     };
     Model::new(file, config, device, arch)

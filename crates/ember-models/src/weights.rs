@@ -1,11 +1,12 @@
 //! Typed access to a GGUF file's tensors: quantized matrices stay in the memory map, small
 //! vectors (norm weights) are copied into burn tensors.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use ember_formats::{GgufFile, TensorInfo};
-use ember_kernels::{QuantMatrix, SharedBytes};
+use ember_kernels::{QuantMatrix, QuantMatrixError, SharedBytes};
 
 use crate::ModelError;
 
@@ -39,6 +40,18 @@ impl<'a> Weights<'a> {
         rows: usize,
         cols: usize,
     ) -> Result<Arc<QuantMatrix>, ModelError> {
+        self.matrix_rows(name, rows, cols, 0..rows)
+    }
+
+    /// Rows `part` of a `rows x cols` matrix as a matrix of its own, viewing the same bytes:
+    /// one part of a fused weight (`attn_qkv`, Phi-3's gate-and-up `ffn_up`).
+    pub fn matrix_rows(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        part: Range<usize>,
+    ) -> Result<Arc<QuantMatrix>, ModelError> {
         let info = self.info(name)?;
         if info.dims != [cols as u64, rows as u64] {
             return Err(ModelError::BadShape {
@@ -47,19 +60,47 @@ impl<'a> Weights<'a> {
                 expected: vec![cols as u64, rows as u64],
             });
         }
+        let missing = || ModelError::MissingTensor(name.to_string());
         // The reader checked every tensor's range against the file when it opened it.
-        let range = self
-            .file
-            .tensor_range(info)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        let bytes = SharedBytes::new(Arc::new(self.file.shared_bytes()), range.start, range.len())
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        QuantMatrix::new(bytes, info.ggml_type, rows, cols)
+        let range = self.file.tensor_range(info).ok_or_else(missing)?;
+        let ty = info.ggml_type;
+        let row_bytes = ty
+            .bytes_for(cols as u64)
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or_else(|| ModelError::Weight {
+                name: name.to_string(),
+                source: QuantMatrixError::PartialBlock {
+                    ty,
+                    cols,
+                    block: ty.block_size(),
+                },
+            })?;
+        if part.start > part.end || part.end > rows {
+            return Err(ModelError::BadShape {
+                name: name.to_string(),
+                got: info.dims.clone(),
+                expected: vec![cols as u64, part.end as u64],
+            });
+        }
+        let start = range.start + part.start * row_bytes;
+        let len = part.len() * row_bytes;
+        let bytes =
+            SharedBytes::new(Arc::new(self.file.shared_bytes()), start, len).ok_or_else(missing)?;
+        QuantMatrix::new(bytes, ty, part.len(), cols)
             .map(Arc::new)
             .map_err(|source| ModelError::Weight {
                 name: name.to_string(),
                 source,
             })
+    }
+
+    /// [`vector`](Self::vector) for a tensor the file may leave out (an optional bias).
+    pub fn optional_vector(&self, name: &str, len: usize) -> Result<Option<Tensor<1>>, ModelError> {
+        if self.has(name) {
+            self.vector(name, len).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// A 1-D vector of `len` values (norm weights), dequantized into a burn tensor.
