@@ -8,10 +8,12 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use ember_kv::KvOptions;
 use ember_runtime::chat::ChatMessage;
+use ember_runtime::engine::{Engine, EngineConfig};
 use ember_runtime::eval;
 use ember_runtime::generate::{ContextShift, GenerateRequest, generate};
 use ember_runtime::loaded::LoadedModel;
 use ember_runtime::sampling::SamplingParams;
+use ember_server::ServerConfig;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -45,6 +47,8 @@ enum Command {
     List,
     /// Prompt-processing and generation speed, llama-bench style.
     Bench(BenchArgs),
+    /// Serve the model over HTTP: OpenAI- and Ollama-compatible APIs, continuous batching.
+    Serve(ServeArgs),
 }
 
 #[derive(Args)]
@@ -66,6 +70,43 @@ struct BenchArgs {
     /// Print a JSON list with llama-bench's field names instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Address to bind (loopback by default: nothing outside this machine can connect).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to bind; 0 picks a free one (the address is printed once bound).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Requests decoded together (continuous batching); more wait in a queue.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Context size per request in tokens (default: the model's trained length, capped so
+    /// that --parallel contexts fit in --kv-budget-mib). A longer prompt gets a 400.
+    #[arg(short = 'c', long)]
+    ctx_size: Option<usize>,
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// The name the model is served under (default: its manifest name or file stem).
+    #[arg(long)]
+    alias: Option<String>,
+    /// Tokens per forward pass (decode tokens plus prompt chunks).
+    #[arg(short = 'b', long, default_value_t = 512)]
+    batch_size: usize,
+    /// Requests that may wait for a slot; beyond that the server answers 503 (default: 64 per
+    /// parallel slot).
+    #[arg(long)]
+    max_queue: Option<usize>,
+    /// Largest request body accepted, in MiB (larger ones get 413).
+    #[arg(long, default_value_t = 8.0)]
+    body_limit_mib: f64,
+    #[command(flatten)]
+    kv: KvArgs,
 }
 
 #[derive(Args)]
@@ -333,6 +374,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(a) => cmd_bench(a),
+        Command::Serve(a) => cmd_serve(a),
         Command::List => {
             for m in ember_hub::list_models() {
                 let state = if m.present { "cached" } else { "not pulled" };
@@ -621,4 +663,91 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn cmd_serve(a: ServeArgs) -> Result<()> {
+    if a.parallel == 0 {
+        bail!("--parallel must be at least 1");
+    }
+    if a.kv.kv_block_size == 0 {
+        bail!("--kv-block-size must be at least 1");
+    }
+    if a.body_limit_mib.is_nan() || a.body_limit_mib <= 0.0 {
+        bail!("--body-limit-mib must be positive");
+    }
+    let path = ember_hub::resolve(&a.model.model)?;
+    let loaded = LoadedModel::open(&path, &ember_models::default_device())?;
+    // Every parallel request may grow to the full context, so the pool holds parallel x ctx.
+    let per_token = loaded
+        .model
+        .kv_config(&a.kv.options(), 1)
+        .bytes_per_token()
+        .max(1);
+    let fits = (a.kv.kv_budget_mib.max(0.0) * 1024.0 * 1024.0 / per_token as f64) as usize;
+    let ctx = match a.ctx_size {
+        Some(0) => bail!("--ctx-size must be at least 1"),
+        Some(n) => n,
+        None => loaded
+            .model
+            .config()
+            .context_length
+            .min(fits / a.parallel)
+            .max(1),
+    };
+    let total = ctx.saturating_mul(a.parallel);
+    if total > fits {
+        bail!(
+            "--parallel {} x --ctx-size {ctx} = {total} tokens of KV cache need {:.1} MiB ({per_token} bytes per token as {}), more than --kv-budget-mib {}",
+            a.parallel,
+            total as f64 * per_token as f64 / 1048576.0,
+            a.kv.kv_type,
+            a.kv.kv_budget_mib
+        );
+    }
+    let mut engine_config = EngineConfig::new(a.parallel, ctx);
+    engine_config.kv = a.kv.options();
+    engine_config.max_batch_tokens = a.batch_size.max(1);
+    if let Some(q) = a.max_queue {
+        // Every request waits until the scheduler's next step admits it: 0 would refuse all.
+        if q == 0 {
+            bail!("--max-queue must be at least 1");
+        }
+        engine_config.max_waiting = q;
+    }
+    let engine = Engine::start(std::sync::Arc::new(loaded), engine_config)?;
+
+    // Served under the manifest name (its aliases and the file stem also accepted), or the
+    // file stem for a path; --alias renames it and keeps the others as aliases.
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| a.model.model.clone());
+    let entry = ember_hub::try_manifest()
+        .ok()
+        .and_then(|m| m.find(&a.model.model));
+    let mut names: Vec<String> = match entry {
+        Some(e) => std::iter::once(e.name.clone())
+            .chain(e.aliases.iter().cloned())
+            .chain(std::iter::once(stem))
+            .collect(),
+        None => vec![stem],
+    };
+    if let Some(alias) = &a.alias {
+        names.insert(0, alias.clone());
+    }
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    let mut config = ServerConfig::new(names.remove(0));
+    config.aliases = names;
+    config.host = a.host;
+    config.port = a.port;
+    config.api_key = a.api_key.filter(|k| !k.is_empty());
+    config.model_digest = entry.map(|e| e.sha256.clone());
+    config.model_path = Some(path);
+    config.body_limit_bytes = (a.body_limit_mib * 1024.0 * 1024.0) as usize;
+    eprintln!(
+        "serving {} with {} parallel requests of up to {ctx} tokens",
+        config.model_name, a.parallel
+    );
+    ember_server::serve_blocking(engine, config)
 }

@@ -14,7 +14,7 @@
 //! returned [`RequestStream`]; the engine knows nothing about HTTP.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -180,6 +180,9 @@ struct Shared {
     tx: Mutex<Option<Sender<Submission>>>,
     /// Published by the scheduler after every step.
     stats: Arc<Mutex<EngineStats>>,
+    /// Requests accepted and not running: in the channel or in the scheduler's queue. Counted
+    /// here, not from the last published stats, so the queue limit holds between steps.
+    pending: Arc<AtomicUsize>,
     next_id: AtomicU64,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -209,6 +212,7 @@ impl Engine {
             config,
             tx: Mutex::new(Some(tx)),
             stats: Arc::new(Mutex::new(EngineStats::default())),
+            pending: Arc::new(AtomicUsize::new(0)),
             next_id: AtomicU64::new(1),
             thread: Mutex::new(None),
         });
@@ -221,6 +225,7 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats: Arc::clone(&shared.stats),
+            pending: Arc::clone(&shared.pending),
             prompt_total: 0,
             generated_total: 0,
         };
@@ -248,8 +253,12 @@ impl Engine {
         if let Some(&id) = req.prompt_tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(SubmitError::TokenOutOfRange { id, vocab });
         }
-        let waiting = self.stats().waiting;
-        if waiting >= self.shared.config.max_waiting {
+        let pending = &self.shared.pending;
+        let max = self.shared.config.max_waiting;
+        // Reserve a queue place atomically: concurrent submitters cannot overshoot the limit.
+        if let Err(waiting) = pending.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then(|| n + 1)
+        }) {
             return Err(SubmitError::QueueFull { waiting });
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -259,13 +268,15 @@ impl Engine {
             events,
             submitted: Instant::now(),
         };
-        let guard = self.shared.tx.lock().map_err(|_| SubmitError::Stopped)?;
-        let tx = guard.as_ref().ok_or(SubmitError::Stopped)?;
-        tx.send(sub).map_err(|_| SubmitError::Stopped)?;
-        if let Ok(mut s) = self.shared.stats.lock() {
-            // Counted here too so a burst of submissions sees the queue fill before the
-            // scheduler's next step publishes it.
-            s.waiting += 1;
+        let sent = self
+            .shared
+            .tx
+            .lock()
+            .ok()
+            .and_then(|guard| guard.as_ref().map(|tx| tx.send(sub).is_ok()));
+        if sent != Some(true) {
+            pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::Stopped);
         }
         Ok(RequestStream { id, rx })
     }
@@ -374,6 +385,7 @@ struct Scheduler {
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     stats: Arc<Mutex<EngineStats>>,
+    pending: Arc<AtomicUsize>,
     prompt_total: u64,
     generated_total: u64,
 }
@@ -412,7 +424,7 @@ impl Scheduler {
         if let Ok(mut s) = self.stats.lock() {
             *s = EngineStats {
                 running: self.running.len(),
-                waiting: self.waiting.len(),
+                waiting: self.pending.load(Ordering::Acquire),
                 kv_used_blocks: self.cache.used_blocks(),
                 kv_total_blocks: self.cache.total_blocks(),
                 prompt_tokens_total: self.prompt_total,
@@ -440,13 +452,17 @@ impl Scheduler {
                 i += 1;
             }
         }
+        let before = self.waiting.len();
         self.waiting.retain(|s| !s.cancelled());
+        self.pending
+            .fetch_sub(before - self.waiting.len(), Ordering::AcqRel);
 
         // Admit while there are free slots.
         while self.running.len() < self.config.max_running {
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
+            self.pending.fetch_sub(1, Ordering::AcqRel);
             match self.cache.add_sequence(&seq.tokens) {
                 Ok((kv, cached)) => {
                     seq.kv = Some(kv);
@@ -494,6 +510,7 @@ impl Scheduler {
                     if let Some(mut s) = self.running.pop() {
                         self.release(&mut s);
                         self.waiting.push_front(s);
+                        self.pending.fetch_add(1, Ordering::AcqRel);
                     }
                 }
                 Err(e) => {
