@@ -10,18 +10,23 @@
 //! Throughput:
 //! - `m = 1` (decode) reports `Throughput::Bytes(weight bytes)`: decode is bound by streaming the
 //!   weights, so criterion's GB/s is the effective weight bandwidth.
-//! - `m = 64` (prefill) reports `Throughput::Elements(2 * m * k * n)`: criterion's "elem/s" is
-//!   FLOP/s (one multiply and one add per weight per activation row).
+//! - `m = 8` (eight sequences decoding together, continuous batching) and `m = 64` (prefill)
+//!   report `Throughput::Elements(2 * m * k * n)`: criterion's "elem/s" is FLOP/s (one
+//!   multiply and one add per weight per activation row).
+//!
+//! Besides the shapes above, Q8_0 also runs SmolLM2's tied output projection (576x49152), the
+//! largest matmul of a decode step.
 //!
 //! K-quants (Q2_K..Q6_K) need `k` to be a multiple of 256. 576 and 640 are not, so for those
 //! types 576 becomes 512 (576x1536 -> 512x1536) and 640 becomes 768 (640x2048 -> 768x2048);
 //! the bench id carries the shape actually measured.
 //!
 //! What runs is exactly `quant_matmul_rows`: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 take the 8-bit
-//! activation path (packed dot for m = 1, unpacked tiles for m > 1); K-quants and F16 take
-//! `ember_quant::dot_row` per (row, activation row). In the model, batched (m > 1) K-quant
-//! matmuls go through burn-flex's GEMM on dequantized weights rather than this function, so the
-//! K-quant m = 64 numbers here measure `quant_matmul_rows`' fallback, not the model's prefill.
+//! activation path (packed dots for m = 1 and for m up to 8, unpacked tiles above); K-quants
+//! and F16 take `ember_quant::dot_row` per (row, activation row). In the model, batched
+//! (m > 1) K-quant matmuls go through burn-flex's GEMM on dequantized weights rather than this
+//! function, so the K-quant m = 64 numbers here measure `quant_matmul_rows`' fallback, not the
+//! model's prefill.
 //!
 //! Matrices are quantized lazily, only for the benches the filter selects (quantizing a
 //! 4096x4096 K-quant matrix takes a while). Defaults: 10 samples, 0.5 s warm-up, 2 s measurement;
@@ -53,7 +58,10 @@ const TYPES: [GgmlType; 11] = [
     GgmlType::F16,
 ];
 
-const BATCHES: [usize; 2] = [1, 64];
+const BATCHES: [usize; 3] = [1, 8, 64];
+
+/// `(type, k, n)` run only for that type: SmolLM2-135M's Q8_0 output projection.
+const EXTRA: [(GgmlType, usize, usize); 1] = [(GgmlType::Q8_0, 576, 49152)];
 
 /// The nearest `k` the type's block size divides (576 -> 512, 640 -> 768 for 256-wide blocks).
 fn valid_k(ty: GgmlType, k: usize) -> usize {
@@ -77,33 +85,35 @@ fn random(len: usize, range: f32, seed: u64) -> Vec<f32> {
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("quant_matmul");
-    for (k0, n) in SHAPES {
-        for ty in TYPES {
-            let k = valid_k(ty, k0);
-            let weight_bytes = (n * k / ty.block_size() * ty.type_size()) as u64;
-            let w: OnceCell<QuantMatrix> = OnceCell::new();
-            let weights = || {
-                w.get_or_init(|| {
-                    let values = random(n * k, 1.0, (k * 31 + n) as u64);
-                    QuantMatrix::quantize(ty, n, k, &values).unwrap()
-                })
-            };
-            for m in BATCHES {
-                let x = random(m * k, 3.0, m as u64);
-                group.throughput(if m == 1 {
-                    Throughput::Bytes(weight_bytes)
-                } else {
-                    // Elements = FLOPs: criterion's elem/s reads as FLOP/s.
-                    Throughput::Elements((2 * m * k * n) as u64)
-                });
-                group.bench_function(
-                    BenchmarkId::new(format!("{ty}/{k}x{n}"), format!("m{m}")),
-                    |b| {
-                        let w = weights();
-                        b.iter(|| quant_matmul_rows(w, &x, m))
-                    },
-                );
-            }
+    let cases = SHAPES
+        .iter()
+        .flat_map(|&(k, n)| TYPES.iter().map(move |&ty| (ty, k, n)))
+        .chain(EXTRA);
+    for (ty, k0, n) in cases {
+        let k = valid_k(ty, k0);
+        let weight_bytes = (n * k / ty.block_size() * ty.type_size()) as u64;
+        let w: OnceCell<QuantMatrix> = OnceCell::new();
+        let weights = || {
+            w.get_or_init(|| {
+                let values = random(n * k, 1.0, (k * 31 + n) as u64);
+                QuantMatrix::quantize(ty, n, k, &values).unwrap()
+            })
+        };
+        for m in BATCHES {
+            let x = random(m * k, 3.0, m as u64);
+            group.throughput(if m == 1 {
+                Throughput::Bytes(weight_bytes)
+            } else {
+                // Elements = FLOPs: criterion's elem/s reads as FLOP/s.
+                Throughput::Elements((2 * m * k * n) as u64)
+            });
+            group.bench_function(
+                BenchmarkId::new(format!("{ty}/{k}x{n}"), format!("m{m}")),
+                |b| {
+                    let w = weights();
+                    b.iter(|| quant_matmul_rows(w, &x, m))
+                },
+            );
         }
     }
     group.finish();

@@ -5,6 +5,10 @@ pub mod fused;
 pub mod paged_attention;
 pub mod q8;
 
+use std::marker::PhantomData;
+use std::mem::MaybeUninit;
+use std::ptr;
+
 use rayon::prelude::*;
 
 use crate::QuantMatrix;
@@ -16,6 +20,63 @@ const ROWS_PER_TASK: usize = 16;
 /// Output rows per task of the final transpose.
 const TRANSPOSE_ROWS: usize = 8;
 
+/// Largest batch that [`q8::dot_packed_batch`] takes, straight off the packed blocks; larger
+/// ones unpack [`q8::Tile`]s to memory once and reuse them for every activation row.
+const SMALL_BATCH_MAX: usize = 8;
+
+/// A row-major `[m, n]` output, possibly uninitialized, that parallel tasks fill by disjoint
+/// column ranges.
+struct Columns<'a> {
+    ptr: *mut f32,
+    m: usize,
+    n: usize,
+    _out: PhantomData<&'a mut [MaybeUninit<f32>]>,
+}
+
+// SAFETY: `Columns` is only written, through `write`, whose callers keep the column ranges of
+// concurrent calls disjoint.
+unsafe impl Sync for Columns<'_> {}
+
+impl<'a> Columns<'a> {
+    fn new(out: &'a mut [MaybeUninit<f32>], m: usize, n: usize) -> Self {
+        assert_eq!(out.len(), m * n, "out is not m x n");
+        Columns {
+            ptr: out.as_mut_ptr().cast(),
+            m,
+            n,
+            _out: PhantomData,
+        }
+    }
+
+    /// Copies `src` (`[m, cols]`) into columns `j0..j0 + cols` of every row.
+    ///
+    /// # Safety
+    /// No other call may write an overlapping column range at the same time.
+    unsafe fn write(&self, j0: usize, src: &[f32]) {
+        if self.m == 0 {
+            return;
+        }
+        let cols = src.len() / self.m;
+        assert!(
+            cols * self.m == src.len() && j0 + cols <= self.n,
+            "columns out of range"
+        );
+        for (i, row) in src.chunks_exact(cols.max(1)).enumerate() {
+            // SAFETY: row `i < m`, columns `j0..j0 + cols <= n` lie inside the `m * n` output
+            // borrowed for `'a`; the caller keeps concurrent ranges disjoint.
+            let dst = unsafe { self.ptr.add(i * self.n + j0) };
+            if let Ok(tile) = <&[f32; q8::TILE_ROWS]>::try_from(row) {
+                // A whole tile: a fixed-size copy the compiler inlines.
+                // SAFETY: as above, `TILE_ROWS = cols` floats.
+                unsafe { dst.cast::<[f32; q8::TILE_ROWS]>().write_unaligned(*tile) };
+            } else {
+                // SAFETY: as above.
+                unsafe { ptr::copy_nonoverlapping(row.as_ptr(), dst, cols) };
+            }
+        }
+    }
+}
+
 /// `x @ w^T` for row-major `x: [m, w.cols()]`, returning `[m, w.rows()]`.
 ///
 /// Types with an integer path quantize `x` to 8 bits first, as llama.cpp does; others take
@@ -25,72 +86,81 @@ pub fn quant_matmul_rows(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
     let (n, k) = (w.rows(), w.cols());
     debug_assert_eq!(x.len(), m * k);
     let ty = w.ggml_type();
-    let mut out_t = vec![0.0f32; n * m];
-    match q8::act_format(ty) {
-        Some(fmt) => {
-            let row_bytes = k / q8::BLOCK * ty.type_size();
-            let bytes = w.bytes();
-            if m == 1 {
-                // Decode: dot straight from the packed blocks, nothing to amortize an unpack.
-                let acts = q8::quantize_acts(x, k, fmt);
-                out_t
-                    .par_chunks_mut(ROWS_PER_TASK)
-                    .enumerate()
-                    .for_each(|(task, dst)| {
-                        let start = task * ROWS_PER_TASK * row_bytes;
-                        let rows = &bytes[start..start + dst.len() * row_bytes];
-                        q8::dot_packed_rows(ty, rows, &acts, 0, dst);
-                    });
-                return out_t;
-            }
-            // Batched: each task unpacks a tile of weight rows once and multiplies it with
-            // every activation row, writing `[m, tile rows]`; the tiles are then laid side by
-            // side into `[m, n]`.
-            let with_min = fmt == q8::ActFormat::Q8_1;
-            let batch = q8::prepare_batch(x, k, m, fmt);
-            let mut tiles = out_t;
-            tiles
-                .par_chunks_mut(m * q8::TILE_ROWS)
-                .enumerate()
-                .for_each_init(q8::Tile::default, |tile, (t, dst)| {
-                    let start = t * q8::TILE_ROWS * row_bytes;
-                    tile.load(
-                        ty,
-                        &bytes[start..start + dst.len() / m * row_bytes],
-                        row_bytes,
-                    );
-                    q8::tile_matmul(tile, &batch, with_min, dst);
-                });
-            let mut out = vec![0.0f32; m * n];
-            out.par_chunks_mut(n * TRANSPOSE_ROWS)
-                .enumerate()
-                .for_each(|(band, dst)| {
-                    let i0 = band * TRANSPOSE_ROWS;
-                    for (t, tile) in tiles.chunks(m * q8::TILE_ROWS).enumerate() {
-                        let rows = tile.len() / m;
-                        let j0 = t * q8::TILE_ROWS;
-                        for (r, o) in dst.chunks_exact_mut(n).enumerate() {
-                            let i = i0 + r;
-                            o[j0..j0 + rows].copy_from_slice(&tile[i * rows..(i + 1) * rows]);
-                        }
-                    }
-                });
-            return out;
-        }
-        None => {
-            out_t
-                .par_chunks_mut(m * ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(task, dst)| {
-                    for (jj, dst_row) in dst.chunks_mut(m).enumerate() {
-                        let row = w.row(task * ROWS_PER_TASK + jj);
-                        for (i, d) in dst_row.iter_mut().enumerate() {
-                            *d = ember_quant::dot_row(ty, row, &x[i * k..(i + 1) * k]);
-                        }
-                    }
-                });
-        }
+    let Some(fmt) = q8::act_format(ty) else {
+        return f32_matmul(w, x, m);
+    };
+    let row_bytes = k / q8::BLOCK * ty.type_size();
+    let bytes = w.bytes();
+    if m == 1 {
+        // Decode: dot straight from the packed blocks, nothing to amortize an unpack.
+        let acts = q8::quantize_acts(x, k, fmt);
+        let mut out = vec![0.0f32; n];
+        out.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(task, dst)| {
+                let start = task * ROWS_PER_TASK * row_bytes;
+                let rows = &bytes[start..start + dst.len() * row_bytes];
+                q8::dot_packed_rows(ty, rows, &acts, 0, dst);
+            });
+        return out;
     }
+    // Batched: each task multiplies a tile of weight rows with every activation row and
+    // writes its columns of `[m, n]`. Small batches dot straight off the packed blocks;
+    // larger ones unpack the tile once and reuse it for every activation row.
+    let batch = q8::prepare_batch(x, k, m, fmt);
+    let mut out = Vec::with_capacity(m * n);
+    let dst = Columns::new(&mut out.spare_capacity_mut()[..m * n], m, n);
+    let tiles = (0..n.div_ceil(q8::TILE_ROWS)).into_par_iter();
+    let tile_rows = |t: usize| {
+        let j0 = t * q8::TILE_ROWS;
+        let rows = q8::TILE_ROWS.min(n - j0);
+        (j0, rows, &bytes[j0 * row_bytes..(j0 + rows) * row_bytes])
+    };
+    if m <= SMALL_BATCH_MAX {
+        tiles.for_each(|t| {
+            let (j0, rows, w_rows) = tile_rows(t);
+            let mut buf = [0.0f32; SMALL_BATCH_MAX * q8::TILE_ROWS];
+            let buf = &mut buf[..m * rows];
+            q8::dot_packed_batch(ty, w_rows, &batch, buf);
+            // SAFETY: task `t` alone writes columns `j0..j0 + rows`.
+            unsafe { dst.write(j0, buf) };
+        });
+    } else {
+        let with_min = fmt == q8::ActFormat::Q8_1;
+        tiles.for_each_init(
+            || (q8::Tile::default(), vec![0.0f32; m * q8::TILE_ROWS]),
+            |(tile, buf), t| {
+                let (j0, rows, w_rows) = tile_rows(t);
+                let buf = &mut buf[..m * rows];
+                tile.load(ty, w_rows, row_bytes);
+                q8::tile_matmul(tile, &batch, with_min, buf);
+                // SAFETY: task `t` alone writes columns `j0..j0 + rows`.
+                unsafe { dst.write(j0, buf) };
+            },
+        );
+    }
+    // SAFETY: the tasks above wrote all `m` rows of every column range `j0..j0 + rows`, and
+    // those ranges cover `0..n` (a panic in any task would have unwound past this point).
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// [`quant_matmul_rows`] for types without an integer path: f32 dot products off the blocks.
+fn f32_matmul(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
+    let (n, k) = (w.rows(), w.cols());
+    let ty = w.ggml_type();
+    let mut out_t = vec![0.0f32; n * m];
+    out_t
+        .par_chunks_mut(m * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, dst)| {
+            for (jj, dst_row) in dst.chunks_mut(m).enumerate() {
+                let row = w.row(task * ROWS_PER_TASK + jj);
+                for (i, d) in dst_row.iter_mut().enumerate() {
+                    *d = ember_quant::dot_row(ty, row, &x[i * k..(i + 1) * k]);
+                }
+            }
+        });
     if m == 1 {
         return out_t;
     }
@@ -129,7 +199,16 @@ mod tests {
             GgmlType::Q5_1,
             GgmlType::Q8_0,
         ] {
-            for (m, n, k) in [(2, 40, 64), (5, 16, 576), (17, 37, 96), (8, 3, 32)] {
+            for (m, n, k) in [
+                (2, 40, 64),
+                (5, 16, 576),
+                (17, 37, 96),
+                (8, 3, 32),
+                (8, 49, 160),
+                (9, 33, 64),
+                (3, 17, 32),
+                (16, 20, 96),
+            ] {
                 let wf: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
                 let w = QuantMatrix::quantize(ty, n, k, &wf).unwrap();
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();

@@ -9,10 +9,13 @@
 //!
 //! Weight rows are unpacked once into `i8` values plus per-block scale and offset, then dotted
 //! with every activation row: one unpack serves a whole batch. For a single activation row
-//! (decode), [`dot_packed_rows`] dots straight from the packed blocks instead. For batches,
-//! [`tile_matmul`] multiplies a [`Tile`] of 16 weight rows with every activation row: on
-//! AVX-512 VNNI the tile is interleaved so one `vpdpbusd` feeds all 16 rows' block sums (no
-//! horizontal reductions), elsewhere it runs [`dot_batch`] (eight activation rows per pass).
+//! (decode), [`dot_packed_rows`] dots straight from the packed blocks instead, and for a few
+//! rows (several sequences decoding together) [`dot_packed_batch`] does, unpacking each block
+//! in registers once per pass over up to eight activation rows. For larger batches,
+//! [`tile_matmul`] multiplies a [`Tile`] of 16 weight rows, unpacked to memory once, with every
+//! activation row. On AVX-512 VNNI both lay 16 weight rows' blocks across the lanes of a
+//! vector so one `vpdpbusd` feeds all 16 rows' block sums (no horizontal reductions); elsewhere
+//! they run [`dot_batch`]'s eight-activation-row kernel.
 //!
 //! Each entry point picks, once per process, the best instruction set the CPU has
 //! ([`isa`]): AVX-512 VNNI, AVX2, NEON (aarch64; dot products only), or portable scalar code.
@@ -289,17 +292,37 @@ pub fn dot_batch_with(
     }
 }
 
-/// `m` activation rows prepared for [`tile_matmul`].
+/// `m` activation rows prepared for [`tile_matmul`] and [`dot_packed_batch`].
 pub struct Batch {
     pub m: usize,
     pub acts: QuantizedActs,
-    /// Scales regrouped for [`dot_batch`].
+    /// Scales regrouped for [`dot_batch`] (empty for AVX-512 VNNI, whose kernels read `acts`).
     pub sc: BatchScales,
-    /// `acts.qs` plus 128, as `u8` (for signed weights on AVX-512 VNNI).
-    pub xu: Vec<u8>,
+    /// `-128 * sum(values)` per activation block, laid out as `acts.d` (AVX-512 VNNI with
+    /// Q8_0 activations only, i.e. signed weights, which its kernels store plus 128).
+    pub corr: Vec<i32>,
 }
 
-/// Quantizes row-major `x: [m, k]` ([`quantize_acts`]) and prepares it for [`tile_matmul`].
+impl Batch {
+    /// Panics unless the batch holds its `m` rows (and their corrections, for signed weights
+    /// on AVX-512 VNNI).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn check(&self, signed: bool) {
+        let nb = self.acts.k / BLOCK;
+        assert!(
+            self.acts.qs.len() >= self.m * self.acts.k,
+            "activations shorter than m"
+        );
+        assert!(self.acts.d.len() >= self.m * nb && self.acts.s.len() >= self.m * nb);
+        assert!(
+            !signed || self.corr.len() >= self.m * nb,
+            "batch not prepared for signed weights on AVX-512 VNNI"
+        );
+    }
+}
+
+/// Quantizes row-major `x: [m, k]` ([`quantize_acts`]) and prepares it for [`tile_matmul`]
+/// and [`dot_packed_batch`].
 pub fn prepare_batch(x: &[f32], k: usize, m: usize, fmt: ActFormat) -> Batch {
     prepare_batch_with(isa(), x, k, m, fmt)
 }
@@ -308,23 +331,37 @@ pub fn prepare_batch(x: &[f32], k: usize, m: usize, fmt: ActFormat) -> Batch {
 pub fn prepare_batch_with(isa: Isa, x: &[f32], k: usize, m: usize, fmt: ActFormat) -> Batch {
     assert_eq!(x.len(), m * k, "x is not m rows of k");
     let acts = quantize_acts_with(isa, x, k, fmt);
-    let sc = batch_scales(&acts, m);
-    let xu = if isa == Isa::Avx512Vnni {
-        acts.qs.iter().map(|&v| (v as u8) ^ 0x80).collect()
+    let vnni = isa == Isa::Avx512Vnni;
+    let sc = if vnni {
+        // Unused there (see `Batch::sc`).
+        BatchScales {
+            m,
+            stride: m + 8,
+            d: Vec::new(),
+            s: Vec::new(),
+        }
+    } else {
+        batch_scales(&acts, m)
+    };
+    let corr = if vnni && fmt == ActFormat::Q8_0 {
+        acts.qs
+            .chunks_exact(BLOCK)
+            .map(|blk| -128 * blk.iter().map(|&v| v as i32).sum::<i32>())
+            .collect()
     } else {
         Vec::new()
     };
-    Batch { m, acts, sc, xu }
+    Batch { m, acts, sc, corr }
 }
 
-/// Weight rows per [`Tile`].
+/// Weight rows per [`Tile`] (and per pass of [`dot_packed_batch`] on AVX-512 VNNI).
 pub const TILE_ROWS: usize = 16;
 
-/// Up to [`TILE_ROWS`] weight rows unpacked for [`tile_matmul`]: as [`UnpackedRow`]s and, for
+/// Up to [`TILE_ROWS`] weight rows unpacked for [`tile_matmul`]: as [`UnpackedRow`]s or, for
 /// AVX-512 VNNI, interleaved so that each 64-byte group holds four consecutive values of one
 /// block from every row (`q[((b * 8 + j) * 16 + l) * 4 + e]` = value `4j + e` of block `b` of
-/// row `l`), with per-block scales `d[b * 16 + l]`, offsets `m[b * 16 + l]` and, for signed
-/// values, `corr[b * 16 + l] = -128 * sum(values)`. Missing rows are zeros.
+/// row `l`, plus 128 as a `u8` bit pattern for signed types), with per-block scales
+/// `d[b * 16 + l]` and offsets `m[b * 16 + l]`. Lanes past `rows` repeat the last row.
 #[derive(Default)]
 pub struct Tile {
     pub rows: usize,
@@ -333,7 +370,6 @@ pub struct Tile {
     pub q: Vec<i8>,
     pub d: Vec<f32>,
     pub m: Vec<f32>,
-    pub corr: Vec<i32>,
     pub un: Vec<UnpackedRow>,
     interleaved: bool,
 }
@@ -346,43 +382,27 @@ impl Tile {
 
     /// [`Tile::load`] for kernels compiled for `isa`, which must be [`Isa::supported`].
     pub fn load_with(&mut self, isa: Isa, ty: GgmlType, rows: &[u8], row_bytes: usize) {
-        let n = rows.len() / row_bytes;
+        let n = rows.len() / row_bytes.max(1);
         assert!(
             n <= TILE_ROWS && n * row_bytes == rows.len(),
             "bad tile rows"
         );
+        assert!(act_format(ty).is_some(), "{ty} has no integer path");
         self.rows = n;
         self.nb = row_bytes / ty.type_size();
         self.signed = !matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
-        self.un.resize_with(n.max(self.un.len()), Default::default);
-        for (un, row) in self.un.iter_mut().zip(rows.chunks_exact(row_bytes)) {
-            unpack_row_with(isa, ty, row, un);
-        }
-        self.interleaved = isa == Isa::Avx512Vnni;
-        if !self.interleaved {
-            return;
-        }
-        let nb = self.nb;
-        self.q.clear();
-        self.q.resize(nb * BLOCK * TILE_ROWS, 0);
-        self.d.clear();
-        self.d.resize(nb * TILE_ROWS, 0.0);
-        self.m.clear();
-        self.m.resize(nb * TILE_ROWS, 0.0);
-        self.corr.clear();
-        self.corr.resize(nb * TILE_ROWS, 0);
-        for (l, un) in self.un[..n].iter().enumerate() {
-            for b in 0..nb {
-                let src = &un.q[b * BLOCK..(b + 1) * BLOCK];
-                for j in 0..BLOCK / 4 {
-                    let at = ((b * BLOCK / 4 + j) * TILE_ROWS + l) * 4;
-                    self.q[at..at + 4].copy_from_slice(&src[4 * j..4 * j + 4]);
-                }
-                self.d[b * TILE_ROWS + l] = un.d[b];
-                self.m[b * TILE_ROWS + l] = un.m[b];
-                if self.signed {
-                    self.corr[b * TILE_ROWS + l] =
-                        -128 * src.iter().map(|&v| v as i32).sum::<i32>();
+        self.interleaved = false;
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni if isa.supported() && n > 0 => {
+                // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
+                unsafe { x86::avx512_tile_load(ty, rows, row_bytes, self) };
+                self.interleaved = true;
+            }
+            _ => {
+                self.un.resize_with(n.max(self.un.len()), Default::default);
+                for (un, row) in self.un.iter_mut().zip(rows.chunks_exact(row_bytes)) {
+                    unpack_row_with(isa, ty, row, un);
                 }
             }
         }
@@ -400,10 +420,6 @@ impl Tile {
         );
         assert!(self.q.len() >= nb * BLOCK * TILE_ROWS);
         assert!(self.d.len() >= nb * TILE_ROWS && self.m.len() >= nb * TILE_ROWS);
-        assert!(self.corr.len() >= nb * TILE_ROWS);
-        assert!(batch.acts.qs.len() >= batch.m * batch.acts.k);
-        assert!(!self.signed || batch.xu.len() >= batch.m * batch.acts.k);
-        assert!(batch.acts.d.len() >= batch.m * nb && batch.acts.s.len() >= batch.m * nb);
     }
 }
 
@@ -418,7 +434,7 @@ pub fn tile_matmul(tile: &Tile, batch: &Batch, with_min: bool, out: &mut [f32]) 
 pub fn tile_matmul_with(isa: Isa, tile: &Tile, batch: &Batch, with_min: bool, out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni if isa.supported() => {
+        Isa::Avx512Vnni if isa.supported() && tile.rows > 0 => {
             // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
             unsafe { x86::avx512_tile_matmul(tile, batch, with_min, out) }
         }
@@ -433,6 +449,52 @@ pub fn tile_matmul_with(isa: Isa, tile: &Tile, batch: &Batch, with_min: bool, ou
                 }
             }
         }
+    }
+}
+
+/// `out[i * n + r]` = dot of packed `ty` row `r` of `rows` (`n` rows of `batch.acts.k`
+/// values) with activation row `i` of `batch`, for every `i < batch.m`: bit for bit what
+/// [`unpack_row`] then [`dot`] give, reading each packed block once per pass over up to eight
+/// activation rows. For small batches (continuous batching's decode), where unpacking rows to
+/// memory as [`Tile`] does would cost more than the products.
+pub fn dot_packed_batch(ty: GgmlType, rows: &[u8], batch: &Batch, out: &mut [f32]) {
+    dot_packed_batch_with(isa(), ty, rows, batch, out)
+}
+
+/// [`dot_packed_batch`] compiled for `isa`, which must be [`Isa::supported`] and the one
+/// `batch` was prepared for.
+pub fn dot_packed_batch_with(isa: Isa, ty: GgmlType, rows: &[u8], batch: &Batch, out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.supported() => {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
+            unsafe { x86::avx2_dot_packed_batch(ty, rows, batch, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if isa.supported() => {
+            // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
+            unsafe { x86::avx512_dot_packed_batch(ty, rows, batch, out) }
+        }
+        Isa::Scalar | Isa::Neon if isa.supported() => {
+            // Unpack each row once, then one dot per activation row.
+            let row_bytes = batch.acts.k / BLOCK * ty.type_size();
+            let n = rows.len() / row_bytes.max(1);
+            assert_eq!(
+                n * row_bytes,
+                rows.len(),
+                "rows do not match the activations"
+            );
+            assert_eq!(out.len(), batch.m * n, "out does not match the rows");
+            let with_min = act_format(ty) == Some(ActFormat::Q8_1);
+            let mut un = UnpackedRow::default();
+            for (r, row) in rows.chunks_exact(row_bytes.max(1)).enumerate() {
+                unpack_row_with(isa, ty, row, &mut un);
+                for i in 0..batch.m {
+                    out[i * n + r] = dot_with(isa, &un, &batch.acts, i, with_min);
+                }
+            }
+        }
+        _ => panic!("{isa:?} is not supported by this CPU"),
     }
 }
 
@@ -907,6 +969,59 @@ mod tests {
                 let mut got = vec![0.0f32; m * n];
                 tile_matmul_with(isa, &tile, &batch, with_min, &mut got);
                 assert_eq!(bits(&got), bits(&want), "{ctx}: tile");
+            }
+        }
+    }
+
+    #[test]
+    fn packed_batch_matches_scalar_bit_for_bit() {
+        let mut isas = simd_isas();
+        isas.push(Isa::Scalar);
+        let mut rng = StdRng::seed_from_u64(0xFA57);
+        let types = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+        ];
+        let batches = [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17];
+        for case in 0..330 {
+            let ty = types[case % types.len()];
+            let m = batches[(case / types.len()) % batches.len()];
+            let nb = match case % 3 {
+                0 => rng.random_range(1..8),
+                1 => rng.random_range(8..40),
+                _ => 18,
+            };
+            let k = nb * BLOCK;
+            // One tile, part of one, and several with a partial last one.
+            let n = match case % 4 {
+                0 => TILE_ROWS,
+                1 => rng.random_range(1..TILE_ROWS),
+                2 => rng.random_range(TILE_ROWS + 1..4 * TILE_ROWS),
+                _ => 2 * TILE_ROWS,
+            };
+            let fmt = act_format(ty).unwrap();
+            let with_min = fmt == ActFormat::Q8_1;
+            let x = random_acts(m * k, &mut rng);
+            let rows: Vec<u8> = (0..n).flat_map(|_| random_row(ty, nb, &mut rng)).collect();
+            let row_bytes = nb * ty.type_size();
+            let acts = quantize_acts_with(Isa::Scalar, &x, k, fmt);
+            let mut want = vec![0.0f32; m * n];
+            let mut un = UnpackedRow::default();
+            for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
+                unpack_row_with(Isa::Scalar, ty, row, &mut un);
+                for i in 0..m {
+                    want[i * n + r] = dot_with(Isa::Scalar, &un, &acts, i, with_min);
+                }
+            }
+            for &isa in &isas {
+                let ctx = format!("{isa:?} {ty} k={k} m={m} n={n} case={case}");
+                let batch = prepare_batch_with(isa, &x, k, m, fmt);
+                let mut got = vec![0.0f32; m * n];
+                dot_packed_batch_with(isa, ty, &rows, &batch, &mut got);
+                assert_eq!(bits(&got), bits(&want), "{ctx}: packed batch");
             }
         }
     }

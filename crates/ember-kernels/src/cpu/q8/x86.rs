@@ -6,8 +6,11 @@
 //! scalar code's do). Only the per-block products are computed 8 blocks at a time; they are
 //! still added to the row sum one block after another, in block order.
 //!
-//! The bodies are `#[inline(always)]` generics; only the entry points in [`avx2`] and
-//! [`avx512`] carry `#[target_feature]`, so each is compiled once per instruction set.
+//! The bodies are `#[inline(always)]` generics; only the entry points (the [`avx2`] and
+//! [`avx512`] modules, and the `avx2_*` / `avx512_*` functions at the end) carry
+//! `#[target_feature]`, so each is compiled once per instruction set. Closures inside the
+//! bodies do not inherit those features: intrinsics called from them stop being inlined, so
+//! arrays of vectors are filled with loops, not `array::from_fn`.
 
 use std::arch::x86_64::*;
 use std::ptr;
@@ -477,8 +480,8 @@ unsafe fn reduce_rows8(v: &[__m256i; 8]) -> __m256i {
     }
 }
 
-/// Dots one unpacked weight row (`nb` blocks at `q`, scales `d`, offsets `m`) with the eight
-/// activation rows at `x`, returning the eight results (lane `r` = row `x[r]`).
+/// Dots one weight row (`nb` blocks, unpacked or packed) with the eight activation rows at `x`,
+/// returning the eight results (lane `r` = row `x[r]`).
 ///
 /// Each weight block is loaded once and multiplied with all eight rows; the eight per-block
 /// integer sums are reduced together, so lane `r` gets exactly `scalar::dot`'s float
@@ -486,11 +489,8 @@ unsafe fn reduce_rows8(v: &[__m256i; 8]) -> __m256i {
 /// order. `xd` and `xs` point at the eight rows' scales of block 0; block `b`'s are
 /// `b * stride` further.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn row_dot8<D: Dot, const SIGNED: bool, const WITH_MIN: bool>(
-    q: *const i8,
-    d: *const f32,
-    m: *const f32,
+unsafe fn row_dot8<D: Dot, W: Weights>(
+    w: &W,
     nb: usize,
     x: &[*const i8; 8],
     xd: *const f32,
@@ -500,26 +500,25 @@ unsafe fn row_dot8<D: Dot, const SIGNED: bool, const WITH_MIN: bool>(
     unsafe {
         let mut sum = _mm256_setzero_ps();
         for b in 0..nb {
-            let w = _mm256_loadu_si256(q.add(b * BLOCK).cast());
-            let wu = if SIGNED { _mm256_abs_epi8(w) } else { w };
+            w.prefetch(b);
+            let q = w.q(b);
+            let wu = if W::SIGNED { _mm256_abs_epi8(q) } else { q };
             let mut v = [_mm256_setzero_si256(); 8];
             for (vr, &xr) in v.iter_mut().zip(x) {
                 let xv = _mm256_loadu_si256(xr.add(b * BLOCK).cast());
-                let xv = if SIGNED { _mm256_sign_epi8(xv, w) } else { xv };
+                let xv = if W::SIGNED {
+                    _mm256_sign_epi8(xv, q)
+                } else {
+                    xv
+                };
                 *vr = D::dot_u8i8(wu, xv);
             }
             let f = _mm256_cvtepi32_ps(reduce_rows8(&v));
-            let dd = _mm256_mul_ps(
-                _mm256_set1_ps(*d.add(b)),
-                _mm256_loadu_ps(xd.add(b * stride)),
-            );
-            let t = if WITH_MIN {
+            let dd = _mm256_mul_ps(_mm256_set1_ps(w.d(b)), _mm256_loadu_ps(xd.add(b * stride)));
+            let t = if W::WITH_MIN {
                 _mm256_add_ps(
                     _mm256_mul_ps(dd, f),
-                    _mm256_mul_ps(
-                        _mm256_set1_ps(*m.add(b)),
-                        _mm256_loadu_ps(xs.add(b * stride)),
-                    ),
+                    _mm256_mul_ps(_mm256_set1_ps(w.m(b)), _mm256_loadu_ps(xs.add(b * stride))),
                 )
             } else {
                 _mm256_mul_ps(f, dd)
@@ -574,10 +573,18 @@ unsafe fn dot_batch<D: Dot>(
         let v = unsafe {
             let st = sc.stride;
             match (row.unsigned, with_min) {
-                (true, true) => row_dot8::<D, false, true>(q, d, m, nb, &x, xd, xs, st),
-                (true, false) => row_dot8::<D, false, false>(q, d, m, nb, &x, xd, xs, st),
-                (false, true) => row_dot8::<D, true, true>(q, d, m, nb, &x, xd, xs, st),
-                (false, false) => row_dot8::<D, true, false>(q, d, m, nb, &x, xd, xs, st),
+                (true, true) => {
+                    row_dot8::<D, _>(&Unpacked::<false, true> { q, d, m }, nb, &x, xd, xs, st)
+                }
+                (true, false) => {
+                    row_dot8::<D, _>(&Unpacked::<false, false> { q, d, m }, nb, &x, xd, xs, st)
+                }
+                (false, true) => {
+                    row_dot8::<D, _>(&Unpacked::<true, true> { q, d, m }, nb, &x, xd, xs, st)
+                }
+                (false, false) => {
+                    row_dot8::<D, _>(&Unpacked::<true, false> { q, d, m }, nb, &x, xd, xs, st)
+                }
             }
         };
         let mut tmp = [0.0f32; 8];
@@ -588,143 +595,633 @@ unsafe fn dot_batch<D: Dot>(
     }
 }
 
-/// Products of a [`Tile`]'s 16 weight rows with `R` activation rows (AVX-512 VNNI only):
-/// lane `l` of result `r` is `scalar::dot` of weight row `l` with activation row `x[r]`.
-///
-/// The tile stores, for each block and each group of four values, the 16 rows' four bytes
-/// side by side, so one `vpdpbusd` against the activation's four bytes (broadcast) adds four
-/// products to each row's lane: the per-block integer sums come out one per lane with no
-/// horizontal reduction. Signed weights multiply `x + 128` (unsigned) and start from
-/// `-128 * sum(w)`, which is exact. The float work per lane is `scalar::dot`'s, in block
-/// order.
+/// `out[i * n + r]` = dot of packed row `r` of `rows` (`n` of them) with activation row `i`:
+/// [`row_dot8`] straight off the packed blocks, eight activation rows per pass.
 #[inline(always)]
-unsafe fn tile_rows<const SIGNED: bool, const WITH_MIN: bool, const R: usize>(
-    tile: &Tile,
-    x: [*const u8; R],
-    xd: [*const f32; R],
-    xs: [*const f32; R],
-) -> [__m512; R] {
+unsafe fn packed_batch8<D: Dot, const TY: u8>(rows: &[u8], batch: &Batch, out: &mut [f32]) {
+    let (acts, sc, m) = (&batch.acts, &batch.sc, batch.m);
+    let k = acts.k;
+    let nb = k / BLOCK;
+    let row_bytes = nb * Packed::<TY>::BS;
+    let n = rows.len() / row_bytes.max(1);
+    assert_eq!(
+        n * row_bytes,
+        rows.len(),
+        "rows do not match the activations"
+    );
+    assert_eq!(out.len(), m * n, "out does not match the rows");
+    assert!(acts.qs.len() >= m * k, "activations shorter than the batch");
+    assert!(
+        sc.m == m && sc.stride >= m + 7,
+        "scales do not match the batch"
+    );
+    assert!(sc.d.len() >= nb * sc.stride && sc.s.len() >= nb * sc.stride);
+    for r in 0..n {
+        let w = Packed::<TY> {
+            p: rows[r * row_bytes..(r + 1) * row_bytes].as_ptr(),
+        };
+        let mut i0 = 0;
+        while i0 < m {
+            let cnt = (m - i0).min(8);
+            // Rows past the end repeat the last one; their results are dropped.
+            let x: [*const i8; 8] = std::array::from_fn(|j| {
+                let i = i0 + j.min(cnt - 1);
+                acts.qs[i * k..(i + 1) * k].as_ptr()
+            });
+            // SAFETY: the row spans `nb` blocks (sliced above), each activation row `k` values;
+            // block `b`'s eight scales are at `b * stride + i0 .. + 8`, inside `nb * stride`
+            // since `i0 + 8 <= m + 7 <= stride`; CPU features are the caller's.
+            let v = unsafe {
+                let (xd, xs) = (sc.d[i0..].as_ptr(), sc.s[i0..].as_ptr());
+                row_dot8::<D, _>(&w, nb, &x, xd, xs, sc.stride)
+            };
+            let mut tmp = [0.0f32; 8];
+            // SAFETY: `tmp` holds eight floats.
+            unsafe { _mm256_storeu_ps(tmp.as_mut_ptr(), v) };
+            for (j, &t) in tmp[..cnt].iter().enumerate() {
+                out[(i0 + j) * n + r] = t;
+            }
+            i0 += 8;
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_packed_batch<D: Dot>(ty: GgmlType, rows: &[u8], batch: &Batch, out: &mut [f32]) {
+    // SAFETY: forwarded; `packed_batch8` checks every bound it relies on.
     unsafe {
-        let (q, d, mm, corr) = (
-            tile.q.as_ptr(),
-            tile.d.as_ptr(),
-            tile.m.as_ptr(),
-            tile.corr.as_ptr(),
+        match ty {
+            GgmlType::Q4_0 => packed_batch8::<D, Q4_0>(rows, batch, out),
+            GgmlType::Q4_1 => packed_batch8::<D, Q4_1>(rows, batch, out),
+            GgmlType::Q5_0 => packed_batch8::<D, Q5_0>(rows, batch, out),
+            GgmlType::Q5_1 => packed_batch8::<D, Q5_1>(rows, batch, out),
+            GgmlType::Q8_0 => packed_batch8::<D, Q8_0>(rows, batch, out),
+            other => unreachable!("dot_packed_batch called for {other}, which has no integer path"),
+        }
+    }
+}
+
+// AVX-512 VNNI kernels with sixteen weight rows per vector, one row per `i32` lane.
+//
+// Sixteen rows' block `b` is unpacked in registers and transposed so that vector `j` holds,
+// in lane `l`, the four values `4j..4j + 4` of row `l` ([`Block16`]). One `vpdpbusd` of that
+// vector with an activation row's four values `4j..4j + 4` (broadcast) then adds four
+// products to every row's lane: the per-block integer sums come out one per lane, with no
+// horizontal reduction, and the float work is done for sixteen rows at once.
+//
+// `vpdpbusd` multiplies `u8` by `i8`. Unsigned weights (Q4_1, Q5_1) are the `u8` side as they
+// are; signed ones (Q4_0, Q5_0, Q8_0) are stored plus 128 (`^ 0x80`, so `0..=255`) and the
+// sum starts from the activation block's `-128 * sum(x)`: `sum((w + 128) * x) - 128 * sum(x)`
+// is exactly `sum(w * x)` in `i32`.
+
+/// Sixteen weight rows' block in `vpdpbusd` layout (see above).
+type Block16 = [__m512i; 8];
+
+/// `vpermt2d` indices for one butterfly stage of [`transpose16x8`], applied to a vector `a`
+/// and its partner `b` (`bit` vectors further): the low output keeps `a`'s elements whose
+/// index has bit `bit` clear and takes the others from `b` (index `^ bit`); the high output
+/// (`hi`) keeps `b`'s elements with the bit set and takes the others from `a`.
+const fn stage_indices(bit: usize, hi: bool) -> [i32; 16] {
+    let mut idx = [0i32; 16];
+    let mut l = 0;
+    while l < 16 {
+        // Element `e` of an 8-element row lives in lane `e` (low half) and `8 + e` (high).
+        let (e, half) = (l & 7, l & 8);
+        let swapped = (half | (e ^ bit)) as i32;
+        idx[l] = match (hi, e & bit != 0) {
+            (false, false) => l as i32,
+            (false, true) => 16 + swapped,
+            (true, true) => 16 + l as i32,
+            (true, false) => swapped,
+        };
+        l += 1;
+    }
+    idx
+}
+
+/// [`stage_indices`] for bits 1, 2 and 4, low and high output.
+static STAGES: [[[i32; 16]; 2]; 3] = [
+    [stage_indices(1, false), stage_indices(1, true)],
+    [stage_indices(2, false), stage_indices(2, true)],
+    [stage_indices(4, false), stage_indices(4, true)],
+];
+
+/// Transposes sixteen rows of eight `i32` (`a[l]`) into eight vectors of sixteen (lane `l`
+/// of result `j` = element `j` of `a[l]`).
+///
+/// Rows `p` and `p + 8` share vector `p` (low and high half), which makes this an 8x8
+/// transpose of lane pairs: three butterfly stages of `vpermt2d`, each swapping the
+/// off-diagonal blocks of size 1, 2, then 4.
+#[inline(always)]
+unsafe fn transpose16x8(a: &[__m256i; 16]) -> Block16 {
+    unsafe {
+        // A loop, not `array::from_fn` (see the module docs).
+        let mut z = [_mm512_setzero_si512(); 8];
+        for (p, zp) in z.iter_mut().enumerate() {
+            *zp = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a[p]), a[p + 8]);
+        }
+        for (stage, bit) in [1, 2, 4].into_iter().enumerate() {
+            let lo = _mm512_loadu_si512(STAGES[stage][0].as_ptr().cast());
+            let hi = _mm512_loadu_si512(STAGES[stage][1].as_ptr().cast());
+            for r in 0..8 {
+                if r & bit == 0 {
+                    let (x, y) = (z[r], z[r | bit]);
+                    z[r] = _mm512_permutex2var_epi32(x, lo, y);
+                    z[r | bit] = _mm512_permutex2var_epi32(x, hi, y);
+                }
+            }
+        }
+        z
+    }
+}
+
+/// `vpermt2d` indices gathering dwords `j` and `j + 1` (lanes 0..8 and 8..16) of eight rows
+/// held four per vector (row `r` of the first vector in lanes `4r..4r + 4`, of the second in
+/// `16 + 4r..`), for `j` = 0 and 2.
+const fn q4_pair_indices(j0: usize) -> [i32; 16] {
+    let mut idx = [0i32; 16];
+    let mut l = 0;
+    while l < 16 {
+        let (j, r) = (j0 + l / 8, l % 8);
+        idx[l] = if r < 4 {
+            4 * r + j
+        } else {
+            16 + 4 * (r - 4) + j
+        } as i32;
+        l += 1;
+    }
+    idx
+}
+
+static Q4_PAIRS: [[i32; 16]; 2] = [q4_pair_indices(0), q4_pair_indices(2)];
+
+/// How many tiles ahead [`Rows16::prefetch`] reaches.
+const PREFETCH_TILES: usize = 2;
+
+/// Up to sixteen consecutive packed rows; past the last row, lanes repeat it (their results
+/// are never stored).
+struct Rows16<const TY: u8> {
+    w: [Packed<TY>; 16],
+    base: *const u8,
+    /// Byte offset of each lane's row from `base`.
+    offsets: __m512i,
+    /// The start of the tile [`PREFETCH_TILES`] ahead.
+    ahead: *const u8,
+    /// Cache lines of that tile to prefetch per block of this one.
+    lines_per_block: usize,
+}
+
+impl<const TY: u8> Rows16<TY> {
+    /// The rows in `rows` (1 to 16 of `row_bytes` each). The CPU must support AVX-512 F.
+    #[inline(always)]
+    unsafe fn new(rows: &[u8], row_bytes: usize) -> Self {
+        let n = rows.len() / row_bytes.max(1);
+        assert!(
+            (1..=TILE_ROWS).contains(&n) && n * row_bytes == rows.len(),
+            "bad tile rows"
         );
-        let mut sum = [_mm512_setzero_ps(); R];
-        for b in 0..tile.nb {
-            let init = if SIGNED {
-                _mm512_loadu_si512(corr.add(b * TILE_ROWS).cast())
+        assert_eq!(row_bytes % Packed::<TY>::BS, 0, "partial block");
+        assert!(
+            rows.len() <= i32::MAX as usize,
+            "rows too long for gather offsets"
+        );
+        let base = rows.as_ptr();
+        let offsets: [i32; TILE_ROWS] = std::array::from_fn(|l| (l.min(n - 1) * row_bytes) as i32);
+        Rows16 {
+            // In bounds (row `n - 1` at most); `wrapping_add` keeps this safe code.
+            w: std::array::from_fn(|l| Packed {
+                p: base.wrapping_add(l.min(n - 1) * row_bytes),
+            }),
+            base,
+            ahead: base.wrapping_add(TILE_ROWS * PREFETCH_TILES * row_bytes),
+            lines_per_block: (TILE_ROWS * row_bytes).div_ceil(64 * (row_bytes / Packed::<TY>::BS)),
+            // SAFETY: reads the 64 bytes of a 16-element `i32` array; AVX-512 F is the
+            // caller's.
+            offsets: unsafe { _mm512_loadu_si512(offsets.as_ptr().cast()) },
+        }
+    }
+
+    /// Block `b` of the sixteen rows in [`Block16`] layout. `b` must be below the rows' block
+    /// count.
+    #[inline(always)]
+    unsafe fn block(&self, b: usize) -> Block16 {
+        unsafe {
+            if matches!(TY, Q4_0 | Q4_1) {
+                return self.block_q4(b);
+            }
+            let mut a = [_mm256_setzero_si256(); 16];
+            for (al, w) in a.iter_mut().zip(&self.w) {
+                *al = w.q(b);
+            }
+            let mut t = transpose16x8(&a);
+            if <Packed<TY> as Weights>::SIGNED {
+                let flip = _mm512_set1_epi8(0x80u8 as i8);
+                for tj in &mut t {
+                    *tj = _mm512_xor_si512(*tj, flip);
+                }
+            }
+            t
+        }
+    }
+
+    /// [`Rows16::block`] for Q4_0 and Q4_1, with a quarter of the shuffles: the packed bytes'
+    /// dword `j` holds values `4j..4j + 4` in its low nibbles and `16 + 4j..` in its high ones,
+    /// so transposing the sixteen rows' four packed dwords and splitting nibbles afterwards
+    /// gives all eight vectors.
+    #[inline(always)]
+    unsafe fn block_q4(&self, b: usize) -> Block16 {
+        unsafe {
+            let at = b * Packed::<TY>::BS + if TY == Q4_0 { 2 } else { 4 };
+            let ld = |l: usize| _mm_loadu_si128(self.w[l].p.add(at).cast());
+            // Rows 4g..4g + 4, one per 128-bit lane.
+            let mut z = [_mm512_setzero_si512(); 4];
+            for (g, zg) in z.iter_mut().enumerate() {
+                let v = _mm512_castsi128_si512(ld(4 * g));
+                let v = _mm512_inserti32x4::<1>(v, ld(4 * g + 1));
+                let v = _mm512_inserti32x4::<2>(v, ld(4 * g + 2));
+                *zg = _mm512_inserti32x4::<3>(v, ld(4 * g + 3));
+            }
+            // Dwords (0, 1) and (2, 3) of rows 0..8, then of rows 8..16; then whole columns.
+            let i01 = _mm512_loadu_si512(Q4_PAIRS[0].as_ptr().cast());
+            let i23 = _mm512_loadu_si512(Q4_PAIRS[1].as_ptr().cast());
+            let (a_lo, b_lo) = (
+                _mm512_permutex2var_epi32(z[0], i01, z[1]),
+                _mm512_permutex2var_epi32(z[0], i23, z[1]),
+            );
+            let (a_hi, b_hi) = (
+                _mm512_permutex2var_epi32(z[2], i01, z[3]),
+                _mm512_permutex2var_epi32(z[2], i23, z[3]),
+            );
+            let q = [
+                _mm512_shuffle_i64x2::<0x44>(a_lo, a_hi),
+                _mm512_shuffle_i64x2::<0xEE>(a_lo, a_hi),
+                _mm512_shuffle_i64x2::<0x44>(b_lo, b_hi),
+                _mm512_shuffle_i64x2::<0xEE>(b_lo, b_hi),
+            ];
+            let mask = _mm512_set1_epi8(0x0F);
+            let mut t = [_mm512_setzero_si512(); 8];
+            for (j, &qj) in q.iter().enumerate() {
+                t[j] = _mm512_and_si512(qj, mask);
+                t[j + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(qj), mask);
+            }
+            if TY == Q4_0 {
+                // (nibble - 8) + 128.
+                let offset = _mm512_set1_epi8(120);
+                for tj in &mut t {
+                    *tj = _mm512_add_epi8(*tj, offset);
+                }
+            }
+            t
+        }
+    }
+
+    /// Scales and offsets (zeros without offsets) of block `b` of the sixteen rows, as f32.
+    #[inline(always)]
+    unsafe fn scales(&self, b: usize) -> (__m512, __m512) {
+        unsafe {
+            // Each block starts with its f16 scale, then (Q4_1, Q5_1) its f16 offset.
+            let head = _mm512_i32gather_epi32::<1>(
+                self.offsets,
+                self.base.add(b * Packed::<TY>::BS).cast(),
+            );
+            let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+            let m = if <Packed<TY> as Weights>::WITH_MIN {
+                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(head)))
+            } else {
+                _mm512_setzero_ps()
+            };
+            (d, m)
+        }
+    }
+
+    /// Hints that part `b` of the tile [`PREFETCH_TILES`] ahead will be read soon: that tile
+    /// is one contiguous range, prefetched in address order, a share per block of this one.
+    ///
+    /// Rows are read sixteen short streams at a time, which the hardware prefetchers hardly
+    /// follow (decode with one activation row reads rows one after another and needs none).
+    #[inline(always)]
+    fn prefetch(&self, b: usize) {
+        for c in b * self.lines_per_block..(b + 1) * self.lines_per_block {
+            // A hint only: the address may lie past the matrix (`wrapping_add`, never
+            // dereferenced).
+            let p = self.ahead.wrapping_add(c * 64);
+            // SAFETY: prefetching has no architectural effect and cannot fault.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+        }
+    }
+}
+
+/// `R` activation rows of a [`Batch`] as raw pointers (rows past the batch repeat its last).
+struct ActRows<const R: usize> {
+    x: [*const i8; R],
+    d: [*const f32; R],
+    s: [*const f32; R],
+    /// `-128 * sum(x)` per block (signed weights only; dangling otherwise).
+    corr: [*const i32; R],
+}
+
+impl<const R: usize> ActRows<R> {
+    /// Rows `i0..i0 + R` of `batch`, each sliced (so bounds-checked) to its `nb` blocks.
+    #[inline(always)]
+    fn new(batch: &Batch, i0: usize, signed: bool) -> Self {
+        let (m, k) = (batch.m, batch.acts.k);
+        let nb = k / BLOCK;
+        assert!(i0 < m, "activation row past the batch");
+        let row = |r: usize| (i0 + r).min(m - 1);
+        ActRows {
+            x: std::array::from_fn(|r| batch.acts.qs[row(r) * k..(row(r) + 1) * k].as_ptr()),
+            d: std::array::from_fn(|r| batch.acts.d[row(r) * nb..(row(r) + 1) * nb].as_ptr()),
+            s: std::array::from_fn(|r| batch.acts.s[row(r) * nb..(row(r) + 1) * nb].as_ptr()),
+            corr: std::array::from_fn(|r| {
+                if signed {
+                    batch.corr[row(r) * nb..(row(r) + 1) * nb].as_ptr()
+                } else {
+                    ptr::NonNull::dangling().as_ptr()
+                }
+            }),
+        }
+    }
+}
+
+/// Adds block `b` of sixteen weight rows (`t`, scales `dw`, offsets `mw`) times each
+/// activation row `r` of `a` to `sum[r]`, lane `l` = weight row `l`.
+///
+/// Per lane, the float operations are `scalar::dot`'s: `(d * xd) * sumi [+ m * xs]` added to
+/// the running sum, one block after another.
+#[inline(always)]
+unsafe fn block_acts<W: Weights, const R: usize>(
+    t: &Block16,
+    dw: __m512,
+    mw: __m512,
+    b: usize,
+    a: &ActRows<R>,
+    sum: &mut [__m512; R],
+) {
+    unsafe {
+        for (r, sum_r) in sum.iter_mut().enumerate() {
+            let mut acc = if W::SIGNED {
+                _mm512_set1_epi32(*a.corr[r].add(b))
             } else {
                 _mm512_setzero_si512()
             };
-            let mut acc = [init; R];
-            for j in 0..BLOCK / 4 {
-                let w = _mm512_loadu_si512(q.add((b * BLOCK / 4 + j) * 4 * TILE_ROWS).cast());
-                for r in 0..R {
-                    let xv = ptr::read_unaligned(x[r].add(b * BLOCK + 4 * j).cast::<i32>());
-                    let xb = _mm512_set1_epi32(xv);
-                    acc[r] = if SIGNED {
-                        _mm512_dpbusd_epi32(acc[r], xb, w)
-                    } else {
-                        _mm512_dpbusd_epi32(acc[r], w, xb)
-                    };
+            for (j, &tj) in t.iter().enumerate() {
+                let xv = ptr::read_unaligned(a.x[r].add(b * BLOCK + 4 * j).cast::<i32>());
+                acc = _mm512_dpbusd_epi32(acc, tj, _mm512_set1_epi32(xv));
+            }
+            let f = _mm512_cvtepi32_ps(acc);
+            let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d[r].add(b)));
+            let v = if W::WITH_MIN {
+                _mm512_add_ps(
+                    _mm512_mul_ps(dd, f),
+                    _mm512_mul_ps(mw, _mm512_set1_ps(*a.s[r].add(b))),
+                )
+            } else {
+                _mm512_mul_ps(f, dd)
+            };
+            *sum_r = _mm512_add_ps(*sum_r, v);
+        }
+    }
+}
+
+/// Writes `sum[r]`'s first `rows` lanes to `out[(i0 + r) * ld + col0..]` for every `r` that is
+/// a row of the batch (below `m`). The CPU must support AVX-512 F.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_sums<const R: usize>(
+    sum: &[__m512; R],
+    m: usize,
+    i0: usize,
+    rows: usize,
+    out: &mut [f32],
+    ld: usize,
+    col0: usize,
+) {
+    for (r, s) in sum.iter().enumerate().take(m - i0) {
+        let mut tmp = [0.0f32; TILE_ROWS];
+        // SAFETY: `tmp` holds 16 floats; AVX-512 F is the caller's.
+        unsafe { _mm512_storeu_ps(tmp.as_mut_ptr(), *s) };
+        let at = (i0 + r) * ld + col0;
+        out[at..at + rows].copy_from_slice(&tmp[..rows]);
+    }
+}
+
+/// Runs `body` for each pass over the activation rows `0..m`, with `i0` the pass's first row
+/// and the constant `R` its width: 8 rows, or 4 or 2 for what is left at the end.
+macro_rules! act_passes {
+    ($m:expr, |$i0:ident, $r:ident| $body:expr) => {{
+        let m = $m;
+        let mut $i0 = 0;
+        while $i0 < m {
+            match m - $i0 {
+                1..=2 => {
+                    const $r: usize = 2;
+                    $body
+                }
+                3..=4 => {
+                    const $r: usize = 4;
+                    $body
+                }
+                _ => {
+                    const $r: usize = 8;
+                    $body
                 }
             }
-            let dw = _mm512_loadu_ps(d.add(b * TILE_ROWS));
-            for r in 0..R {
-                let f = _mm512_cvtepi32_ps(acc[r]);
-                let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*xd[r].add(b)));
-                let t = if WITH_MIN {
-                    let mw = _mm512_loadu_ps(mm.add(b * TILE_ROWS));
-                    _mm512_add_ps(
-                        _mm512_mul_ps(dd, f),
-                        _mm512_mul_ps(mw, _mm512_set1_ps(*xs[r].add(b))),
-                    )
-                } else {
-                    _mm512_mul_ps(f, dd)
-                };
-                sum[r] = _mm512_add_ps(sum[r], t);
-            }
+            $i0 += 8;
         }
-        sum
-    }
+    }};
 }
 
-/// Activation rows `i..i + R` of `batch` against `tile`, into `out` (`[m, tile.rows]`).
+/// Activation rows `i0..i0 + R` of `batch` against sixteen packed rows straight from memory,
+/// into `out[i * ld + col0 + l]`.
 #[inline(always)]
-unsafe fn tile_group<const SIGNED: bool, const WITH_MIN: bool, const R: usize>(
-    tile: &Tile,
+unsafe fn packed_group<const TY: u8, const R: usize>(
+    w: &Rows16<TY>,
+    rows: usize,
     batch: &Batch,
-    i: usize,
+    i0: usize,
     out: &mut [f32],
+    ld: usize,
+    col0: usize,
 ) {
-    let k = batch.acts.k;
-    let nb = k / BLOCK;
-    let xq: &[u8] = if SIGNED {
-        &batch.xu
-    } else {
-        // SAFETY: `i8` and `u8` have the same layout.
-        unsafe { std::slice::from_raw_parts(batch.acts.qs.as_ptr().cast(), batch.acts.qs.len()) }
-    };
-    let x: [*const u8; R] = std::array::from_fn(|r| xq[(i + r) * k..(i + r + 1) * k].as_ptr());
-    let xd: [*const f32; R] =
-        std::array::from_fn(|r| batch.acts.d[(i + r) * nb..(i + r + 1) * nb].as_ptr());
-    let xs: [*const f32; R] =
-        std::array::from_fn(|r| batch.acts.s[(i + r) * nb..(i + r + 1) * nb].as_ptr());
-    // SAFETY: each activation pointer covers one row (`nb` blocks, sliced above); the tile's
-    // buffers cover `nb` blocks of 16 rows (`Tile::check`); CPU features are the caller's.
-    let sums = unsafe { tile_rows::<SIGNED, WITH_MIN, R>(tile, x, xd, xs) };
-    let rows = tile.rows;
-    for (r, s) in sums.iter().enumerate() {
-        let mut tmp = [0.0f32; TILE_ROWS];
-        // SAFETY: `tmp` holds 16 floats.
-        unsafe { _mm512_storeu_ps(tmp.as_mut_ptr(), *s) };
-        out[(i + r) * rows..(i + r + 1) * rows].copy_from_slice(&tmp[..rows]);
-    }
-}
-
-#[inline(always)]
-unsafe fn tile_matmul_typed<const SIGNED: bool, const WITH_MIN: bool>(
-    tile: &Tile,
-    batch: &Batch,
-    out: &mut [f32],
-) {
-    let m = batch.m;
-    let mut i = 0;
-    // SAFETY: forwarded (rows `i..i + R` are below `m`, checked by the slicing in
-    // `tile_group`).
+    let nb = batch.acts.k / BLOCK;
+    let a = ActRows::<R>::new(batch, i0, <Packed<TY> as Weights>::SIGNED);
+    // SAFETY: `b < nb`, the rows' block count (`packed_batch16` checks `row_bytes`); the
+    // activation pointers cover `nb` blocks (`ActRows::new`); CPU features are the caller's.
     unsafe {
-        while i + TILE_ACTS <= m {
-            tile_group::<SIGNED, WITH_MIN, TILE_ACTS>(tile, batch, i, out);
-            i += TILE_ACTS;
+        let mut sum = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            w.prefetch(b);
+            let t = w.block(b);
+            let (dw, mw) = w.scales(b);
+            block_acts::<Packed<TY>, R>(&t, dw, mw, b, &a, &mut sum);
         }
-        while i < m {
-            tile_group::<SIGNED, WITH_MIN, 1>(tile, batch, i, out);
-            i += 1;
+        store_sums(&sum, batch.m, i0, rows, out, ld, col0);
+    }
+}
+
+/// `out[i * n + r]` = dot of packed row `r` of `rows` (`n` of them) with activation row `i`,
+/// sixteen weight rows and up to eight activation rows per pass, unpacking each block once
+/// per pass.
+#[inline(always)]
+unsafe fn packed_batch16<const TY: u8>(rows: &[u8], batch: &Batch, out: &mut [f32]) {
+    let nb = batch.acts.k / BLOCK;
+    let row_bytes = nb * Packed::<TY>::BS;
+    let n = rows.len() / row_bytes.max(1);
+    assert_eq!(
+        n * row_bytes,
+        rows.len(),
+        "rows do not match the activations"
+    );
+    assert_eq!(out.len(), batch.m * n, "out does not match the rows");
+    batch.check(<Packed<TY> as Weights>::SIGNED);
+    for (g, group) in rows.chunks(TILE_ROWS * row_bytes.max(1)).enumerate() {
+        let cnt = group.len() / row_bytes;
+        // SAFETY: forwarded; `Rows16::new` checks the rows, `ActRows::new` the activations.
+        unsafe {
+            let w = Rows16::<TY>::new(group, row_bytes);
+            act_passes!(batch.m, |i0, R| packed_group::<TY, R>(
+                &w,
+                cnt,
+                batch,
+                i0,
+                out,
+                n,
+                g * TILE_ROWS
+            ));
         }
     }
 }
 
-/// Activation rows per pass over a tile.
-const TILE_ACTS: usize = 4;
+#[inline(always)]
+unsafe fn dot_packed_batch_vnni(ty: GgmlType, rows: &[u8], batch: &Batch, out: &mut [f32]) {
+    // SAFETY: forwarded; `packed_batch16` checks every bound it relies on.
+    unsafe {
+        match ty {
+            GgmlType::Q4_0 => packed_batch16::<Q4_0>(rows, batch, out),
+            GgmlType::Q4_1 => packed_batch16::<Q4_1>(rows, batch, out),
+            GgmlType::Q5_0 => packed_batch16::<Q5_0>(rows, batch, out),
+            GgmlType::Q5_1 => packed_batch16::<Q5_1>(rows, batch, out),
+            GgmlType::Q8_0 => packed_batch16::<Q8_0>(rows, batch, out),
+            other => unreachable!("dot_packed_batch called for {other}, which has no integer path"),
+        }
+    }
+}
+
+/// Unpacks up to sixteen packed rows into `tile` ([`Block16`] layout per block, scales and
+/// offsets as f32).
+#[inline(always)]
+unsafe fn tile_load_typed<const TY: u8>(rows: &[u8], row_bytes: usize, tile: &mut Tile) {
+    // SAFETY: AVX-512 F is the caller's.
+    let w = unsafe { Rows16::<TY>::new(rows, row_bytes) };
+    let nb = row_bytes / Packed::<TY>::BS;
+    // Every byte below these lengths is written below: grow, never clear.
+    let (qn, sn) = (nb * BLOCK * TILE_ROWS, nb * TILE_ROWS);
+    if tile.q.len() < qn {
+        tile.q.resize(qn, 0);
+    }
+    if tile.d.len() < sn {
+        tile.d.resize(sn, 0.0);
+    }
+    if tile.m.len() < sn {
+        tile.m.resize(sn, 0.0);
+    }
+    let (q, d, m) = (
+        tile.q.as_mut_ptr(),
+        tile.d.as_mut_ptr(),
+        tile.m.as_mut_ptr(),
+    );
+    for b in 0..nb {
+        // SAFETY: `b < nb`, the rows' block count; `q`, `d` and `m` hold `nb` blocks of 16
+        // rows (resized above); CPU features are the caller's.
+        unsafe {
+            w.prefetch(b);
+            let t = w.block(b);
+            for (j, tj) in t.iter().enumerate() {
+                _mm512_storeu_si512(q.add((b * 8 + j) * 4 * TILE_ROWS).cast(), *tj);
+            }
+            let (dw, mw) = w.scales(b);
+            _mm512_storeu_ps(d.add(b * TILE_ROWS), dw);
+            _mm512_storeu_ps(m.add(b * TILE_ROWS), mw);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn tile_load(ty: GgmlType, rows: &[u8], row_bytes: usize, tile: &mut Tile) {
+    // SAFETY: forwarded; `tile_load_typed` checks every bound it relies on.
+    unsafe {
+        match ty {
+            GgmlType::Q4_0 => tile_load_typed::<Q4_0>(rows, row_bytes, tile),
+            GgmlType::Q4_1 => tile_load_typed::<Q4_1>(rows, row_bytes, tile),
+            GgmlType::Q5_0 => tile_load_typed::<Q5_0>(rows, row_bytes, tile),
+            GgmlType::Q5_1 => tile_load_typed::<Q5_1>(rows, row_bytes, tile),
+            GgmlType::Q8_0 => tile_load_typed::<Q8_0>(rows, row_bytes, tile),
+            other => unreachable!("Tile::load called for {other}, which has no integer path"),
+        }
+    }
+}
+
+/// Activation rows `i0..i0 + R` of `batch` against a loaded [`Tile`], into
+/// `out[i * tile.rows + l]`. `W` only says whether the weights are signed and carry offsets.
+#[inline(always)]
+unsafe fn tile_group<W: Weights, const R: usize>(
+    tile: &Tile,
+    batch: &Batch,
+    i0: usize,
+    out: &mut [f32],
+) {
+    let a = ActRows::<R>::new(batch, i0, W::SIGNED);
+    let (q, d, mm) = (tile.q.as_ptr(), tile.d.as_ptr(), tile.m.as_ptr());
+    // SAFETY: the tile's buffers cover `nb` blocks of 16 rows (`Tile::check`), the activation
+    // pointers `nb` blocks (`ActRows::new`); CPU features are the caller's.
+    unsafe {
+        let mut sum = [_mm512_setzero_ps(); R];
+        for b in 0..tile.nb {
+            let mut t = [_mm512_setzero_si512(); 8];
+            for (j, tj) in t.iter_mut().enumerate() {
+                *tj = _mm512_loadu_si512(q.add((b * 8 + j) * 4 * TILE_ROWS).cast());
+            }
+            let dw = _mm512_loadu_ps(d.add(b * TILE_ROWS));
+            let mw = if W::WITH_MIN {
+                _mm512_loadu_ps(mm.add(b * TILE_ROWS))
+            } else {
+                _mm512_setzero_ps()
+            };
+            block_acts::<W, R>(&t, dw, mw, b, &a, &mut sum);
+        }
+        store_sums(&sum, batch.m, i0, tile.rows, out, tile.rows, 0);
+    }
+}
 
 /// `out[i * tile.rows + l]` = dot of the tile's row `l` with activation row `i`, every `i`.
 #[inline(always)]
 unsafe fn tile_matmul(tile: &Tile, batch: &Batch, with_min: bool, out: &mut [f32]) {
     tile.check(batch);
+    batch.check(tile.signed);
     assert_eq!(
         out.len(),
         batch.m * tile.rows,
         "out does not match the tile"
     );
     assert!(!with_min || !tile.signed, "offsets with signed weights");
-    // SAFETY: forwarded; buffers checked above and in `tile_group`.
+    // SAFETY: forwarded; buffers checked above and in `ActRows::new`.
     unsafe {
         match (tile.signed, with_min) {
-            (false, true) => tile_matmul_typed::<false, true>(tile, batch, out),
-            (false, false) => tile_matmul_typed::<false, false>(tile, batch, out),
-            (true, _) => tile_matmul_typed::<true, false>(tile, batch, out),
+            (false, true) => {
+                act_passes!(batch.m, |i0, R| tile_group::<Unpacked<false, true>, R>(
+                    tile, batch, i0, out
+                ))
+            }
+            (false, false) => {
+                act_passes!(batch.m, |i0, R| tile_group::<Unpacked<false, false>, R>(
+                    tile, batch, i0, out
+                ))
+            }
+            (true, _) => {
+                act_passes!(batch.m, |i0, R| tile_group::<Unpacked<true, false>, R>(
+                    tile, batch, i0, out
+                ))
+            }
         }
     }
 }
@@ -996,6 +1493,45 @@ entry_points!(
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 );
+
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn avx2_dot_packed_batch(
+    ty: GgmlType,
+    rows: &[u8],
+    batch: &Batch,
+    out: &mut [f32],
+) {
+    // SAFETY: the features the body needs are enabled on this function.
+    unsafe { dot_packed_batch::<Avx2>(ty, rows, batch, out) }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI (and AVX2, FMA, F16C).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn avx512_dot_packed_batch(
+    ty: GgmlType,
+    rows: &[u8],
+    batch: &Batch,
+    out: &mut [f32],
+) {
+    // SAFETY: the features the body needs are enabled on this function.
+    unsafe { dot_packed_batch_vnni(ty, rows, batch, out) }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI (and AVX2, FMA, F16C).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn avx512_tile_load(
+    ty: GgmlType,
+    rows: &[u8],
+    row_bytes: usize,
+    tile: &mut Tile,
+) {
+    // SAFETY: the features the body needs are enabled on this function.
+    unsafe { tile_load(ty, rows, row_bytes, tile) }
+}
 
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL/VNNI (and AVX2, FMA, F16C).
