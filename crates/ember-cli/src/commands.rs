@@ -10,7 +10,7 @@ use ember_kv::KvOptions;
 use ember_runtime::chat::ChatMessage;
 use ember_runtime::engine::{Engine, EngineConfig};
 use ember_runtime::eval;
-use ember_runtime::generate::{ContextShift, GenerateRequest, generate};
+use ember_runtime::generate::{ContextShift, GenerateRequest, generate, generate_on_engine};
 use ember_runtime::loaded::LoadedModel;
 use ember_runtime::sampling::SamplingParams;
 use ember_server::ServerConfig;
@@ -418,13 +418,23 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         kv: a.kv.options(),
     };
     let stdout = std::io::stdout();
-    let out = generate(&loaded.model, &loaded.tokenizer, &req, |piece| {
+    let show = |piece: &str| {
         if !a.json {
             let mut lock = stdout.lock();
             let _ = lock.write_all(piece.as_bytes());
             let _ = lock.flush();
         }
-    })?;
+    };
+    let out = if req.context_shift.is_some() {
+        // Context shifting rebuilds the sequence's cache: the single-sequence loop does it.
+        generate(&loaded.model, &loaded.tokenizer, &req, show)?
+    } else {
+        // The same engine `ember serve` runs, with one slot.
+        let mut config = EngineConfig::new(1, req.ctx_size);
+        config.kv = req.kv.clone();
+        let engine = Engine::start(std::sync::Arc::new(loaded), config)?;
+        generate_on_engine(&engine, &req, show)?
+    };
     for dropped in &out.context_shifts {
         eprintln!(
             "context shift: the context of {} tokens filled; dropped the {dropped} oldest tokens and went on",

@@ -21,6 +21,12 @@ pub enum GenerateError {
     EmptyPrompt,
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Submit(#[from] crate::engine::SubmitError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("generation failed: {0}")]
+    Failed(String),
 }
 
 #[derive(Clone, Debug)]
@@ -187,4 +193,55 @@ pub fn generate(
         stop_reason,
         context_shifts,
     })
+}
+
+/// [`generate`] through the continuous-batching [`Engine`](crate::engine::Engine): the same
+/// sampling and stopping rules, run by the scheduler the server uses (a context shift is not
+/// available there; use [`generate`] for it).
+pub fn generate_on_engine(
+    engine: &crate::engine::Engine,
+    req: &GenerateRequest,
+    mut on_text: impl FnMut(&str),
+) -> Result<GenerateOutput, GenerateError> {
+    use crate::engine::{EngineRequest, Event};
+    let mut stream = engine.submit(EngineRequest {
+        prompt_tokens: req.prompt_tokens.clone(),
+        max_tokens: req.max_tokens,
+        sampling: req.sampling.clone(),
+        stop: req.stop.clone(),
+        ignore_eos: !req.stop_at_eog,
+        logprobs: None,
+    })?;
+    let (mut tokens, mut text) = (Vec::new(), String::new());
+    loop {
+        match stream.blocking_next() {
+            Some(Event::Token {
+                id, text: piece, ..
+            }) => {
+                // As `generate`: an end-of-generation token is listed, its text is not shown.
+                tokens.push(id);
+                text.push_str(&piece);
+                on_text(&piece);
+            }
+            Some(Event::Done {
+                stop_reason,
+                timings,
+            }) => {
+                return Ok(GenerateOutput {
+                    tokens,
+                    text,
+                    timings: Timings {
+                        prompt_n: timings.prompt_n,
+                        prompt_ms: timings.prompt_ms,
+                        predicted_n: timings.predicted_n,
+                        predicted_ms: timings.predicted_ms,
+                    },
+                    stop_reason,
+                    context_shifts: Vec::new(),
+                });
+            }
+            Some(Event::Error(e)) => return Err(GenerateError::Failed(e)),
+            None => return Err(GenerateError::Failed("the engine stopped".into())),
+        }
+    }
 }
