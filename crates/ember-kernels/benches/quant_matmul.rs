@@ -23,10 +23,10 @@
 //!
 //! What runs is exactly `quant_matmul_rows`: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 take the 8-bit
 //! activation path (packed dots for m = 1 and for m up to 8, unpacked tiles above); K-quants
-//! and F16 take `ember_quant::dot_row` per (row, activation row). In the model, batched
-//! (m > 1) K-quant matmuls go through burn-flex's GEMM on dequantized weights rather than this
-//! function, so the K-quant m = 64 numbers here measure `quant_matmul_rows`' fallback, not the
-//! model's prefill.
+//! quantize activations to Q8_K and take integer dots per (row, activation row) (`cpu::kquant`);
+//! F16 takes `ember_quant::dot_row`. In the model (burn-flex), K-quant matmuls with m >= 64 go
+//! through burn-flex's GEMM on dequantized weights rather than this function, so the K-quant
+//! m = 64 numbers here are not the model's prefill path.
 //!
 //! Matrices are quantized lazily, only for the benches the filter selects (quantizing a
 //! 4096x4096 K-quant matrix takes a while). Defaults: 10 samples, 0.5 s warm-up, 2 s measurement;

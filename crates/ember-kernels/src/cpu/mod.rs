@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod fused;
+pub mod kquant;
 pub mod paged_attention;
 pub mod q8;
 
@@ -79,13 +80,17 @@ impl<'a> Columns<'a> {
 
 /// `x @ w^T` for row-major `x: [m, w.cols()]`, returning `[m, w.rows()]`.
 ///
-/// Types with an integer path quantize `x` to 8 bits first, as llama.cpp does; others take
-/// f32 dot products straight off the blocks. Each task owns whole weight rows, so every
+/// Types with an integer path quantize `x` to 8 bits first, as llama.cpp does (Q8_0/Q8_1 for
+/// the legacy formats, Q8_K for K-quants); others take f32 dot products straight off the
+/// blocks. Each task owns whole weight rows, so every
 /// weight byte is read from memory once per call, whatever `m` is.
 pub fn quant_matmul_rows(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
     let (n, k) = (w.rows(), w.cols());
     debug_assert_eq!(x.len(), m * k);
     let ty = w.ggml_type();
+    if kquant::supported(ty) {
+        return kquant_matmul(w, x, m);
+    }
     let Some(fmt) = q8::act_format(ty) else {
         return f32_matmul(w, x, m);
     };
@@ -139,6 +144,49 @@ pub fn quant_matmul_rows(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
             },
         );
     }
+    // SAFETY: the tasks above wrote all `m` rows of every column range `j0..j0 + rows`, and
+    // those ranges cover `0..n` (a panic in any task would have unwound past this point).
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// [`quant_matmul_rows`] for K-quants: activations quantized to Q8_K, integer dots per row.
+fn kquant_matmul(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
+    let (n, k) = (w.rows(), w.cols());
+    let ty = w.ggml_type();
+    let row_bytes = k / ember_quant::QK_K * ty.type_size();
+    let bytes = w.bytes();
+    let acts = kquant::quantize_q8k(x, k);
+    if m == 1 {
+        let mut out = vec![0.0f32; n];
+        out.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(task, dst)| {
+                let start = task * ROWS_PER_TASK * row_bytes;
+                let rows = &bytes[start..start + dst.len() * row_bytes];
+                kquant::dot_rows(ty, rows, &acts, 0, dst);
+            });
+        return out;
+    }
+    // A tile of weight rows stays in cache while every activation row is dotted with it.
+    let mut out = Vec::with_capacity(m * n);
+    let dst = Columns::new(&mut out.spare_capacity_mut()[..m * n], m, n);
+    (0..n.div_ceil(q8::TILE_ROWS))
+        .into_par_iter()
+        .for_each_init(
+            || vec![0.0f32; m * q8::TILE_ROWS],
+            |buf, t| {
+                let j0 = t * q8::TILE_ROWS;
+                let rows = q8::TILE_ROWS.min(n - j0);
+                let w_rows = &bytes[j0 * row_bytes..(j0 + rows) * row_bytes];
+                let buf = &mut buf[..m * rows];
+                for (i, dst_row) in buf.chunks_exact_mut(rows).enumerate() {
+                    kquant::dot_rows(ty, w_rows, &acts, i, dst_row);
+                }
+                // SAFETY: task `t` alone writes columns `j0..j0 + rows`.
+                unsafe { dst.write(j0, buf) };
+            },
+        );
     // SAFETY: the tasks above wrote all `m` rows of every column range `j0..j0 + rows`, and
     // those ranges cover `0..n` (a panic in any task would have unwound past this point).
     unsafe { out.set_len(m * n) };
@@ -229,6 +277,47 @@ mod tests {
                         assert_eq!(
                             got[i * n + j].to_bits(),
                             want.to_bits(),
+                            "{ty} m={m} n={n} k={k} ({i}, {j})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// K-quants: every output is the scalar Q8_K row dot, for m = 1 and batched (partial
+    /// last tile included).
+    #[test]
+    fn kquant_matmul_matches_row_dots_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for ty in [
+            GgmlType::Q2_K,
+            GgmlType::Q3_K,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
+            for (m, n, k) in [(1, 37, 512), (3, 17, 256), (17, 40, 768), (64, 5, 256)] {
+                let wf: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+                let w = QuantMatrix::quantize(ty, n, k, &wf).unwrap();
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
+                let got = quant_matmul_rows(&w, &x, m);
+                let acts = kquant::quantize_q8k(&x, k);
+                let row_bytes = k / ember_quant::QK_K * ty.type_size();
+                for i in 0..m {
+                    let mut want = vec![0.0f32; n];
+                    kquant::dot_rows_with(
+                        q8::Isa::Scalar,
+                        ty,
+                        &w.bytes()[..n * row_bytes],
+                        &acts,
+                        i,
+                        &mut want,
+                    );
+                    for j in 0..n {
+                        assert_eq!(
+                            got[i * n + j].to_bits(),
+                            want[j].to_bits(),
                             "{ty} m={m} n={n} k={k} ({i}, {j})"
                         );
                     }

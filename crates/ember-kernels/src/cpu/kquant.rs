@@ -1,0 +1,461 @@
+//! Integer dot products of ggml's K-quant weights (Q2_K to Q6_K) against activations quantized
+//! to Q8_K, the way llama.cpp computes them on CPU.
+//!
+//! Activations are quantized in blocks of 256 exactly as ggml's `quantize_row_q8_K_ref` (which
+//! its x86 build uses too): `iscale = -127 / max`, round half to even, `d = 1 / iscale`, plus
+//! the sum of every 16 quantized values (`bsums`) for the Q2_K/Q4_K/Q5_K minimums.
+//!
+//! Per 256-block the sub-block sums are exact integers; the float combination follows each
+//! type's ggml reference (`d = x.d * y.d`, `dmin = x.dmin * y.d`; Q4_K/Q5_K: `sum += d * isum`,
+//! `mins -= dmin * summins`, result `mins + sum`; Q2_K: `sum += d * isum - dmin * summins`;
+//! Q3_K/Q6_K: `sum += d * isum`), with one accumulator where ggml's generic code keeps eight
+//! lanes, so that every SIMD version returns bit-identical results.
+
+use ember_quant::{GgmlType, QK_K};
+use half::f16;
+
+use super::q8::Isa;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// Q4_K block bytes: `d`, `dmin` (f16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles.
+/// Q5_K inserts 32 bytes of fifth bits before the nibbles.
+const fn q45k_bytes(q5: bool) -> usize {
+    if q5 { 176 } else { 144 }
+}
+
+/// Q2_K block bytes: 16 scale/min bytes, 64 bytes of 2-bit values, `d`, `dmin` (f16).
+const Q2K_BYTES: usize = 84;
+/// Q3_K block bytes: 32 high-bit bytes, 64 bytes of 2-bit values, 12 scale bytes, `d` (f16).
+const Q3K_BYTES: usize = 110;
+/// Q6_K block bytes: 128 low-nibble bytes, 64 high-bit bytes, 16 i8 scales, `d` (f16).
+const Q6K_BYTES: usize = 210;
+
+/// Whether [`dot_rows`] handles `ty`.
+pub fn supported(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K
+    )
+}
+
+/// `m` rows of `k` activations quantized to Q8_K.
+pub struct Q8K {
+    pub k: usize,
+    /// `m * k` quantized values.
+    pub qs: Vec<i8>,
+    /// One scale per 256-block.
+    pub d: Vec<f32>,
+    /// Sum of each 16 consecutive values (16 per block).
+    pub bsums: Vec<i16>,
+}
+
+/// ggml's `nearest_int`: round half to even through the `1.5 * 2^23` trick (|x| < 2^22).
+fn nearest_int(x: f32) -> i32 {
+    let bits = (x + 12_582_912.0f32).to_bits() as i32;
+    (bits & 0x007f_ffff) - 0x0040_0000
+}
+
+/// Quantizes row-major `x: [m, k]` (`k` a multiple of 256) as `quantize_row_q8_K_ref`.
+pub fn quantize_q8k(x: &[f32], k: usize) -> Q8K {
+    assert!(k.is_multiple_of(QK_K), "k is not a multiple of 256");
+    let nb = x.len() / QK_K;
+    let mut out = Q8K {
+        k,
+        qs: vec![0; x.len()],
+        d: vec![0.0; nb],
+        bsums: vec![0; nb * 16],
+    };
+    for (b, xb) in x.chunks_exact(QK_K).enumerate() {
+        let (mut max, mut amax) = (0.0f32, 0.0f32);
+        for &v in xb {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            continue;
+        }
+        let iscale = -127.0f32 / max;
+        let qs = &mut out.qs[b * QK_K..(b + 1) * QK_K];
+        for (q, &v) in qs.iter_mut().zip(xb) {
+            *q = nearest_int(iscale * v).min(127) as i8;
+        }
+        for (s, g) in out.bsums[b * 16..(b + 1) * 16]
+            .iter_mut()
+            .zip(qs.chunks_exact(16))
+        {
+            *s = g.iter().map(|&v| v as i16).sum();
+        }
+        out.d[b] = 1.0 / iscale;
+    }
+    out
+}
+
+fn f16_at(b: &[u8], off: usize) -> f32 {
+    f16::from_le_bytes([b[off], b[off + 1]]).to_f32()
+}
+
+/// The eight 6-bit scales and mins of a Q4_K block (ggml's `get_scale_min_k4`, decoded four
+/// at a time as its `utmp` code does).
+#[inline(always)]
+fn q4k_scales(q: &[u8]) -> ([u8; 8], [u8; 8]) {
+    const M1: u32 = 0x3f3f_3f3f;
+    const M2: u32 = 0x0f0f_0f0f;
+    const M3: u32 = 0x0303_0303;
+    let w = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
+    let (u0, u1, u2) = (w(0), w(1), w(2));
+    let sc_lo = u0 & M1;
+    let sc_hi = (u2 & M2) | (((u0 >> 6) & M3) << 4);
+    let mn_lo = u1 & M1;
+    let mn_hi = ((u2 >> 4) & M2) | (((u1 >> 6) & M3) << 4);
+    let join = |lo: u32, hi: u32| ((hi as u64) << 32 | lo as u64).to_le_bytes();
+    (join(sc_lo, sc_hi), join(mn_lo, mn_hi))
+}
+
+/// `sum_j bsums[j] * mins[j / 2]`: the Q4_K minimums' integer term.
+#[inline(always)]
+fn q4k_summins(bsums: &[i16], mins: &[u8; 8]) -> i32 {
+    bsums
+        .iter()
+        .enumerate()
+        .map(|(j, &s)| s as i32 * mins[j / 2] as i32)
+        .sum()
+}
+
+/// `sum_j bsums[j] * (scales[j] >> 4)`: the Q2_K minimums' integer term.
+#[inline(always)]
+fn q2k_summs(bsums: &[i16], scales: &[u8]) -> i32 {
+    bsums
+        .iter()
+        .zip(scales)
+        .map(|(&s, &sc)| s as i32 * (sc >> 4) as i32)
+        .sum()
+}
+
+/// The 16 six-bit Q3_K scales, still offset by 32 (decoded four at a time as ggml does).
+#[inline(always)]
+fn q3k_scales(s: &[u8]) -> [u8; 16] {
+    const M1: u32 = 0x0303_0303;
+    const M2: u32 = 0x0f0f_0f0f;
+    let w = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (a0, a1, tmp) = (w(0), w(1), w(2));
+    let v = [
+        (a0 & M2) | ((tmp & M1) << 4),
+        (a1 & M2) | (((tmp >> 2) & M1) << 4),
+        ((a0 >> 4) & M2) | (((tmp >> 4) & M1) << 4),
+        ((a1 >> 4) & M2) | (((tmp >> 6) & M1) << 4),
+    ];
+    let mut out = [0u8; 16];
+    for (o, x) in out.chunks_exact_mut(4).zip(v) {
+        o.copy_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// Dots consecutive packed `ty` rows (`rows` holds exactly `out.len()` of them) with
+/// activation row `i` of `acts`.
+pub fn dot_rows(ty: GgmlType, rows: &[u8], acts: &Q8K, i: usize, out: &mut [f32]) {
+    dot_rows_with(super::q8::isa(), ty, rows, acts, i, out)
+}
+
+/// [`dot_rows`] compiled for `isa`, which must be [`Isa::supported`] (panics otherwise).
+pub fn dot_rows_with(isa: Isa, ty: GgmlType, rows: &[u8], acts: &Q8K, i: usize, out: &mut [f32]) {
+    assert!(supported(ty), "{ty} has no Q8_K path");
+    let nb = acts.k / QK_K;
+    let row_bytes = nb * ty.type_size();
+    assert_eq!(rows.len(), out.len() * row_bytes, "rows do not match out");
+    let qs = &acts.qs[i * acts.k..(i + 1) * acts.k];
+    let d = &acts.d[i * nb..(i + 1) * nb];
+    let bsums = &acts.bsums[i * nb * 16..(i + 1) * nb * 16];
+    let row = |r: usize| &rows[r * row_bytes..(r + 1) * row_bytes];
+    match isa {
+        Isa::Scalar | Isa::Neon if isa.supported() => {
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = match ty {
+                    GgmlType::Q2_K => scalar::dot_q2k(row(r), qs, d, bsums),
+                    GgmlType::Q3_K => scalar::dot_q3k(row(r), qs, d),
+                    GgmlType::Q4_K => scalar::dot_q45k::<false>(row(r), qs, d, bsums),
+                    GgmlType::Q5_K => scalar::dot_q45k::<true>(row(r), qs, d, bsums),
+                    _ => scalar::dot_q6k(row(r), qs, d),
+                };
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.supported() => {
+            for (r, o) in out.iter_mut().enumerate() {
+                // SAFETY: the CPU supports AVX2 (checked at run time); slice lengths are
+                // checked above (`nb` blocks each).
+                *o = unsafe {
+                    match ty {
+                        GgmlType::Q2_K => x86::avx2::dot_q2k(row(r), qs, d, bsums),
+                        GgmlType::Q3_K => x86::avx2::dot_q3k(row(r), qs, d),
+                        GgmlType::Q4_K => x86::avx2::dot_q45k::<false>(row(r), qs, d, bsums),
+                        GgmlType::Q5_K => x86::avx2::dot_q45k::<true>(row(r), qs, d, bsums),
+                        _ => x86::avx2::dot_q6k(row(r), qs, d),
+                    }
+                };
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if isa.supported() => {
+            for (r, o) in out.iter_mut().enumerate() {
+                // SAFETY: the CPU supports AVX2 and AVX-512 F/BW/VL/VNNI (checked at run
+                // time); slice lengths are checked above.
+                *o = unsafe {
+                    match ty {
+                        GgmlType::Q2_K => x86::avx512::dot_q2k(row(r), qs, d, bsums),
+                        GgmlType::Q3_K => x86::avx512::dot_q3k(row(r), qs, d),
+                        GgmlType::Q4_K => x86::avx512::dot_q45k::<false>(row(r), qs, d, bsums),
+                        GgmlType::Q5_K => x86::avx512::dot_q45k::<true>(row(r), qs, d, bsums),
+                        _ => x86::avx512::dot_q6k(row(r), qs, d),
+                    }
+                };
+            }
+        }
+        _ => panic!("{isa:?} is not supported by this CPU"),
+    }
+}
+
+/// The portable kernels: the definition of what every SIMD version must return.
+mod scalar {
+    use super::*;
+
+    /// Q4_K, or Q5_K with `Q5`.
+    pub fn dot_q45k<const Q5: bool>(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
+        let (mut sum, mut mins) = (0.0f32, 0.0f32);
+        let off = if Q5 { 48 } else { 16 };
+        for (b, x) in row.chunks_exact(q45k_bytes(Q5)).enumerate() {
+            let q8 = &qs[b * QK_K..(b + 1) * QK_K];
+            let (sc, mn) = q4k_scales(&x[4..16]);
+            let summins = q4k_summins(&bsums[b * 16..(b + 1) * 16], &mn);
+            let mut isum = 0i32;
+            for c in 0..4 {
+                let q4 = &x[off + 32 * c..off + 32 + 32 * c];
+                let (mut lo, mut hi) = (0i32, 0i32);
+                for l in 0..32 {
+                    let (mut a, mut h) = ((q4[l] & 0xF) as i32, (q4[l] >> 4) as i32);
+                    if Q5 {
+                        a += (((x[16 + l] >> (2 * c)) & 1) as i32) << 4;
+                        h += (((x[16 + l] >> (2 * c + 1)) & 1) as i32) << 4;
+                    }
+                    lo += a * q8[64 * c + l] as i32;
+                    hi += h * q8[64 * c + 32 + l] as i32;
+                }
+                isum += sc[2 * c] as i32 * lo + sc[2 * c + 1] as i32 * hi;
+            }
+            sum += f16_at(x, 0) * d[b] * isum as f32;
+            mins -= f16_at(x, 2) * d[b] * summins as f32;
+        }
+        mins + sum
+    }
+
+    pub fn dot_q2k(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
+        let mut sum = 0.0f32;
+        for (b, x) in row.chunks_exact(Q2K_BYTES).enumerate() {
+            let q8 = &qs[b * QK_K..(b + 1) * QK_K];
+            let summs = q2k_summs(&bsums[b * 16..(b + 1) * 16], &x[..16]);
+            let mut isum = 0i32;
+            for n in 0..2 {
+                let q2 = &x[16 + 32 * n..48 + 32 * n];
+                for j in 0..4 {
+                    for h in 0..2 {
+                        let s: i32 = (0..16)
+                            .map(|l| {
+                                let a = (q2[16 * h + l] >> (2 * j)) & 3;
+                                a as i32 * q8[128 * n + 32 * j + 16 * h + l] as i32
+                            })
+                            .sum();
+                        isum += (x[8 * n + 2 * j + h] & 0xF) as i32 * s;
+                    }
+                }
+            }
+            let (dall, dmin) = (d[b] * f16_at(x, 80), d[b] * f16_at(x, 82));
+            sum += dall * isum as f32 - dmin * summs as f32;
+        }
+        sum
+    }
+
+    pub fn dot_q3k(row: &[u8], qs: &[i8], d: &[f32]) -> f32 {
+        let mut sum = 0.0f32;
+        for (b, x) in row.chunks_exact(Q3K_BYTES).enumerate() {
+            let q8 = &qs[b * QK_K..(b + 1) * QK_K];
+            let sc = q3k_scales(&x[96..108]);
+            let mut isum = 0i32;
+            for t in 0..8 {
+                let q3 = &x[32 + 32 * (t / 4)..64 + 32 * (t / 4)];
+                for h in 0..2 {
+                    let s: i32 = (0..16)
+                        .map(|l| {
+                            let k = 16 * h + l;
+                            let low = ((q3[k] >> (2 * (t % 4))) & 3) as i32;
+                            let a = low - if x[k] & (1 << t) != 0 { 0 } else { 4 };
+                            a * q8[32 * t + k] as i32
+                        })
+                        .sum();
+                    isum += (sc[2 * t + h] as i32 - 32) * s;
+                }
+            }
+            sum += f16_at(x, 108) * d[b] * isum as f32;
+        }
+        sum
+    }
+
+    pub fn dot_q6k(row: &[u8], qs: &[i8], d: &[f32]) -> f32 {
+        let mut sum = 0.0f32;
+        for (b, x) in row.chunks_exact(Q6K_BYTES).enumerate() {
+            let q8 = &qs[b * QK_K..(b + 1) * QK_K];
+            let mut a = [0i8; QK_K];
+            for n in 0..2 {
+                let (ql, qh) = (&x[64 * n..64 * n + 64], &x[128 + 32 * n..160 + 32 * n]);
+                let a = &mut a[128 * n..128 * n + 128];
+                for l in 0..32 {
+                    a[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+                    a[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                    a[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                    a[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                }
+            }
+            let mut isum = 0i32;
+            for j in 0..16 {
+                let s: i32 = (0..16)
+                    .map(|l| a[16 * j + l] as i32 * q8[16 * j + l] as i32)
+                    .sum();
+                isum += (x[192 + j] as i8) as i32 * s;
+            }
+            sum += f16_at(x, 208) * d[b] * isum as f32;
+        }
+        sum
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    const ISAS: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Neon];
+
+    #[test]
+    fn nearest_int_rounds_half_to_even() {
+        for (x, want) in [
+            (0.5, 0),
+            (1.5, 2),
+            (2.5, 2),
+            (-0.5, 0),
+            (-1.5, -2),
+            (126.6, 127),
+        ] {
+            assert_eq!(nearest_int(x), want, "{x}");
+            assert_eq!(nearest_int(x), x.round_ties_even() as i32);
+        }
+    }
+
+    #[test]
+    fn q8k_matches_ggml_reference_shape() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut x: Vec<f32> = (0..512).map(|_| rng.random_range(-2.0..2.0f32)).collect();
+        x[300] = -5.0;
+        for v in &mut x[..256] {
+            *v = 0.0;
+        }
+        let q = quantize_q8k(&x, 512);
+        assert_eq!(q.d[0], 0.0);
+        assert!(q.qs[..256].iter().all(|&v| v == 0));
+        // `iscale = -127 / max` maps the max-abs value to -127 whatever its sign.
+        assert_eq!(q.qs[300], -127);
+        assert_eq!(q.d[1], 1.0 / (-127.0f32 / -5.0));
+        for j in 0..32 {
+            let s: i16 = q.qs[16 * j..16 * j + 16].iter().map(|&v| v as i16).sum();
+            assert_eq!(q.bsums[j], s);
+        }
+    }
+
+    fn case(rng: &mut StdRng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+        let wf: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+        let w = ember_quant::quantize(ty, &wf).unwrap();
+        let x: Vec<f32> = (0..k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
+        let mut wd = vec![0.0f32; n * k];
+        ember_quant::dequantize(ty, &w, &mut wd).unwrap();
+        (w, wd, x)
+    }
+
+    #[test]
+    fn dots_match_dequantized_reference() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for ty in [
+            GgmlType::Q2_K,
+            GgmlType::Q3_K,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
+            for k in [256, 768, 4096] {
+                let n = 9;
+                let (w, wd, x) = case(&mut rng, ty, n, k);
+                let acts = quantize_q8k(&x, k);
+                let mut got = vec![0.0f32; n];
+                dot_rows_with(Isa::Scalar, ty, &w, &acts, 0, &mut got);
+                let row_bytes = k / QK_K * ty.type_size();
+                for j in 0..n {
+                    let wr = &wd[j * k..(j + 1) * k];
+                    let (mut want, mut mag) = (0.0f64, 0.0f64);
+                    for (e, &wv) in wr.iter().enumerate() {
+                        let xv = acts.d[e / QK_K] as f64 * acts.qs[e] as f64;
+                        want += wv as f64 * xv;
+                        mag += (wv as f64 * xv).abs();
+                    }
+                    let err = (got[j] as f64 - want).abs();
+                    assert!(
+                        err <= 1e-5 * mag,
+                        "{ty} k={k} row {j}: {} vs {want}",
+                        got[j]
+                    );
+                    // Against f32 activations: only the 8-bit activation error.
+                    let f = ember_quant::dot_row(ty, &w[j * row_bytes..(j + 1) * row_bytes], &x);
+                    assert!(
+                        (got[j] - f).abs() <= 2e-2 * mag as f32,
+                        "{ty} k={k} row {j}: {} vs f32 {f}",
+                        got[j]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_isa_is_bit_identical() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for ty in [
+            GgmlType::Q2_K,
+            GgmlType::Q3_K,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
+            for k in [256, 512, 2048] {
+                let n = 5;
+                let (w, _, _) = case(&mut rng, ty, n, k);
+                // Two activation rows, the second with extreme values.
+                let mut x: Vec<f32> = (0..2 * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
+                for v in x[k..].iter_mut().step_by(3) {
+                    *v *= 1e3;
+                }
+                let acts = quantize_q8k(&x, k);
+                for i in 0..2 {
+                    let mut want = vec![0.0f32; n];
+                    dot_rows_with(Isa::Scalar, ty, &w, &acts, i, &mut want);
+                    for isa in ISAS.into_iter().filter(|isa| isa.supported()) {
+                        let mut got = vec![0.0f32; n];
+                        dot_rows_with(isa, ty, &w, &acts, i, &mut got);
+                        for j in 0..n {
+                            assert_eq!(got[j].to_bits(), want[j].to_bits(), "{ty} {isa:?} k={k}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! x86-64 versions of the K-quant dots: AVX2 and AVX-512 VNNI.
+//!
+//! Each returns exactly what `super::scalar` returns: the per-block integer sum is exact
+//! however it is computed, and the float combination per block is the same scalar code.
+
+use std::arch::x86_64::*;
+
+use super::{Q2K_BYTES, Q3K_BYTES, Q6K_BYTES, QK_K, q3k_scales, q4k_scales, q45k_bytes};
+
+#[inline(always)]
+unsafe fn hsum256(v: __m256i) -> i32 {
+    unsafe {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+}
+
+/// The two f16 values at `x[off..off + 4]`, converted exactly (as `half` does).
+#[inline(always)]
+unsafe fn f16x2(x: &[u8], off: usize) -> (f32, f32) {
+    let v = u32::from_le_bytes([x[off], x[off + 1], x[off + 2], x[off + 3]]);
+    // SAFETY (caller): F16C is enabled.
+    unsafe {
+        let f = _mm_cvtph_ps(_mm_cvtsi32_si128(v as i32));
+        (_mm_cvtss_f32(f), _mm_cvtss_f32(_mm_shuffle_ps::<1>(f, f)))
+    }
+}
+
+/// `sum_j bsums[j] * mins[j / 2]` for one block's 16 `bsums`.
+#[inline(always)]
+unsafe fn mins_dot(bsums: &[i16], mins: &[u8; 8]) -> i32 {
+    assert!(bsums.len() >= 16);
+    unsafe {
+        // SAFETY: 16 i16 (asserted) and 8 bytes are read.
+        let bs = _mm256_loadu_si256(bsums.as_ptr().cast());
+        let m = _mm_cvtepu8_epi16(_mm_loadl_epi64(mins.as_ptr().cast()));
+        let m = _mm256_set_m128i(_mm_unpackhi_epi16(m, m), _mm_unpacklo_epi16(m, m));
+        hsum256(_mm256_madd_epi16(bs, m))
+    }
+}
+
+/// 16 in each byte of `qh` with bit mask `m` set, else 0.
+#[inline(always)]
+unsafe fn bit16(qh: __m256i, m: u8) -> __m256i {
+    unsafe {
+        let m = _mm256_set1_epi8(m as i8);
+        _mm256_and_si256(
+            _mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m),
+            _mm256_set1_epi8(16),
+        )
+    }
+}
+
+/// Q5_K's fifth bits for chunk `c`: 16 where bit `2c` (low nibbles) or `2c + 1` (high
+/// nibbles) of `qh` is set, else 0.
+#[inline(always)]
+unsafe fn q5_high(qh: __m256i, c: usize) -> (__m256i, __m256i) {
+    // SAFETY (caller): AVX2 is enabled.
+    unsafe { (bit16(qh, 1 << (2 * c)), bit16(qh, 2 << (2 * c))) }
+}
+
+/// `(s & 3) << 4` per byte.
+#[inline(always)]
+unsafe fn high2(s: __m256i, m3: __m256i) -> __m256i {
+    unsafe { _mm256_slli_epi16::<4>(_mm256_and_si256(s, m3)) }
+}
+
+/// The four 32-byte vectors of 6-bit Q6_K values (0..64, not yet minus 32) of half `n` of a
+/// block: positions `128n + 32t .. 128n + 32t + 32` for `t = 0..4`.
+#[inline(always)]
+unsafe fn q6k_half(x: &[u8], n: usize) -> [__m256i; 4] {
+    debug_assert!(x.len() >= Q6K_BYTES);
+    unsafe {
+        let m4 = _mm256_set1_epi8(0xF);
+        let m3 = _mm256_set1_epi8(3);
+        let p = x.as_ptr();
+        // SAFETY (caller): `x` is one 210-byte Q6_K block, so these 32-byte loads are inside.
+        let ql0 = _mm256_loadu_si256(p.add(64 * n).cast());
+        let ql1 = _mm256_loadu_si256(p.add(64 * n + 32).cast());
+        let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast());
+        // 16-bit shifts: the bits they move across bytes are masked off.
+        [
+            _mm256_or_si256(_mm256_and_si256(ql0, m4), high2(qh, m3)),
+            _mm256_or_si256(
+                _mm256_and_si256(ql1, m4),
+                high2(_mm256_srli_epi16::<2>(qh), m3),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+                high2(_mm256_srli_epi16::<4>(qh), m3),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                high2(_mm256_srli_epi16::<6>(qh), m3),
+            ),
+        ]
+    }
+}
+
+/// Q2_K's dot (see `super::scalar::dot_q2k`), for AVX2 and up.
+#[inline(always)]
+unsafe fn q2k_body(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
+    let nb = row.len() / Q2K_BYTES;
+    assert!(qs.len() >= nb * QK_K && d.len() >= nb && bsums.len() >= nb * 16);
+    // SAFETY (caller): AVX2 and F16C are enabled. Loads are inside the block (84 bytes),
+    // `qs` (256 values per block) and `bsums` (16 per block), as asserted.
+    unsafe {
+        let m3 = _mm256_set1_epi8(3);
+        let m4 = _mm_set1_epi8(0xF);
+        let mut sum = 0.0f32;
+        for (b, x) in row.chunks_exact(Q2K_BYTES).enumerate() {
+            let sc = _mm_loadu_si128(x.as_ptr().cast());
+            let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sc), m4));
+            let bs = _mm256_loadu_si256(bsums.as_ptr().add(16 * b).cast());
+            let summs = hsum256(_mm256_madd_epi16(bs, mins));
+            let mut acc = _mm256_setzero_si256();
+            for n in 0..2 {
+                let q2 = _mm256_loadu_si256(x.as_ptr().add(16 + 32 * n).cast());
+                for j in 0..4 {
+                    let a =
+                        _mm256_and_si256(_mm256_srl_epi16(q2, _mm_cvtsi32_si128(2 * j as i32)), m3);
+                    let y = _mm256_loadu_si256(qs.as_ptr().add(b * QK_K + 128 * n + 32 * j).cast());
+                    // Elements 0..16 use scale 8n + 2j, 16..32 the next one.
+                    let k = 8 * n + 2 * j;
+                    let s = _mm256_set_m128i(
+                        _mm_set1_epi16((x[k + 1] & 0xF) as i16),
+                        _mm_set1_epi16((x[k] & 0xF) as i16),
+                    );
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, y), s));
+                }
+            }
+            let isum = hsum256(acc);
+            let (xd, xmin) = f16x2(x, 80);
+            let (dall, dmin) = (d[b] * xd, d[b] * xmin);
+            sum += dall * isum as f32 - dmin * summs as f32;
+        }
+        sum
+    }
+}
+
+/// Q3_K's dot (see `super::scalar::dot_q3k`), for AVX2 and up.
+#[inline(always)]
+unsafe fn q3k_body(row: &[u8], qs: &[i8], d: &[f32]) -> f32 {
+    let nb = row.len() / Q3K_BYTES;
+    assert!(qs.len() >= nb * QK_K && d.len() >= nb);
+    // SAFETY (caller): AVX2 and F16C are enabled. Loads are inside the block (110 bytes) and
+    // `qs` (256 values per block), as asserted.
+    unsafe {
+        let m3 = _mm256_set1_epi8(3);
+        let four = _mm256_set1_epi8(4);
+        let mut sum = 0.0f32;
+        for (b, x) in row.chunks_exact(Q3K_BYTES).enumerate() {
+            let sc = q3k_scales(&x[96..108]);
+            let hm = _mm256_loadu_si256(x.as_ptr().cast());
+            let mut acc = _mm256_setzero_si256();
+            for t in 0..8 {
+                let q3 = _mm256_loadu_si256(x.as_ptr().add(32 + 32 * (t / 4)).cast());
+                let low = _mm256_and_si256(
+                    _mm256_srl_epi16(q3, _mm_cvtsi32_si128(2 * (t % 4) as i32)),
+                    m3,
+                );
+                // a + 4 in 0..8: the high bit set adds 4; (a + 4) * y - 4 * y, both exact.
+                let m = _mm256_set1_epi8((1u8 << t) as i8);
+                let h = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, m), m), four);
+                let a = _mm256_or_si256(low, h);
+                let y = _mm256_loadu_si256(qs.as_ptr().add(b * QK_K + 32 * t).cast());
+                let p = _mm256_sub_epi16(_mm256_maddubs_epi16(a, y), _mm256_maddubs_epi16(four, y));
+                let s = _mm256_set_m128i(
+                    _mm_set1_epi16(sc[2 * t + 1] as i16 - 32),
+                    _mm_set1_epi16(sc[2 * t] as i16 - 32),
+                );
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, s));
+            }
+            let isum = hsum256(acc);
+            let (_, xd) = f16x2(x, 106);
+            sum += xd * d[b] * isum as f32;
+        }
+        sum
+    }
+}
+
+pub mod avx2 {
+    use super::*;
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C; `qs` holds `QK_K` values and `d` one scale per
+    /// block of `row`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn dot_q3k(row: &[u8], qs: &[i8], d: &[f32]) -> f32 {
+        // SAFETY: AVX2 and F16C are enabled here.
+        unsafe { q3k_body(row, qs, d) }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C; `qs` holds `QK_K` values, `d` one scale and
+    /// `bsums` 16 sums per block of `row`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn dot_q2k(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
+        // SAFETY: AVX2 and F16C are enabled here.
+        unsafe { q2k_body(row, qs, d, bsums) }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C; `qs` holds `QK_K` values, `d` one scale and `bsums` 16 sums
+    /// per block of `row`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn dot_q45k<const Q5: bool>(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
+        let nb = row.len() / q45k_bytes(Q5);
+        let off = if Q5 { 48 } else { 16 };
+        assert!(qs.len() >= nb * QK_K && d.len() >= nb && bsums.len() >= nb * 16);
+        let m4 = _mm256_set1_epi8(0xF);
+        let (mut sum, mut mins) = (0.0f32, 0.0f32);
+        for (b, x) in row.chunks_exact(q45k_bytes(Q5)).enumerate() {
+            // SAFETY: Q5_K blocks hold 32 bytes of fifth bits at 16.
+            let qh = if Q5 {
+                unsafe { _mm256_loadu_si256(x.as_ptr().add(16).cast()) }
+            } else {
+                _mm256_setzero_si256()
+            };
+            let (sc, mn) = q4k_scales(&x[4..16]);
+            // SAFETY: AVX2 is enabled here.
+            let summins = unsafe { mins_dot(&bsums[b * 16..], &mn) };
+            let mut acc = _mm256_setzero_si256();
+            for c in 0..4 {
+                // SAFETY: 32 bytes at `off + 32c` lie in the block, 64 values at
+                // `b * 256 + 64c` in `qs` (asserted above).
+                let (q4, y0, y1) = unsafe {
+                    let y = qs.as_ptr().add(b * QK_K + 64 * c);
+                    (
+                        _mm256_loadu_si256(x.as_ptr().add(off + 32 * c).cast()),
+                        _mm256_loadu_si256(y.cast()),
+                        _mm256_loadu_si256(y.add(32).cast()),
+                    )
+                };
+                let mut lo = _mm256_and_si256(q4, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
+                if Q5 {
+                    // SAFETY: AVX2 is enabled here.
+                    let (hl, hh) = unsafe { q5_high(qh, c) };
+                    lo = _mm256_or_si256(lo, hl);
+                    hi = _mm256_or_si256(hi, hh);
+                }
+                // Pairs of products are at most 2 * 31 * 127: exact in i16.
+                let plo = _mm256_maddubs_epi16(lo, y0);
+                let phi = _mm256_maddubs_epi16(hi, y1);
+                let slo = _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * c] as i16));
+                let shi = _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * c + 1] as i16));
+                acc = _mm256_add_epi32(acc, _mm256_add_epi32(slo, shi));
+            }
+            // SAFETY: AVX2 is enabled here.
+            let isum = unsafe { hsum256(acc) };
+            // SAFETY: F16C is enabled here.
+            let (xd, xmin) = unsafe { f16x2(x, 0) };
+            sum += xd * d[b] * isum as f32;
+            mins -= xmin * d[b] * summins as f32;
+        }
+        mins + sum
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C; `qs` holds `QK_K` values and `d` one scale per block.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn dot_q6k(row: &[u8], qs: &[i8], d: &[f32]) -> f32 {
+        let nb = row.len() / Q6K_BYTES;
+        assert!(qs.len() >= nb * QK_K && d.len() >= nb);
+        let m32 = _mm256_set1_epi8(32);
+        let mut sum = 0.0f32;
+        for (b, x) in row.chunks_exact(Q6K_BYTES).enumerate() {
+            let mut acc = _mm256_setzero_si256();
+            for n in 0..2 {
+                // SAFETY: `x` is a whole block; AVX2 is enabled.
+                let a = unsafe { q6k_half(x, n) };
+                for (t, &at) in a.iter().enumerate() {
+                    // SAFETY: 32 values at `b * 256 + 128n + 32t` lie in `qs` (asserted).
+                    let y = unsafe {
+                        _mm256_loadu_si256(qs.as_ptr().add(b * QK_K + 128 * n + 32 * t).cast())
+                    };
+                    // (a - 32) * y as a * y - 32 * y: both pair sums fit i16.
+                    let p =
+                        _mm256_sub_epi16(_mm256_maddubs_epi16(at, y), _mm256_maddubs_epi16(m32, y));
+                    let j = 8 * n + 2 * t;
+                    let sc = _mm256_set_m128i(
+                        _mm_set1_epi16(x[192 + j + 1] as i8 as i16),
+                        _mm_set1_epi16(x[192 + j] as i8 as i16),
+                    );
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc));
+                }
+            }
+            // SAFETY: AVX2 is enabled here.
+            let isum = unsafe { hsum256(acc) };
+            // SAFETY: F16C is enabled here; the block's last two bytes are `d`.
+            let (_, xd) = unsafe { f16x2(x, 206) };
+            sum += xd * d[b] * isum as f32;
+        }
+        sum
+    }
+}
+
+pub mod avx512 {
+    use super::*;
+
+    /// # Safety
+    /// As [`super::avx2::dot_q3k`], on a CPU with AVX-512 F/BW/VL/VNNI too.
+    #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_q3k(row: &[u8], qs: &[i8], d: &[f32]) -> f32 {
+        // SAFETY: AVX2 and F16C are enabled here.
+        unsafe { q3k_body(row, qs, d) }
+    }
+
+    /// # Safety
+    /// As [`super::avx2::dot_q2k`], on a CPU with AVX-512 F/BW/VL/VNNI too.
+    #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_q2k(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
+        // SAFETY: AVX2 and F16C are enabled here.
+        unsafe { q2k_body(row, qs, d, bsums) }
+    }
+
+    /// # Safety
+    /// As [`super::avx2::dot_q45k`], on a CPU with AVX-512 F/BW/VL/VNNI too.
+    #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_q45k<const Q5: bool>(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
+        let nb = row.len() / q45k_bytes(Q5);
+        let off = if Q5 { 48 } else { 16 };
+        assert!(qs.len() >= nb * QK_K && d.len() >= nb && bsums.len() >= nb * 16);
+        let m4 = _mm256_set1_epi8(0xF);
+        let (mut sum, mut mins) = (0.0f32, 0.0f32);
+        for (b, x) in row.chunks_exact(q45k_bytes(Q5)).enumerate() {
+            // SAFETY: Q5_K blocks hold 32 bytes of fifth bits at 16.
+            let qh = if Q5 {
+                unsafe { _mm256_loadu_si256(x.as_ptr().add(16).cast()) }
+            } else {
+                _mm256_setzero_si256()
+            };
+            let (sc, mn) = q4k_scales(&x[4..16]);
+            // SAFETY: AVX2 is enabled here.
+            let summins = unsafe { mins_dot(&bsums[b * 16..], &mn) };
+            let mut acc = _mm512_setzero_si512();
+            for c in 0..4 {
+                // SAFETY: as in the AVX2 version.
+                let (q4, y) = unsafe {
+                    (
+                        _mm256_loadu_si256(x.as_ptr().add(off + 32 * c).cast()),
+                        _mm512_loadu_si512(qs.as_ptr().add(b * QK_K + 64 * c).cast()),
+                    )
+                };
+                let mut lo = _mm256_and_si256(q4, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
+                if Q5 {
+                    // SAFETY: AVX2 is enabled here.
+                    let (hl, hh) = unsafe { q5_high(qh, c) };
+                    lo = _mm256_or_si256(lo, hl);
+                    hi = _mm256_or_si256(hi, hh);
+                }
+                // Low nibbles are sub-block 2c (values 64c..64c+32), high ones 2c + 1.
+                let a = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                // As AVX2: i16 pair sums (exact), then scaled pairs into i32; cheaper than
+                // `vpdpbusd` followed by a 32-bit multiply.
+                let p = _mm512_maddubs_epi16(a, y);
+                let s = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_set1_epi16(sc[2 * c] as i16)),
+                    _mm256_set1_epi16(sc[2 * c + 1] as i16),
+                );
+                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(p, s));
+            }
+            let isum = _mm512_reduce_add_epi32(acc);
+            // SAFETY: F16C is enabled here.
+            let (xd, xmin) = unsafe { f16x2(x, 0) };
+            sum += xd * d[b] * isum as f32;
+            mins -= xmin * d[b] * summins as f32;
+        }
+        mins + sum
+    }
+
+    /// # Safety
+    /// As [`super::avx2::dot_q6k`], on a CPU with AVX-512 F/BW/VL/VNNI too.
+    #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_q6k(row: &[u8], qs: &[i8], d: &[f32]) -> f32 {
+        let nb = row.len() / Q6K_BYTES;
+        assert!(qs.len() >= nb * QK_K && d.len() >= nb);
+        let m32 = _mm512_set1_epi8(32);
+        // i16 lane `l` of a 64-value pair-sum vector belongs to sub-block `base + l / 8`.
+        let mut eighth = [0i16; 32];
+        for (l, e) in eighth.iter_mut().enumerate() {
+            *e = (l / 8) as i16;
+        }
+        // SAFETY: 32 i16 are read from `eighth`.
+        let eighth = unsafe { _mm512_loadu_si512(eighth.as_ptr().cast()) };
+        let mut idxs = [eighth; 4];
+        for (base, v) in idxs.iter_mut().enumerate() {
+            *v = _mm512_add_epi16(eighth, _mm512_set1_epi16(4 * base as i16));
+        }
+        let mut sum = 0.0f32;
+        for (b, x) in row.chunks_exact(Q6K_BYTES).enumerate() {
+            // SAFETY: the 16 scale bytes at 192 lie in the block.
+            let scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(unsafe {
+                _mm_loadu_si128(x.as_ptr().add(192).cast())
+            }));
+            let mut acc = _mm512_setzero_si512();
+            for n in 0..2 {
+                // SAFETY: `x` is a whole block; AVX2 is enabled.
+                let a = unsafe { q6k_half(x, n) };
+                for h in 0..2 {
+                    let av =
+                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a[2 * h]), a[2 * h + 1]);
+                    // SAFETY: 64 values at `b * 256 + 128n + 64h` lie in `qs` (asserted).
+                    let y = unsafe {
+                        _mm512_loadu_si512(qs.as_ptr().add(b * QK_K + 128 * n + 64 * h).cast())
+                    };
+                    // As AVX2: exact i16 pair sums of (a - 32) * y, then scaled pairs into i32.
+                    let p =
+                        _mm512_sub_epi16(_mm512_maddubs_epi16(av, y), _mm512_maddubs_epi16(m32, y));
+                    let s = _mm512_permutexvar_epi16(idxs[2 * n + h], scales);
+                    acc = _mm512_add_epi32(acc, _mm512_madd_epi16(p, s));
+                }
+            }
+            let isum = _mm512_reduce_add_epi32(acc);
+            // SAFETY: F16C is enabled here; the block's last two bytes are `d`.
+            let (_, xd) = unsafe { f16x2(x, 206) };
+            sum += xd * d[b] * isum as f32;
+        }
+        sum
+    }
+}
