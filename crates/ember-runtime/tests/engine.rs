@@ -160,20 +160,21 @@ fn dropped_stream_frees_its_blocks() {
 
 #[test]
 fn refusals_are_typed() {
-    let mut cfg = EngineConfig::new(1, 16);
+    let mut cfg = EngineConfig::new(1, 256);
     cfg.max_waiting = 1;
     let engine = Engine::start(model(), cfg).unwrap();
-    let long = request(&"word ".repeat(40), 4);
+    let long = request(&"word ".repeat(300), 4);
     assert!(matches!(
         engine.submit(long),
-        Err(SubmitError::PromptTooLong { ctx: 16, .. })
+        Err(SubmitError::PromptTooLong { ctx: 256, .. })
     ));
     let mut empty = request("x", 4);
     empty.prompt_tokens.clear();
     assert_eq!(engine.submit(empty).err(), Some(SubmitError::EmptyPrompt));
-    // One running, one waiting, the third is refused.
-    let _a = engine.submit(request(PROMPTS[0], 8)).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    // One running (its first token proves it was admitted; it has 200 more to go), one
+    // waiting, and the third is refused.
+    let mut a = engine.submit(request(PROMPTS[0], 200)).unwrap();
+    assert!(matches!(a.blocking_next(), Some(Event::Token { .. })));
     let _b = engine.submit(request(PROMPTS[1], 8)).unwrap();
     let third = engine.submit(request(PROMPTS[2], 8));
     assert!(
