@@ -14,6 +14,7 @@ mod phi3;
 mod qwen2;
 mod qwen3;
 pub mod testing;
+pub mod trace;
 mod weights;
 
 pub use config::{ModelConfig, RopeMode};

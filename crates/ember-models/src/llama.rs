@@ -9,6 +9,7 @@ use ember_kernels::{QuantMatrix, quant_matmul, residual_add, swiglu};
 
 use crate::layers::{rms_norm, rope};
 use crate::model::{Architecture, Pass};
+use crate::trace;
 use crate::{ModelConfig, ModelError, Weights};
 
 struct Block {
@@ -70,19 +71,37 @@ impl Architecture for Llama {
         let n = pass.n_rows;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         for (layer, b) in self.blocks.iter().enumerate() {
+            let l = Some(layer);
             let h = rms_norm(x.clone(), &b.attn_norm, c.rms_eps);
+            trace::tensor("attn_norm", l, &h);
             let q = quant_matmul(h.clone(), &b.wq).reshape([n, c.n_head, c.head_dim]);
             let k = quant_matmul(h.clone(), &b.wk).reshape([n, c.n_head_kv, c.head_dim]);
             let v = quant_matmul(h, &b.wv).reshape([n, c.n_head_kv, c.head_dim]);
+            trace::tensor("Vcur", l, &v);
+            trace::tensor("Qpre", l, &q);
             let rope = |x| rope(x, &pass.positions, c.rope_dim, c.rope_base, c.rope_mode);
             let (q, k) = (rope(q), rope(k));
+            trace::tensor("Qcur", l, &q);
+            trace::tensor("Kcur", l, &k);
             let attn = pass.attend(layer, q, k, v, scale)?;
-            x = residual_add(x, quant_matmul(attn, &b.wo));
+            trace::tensor("kqv_out", l, &attn);
+            let attn_out = quant_matmul(attn, &b.wo);
+            trace::tensor("attn_out", l, &attn_out);
+            x = residual_add(x, attn_out);
+            trace::tensor("ffn_inp", l, &x);
 
             let h = rms_norm(x.clone(), &b.ffn_norm, c.rms_eps);
+            trace::tensor("ffn_norm", l, &h);
             let gate = quant_matmul(h.clone(), &b.w_gate);
             let up = quant_matmul(h, &b.w_up);
-            x = residual_add(x, quant_matmul(swiglu(gate, up), &b.w_down));
+            trace::tensor("ffn_gate", l, &gate);
+            trace::tensor("ffn_up", l, &up);
+            let act = swiglu(gate, up);
+            trace::tensor("ffn_swiglu", l, &act);
+            let ffn_out = quant_matmul(act, &b.w_down);
+            trace::tensor("ffn_out", l, &ffn_out);
+            x = residual_add(x, ffn_out);
+            trace::tensor("l_out", l, &x);
         }
         Ok(x)
     }

@@ -273,6 +273,7 @@ impl Model {
             embd.iter_mut().for_each(|x| *x *= s);
         }
         let x = Tensor::<2>::from_data(TensorData::new(embd, [n, c.n_embd]), &self.device);
+        crate::trace::tensor("embd", None, &x);
         let mut rows = Vec::with_capacity(batch.len());
         let mut first = 0;
         for b in batch {
@@ -314,7 +315,11 @@ impl Model {
             x.select(0, idx)
         };
         let x = rms_norm(x, &self.output_norm, c.rms_eps);
-        Ok(quant_matmul(x, &self.output))
+        crate::trace::tensor("result_norm", None, &x);
+        let logits = quant_matmul(x, &self.output);
+        crate::trace::tensor("result_output", None, &logits);
+        crate::trace::next_pass();
+        Ok(logits)
     }
 }
 

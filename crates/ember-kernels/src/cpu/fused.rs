@@ -84,10 +84,25 @@ pub fn rope(
                     *x1 = v0 * s + v1 * c;
                 }
             } else {
-                for ((pair, &c), &s) in head[..rope_dim].chunks_exact_mut(2).zip(&cos).zip(&sin) {
+                // As ggml's x86 build computes it: GCC vectorizes 4 or 8 pairs at a time with
+                // `fmaddsub(x0, [c, s], x1 * [s, c])`, so the products of `x0` are the fused
+                // ones; its unrolled remainder of fewer than 4 pairs multiplies and adds
+                // separately.
+                let fused = half - half % 4;
+                for (p, ((pair, &c), &s)) in head[..rope_dim]
+                    .chunks_exact_mut(2)
+                    .zip(&cos)
+                    .zip(&sin)
+                    .enumerate()
+                {
                     let (v0, v1) = (pair[0], pair[1]);
-                    pair[0] = v0 * c - v1 * s;
-                    pair[1] = v0 * s + v1 * c;
+                    if p < fused {
+                        pair[0] = v0.mul_add(c, -(v1 * s));
+                        pair[1] = v0.mul_add(s, v1 * c);
+                    } else {
+                        pair[0] = v0 * c - v1 * s;
+                        pair[1] = v1 * c + v0 * s;
+                    }
                 }
             }
         }
@@ -100,22 +115,56 @@ pub fn rope(
     out
 }
 
-/// The logistic function, evaluated as burn-flex does (no overflow for either sign).
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
+/// `e^x` as ggml's AVX-512 `ggml_v_expf` computes it (ARM's optimized-routines polynomial,
+/// at most 1.45 ulp from the true value): `2^n * p(b)` with `n = round(x / ln 2)` and the
+/// reduced argument `b` taken in two FMA steps. Written out in scalar FMAs so every target
+/// gives the bits llama.cpp's reference build gives.
+pub fn ggml_expf(x: f32) -> f32 {
+    const R: f32 = f32::from_bits(0x4b40_0000); // 0x1.8p23: adding it rounds to an integer
+    let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), R); // 0x1.715476p+0 = 1/ln 2
+    let n = z - R;
+    let b = (-n).mul_add(
+        f32::from_bits(0x35bf_be8e), // 0x1.7f7d1cp-20
+        (-n).mul_add(f32::from_bits(0x3f31_7200), x), // 0x1.62e4p-1
+    );
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    let u = b * b;
+    let j = f32::from_bits(0x3c07_2010) // 0x1.0e4020p-7
+        .mul_add(b, f32::from_bits(0x3d2b_9f17)) // 0x1.573e2ep-5
+        .mul_add(
+            u,
+            f32::from_bits(0x3e2a_af33).mul_add(b, f32::from_bits(0x3eff_fedb)), // 0x1.555e66p-3, 0x1.fffdb6p-2
+        )
+        .mul_add(u, f32::from_bits(0x3f7f_fff6).mul_add(b, 1.0)); // 0x1.ffffecp-1
+    scale_by_pow2(j, n as i32)
+}
+
+/// `j * 2^n` rounded once, as `_mm512_scalef_ps` does for an integral `n` in `-192..=192`.
+fn scale_by_pow2(j: f32, n: i32) -> f32 {
+    let pow2 = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
+    if n > 127 {
+        // j * 2^127 is exact (or infinite); the second product rounds once.
+        j * pow2(127) * pow2(n - 127)
+    } else if n >= -126 {
+        j * pow2(n)
     } else {
-        let e = x.exp();
-        e / (1.0 + e)
+        // j * 2^-126 is exact for the normal j here; the second product rounds once.
+        j * pow2(-126) * pow2(n + 126)
     }
 }
 
-/// `silu(gate) * up` element-wise, as `(gate * sigmoid(gate)) * up`: bit-for-bit the
-/// unfused burn-flex ops it replaces.
+/// `silu(x) = x / (1 + e^-x)` with [`ggml_expf`], as ggml's vectorized SiLU.
+#[inline]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + ggml_expf(0.0 - x))
+}
+
+/// `silu(gate) * up` element-wise, as ggml's CPU SwiGLU computes it (AVX-512 path).
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     assert_eq!(gate.len(), up.len(), "swiglu: shape mismatch");
-    let f = |(&g, &u): (&f32, &f32)| (g * sigmoid(g)) * u;
+    let f = |(&g, &u): (&f32, &f32)| silu(g) * u;
     if gate.len() >= PAR_MIN_ELEMS {
         gate.par_iter().zip(up).map(f).collect()
     } else {

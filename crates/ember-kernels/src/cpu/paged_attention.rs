@@ -416,24 +416,57 @@ fn fill_rows<R, C>(
     }
 }
 
-/// Scores of one query head against a tile of keys stored transposed (`kt: [d][TILE_KV]`):
-/// `out[j] = q . k_j`, each a plain sequential f32 sum over `x` exactly as
-/// `iter().sum::<f32>()` (which folds from -0.0). That order is part of the bit-exact contract
-/// with `causal_attention_f16acc`, and it is a chain of `d` dependent adds per key; with the
-/// keys in vector lanes, 64 chains advance together. Lanes past the tile's keys hold stale
-/// values and are ignored.
+/// `x . y` in the order of ggml's AVX-512 `ggml_vec_dot_f16`/`_f32` (which llama.cpp's
+/// flash attention scores keys with): four 16-lane FMA accumulators over 64-element chunks,
+/// folded pairwise and then as `_mm512_reduce_add_ps` folds them; the elements past the last
+/// whole chunk added one by one (in f64 on the f16 path, which is exact for f16 inputs and
+/// what ggml does; in f32 with FMA otherwise).
 #[inline(always)]
-fn tile_scores(q: &[f32], kt: &[f32], out: &mut [f32]) {
-    let mut s = [-0.0f32; TILE_KV];
-    for (&qx, col) in q.iter().zip(kt.chunks_exact(TILE_KV)) {
-        for (s, &k) in s.iter_mut().zip(col) {
-            *s += qx * k;
+fn ggml_dot(x: &[f32], y: &[f32], f16_inputs: bool) -> f32 {
+    let n = x.len().min(y.len());
+    let np = n & !63;
+    let mut acc = [[0.0f32; 16]; 4];
+    for (xc, yc) in x[..np].chunks_exact(64).zip(y[..np].chunks_exact(64)) {
+        for (j, a) in acc.iter_mut().enumerate() {
+            for (l, a) in a.iter_mut().enumerate() {
+                *a = xc[j * 16 + l].mul_add(yc[j * 16 + l], *a);
+            }
         }
     }
-    out[..TILE_KV].copy_from_slice(&s);
+    let mut v = [0.0f32; 16];
+    for (l, v) in v.iter_mut().enumerate() {
+        *v = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    }
+    let sum = reduce_add_16(&v);
+    if f16_inputs {
+        let mut sum = sum as f64;
+        for (a, b) in x[np..n].iter().zip(&y[np..n]) {
+            sum += (a * b) as f64;
+        }
+        sum as f32
+    } else {
+        x[np..n]
+            .iter()
+            .zip(&y[np..n])
+            .fold(sum, |s, (a, b)| a.mul_add(*b, s))
+    }
 }
 
-/// llama.cpp's one-row path: one key at a time, the V sum rescaled whenever the max grows.
+/// GCC's `_mm512_reduce_add_ps`: halves added, then quarters, then the pairs of the last four.
+#[inline(always)]
+fn reduce_add_16(v: &[f32; 16]) -> f32 {
+    let mut t = [0.0f32; 8];
+    for i in 0..8 {
+        t[i] = v[i + 8] + v[i];
+    }
+    let u = [t[4] + t[0], t[5] + t[1], t[6] + t[2], t[7] + t[3]];
+    (u[0] + u[2]) + (u[1] + u[3])
+}
+
+/// llama.cpp's one-row path (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`): one key
+/// at a time, the V sum rescaled whenever the max grows, every step with ggml's roundings
+/// (`expf`, FMAs where its x86 build fuses, the f16 `VKQ` accumulator rounded after each
+/// update), so the result is llama.cpp's bit for bit.
 #[inline(always)]
 fn one_row<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratch) {
     let Task {
@@ -450,10 +483,10 @@ fn one_row<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratc
         m,
         sum,
         p,
-        kt,
         vt,
         tmp,
         rows,
+        ..
     } = sc;
     let (kbuf, vbuf) = vt.split_at_mut(d);
     let vbuf = &mut vbuf[..d];
@@ -467,14 +500,12 @@ fn one_row<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratc
     for start in keys.clone().step_by(TILE_KV) {
         let len = TILE_KV.min(keys.end - start);
         fill_rows(c, seq, kvh, start..start + len, &mut rows[..len]);
-        // The tile's K transposed, converted once for the group's heads.
+        // The tile's scores first, each K row converted once for the group's heads.
         for (j, &r) in rows[..len].iter().enumerate() {
-            for (x, &k) in c.k.row(conv, r, kbuf).iter().enumerate() {
-                kt[x * TILE_KV + j] = k;
+            let krow = c.k.row(conv, r, kbuf);
+            for (g, qg) in q.chunks_exact(d).enumerate() {
+                p[g * TILE_KV + j] = ggml_dot(krow, qg, R::F16_ACC);
             }
-        }
-        for (qg, pg) in q.chunks_exact(d).zip(p.chunks_exact_mut(TILE_KV)) {
-            tile_scores(qg, kt, pg);
         }
         // The online softmax itself goes one key at a time, as llama.cpp's.
         for (j, &r) in rows[..len].iter().enumerate() {
@@ -494,12 +525,12 @@ fn one_row<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratc
                     vs = (score - m[g]).exp();
                 }
                 for (a, &x) in acc.iter_mut().zip(vrow) {
-                    *a += x * vs;
+                    *a = x.mul_add(vs, *a);
                 }
                 if R::F16_ACC {
                     conv.round(acc, &mut tmp[..d]);
                 }
-                sum[g] = sum[g] * ms + vs;
+                sum[g] = sum[g].mul_add(ms, vs);
             }
         }
     }

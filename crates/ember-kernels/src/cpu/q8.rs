@@ -113,6 +113,7 @@ impl Isa {
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
+        if std::env::var_os("EMBER_HACK_SCALAR").is_some() { return Isa::Scalar; }
         [Isa::Avx512Vnni, Isa::Avx2, Isa::Neon]
             .into_iter()
             .find(|isa| isa.supported())
@@ -652,26 +653,25 @@ mod scalar {
         let nb = acts.k / BLOCK;
         let xq = &acts.qs[i * acts.k..(i + 1) * acts.k];
         let xd = &acts.d[i * nb..(i + 1) * nb];
-        let mut sum = 0.0f32;
-        if with_min {
-            let xs = &acts.s[i * nb..(i + 1) * nb];
-            for b in 0..nb {
-                let sumi = block_dot(
-                    &row.q[b * BLOCK..(b + 1) * BLOCK],
-                    &xq[b * BLOCK..(b + 1) * BLOCK],
-                );
-                sum += row.d[b] * xd[b] * sumi as f32 + row.m[b] * xs[b];
+        let xs = &acts.s[i * nb..(i + 1) * nb];
+        let mut acc = [0.0f32; 8];
+        let mut summs = 0.0f32;
+        for b in 0..nb {
+            let dd = row.d[b] * xd[b];
+            for (l, a) in acc.iter_mut().enumerate() {
+                let mut s = 0i32;
+                for e in 0..4 {
+                    let j = b * BLOCK + l * 4 + e;
+                    s += row.q[j] as i32 * xq[j] as i32;
+                }
+                *a = dd.mul_add(s as f32, *a);
             }
-        } else {
-            for b in 0..nb {
-                let sumi = block_dot(
-                    &row.q[b * BLOCK..(b + 1) * BLOCK],
-                    &xq[b * BLOCK..(b + 1) * BLOCK],
-                );
-                sum += sumi as f32 * (row.d[b] * xd[b]);
+            if with_min {
+                summs = row.m[b].mul_add(xs[b], summs);
             }
         }
-        sum
+        let h = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+        h + summs
     }
 
     /// Unpack-then-dot, one row at a time.
