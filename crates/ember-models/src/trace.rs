@@ -61,10 +61,14 @@ fn values(dir: &std::path::Path, name: &str, layer: Option<usize>, dims: &[usize
         *slot = d as i64;
     }
     let mut bytes = Vec::with_capacity(32 + data.len() * 4);
-    ne.iter().for_each(|n| bytes.extend_from_slice(&n.to_le_bytes()));
-    data.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    ne.iter()
+        .for_each(|n| bytes.extend_from_slice(&n.to_le_bytes()));
+    data.iter()
+        .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
     // Debug output only: a failure to write is reported and otherwise ignored.
-    if let Err(e) = std::fs::create_dir_all(&pass).and_then(|_| std::fs::write(pass.join(&file), bytes)) {
+    if let Err(e) =
+        std::fs::create_dir_all(&pass).and_then(|_| std::fs::write(pass.join(&file), bytes))
+    {
         eprintln!("ember trace: cannot write {file}: {e}");
     }
 }

@@ -75,37 +75,7 @@ pub fn rope(
         let mut cos = vec![0.0f32; half];
         let mut sin = vec![0.0f32; half];
         rope_cache(positions[i] as usize, theta_scale, &mut cos, &mut sin);
-        for head in row.chunks_mut(head_dim) {
-            if neox {
-                let (a, b) = head[..rope_dim].split_at_mut(half);
-                for (((x0, x1), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(&cos).zip(&sin) {
-                    let (v0, v1) = (*x0, *x1);
-                    *x0 = v0 * c - v1 * s;
-                    *x1 = v0 * s + v1 * c;
-                }
-            } else {
-                // As ggml's x86 build computes it: GCC vectorizes 4 or 8 pairs at a time with
-                // `fmaddsub(x0, [c, s], x1 * [s, c])`, so the products of `x0` are the fused
-                // ones; its unrolled remainder of fewer than 4 pairs multiplies and adds
-                // separately.
-                let fused = half - half % 4;
-                for (p, ((pair, &c), &s)) in head[..rope_dim]
-                    .chunks_exact_mut(2)
-                    .zip(&cos)
-                    .zip(&sin)
-                    .enumerate()
-                {
-                    let (v0, v1) = (pair[0], pair[1]);
-                    if p < fused {
-                        pair[0] = v0.mul_add(c, -(v1 * s));
-                        pair[1] = v0.mul_add(s, v1 * c);
-                    } else {
-                        pair[0] = v0 * c - v1 * s;
-                        pair[1] = v1 * c + v0 * s;
-                    }
-                }
-            }
-        }
+        rope_row(row, head_dim, rope_dim, &cos, &sin, neox);
     };
     if x.len() / stride >= PAR_MIN_ROWS {
         out.par_chunks_mut(stride).enumerate().for_each(pos_rows);
@@ -115,16 +85,98 @@ pub fn rope(
     out
 }
 
+/// Rotates every head of one row (the body of [`rope`]), compiled with FMA where the CPU has
+/// it: `mul_add` is then one instruction instead of a libm call, with the same bits.
+fn rope_row(
+    row: &mut [f32],
+    head_dim: usize,
+    rope_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+    neox: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the CPU has FMA (checked at run time).
+        return unsafe { rope_row_fma(row, head_dim, rope_dim, cos, sin, neox) };
+    }
+    rope_row_body(row, head_dim, rope_dim, cos, sin, neox)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+fn rope_row_fma(
+    row: &mut [f32],
+    head_dim: usize,
+    rope_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+    neox: bool,
+) {
+    rope_row_body(row, head_dim, rope_dim, cos, sin, neox)
+}
+
+/// Whether this x86 CPU has FMA (cached by std's feature detection).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn has_fma() -> bool {
+    is_x86_feature_detected!("fma")
+}
+
+#[inline(always)]
+fn rope_row_body(
+    row: &mut [f32],
+    head_dim: usize,
+    rope_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+    neox: bool,
+) {
+    let half = rope_dim / 2;
+    for head in row.chunks_mut(head_dim) {
+        if neox {
+            let (a, b) = head[..rope_dim].split_at_mut(half);
+            for (((x0, x1), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+                let (v0, v1) = (*x0, *x1);
+                *x0 = v0 * c - v1 * s;
+                *x1 = v0 * s + v1 * c;
+            }
+        } else {
+            // As ggml's x86 build computes it: GCC vectorizes 4 or 8 pairs at a time with
+            // `fmaddsub(x0, [c, s], x1 * [s, c])`, so the products of `x0` are the fused
+            // ones; its unrolled remainder of fewer than 4 pairs multiplies and adds
+            // separately.
+            let fused = half - half % 4;
+            for (p, ((pair, &c), &s)) in head[..rope_dim]
+                .chunks_exact_mut(2)
+                .zip(cos)
+                .zip(sin)
+                .enumerate()
+            {
+                let (v0, v1) = (pair[0], pair[1]);
+                if p < fused {
+                    pair[0] = v0.mul_add(c, -(v1 * s));
+                    pair[1] = v0.mul_add(s, v1 * c);
+                } else {
+                    pair[0] = v0 * c - v1 * s;
+                    pair[1] = v1 * c + v0 * s;
+                }
+            }
+        }
+    }
+}
+
 /// `e^x` as ggml's AVX-512 `ggml_v_expf` computes it (ARM's optimized-routines polynomial,
 /// at most 1.45 ulp from the true value): `2^n * p(b)` with `n = round(x / ln 2)` and the
 /// reduced argument `b` taken in two FMA steps. Written out in scalar FMAs so every target
 /// gives the bits llama.cpp's reference build gives.
+#[inline(always)]
 pub fn ggml_expf(x: f32) -> f32 {
     const R: f32 = f32::from_bits(0x4b40_0000); // 0x1.8p23: adding it rounds to an integer
     let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), R); // 0x1.715476p+0 = 1/ln 2
     let n = z - R;
     let b = (-n).mul_add(
-        f32::from_bits(0x35bf_be8e), // 0x1.7f7d1cp-20
+        f32::from_bits(0x35bf_be8e),                  // 0x1.7f7d1cp-20
         (-n).mul_add(f32::from_bits(0x3f31_7200), x), // 0x1.62e4p-1
     );
     if n.abs() > 192.0 {
@@ -141,22 +193,22 @@ pub fn ggml_expf(x: f32) -> f32 {
     scale_by_pow2(j, n as i32)
 }
 
-/// `j * 2^n` rounded once, as `_mm512_scalef_ps` does for an integral `n` in `-192..=192`.
+/// `j * 2^n` rounded once, as `_mm512_scalef_ps` does for an integral `n` in `-192..=192` and
+/// the `j` here (within a factor 2 of 1): the first product is exact, the second rounds.
+#[inline(always)]
 fn scale_by_pow2(j: f32, n: i32) -> f32 {
     let pow2 = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
     if n > 127 {
-        // j * 2^127 is exact (or infinite); the second product rounds once.
-        j * pow2(127) * pow2(n - 127)
+        j * pow2(100) * pow2(n - 100)
     } else if n >= -126 {
         j * pow2(n)
     } else {
-        // j * 2^-126 is exact for the normal j here; the second product rounds once.
-        j * pow2(-126) * pow2(n + 126)
+        j * pow2(-100) * pow2(n + 100)
     }
 }
 
 /// `silu(x) = x / (1 + e^-x)` with [`ggml_expf`], as ggml's vectorized SiLU.
-#[inline]
+#[inline(always)]
 fn silu(x: f32) -> f32 {
     x / (1.0 + ggml_expf(0.0 - x))
 }
@@ -164,11 +216,40 @@ fn silu(x: f32) -> f32 {
 /// `silu(gate) * up` element-wise, as ggml's CPU SwiGLU computes it (AVX-512 path).
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     assert_eq!(gate.len(), up.len(), "swiglu: shape mismatch");
-    let f = |(&g, &u): (&f32, &f32)| silu(g) * u;
+    let mut out = vec![0.0f32; gate.len()];
+    let chunk = |((o, g), u): ((&mut [f32], &[f32]), &[f32])| swiglu_chunk(g, u, o);
+    const CHUNK: usize = 4096;
     if gate.len() >= PAR_MIN_ELEMS {
-        gate.par_iter().zip(up).map(f).collect()
+        out.par_chunks_mut(CHUNK)
+            .zip(gate.par_chunks(CHUNK))
+            .zip(up.par_chunks(CHUNK))
+            .for_each(chunk);
     } else {
-        gate.iter().zip(up).map(f).collect()
+        chunk(((&mut out, gate), up));
+    }
+    out
+}
+
+/// [`swiglu`] over one chunk, with FMA instructions where the CPU has them.
+fn swiglu_chunk(g: &[f32], u: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the CPU has FMA (checked at run time).
+        return unsafe { swiglu_chunk_fma(g, u, out) };
+    }
+    swiglu_chunk_body(g, u, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+fn swiglu_chunk_fma(g: &[f32], u: &[f32], out: &mut [f32]) {
+    swiglu_chunk_body(g, u, out)
+}
+
+#[inline(always)]
+fn swiglu_chunk_body(g: &[f32], u: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+        *o = silu(g) * u;
     }
 }
 

@@ -98,14 +98,14 @@ pub fn quant_matmul_rows(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
     let bytes = w.bytes();
     if m == 1 {
         // Decode: dot straight from the packed blocks, nothing to amortize an unpack.
-        let acts = q8::quantize_acts(x, k, fmt);
+        let batch = q8::prepare_batch(x, k, 1, fmt);
         let mut out = vec![0.0f32; n];
         out.par_chunks_mut(ROWS_PER_TASK)
             .enumerate()
             .for_each(|(task, dst)| {
                 let start = task * ROWS_PER_TASK * row_bytes;
                 let rows = &bytes[start..start + dst.len() * row_bytes];
-                q8::dot_packed_rows(ty, rows, &acts, 0, dst);
+                q8::dot_packed_batch(ty, rows, &batch, dst);
             });
         return out;
     }

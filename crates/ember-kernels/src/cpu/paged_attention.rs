@@ -699,10 +699,10 @@ mod tests {
         data.iter().flat_map(|s| s.q.iter().copied()).collect()
     }
 
-    /// With an f16 cache and no window the paged kernel is `causal_attention` bit for bit,
-    /// in both paths, with several sequences in one batch.
+    /// With an f16 cache and no window the tiled path (`TILE_Q` queries or more) is
+    /// `causal_attention`'s bit for bit, with several sequences in one batch.
     #[test]
-    fn f16_matches_causal_attention_bit_for_bit() {
+    fn tiled_f16_matches_causal_attention_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(7);
         for case in 0..12 {
             let n_kv = rng.random_range(1..=3);
@@ -710,14 +710,16 @@ mod tests {
             let n_head = n_kv * group;
             let d = [8, 32, 64, 96][case % 4];
             let block_size = [1, 4, 16, 32][(case / 4 + case) % 4];
-            // One short batch (one-row path), one long (tiled path), one decode.
             let shapes = [
-                (rng.random_range(1..TILE_Q), rng.random_range(0..150)),
                 (
                     rng.random_range(TILE_Q..TILE_Q + 40),
                     rng.random_range(0..150),
                 ),
-                (1, rng.random_range(0..300)),
+                (TILE_Q, rng.random_range(0..300)),
+                (
+                    rng.random_range(TILE_Q..TILE_Q + 9),
+                    rng.random_range(0..30),
+                ),
             ];
             let data: Vec<SeqData> = shapes
                 .iter()
@@ -795,33 +797,143 @@ mod tests {
         }
     }
 
-    /// The lane-wise tile scores are `iter().sum::<f32>()` bit for bit, down to the sign of a
-    /// zero (std folds from -0.0).
-    #[test]
-    fn tile_scores_equal_iterator_sums() {
-        let mut rng = StdRng::seed_from_u64(5);
-        for d in [8, 64, 96] {
-            let q = fill16(&mut rng, d, 2.0);
-            let mut k = fill16(&mut rng, TILE_KV * d, 2.0);
-            // Key 3: every product -0.0.
-            (0..d).for_each(|x| k[3 * d + x] = if q[x] < 0.0 { 0.0 } else { -0.0 });
-            let mut kt = vec![0.0f32; TILE_KV * d];
-            for j in 0..TILE_KV {
-                for x in 0..d {
-                    kt[x * TILE_KV + j] = k[j * d + x];
+    /// ggml's `ggml_vec_dot_f16` as its AVX-512 build computes it, transcribed from the C:
+    /// `GGML_F16_DOT_*` = four `__m512` FMA accumulators over 64-element steps, folded by
+    /// `GGML_F32x16_REDUCE` (`x[0] + x[2]`, `x[1] + x[3]`, then those two, then
+    /// `_mm512_reduce_add_ps`), leftovers added in double.
+    fn ggml_vec_dot_f16(x: &[f32], y: &[f32]) -> f32 {
+        let n = x.len();
+        let np = n & !63;
+        let mut sum = [[0.0f32; 16]; 4];
+        let mut i = 0;
+        while i < np {
+            for (j, acc) in sum.iter_mut().enumerate() {
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let at = i + j * 16 + l;
+                    *a = x[at].mul_add(y[at], *a);
                 }
             }
-            let mut got = [0.0f32; TILE_KV];
-            tile_scores(&q, &kt, &mut got);
-            for (j, got) in got.iter().enumerate() {
-                let want: f32 = q
-                    .iter()
-                    .zip(&k[j * d..(j + 1) * d])
-                    .map(|(a, b)| a * b)
-                    .sum();
-                assert_eq!(got.to_bits(), want.to_bits(), "d {d} key {j}");
+            i += 64;
+        }
+        let mut x0 = [0.0f32; 16];
+        for l in 0..16 {
+            let a = sum[0][l] + sum[2][l];
+            let b = sum[1][l] + sum[3][l];
+            x0[l] = a + b;
+        }
+        // GCC's __MM512_REDUCE_OP(+).
+        let t3: Vec<f32> = (0..8).map(|l| x0[8 + l] + x0[l]).collect();
+        let t6: Vec<f32> = (0..4).map(|l| t3[4 + l] + t3[l]).collect();
+        let t8 = [t6[0] + t6[2], t6[1] + t6[3]];
+        let mut sumf = (t8[0] + t8[1]) as f64;
+        for i in np..n {
+            sumf += (x[i] * y[i]) as f64;
+        }
+        sumf as f32
+    }
+
+    /// `ggml_compute_forward_flash_attn_ext_f16_one_chunk` for one query head over dense f16
+    /// K/V rows, transcribed from the C (f16 `VKQ16`, FMAs where GCC contracts them).
+    fn ggml_one_chunk(q: &[f32], keys: &[&[f32]], vals: &[&[f32]], scale: f32) -> Vec<f32> {
+        let q: Vec<f32> = q.iter().map(|&x| r16(x)).collect();
+        let mut vkq16 = vec![0.0f32; q.len()];
+        let (mut s_sum, mut m) = (0.0f32, f32::NEG_INFINITY);
+        for (k, v) in keys.iter().zip(vals) {
+            let s = ggml_vec_dot_f16(k, &q) * scale;
+            let m_old = m;
+            let (mut ms, mut vs) = (1.0f32, 1.0f32);
+            if s > m {
+                m = s;
+                ms = (m_old - m).exp();
+                vkq16.iter_mut().for_each(|y| *y = r16(*y * ms));
+            } else {
+                vs = (s - m).exp();
             }
-            assert_eq!(got[3].to_bits(), (-0.0f32).to_bits());
+            for (y, &x) in vkq16.iter_mut().zip(v.iter()) {
+                *y = r16(x.mul_add(vs, *y));
+            }
+            s_sum = s_sum.mul_add(ms, vs);
+        }
+        let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
+        vkq16.iter().map(|&y| y * inv).collect()
+    }
+
+    /// Fewer than `TILE_Q` queries with an f16 cache: every head's output is llama.cpp's
+    /// one-row path bit for bit, with several sequences in one batch, GQA groups, any block
+    /// size and sliding windows; the F16C and portable builds agree.
+    #[test]
+    fn one_row_path_is_llama_cpp_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(0xF1A5);
+        for case in 0..16 {
+            let n_kv = rng.random_range(1..=3);
+            let group = rng.random_range(1..=3);
+            let n_head = n_kv * group;
+            let d = [8, 64, 96, 256][case % 4];
+            let block_size = [1, 4, 16, 32][(case / 4 + case) % 4];
+            let shapes = [
+                (rng.random_range(1..TILE_Q), rng.random_range(0..150)),
+                (1, rng.random_range(0..300)),
+                (rng.random_range(2..9), rng.random_range(0..40)),
+            ];
+            let windows = [None, Some(rng.random_range(1..60)), None];
+            let data: Vec<SeqData> = shapes
+                .iter()
+                .map(|&(n_q, past)| SeqData {
+                    q: fill16(&mut rng, n_q * n_head * d, 2.0)
+                        .iter()
+                        .map(|x| x * 1.37)
+                        .collect(),
+                    k: fill16(&mut rng, (past + n_q) * n_kv * d, 2.0),
+                    v: fill16(&mut rng, (past + n_q) * n_kv * d, 2.0),
+                    n_q,
+                    t: past + n_q,
+                })
+                .collect();
+            let (store, seqs) = build(&mut rng, KvDtype::F16, block_size, n_kv, d, &data, &windows);
+            let scale = 1.0 / (d as f32).sqrt();
+            let n_rows: usize = data.iter().map(|s| s.n_q).sum();
+            let attn = PagedAttention {
+                store,
+                seqs: seqs.into(),
+                scale,
+            };
+            let q = concat_q(&data);
+            let got = paged_attention(&q, n_rows, n_head, d, &attn).unwrap();
+            let portable = paged_attention_with(&q, n_rows, n_head, d, &attn, true).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&portable)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "F16C and portable differ"
+            );
+            let mut row = 0;
+            for (s, &window) in data.iter().zip(&windows) {
+                for i in 0..s.n_q {
+                    let qp = s.t - s.n_q + i;
+                    let first = window.map_or(0, |w| (qp + 1).saturating_sub(w));
+                    for h in 0..n_head {
+                        let kvh = h / group;
+                        let at = |x: &'_ [f32], p: usize| -> Vec<f32> {
+                            x[(p * n_kv + kvh) * d..(p * n_kv + kvh + 1) * d].to_vec()
+                        };
+                        let ks: Vec<Vec<f32>> = (first..=qp).map(|p| at(&s.k, p)).collect();
+                        let vs: Vec<Vec<f32>> = (first..=qp).map(|p| at(&s.v, p)).collect();
+                        let kr: Vec<&[f32]> = ks.iter().map(|v| v.as_slice()).collect();
+                        let vr: Vec<&[f32]> = vs.iter().map(|v| v.as_slice()).collect();
+                        let qh = &s.q[(i * n_head + h) * d..(i * n_head + h + 1) * d];
+                        let want = ggml_one_chunk(qh, &kr, &vr, scale);
+                        let o = ((row + i) * n_head + h) * d;
+                        for (x, (a, b)) in got[o..o + d].iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "case {case} d {d} bs {block_size} row {i} head {h} [{x}]: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+                row += s.n_q;
+            }
         }
     }
 

@@ -1,26 +1,26 @@
 //! Integer dot products of ggml's legacy block formats against activations quantized to 8 bits,
-//! the way llama.cpp computes them on CPU.
+//! computed exactly as llama.cpp computes them on x86, so that every result has llama.cpp's
+//! bits.
 //!
 //! llama.cpp never multiplies a Q4_1 weight by an f32 activation: it first quantizes the
-//! activation row to Q8_1 (Q8_0 for the symmetric formats) and sums `i8 x i8` products per
-//! 32-element block. Doing the same gives results within float rounding of llama.cpp's (f32
-//! activations would differ by the activation quantization error, several tenths of a logit on
-//! SmolLM2) and is faster, since integer products vectorize well.
+//! activation row to Q8_1 (Q8_0 for the symmetric formats) and then, per 32-value block `b`,
+//! takes eight integer sums of four products each (`isum_b[L]` over values `4L..4L + 4`) and
+//! accumulates them in eight f32 lanes, `acc[L] = fma(dw_b * da_b, isum_b[L], acc[L])`. The row
+//! result is the lanes folded as `hsum_float_8` folds them, `((a0 + a4) + (a2 + a6)) + ((a1 +
+//! a5) + (a3 + a7))`, plus, for the formats with an offset, `summs = fma(mw_b, sa_b, summs)`
+//! chained over the blocks. That is the definition here ([`scalar`]); every SIMD kernel
+//! returns the same bits, and the model's logits come out as llama.cpp's, bit for bit
+//! (`ember-runtime`'s fidelity test). Anything less exact is not a rounding detail on these
+//! models: one activation rounded the other way moves SmolLM2's logits by tenths.
 //!
-//! Weight rows are unpacked once into `i8` values plus per-block scale and offset, then dotted
-//! with every activation row: one unpack serves a whole batch. For a single activation row
-//! (decode), [`dot_packed_rows`] dots straight from the packed blocks instead, and for a few
-//! rows (several sequences decoding together) [`dot_packed_batch`] does, unpacking each block
-//! in registers once per pass over up to eight activation rows. For larger batches,
-//! [`tile_matmul`] multiplies a [`Tile`] of 16 weight rows, unpacked to memory once, with every
-//! activation row. On AVX-512 VNNI both lay 16 weight rows' blocks across the lanes of a
-//! vector so one `vpdpbusd` feeds all 16 rows' block sums (no horizontal reductions); elsewhere
-//! they run [`dot_batch`]'s eight-activation-row kernel.
+//! Entry points: [`dot_packed_batch`] straight off the packed blocks (decode, small batches),
+//! and [`Tile`] + [`tile_matmul`] for large batches (16 weight rows unpacked to memory once and
+//! reused for every activation row). On AVX-512 VNNI the kernels lay 16 weight rows across the
+//! lanes of a vector and keep the eight accumulators of each row in eight vectors, so one
+//! `vpdpbusd` yields the lane sums of 16 rows and no horizontal work is done until the end.
 //!
-//! Each entry point picks, once per process, the best instruction set the CPU has
-//! ([`isa`]): AVX-512 VNNI, AVX2, NEON (aarch64; dot products only), or portable scalar code.
-//! All of them return bit-identical results: per-block integer sums are exact, and the float
-//! operations and the order blocks are added in are the same (see `x86` and `neon`).
+//! Each entry point picks, once per process, the best instruction set the CPU has ([`isa`]):
+//! AVX-512 VNNI, AVX2 (+FMA, F16C), NEON (aarch64), or portable scalar code.
 
 use std::sync::OnceLock;
 
@@ -35,6 +35,9 @@ mod x86;
 /// Elements per block in every format handled here.
 pub const BLOCK: usize = 32;
 
+/// Four-value groups per block: ggml's eight f32 accumulator lanes.
+pub const LANES: usize = 8;
+
 /// How activations are quantized for a weight type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActFormat {
@@ -44,14 +47,19 @@ pub enum ActFormat {
     Q8_1,
 }
 
-/// The activation format llama.cpp pairs with a weight type, or `None` where we have no
-/// integer path (those go through f32 dot products).
+/// The activation format llama.cpp pairs with a weight type, or `None` where this module has
+/// no integer path.
 pub fn act_format(ty: GgmlType) -> Option<ActFormat> {
     match ty {
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => Some(ActFormat::Q8_0),
         GgmlType::Q4_1 | GgmlType::Q5_1 => Some(ActFormat::Q8_1),
         _ => None,
     }
+}
+
+/// Whether a type's weights may be negative (its blocks have no offset).
+fn signed(ty: GgmlType) -> bool {
+    !matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1)
 }
 
 /// `m` rows of `k` activations quantized in blocks of 32.
@@ -76,10 +84,10 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
-    /// x86-64 AVX2 + F16C + AVX-512 (F, BW, VL, VNNI).
+    /// x86-64 AVX2 + FMA + F16C + AVX-512 (F, BW, VL, VNNI).
     Avx512Vnni,
-    /// aarch64 NEON (Advanced SIMD): `dot`, `dot_batch` and `dot_packed_rows` only, the other
-    /// kernels run the scalar code.
+    /// aarch64 NEON (Advanced SIMD): the dot products; quantization and unpacking run the
+    /// scalar code.
     Neon,
 }
 
@@ -113,7 +121,6 @@ impl Isa {
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        if std::env::var_os("EMBER_HACK_SCALAR").is_some() { return Isa::Scalar; }
         [Isa::Avx512Vnni, Isa::Avx2, Isa::Neon]
             .into_iter()
             .find(|isa| isa.supported())
@@ -134,14 +141,9 @@ pub fn quantize_acts_with(isa: Isa, x: &[f32], k: usize, fmt: ActFormat) -> Quan
         Isa::Scalar => scalar::quantize_acts(x, k, fmt),
         Isa::Neon if isa.supported() => scalar::quantize_acts(x, k, fmt),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if isa.supported() => {
+        Isa::Avx2 | Isa::Avx512Vnni if isa.supported() => {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
             unsafe { x86::avx2::quantize_acts(x, k, fmt) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni if isa.supported() => {
-            // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
-            unsafe { x86::avx512::quantize_acts(x, k, fmt) }
         }
         _ => panic!("{isa:?} is not supported by this CPU"),
     }
@@ -168,20 +170,16 @@ pub fn unpack_row_with(isa: Isa, ty: GgmlType, row: &[u8], out: &mut UnpackedRow
         Isa::Scalar => scalar::unpack_row(ty, row, out),
         Isa::Neon if isa.supported() => scalar::unpack_row(ty, row, out),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if isa.supported() => {
+        Isa::Avx2 | Isa::Avx512Vnni if isa.supported() => {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
             unsafe { x86::avx2::unpack_row(ty, row, out) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni if isa.supported() => {
-            // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
-            unsafe { x86::avx512::unpack_row(ty, row, out) }
         }
         _ => panic!("{isa:?} is not supported by this CPU"),
     }
 }
 
-/// Dot product of an unpacked weight row with activation row `i`.
+/// Dot product of an unpacked weight row with activation row `i`, as llama.cpp's
+/// `ggml_vec_dot_*_q8_*` computes it (see the module docs).
 pub fn dot(row: &UnpackedRow, acts: &QuantizedActs, i: usize, with_min: bool) -> f32 {
     dot_with(isa(), row, acts, i, with_min)
 }
@@ -202,105 +200,21 @@ pub fn dot_with(
             unsafe { neon::dot(row, acts, i, with_min) }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if isa.supported() => {
+        Isa::Avx2 | Isa::Avx512Vnni if isa.supported() => {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
             unsafe { x86::avx2::dot(row, acts, i, with_min) }
         }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni if isa.supported() => {
-            // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
-            unsafe { x86::avx512::dot(row, acts, i, with_min) }
-        }
         _ => panic!("{isa:?} is not supported by this CPU"),
     }
 }
 
-/// Activation scales regrouped for [`dot_batch`]: block `b`'s scales of rows `0..m` are
-/// `d[b * stride..b * stride + m]` (likewise `s`), so consecutive rows' scales of one block
-/// load as one vector. `stride >= m + 7`; the padding is zeros.
-pub struct BatchScales {
-    pub m: usize,
-    pub stride: usize,
-    pub d: Vec<f32>,
-    pub s: Vec<f32>,
-}
-
-/// [`BatchScales`] for the `m` rows of `acts`.
-pub fn batch_scales(acts: &QuantizedActs, m: usize) -> BatchScales {
-    let nb = acts.k / BLOCK;
-    assert!(
-        acts.d.len() >= m * nb && acts.s.len() >= m * nb,
-        "fewer than m rows"
-    );
-    let stride = m + 8;
-    let mut d = vec![0.0f32; nb * stride];
-    let mut s = vec![0.0f32; nb * stride];
-    for i in 0..m {
-        for b in 0..nb {
-            d[b * stride + i] = acts.d[i * nb + b];
-            s[b * stride + i] = acts.s[i * nb + b];
-        }
-    }
-    BatchScales { m, stride, d, s }
-}
-
-/// `out[j] = dot(row, acts, rows.start + j, with_min)` for every row in `rows` (bit for bit),
-/// several activation rows per pass over the weight row.
-pub fn dot_batch(
-    row: &UnpackedRow,
-    acts: &QuantizedActs,
-    sc: &BatchScales,
-    with_min: bool,
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-) {
-    dot_batch_with(isa(), row, acts, sc, with_min, rows, out)
-}
-
-/// [`dot_batch`] compiled for `isa`, which must be [`Isa::supported`] (panics otherwise).
-pub fn dot_batch_with(
-    isa: Isa,
-    row: &UnpackedRow,
-    acts: &QuantizedActs,
-    sc: &BatchScales,
-    with_min: bool,
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-) {
-    match isa {
-        Isa::Scalar => {
-            assert_eq!(out.len(), rows.len(), "rows do not match out");
-            for (o, i) in out.iter_mut().zip(rows) {
-                *o = scalar::dot(row, acts, i, with_min);
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if isa.supported() => {
-            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
-            unsafe { x86::avx2::dot_batch(row, acts, sc, with_min, rows, out) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni if isa.supported() => {
-            // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
-            unsafe { x86::avx512::dot_batch(row, acts, sc, with_min, rows, out) }
-        }
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon if isa.supported() => {
-            // SAFETY: the CPU supports NEON (checked at run time).
-            unsafe { neon::dot_batch(row, acts, sc, with_min, rows, out) }
-        }
-        _ => panic!("{isa:?} is not supported by this CPU"),
-    }
-}
-
-/// `m` activation rows prepared for [`tile_matmul`] and [`dot_packed_batch`].
+/// `m` activation rows prepared for [`dot_packed_batch`] and [`tile_matmul`].
 pub struct Batch {
     pub m: usize,
     pub acts: QuantizedActs,
-    /// Scales regrouped for [`dot_batch`] (empty for AVX-512 VNNI, whose kernels read `acts`).
-    pub sc: BatchScales,
-    /// `-128 * sum(values)` per activation block, laid out as `acts.d` (AVX-512 VNNI with
-    /// Q8_0 activations only, i.e. signed weights, which its kernels store plus 128).
+    /// Per row, block and lane, `-128 * sum` of the lane's four values: laid out
+    /// `[row][block][lane]` (AVX-512 VNNI with Q8_0 activations only, i.e. signed weights,
+    /// which its kernels store plus 128).
     pub corr: Vec<i32>,
 }
 
@@ -316,14 +230,14 @@ impl Batch {
         );
         assert!(self.acts.d.len() >= self.m * nb && self.acts.s.len() >= self.m * nb);
         assert!(
-            !signed || self.corr.len() >= self.m * nb,
+            !signed || self.corr.len() >= self.m * nb * LANES,
             "batch not prepared for signed weights on AVX-512 VNNI"
         );
     }
 }
 
-/// Quantizes row-major `x: [m, k]` ([`quantize_acts`]) and prepares it for [`tile_matmul`]
-/// and [`dot_packed_batch`].
+/// Quantizes row-major `x: [m, k]` ([`quantize_acts`]) and prepares it for
+/// [`dot_packed_batch`] and [`tile_matmul`].
 pub fn prepare_batch(x: &[f32], k: usize, m: usize, fmt: ActFormat) -> Batch {
     prepare_batch_with(isa(), x, k, m, fmt)
 }
@@ -332,30 +246,18 @@ pub fn prepare_batch(x: &[f32], k: usize, m: usize, fmt: ActFormat) -> Batch {
 pub fn prepare_batch_with(isa: Isa, x: &[f32], k: usize, m: usize, fmt: ActFormat) -> Batch {
     assert_eq!(x.len(), m * k, "x is not m rows of k");
     let acts = quantize_acts_with(isa, x, k, fmt);
-    let vnni = isa == Isa::Avx512Vnni;
-    let sc = if vnni {
-        // Unused there (see `Batch::sc`).
-        BatchScales {
-            m,
-            stride: m + 8,
-            d: Vec::new(),
-            s: Vec::new(),
-        }
-    } else {
-        batch_scales(&acts, m)
-    };
-    let corr = if vnni && fmt == ActFormat::Q8_0 {
+    let corr = if isa == Isa::Avx512Vnni && fmt == ActFormat::Q8_0 {
         acts.qs
-            .chunks_exact(BLOCK)
-            .map(|blk| -128 * blk.iter().map(|&v| v as i32).sum::<i32>())
+            .chunks_exact(4)
+            .map(|g| -128 * g.iter().map(|&v| v as i32).sum::<i32>())
             .collect()
     } else {
         Vec::new()
     };
-    Batch { m, acts, sc, corr }
+    Batch { m, acts, corr }
 }
 
-/// Weight rows per [`Tile`] (and per pass of [`dot_packed_batch`] on AVX-512 VNNI).
+/// Weight rows per [`Tile`] (and per pass of the AVX-512 VNNI kernels).
 pub const TILE_ROWS: usize = 16;
 
 /// Up to [`TILE_ROWS`] weight rows unpacked for [`tile_matmul`]: as [`UnpackedRow`]s or, for
@@ -391,7 +293,7 @@ impl Tile {
         assert!(act_format(ty).is_some(), "{ty} has no integer path");
         self.rows = n;
         self.nb = row_bytes / ty.type_size();
-        self.signed = !matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+        self.signed = signed(ty);
         self.interleaved = false;
         match isa {
             #[cfg(target_arch = "x86_64")]
@@ -402,7 +304,7 @@ impl Tile {
             }
             _ => {
                 self.un.resize_with(n.max(self.un.len()), Default::default);
-                for (un, row) in self.un.iter_mut().zip(rows.chunks_exact(row_bytes)) {
+                for (un, row) in self.un.iter_mut().zip(rows.chunks_exact(row_bytes.max(1))) {
                     unpack_row_with(isa, ty, row, un);
                 }
             }
@@ -433,20 +335,23 @@ pub fn tile_matmul(tile: &Tile, batch: &Batch, with_min: bool, out: &mut [f32]) 
 /// [`tile_matmul`] compiled for `isa`, which must be [`Isa::supported`] and the one `tile`
 /// and `batch` were prepared for.
 pub fn tile_matmul_with(isa: Isa, tile: &Tile, batch: &Batch, with_min: bool, out: &mut [f32]) {
+    let (m, rows) = (batch.m, tile.rows);
+    assert_eq!(out.len(), m * rows, "out does not match the tile");
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni if isa.supported() && tile.rows > 0 => {
             // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
             unsafe { x86::avx512_tile_matmul(tile, batch, with_min, out) }
         }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.supported() => {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
+            unsafe { x86::avx2_tile_matmul(tile, batch, with_min, out) }
+        }
         Isa::Scalar | Isa::Avx2 | Isa::Avx512Vnni | Isa::Neon => {
-            let (m, rows) = (batch.m, tile.rows);
-            assert_eq!(out.len(), m * rows, "out does not match the tile");
-            let mut col = vec![0.0f32; m];
             for (l, un) in tile.un[..rows].iter().enumerate() {
-                dot_batch_with(isa, un, &batch.acts, &batch.sc, with_min, 0..m, &mut col);
-                for (i, &v) in col.iter().enumerate() {
-                    out[i * rows + l] = v;
+                for i in 0..m {
+                    out[i * rows + l] = dot_with(isa, un, &batch.acts, i, with_min);
                 }
             }
         }
@@ -455,9 +360,8 @@ pub fn tile_matmul_with(isa: Isa, tile: &Tile, batch: &Batch, with_min: bool, ou
 
 /// `out[i * n + r]` = dot of packed `ty` row `r` of `rows` (`n` rows of `batch.acts.k`
 /// values) with activation row `i` of `batch`, for every `i < batch.m`: bit for bit what
-/// [`unpack_row`] then [`dot`] give, reading each packed block once per pass over up to eight
-/// activation rows. For small batches (continuous batching's decode), where unpacking rows to
-/// memory as [`Tile`] does would cost more than the products.
+/// [`unpack_row`] then [`dot`] give, reading the packed blocks directly (decode, and the small
+/// batches of several sequences decoding together).
 pub fn dot_packed_batch(ty: GgmlType, rows: &[u8], batch: &Batch, out: &mut [f32]) {
     dot_packed_batch_with(isa(), ty, rows, batch, out)
 }
@@ -465,6 +369,15 @@ pub fn dot_packed_batch(ty: GgmlType, rows: &[u8], batch: &Batch, out: &mut [f32
 /// [`dot_packed_batch`] compiled for `isa`, which must be [`Isa::supported`] and the one
 /// `batch` was prepared for.
 pub fn dot_packed_batch_with(isa: Isa, ty: GgmlType, rows: &[u8], batch: &Batch, out: &mut [f32]) {
+    let row_bytes = batch.acts.k / BLOCK * ty.type_size();
+    let n = rows.len() / row_bytes.max(1);
+    assert_eq!(
+        n * row_bytes,
+        rows.len(),
+        "rows do not match the activations"
+    );
+    assert_eq!(out.len(), batch.m * n, "out does not match the rows");
+    assert!(act_format(ty).is_some(), "{ty} has no integer path");
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.supported() => {
@@ -478,14 +391,6 @@ pub fn dot_packed_batch_with(isa: Isa, ty: GgmlType, rows: &[u8], batch: &Batch,
         }
         Isa::Scalar | Isa::Neon if isa.supported() => {
             // Unpack each row once, then one dot per activation row.
-            let row_bytes = batch.acts.k / BLOCK * ty.type_size();
-            let n = rows.len() / row_bytes.max(1);
-            assert_eq!(
-                n * row_bytes,
-                rows.len(),
-                "rows do not match the activations"
-            );
-            assert_eq!(out.len(), batch.m * n, "out does not match the rows");
             let with_min = act_format(ty) == Some(ActFormat::Q8_1);
             let mut un = UnpackedRow::default();
             for (r, row) in rows.chunks_exact(row_bytes.max(1)).enumerate() {
@@ -494,43 +399,6 @@ pub fn dot_packed_batch_with(isa: Isa, ty: GgmlType, rows: &[u8], batch: &Batch,
                     out[i * n + r] = dot_with(isa, &un, &batch.acts, i, with_min);
                 }
             }
-        }
-        _ => panic!("{isa:?} is not supported by this CPU"),
-    }
-}
-
-/// Dots consecutive packed `ty` rows (`rows` holds exactly `out.len()` of them) with activation
-/// row `i`, one result per row: the same values as [`unpack_row`] then [`dot`], without
-/// writing the unpacked row.
-pub fn dot_packed_rows(ty: GgmlType, rows: &[u8], acts: &QuantizedActs, i: usize, out: &mut [f32]) {
-    dot_packed_rows_with(isa(), ty, rows, acts, i, out)
-}
-
-/// [`dot_packed_rows`] compiled for `isa`, which must be [`Isa::supported`] (panics otherwise).
-pub fn dot_packed_rows_with(
-    isa: Isa,
-    ty: GgmlType,
-    rows: &[u8],
-    acts: &QuantizedActs,
-    i: usize,
-    out: &mut [f32],
-) {
-    match isa {
-        Isa::Scalar => scalar::dot_packed_rows(ty, rows, acts, i, out),
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon if isa.supported() => {
-            // SAFETY: the CPU supports NEON (checked at run time).
-            unsafe { neon::dot_packed_rows(ty, rows, acts, i, out) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if isa.supported() => {
-            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
-            unsafe { x86::avx2::dot_packed_rows(ty, rows, acts, i, out) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni if isa.supported() => {
-            // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked).
-            unsafe { x86::avx512::dot_packed_rows(ty, rows, acts, i, out) }
         }
         _ => panic!("{isa:?} is not supported by this CPU"),
     }
@@ -568,6 +436,7 @@ mod scalar {
             let sum = quantize_block(src, dst, inv);
             d[b] = round_f16(scale);
             if fmt == ActFormat::Q8_1 {
+                // ggml: `GGML_FP32_TO_FP16(d * sum)` with the unrounded f32 scale.
                 s[b] = round_f16(sum as f32 * scale);
             }
         }
@@ -577,7 +446,6 @@ mod scalar {
     pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
         f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
     }
-
     pub(super) fn unpack_row(ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
         let bs = ty.type_size();
         let nb = row.len() / bs;
@@ -639,14 +507,22 @@ mod scalar {
         }
     }
 
-    /// Sum of `a[i] * b[i]` over one block; written so LLVM vectorizes it (widening multiply-add).
+    /// ggml's `hsum_float_8`: halves added, then pairs of the four, then the last two.
     #[inline(always)]
-    fn block_dot(a: &[i8], b: &[i8]) -> i32 {
-        let mut acc = 0i32;
-        for i in 0..BLOCK {
-            acc += a[i] as i32 * b[i] as i32;
+    pub(super) fn hsum8(a: &[f32; LANES]) -> f32 {
+        ((a[4] + a[0]) + (a[6] + a[2])) + ((a[5] + a[1]) + (a[7] + a[3]))
+    }
+
+    /// The lane sums of one block: `out[L] = sum of w[4L + e] * x[4L + e]`, `e < 4`.
+    #[inline(always)]
+    pub(super) fn block_lanes(w: &[i8], x: &[i8]) -> [i32; LANES] {
+        let mut out = [0i32; LANES];
+        for (l, o) in out.iter_mut().enumerate() {
+            for e in 0..4 {
+                *o += w[4 * l + e] as i32 * x[4 * l + e] as i32;
+            }
         }
-        acc
+        out
     }
 
     pub(super) fn dot(row: &UnpackedRow, acts: &QuantizedActs, i: usize, with_min: bool) -> f32 {
@@ -654,42 +530,26 @@ mod scalar {
         let xq = &acts.qs[i * acts.k..(i + 1) * acts.k];
         let xd = &acts.d[i * nb..(i + 1) * nb];
         let xs = &acts.s[i * nb..(i + 1) * nb];
-        let mut acc = [0.0f32; 8];
+        assert!(
+            row.q.len() >= acts.k && row.d.len() >= nb,
+            "row shorter than activations"
+        );
+        assert!(!with_min || row.m.len() >= nb, "row has no offsets");
+        let mut acc = [0.0f32; LANES];
         let mut summs = 0.0f32;
         for b in 0..nb {
+            let blk = b * BLOCK..(b + 1) * BLOCK;
+            let lanes = block_lanes(&row.q[blk.clone()], &xq[blk]);
             let dd = row.d[b] * xd[b];
-            for (l, a) in acc.iter_mut().enumerate() {
-                let mut s = 0i32;
-                for e in 0..4 {
-                    let j = b * BLOCK + l * 4 + e;
-                    s += row.q[j] as i32 * xq[j] as i32;
-                }
+            for (a, &s) in acc.iter_mut().zip(&lanes) {
                 *a = dd.mul_add(s as f32, *a);
             }
             if with_min {
                 summs = row.m[b].mul_add(xs[b], summs);
             }
         }
-        let h = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-        h + summs
-    }
-
-    /// Unpack-then-dot, one row at a time.
-    pub(super) fn dot_packed_rows(
-        ty: GgmlType,
-        rows: &[u8],
-        acts: &QuantizedActs,
-        i: usize,
-        out: &mut [f32],
-    ) {
-        let row_bytes = acts.k / BLOCK * ty.type_size();
-        assert_eq!(rows.len(), out.len() * row_bytes, "rows do not match out");
-        let with_min = act_format(ty) == Some(ActFormat::Q8_1);
-        let mut un = UnpackedRow::default();
-        for (o, row) in out.iter_mut().zip(rows.chunks_exact(row_bytes.max(1))) {
-            unpack_row(ty, row, &mut un);
-            *o = dot(&un, acts, i, with_min);
-        }
+        let h = hsum8(&acc);
+        if with_min { h + summs } else { h }
     }
 }
 
@@ -885,11 +745,6 @@ mod tests {
                 }
                 unpacked.push((un.q.clone(), bits(&un.d), bits(&un.m), un.unsigned));
             }
-            for i in 0..m {
-                let mut got = vec![0.0f32; n];
-                dot_packed_rows_with(Isa::Scalar, ty, &rows, &acts, i, &mut got);
-                assert_eq!(bits(&got), bits(&want[i * n..(i + 1) * n]), "scalar fused");
-            }
 
             for &isa in &isas {
                 let ctx = format!("{isa:?} {ty} k={k} m={m} n={n} case={case}");
@@ -912,11 +767,10 @@ mod tests {
                         assert_eq!(bits(&[got]), bits(&[want[i * n + r]]), "{ctx}: dot row {r}");
                     }
                 }
-                for i in 0..m {
-                    let mut got = vec![0.0f32; n];
-                    dot_packed_rows_with(isa, ty, &rows, &acts, i, &mut got);
-                    assert_eq!(bits(&got), bits(&want[i * n..(i + 1) * n]), "{ctx}: fused");
-                }
+                let batch = prepare_batch_with(isa, &x, k, m, fmt);
+                let mut got = vec![0.0f32; n * m];
+                dot_packed_batch_with(isa, ty, &rows, &batch, &mut got);
+                assert_eq!(bits(&got), bits(&want), "{ctx}: packed");
             }
         }
     }
@@ -1022,56 +876,6 @@ mod tests {
                 let mut got = vec![0.0f32; m * n];
                 dot_packed_batch_with(isa, ty, &rows, &batch, &mut got);
                 assert_eq!(bits(&got), bits(&want), "{ctx}: packed batch");
-            }
-        }
-    }
-
-    #[test]
-    fn batched_dot_matches_scalar_bit_for_bit() {
-        let mut isas = simd_isas();
-        isas.push(Isa::Scalar);
-        let mut rng = StdRng::seed_from_u64(0xBA7C);
-        let types = [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-        ];
-        for case in 0..300 {
-            let ty = types[case % types.len()];
-            let m = [2, 3, 4, 5, 8, 17, 1, 9, 16][(case / types.len()) % 9];
-            let nb = match case % 3 {
-                0 => rng.random_range(1..8),
-                1 => rng.random_range(8..40),
-                _ => 18,
-            };
-            let k = nb * BLOCK;
-            let n = rng.random_range(1..4);
-            let fmt = act_format(ty).unwrap();
-            let with_min = fmt == ActFormat::Q8_1;
-            let x = random_acts(m * k, &mut rng);
-            let acts = quantize_acts_with(Isa::Scalar, &x, k, fmt);
-            let sc = batch_scales(&acts, m);
-            let mut un = UnpackedRow::default();
-            for _ in 0..n {
-                let row = random_row(ty, nb, &mut rng);
-                unpack_row_with(Isa::Scalar, ty, &row, &mut un);
-                let want: Vec<f32> = (0..m)
-                    .map(|i| dot_with(Isa::Scalar, &un, &acts, i, with_min))
-                    .collect();
-                for &isa in &isas {
-                    let ctx = format!("{isa:?} {ty} k={k} m={m} case={case}");
-                    let mut got = vec![0.0f32; m];
-                    dot_batch_with(isa, &un, &acts, &sc, with_min, 0..m, &mut got);
-                    assert_eq!(bits(&got), bits(&want), "{ctx}: batch");
-                    // Sub-ranges, including ones not starting at a multiple of 8.
-                    let start = rng.random_range(0..m);
-                    let end = rng.random_range(start..=m);
-                    let mut got = vec![0.0f32; end - start];
-                    dot_batch_with(isa, &un, &acts, &sc, with_min, start..end, &mut got);
-                    assert_eq!(bits(&got), bits(&want[start..end]), "{ctx}: {start}..{end}");
-                }
             }
         }
     }

@@ -1,57 +1,38 @@
-//! x86-64 versions of the q8 kernels: AVX2 (+F16C) and AVX-512 VNNI.
+//! x86-64 versions of the q8 kernels: AVX2 (+FMA, F16C) and AVX-512 VNNI.
 //!
-//! Every function here returns exactly what its scalar counterpart in `super::scalar` returns.
-//! The per-block integer sums are exact however they are computed, and the float work per
-//! block is the same IEEE operations (no FMA contraction: each `mul` and `add` rounds as the
-//! scalar code's do). Only the per-block products are computed 8 blocks at a time; they are
-//! still added to the row sum one block after another, in block order.
+//! Every function here returns exactly what its scalar counterpart in `super::scalar` returns,
+//! which is what llama.cpp's x86 kernels return: per block, eight exact `i32` lane sums (four
+//! products each), converted to f32 and accumulated with one FMA per lane and block; at the end
+//! the lanes are folded in `hsum_float_8`'s order and the offsets' FMA chain added.
 //!
-//! The bodies are `#[inline(always)]` generics; only the entry points (the [`avx2`] and
-//! [`avx512`] modules, and the `avx2_*` / `avx512_*` functions at the end) carry
-//! `#[target_feature]`, so each is compiled once per instruction set. Closures inside the
-//! bodies do not inherit those features: intrinsics called from them stop being inlined, so
-//! arrays of vectors are filled with loops, not `array::from_fn`.
+//! The bodies are `#[inline(always)]` generics; only the entry points (the [`avx2`] module and
+//! the `avx2_*` / `avx512_*` functions at the end) carry `#[target_feature]`, so each is
+//! compiled once per instruction set. Closures inside the bodies do not inherit those
+//! features: intrinsics called from them stop being inlined, so arrays of vectors are filled
+//! with loops, not `array::from_fn`.
 
 use std::arch::x86_64::*;
+use std::cell::RefCell;
 use std::ptr;
 
 use ember_quant::GgmlType;
 
-use super::{ActFormat, BLOCK, Batch, BatchScales, QuantizedActs, TILE_ROWS, Tile, UnpackedRow};
+use super::{ActFormat, BLOCK, Batch, LANES, QuantizedActs, TILE_ROWS, Tile, UnpackedRow};
 
-/// How 32 `u8 x i8` products become 8 `i32` partial sums.
-pub(super) trait Dot {
+/// How 32 `u8 x i8` products become 8 `i32` lane sums (lane `L` = bytes `4L..4L + 4`).
+trait Dot {
     /// `a` as `u8` (at most 128), `b` as `i8` (never -128 with `a = 128`).
     unsafe fn dot_u8i8(a: __m256i, b: __m256i) -> __m256i;
-    /// `dot_u8i8(a1, b1) + dot_u8i8(a2, b2)`.
-    #[inline(always)]
-    unsafe fn dot2_u8i8(a1: __m256i, b1: __m256i, a2: __m256i, b2: __m256i) -> __m256i {
-        unsafe { _mm256_add_epi32(Self::dot_u8i8(a1, b1), Self::dot_u8i8(a2, b2)) }
-    }
 }
 
 /// `vpmaddubsw` + `vpmaddwd`: pairs of products never exceed `2 * 128 * 127 < i16::MAX`, so
 /// the saturating 16-bit step is exact.
-pub(super) struct Avx2;
+struct Avx2;
 
 impl Dot for Avx2 {
     #[inline(always)]
     unsafe fn dot_u8i8(a: __m256i, b: __m256i) -> __m256i {
         unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)) }
-    }
-}
-
-/// `vpdpbusd` (AVX-512 VNNI on 256-bit vectors): four products summed straight into `i32`.
-pub(super) struct Vnni;
-
-impl Dot for Vnni {
-    #[inline(always)]
-    unsafe fn dot_u8i8(a: __m256i, b: __m256i) -> __m256i {
-        unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b) }
-    }
-    #[inline(always)]
-    unsafe fn dot2_u8i8(a1: __m256i, b1: __m256i, a2: __m256i, b2: __m256i) -> __m256i {
-        unsafe { _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a1, b1), a2, b2) }
     }
 }
 
@@ -70,16 +51,9 @@ trait Weights {
     const WITH_MIN: bool;
     /// The 32 weights of block `b`, as `i8`.
     unsafe fn q(&self, b: usize) -> __m256i;
-    /// Blocks `b` and `b + 1` by halves: `(elements 0..16 of b | of b + 1, 16..32 of b | of
-    /// b + 1)`, the layout [`act_pair`] loads activations in.
-    unsafe fn q2(&self, b: usize) -> (__m256i, __m256i);
     /// Hints that blocks a little past `b` will be read soon.
     #[inline(always)]
     fn prefetch(&self, _b: usize) {}
-    /// Scales of blocks `b..b + 8`.
-    unsafe fn d8(&self, b: usize) -> __m256;
-    /// Offsets of blocks `b..b + 8`.
-    unsafe fn m8(&self, b: usize) -> __m256;
     unsafe fn d(&self, b: usize) -> f32;
     unsafe fn m(&self, b: usize) -> f32;
 }
@@ -122,23 +96,6 @@ unsafe fn round_f16(x: f32) -> f32 {
     }
 }
 
-/// Eight f16 values `stride` bytes apart, as f32.
-#[inline(always)]
-unsafe fn gather_f16(p: *const u8, stride: usize) -> __m256 {
-    unsafe {
-        _mm256_cvtph_ps(_mm_setr_epi16(
-            rd_i16(p),
-            rd_i16(p.add(stride)),
-            rd_i16(p.add(2 * stride)),
-            rd_i16(p.add(3 * stride)),
-            rd_i16(p.add(4 * stride)),
-            rd_i16(p.add(5 * stride)),
-            rd_i16(p.add(6 * stride)),
-            rd_i16(p.add(7 * stride)),
-        ))
-    }
-}
-
 /// 16 bytes of nibbles: low nibbles to elements 0..16, high nibbles to 16..32.
 #[inline(always)]
 unsafe fn nibbles(p: *const u8) -> __m256i {
@@ -148,56 +105,6 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
         let lo = _mm_and_si128(x, mask);
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), mask);
         _mm256_set_m128i(hi, lo)
-    }
-}
-
-/// Two 16-byte loads as one vector: `p` in the low half, `q` in the high half.
-#[inline(always)]
-unsafe fn load_2x128(p: *const u8, q: *const u8) -> __m256i {
-    unsafe {
-        _mm256_inserti128_si256::<1>(
-            _mm256_castsi128_si256(_mm_loadu_si128(p.cast())),
-            _mm_loadu_si128(q.cast()),
-        )
-    }
-}
-
-/// The nibbles of two blocks' 16 bytes at `p` and `q`: `(low nibbles of p | of q, high
-/// nibbles of p | of q)`.
-#[inline(always)]
-unsafe fn nibbles2(p: *const u8, q: *const u8) -> (__m256i, __m256i) {
-    unsafe {
-        let x = load_2x128(p, q);
-        let mask = _mm256_set1_epi8(0x0F);
-        (
-            _mm256_and_si256(x, mask),
-            _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask),
-        )
-    }
-}
-
-/// Two blocks' high bits (the `u32`s at `p` and `q`) in [`nibbles2`]'s layout, as `0x10`.
-#[inline(always)]
-unsafe fn high_bits2(p: *const u8, q: *const u8) -> (__m256i, __m256i) {
-    unsafe {
-        let qp = ptr::read_unaligned(p.cast::<i32>());
-        let qq = ptr::read_unaligned(q.cast::<i32>());
-        let both = _mm256_set_m128i(_mm_set1_epi32(qq), _mm_set1_epi32(qp));
-        let shuf_lo = _mm256_set_epi64x(0x0101_0101_0101_0101, 0, 0x0101_0101_0101_0101, 0);
-        let shuf_hi = _mm256_set_epi64x(
-            0x0303_0303_0303_0303,
-            0x0202_0202_0202_0202,
-            0x0303_0303_0303_0303,
-            0x0202_0202_0202_0202,
-        );
-        let bit = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
-        let ones = _mm256_set1_epi64x(-1);
-        let x10 = _mm256_set1_epi8(0x10);
-        let expand = |shuf| {
-            let bytes = _mm256_or_si256(_mm256_shuffle_epi8(both, shuf), bit);
-            _mm256_and_si256(_mm256_cmpeq_epi8(bytes, ones), x10)
-        };
-        (expand(shuf_lo), expand(shuf_hi))
     }
 }
 
@@ -248,47 +155,6 @@ impl<const TY: u8> Weights for Packed<TY> {
         }
     }
     #[inline(always)]
-    unsafe fn q2(&self, b: usize) -> (__m256i, __m256i) {
-        unsafe {
-            let p = self.p.add(b * Self::BS);
-            let q = p.add(Self::BS);
-            match TY {
-                Q4_0 => {
-                    let (lo, hi) = nibbles2(p.add(2), q.add(2));
-                    let eight = _mm256_set1_epi8(8);
-                    (_mm256_sub_epi8(lo, eight), _mm256_sub_epi8(hi, eight))
-                }
-                Q4_1 => nibbles2(p.add(4), q.add(4)),
-                Q5_0 => {
-                    let (lo, hi) = nibbles2(p.add(6), q.add(6));
-                    let (hlo, hhi) = high_bits2(p.add(2), q.add(2));
-                    let sixteen = _mm256_set1_epi8(16);
-                    (
-                        _mm256_sub_epi8(_mm256_or_si256(lo, hlo), sixteen),
-                        _mm256_sub_epi8(_mm256_or_si256(hi, hhi), sixteen),
-                    )
-                }
-                Q5_1 => {
-                    let (lo, hi) = nibbles2(p.add(8), q.add(8));
-                    let (hlo, hhi) = high_bits2(p.add(4), q.add(4));
-                    (_mm256_or_si256(lo, hlo), _mm256_or_si256(hi, hhi))
-                }
-                _ => (
-                    load_2x128(p.add(2), q.add(2)),
-                    load_2x128(p.add(18), q.add(18)),
-                ),
-            }
-        }
-    }
-    #[inline(always)]
-    unsafe fn d8(&self, b: usize) -> __m256 {
-        unsafe { gather_f16(self.p.add(b * Self::BS), Self::BS) }
-    }
-    #[inline(always)]
-    unsafe fn m8(&self, b: usize) -> __m256 {
-        unsafe { gather_f16(self.p.add(b * Self::BS + 2), Self::BS) }
-    }
-    #[inline(always)]
     unsafe fn d(&self, b: usize) -> f32 {
         unsafe { f16_to_f32(rd_i16(self.p.add(b * Self::BS))) }
     }
@@ -314,24 +180,6 @@ impl<const SIGNED: bool, const WITH_MIN: bool> Weights for Unpacked<SIGNED, WITH
         unsafe { _mm256_loadu_si256(self.q.add(b * BLOCK).cast()) }
     }
     #[inline(always)]
-    unsafe fn q2(&self, b: usize) -> (__m256i, __m256i) {
-        unsafe {
-            let p = self.q.add(b * BLOCK).cast::<u8>();
-            (
-                load_2x128(p, p.add(BLOCK)),
-                load_2x128(p.add(16), p.add(BLOCK + 16)),
-            )
-        }
-    }
-    #[inline(always)]
-    unsafe fn d8(&self, b: usize) -> __m256 {
-        unsafe { _mm256_loadu_ps(self.d.add(b)) }
-    }
-    #[inline(always)]
-    unsafe fn m8(&self, b: usize) -> __m256 {
-        unsafe { _mm256_loadu_ps(self.m.add(b)) }
-    }
-    #[inline(always)]
     unsafe fn d(&self, b: usize) -> f32 {
         unsafe { *self.d.add(b) }
     }
@@ -341,20 +189,18 @@ impl<const SIGNED: bool, const WITH_MIN: bool> Weights for Unpacked<SIGNED, WITH
     }
 }
 
-/// `i32x8` partial sums of block `b`'s weights times activations `x` (32 `i8`).
+/// ggml's `hsum_float_8`: the high half added to the low, then lanes two apart, then one.
 #[inline(always)]
-unsafe fn block_dot<D: Dot, W: Weights>(w: &W, b: usize, x: *const i8) -> __m256i {
+unsafe fn hsum_float_8(x: __m256) -> f32 {
     unsafe {
-        let q = w.q(b);
-        let x = _mm256_loadu_si256(x.add(b * BLOCK).cast());
-        if W::SIGNED {
-            D::dot_u8i8(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q))
-        } else {
-            D::dot_u8i8(q, x)
-        }
+        let r = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
+        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
     }
 }
 
+/// Sum of all lanes (exact: `i32`).
 #[inline(always)]
 unsafe fn hsum(v: __m256i) -> i32 {
     unsafe {
@@ -365,243 +211,90 @@ unsafe fn hsum(v: __m256i) -> i32 {
     }
 }
 
-/// `i32x8` partial sums of blocks `b` and `b + 1`: lanes 0..4 hold block `b`'s, 4..8 block
-/// `b + 1`'s.
+/// One activation row as raw pointers: values, scales, offsets (`d * sum`, Q8_1).
+#[derive(Clone, Copy)]
+struct Act {
+    x: *const i8,
+    d: *const f32,
+    s: *const f32,
+}
+
+/// Activation row `i` of `acts`, after checking it lies inside.
 #[inline(always)]
-unsafe fn pair_dot<D: Dot, W: Weights>(w: &W, b: usize, x: *const i8) -> __m256i {
-    unsafe {
-        w.prefetch(b);
-        let (qlo, qhi) = w.q2(b);
-        let p = x.add(b * BLOCK).cast::<u8>();
-        let xlo = load_2x128(p, p.add(BLOCK));
-        let xhi = load_2x128(p.add(16), p.add(BLOCK + 16));
-        if W::SIGNED {
-            D::dot2_u8i8(
-                _mm256_abs_epi8(qlo),
-                _mm256_sign_epi8(xlo, qlo),
-                _mm256_abs_epi8(qhi),
-                _mm256_sign_epi8(xhi, qhi),
-            )
-        } else {
-            D::dot2_u8i8(qlo, xlo, qhi, xhi)
-        }
+fn act(acts: &QuantizedActs, i: usize) -> Act {
+    let nb = acts.k / BLOCK;
+    Act {
+        x: acts.qs[i * acts.k..(i + 1) * acts.k].as_ptr(),
+        d: acts.d[i * nb..(i + 1) * nb].as_ptr(),
+        s: acts.s[i * nb..(i + 1) * nb].as_ptr(),
     }
 }
 
-/// Adds adjacent lane pairs: even lanes get `a[2i] + a[2i + 1]`, odd lanes `b[2i] + b[2i + 1]`.
-/// Blends and in-lane shuffles only (cheaper than `vphaddd`).
-#[inline(always)]
-unsafe fn fold_pairs(a: __m256i, b: __m256i) -> __m256i {
-    unsafe {
-        let x = _mm256_blend_epi32::<0xAA>(a, b);
-        let y = _mm256_blend_epi32::<0x55>(a, b);
-        _mm256_add_epi32(x, _mm256_shuffle_epi32::<0xB1>(y))
-    }
-}
+/// Activation rows per pass over a weight row in [`row_acts`].
+const GROUP: usize = 4;
 
-/// Adds lanes two apart within each 128-bit half: lanes 0, 1 get `a[0] + a[2]`, `a[1] +
-/// a[3]`, lanes 2, 3 get `b[2] + b[0]`, `b[3] + b[1]`.
+/// Dots of one weight row (`nb` blocks) with `G` activation rows, llama.cpp's arithmetic per
+/// pair (see the module docs): the weight block is unpacked once per pass for all `G`.
 #[inline(always)]
-unsafe fn fold_quads(a: __m256i, b: __m256i) -> __m256i {
+unsafe fn row_acts<D: Dot, W: Weights, const G: usize>(w: &W, nb: usize, a: &[Act; G]) -> [f32; G] {
     unsafe {
-        let x = _mm256_blend_epi32::<0xCC>(a, b);
-        let y = _mm256_blend_epi32::<0x33>(a, b);
-        _mm256_add_epi32(x, _mm256_shuffle_epi32::<0x4E>(y))
-    }
-}
-
-/// Sums of eight blocks from four [`pair_dot`] vectors, lane `j` = block `j`.
-#[inline(always)]
-unsafe fn reduce8(v: &[__m256i; 4]) -> __m256i {
-    unsafe {
-        // v[k] = [blk 2k: 4 lanes | blk 2k+1: 4 lanes]. After the folds, the low half holds
-        // blocks 0, 2, 4, 6 and the high half 1, 3, 5, 7.
-        let s = fold_quads(fold_pairs(v[0], v[1]), fold_pairs(v[2], v[3]));
-        _mm256_permutevar8x32_epi32(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
-    }
-}
-
-/// Dot product of one weight row (`nb` blocks) with one quantized activation row.
-///
-/// Float operations per block as in `scalar::dot`: `(d * xd) * sumi [+ m * xs]`, then added
-/// to the running sum in block order.
-#[inline(always)]
-unsafe fn row_dot<D: Dot, W: Weights>(
-    w: &W,
-    nb: usize,
-    xq: *const i8,
-    xd: *const f32,
-    xs: *const f32,
-) -> f32 {
-    unsafe {
-        let mut sum = 0.0f32;
-        let mut b = 0;
-        while b + 8 <= nb {
-            let mut v = [_mm256_setzero_si256(); 4];
-            for (j, vj) in v.iter_mut().enumerate() {
-                *vj = pair_dot::<D, W>(w, b + 2 * j, xq);
-            }
-            let sumf = _mm256_cvtepi32_ps(reduce8(&v));
-            let mut t = _mm256_mul_ps(_mm256_mul_ps(w.d8(b), _mm256_loadu_ps(xd.add(b))), sumf);
-            if W::WITH_MIN {
-                t = _mm256_add_ps(t, _mm256_mul_ps(w.m8(b), _mm256_loadu_ps(xs.add(b))));
-            }
-            let mut ts = [0.0f32; 8];
-            _mm256_storeu_ps(ts.as_mut_ptr(), t);
-            for tv in ts {
-                sum += tv;
-            }
-            b += 8;
-        }
-        while b < nb {
-            let sumi = hsum(block_dot::<D, W>(w, b, xq));
-            if W::WITH_MIN {
-                sum += w.d(b) * *xd.add(b) * sumi as f32 + w.m(b) * *xs.add(b);
-            } else {
-                sum += sumi as f32 * (w.d(b) * *xd.add(b));
-            }
-            b += 1;
-        }
-        sum
-    }
-}
-
-/// Sums of eight `i32x8` vectors: lane `r` holds the sum of all lanes of `v[r]`.
-#[inline(always)]
-unsafe fn reduce_rows8(v: &[__m256i; 8]) -> __m256i {
-    unsafe {
-        // Each half: `[v0, v1, v2, v3]` (resp. `v4..v8`) summed over that half's lanes.
-        let a = fold_quads(fold_pairs(v[0], v[1]), fold_pairs(v[2], v[3]));
-        let b = fold_quads(fold_pairs(v[4], v[5]), fold_pairs(v[6], v[7]));
-        _mm256_add_epi32(
-            _mm256_permute2x128_si256::<0x20>(a, b),
-            _mm256_permute2x128_si256::<0x31>(a, b),
-        )
-    }
-}
-
-/// Dots one weight row (`nb` blocks, unpacked or packed) with the eight activation rows at `x`,
-/// returning the eight results (lane `r` = row `x[r]`).
-///
-/// Each weight block is loaded once and multiplied with all eight rows; the eight per-block
-/// integer sums are reduced together, so lane `r` gets exactly `scalar::dot`'s float
-/// operations for its row: `(d * xd) * sumi [+ m * xs]` added to the running sum in block
-/// order. `xd` and `xs` point at the eight rows' scales of block 0; block `b`'s are
-/// `b * stride` further.
-#[inline(always)]
-unsafe fn row_dot8<D: Dot, W: Weights>(
-    w: &W,
-    nb: usize,
-    x: &[*const i8; 8],
-    xd: *const f32,
-    xs: *const f32,
-    stride: usize,
-) -> __m256 {
-    unsafe {
-        let mut sum = _mm256_setzero_ps();
+        let mut acc = [_mm256_setzero_ps(); G];
+        let mut summs = [0.0f32; G];
         for b in 0..nb {
             w.prefetch(b);
             let q = w.q(b);
-            let wu = if W::SIGNED { _mm256_abs_epi8(q) } else { q };
-            let mut v = [_mm256_setzero_si256(); 8];
-            for (vr, &xr) in v.iter_mut().zip(x) {
-                let xv = _mm256_loadu_si256(xr.add(b * BLOCK).cast());
-                let xv = if W::SIGNED {
-                    _mm256_sign_epi8(xv, q)
-                } else {
-                    xv
-                };
-                *vr = D::dot_u8i8(wu, xv);
+            let (qa, d) = (if W::SIGNED { _mm256_abs_epi8(q) } else { q }, w.d(b));
+            for g in 0..G {
+                let x = _mm256_loadu_si256(a[g].x.add(b * BLOCK).cast());
+                let x = if W::SIGNED { _mm256_sign_epi8(x, q) } else { x };
+                let f = _mm256_cvtepi32_ps(D::dot_u8i8(qa, x));
+                let dd = _mm256_set1_ps(d * *a[g].d.add(b));
+                acc[g] = _mm256_fmadd_ps(dd, f, acc[g]);
+                if W::WITH_MIN {
+                    summs[g] = w.m(b).mul_add(*a[g].s.add(b), summs[g]);
+                }
             }
-            let f = _mm256_cvtepi32_ps(reduce_rows8(&v));
-            let dd = _mm256_mul_ps(_mm256_set1_ps(w.d(b)), _mm256_loadu_ps(xd.add(b * stride)));
-            let t = if W::WITH_MIN {
-                _mm256_add_ps(
-                    _mm256_mul_ps(dd, f),
-                    _mm256_mul_ps(_mm256_set1_ps(w.m(b)), _mm256_loadu_ps(xs.add(b * stride))),
-                )
-            } else {
-                _mm256_mul_ps(f, dd)
-            };
-            sum = _mm256_add_ps(sum, t);
         }
-        sum
+        let mut out = [0.0f32; G];
+        for g in 0..G {
+            let h = hsum_float_8(acc[g]);
+            out[g] = if W::WITH_MIN { h + summs[g] } else { h };
+        }
+        out
     }
 }
 
-/// `dot(row, acts, i, with_min)` for every `i` in `rows`, into `out`, eight rows per pass.
+/// `out[i * ld + col]` = dot of weight row `w` with activation row `i`, for every `i < m`.
 #[inline(always)]
-unsafe fn dot_batch<D: Dot>(
-    row: &UnpackedRow,
+unsafe fn row_all_acts<D: Dot, W: Weights>(
+    w: &W,
     acts: &QuantizedActs,
-    sc: &BatchScales,
-    with_min: bool,
-    rows: std::ops::Range<usize>,
+    m: usize,
     out: &mut [f32],
+    ld: usize,
+    col: usize,
 ) {
-    let k = acts.k;
-    let nb = k / BLOCK;
-    assert_eq!(out.len(), rows.len(), "rows do not match out");
-    assert!(rows.end <= sc.m, "rows past the batch");
-    assert!(
-        acts.qs.len() >= sc.m * k,
-        "activations shorter than the batch"
-    );
-    assert!(sc.stride >= sc.m + 7, "scale stride too small");
-    assert!(sc.d.len() >= nb * sc.stride && sc.s.len() >= nb * sc.stride);
-    assert!(
-        row.q.len() >= nb * BLOCK && row.d.len() >= nb,
-        "row shorter than activations"
-    );
-    assert!(!with_min || row.m.len() >= nb, "row has no offsets");
-    if rows.is_empty() {
-        return;
-    }
-    let (q, d, m) = (row.q.as_ptr(), row.d.as_ptr(), row.m.as_ptr());
-    let mut i0 = rows.start;
-    while i0 < rows.end {
-        let n = (rows.end - i0).min(8);
-        // Rows past the end repeat the last one; their results are dropped.
-        let x: [*const i8; 8] =
-            std::array::from_fn(|r| acts.qs[(i0 + r.min(n - 1)) * k..].as_ptr());
-        // Scales of rows `i0..i0 + 8` lie within `stride` (at least `m + 7`, and `i0 < m`).
-        let xd = sc.d[i0..].as_ptr();
-        let xs = sc.s[i0..].as_ptr();
-        // SAFETY: the weight pointers cover `nb` blocks and each activation row `k` values
-        // (asserted above); block `b`'s eight scales are at `b * stride + i0 .. + 8`, inside
-        // `nb * stride` since `i0 + 8 <= m + 7 <= stride`; CPU features are the caller's.
-        let v = unsafe {
-            let st = sc.stride;
-            match (row.unsigned, with_min) {
-                (true, true) => {
-                    row_dot8::<D, _>(&Unpacked::<false, true> { q, d, m }, nb, &x, xd, xs, st)
-                }
-                (true, false) => {
-                    row_dot8::<D, _>(&Unpacked::<false, false> { q, d, m }, nb, &x, xd, xs, st)
-                }
-                (false, true) => {
-                    row_dot8::<D, _>(&Unpacked::<true, true> { q, d, m }, nb, &x, xd, xs, st)
-                }
-                (false, false) => {
-                    row_dot8::<D, _>(&Unpacked::<true, false> { q, d, m }, nb, &x, xd, xs, st)
-                }
-            }
-        };
-        let mut tmp = [0.0f32; 8];
-        // SAFETY: `tmp` holds eight floats.
-        unsafe { _mm256_storeu_ps(tmp.as_mut_ptr(), v) };
-        out[i0 - rows.start..i0 - rows.start + n].copy_from_slice(&tmp[..n]);
-        i0 += n;
+    let nb = acts.k / BLOCK;
+    let mut i0 = 0;
+    while i0 < m {
+        // Rows past the batch repeat its last; their results are dropped.
+        let mut a = [act(acts, m - 1); GROUP];
+        for (g, ag) in a.iter_mut().enumerate().take(m - i0) {
+            *ag = act(acts, i0 + g);
+        }
+        // SAFETY: the activation pointers cover `nb` blocks (`act`), the caller's weights
+        // too; CPU features are the caller's.
+        let r = unsafe { row_acts::<D, W, GROUP>(w, nb, &a) };
+        for (g, &v) in r.iter().enumerate().take(m - i0) {
+            out[(i0 + g) * ld + col] = v;
+        }
+        i0 += GROUP;
     }
 }
 
-/// `out[i * n + r]` = dot of packed row `r` of `rows` (`n` of them) with activation row `i`:
-/// [`row_dot8`] straight off the packed blocks, eight activation rows per pass.
 #[inline(always)]
-unsafe fn packed_batch8<D: Dot, const TY: u8>(rows: &[u8], batch: &Batch, out: &mut [f32]) {
-    let (acts, sc, m) = (&batch.acts, &batch.sc, batch.m);
-    let k = acts.k;
-    let nb = k / BLOCK;
+unsafe fn packed_batch_typed<D: Dot, const TY: u8>(rows: &[u8], batch: &Batch, out: &mut [f32]) {
+    let nb = batch.acts.k / BLOCK;
     let row_bytes = nb * Packed::<TY>::BS;
     let n = rows.len() / row_bytes.max(1);
     assert_eq!(
@@ -609,55 +302,87 @@ unsafe fn packed_batch8<D: Dot, const TY: u8>(rows: &[u8], batch: &Batch, out: &
         rows.len(),
         "rows do not match the activations"
     );
-    assert_eq!(out.len(), m * n, "out does not match the rows");
-    assert!(acts.qs.len() >= m * k, "activations shorter than the batch");
-    assert!(
-        sc.m == m && sc.stride >= m + 7,
-        "scales do not match the batch"
-    );
-    assert!(sc.d.len() >= nb * sc.stride && sc.s.len() >= nb * sc.stride);
+    assert_eq!(out.len(), batch.m * n, "out does not match the rows");
     for r in 0..n {
         let w = Packed::<TY> {
             p: rows[r * row_bytes..(r + 1) * row_bytes].as_ptr(),
         };
-        let mut i0 = 0;
-        while i0 < m {
-            let cnt = (m - i0).min(8);
-            // Rows past the end repeat the last one; their results are dropped.
-            let x: [*const i8; 8] = std::array::from_fn(|j| {
-                let i = i0 + j.min(cnt - 1);
-                acts.qs[i * k..(i + 1) * k].as_ptr()
-            });
-            // SAFETY: the row spans `nb` blocks (sliced above), each activation row `k` values;
-            // block `b`'s eight scales are at `b * stride + i0 .. + 8`, inside `nb * stride`
-            // since `i0 + 8 <= m + 7 <= stride`; CPU features are the caller's.
-            let v = unsafe {
-                let (xd, xs) = (sc.d[i0..].as_ptr(), sc.s[i0..].as_ptr());
-                row_dot8::<D, _>(&w, nb, &x, xd, xs, sc.stride)
-            };
-            let mut tmp = [0.0f32; 8];
-            // SAFETY: `tmp` holds eight floats.
-            unsafe { _mm256_storeu_ps(tmp.as_mut_ptr(), v) };
-            for (j, &t) in tmp[..cnt].iter().enumerate() {
-                out[(i0 + j) * n + r] = t;
-            }
-            i0 += 8;
-        }
+        // SAFETY: row `r` spans `nb` blocks inside `rows`; CPU features are the caller's.
+        unsafe { row_all_acts::<D, _>(&w, &batch.acts, batch.m, out, n, r) };
     }
 }
 
 #[inline(always)]
 unsafe fn dot_packed_batch<D: Dot>(ty: GgmlType, rows: &[u8], batch: &Batch, out: &mut [f32]) {
-    // SAFETY: forwarded; `packed_batch8` checks every bound it relies on.
+    // SAFETY: forwarded; `packed_batch_typed` checks every bound it relies on.
     unsafe {
         match ty {
-            GgmlType::Q4_0 => packed_batch8::<D, Q4_0>(rows, batch, out),
-            GgmlType::Q4_1 => packed_batch8::<D, Q4_1>(rows, batch, out),
-            GgmlType::Q5_0 => packed_batch8::<D, Q5_0>(rows, batch, out),
-            GgmlType::Q5_1 => packed_batch8::<D, Q5_1>(rows, batch, out),
-            GgmlType::Q8_0 => packed_batch8::<D, Q8_0>(rows, batch, out),
+            GgmlType::Q4_0 => packed_batch_typed::<D, Q4_0>(rows, batch, out),
+            GgmlType::Q4_1 => packed_batch_typed::<D, Q4_1>(rows, batch, out),
+            GgmlType::Q5_0 => packed_batch_typed::<D, Q5_0>(rows, batch, out),
+            GgmlType::Q5_1 => packed_batch_typed::<D, Q5_1>(rows, batch, out),
+            GgmlType::Q8_0 => packed_batch_typed::<D, Q8_0>(rows, batch, out),
             other => unreachable!("dot_packed_batch called for {other}, which has no integer path"),
         }
+    }
+}
+
+/// Runs `f` with `row` seen through the [`Weights`] view its signedness and `with_min` call
+/// for, after checking it covers `nb` blocks.
+macro_rules! with_unpacked {
+    ($row:expr, $nb:expr, $with_min:expr, |$w:ident| $body:expr) => {{
+        let row: &UnpackedRow = $row;
+        let nb: usize = $nb;
+        assert!(
+            row.q.len() >= nb * BLOCK && row.d.len() >= nb,
+            "row shorter than activations"
+        );
+        assert!(!$with_min || row.m.len() >= nb, "row has no offsets");
+        let (q, d, m) = (row.q.as_ptr(), row.d.as_ptr(), row.m.as_ptr());
+        match (row.unsigned, $with_min) {
+            (true, true) => {
+                let $w = Unpacked::<false, true> { q, d, m };
+                $body
+            }
+            (true, false) => {
+                let $w = Unpacked::<false, false> { q, d, m };
+                $body
+            }
+            (false, true) => {
+                let $w = Unpacked::<true, true> { q, d, m };
+                $body
+            }
+            (false, false) => {
+                let $w = Unpacked::<true, false> { q, d, m };
+                $body
+            }
+        }
+    }};
+}
+
+#[inline(always)]
+unsafe fn dot<D: Dot>(row: &UnpackedRow, acts: &QuantizedActs, i: usize, with_min: bool) -> f32 {
+    let nb = acts.k / BLOCK;
+    let a = [act(acts, i)];
+    // SAFETY: `with_unpacked` checks the row covers `nb` blocks, `act` the activations; CPU
+    // features are the caller's.
+    with_unpacked!(row, nb, with_min, |w| unsafe {
+        row_acts::<D, _, 1>(&w, nb, &a)[0]
+    })
+}
+
+/// AVX2's [`super::tile_matmul`]: the tile's unpacked rows against every activation row.
+#[inline(always)]
+unsafe fn tile_matmul_rows<D: Dot>(tile: &Tile, batch: &Batch, with_min: bool, out: &mut [f32]) {
+    let nb = batch.acts.k / BLOCK;
+    let rows = tile.rows;
+    assert_eq!(out.len(), batch.m * rows, "out does not match the tile");
+    for (l, un) in tile.un[..rows].iter().enumerate() {
+        // SAFETY: `with_unpacked` checks the row; `row_all_acts` the activations; CPU
+        // features are the caller's.
+        with_unpacked!(un, nb, with_min, |w| unsafe {
+            row_all_acts::<D, _>(&w, &batch.acts, batch.m, out, rows, l)
+        });
     }
 }
 
@@ -916,7 +641,7 @@ struct ActRows<const R: usize> {
     x: [*const i8; R],
     d: [*const f32; R],
     s: [*const f32; R],
-    /// `-128 * sum(x)` per block (signed weights only; dangling otherwise).
+    /// `-128 * sum` per block and lane (signed weights only; dangling otherwise).
     corr: [*const i32; R],
 }
 
@@ -934,7 +659,8 @@ impl<const R: usize> ActRows<R> {
             s: std::array::from_fn(|r| batch.acts.s[row(r) * nb..(row(r) + 1) * nb].as_ptr()),
             corr: std::array::from_fn(|r| {
                 if signed {
-                    batch.corr[row(r) * nb..(row(r) + 1) * nb].as_ptr()
+                    let lanes = nb * LANES;
+                    batch.corr[row(r) * lanes..(row(r) + 1) * lanes].as_ptr()
                 } else {
                     ptr::NonNull::dangling().as_ptr()
                 }
@@ -943,125 +669,130 @@ impl<const R: usize> ActRows<R> {
     }
 }
 
-/// Adds block `b` of sixteen weight rows (`t`, scales `dw`, offsets `mw`) times each
-/// activation row `r` of `a` to `sum[r]`, lane `l` = weight row `l`.
-///
-/// Per lane, the float operations are `scalar::dot`'s: `(d * xd) * sumi [+ m * xs]` added to
-/// the running sum, one block after another.
-#[inline(always)]
-unsafe fn block_acts<W: Weights, const R: usize>(
-    t: &Block16,
-    dw: __m512,
-    mw: __m512,
-    b: usize,
-    a: &ActRows<R>,
-    sum: &mut [__m512; R],
-) {
-    unsafe {
-        for (r, sum_r) in sum.iter_mut().enumerate() {
-            let mut acc = if W::SIGNED {
-                _mm512_set1_epi32(*a.corr[r].add(b))
-            } else {
-                _mm512_setzero_si512()
-            };
-            for (j, &tj) in t.iter().enumerate() {
-                let xv = ptr::read_unaligned(a.x[r].add(b * BLOCK + 4 * j).cast::<i32>());
-                acc = _mm512_dpbusd_epi32(acc, tj, _mm512_set1_epi32(xv));
+/// Running sums of sixteen weight rows (lanes) against `R` activation rows: llama.cpp's eight
+/// accumulator lanes as eight vectors, and the offsets' FMA chain.
+struct Sums<const R: usize> {
+    acc: [[__m512; LANES]; R],
+    summs: [__m512; R],
+}
+
+impl<const R: usize> Sums<R> {
+    #[inline(always)]
+    unsafe fn new() -> Self {
+        unsafe {
+            Sums {
+                acc: [[_mm512_setzero_ps(); LANES]; R],
+                summs: [_mm512_setzero_ps(); R],
             }
-            let f = _mm512_cvtepi32_ps(acc);
-            let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d[r].add(b)));
-            let v = if W::WITH_MIN {
-                _mm512_add_ps(
-                    _mm512_mul_ps(dd, f),
-                    _mm512_mul_ps(mw, _mm512_set1_ps(*a.s[r].add(b))),
-                )
-            } else {
-                _mm512_mul_ps(f, dd)
+        }
+    }
+
+    /// Adds block `b` of sixteen weight rows (`t`, scales `dw`, offsets `mw`) times each
+    /// activation row of `a`: per lane `j`, `acc[j] = fma(dw * xd, isum_j, acc[j])`, and
+    /// `summs = fma(mw, xs, summs)`, as llama.cpp per row.
+    #[inline(always)]
+    unsafe fn add_block<W: Weights>(
+        &mut self,
+        t: &Block16,
+        dw: __m512,
+        mw: __m512,
+        b: usize,
+        a: &ActRows<R>,
+    ) {
+        unsafe {
+            for r in 0..R {
+                let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d[r].add(b)));
+                for (j, &tj) in t.iter().enumerate() {
+                    let init = if W::SIGNED {
+                        _mm512_set1_epi32(*a.corr[r].add(b * LANES + j))
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    let xv = ptr::read_unaligned(a.x[r].add(b * BLOCK + 4 * j).cast::<i32>());
+                    let isum = _mm512_dpbusd_epi32(init, tj, _mm512_set1_epi32(xv));
+                    self.acc[r][j] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isum), self.acc[r][j]);
+                }
+                if W::WITH_MIN {
+                    self.summs[r] =
+                        _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s[r].add(b)), self.summs[r]);
+                }
+            }
+        }
+    }
+
+    /// Writes row `r`'s results (first `rows` lanes) to `out[(i0 + r) * ld + col0..]` for every
+    /// `r` that is a row of the batch (below `m`).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn store<W: Weights>(
+        &self,
+        m: usize,
+        i0: usize,
+        rows: usize,
+        out: &mut [f32],
+        ld: usize,
+        col0: usize,
+    ) {
+        for r in 0..R.min(m - i0) {
+            // SAFETY: AVX-512 F is the caller's; `tmp` holds 16 floats.
+            let tmp = unsafe {
+                let a = &self.acc[r];
+                let h = _mm512_add_ps(
+                    _mm512_add_ps(_mm512_add_ps(a[4], a[0]), _mm512_add_ps(a[6], a[2])),
+                    _mm512_add_ps(_mm512_add_ps(a[5], a[1]), _mm512_add_ps(a[7], a[3])),
+                );
+                let h = if W::WITH_MIN {
+                    _mm512_add_ps(h, self.summs[r])
+                } else {
+                    h
+                };
+                let mut tmp = [0.0f32; TILE_ROWS];
+                _mm512_storeu_ps(tmp.as_mut_ptr(), h);
+                tmp
             };
-            *sum_r = _mm512_add_ps(*sum_r, v);
+            let at = (i0 + r) * ld + col0;
+            out[at..at + rows].copy_from_slice(&tmp[..rows]);
         }
     }
 }
 
-/// Writes `sum[r]`'s first `rows` lanes to `out[(i0 + r) * ld + col0..]` for every `r` that is
-/// a row of the batch (below `m`). The CPU must support AVX-512 F.
+/// Activation row `i` of `batch` against up to sixteen packed rows unpacked in registers, into
+/// `out[i * ld + col0 + l]`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn store_sums<const R: usize>(
-    sum: &[__m512; R],
-    m: usize,
-    i0: usize,
-    rows: usize,
-    out: &mut [f32],
-    ld: usize,
-    col0: usize,
-) {
-    for (r, s) in sum.iter().enumerate().take(m - i0) {
-        let mut tmp = [0.0f32; TILE_ROWS];
-        // SAFETY: `tmp` holds 16 floats; AVX-512 F is the caller's.
-        unsafe { _mm512_storeu_ps(tmp.as_mut_ptr(), *s) };
-        let at = (i0 + r) * ld + col0;
-        out[at..at + rows].copy_from_slice(&tmp[..rows]);
-    }
-}
-
-/// Runs `body` for each pass over the activation rows `0..m`, with `i0` the pass's first row
-/// and the constant `R` its width: 8 rows, or 4 or 2 for what is left at the end.
-macro_rules! act_passes {
-    ($m:expr, |$i0:ident, $r:ident| $body:expr) => {{
-        let m = $m;
-        let mut $i0 = 0;
-        while $i0 < m {
-            match m - $i0 {
-                1..=2 => {
-                    const $r: usize = 2;
-                    $body
-                }
-                3..=4 => {
-                    const $r: usize = 4;
-                    $body
-                }
-                _ => {
-                    const $r: usize = 8;
-                    $body
-                }
-            }
-            $i0 += 8;
-        }
-    }};
-}
-
-/// Activation rows `i0..i0 + R` of `batch` against sixteen packed rows straight from memory,
-/// into `out[i * ld + col0 + l]`.
-#[inline(always)]
-unsafe fn packed_group<const TY: u8, const R: usize>(
+unsafe fn packed_row16<const TY: u8>(
     w: &Rows16<TY>,
     rows: usize,
     batch: &Batch,
-    i0: usize,
+    i: usize,
     out: &mut [f32],
     ld: usize,
     col0: usize,
 ) {
     let nb = batch.acts.k / BLOCK;
-    let a = ActRows::<R>::new(batch, i0, <Packed<TY> as Weights>::SIGNED);
-    // SAFETY: `b < nb`, the rows' block count (`packed_batch16` checks `row_bytes`); the
-    // activation pointers cover `nb` blocks (`ActRows::new`); CPU features are the caller's.
+    let a = ActRows::<1>::new(batch, i, <Packed<TY> as Weights>::SIGNED);
+    // SAFETY: `b < nb`, the rows' block count (checked by the caller); the activation
+    // pointers cover `nb` blocks (`ActRows::new`); CPU features are the caller's.
     unsafe {
-        let mut sum = [_mm512_setzero_ps(); R];
+        let mut sums = Sums::<1>::new();
         for b in 0..nb {
             w.prefetch(b);
             let t = w.block(b);
             let (dw, mw) = w.scales(b);
-            block_acts::<Packed<TY>, R>(&t, dw, mw, b, &a, &mut sum);
+            sums.add_block::<Packed<TY>>(&t, dw, mw, b, &a);
         }
-        store_sums(&sum, batch.m, i0, rows, out, ld, col0);
+        sums.store::<Packed<TY>>(batch.m, i, rows, out, ld, col0);
     }
 }
 
+thread_local! {
+    /// Each thread's tile for [`packed_batch16`]'s small batches.
+    static SMALL_TILE: RefCell<Tile> = RefCell::new(Tile::default());
+}
+
 /// `out[i * n + r]` = dot of packed row `r` of `rows` (`n` of them) with activation row `i`,
-/// sixteen weight rows and up to eight activation rows per pass, unpacking each block once
-/// per pass.
+/// sixteen weight rows at a time. One activation row (decode) unpacks each block in
+/// registers; several unpack the sixteen rows to a [`Tile`] first, read back from L1 for
+/// every activation row.
 #[inline(always)]
 unsafe fn packed_batch16<const TY: u8>(rows: &[u8], batch: &Batch, out: &mut [f32]) {
     let nb = batch.acts.k / BLOCK;
@@ -1074,21 +805,37 @@ unsafe fn packed_batch16<const TY: u8>(rows: &[u8], batch: &Batch, out: &mut [f3
     );
     assert_eq!(out.len(), batch.m * n, "out does not match the rows");
     batch.check(<Packed<TY> as Weights>::SIGNED);
+    let with_min = <Packed<TY> as Weights>::WITH_MIN;
     for (g, group) in rows.chunks(TILE_ROWS * row_bytes.max(1)).enumerate() {
         let cnt = group.len() / row_bytes;
-        // SAFETY: forwarded; `Rows16::new` checks the rows, `ActRows::new` the activations.
-        unsafe {
-            let w = Rows16::<TY>::new(group, row_bytes);
-            act_passes!(batch.m, |i0, R| packed_group::<TY, R>(
-                &w,
-                cnt,
-                batch,
-                i0,
-                out,
-                n,
-                g * TILE_ROWS
-            ));
+        if batch.m == 1 {
+            // SAFETY: forwarded; `Rows16::new` checks the rows, `ActRows::new` the
+            // activations.
+            unsafe {
+                let w = Rows16::<TY>::new(group, row_bytes);
+                packed_row16::<TY>(&w, cnt, batch, 0, out, n, g * TILE_ROWS);
+            }
+            continue;
         }
+        SMALL_TILE.with_borrow_mut(|tile| {
+            let mut buf = [0.0f32; 8 * TILE_ROWS];
+            // SAFETY: forwarded; `tile_load_typed` and `tile_matmul` check their bounds.
+            unsafe { tile_load_typed::<TY>(group, row_bytes, tile) };
+            tile.rows = cnt;
+            tile.nb = nb;
+            tile.signed = <Packed<TY> as Weights>::SIGNED;
+            tile.interleaved = true;
+            for i0 in (0..batch.m).step_by(8) {
+                let sub = (batch.m - i0).min(8);
+                let dst = &mut buf[..sub * cnt];
+                // SAFETY: as above.
+                unsafe { tile_rows(tile, batch, with_min, i0..i0 + sub, dst) };
+                for (ii, row) in dst.chunks_exact(cnt).enumerate() {
+                    let at = (i0 + ii) * n + g * TILE_ROWS;
+                    out[at..at + cnt].copy_from_slice(row);
+                }
+            }
+        });
     }
 }
 
@@ -1161,21 +908,57 @@ unsafe fn tile_load(ty: GgmlType, rows: &[u8], row_bytes: usize, tile: &mut Tile
     }
 }
 
-/// Activation rows `i0..i0 + R` of `batch` against a loaded [`Tile`], into
-/// `out[i * tile.rows + l]`. `W` only says whether the weights are signed and carry offsets.
+/// [`tile_pair`] over activation rows `range`, two at a time; `out` is `range.len()` rows of
+/// `tile.rows`.
 #[inline(always)]
-unsafe fn tile_group<W: Weights, const R: usize>(
+unsafe fn tile_rows(
+    tile: &Tile,
+    batch: &Batch,
+    with_min: bool,
+    range: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    tile.check(batch);
+    batch.check(tile.signed);
+    assert!(range.end <= batch.m, "rows past the batch");
+    assert_eq!(
+        out.len(),
+        range.len() * tile.rows,
+        "out does not match the tile"
+    );
+    assert!(!with_min || !tile.signed, "offsets with signed weights");
+    let (first, end) = (range.start, range.end);
+    let mut i0 = first;
+    while i0 < end {
+        let dst_off = (i0 - first) * tile.rows;
+        let dst = &mut out[dst_off..];
+        // SAFETY: forwarded; buffers checked above and in `ActRows::new`.
+        unsafe {
+            match (tile.signed, with_min) {
+                (false, true) => tile_pair::<Unpacked<false, true>>(tile, batch, i0, end, dst),
+                (false, false) => tile_pair::<Unpacked<false, false>>(tile, batch, i0, end, dst),
+                (true, _) => tile_pair::<Unpacked<true, false>>(tile, batch, i0, end, dst),
+            }
+        }
+        i0 += 2;
+    }
+}
+
+/// Rows `i0` and `i0 + 1` (when below `end`) into `dst[0..]` and `dst[rows..]`.
+#[inline(always)]
+unsafe fn tile_pair<W: Weights>(
     tile: &Tile,
     batch: &Batch,
     i0: usize,
-    out: &mut [f32],
+    end: usize,
+    dst: &mut [f32],
 ) {
-    let a = ActRows::<R>::new(batch, i0, W::SIGNED);
+    let a = ActRows::<2>::new(batch, i0, W::SIGNED);
     let (q, d, mm) = (tile.q.as_ptr(), tile.d.as_ptr(), tile.m.as_ptr());
     // SAFETY: the tile's buffers cover `nb` blocks of 16 rows (`Tile::check`), the activation
     // pointers `nb` blocks (`ActRows::new`); CPU features are the caller's.
     unsafe {
-        let mut sum = [_mm512_setzero_ps(); R];
+        let mut sums = Sums::<2>::new();
         for b in 0..tile.nb {
             let mut t = [_mm512_setzero_si512(); 8];
             for (j, tj) in t.iter_mut().enumerate() {
@@ -1187,117 +970,18 @@ unsafe fn tile_group<W: Weights, const R: usize>(
             } else {
                 _mm512_setzero_ps()
             };
-            block_acts::<W, R>(&t, dw, mw, b, &a, &mut sum);
+            sums.add_block::<W>(&t, dw, mw, b, &a);
         }
-        store_sums(&sum, batch.m, i0, tile.rows, out, tile.rows, 0);
+        // Store as if the batch started at `i0`: row r goes to dst[r * rows..].
+        sums.store::<W>(end - i0, 0, tile.rows, dst, tile.rows, 0);
     }
 }
 
 /// `out[i * tile.rows + l]` = dot of the tile's row `l` with activation row `i`, every `i`.
 #[inline(always)]
 unsafe fn tile_matmul(tile: &Tile, batch: &Batch, with_min: bool, out: &mut [f32]) {
-    tile.check(batch);
-    batch.check(tile.signed);
-    assert_eq!(
-        out.len(),
-        batch.m * tile.rows,
-        "out does not match the tile"
-    );
-    assert!(!with_min || !tile.signed, "offsets with signed weights");
-    // SAFETY: forwarded; buffers checked above and in `ActRows::new`.
-    unsafe {
-        match (tile.signed, with_min) {
-            (false, true) => {
-                act_passes!(batch.m, |i0, R| tile_group::<Unpacked<false, true>, R>(
-                    tile, batch, i0, out
-                ))
-            }
-            (false, false) => {
-                act_passes!(batch.m, |i0, R| tile_group::<Unpacked<false, false>, R>(
-                    tile, batch, i0, out
-                ))
-            }
-            (true, _) => {
-                act_passes!(batch.m, |i0, R| tile_group::<Unpacked<true, false>, R>(
-                    tile, batch, i0, out
-                ))
-            }
-        }
-    }
-}
-
-/// Activation row `i` as raw pointers, after checking it lies inside `acts`.
-#[inline(always)]
-fn act_row(acts: &QuantizedActs, i: usize) -> (usize, *const i8, *const f32, *const f32) {
-    let nb = acts.k / BLOCK;
-    let xq = &acts.qs[i * acts.k..(i + 1) * acts.k];
-    let xd = &acts.d[i * nb..(i + 1) * nb];
-    let xs = &acts.s[i * nb..(i + 1) * nb];
-    (nb, xq.as_ptr(), xd.as_ptr(), xs.as_ptr())
-}
-
-#[inline(always)]
-unsafe fn packed_rows<D: Dot, const TY: u8>(
-    rows: &[u8],
-    acts: &QuantizedActs,
-    i: usize,
-    out: &mut [f32],
-) {
-    let (nb, xq, xd, xs) = act_row(acts, i);
-    let row_bytes = nb * Packed::<TY>::BS;
-    assert_eq!(rows.len(), out.len() * row_bytes, "rows do not match out");
-    for (r, o) in out.iter_mut().enumerate() {
-        // SAFETY: row `r` spans `row_bytes = nb * BS` bytes inside `rows` (asserted above);
-        // the activation pointers cover `nb` blocks (`act_row`); CPU features are the caller's.
-        *o = unsafe {
-            let w = Packed::<TY> {
-                p: rows.as_ptr().add(r * row_bytes),
-            };
-            row_dot::<D, _>(&w, nb, xq, xd, xs)
-        };
-    }
-}
-
-#[inline(always)]
-unsafe fn dot_packed_rows<D: Dot>(
-    ty: GgmlType,
-    rows: &[u8],
-    acts: &QuantizedActs,
-    i: usize,
-    out: &mut [f32],
-) {
-    // SAFETY: forwarded; `packed_rows` checks every bound it relies on.
-    unsafe {
-        match ty {
-            GgmlType::Q4_0 => packed_rows::<D, Q4_0>(rows, acts, i, out),
-            GgmlType::Q4_1 => packed_rows::<D, Q4_1>(rows, acts, i, out),
-            GgmlType::Q5_0 => packed_rows::<D, Q5_0>(rows, acts, i, out),
-            GgmlType::Q5_1 => packed_rows::<D, Q5_1>(rows, acts, i, out),
-            GgmlType::Q8_0 => packed_rows::<D, Q8_0>(rows, acts, i, out),
-            other => unreachable!("dot_packed_rows called for {other}, which has no integer path"),
-        }
-    }
-}
-
-#[inline(always)]
-unsafe fn dot<D: Dot>(row: &UnpackedRow, acts: &QuantizedActs, i: usize, with_min: bool) -> f32 {
-    let (nb, xq, xd, xs) = act_row(acts, i);
-    assert!(
-        row.q.len() >= nb * BLOCK && row.d.len() >= nb,
-        "row shorter than activations"
-    );
-    assert!(!with_min || row.m.len() >= nb, "row has no offsets");
-    let (q, d, m) = (row.q.as_ptr(), row.d.as_ptr(), row.m.as_ptr());
-    // SAFETY: `q`, `d` (and `m` when read, i.e. with_min) cover `nb` blocks (asserted above),
-    // the activation pointers too (`act_row`); CPU features are the caller's.
-    unsafe {
-        match (row.unsigned, with_min) {
-            (true, true) => row_dot::<D, _>(&Unpacked::<false, true> { q, d, m }, nb, xq, xd, xs),
-            (true, false) => row_dot::<D, _>(&Unpacked::<false, false> { q, d, m }, nb, xq, xd, xs),
-            (false, true) => row_dot::<D, _>(&Unpacked::<true, true> { q, d, m }, nb, xq, xd, xs),
-            (false, false) => row_dot::<D, _>(&Unpacked::<true, false> { q, d, m }, nb, xq, xd, xs),
-        }
-    }
+    // SAFETY: forwarded; `tile_rows` checks every bound.
+    unsafe { tile_rows(tile, batch, with_min, 0..batch.m, out) }
 }
 
 #[inline(always)]
@@ -1411,88 +1095,44 @@ unsafe fn quantize_acts(x: &[f32], k: usize, fmt: ActFormat) -> QuantizedActs {
     QuantizedActs { k, qs, d, s }
 }
 
-/// Entry points compiled for one instruction set. Callers must have checked that the CPU
-/// supports it (see `super::isa`).
-macro_rules! entry_points {
-    ($name:ident, $dot:ty, $features:literal) => {
-        pub(super) mod $name {
-            use super::*;
+/// Entry points compiled for AVX2 + FMA + F16C. Callers must have checked that the CPU
+/// supports them (see `super::isa`).
+pub(super) mod avx2 {
+    use super::*;
 
-            /// # Safety
-            /// The CPU must support the features this module is compiled for.
-            #[target_feature(enable = $features)]
-            pub(in super::super) unsafe fn quantize_acts(
-                x: &[f32],
-                k: usize,
-                fmt: ActFormat,
-            ) -> QuantizedActs {
-                // SAFETY: the features the body needs are enabled on this function.
-                unsafe { super::quantize_acts(x, k, fmt) }
-            }
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in super::super) unsafe fn quantize_acts(
+        x: &[f32],
+        k: usize,
+        fmt: ActFormat,
+    ) -> QuantizedActs {
+        // SAFETY: the features the body needs are enabled on this function.
+        unsafe { super::quantize_acts(x, k, fmt) }
+    }
 
-            /// # Safety
-            /// The CPU must support the features this module is compiled for.
-            #[target_feature(enable = $features)]
-            pub(in super::super) unsafe fn unpack_row(
-                ty: GgmlType,
-                row: &[u8],
-                out: &mut UnpackedRow,
-            ) {
-                // SAFETY: the features the body needs are enabled on this function.
-                unsafe { super::unpack_row(ty, row, out) }
-            }
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in super::super) unsafe fn unpack_row(ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
+        // SAFETY: the features the body needs are enabled on this function.
+        unsafe { super::unpack_row(ty, row, out) }
+    }
 
-            /// # Safety
-            /// The CPU must support the features this module is compiled for.
-            #[target_feature(enable = $features)]
-            pub(in super::super) unsafe fn dot(
-                row: &UnpackedRow,
-                acts: &QuantizedActs,
-                i: usize,
-                with_min: bool,
-            ) -> f32 {
-                // SAFETY: the features the body needs are enabled on this function.
-                unsafe { super::dot::<$dot>(row, acts, i, with_min) }
-            }
-
-            /// # Safety
-            /// The CPU must support the features this module is compiled for.
-            #[target_feature(enable = $features)]
-            pub(in super::super) unsafe fn dot_batch(
-                row: &UnpackedRow,
-                acts: &QuantizedActs,
-                sc: &BatchScales,
-                with_min: bool,
-                rows: std::ops::Range<usize>,
-                out: &mut [f32],
-            ) {
-                // SAFETY: the features the body needs are enabled on this function.
-                unsafe { super::dot_batch::<$dot>(row, acts, sc, with_min, rows, out) }
-            }
-
-            /// # Safety
-            /// The CPU must support the features this module is compiled for.
-            #[target_feature(enable = $features)]
-            pub(in super::super) unsafe fn dot_packed_rows(
-                ty: GgmlType,
-                rows: &[u8],
-                acts: &QuantizedActs,
-                i: usize,
-                out: &mut [f32],
-            ) {
-                // SAFETY: the features the body needs are enabled on this function.
-                unsafe { super::dot_packed_rows::<$dot>(ty, rows, acts, i, out) }
-            }
-        }
-    };
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in super::super) unsafe fn dot(
+        row: &UnpackedRow,
+        acts: &QuantizedActs,
+        i: usize,
+        with_min: bool,
+    ) -> f32 {
+        // SAFETY: the features the body needs are enabled on this function.
+        unsafe { super::dot::<Avx2>(row, acts, i, with_min) }
+    }
 }
-
-entry_points!(avx2, Avx2, "avx2,fma,f16c");
-entry_points!(
-    avx512,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
-);
 
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
@@ -1505,6 +1145,14 @@ pub(super) unsafe fn avx2_dot_packed_batch(
 ) {
     // SAFETY: the features the body needs are enabled on this function.
     unsafe { dot_packed_batch::<Avx2>(ty, rows, batch, out) }
+}
+
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn avx2_tile_matmul(tile: &Tile, batch: &Batch, with_min: bool, out: &mut [f32]) {
+    // SAFETY: the features the body needs are enabled on this function.
+    unsafe { tile_matmul_rows::<Avx2>(tile, batch, with_min, out) }
 }
 
 /// # Safety
