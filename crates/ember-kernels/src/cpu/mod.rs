@@ -121,7 +121,7 @@ pub fn quant_matmul_rows(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
         let rows = q8::TILE_ROWS.min(n - j0);
         (j0, rows, &bytes[j0 * row_bytes..(j0 + rows) * row_bytes])
     };
-    if m <= SMALL_BATCH_MAX {
+    if m <= q8::packed_batch_max().min(SMALL_BATCH_MAX) {
         tiles.for_each(|t| {
             let (j0, rows, w_rows) = tile_rows(t);
             let mut buf = [0.0f32; SMALL_BATCH_MAX * q8::TILE_ROWS];

@@ -358,6 +358,17 @@ pub fn tile_matmul_with(isa: Isa, tile: &Tile, batch: &Batch, with_min: bool, ou
     }
 }
 
+/// The largest batch for which [`dot_packed_batch`] beats [`Tile`] + [`tile_matmul`] on this
+/// CPU: AVX-512 VNNI unpacks sixteen rows per block in registers, which pays only for one
+/// activation row; the other kernels unpack a block per weight row and reuse it for up to
+/// eight.
+pub fn packed_batch_max() -> usize {
+    match isa() {
+        Isa::Avx512Vnni => 1,
+        _ => 8,
+    }
+}
+
 /// `out[i * n + r]` = dot of packed `ty` row `r` of `rows` (`n` rows of `batch.acts.k`
 /// values) with activation row `i` of `batch`, for every `i < batch.m`: bit for bit what
 /// [`unpack_row`] then [`dot`] give, reading the packed blocks directly (decode, and the small

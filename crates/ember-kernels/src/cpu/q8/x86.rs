@@ -12,7 +12,6 @@
 //! with loops, not `array::from_fn`.
 
 use std::arch::x86_64::*;
-use std::cell::RefCell;
 use std::ptr;
 
 use ember_quant::GgmlType;
@@ -784,15 +783,11 @@ unsafe fn packed_row16<const TY: u8>(
     }
 }
 
-thread_local! {
-    /// Each thread's tile for [`packed_batch16`]'s small batches.
-    static SMALL_TILE: RefCell<Tile> = RefCell::new(Tile::default());
-}
-
 /// `out[i * n + r]` = dot of packed row `r` of `rows` (`n` of them) with activation row `i`,
 /// sixteen weight rows at a time. One activation row (decode) unpacks each block in
 /// registers; several unpack the sixteen rows to a [`Tile`] first, read back from L1 for
-/// every activation row.
+/// every activation row (the model's batches take [`super::tile_matmul`] directly, see
+/// [`super::packed_batch_max`]).
 #[inline(always)]
 unsafe fn packed_batch16<const TY: u8>(rows: &[u8], batch: &Batch, out: &mut [f32]) {
     let nb = batch.acts.k / BLOCK;
@@ -806,6 +801,7 @@ unsafe fn packed_batch16<const TY: u8>(rows: &[u8], batch: &Batch, out: &mut [f3
     assert_eq!(out.len(), batch.m * n, "out does not match the rows");
     batch.check(<Packed<TY> as Weights>::SIGNED);
     let with_min = <Packed<TY> as Weights>::WITH_MIN;
+    let mut tile = Tile::default();
     for (g, group) in rows.chunks(TILE_ROWS * row_bytes.max(1)).enumerate() {
         let cnt = group.len() / row_bytes;
         if batch.m == 1 {
@@ -817,25 +813,27 @@ unsafe fn packed_batch16<const TY: u8>(rows: &[u8], batch: &Batch, out: &mut [f3
             }
             continue;
         }
-        SMALL_TILE.with_borrow_mut(|tile| {
-            let mut buf = [0.0f32; 8 * TILE_ROWS];
-            // SAFETY: forwarded; `tile_load_typed` and `tile_matmul` check their bounds.
-            unsafe { tile_load_typed::<TY>(group, row_bytes, tile) };
-            tile.rows = cnt;
-            tile.nb = nb;
-            tile.signed = <Packed<TY> as Weights>::SIGNED;
-            tile.interleaved = true;
-            for i0 in (0..batch.m).step_by(8) {
-                let sub = (batch.m - i0).min(8);
-                let dst = &mut buf[..sub * cnt];
-                // SAFETY: as above.
-                unsafe { tile_rows(tile, batch, with_min, i0..i0 + sub, dst) };
-                for (ii, row) in dst.chunks_exact(cnt).enumerate() {
-                    let at = (i0 + ii) * n + g * TILE_ROWS;
-                    out[at..at + cnt].copy_from_slice(row);
-                }
+        // No closures here: they would not inherit this function's target features.
+        let tile = &mut tile;
+        let mut buf = [0.0f32; 8 * TILE_ROWS];
+        // SAFETY: forwarded; `tile_load_typed` and `tile_rows` check their bounds.
+        unsafe { tile_load_typed::<TY>(group, row_bytes, tile) };
+        tile.rows = cnt;
+        tile.nb = nb;
+        tile.signed = <Packed<TY> as Weights>::SIGNED;
+        tile.interleaved = true;
+        let mut i0 = 0;
+        while i0 < batch.m {
+            let sub = (batch.m - i0).min(8);
+            let dst = &mut buf[..sub * cnt];
+            // SAFETY: as above.
+            unsafe { tile_rows(tile, batch, with_min, i0..i0 + sub, dst) };
+            for (ii, row) in dst.chunks_exact(cnt).enumerate() {
+                let at = (i0 + ii) * n + g * TILE_ROWS;
+                out[at..at + cnt].copy_from_slice(row);
             }
-        });
+            i0 += 8;
+        }
     }
 }
 
