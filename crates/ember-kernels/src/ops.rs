@@ -494,7 +494,13 @@ mod flex {
             } else {
                 GEMM_MIN_ROWS
             };
-            if m >= gemm_min && crate::cpu::q8::act_format(ty).is_none() {
+            // Q4_K and Q6_K keep llama.cpp's integer arithmetic at every batch size (their
+            // results are its bits); the other K-quants and the float types use the GEMM.
+            let exact = matches!(
+                ty,
+                ember_quant::GgmlType::Q4_K | ember_quant::GgmlType::Q6_K
+            );
+            if m >= gemm_min && crate::cpu::q8::act_format(ty).is_none() && !exact {
                 return tiled_gemm(x, &w, m, n);
             }
             let x = contiguous_f32(x);

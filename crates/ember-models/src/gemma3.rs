@@ -13,6 +13,7 @@ use ember_kernels::{QuantMatrix, geglu, quant_matmul, residual_add};
 
 use crate::layers::{rms_norm, rope};
 use crate::model::{Architecture, Pass};
+use crate::trace;
 use crate::{ModelConfig, ModelError, Weights};
 
 struct Block {
@@ -121,22 +122,47 @@ impl Architecture for Gemma3 {
             rms_norm(t.reshape([n * heads, hd]), w, c.rms_eps).reshape([n, heads, hd])
         };
         for (layer, b) in self.blocks.iter().enumerate() {
+            let l = Some(layer);
             let h = rms_norm(x.clone(), &b.attn_norm, c.rms_eps);
+            trace::tensor("attn_norm", l, &h);
             let q = head_norm(quant_matmul(h.clone(), &b.wq), c.n_head, &b.q_norm);
             let k = head_norm(quant_matmul(h.clone(), &b.wk), c.n_head_kv, &b.k_norm);
             let v = quant_matmul(h, &b.wv).reshape([n, c.n_head_kv, hd]);
+            trace::tensor("Qcur_normed", l, &q);
+            trace::tensor("Kcur_normed", l, &k);
+            trace::tensor("Vcur", l, &v);
             let rope = |x| rope(x, &pass.positions, c.rope_dim, b.rope_base, c.rope_mode);
-            let q = rope(q).mul_scalar(self.attn_scale);
+            let q = rope(q);
             let k = rope(k);
+            trace::tensor("Qcur", l, &q);
+            trace::tensor("Kcur", l, &k);
+            let q = q.mul_scalar(self.attn_scale);
             let attn = pass.attend(layer, q, k, v, 1.0)?;
-            let attn = rms_norm(quant_matmul(attn, &b.wo), &b.attn_post_norm, c.rms_eps);
+            trace::tensor("kqv_out", l, &attn);
+            let mut attn = quant_matmul(attn, &b.wo);
+            trace::tensor("attn_wo", l, &attn);
+            if layer + 1 == self.blocks.len() {
+                (attn, x) = pass.select_outputs(attn, x);
+            }
+            let attn = rms_norm(attn, &b.attn_post_norm, c.rms_eps);
+            trace::tensor("attn_post_norm", l, &attn);
             x = residual_add(attn, x);
+            trace::tensor("sa_out", l, &x);
 
             let h = rms_norm(x.clone(), &b.ffn_norm, c.rms_eps);
+            trace::tensor("ffn_norm", l, &h);
             let gate = quant_matmul(h.clone(), &b.w_gate);
             let up = quant_matmul(h, &b.w_up);
-            let ffn = quant_matmul(geglu(gate, up), &b.w_down);
-            x = residual_add(rms_norm(ffn, &b.ffn_post_norm, c.rms_eps), x);
+            trace::tensor("ffn_gate", l, &gate);
+            trace::tensor("ffn_up", l, &up);
+            let act = geglu(gate, up);
+            trace::tensor("ffn_geglu", l, &act);
+            let ffn = quant_matmul(act, &b.w_down);
+            trace::tensor("ffn_out", l, &ffn);
+            let ffn = rms_norm(ffn, &b.ffn_post_norm, c.rms_eps);
+            trace::tensor("ffn_post_norm", l, &ffn);
+            x = residual_add(ffn, x);
+            trace::tensor("l_out", l, &x);
         }
         Ok(x)
     }

@@ -85,8 +85,11 @@ impl Architecture for Llama {
             trace::tensor("Kcur", l, &k);
             let attn = pass.attend(layer, q, k, v, scale)?;
             trace::tensor("kqv_out", l, &attn);
-            let attn_out = quant_matmul(attn, &b.wo);
+            let mut attn_out = quant_matmul(attn, &b.wo);
             trace::tensor("attn_out", l, &attn_out);
+            if layer + 1 == self.blocks.len() {
+                (attn_out, x) = pass.select_outputs(attn_out, x);
+            }
             x = residual_add(x, attn_out);
             trace::tensor("ffn_inp", l, &x);
 

@@ -56,9 +56,26 @@ pub struct Pass<'a> {
     pub positions: Arc<[u32]>,
     pub n_rows: usize,
     pub cache: &'a mut PagedKvCache,
+    /// The rows whose logits were asked for, when not all of them.
+    out_rows: Option<Vec<usize>>,
+    /// Whether an architecture already cut the batch down to `out_rows`.
+    selected: bool,
 }
 
 impl Pass<'_> {
+    /// llama.cpp's `inp_out_ids`: in the last layer, right after attention, only the rows whose
+    /// logits were asked for go on through the rest of the layer. Architectures call this with
+    /// the attention output and the residual stream; it saves the feed-forward work of every
+    /// other row, and it is also what keeps llama.cpp's choice of matmul kernel (which depends
+    /// on the number of rows) and so its arithmetic.
+    pub fn select_outputs(&mut self, a: Tensor<2>, b: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
+        self.selected = true;
+        match &self.out_rows {
+            None => (a, b),
+            Some(rows) => (select_rows(a, rows), select_rows(b, rows)),
+        }
+    }
+
     /// Stores `k`, `v` (`[rows, n_kv, head_dim]`, after RoPE) for `layer` and returns the
     /// attention of `q` (`[rows, n_head, head_dim]`) over every sequence's cached and new
     /// positions: `[rows, n_head * head_dim]`.
@@ -285,35 +302,33 @@ impl Model {
             .zip(&starts)
             .flat_map(|(b, &s)| (s..s + b.tokens.len()).map(|p| p as u32))
             .collect();
-        let mut pass = Pass {
-            rows,
-            starts,
-            positions,
-            n_rows: n,
-            cache,
-        };
-        let x = self.arch.blocks(x, &mut pass)?;
-
         // Keep only the rows whose logits were asked for.
         let mut keep: Vec<usize> = Vec::new();
-        for (b, &(_, first, len)) in batch.iter().zip(&pass.rows) {
+        for (b, &(_, first, len)) in batch.iter().zip(&rows) {
             match b.logits {
                 None => {}
                 Some(Logits::Last) => keep.push(first + len - 1),
                 Some(Logits::All) => keep.extend(first..first + len),
             }
         }
-        let x = if keep.len() == n {
-            x
-        } else if keep.is_empty() {
-            return Ok(Tensor::<2>::empty([0, c.n_vocab], &self.device));
-        } else if keep.windows(2).all(|w| w[1] == w[0] + 1) {
-            x.slice([keep[0]..keep[0] + keep.len(), 0..c.n_embd])
-        } else {
-            let idx: Vec<i64> = keep.iter().map(|&r| r as i64).collect();
-            let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [keep.len()]), &self.device);
-            x.select(0, idx)
+        let out_rows = (keep.len() != n).then_some(keep);
+        let mut pass = Pass {
+            rows,
+            starts,
+            positions,
+            n_rows: n,
+            cache,
+            out_rows,
+            selected: false,
         };
+        let x = self.arch.blocks(x, &mut pass)?;
+        let x = match (&pass.out_rows, pass.selected) {
+            (Some(rows), false) => select_rows(x, rows),
+            _ => x,
+        };
+        if x.dims()[0] == 0 {
+            return Ok(Tensor::<2>::empty([0, c.n_vocab], &self.device));
+        }
         let x = rms_norm(x, &self.output_norm, c.rms_eps);
         crate::trace::tensor("result_norm", None, &x);
         let logits = quant_matmul(x, &self.output);
@@ -321,6 +336,20 @@ impl Model {
         crate::trace::next_pass();
         Ok(logits)
     }
+}
+
+/// Rows `rows` (ascending) of `x`.
+fn select_rows(x: Tensor<2>, rows: &[usize]) -> Tensor<2> {
+    let [_, d] = x.dims();
+    if rows.is_empty() {
+        return Tensor::<2>::empty([0, d], &x.device());
+    }
+    if rows.windows(2).all(|w| w[1] == w[0] + 1) {
+        return x.slice([rows[0]..rows[0] + rows.len(), 0..d]);
+    }
+    let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+    let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &x.device());
+    x.select(0, idx)
 }
 
 /// A tensor's values on the host, row-major (the cache stores K/V in host memory).

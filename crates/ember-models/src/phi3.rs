@@ -95,7 +95,11 @@ impl Architecture for Phi3 {
             let q = rope(q).mul_scalar(q_scale);
             let k = rope(k);
             let attn = pass.attend(layer, q, k, v, 1.0)?;
-            x = residual_add(x, quant_matmul(attn, &b.wo));
+            let mut o = quant_matmul(attn, &b.wo);
+            if layer + 1 == self.blocks.len() {
+                (o, x) = pass.select_outputs(o, x);
+            }
+            x = residual_add(x, o);
 
             let h = rms_norm(x.clone(), &b.ffn_norm, c.rms_eps);
             let gate = quant_matmul(h.clone(), &b.w_gate);

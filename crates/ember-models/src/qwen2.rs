@@ -84,7 +84,11 @@ impl Architecture for Qwen2 {
             let rope = |x| rope(x, &pass.positions, c.rope_dim, c.rope_base, c.rope_mode);
             let (q, k) = (rope(q), rope(k));
             let attn = pass.attend(layer, q, k, v, scale)?;
-            x = residual_add(x, quant_matmul(attn, &b.wo));
+            let mut o = quant_matmul(attn, &b.wo);
+            if layer + 1 == self.blocks.len() {
+                (o, x) = pass.select_outputs(o, x);
+            }
+            x = residual_add(x, o);
 
             let h = rms_norm(x.clone(), &b.ffn_norm, c.rms_eps);
             let gate = quant_matmul(h.clone(), &b.w_gate);

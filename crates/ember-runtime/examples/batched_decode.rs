@@ -48,11 +48,16 @@ fn run(model: &ember_models::Model, b: usize, steps: usize) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let path = args.get(1).expect("usage: batched_decode MODEL.gguf [B] [N]");
+    let path = args
+        .get(1)
+        .expect("usage: batched_decode MODEL.gguf [B] [N]");
     let b: usize = args.get(2).map_or(8, |s| s.parse().expect("B"));
     let steps: usize = args.get(3).map_or(128, |s| s.parse().expect("N"));
     let m = LoadedModel::open(path.as_ref(), &ember_models::default_device()).expect("load");
     let one = run(&m.model, 1, steps);
     let many = run(&m.model, b, steps);
-    println!("B=1: {one:.1} t/s   B={b}: {many:.1} t/s   ratio {:.2}x", many / one);
+    println!(
+        "B=1: {one:.1} t/s   B={b}: {many:.1} t/s   ratio {:.2}x",
+        many / one
+    );
 }

@@ -136,17 +136,18 @@ fn rope_row_body(
     for head in row.chunks_mut(head_dim) {
         if neox {
             let (a, b) = head[..rope_dim].split_at_mut(half);
+            // ggml's x86 build (scalar loop, GCC-contracted): the `x0` products fused.
             for (((x0, x1), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
                 let (v0, v1) = (*x0, *x1);
-                *x0 = v0 * c - v1 * s;
-                *x1 = v0 * s + v1 * c;
+                *x0 = v0.mul_add(c, -(v1 * s));
+                *x1 = v0.mul_add(s, v1 * c);
             }
         } else {
             // As ggml's x86 build computes it: GCC vectorizes 4 or 8 pairs at a time with
             // `fmaddsub(x0, [c, s], x1 * [s, c])`, so the products of `x0` are the fused
-            // ones; its unrolled remainder of fewer than 4 pairs multiplies and adds
-            // separately.
-            let fused = half - half % 4;
+            // ones; its unrolled remainder of fewer than 4 pairs, and rows of at most 6 pairs,
+            // multiply and add separately.
+            let fused = if half <= 6 { 0 } else { half - half % 4 };
             for (p, ((pair, &c), &s)) in head[..rope_dim]
                 .chunks_exact_mut(2)
                 .zip(cos)
@@ -257,7 +258,10 @@ fn swiglu_chunk_body(g: &[f32], u: &[f32], out: &mut [f32]) {
 pub fn gelu_f32(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     const GELU_COEF_A: f32 = 0.044715;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
+    // `1 + a*x*x` as GCC contracts it in ggml (one FMA): the table then equals ggml's entry
+    // for entry (checked against its `ggml_table_gelu_f16`).
+    let inner = (GELU_COEF_A * x).mul_add(x, 1.0);
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * inner).tanh())
 }
 
 /// GELU of every f16 value, rounded to f16: ggml's `ggml_table_gelu_f16`, which its CPU GELU
@@ -296,4 +300,38 @@ pub fn geglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
 pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     assert_eq!(a.len(), b.len(), "add: shape mismatch");
     a.iter().zip(b).map(|(&x, &y)| x + y).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The f16 GELU table equals ggml's `ggml_table_gelu_f16` entry for entry for every finite
+    /// input (the only ones GEGLU looks up): its FNV-1a hash over those little-endian entries,
+    /// and a few entries, read from llama.cpp 0c1e570's x86 build after `ggml_cpu_init()`.
+    #[test]
+    fn gelu_table_is_ggmls() {
+        let table = gelu_table();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for (bits, v) in table.iter().enumerate() {
+            if !half::f16::from_bits(bits as u16).is_finite() {
+                continue;
+            }
+            for b in v.to_bits().to_le_bytes() {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        for (at, want) in [
+            (0x3c00, 0x3abb),
+            (0xbc00, 0xb115),
+            (0xc000, 0xa9d0),
+            (0xbfff, 0xa9d3),
+            (0x4000, 0x3fd2),
+            (0x1234, 0x0e35),
+        ] {
+            assert_eq!(table[at].to_bits(), want, "entry {at:#x}");
+        }
+        assert_eq!(h, 0xdd1e_e17e_273b_67fa, "table hash");
+    }
 }

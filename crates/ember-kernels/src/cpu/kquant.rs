@@ -5,11 +5,24 @@
 //! its x86 build uses too): `iscale = -127 / max`, round half to even, `d = 1 / iscale`, plus
 //! the sum of every 16 quantized values (`bsums`) for the Q2_K/Q4_K/Q5_K minimums.
 //!
-//! Per 256-block the sub-block sums are exact integers; the float combination follows each
-//! type's ggml reference (`d = x.d * y.d`, `dmin = x.dmin * y.d`; Q4_K/Q5_K: `sum += d * isum`,
-//! `mins -= dmin * summins`, result `mins + sum`; Q2_K: `sum += d * isum - dmin * summins`;
-//! Q3_K/Q6_K: `sum += d * isum`), with one accumulator where ggml's generic code keeps eight
-//! lanes, so that every SIMD version returns bit-identical results.
+//! Per 256-block the sub-block sums are exact integers. The float combination of Q4_K and Q6_K
+//! is llama.cpp's x86 build's, so those two agree with it bit for bit:
+//! - Q4_K: llama.cpp repacks every Q4_K matrix with a multiple of 8 rows into 8x8 interleaved
+//!   blocks, whose result per row is `acc - acc_min` with `acc = fma(isum, dw * da, acc)` and
+//!   `acc_min = fma(summins, dmin * da, acc_min)`. Its `gemv` (a batch's last `m % 4` rows, or
+//!   all of them when `m < 4`) chains that once per 256-block; its `gemm` (the rows in whole
+//!   groups of four) once per pair of 32-value sub-blocks, four times per block.
+//! - Q6_K: with fewer than 8 activation rows, `ggml_vec_dot_q6_K_q8_K`'s AVX2 code: eight i32
+//!   lanes per block (lane `L` = the unsigned 6-bit values `4L..4L + 4` of every 32-value
+//!   chunk times their scales, minus `32 * scale * bsum` of the 16-value groups `2L`, `2L + 1`),
+//!   accumulated by `fma(da * dw, lane, acc)` and folded as `hsum_float_8`; with 8 or more rows
+//!   its tiled kernel: `sum = fma(isum * dw, da, sum)` per block (written as a multiply and
+//!   an add in ggml's intrinsics, fused by GCC).
+//!
+//! Q2_K, Q3_K and Q5_K follow ggml's generic reference (`d = x.d * y.d`, `dmin = x.dmin *
+//! y.d`; Q5_K: `sum += d * isum`, `mins -= dmin * summins`, result `mins + sum`; Q2_K: `sum +=
+//! d * isum - dmin * summins`; Q3_K: `sum += d * isum`), not yet its x86 kernels' order. Every
+//! SIMD version returns the scalar code's bits.
 
 use ember_quant::{GgmlType, QK_K};
 use half::f16;
@@ -39,6 +52,10 @@ pub fn supported(ty: GgmlType) -> bool {
         GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K
     )
 }
+
+/// Activation rows from which llama.cpp runs Q6_K (and other non-repacked K-quant) matmuls
+/// through its tiled kernel, whose float order differs from its per-row dot.
+pub const TILED_MIN_ROWS: usize = 8;
 
 /// `m` rows of `k` activations quantized to Q8_K.
 pub struct Q8K {
@@ -90,6 +107,31 @@ pub fn quantize_q8k(x: &[f32], k: usize) -> Q8K {
             *s = g.iter().map(|&v| v as i16).sum();
         }
         out.d[b] = 1.0 / iscale;
+    }
+    out
+}
+
+impl Q8K {
+    /// The number of activation rows.
+    pub fn rows(&self) -> usize {
+        self.qs.len() / self.k.max(1)
+    }
+}
+
+/// ggml's `hsum_float_8`.
+#[inline(always)]
+fn hsum8(a: &[f32; 8]) -> f32 {
+    ((a[4] + a[0]) + (a[6] + a[2])) + ((a[5] + a[1]) + (a[7] + a[3]))
+}
+
+/// `32 * (bsums[2L] * sc[2L] + bsums[2L + 1] * sc[2L + 1])` per lane `L`: the Q6_K offset's
+/// share of each of ggml's eight lanes.
+#[inline(always)]
+fn q6k_offsets(bsums: &[i16], scales: &[u8]) -> [i32; 8] {
+    let mut out = [0i32; 8];
+    for (l, o) in out.iter_mut().enumerate() {
+        let s = |j: usize| bsums[j] as i32 * scales[j] as i8 as i32;
+        *o = 32 * (s(2 * l) + s(2 * l + 1));
     }
     out
 }
@@ -171,15 +213,19 @@ pub fn dot_rows_with(isa: Isa, ty: GgmlType, rows: &[u8], acts: &Q8K, i: usize, 
     let d = &acts.d[i * nb..(i + 1) * nb];
     let bsums = &acts.bsums[i * nb * 16..(i + 1) * nb * 16];
     let row = |r: usize| &rows[r * row_bytes..(r + 1) * row_bytes];
+    let m = acts.rows();
+    let tiled = m >= TILED_MIN_ROWS;
+    // llama.cpp's repacked Q4_K: whole groups of four rows take its gemm, the rest its gemv.
+    let q4k_pairs = m >= 4 && i < m - m % 4;
     match isa {
         Isa::Scalar | Isa::Neon if isa.supported() => {
             for (r, o) in out.iter_mut().enumerate() {
                 *o = match ty {
                     GgmlType::Q2_K => scalar::dot_q2k(row(r), qs, d, bsums),
                     GgmlType::Q3_K => scalar::dot_q3k(row(r), qs, d),
-                    GgmlType::Q4_K => scalar::dot_q45k::<false>(row(r), qs, d, bsums),
+                    GgmlType::Q4_K => scalar::dot_q4k(row(r), qs, d, bsums, q4k_pairs),
                     GgmlType::Q5_K => scalar::dot_q45k::<true>(row(r), qs, d, bsums),
-                    _ => scalar::dot_q6k(row(r), qs, d),
+                    _ => scalar::dot_q6k(row(r), qs, d, bsums, tiled),
                 };
             }
         }
@@ -192,9 +238,9 @@ pub fn dot_rows_with(isa: Isa, ty: GgmlType, rows: &[u8], acts: &Q8K, i: usize, 
                     match ty {
                         GgmlType::Q2_K => x86::avx2::dot_q2k(row(r), qs, d, bsums),
                         GgmlType::Q3_K => x86::avx2::dot_q3k(row(r), qs, d),
-                        GgmlType::Q4_K => x86::avx2::dot_q45k::<false>(row(r), qs, d, bsums),
+                        GgmlType::Q4_K => x86::avx2::dot_q4k(row(r), qs, d, bsums, q4k_pairs),
                         GgmlType::Q5_K => x86::avx2::dot_q45k::<true>(row(r), qs, d, bsums),
-                        _ => x86::avx2::dot_q6k(row(r), qs, d),
+                        _ => x86::avx2::dot_q6k(row(r), qs, d, bsums, tiled),
                     }
                 };
             }
@@ -208,9 +254,9 @@ pub fn dot_rows_with(isa: Isa, ty: GgmlType, rows: &[u8], acts: &Q8K, i: usize, 
                     match ty {
                         GgmlType::Q2_K => x86::avx512::dot_q2k(row(r), qs, d, bsums),
                         GgmlType::Q3_K => x86::avx512::dot_q3k(row(r), qs, d),
-                        GgmlType::Q4_K => x86::avx512::dot_q45k::<false>(row(r), qs, d, bsums),
+                        GgmlType::Q4_K => x86::avx512::dot_q4k(row(r), qs, d, bsums, q4k_pairs),
                         GgmlType::Q5_K => x86::avx512::dot_q45k::<true>(row(r), qs, d, bsums),
-                        _ => x86::avx512::dot_q6k(row(r), qs, d),
+                        _ => x86::avx512::dot_q6k(row(r), qs, d, bsums, tiled),
                     }
                 };
             }
@@ -250,6 +296,42 @@ mod scalar {
             mins -= f16_at(x, 2) * d[b] * summins as f32;
         }
         mins + sum
+    }
+
+    /// Q4_K as llama.cpp's repacked kernels: `pairs` chains the FMAs per pair of sub-blocks
+    /// (its gemm), else per block (its gemv).
+    pub fn dot_q4k(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16], pairs: bool) -> f32 {
+        let (mut acc, mut acc_min) = (0.0f32, 0.0f32);
+        for (b, x) in row.chunks_exact(q45k_bytes(false)).enumerate() {
+            let q8 = &qs[b * QK_K..(b + 1) * QK_K];
+            let bs = &bsums[b * 16..(b + 1) * 16];
+            let (sc, mn) = q4k_scales(&x[4..16]);
+            let (dd, dmin) = (f16_at(x, 0) * d[b], f16_at(x, 2) * d[b]);
+            let (mut isum, mut imin) = (0i32, 0i32);
+            for c in 0..4 {
+                let q4 = &x[16 + 32 * c..48 + 32 * c];
+                let (mut lo, mut hi) = (0i32, 0i32);
+                for l in 0..32 {
+                    lo += (q4[l] & 0xF) as i32 * q8[64 * c + l] as i32;
+                    hi += (q4[l] >> 4) as i32 * q8[64 * c + 32 + l] as i32;
+                }
+                let s = sc[2 * c] as i32 * lo + sc[2 * c + 1] as i32 * hi;
+                let mi = mn[2 * c] as i32 * (bs[4 * c] as i32 + bs[4 * c + 1] as i32)
+                    + mn[2 * c + 1] as i32 * (bs[4 * c + 2] as i32 + bs[4 * c + 3] as i32);
+                if pairs {
+                    acc = (s as f32).mul_add(dd, acc);
+                    acc_min = (mi as f32).mul_add(dmin, acc_min);
+                } else {
+                    isum += s;
+                    imin += mi;
+                }
+            }
+            if !pairs {
+                acc = (isum as f32).mul_add(dd, acc);
+                acc_min = (imin as f32).mul_add(dmin, acc_min);
+            }
+        }
+        acc - acc_min
     }
 
     pub fn dot_q2k(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
@@ -303,31 +385,46 @@ mod scalar {
         sum
     }
 
-    pub fn dot_q6k(row: &[u8], qs: &[i8], d: &[f32]) -> f32 {
+    /// `tiled`: llama.cpp's tiled kernel's combination (8+ activation rows), else its
+    /// per-row dot's (see the module docs).
+    pub fn dot_q6k(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16], tiled: bool) -> f32 {
+        let mut acc = [0.0f32; 8];
         let mut sum = 0.0f32;
         for (b, x) in row.chunks_exact(Q6K_BYTES).enumerate() {
             let q8 = &qs[b * QK_K..(b + 1) * QK_K];
-            let mut a = [0i8; QK_K];
+            let mut a = [0u8; QK_K];
             for n in 0..2 {
                 let (ql, qh) = (&x[64 * n..64 * n + 64], &x[128 + 32 * n..160 + 32 * n]);
                 let a = &mut a[128 * n..128 * n + 128];
                 for l in 0..32 {
-                    a[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
-                    a[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
-                    a[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
-                    a[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                    a[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+                    a[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+                    a[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                    a[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
                 }
             }
-            let mut isum = 0i32;
-            for j in 0..16 {
-                let s: i32 = (0..16)
-                    .map(|l| a[16 * j + l] as i32 * q8[16 * j + l] as i32)
-                    .sum();
-                isum += (x[192 + j] as i8) as i32 * s;
+            let mut lanes = [0i32; 8];
+            for (e, (&av, &yv)) in a.iter().zip(q8).enumerate() {
+                let sc = x[192 + e / 16] as i8 as i32;
+                lanes[(e % 32) / 4] += sc * av as i32 * yv as i32;
             }
-            sum += f16_at(x, 208) * d[b] * isum as f32;
+            let off = q6k_offsets(&bsums[b * 16..(b + 1) * 16], &x[192..208]);
+            for (l, o) in lanes.iter_mut().zip(off) {
+                *l -= o;
+            }
+            let dw = f16_at(x, 208);
+            if tiled {
+                let isum: i32 = lanes.iter().sum();
+                // `buf + (isum * dw) * da` in ggml's intrinsics; GCC fuses the outer pair.
+                sum = (isum as f32 * dw).mul_add(d[b], sum);
+            } else {
+                let dd = d[b] * dw;
+                for (a, &l) in acc.iter_mut().zip(&lanes) {
+                    *a = dd.mul_add(l as f32, *a);
+                }
+            }
         }
-        sum
+        if tiled { sum } else { hsum8(&acc) }
     }
 }
 

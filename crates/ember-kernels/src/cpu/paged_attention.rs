@@ -463,10 +463,49 @@ fn reduce_add_16(v: &[f32; 16]) -> f32 {
     (u[0] + u[2]) + (u[1] + u[3])
 }
 
+/// `x` rounded to the nearest f16 (ties to even), as f32.
+#[inline(always)]
+fn f16_round(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+/// `x * v + a` rounded once to f16 (`_mm512_fmadd_ph`) for f16 inputs: the product is exact
+/// in f64 and so is the sum for f16-range values; [`f64_to_f16_value`] then rounds once
+/// (`half`'s `from_f64` goes through f32 with F16C, which can round twice).
+#[inline(always)]
+fn f16_fma(x: f32, v: f32, a: f32) -> f32 {
+    f64_to_f16_value(x as f64 * v as f64 + a as f64)
+}
+
+/// `x` rounded to the nearest f16 (ties to even, overflow to infinity), as f32.
+#[inline(always)]
+fn f64_to_f16_value(x: f64) -> f32 {
+    let a = x.abs();
+    if !a.is_finite() || a == 0.0 {
+        return x as f32;
+    }
+    if a >= 65520.0 {
+        return if x > 0.0 {
+            f32::INFINITY
+        } else {
+            f32::NEG_INFINITY
+        };
+    }
+    // The f16 quantum at `a`: 2^(e - 10) for normals (e = floor(log2 a) >= -14), else 2^-24.
+    let e = ((a.to_bits() >> 52) as i64 - 1023).max(-14);
+    let q = f64::from_bits(((e - 10 + 1023) as u64) << 52);
+    // Scaling by a power of two is exact; so is rounding an f64 to an integer and back.
+    let r = (a / q).round_ties_even() * q;
+    (if x < 0.0 { -r } else { r }) as f32
+}
+
 /// llama.cpp's one-row path (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`): one key
 /// at a time, the V sum rescaled whenever the max grows, every step with ggml's roundings
 /// (`expf`, FMAs where its x86 build fuses, the f16 `VKQ` accumulator rounded after each
-/// update), so the result is llama.cpp's bit for bit.
+/// update), so the result is llama.cpp's bit for bit. The target is llama.cpp built for an
+/// x86 CPU with AVX-512 FP16 (the reference machine): for head dims of 128 and more its
+/// `ggml_vec_mad_f16` / `ggml_vec_scale_f16` then run in f16 arithmetic with the factor
+/// rounded to f16 first; a build without AVX512-FP16 gives slightly different bits there.
 #[inline(always)]
 fn one_row<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratch) {
     let Task {
@@ -497,6 +536,9 @@ fn one_row<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratc
     acc.fill(0.0);
     m.fill(f32::NEG_INFINITY);
     sum.fill(0.0);
+    // The part of each head's `VKQ16` that llama.cpp's AVX512-FP16 build updates in native f16
+    // arithmetic (`GGML_F16_STEP` = 128 values at a time; the rest in f32 then rounded).
+    let np16 = if R::F16_ACC { d & !127 } else { 0 };
     for start in keys.clone().step_by(TILE_KV) {
         let len = TILE_KV.min(keys.end - start);
         fill_rows(c, seq, kvh, start..start + len, &mut rows[..len]);
@@ -513,22 +555,30 @@ fn one_row<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratc
             for (g, acc) in acc.chunks_exact_mut(d).enumerate() {
                 let score = p[g * TILE_KV + j] * c.scale;
                 let (mut ms, mut vs) = (1.0f32, 1.0f32);
+                let (head, tail) = acc.split_at_mut(np16);
                 if score > m[g] {
                     let old = m[g];
                     m[g] = score;
                     ms = (old - score).exp();
-                    acc.iter_mut().for_each(|a| *a *= ms);
+                    let msh = f16_round(ms);
+                    // f16 x f16 is exact in f32: one rounding, as `_mm512_mul_ph`.
+                    head.iter_mut().for_each(|a| *a = f16_round(*a * msh));
+                    tail.iter_mut().for_each(|a| *a *= ms);
                     if R::F16_ACC {
-                        conv.round(acc, &mut tmp[..d]);
+                        conv.round(tail, &mut tmp[..d - np16]);
                     }
                 } else {
                     vs = (score - m[g]).exp();
                 }
-                for (a, &x) in acc.iter_mut().zip(vrow) {
+                let vsh = f16_round(vs);
+                for (a, &x) in head.iter_mut().zip(vrow) {
+                    *a = f16_fma(x, vsh, *a);
+                }
+                for (a, &x) in tail.iter_mut().zip(&vrow[np16..]) {
                     *a = x.mul_add(vs, *a);
                 }
                 if R::F16_ACC {
-                    conv.round(acc, &mut tmp[..d]);
+                    conv.round(tail, &mut tmp[..d - np16]);
                 }
                 sum[g] = sum[g].mul_add(ms, vs);
             }
@@ -832,10 +882,33 @@ mod tests {
         sumf as f32
     }
 
+    /// `x * v + y` rounded once to f16, by brute force: the nearer of the two f16 values
+    /// around the exact f64 result (ties to the even one).
+    fn fma_f16_reference(x: f32, v: f32, y: f32) -> f32 {
+        let exact = x as f64 * v as f64 + y as f64;
+        let lo = half::f16::from_f32(exact as f32);
+        let candidates = [
+            lo,
+            f16::from_bits(lo.to_bits().wrapping_add(1)),
+            f16::from_bits(lo.to_bits().wrapping_sub(1)),
+        ];
+        let mut best = lo;
+        for c in candidates {
+            let (dc, db) = ((c.to_f64() - exact).abs(), (best.to_f64() - exact).abs());
+            if dc < db || (dc == db && c.to_bits() & 1 == 0) {
+                best = c;
+            }
+        }
+        best.to_f32()
+    }
+
     /// `ggml_compute_forward_flash_attn_ext_f16_one_chunk` for one query head over dense f16
-    /// K/V rows, transcribed from the C (f16 `VKQ16`, FMAs where GCC contracts them).
+    /// K/V rows, transcribed from the C (f16 `VKQ16`, FMAs where GCC contracts them), as built
+    /// for AVX512-FP16: `ggml_vec_mad_f16` / `ggml_vec_scale_f16` work on the first
+    /// `d & !127` values in f16 arithmetic with the factor rounded to f16, the rest in f32.
     fn ggml_one_chunk(q: &[f32], keys: &[&[f32]], vals: &[&[f32]], scale: f32) -> Vec<f32> {
         let q: Vec<f32> = q.iter().map(|&x| r16(x)).collect();
+        let np = q.len() & !127;
         let mut vkq16 = vec![0.0f32; q.len()];
         let (mut s_sum, mut m) = (0.0f32, f32::NEG_INFINITY);
         for (k, v) in keys.iter().zip(vals) {
@@ -845,17 +918,53 @@ mod tests {
             if s > m {
                 m = s;
                 ms = (m_old - m).exp();
-                vkq16.iter_mut().for_each(|y| *y = r16(*y * ms));
+                for (i, y) in vkq16.iter_mut().enumerate() {
+                    *y = if i < np {
+                        r16(*y * r16(ms))
+                    } else {
+                        r16(*y * ms)
+                    };
+                }
             } else {
                 vs = (s - m).exp();
             }
-            for (y, &x) in vkq16.iter_mut().zip(v.iter()) {
-                *y = r16(x.mul_add(vs, *y));
+            for (i, (y, &x)) in vkq16.iter_mut().zip(v.iter()).enumerate() {
+                *y = if i < np {
+                    fma_f16_reference(x, r16(vs), *y)
+                } else {
+                    r16(x.mul_add(vs, *y))
+                };
             }
             s_sum = s_sum.mul_add(ms, vs);
         }
         let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
         vkq16.iter().map(|&y| y * inv).collect()
+    }
+
+    /// The f16 rounding of f64 values is correct (one rounding, ties to even), over random
+    /// values and every f16 midpoint, where rounding through f32 would go wrong.
+    #[test]
+    fn f64_to_f16_rounds_once() {
+        let mut rng = StdRng::seed_from_u64(0xF16);
+        for bits in 0u16..0x7bff {
+            let (a, b) = (f16::from_bits(bits), f16::from_bits(bits + 1));
+            let mid = (a.to_f64() + b.to_f64()) / 2.0;
+            let even = if bits & 1 == 0 { a } else { b };
+            for (x, want) in [(mid, even), (mid + mid * 1e-12, b), (mid - mid * 1e-12, a)] {
+                assert_eq!(f64_to_f16_value(x), want.to_f32(), "{x:e}");
+                assert_eq!(f64_to_f16_value(-x), -want.to_f32(), "-{x:e}");
+            }
+        }
+        for _ in 0..100_000 {
+            let (x, v, y) = (
+                r16(rng.random_range(-300.0..300.0f32)),
+                r16(rng.random_range(0.0..1.0f32)),
+                r16(rng.random_range(-3000.0..3000.0f32)),
+            );
+            assert_eq!(f16_fma(x, v, y), fma_f16_reference(x, v, y), "{x} {v} {y}");
+        }
+        assert_eq!(f64_to_f16_value(65520.0), f32::INFINITY);
+        assert_eq!(f64_to_f16_value(65519.9), 65504.0);
     }
 
     /// Fewer than `TILE_Q` queries with an f16 cache: every head's output is llama.cpp's

@@ -1,11 +1,11 @@
 //! x86-64 versions of the K-quant dots: AVX2 and AVX-512 VNNI.
 //!
-//! Each returns exactly what `super::scalar` returns: the per-block integer sum is exact
-//! however it is computed, and the float combination per block is the same scalar code.
+//! Each returns exactly what `super::scalar` returns: the per-block integer sums are exact
+//! however they are computed, and the float combination per block is the same operations.
 
 use std::arch::x86_64::*;
 
-use super::{Q2K_BYTES, Q3K_BYTES, Q6K_BYTES, QK_K, q3k_scales, q4k_scales, q45k_bytes};
+use super::{Q2K_BYTES, Q3K_BYTES, Q6K_BYTES, QK_K, hsum8, q3k_scales, q4k_scales, q45k_bytes};
 
 #[inline(always)]
 unsafe fn hsum256(v: __m256i) -> i32 {
@@ -99,6 +99,105 @@ unsafe fn q6k_half(x: &[u8], n: usize) -> [__m256i; 4] {
     }
 }
 
+/// The Q6_K offset shares of ggml's eight lanes for one block (see `super::q6k_offsets`).
+#[inline(always)]
+unsafe fn q6k_offsets(bsums: &[i16], scales: &[u8]) -> __m256i {
+    assert!(bsums.len() >= 16 && scales.len() >= 16);
+    // SAFETY (caller): AVX2 is enabled; 16 i16 and 16 bytes are read, as asserted.
+    unsafe {
+        let b = _mm256_loadu_si256(bsums.as_ptr().cast());
+        let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(scales.as_ptr().cast()));
+        _mm256_slli_epi32::<5>(_mm256_madd_epi16(b, sc))
+    }
+}
+
+/// Combines one Q6_K block's eight lane sums into the running result: the tiled kernel's
+/// `fma(isum * dw, da, sum)`, or the per-row dot's `fma(da * dw, lane, acc)`.
+#[inline(always)]
+unsafe fn q6k_combine(
+    lanes: __m256i,
+    dw: f32,
+    da: f32,
+    tiled: bool,
+    sum: &mut f32,
+    acc: &mut __m256,
+) {
+    // SAFETY (caller): AVX2 and FMA are enabled.
+    unsafe {
+        if tiled {
+            *sum = (hsum256(lanes) as f32 * dw).mul_add(da, *sum);
+        } else {
+            *acc = _mm256_fmadd_ps(_mm256_set1_ps(da * dw), _mm256_cvtepi32_ps(lanes), *acc);
+        }
+    }
+}
+
+/// The result of [`q6k_combine`]'s accumulation.
+#[inline(always)]
+unsafe fn q6k_result(tiled: bool, sum: f32, acc: __m256) -> f32 {
+    if tiled {
+        return sum;
+    }
+    let mut a = [0.0f32; 8];
+    // SAFETY (caller): AVX is enabled; `a` holds 8 floats.
+    unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc) };
+    hsum8(&a)
+}
+
+/// Q4_K as llama.cpp's repacked kernels (see `super::scalar::dot_q4k`), for AVX2 and up.
+#[inline(always)]
+unsafe fn q4k_body(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16], pairs: bool) -> f32 {
+    let nb = row.len() / q45k_bytes(false);
+    assert!(qs.len() >= nb * QK_K && d.len() >= nb && bsums.len() >= nb * 16);
+    // SAFETY (caller): AVX2, FMA and F16C are enabled. Loads are inside the 144-byte block and
+    // the block's 256 activations, as asserted.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0xF);
+        let (mut acc, mut acc_min) = (0.0f32, 0.0f32);
+        for (b, x) in row.chunks_exact(q45k_bytes(false)).enumerate() {
+            let (sc, mn) = q4k_scales(&x[4..16]);
+            let bs = &bsums[b * 16..(b + 1) * 16];
+            let (xd, xmin) = f16x2(x, 0);
+            let (dd, dmin) = (xd * d[b], xmin * d[b]);
+            let (mut isum, mut imin) = (0i32, 0i32);
+            for c in 0..4 {
+                let y = qs.as_ptr().add(b * QK_K + 64 * c);
+                let q4 = _mm256_loadu_si256(x.as_ptr().add(16 + 32 * c).cast());
+                let (y0, y1) = (
+                    _mm256_loadu_si256(y.cast()),
+                    _mm256_loadu_si256(y.add(32).cast()),
+                );
+                let lo = _mm256_and_si256(q4, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
+                // Pairs of products are at most 2 * 15 * 128: exact in i16.
+                let slo = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(lo, y0),
+                    _mm256_set1_epi16(sc[2 * c] as i16),
+                );
+                let shi = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(hi, y1),
+                    _mm256_set1_epi16(sc[2 * c + 1] as i16),
+                );
+                let s = hsum256(_mm256_add_epi32(slo, shi));
+                let mi = mn[2 * c] as i32 * (bs[4 * c] as i32 + bs[4 * c + 1] as i32)
+                    + mn[2 * c + 1] as i32 * (bs[4 * c + 2] as i32 + bs[4 * c + 3] as i32);
+                if pairs {
+                    acc = (s as f32).mul_add(dd, acc);
+                    acc_min = (mi as f32).mul_add(dmin, acc_min);
+                } else {
+                    isum += s;
+                    imin += mi;
+                }
+            }
+            if !pairs {
+                acc = (isum as f32).mul_add(dd, acc);
+                acc_min = (imin as f32).mul_add(dmin, acc_min);
+            }
+        }
+        acc - acc_min
+    }
+}
+
 /// Q2_K's dot (see `super::scalar::dot_q2k`), for AVX2 and up.
 #[inline(always)]
 unsafe fn q2k_body(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
@@ -185,9 +284,18 @@ pub mod avx2 {
     use super::*;
 
     /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `qs` holds `QK_K` values, `d` one scale and
+    /// `bsums` 16 sums per block of `row`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4k(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16], pairs: bool) -> f32 {
+        // SAFETY: AVX2, FMA and F16C are enabled here.
+        unsafe { q4k_body(row, qs, d, bsums, pairs) }
+    }
+
+    /// # Safety
     /// The CPU must support AVX2 and F16C; `qs` holds `QK_K` values and `d` one scale per
     /// block of `row`.
-    #[target_feature(enable = "avx2,f16c")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q3k(row: &[u8], qs: &[i8], d: &[f32]) -> f32 {
         // SAFETY: AVX2 and F16C are enabled here.
         unsafe { q3k_body(row, qs, d) }
@@ -196,7 +304,7 @@ pub mod avx2 {
     /// # Safety
     /// The CPU must support AVX2 and F16C; `qs` holds `QK_K` values, `d` one scale and
     /// `bsums` 16 sums per block of `row`.
-    #[target_feature(enable = "avx2,f16c")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q2k(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
         // SAFETY: AVX2 and F16C are enabled here.
         unsafe { q2k_body(row, qs, d, bsums) }
@@ -205,7 +313,7 @@ pub mod avx2 {
     /// # Safety
     /// The CPU must support AVX2 and F16C; `qs` holds `QK_K` values, `d` one scale and `bsums` 16 sums
     /// per block of `row`.
-    #[target_feature(enable = "avx2,f16c")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q45k<const Q5: bool>(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
         let nb = row.len() / q45k_bytes(Q5);
         let off = if Q5 { 48 } else { 16 };
@@ -261,14 +369,13 @@ pub mod avx2 {
 
     /// # Safety
     /// The CPU must support AVX2 and F16C; `qs` holds `QK_K` values and `d` one scale per block.
-    #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn dot_q6k(row: &[u8], qs: &[i8], d: &[f32]) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q6k(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16], tiled: bool) -> f32 {
         let nb = row.len() / Q6K_BYTES;
-        assert!(qs.len() >= nb * QK_K && d.len() >= nb);
-        let m32 = _mm256_set1_epi8(32);
-        let mut sum = 0.0f32;
+        assert!(qs.len() >= nb * QK_K && d.len() >= nb && bsums.len() >= nb * 16);
+        let (mut sum, mut acc) = (0.0f32, _mm256_setzero_ps());
         for (b, x) in row.chunks_exact(Q6K_BYTES).enumerate() {
-            let mut acc = _mm256_setzero_si256();
+            let mut lanes = _mm256_setzero_si256();
             for n in 0..2 {
                 // SAFETY: `x` is a whole block; AVX2 is enabled.
                 let a = unsafe { q6k_half(x, n) };
@@ -277,24 +384,25 @@ pub mod avx2 {
                     let y = unsafe {
                         _mm256_loadu_si256(qs.as_ptr().add(b * QK_K + 128 * n + 32 * t).cast())
                     };
-                    // (a - 32) * y as a * y - 32 * y: both pair sums fit i16.
-                    let p =
-                        _mm256_sub_epi16(_mm256_maddubs_epi16(at, y), _mm256_maddubs_epi16(m32, y));
+                    // Unsigned 6-bit values: pairs of products at most 2 * 63 * 128, exact.
+                    let p = _mm256_maddubs_epi16(at, y);
                     let j = 8 * n + 2 * t;
                     let sc = _mm256_set_m128i(
                         _mm_set1_epi16(x[192 + j + 1] as i8 as i16),
                         _mm_set1_epi16(x[192 + j] as i8 as i16),
                     );
-                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc));
+                    lanes = _mm256_add_epi32(lanes, _mm256_madd_epi16(p, sc));
                 }
             }
-            // SAFETY: AVX2 is enabled here.
-            let isum = unsafe { hsum256(acc) };
-            // SAFETY: F16C is enabled here; the block's last two bytes are `d`.
-            let (_, xd) = unsafe { f16x2(x, 206) };
-            sum += xd * d[b] * isum as f32;
+            // SAFETY: AVX2, FMA and F16C are enabled here; the block's last two bytes are `d`.
+            unsafe {
+                let lanes = _mm256_sub_epi32(lanes, q6k_offsets(&bsums[b * 16..], &x[192..208]));
+                let (_, xd) = f16x2(x, 206);
+                q6k_combine(lanes, xd, d[b], tiled, &mut sum, &mut acc);
+            }
         }
-        sum
+        // SAFETY: AVX is enabled here.
+        unsafe { q6k_result(tiled, sum, acc) }
     }
 }
 
@@ -302,8 +410,16 @@ pub mod avx512 {
     use super::*;
 
     /// # Safety
+    /// As [`super::avx2::dot_q4k`], on a CPU with AVX-512 F/BW/VL/VNNI too.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_q4k(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16], pairs: bool) -> f32 {
+        // SAFETY: AVX2, FMA and F16C are enabled here.
+        unsafe { q4k_body(row, qs, d, bsums, pairs) }
+    }
+
+    /// # Safety
     /// As [`super::avx2::dot_q3k`], on a CPU with AVX-512 F/BW/VL/VNNI too.
-    #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn dot_q3k(row: &[u8], qs: &[i8], d: &[f32]) -> f32 {
         // SAFETY: AVX2 and F16C are enabled here.
         unsafe { q3k_body(row, qs, d) }
@@ -311,7 +427,7 @@ pub mod avx512 {
 
     /// # Safety
     /// As [`super::avx2::dot_q2k`], on a CPU with AVX-512 F/BW/VL/VNNI too.
-    #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn dot_q2k(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
         // SAFETY: AVX2 and F16C are enabled here.
         unsafe { q2k_body(row, qs, d, bsums) }
@@ -319,7 +435,7 @@ pub mod avx512 {
 
     /// # Safety
     /// As [`super::avx2::dot_q45k`], on a CPU with AVX-512 F/BW/VL/VNNI too.
-    #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn dot_q45k<const Q5: bool>(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
         let nb = row.len() / q45k_bytes(Q5);
         let off = if Q5 { 48 } else { 16 };
@@ -375,11 +491,10 @@ pub mod avx512 {
 
     /// # Safety
     /// As [`super::avx2::dot_q6k`], on a CPU with AVX-512 F/BW/VL/VNNI too.
-    #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn dot_q6k(row: &[u8], qs: &[i8], d: &[f32]) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_q6k(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16], tiled: bool) -> f32 {
         let nb = row.len() / Q6K_BYTES;
-        assert!(qs.len() >= nb * QK_K && d.len() >= nb);
-        let m32 = _mm512_set1_epi8(32);
+        assert!(qs.len() >= nb * QK_K && d.len() >= nb && bsums.len() >= nb * 16);
         // i16 lane `l` of a 64-value pair-sum vector belongs to sub-block `base + l / 8`.
         let mut eighth = [0i16; 32];
         for (l, e) in eighth.iter_mut().enumerate() {
@@ -391,13 +506,13 @@ pub mod avx512 {
         for (base, v) in idxs.iter_mut().enumerate() {
             *v = _mm512_add_epi16(eighth, _mm512_set1_epi16(4 * base as i16));
         }
-        let mut sum = 0.0f32;
+        let (mut sum, mut acc) = (0.0f32, _mm256_setzero_ps());
         for (b, x) in row.chunks_exact(Q6K_BYTES).enumerate() {
             // SAFETY: the 16 scale bytes at 192 lie in the block.
             let scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(unsafe {
                 _mm_loadu_si128(x.as_ptr().add(192).cast())
             }));
-            let mut acc = _mm512_setzero_si512();
+            let mut acc16 = _mm512_setzero_si512();
             for n in 0..2 {
                 // SAFETY: `x` is a whole block; AVX2 is enabled.
                 let a = unsafe { q6k_half(x, n) };
@@ -408,18 +523,25 @@ pub mod avx512 {
                     let y = unsafe {
                         _mm512_loadu_si512(qs.as_ptr().add(b * QK_K + 128 * n + 64 * h).cast())
                     };
-                    // As AVX2: exact i16 pair sums of (a - 32) * y, then scaled pairs into i32.
-                    let p =
-                        _mm512_sub_epi16(_mm512_maddubs_epi16(av, y), _mm512_maddubs_epi16(m32, y));
+                    // As AVX2: exact i16 pair sums of the unsigned values, then scaled pairs.
+                    let p = _mm512_maddubs_epi16(av, y);
                     let s = _mm512_permutexvar_epi16(idxs[2 * n + h], scales);
-                    acc = _mm512_add_epi32(acc, _mm512_madd_epi16(p, s));
+                    acc16 = _mm512_add_epi32(acc16, _mm512_madd_epi16(p, s));
                 }
             }
-            let isum = _mm512_reduce_add_epi32(acc);
-            // SAFETY: F16C is enabled here; the block's last two bytes are `d`.
-            let (_, xd) = unsafe { f16x2(x, 206) };
-            sum += xd * d[b] * isum as f32;
+            // Lanes 0..8 hold chunk 2h's lanes, 8..16 chunk 2h + 1's: ggml's lane L is both.
+            let lanes = _mm256_add_epi32(
+                _mm512_castsi512_si256(acc16),
+                _mm512_extracti64x4_epi64::<1>(acc16),
+            );
+            // SAFETY: AVX2, FMA and F16C are enabled here; the block's last two bytes are `d`.
+            unsafe {
+                let lanes = _mm256_sub_epi32(lanes, q6k_offsets(&bsums[b * 16..], &x[192..208]));
+                let (_, xd) = f16x2(x, 206);
+                q6k_combine(lanes, xd, d[b], tiled, &mut sum, &mut acc);
+            }
         }
-        sum
+        // SAFETY: AVX is enabled here.
+        unsafe { q6k_result(tiled, sum, acc) }
     }
 }
