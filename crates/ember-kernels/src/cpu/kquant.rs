@@ -30,6 +30,8 @@ use half::f16;
 use super::q8::Isa;
 
 #[cfg(target_arch = "x86_64")]
+pub mod tile;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 /// Q4_K block bytes: `d`, `dmin` (f16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles.

@@ -171,6 +171,42 @@ fn kquant_matmul(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
     // A tile of weight rows stays in cache while every activation row is dotted with it.
     let mut out = Vec::with_capacity(m * n);
     let dst = Columns::new(&mut out.spare_capacity_mut()[..m * n], m, n);
+    #[cfg(target_arch = "x86_64")]
+    if q8::isa() == q8::Isa::Avx512Vnni
+        && (ty == ember_quant::GgmlType::Q4_K
+            || (ty == ember_quant::GgmlType::Q6_K && m >= kquant::TILED_MIN_ROWS))
+    {
+        // Sixteen rows unpacked once per task, one row per vector lane, every activation
+        // row against them; llama.cpp's arithmetic, as `dot_rows` (tested).
+        (0..n.div_ceil(kquant::tile::ROWS))
+            .into_par_iter()
+            .for_each_init(
+                || {
+                    (
+                        kquant::tile::KTile::default(),
+                        vec![0.0f32; m * kquant::tile::ROWS],
+                    )
+                },
+                |(tile, buf), t| {
+                    let j0 = t * kquant::tile::ROWS;
+                    let rows = kquant::tile::ROWS.min(n - j0);
+                    tile.load(
+                        ty,
+                        &bytes[j0 * row_bytes..(j0 + rows) * row_bytes],
+                        row_bytes,
+                    );
+                    let buf = &mut buf[..m * rows];
+                    // SAFETY: the CPU supports AVX-512 F/BW/VL/VNNI and FMA (checked by
+                    // `q8::isa`).
+                    unsafe { kquant::tile::matmul(tile, &acts, 0..m, buf) };
+                    // SAFETY: task `t` alone writes columns `j0..j0 + rows`.
+                    unsafe { dst.write(j0, buf) };
+                },
+            );
+        // SAFETY: the tasks wrote all `m` rows of every column range, covering `0..n`.
+        unsafe { out.set_len(m * n) };
+        return out;
+    }
     (0..n.div_ceil(q8::TILE_ROWS))
         .into_par_iter()
         .for_each_init(
@@ -297,7 +333,15 @@ mod tests {
             GgmlType::Q5_K,
             GgmlType::Q6_K,
         ] {
-            for (m, n, k) in [(1, 37, 512), (3, 17, 256), (17, 40, 768), (64, 5, 256)] {
+            for (m, n, k) in [
+                (1, 37, 512),
+                (3, 17, 256),
+                (4, 16, 256),
+                (5, 33, 512),
+                (9, 16, 256),
+                (17, 40, 768),
+                (64, 5, 256),
+            ] {
                 let wf: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
                 let w = QuantMatrix::quantize(ty, n, k, &wf).unwrap();
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
