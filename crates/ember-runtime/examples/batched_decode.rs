@@ -2,7 +2,7 @@
 //! in the spirit of llama-batched-bench: each sequence gets a short prompt, then `N` steps of
 //! one token per sequence run as one ragged batch. Prints tokens/s for B = 1 and the given B.
 //!
-//! `cargo run --release -p ember-runtime --example batched_decode -- MODEL.gguf [B] [N]`
+//! `cargo run --release -p ember-runtime --example batched_decode -- MODEL.gguf [B] [N] [--only]`
 
 use std::time::Instant;
 
