@@ -54,6 +54,12 @@ fn main() {
     let b: usize = args.get(2).map_or(8, |s| s.parse().expect("B"));
     let steps: usize = args.get(3).map_or(128, |s| s.parse().expect("N"));
     let m = LoadedModel::open(path.as_ref(), &ember_models::default_device()).expect("load");
+    if args.iter().any(|a| a == "--only") {
+        // Just the batched run (for profiling it alone).
+        let many = run(&m.model, b, steps);
+        println!("B={b}: {many:.1} t/s");
+        return;
+    }
     let one = run(&m.model, 1, steps);
     let many = run(&m.model, b, steps);
     println!(

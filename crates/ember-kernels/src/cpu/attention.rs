@@ -4,6 +4,10 @@
 //! kept in f16 (`VKQ16`), rounded after every update; for batches of 64 queries and more, f32
 //! throughout with the softmax advancing a tile of 64 keys at a time. Matching that arithmetic
 //! keeps our logits within float noise of llama.cpp's.
+//!
+//! Models run [`super::paged_attention`], which is llama.cpp's arithmetic bit for bit on both
+//! paths; this dense kernel serves the backend extension's `causal_attention` op. Its tiled
+//! path keeps an older order (per-row tiles, one 16-lane accumulator per dot), not ggml's.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;

@@ -1,9 +1,10 @@
 //! Flash attention over a paged KV cache, for a ragged batch of sequences.
 //!
-//! The arithmetic is that of [`super::attention`] (llama.cpp's two CPU flash-attention paths),
-//! chosen per sequence: fewer than [`TILE_Q`] queries take the one-row path, more the tiled
-//! one. With an f16 cache and no window the result is bit for bit that of
-//! [`super::attention::causal_attention`] on the same values.
+//! The arithmetic is that of llama.cpp's two CPU flash-attention paths, chosen per sequence:
+//! fewer than [`TILE_Q`] queries take the one-row path
+//! (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`), more the tiled one
+//! (`ggml_compute_forward_flash_attn_ext_tiled`). Both are llama.cpp's bit for bit (tested
+//! against transcriptions of its C) where key positions are its cache cells.
 //!
 //! Per dtype, following llama.cpp:
 //! - `f16`: one-row path with Q rounded to f16 and the V sum kept in f16 (`VKQ16`), rounded
@@ -14,16 +15,15 @@
 //!   differ from llama.cpp's by Q's quantization error (~0.4% of a score's magnitude) but are
 //!   closer to exact.
 //!
-//! A window hides keys more than `window - 1` positions behind the query; the walk over keys
-//! starts at the first visible one (in the tiled path, tiles start there), so released blocks
-//! before it are never touched.
+//! A window hides keys more than `window - 1` positions behind the query; keys before the
+//! first visible one are never read, so released blocks before it are never touched.
 //!
-//! Work is split into one task per (query row, kv head): the task runs the group of query heads
-//! that share the kv head, so each K and V row is read and converted once per group. Within a
-//! tile of 64 keys, the one-row path computes every key's score first (keys in vector lanes,
-//! each score still summed in order) and then runs the softmax updates key by key; the tiled
-//! path converts the tile's K and V once and runs each head over it from L1. None of this
-//! changes any head's sequence of floating-point operations.
+//! Work: the one-row path runs one task per (query row, kv head), for the group of query heads
+//! that share the kv head, so each K and V row is read and converted once per group. The
+//! tiled path runs one task per block of [`TILED_ROWS`] query rows and kv head: each tile of
+//! 64 keys is converted once for all of the block's query vectors, and its two products are
+//! small register-blocked GEMMs. None of this changes any head's sequence of floating-point
+//! operations.
 
 use std::ops::Range;
 
@@ -31,7 +31,7 @@ use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use rayon::prelude::*;
 
-use super::attention::{TILE_KV, TILE_Q, dot_f32, round_slice};
+use super::attention::{TILE_KV, TILE_Q, round_slice};
 use crate::paged::{
     Arenas, PagedAttention, PagedError, SeqAttn, dequantize_q8_0_row, first_visible,
 };
@@ -46,10 +46,28 @@ trait Conv: Copy + Send + Sync {
     fn round(self, xs: &mut [f32], tmp: &mut [f16]);
     /// `src` widened to f32 into `out` (exact).
     fn to_f32(self, src: &[f16], out: &mut [f32]);
+    /// `acc[i] = f16(acc[i] * s)` for f16-valued `acc` and `s` (`_mm512_mul_ph`: the f32
+    /// product is exact, so one rounding).
+    #[inline(always)]
+    fn f16_scale(self, acc: &mut [f32], s: f32) {
+        acc.iter_mut().for_each(|a| *a = f16_round(*a * s));
+    }
+    /// `acc[i] = f16(x[i] * v + acc[i])` rounded once (`_mm512_fmadd_ph`), all f16-valued.
+    #[inline(always)]
+    fn f16_fma(self, acc: &mut [f32], x: &[f32], v: f32) {
+        for (a, &x) in acc.iter_mut().zip(x) {
+            *a = f16_fma(x, v, *a);
+        }
+    }
     /// Runs one task of the kernel, compiled for this converter's instruction set.
     #[inline(always)]
     fn task<R: Rows<Self>>(self, c: &Call<'_, R, Self>, t: Task<'_>, sc: &mut Scratch) {
-        task(c, t, sc)
+        one_row(c, t, sc)
+    }
+    /// Runs one block of the tiled path, compiled for this converter's instruction set.
+    #[inline(always)]
+    fn tiled<R: Rows<Self>>(self, c: &Call<'_, R, Self>, b: &Block, sc: &mut TiledScratch) {
+        tiled(c, b, sc)
     }
 }
 
@@ -68,10 +86,12 @@ impl Conv for Portable {
 }
 
 /// Proof that the CPU has AVX2, FMA and F16C: the private field means only [`F16c::detect`]
-/// makes one.
+/// makes one. It also records whether AVX-512 F is there, for the wider kernel.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-struct F16c(());
+struct F16c {
+    avx512: bool,
+}
 
 #[cfg(target_arch = "x86_64")]
 impl F16c {
@@ -79,7 +99,9 @@ impl F16c {
         (is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c"))
-        .then_some(F16c(()))
+        .then_some(F16c {
+            avx512: is_x86_feature_detected!("avx512f"),
+        })
     }
 }
 
@@ -120,9 +142,85 @@ impl Conv for F16c {
     }
 
     #[inline(always)]
+    fn f16_scale(self, acc: &mut [f32], s: f32) {
+        let mut chunks = acc.chunks_exact_mut(8);
+        for ch in &mut chunks {
+            // SAFETY: `self` proves AVX and F16C; `ch` is 8 f32, accessed unaligned.
+            unsafe {
+                let p = _mm256_mul_ps(_mm256_loadu_ps(ch.as_ptr()), _mm256_set1_ps(s));
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(p);
+                _mm256_storeu_ps(ch.as_mut_ptr(), _mm256_cvtph_ps(h));
+            }
+        }
+        for a in chunks.into_remainder() {
+            *a = f16_round(*a * s);
+        }
+    }
+
+    /// Eight at a time: the FMA in f64 (the product of two f16 is exact, the sum rounds once
+    /// at f64 precision), rounded to odd at f32 precision with integer ops, then to nearest
+    /// f16 by F16C. Round-to-odd with more than two spare bits makes the second rounding
+    /// correct, so this is the single rounding of [`f16_fma`], bit for bit (tested).
+    #[inline(always)]
+    fn f16_fma(self, acc: &mut [f32], x: &[f32], v: f32) {
+        let n = acc.len().min(x.len()) / 8 * 8;
+        // SAFETY: `self` proves AVX2, FMA and F16C; every access is inside the first `n`
+        // elements of `acc` and `x`, unaligned.
+        unsafe {
+            let vv = _mm256_set1_pd(v as f64);
+            // The 29 f64 mantissa bits below f32 precision, and the lowest f32 one.
+            let low = _mm256_set1_epi64x((1 << 29) - 1);
+            let odd = _mm256_set1_epi64x(1 << 29);
+            let zero = _mm256_setzero_si256();
+            let to_odd = |y: __m256d| -> __m128 {
+                let bits = _mm256_castpd_si256(y);
+                let sticky =
+                    _mm256_andnot_si256(_mm256_cmpeq_epi64(_mm256_and_si256(bits, low), zero), odd);
+                let t = _mm256_or_si256(_mm256_andnot_si256(low, bits), sticky);
+                // Exact: `t` is representable in f32.
+                _mm256_cvtpd_ps(_mm256_castsi256_pd(t))
+            };
+            for i in (0..n).step_by(8) {
+                let xs = _mm256_loadu_ps(x.as_ptr().add(i));
+                let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+                let lo = _mm256_fmadd_pd(
+                    _mm256_cvtps_pd(_mm256_castps256_ps128(xs)),
+                    vv,
+                    _mm256_cvtps_pd(_mm256_castps256_ps128(a)),
+                );
+                let hi = _mm256_fmadd_pd(
+                    _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(xs)),
+                    vv,
+                    _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(a)),
+                );
+                let y = _mm256_set_m128(to_odd(hi), to_odd(lo));
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y);
+                _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+        }
+        for (a, &x) in acc[n..].iter_mut().zip(&x[n..]) {
+            *a = f16_fma(x, v, *a);
+        }
+    }
+
+    #[inline(always)]
     fn task<R: Rows<Self>>(self, c: &Call<'_, R, Self>, t: Task<'_>, sc: &mut Scratch) {
+        if self.avx512 {
+            // SAFETY: `self` proves AVX2, FMA, F16C and (`avx512`) AVX-512 F.
+            return unsafe { task_avx512(c, t, sc) };
+        }
         // SAFETY: `self` proves the CPU has every feature `task_avx2` is compiled for.
         unsafe { task_avx2(c, t, sc) }
+    }
+
+    #[inline(always)]
+    fn tiled<R: Rows<Self>>(self, c: &Call<'_, R, Self>, b: &Block, sc: &mut TiledScratch) {
+        if self.avx512 {
+            // SAFETY: `self` proves AVX2, FMA, F16C and (`avx512`) AVX-512 F.
+            return unsafe { tiled_avx512(c, b, sc) };
+        }
+        // SAFETY: `self` proves the CPU has every feature `tiled_avx2` is compiled for.
+        unsafe { tiled_avx2(c, b, sc) }
     }
 }
 
@@ -131,7 +229,29 @@ impl Conv for F16c {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn task_avx2<R: Rows<F16c>>(c: &Call<'_, R, F16c>, t: Task<'_>, sc: &mut Scratch) {
-    task(c, t, sc)
+    one_row(c, t, sc)
+}
+
+/// [`tiled`] compiled for AVX2 + FMA + F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tiled_avx2<R: Rows<F16c>>(c: &Call<'_, R, F16c>, b: &Block, sc: &mut TiledScratch) {
+    tiled(c, b, sc)
+}
+
+/// [`tiled`] compiled for AVX-512 F as well (same operations, wider vectors).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+fn tiled_avx512<R: Rows<F16c>>(c: &Call<'_, R, F16c>, b: &Block, sc: &mut TiledScratch) {
+    tiled(c, b, sc)
+}
+
+/// [`task`] compiled for AVX-512 F as well: the same scalar-order arithmetic (every sum and
+/// FMA is spelled out, none reassociated), in 16-lane vectors, half the instructions.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+fn task_avx512<R: Rows<F16c>>(c: &Call<'_, R, F16c>, t: Task<'_>, sc: &mut Scratch) {
+    one_row(c, t, sc)
 }
 
 /// Reads rows of one arena as f32. The kernel is generic over this, so the dtype is decided
@@ -208,9 +328,7 @@ struct Scratch {
     sum: Vec<f32>,
     /// Scores of the current tile, `[group][TILE_KV]`.
     p: Vec<f32>,
-    /// K and V of the current tile as f32, `[TILE_KV][d]`; in the one-row path K is
-    /// transposed (`[d][TILE_KV]`) and V's first two rows hold single converted rows.
-    kt: Vec<f32>,
+    /// The K and V rows being converted (`[2][d]`).
     vt: Vec<f32>,
     tmp: Vec<f16>,
     rows: [usize; TILE_KV],
@@ -224,8 +342,7 @@ impl Scratch {
             m: vec![0.0; group],
             sum: vec![0.0; group],
             p: vec![0.0; group * TILE_KV],
-            kt: vec![0.0; TILE_KV * d],
-            vt: vec![0.0; TILE_KV * d],
+            vt: vec![0.0; 2 * d],
             tmp: vec![f16::ZERO; group * d],
             rows: [0; TILE_KV],
         }
@@ -267,18 +384,30 @@ pub fn paged_attention(
     head_dim: usize,
     attn: &PagedAttention,
 ) -> Result<Vec<f32>, PagedError> {
-    paged_attention_with(q, n_rows, n_head, head_dim, attn, false)
+    paged_attention_with(q, n_rows, n_head, head_dim, attn, Path::Best)
 }
 
-/// [`paged_attention`], with `portable` forcing the code without F16C intrinsics (for tests:
-/// both must give the same bits).
+/// Which build of the kernel runs (tests compare them: all give the same bits).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    /// The code without F16C intrinsics.
+    #[cfg_attr(all(not(test), not(target_arch = "x86_64")), allow(dead_code))]
+    Portable,
+    /// AVX2 + F16C, even where AVX-512 is available.
+    #[cfg_attr(any(not(test), not(target_arch = "x86_64")), allow(dead_code))]
+    Avx2,
+    /// The widest this CPU runs.
+    Best,
+}
+
+/// [`paged_attention`] on the build `path` picks (where the CPU has it; else the portable one).
 fn paged_attention_with(
     q: &[f32],
     n_rows: usize,
     n_head: usize,
     head_dim: usize,
     attn: &PagedAttention,
-    portable: bool,
+    path: Path,
 ) -> Result<Vec<f32>, PagedError> {
     attn.validate(n_rows, n_head, head_dim)?;
     let expected = n_rows
@@ -293,10 +422,13 @@ fn paged_attention_with(
         });
     }
     #[cfg(target_arch = "x86_64")]
-    if !portable && let Some(conv) = F16c::detect() {
+    if path != Path::Portable
+        && let Some(mut conv) = F16c::detect()
+    {
+        conv.avx512 &= path == Path::Best;
         return Ok(dispatch(q, n_rows, n_head, attn, conv));
     }
-    let _ = portable;
+    let _ = path;
     Ok(dispatch(q, n_rows, n_head, attn, Portable))
 }
 
@@ -366,6 +498,9 @@ fn run<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, n_rows: usize) -> Vec<f32> {
             let Some(seq) = c.seqs.get(row_seq[row]) else {
                 return;
             };
+            if seq.n_q >= TILE_Q {
+                return; // the tiled pass below
+            }
             let qp = seq.n_past + (row - seq.q_start);
             let keys = first_visible(qp, seq.window)..qp + 1;
             let qrows = &c.q[idx * gd..(idx + 1) * gd];
@@ -379,17 +514,42 @@ fn run<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, n_rows: usize) -> Vec<f32> {
             c.conv.task(c, t, sc);
         },
     );
-    out
-}
-
-/// One task: the path is chosen per sequence, as llama.cpp chooses it per batch.
-#[inline(always)]
-fn task<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratch) {
-    if t.seq.n_q >= TILE_Q {
-        tiled(c, t, sc);
-    } else {
-        one_row(c, t, sc);
+    // The tiled path: blocks of query rows per kv head, each writing its own rows.
+    let blocks: Vec<Block> = c
+        .seqs
+        .iter()
+        .filter(|s| s.n_q >= TILE_Q)
+        .flat_map(|seq| {
+            (0..seq.n_q).step_by(TILED_ROWS).flat_map(move |r0| {
+                (0..n_kv).map(move |kvh| Block {
+                    seq,
+                    r0,
+                    n: TILED_ROWS.min(seq.n_q - r0),
+                    kvh,
+                })
+            })
+        })
+        .collect();
+    if blocks.is_empty() {
+        return out;
     }
+    let results: Vec<Vec<f32>> = blocks
+        .par_iter()
+        .map_init(
+            || TiledScratch::new(c.d, c.group),
+            |sc, b| {
+                c.conv.tiled(c, b, sc);
+                sc.out[..b.n * gd].to_vec()
+            },
+        )
+        .collect();
+    for (b, res) in blocks.iter().zip(&results) {
+        for (i, head_rows) in res.chunks_exact(gd).enumerate() {
+            let at = ((b.seq.q_start + b.r0 + i) * n_kv + b.kvh) * gd;
+            out[at..at + gd].copy_from_slice(head_rows);
+        }
+    }
+    out
 }
 
 /// Row indices of kv head `kvh` at `positions` (at most one tile), walking the block table
@@ -560,9 +720,8 @@ fn one_row<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratc
                     let old = m[g];
                     m[g] = score;
                     ms = (old - score).exp();
-                    let msh = f16_round(ms);
                     // f16 x f16 is exact in f32: one rounding, as `_mm512_mul_ph`.
-                    head.iter_mut().for_each(|a| *a = f16_round(*a * msh));
+                    conv.f16_scale(head, f16_round(ms));
                     tail.iter_mut().for_each(|a| *a *= ms);
                     if R::F16_ACC {
                         conv.round(tail, &mut tmp[..d - np16]);
@@ -570,10 +729,7 @@ fn one_row<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratc
                 } else {
                     vs = (score - m[g]).exp();
                 }
-                let vsh = f16_round(vs);
-                for (a, &x) in head.iter_mut().zip(vrow) {
-                    *a = f16_fma(x, vsh, *a);
-                }
+                conv.f16_fma(head, vrow, f16_round(vs));
                 for (a, &x) in tail.iter_mut().zip(&vrow[np16..]) {
                     *a = x.mul_add(vs, *a);
                 }
@@ -598,76 +754,216 @@ fn finish(acc: &[f32], sum: &[f32], d: usize, dst: &mut [f32]) {
     }
 }
 
-/// llama.cpp's tiled path: f32 throughout, the softmax advancing a tile of 64 keys at a time
-/// (tile max, then `exp(s - max)` for the tile, its sum in f64). Tiles start at the first
-/// visible key. The tile's K and V are converted once and stay in L1 for the group's heads.
-#[inline(always)]
-fn tiled<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratch) {
-    let Task {
-        seq,
-        kvh,
-        qrows,
-        keys,
-        dst,
-    } = t;
-    let (d, conv) = (c.d, c.conv);
-    let Scratch {
-        acc,
-        m,
-        sum,
-        p,
-        kt,
-        vt,
-        rows,
-        ..
-    } = sc;
-    acc.fill(0.0);
-    m.fill(f32::NEG_INFINITY);
-    sum.fill(0.0);
-    for start in keys.clone().step_by(TILE_KV) {
-        let len = TILE_KV.min(keys.end - start);
-        fill_rows(c, seq, kvh, start..start + len, &mut rows[..len]);
-        for ((&r, kr), vr) in rows[..len]
-            .iter()
-            .zip(kt.chunks_exact_mut(d))
-            .zip(vt.chunks_exact_mut(d))
-        {
-            c.k.read(conv, r, kr);
-            c.v.read(conv, r, vr);
-        }
-        for (g, (acc, p)) in acc
-            .chunks_exact_mut(d)
-            .zip(p.chunks_exact_mut(TILE_KV))
-            .enumerate()
-        {
-            let qrow = &qrows[g * d..(g + 1) * d];
-            let mut tile_max = f32::NEG_INFINITY;
-            for (pj, krow) in p[..len].iter_mut().zip(kt.chunks_exact(d)) {
-                let score = dot_f32(qrow, krow) * c.scale;
-                *pj = score;
-                tile_max = tile_max.max(score);
-            }
-            let m_new = m[g].max(tile_max);
-            if m_new > m[g] {
-                let ms = (m[g] - m_new).exp();
-                acc.iter_mut().for_each(|a| *a *= ms);
-                sum[g] *= ms;
-            }
-            m[g] = m_new;
-            let mut tile_sum = 0.0f64;
-            for pj in p[..len].iter_mut() {
-                *pj = (*pj - m_new).exp();
-                tile_sum += *pj as f64;
-            }
-            sum[g] = (sum[g] as f64 + tile_sum) as f32;
-            for (&pj, vrow) in p[..len].iter().zip(vt.chunks_exact(d)) {
-                for (a, &x) in acc.iter_mut().zip(vrow) {
-                    *a += pj * x;
-                }
-            }
+/// Query rows per block of the tiled path: each K and V tile is converted once for them all.
+const TILED_ROWS: usize = 16;
+
+/// One block of the tiled path: query rows `r0..r0 + n` of `seq` against kv head `kvh`.
+struct Block<'a> {
+    seq: &'a SeqAttn,
+    r0: usize,
+    n: usize,
+    kvh: usize,
+}
+
+/// Per-task scratch of the tiled path, for up to [`TILED_ROWS`] rows of `group` heads
+/// (`mq` query vectors).
+struct TiledScratch {
+    /// Q, `[mq][d]`.
+    q: Vec<f32>,
+    /// Scores, then softmax weights, of the current tile, `[mq][TILE_KV]`.
+    kq: Vec<f32>,
+    /// Unnormalized outputs, `[mq][d]`; then the results.
+    out: Vec<f32>,
+    /// K of the current tile transposed, `[d][TILE_KV]`, and V, `[TILE_KV][d]`; keys past
+    /// the sequence are zero.
+    kt: Vec<f32>,
+    v: Vec<f32>,
+    /// Running max and softmax denominator per query vector.
+    m: Vec<f32>,
+    s: Vec<f32>,
+    /// One converted K row.
+    krow: Vec<f32>,
+    rows: [usize; TILE_KV],
+}
+
+impl TiledScratch {
+    fn new(d: usize, group: usize) -> Self {
+        let mq = TILED_ROWS * group;
+        Self {
+            q: vec![0.0; mq * d],
+            kq: vec![0.0; mq * TILE_KV],
+            out: vec![0.0; mq * d],
+            kt: vec![0.0; d * TILE_KV],
+            v: vec![0.0; TILE_KV * d],
+            m: vec![0.0; mq],
+            s: vec![0.0; mq],
+            krow: vec![0.0; d],
+            rows: [0; TILE_KV],
         }
     }
-    finish(acc, sum, d, dst);
+}
+
+/// `c[m][n] += a[m][k] * b[k][n]` (row-major), each element a chain of FMAs in `k` order
+/// starting from its old value: the order of ggml's `simd_gemm` (whose blocking changes no
+/// element's sequence of operations). Four rows by 64 columns at a time, in registers.
+#[inline(always)]
+fn gemm_acc(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize) {
+    const RM: usize = 4;
+    const W: usize = 64;
+    let (c, a, b) = (&mut c[..m * n], &a[..m * k], &b[..k * n]);
+    let mut i0 = 0;
+    while i0 + RM <= m {
+        let mut j0 = 0;
+        while j0 + W <= n {
+            let mut acc = [[0.0f32; W]; RM];
+            for (r, acc) in acc.iter_mut().enumerate() {
+                acc.copy_from_slice(&c[(i0 + r) * n + j0..][..W]);
+            }
+            for kk in 0..k {
+                let brow: &[f32; W] = b[kk * n + j0..][..W].try_into().expect("W columns");
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let p = a[(i0 + r) * k + kk];
+                    for (x, &y) in acc.iter_mut().zip(brow) {
+                        *x = y.mul_add(p, *x);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                c[(i0 + r) * n + j0..][..W].copy_from_slice(acc);
+            }
+            j0 += W;
+        }
+        if j0 < n {
+            gemm_acc_scalar(c, a, b, i0..i0 + RM, j0..n, k, n);
+        }
+        i0 += RM;
+    }
+    if i0 < m {
+        gemm_acc_scalar(c, a, b, i0..m, 0..n, k, n);
+    }
+}
+
+/// [`gemm_acc`]'s arithmetic over rows `rows` and columns `cols`, one element at a time.
+#[inline(always)]
+fn gemm_acc_scalar(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    rows: Range<usize>,
+    cols: Range<usize>,
+    k: usize,
+    n: usize,
+) {
+    for i in rows {
+        for j in cols.clone() {
+            let mut x = c[i * n + j];
+            for kk in 0..k {
+                x = b[kk * n + j].mul_add(a[i * k + kk], x);
+            }
+            c[i * n + j] = x;
+        }
+    }
+}
+
+/// llama.cpp's tiled path (`ggml_compute_forward_flash_attn_ext_tiled`), f32 throughout: key
+/// tiles of 64 at multiples of 64 positions; per tile the scores are a GEMM of Q with the
+/// tile's K, scaled and masked (`-inf`), the softmax advances by the tile maximum (`expf` for
+/// the rescale, ggml's vector `expf` for the weights, their sum folded per 16 in f64), and the
+/// V sum is a GEMM into the accumulator. Tiles a row cannot see at all are skipped, which is
+/// what ggml's all-masked tiles amount to. Per query row the result is llama.cpp's bit for
+/// bit (when key positions are its cell indices, as for a sequence in a fresh cache).
+#[inline(always)]
+fn tiled<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, b: &Block<'_>, sc: &mut TiledScratch) {
+    let (d, g, conv) = (c.d, c.group, c.conv);
+    let &Block { seq, r0, n, kvh } = b;
+    let mq = n * g;
+    let TiledScratch {
+        q,
+        kq,
+        out,
+        kt,
+        v,
+        m,
+        s,
+        krow,
+        rows,
+    } = sc;
+    for i in 0..n {
+        let at = ((seq.q_start + r0 + i) * c.n_kv + kvh) * g * d;
+        q[i * g * d..(i + 1) * g * d].copy_from_slice(&c.q[at..at + g * d]);
+    }
+    out[..mq * d].fill(0.0);
+    m[..mq].fill(f32::NEG_INFINITY);
+    s[..mq].fill(0.0);
+    let qp0 = seq.n_past + r0;
+    let qp_last = qp0 + n - 1;
+    // Keys before `fv0` are hidden from every row of the block (their blocks may be gone).
+    let fv0 = first_visible(qp0, seq.window);
+    for t0 in (fv0 / TILE_KV * TILE_KV..=qp_last).step_by(TILE_KV) {
+        // Keys `lo..end` are read (`qp_last` is one of them); the rest of the tile is zero.
+        let (lo, end) = (t0.max(fv0), (t0 + TILE_KV).min(seq.n_past + seq.n_q));
+        let (skip, len) = (lo - t0, end - t0);
+        fill_rows(c, seq, kvh, lo..end, &mut rows[skip..len]);
+        for (tk, &r) in rows[skip..len].iter().enumerate() {
+            let tk = skip + tk;
+            c.k.read(conv, r, krow);
+            for (dk, &x) in krow.iter().enumerate() {
+                kt[dk * TILE_KV + tk] = x;
+            }
+            c.v.read(conv, r, &mut v[tk * d..(tk + 1) * d]);
+        }
+        for dk in 0..d {
+            kt[dk * TILE_KV..dk * TILE_KV + skip].fill(0.0);
+            kt[dk * TILE_KV + len..(dk + 1) * TILE_KV].fill(0.0);
+        }
+        v[..skip * d].fill(0.0);
+        v[len * d..].fill(0.0);
+        kq[..mq * TILE_KV].fill(0.0);
+        gemm_acc(kq, q, kt, mq, d, TILE_KV);
+        for (qi, row) in kq[..mq * TILE_KV].chunks_exact_mut(TILE_KV).enumerate() {
+            let qp = qp0 + qi / g;
+            let fv = first_visible(qp, seq.window);
+            let mut tile_max = f32::NEG_INFINITY;
+            for (j, x) in row.iter_mut().enumerate() {
+                let key = t0 + j;
+                let mask = if key >= fv && key <= qp {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                };
+                *x = *x * c.scale + mask;
+                // ggml_vec_max_f32: MAX(max, x).
+                tile_max = if tile_max > *x { tile_max } else { *x };
+            }
+            if tile_max == f32::NEG_INFINITY {
+                row.fill(0.0);
+                continue;
+            }
+            let acc = &mut out[qi * d..(qi + 1) * d];
+            let m_new = m[qi].max(tile_max);
+            if m_new > m[qi] {
+                let ms = (m[qi] - m_new).exp();
+                acc.iter_mut().for_each(|a| *a *= ms);
+                s[qi] *= ms;
+            }
+            m[qi] = m_new;
+            let mut sum = 0.0f64;
+            for chunk in row.chunks_exact_mut(16) {
+                let mut vals = [0.0f32; 16];
+                for (val, x) in vals.iter_mut().zip(chunk.iter_mut()) {
+                    *x = super::fused::ggml_expf(*x - m_new);
+                    *val = *x;
+                }
+                sum += reduce_add_16(&vals) as f64;
+            }
+            s[qi] = (s[qi] as f64 + sum) as f32;
+        }
+        gemm_acc(out, kq, v, mq, TILE_KV, d);
+    }
+    for (acc, &sum) in out[..mq * d].chunks_exact_mut(d).zip(&s[..mq]) {
+        let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+        acc.iter_mut().for_each(|a| *a *= inv);
+    }
 }
 
 #[cfg(test)]
@@ -675,7 +971,6 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::cpu::attention::{AttnShape, causal_attention};
     use crate::paged::{KvDtype, PagedLayerStore};
     use proptest::prelude::*;
     use rand::seq::SliceRandom;
@@ -749,17 +1044,88 @@ mod tests {
         data.iter().flat_map(|s| s.q.iter().copied()).collect()
     }
 
-    /// With an f16 cache and no window the tiled path (`TILE_Q` queries or more) is
-    /// `causal_attention`'s bit for bit, with several sequences in one batch.
+    /// `ggml_compute_forward_flash_attn_ext_tiled` for one query vector over a sequence's
+    /// keys `0..t` (cell = position), transcribed from the C without its shortcuts: every
+    /// tile from key 0, all-masked ones included (their weights zeroed, then accumulated).
+    fn ggml_tiled_one(
+        q: &[f32],
+        keys: &[&[f32]],
+        vals: &[&[f32]],
+        qp: usize,
+        window: Option<usize>,
+        scale: f32,
+    ) -> Vec<f32> {
+        let d = q.len();
+        let t = keys.len();
+        let fv = first_visible(qp, window);
+        let (mut m, mut s) = (f32::NEG_INFINITY, 0.0f32);
+        let mut vkq = vec![0.0f32; d];
+        for ic in (0..t).step_by(TILE_KV) {
+            let kv_tile = TILE_KV.min(t - ic);
+            let mut kq = [f32::NEG_INFINITY; TILE_KV];
+            for (tk, x) in kq.iter_mut().enumerate().take(kv_tile) {
+                let mut acc = 0.0f32;
+                for dk in 0..d {
+                    acc = keys[ic + tk][dk].mul_add(q[dk], acc);
+                }
+                let p = ic + tk;
+                let mask = if p >= fv && p <= qp {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                };
+                *x = acc * scale + mask;
+            }
+            let tile_max = kq
+                .iter()
+                .fold(f32::NEG_INFINITY, |mx, &x| if mx > x { mx } else { x });
+            if tile_max == f32::NEG_INFINITY {
+                kq = [0.0; TILE_KV];
+            } else {
+                let m_new = m.max(tile_max);
+                if m_new > m {
+                    let ms = (m - m_new).exp();
+                    vkq.iter_mut().for_each(|a| *a *= ms);
+                    s *= ms;
+                }
+                m = m_new;
+                let mut sum = 0.0f64;
+                for chunk in kq.chunks_exact_mut(16) {
+                    chunk
+                        .iter_mut()
+                        .for_each(|x| *x = crate::cpu::fused::ggml_expf(*x - m_new));
+                    sum += reduce_add_16(&<[f32; 16]>::try_from(&*chunk).unwrap()) as f64;
+                }
+                s = (s as f64 + sum) as f32;
+            }
+            for (dv, a) in vkq.iter_mut().enumerate() {
+                for (tk, &w) in kq.iter().enumerate() {
+                    let x = if tk < kv_tile { vals[ic + tk][dv] } else { 0.0 };
+                    *a = x.mul_add(w, *a);
+                }
+            }
+        }
+        let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
+        vkq.iter().map(|a| a * inv).collect()
+    }
+
+    /// `TILE_Q` queries or more (f16 and f32 caches, windows or not, several sequences in one
+    /// batch): every row is llama.cpp's tiled path bit for bit, and the AVX-512, AVX2 and
+    /// portable builds agree.
     #[test]
-    fn tiled_f16_matches_causal_attention_bit_for_bit() {
+    fn tiled_path_is_llama_cpp_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(7);
         for case in 0..12 {
             let n_kv = rng.random_range(1..=3);
-            let group = rng.random_range(1..=3);
+            let group = rng.random_range(1..=4);
             let n_head = n_kv * group;
-            let d = [8, 32, 64, 96][case % 4];
+            let d = [8, 32, 64, 96, 256][case % 5];
             let block_size = [1, 4, 16, 32][(case / 4 + case) % 4];
+            let dtype = if case % 3 == 2 {
+                KvDtype::F32
+            } else {
+                KvDtype::F16
+            };
             let shapes = [
                 (
                     rng.random_range(TILE_Q..TILE_Q + 40),
@@ -771,6 +1137,15 @@ mod tests {
                     rng.random_range(0..30),
                 ),
             ];
+            let windows: [Option<usize>; 3] = if case % 2 == 1 {
+                [
+                    Some(rng.random_range(1..100)),
+                    None,
+                    Some(rng.random_range(60..200)),
+                ]
+            } else {
+                [None; 3]
+            };
             let data: Vec<SeqData> = shapes
                 .iter()
                 .map(|&(n_q, past)| SeqData {
@@ -781,15 +1156,7 @@ mod tests {
                     t: past + n_q,
                 })
                 .collect();
-            let (store, seqs) = build(
-                &mut rng,
-                KvDtype::F16,
-                block_size,
-                n_kv,
-                d,
-                &data,
-                &[None; 3],
-            );
+            let (store, seqs) = build(&mut rng, dtype, block_size, n_kv, d, &data, &windows);
             let scale = 1.0 / (d as f32).sqrt();
             let n_rows: usize = data.iter().map(|s| s.n_q).sum();
             let attn = PagedAttention {
@@ -799,48 +1166,35 @@ mod tests {
             };
             let q = concat_q(&data);
             let got = paged_attention(&q, n_rows, n_head, d, &attn).unwrap();
-            let portable = paged_attention_with(&q, n_rows, n_head, d, &attn, true).unwrap();
-            assert!(
-                got.iter()
-                    .zip(&portable)
-                    .all(|(a, b)| a.to_bits() == b.to_bits())
-            );
+            for path in [Path::Portable, Path::Avx2] {
+                let other = paged_attention_with(&q, n_rows, n_head, d, &attn, path).unwrap();
+                assert!(
+                    got.iter()
+                        .zip(&other)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{path:?} and the best build differ"
+                );
+            }
             let mut row = 0;
-            for s in &data {
-                // The dense kernel takes q as [n_head, n, d] and k, v as [n_kv, t, d].
-                let mut q = vec![0.0f32; s.q.len()];
+            for (s, &window) in data.iter().zip(&windows) {
                 for i in 0..s.n_q {
+                    let qp = s.t - s.n_q + i;
                     for h in 0..n_head {
-                        q[(h * s.n_q + i) * d..(h * s.n_q + i + 1) * d]
-                            .copy_from_slice(&s.q[(i * n_head + h) * d..(i * n_head + h + 1) * d]);
-                    }
-                }
-                let head_major = |x: &[f32]| {
-                    let mut out = vec![0.0f32; x.len()];
-                    for p in 0..s.t {
-                        for h in 0..n_kv {
-                            out[(h * s.t + p) * d..(h * s.t + p + 1) * d]
-                                .copy_from_slice(&x[(p * n_kv + h) * d..(p * n_kv + h + 1) * d]);
+                        let kvh = h / group;
+                        let at = |p: usize| (p * n_kv + kvh) * d;
+                        let keys: Vec<&[f32]> = (0..s.t).map(|p| &s.k[at(p)..at(p) + d]).collect();
+                        let vals: Vec<&[f32]> = (0..s.t).map(|p| &s.v[at(p)..at(p) + d]).collect();
+                        let qv = &s.q[(i * n_head + h) * d..(i * n_head + h + 1) * d];
+                        let want = ggml_tiled_one(qv, &keys, &vals, qp, window, scale);
+                        let o = ((row + i) * n_head + h) * d;
+                        for (j, (a, b)) in got[o..o + d].iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "case {case} {dtype} d {d} row {i} head {h} [{j}]: {a} vs {b}"
+                            );
                         }
                     }
-                    out
-                };
-                let shape = AttnShape {
-                    n_head,
-                    n_kv,
-                    n: s.n_q,
-                    t: s.t,
-                    head_dim: d,
-                };
-                let want = causal_attention(&q, &head_major(&s.k), &head_major(&s.v), shape, scale);
-                let w = n_head * d;
-                let mine = &got[row * w..(row + s.n_q) * w];
-                for (i, (a, b)) in mine.iter().zip(&want).enumerate() {
-                    assert_eq!(
-                        a.to_bits(),
-                        b.to_bits(),
-                        "case {case} {shape:?} bs {block_size} [{i}]: {a} vs {b}"
-                    );
                 }
                 row += s.n_q;
             }
@@ -967,9 +1321,56 @@ mod tests {
         assert_eq!(f64_to_f16_value(65519.9), 65504.0);
     }
 
+    /// The F16C versions of the f16 accumulator updates give the scalar ones' bits, on random
+    /// values and on exact ties between two f16 values (`a + quantum / 2`).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_f16_updates_match_scalar() {
+        let Some(conv) = F16c::detect() else {
+            return;
+        };
+        let mut rng = StdRng::seed_from_u64(0xF16A);
+        for round in 0..2000 {
+            let n = rng.random_range(0..40);
+            let v = if round % 2 == 0 {
+                0.5
+            } else {
+                r16(rng.random_range(0.0..1.0f32))
+            };
+            let mut acc: Vec<f32> = (0..n)
+                .map(|_| r16(rng.random_range(-3000.0..3000.0f32)))
+                .collect();
+            let x: Vec<f32> = acc
+                .iter()
+                .map(|&a| {
+                    if round % 2 == 0 {
+                        // The quantum of `a`, so that `x * 0.5 + a` is a tie.
+                        let e = (a.abs().max(6.1e-5).log2().floor() as i32).max(-14);
+                        2f32.powi(e - 10) * if rng.random_bool(0.5) { 1.0 } else { -1.0 }
+                    } else {
+                        r16(rng.random_range(-300.0..300.0f32))
+                    }
+                })
+                .collect();
+            let mut want = acc.clone();
+            Portable.f16_fma(&mut want, &x, v);
+            let mut got = acc.clone();
+            conv.f16_fma(&mut got, &x, v);
+            assert_eq!(
+                got.iter().map(|g| g.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|w| w.to_bits()).collect::<Vec<_>>(),
+                "fma, v = {v}"
+            );
+            let mut want = acc.clone();
+            Portable.f16_scale(&mut want, v);
+            conv.f16_scale(&mut acc, v);
+            assert_eq!(acc, want, "scale, v = {v}");
+        }
+    }
+
     /// Fewer than `TILE_Q` queries with an f16 cache: every head's output is llama.cpp's
     /// one-row path bit for bit, with several sequences in one batch, GQA groups, any block
-    /// size and sliding windows; the F16C and portable builds agree.
+    /// size and sliding windows; the AVX-512, AVX2 and portable builds agree.
     #[test]
     fn one_row_path_is_llama_cpp_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(0xF1A5);
@@ -1008,13 +1409,15 @@ mod tests {
             };
             let q = concat_q(&data);
             let got = paged_attention(&q, n_rows, n_head, d, &attn).unwrap();
-            let portable = paged_attention_with(&q, n_rows, n_head, d, &attn, true).unwrap();
-            assert!(
-                got.iter()
-                    .zip(&portable)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "F16C and portable differ"
-            );
+            for path in [Path::Portable, Path::Avx2] {
+                let other = paged_attention_with(&q, n_rows, n_head, d, &attn, path).unwrap();
+                assert!(
+                    got.iter()
+                        .zip(&other)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{path:?} and the best build differ"
+                );
+            }
             let mut row = 0;
             for (s, &window) in data.iter().zip(&windows) {
                 for i in 0..s.n_q {
@@ -1136,13 +1539,17 @@ mod tests {
         };
         let q = concat_q(&data);
         let got = paged_attention(&q, n_rows, n_head, d, &attn).unwrap();
-        // The F16C build and the portable one agree to the bit.
-        let portable = paged_attention_with(&q, n_rows, n_head, d, &attn, true).unwrap();
-        prop_assert!(
-            got.iter()
-                .zip(&portable)
-                .all(|(a, b)| a.to_bits() == b.to_bits())
-        );
+        // The AVX-512, AVX2 and portable builds agree to the bit.
+        for path in [Path::Portable, Path::Avx2] {
+            let other = paged_attention_with(&q, n_rows, n_head, d, &attn, path).unwrap();
+            prop_assert!(
+                got.iter()
+                    .zip(&other)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{:?} and the best build differ",
+                path
+            );
+        }
         let want = naive(&q, n_head, &attn, n_rows);
         let w = n_head * d;
         for seq in attn.seqs.iter() {
