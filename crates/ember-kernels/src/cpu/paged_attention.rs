@@ -4,7 +4,10 @@
 //! fewer than [`TILE_Q`] queries take the one-row path
 //! (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`), more the tiled one
 //! (`ggml_compute_forward_flash_attn_ext_tiled`). Both are llama.cpp's bit for bit (tested
-//! against transcriptions of its C) where key positions are its cache cells.
+//! against transcriptions of its C) where key positions are its cache cells and the path is
+//! the one llama.cpp takes: it chooses per batch (tiled when the whole batch has 64+ tokens
+//! and the cache is f16 or f32; never for q8_0; split-KV for one query over 512+ cells), so a
+//! short sequence batched with a long prompt, or a long q8_0 prompt, is not its bits.
 //!
 //! Per dtype, following llama.cpp:
 //! - `f16`: one-row path with Q rounded to f16 and the V sum kept in f16 (`VKQ16`), rounded
@@ -1115,7 +1118,7 @@ mod tests {
     #[test]
     fn tiled_path_is_llama_cpp_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(7);
-        for case in 0..12 {
+        for case in 0..15 {
             let n_kv = rng.random_range(1..=3);
             let group = rng.random_range(1..=4);
             let n_head = n_kv * group;
@@ -1365,6 +1368,43 @@ mod tests {
             Portable.f16_scale(&mut want, v);
             conv.f16_scale(&mut acc, v);
             assert_eq!(acc, want, "scale, v = {v}");
+        }
+        // Edge cases, eight lanes at once: a sum just below an f16 midpoint that f32 would
+        // round onto it (1025.4999995: 1025, where rounding through f32 gives 1026), overflow,
+        // zeros of both signs, f16 subnormals, exact results.
+        let x = [
+            1.0 + 2f32.powi(-10),
+            65504.0,
+            -65504.0,
+            0.0,
+            -0.0,
+            2f32.powi(-24),
+            -1.0,
+            -(1.0 + 2f32.powi(-10)),
+        ];
+        let acc = [
+            1025.0,
+            65504.0,
+            -65504.0,
+            0.0,
+            -0.0,
+            2f32.powi(-24),
+            1.0,
+            -1025.0,
+        ];
+        for v in [1023.0 / 2048.0, 1.0, 0.0, 0.5] {
+            let mut want = acc;
+            Portable.f16_fma(&mut want, &x, v);
+            let mut got = acc;
+            conv.f16_fma(&mut got, &x, v);
+            assert_eq!(
+                got.map(f32::to_bits),
+                want.map(f32::to_bits),
+                "edge cases, v = {v}"
+            );
+            if v == 1023.0 / 2048.0 {
+                assert_eq!((got[0], got[7]), (1025.0, -1025.0));
+            }
         }
     }
 
