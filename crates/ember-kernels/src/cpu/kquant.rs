@@ -142,6 +142,60 @@ fn f16_at(b: &[u8], off: usize) -> f32 {
     f16::from_le_bytes([b[off], b[off + 1]]).to_f32()
 }
 
+/// How llama.cpp's repacked Q4_K kernels fold one row's exact integer sums into floats: per
+/// pair of sub-blocks (`pairs`, its gemm) or per block (its gemv), the mins kept apart and
+/// subtracted at the end. The scalar and AVX2 dots feed it the same integers.
+pub(super) struct Q4kFold {
+    pairs: bool,
+    acc: f32,
+    acc_min: f32,
+    isum: i32,
+    imin: i32,
+}
+
+impl Q4kFold {
+    #[inline(always)]
+    pub(super) fn new(pairs: bool) -> Self {
+        Q4kFold {
+            pairs,
+            acc: 0.0,
+            acc_min: 0.0,
+            isum: 0,
+            imin: 0,
+        }
+    }
+
+    /// Sub-block pair `c` of a block: `s` its scaled integer products, `mn` the block's mins,
+    /// `bs` its activation sums per 16 values, `dd`/`dmin` its float scales.
+    #[inline(always)]
+    pub(super) fn pair(&mut self, c: usize, s: i32, mn: &[u8; 8], bs: &[i16], dd: f32, dmin: f32) {
+        let mi = mn[2 * c] as i32 * (bs[4 * c] as i32 + bs[4 * c + 1] as i32)
+            + mn[2 * c + 1] as i32 * (bs[4 * c + 2] as i32 + bs[4 * c + 3] as i32);
+        if self.pairs {
+            self.acc = (s as f32).mul_add(dd, self.acc);
+            self.acc_min = (mi as f32).mul_add(dmin, self.acc_min);
+        } else {
+            self.isum += s;
+            self.imin += mi;
+        }
+    }
+
+    /// After a block's four pairs.
+    #[inline(always)]
+    pub(super) fn end_block(&mut self, dd: f32, dmin: f32) {
+        if !self.pairs {
+            self.acc = (self.isum as f32).mul_add(dd, self.acc);
+            self.acc_min = (self.imin as f32).mul_add(dmin, self.acc_min);
+            (self.isum, self.imin) = (0, 0);
+        }
+    }
+
+    #[inline(always)]
+    pub(super) fn result(&self) -> f32 {
+        self.acc - self.acc_min
+    }
+}
+
 /// The eight 6-bit scales and mins of a Q4_K block (ggml's `get_scale_min_k4`, decoded four
 /// at a time as its `utmp` code does).
 #[inline(always)]
@@ -303,13 +357,12 @@ mod scalar {
     /// Q4_K as llama.cpp's repacked kernels: `pairs` chains the FMAs per pair of sub-blocks
     /// (its gemm), else per block (its gemv).
     pub fn dot_q4k(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16], pairs: bool) -> f32 {
-        let (mut acc, mut acc_min) = (0.0f32, 0.0f32);
+        let mut fold = Q4kFold::new(pairs);
         for (b, x) in row.chunks_exact(q45k_bytes(false)).enumerate() {
             let q8 = &qs[b * QK_K..(b + 1) * QK_K];
             let bs = &bsums[b * 16..(b + 1) * 16];
             let (sc, mn) = q4k_scales(&x[4..16]);
             let (dd, dmin) = (f16_at(x, 0) * d[b], f16_at(x, 2) * d[b]);
-            let (mut isum, mut imin) = (0i32, 0i32);
             for c in 0..4 {
                 let q4 = &x[16 + 32 * c..48 + 32 * c];
                 let (mut lo, mut hi) = (0i32, 0i32);
@@ -318,22 +371,11 @@ mod scalar {
                     hi += (q4[l] >> 4) as i32 * q8[64 * c + 32 + l] as i32;
                 }
                 let s = sc[2 * c] as i32 * lo + sc[2 * c + 1] as i32 * hi;
-                let mi = mn[2 * c] as i32 * (bs[4 * c] as i32 + bs[4 * c + 1] as i32)
-                    + mn[2 * c + 1] as i32 * (bs[4 * c + 2] as i32 + bs[4 * c + 3] as i32);
-                if pairs {
-                    acc = (s as f32).mul_add(dd, acc);
-                    acc_min = (mi as f32).mul_add(dmin, acc_min);
-                } else {
-                    isum += s;
-                    imin += mi;
-                }
+                fold.pair(c, s, &mn, bs, dd, dmin);
             }
-            if !pairs {
-                acc = (isum as f32).mul_add(dd, acc);
-                acc_min = (imin as f32).mul_add(dmin, acc_min);
-            }
+            fold.end_block(dd, dmin);
         }
-        acc - acc_min
+        fold.result()
     }
 
     pub fn dot_q2k(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {

@@ -1043,6 +1043,28 @@ mod tests {
         (Arc::new(store), seqs)
     }
 
+    /// The best build's result, after checking that the AVX2 and portable builds give the
+    /// same bits.
+    fn run_all_builds(
+        q: &[f32],
+        n_rows: usize,
+        n_head: usize,
+        d: usize,
+        attn: &PagedAttention,
+    ) -> Vec<f32> {
+        let got = paged_attention(q, n_rows, n_head, d, attn).unwrap();
+        for path in [Path::Portable, Path::Avx2] {
+            let other = paged_attention_with(q, n_rows, n_head, d, attn, path).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&other)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{path:?} and the best build differ"
+            );
+        }
+        got
+    }
+
     fn concat_q(data: &[SeqData]) -> Vec<f32> {
         data.iter().flat_map(|s| s.q.iter().copied()).collect()
     }
@@ -1168,16 +1190,7 @@ mod tests {
                 scale,
             };
             let q = concat_q(&data);
-            let got = paged_attention(&q, n_rows, n_head, d, &attn).unwrap();
-            for path in [Path::Portable, Path::Avx2] {
-                let other = paged_attention_with(&q, n_rows, n_head, d, &attn, path).unwrap();
-                assert!(
-                    got.iter()
-                        .zip(&other)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{path:?} and the best build differ"
-                );
-            }
+            let got = run_all_builds(&q, n_rows, n_head, d, &attn);
             let mut row = 0;
             for (s, &window) in data.iter().zip(&windows) {
                 for i in 0..s.n_q {
@@ -1448,16 +1461,7 @@ mod tests {
                 scale,
             };
             let q = concat_q(&data);
-            let got = paged_attention(&q, n_rows, n_head, d, &attn).unwrap();
-            for path in [Path::Portable, Path::Avx2] {
-                let other = paged_attention_with(&q, n_rows, n_head, d, &attn, path).unwrap();
-                assert!(
-                    got.iter()
-                        .zip(&other)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{path:?} and the best build differ"
-                );
-            }
+            let got = run_all_builds(&q, n_rows, n_head, d, &attn);
             let mut row = 0;
             for (s, &window) in data.iter().zip(&windows) {
                 for i in 0..s.n_q {
@@ -1578,18 +1582,7 @@ mod tests {
             scale: 1.0 / (d as f32).sqrt(),
         };
         let q = concat_q(&data);
-        let got = paged_attention(&q, n_rows, n_head, d, &attn).unwrap();
-        // The AVX-512, AVX2 and portable builds agree to the bit.
-        for path in [Path::Portable, Path::Avx2] {
-            let other = paged_attention_with(&q, n_rows, n_head, d, &attn, path).unwrap();
-            prop_assert!(
-                got.iter()
-                    .zip(&other)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{:?} and the best build differ",
-                path
-            );
-        }
+        let got = run_all_builds(&q, n_rows, n_head, d, &attn);
         let want = naive(&q, n_head, &attn, n_rows);
         let w = n_head * d;
         for seq in attn.seqs.iter() {

@@ -381,13 +381,7 @@ pub fn dot_packed_batch(ty: GgmlType, rows: &[u8], batch: &Batch, out: &mut [f32
 /// `batch` was prepared for.
 pub fn dot_packed_batch_with(isa: Isa, ty: GgmlType, rows: &[u8], batch: &Batch, out: &mut [f32]) {
     let row_bytes = batch.acts.k / BLOCK * ty.type_size();
-    let n = rows.len() / row_bytes.max(1);
-    assert_eq!(
-        n * row_bytes,
-        rows.len(),
-        "rows do not match the activations"
-    );
-    assert_eq!(out.len(), batch.m * n, "out does not match the rows");
+    let n = packed_rows(rows, row_bytes, batch, out);
     assert!(act_format(ty).is_some(), "{ty} has no integer path");
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -413,6 +407,20 @@ pub fn dot_packed_batch_with(isa: Isa, ty: GgmlType, rows: &[u8], batch: &Batch,
         }
         _ => panic!("{isa:?} is not supported by this CPU"),
     }
+}
+
+/// The number of packed rows of `row_bytes` in `rows`, after checking that they are whole rows
+/// of `batch`'s width and that `out` holds one result per row and activation row (every
+/// packed-batch kernel relies on this).
+fn packed_rows(rows: &[u8], row_bytes: usize, batch: &Batch, out: &[f32]) -> usize {
+    let n = rows.len() / row_bytes.max(1);
+    assert_eq!(
+        n * row_bytes,
+        rows.len(),
+        "rows do not match the activations"
+    );
+    assert_eq!(out.len(), batch.m * n, "out does not match the rows");
+    n
 }
 
 /// The portable kernels: the definition of what every SIMD version must return.

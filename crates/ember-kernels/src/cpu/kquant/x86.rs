@@ -5,7 +5,9 @@
 
 use std::arch::x86_64::*;
 
-use super::{Q2K_BYTES, Q3K_BYTES, Q6K_BYTES, QK_K, hsum8, q3k_scales, q4k_scales, q45k_bytes};
+use super::{
+    Q2K_BYTES, Q3K_BYTES, Q4kFold, Q6K_BYTES, QK_K, hsum8, q3k_scales, q4k_scales, q45k_bytes,
+};
 
 #[inline(always)]
 unsafe fn hsum256(v: __m256i) -> i32 {
@@ -153,13 +155,12 @@ unsafe fn q4k_body(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16], pairs: bool)
     // the block's 256 activations, as asserted.
     unsafe {
         let m4 = _mm256_set1_epi8(0xF);
-        let (mut acc, mut acc_min) = (0.0f32, 0.0f32);
+        let mut fold = Q4kFold::new(pairs);
         for (b, x) in row.chunks_exact(q45k_bytes(false)).enumerate() {
             let (sc, mn) = q4k_scales(&x[4..16]);
             let bs = &bsums[b * 16..(b + 1) * 16];
             let (xd, xmin) = f16x2(x, 0);
             let (dd, dmin) = (xd * d[b], xmin * d[b]);
-            let (mut isum, mut imin) = (0i32, 0i32);
             for c in 0..4 {
                 let y = qs.as_ptr().add(b * QK_K + 64 * c);
                 let q4 = _mm256_loadu_si256(x.as_ptr().add(16 + 32 * c).cast());
@@ -179,22 +180,11 @@ unsafe fn q4k_body(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16], pairs: bool)
                     _mm256_set1_epi16(sc[2 * c + 1] as i16),
                 );
                 let s = hsum256(_mm256_add_epi32(slo, shi));
-                let mi = mn[2 * c] as i32 * (bs[4 * c] as i32 + bs[4 * c + 1] as i32)
-                    + mn[2 * c + 1] as i32 * (bs[4 * c + 2] as i32 + bs[4 * c + 3] as i32);
-                if pairs {
-                    acc = (s as f32).mul_add(dd, acc);
-                    acc_min = (mi as f32).mul_add(dmin, acc_min);
-                } else {
-                    isum += s;
-                    imin += mi;
-                }
+                fold.pair(c, s, &mn, bs, dd, dmin);
             }
-            if !pairs {
-                acc = (isum as f32).mul_add(dd, acc);
-                acc_min = (imin as f32).mul_add(dmin, acc_min);
-            }
+            fold.end_block(dd, dmin);
         }
-        acc - acc_min
+        fold.result()
     }
 }
 

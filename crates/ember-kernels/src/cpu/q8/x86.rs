@@ -295,13 +295,7 @@ unsafe fn row_all_acts<D: Dot, W: Weights>(
 unsafe fn packed_batch_typed<D: Dot, const TY: u8>(rows: &[u8], batch: &Batch, out: &mut [f32]) {
     let nb = batch.acts.k / BLOCK;
     let row_bytes = nb * Packed::<TY>::BS;
-    let n = rows.len() / row_bytes.max(1);
-    assert_eq!(
-        n * row_bytes,
-        rows.len(),
-        "rows do not match the activations"
-    );
-    assert_eq!(out.len(), batch.m * n, "out does not match the rows");
+    let n = super::packed_rows(rows, row_bytes, batch, out);
     for r in 0..n {
         let w = Packed::<TY> {
             p: rows[r * row_bytes..(r + 1) * row_bytes].as_ptr(),
@@ -792,13 +786,7 @@ unsafe fn packed_row16<const TY: u8>(
 unsafe fn packed_batch16<const TY: u8>(rows: &[u8], batch: &Batch, out: &mut [f32]) {
     let nb = batch.acts.k / BLOCK;
     let row_bytes = nb * Packed::<TY>::BS;
-    let n = rows.len() / row_bytes.max(1);
-    assert_eq!(
-        n * row_bytes,
-        rows.len(),
-        "rows do not match the activations"
-    );
-    assert_eq!(out.len(), batch.m * n, "out does not match the rows");
+    let n = super::packed_rows(rows, row_bytes, batch, out);
     batch.check(<Packed<TY> as Weights>::SIGNED);
     let with_min = <Packed<TY> as Weights>::WITH_MIN;
     let mut tile = Tile::default();
