@@ -1,6 +1,7 @@
 //! Plain-Rust CPU kernels (no burn types): quantized activations and integer dot products.
 
 pub mod attention;
+pub mod expf;
 pub mod fused;
 pub mod kquant;
 pub mod paged_attention;

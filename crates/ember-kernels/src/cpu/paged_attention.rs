@@ -41,6 +41,9 @@ use crate::paged::{
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+#[cfg(target_arch = "x86_64")]
+mod one_row_x86;
+
 /// f16 conversions. [`Portable`] uses `half`'s slice functions (which pick F16C at run time,
 /// per call, out of line); [`F16c`] inlines the F16C instructions into a kernel compiled for
 /// AVX2. Both round to nearest even, so they give identical bits.
@@ -209,6 +212,13 @@ impl Conv for F16c {
     #[inline(always)]
     fn task<R: Rows<Self>>(self, c: &Call<'_, R, Self>, t: Task<'_>, sc: &mut Scratch) {
         if self.avx512 {
+            if c.d == one_row_x86::D
+                && one_row_x86::supports(c.group)
+                && let (Some(k), Some(v)) = (c.k.f16_arena(), c.v.f16_arena())
+            {
+                // SAFETY: `self` proves AVX2, FMA, F16C and AVX-512 F; shape checked above.
+                return unsafe { one_row_x86::run(c, k, v, t, sc) };
+            }
             // SAFETY: `self` proves AVX2, FMA, F16C and (`avx512`) AVX-512 F.
             return unsafe { task_avx512(c, t, sc) };
         }
@@ -265,6 +275,12 @@ trait Rows<C: Conv>: Sync {
     const F16_ACC: bool;
     /// Row `row` as f32 into `out`.
     fn read(&self, conv: C, row: usize, out: &mut [f32]);
+    /// The arena itself when it holds f16 rows of the head dimension, for kernels that read
+    /// it directly.
+    #[inline(always)]
+    fn f16_arena(&self) -> Option<&[f16]> {
+        None
+    }
     /// Row `row` as f32: borrowed when stored as f32, otherwise converted into `buf`.
     #[inline(always)]
     fn row<'a>(&'a self, conv: C, row: usize, buf: &'a mut [f32]) -> &'a [f32] {
@@ -297,6 +313,10 @@ struct F16Rows<'s> {
 
 impl<C: Conv> Rows<C> for F16Rows<'_> {
     const F16_ACC: bool = true;
+    #[inline(always)]
+    fn f16_arena(&self) -> Option<&[f16]> {
+        Some(self.a)
+    }
     #[inline(always)]
     fn read(&self, conv: C, row: usize, out: &mut [f32]) {
         conv.to_f32(&self.a[row * self.d..(row + 1) * self.d], out);
@@ -1634,6 +1654,47 @@ mod tests {
             ),
         ) {
             check_against_naive(seed, dtype, n_kv, group, d, block_size, &seqs)?;
+        }
+    }
+
+    /// The AVX-512 one-row kernel for 64-wide f16 heads gives the generic builds' bits for
+    /// every group size it has a build for, windows, ragged tiles, and scores spread far
+    /// enough (scale up to 40) that many softmax weights take libm's underflow path.
+    #[test]
+    fn one_row_d64_kernel_matches_generic_builds() {
+        let mut rng = StdRng::seed_from_u64(0xD64);
+        let d = 64;
+        for case in 0..24 {
+            let group = 1 + case % 8;
+            let n_kv = rng.random_range(1..=2);
+            let n_head = n_kv * group;
+            let block_size = [1, 16, 32][case % 3];
+            let scale = [0.125, 3.0, 40.0][(case / 8) % 3];
+            let shapes = [
+                (1, rng.random_range(0..200)),
+                (rng.random_range(2..12), rng.random_range(0..70)),
+                (1, rng.random_range(60..140)),
+            ];
+            let windows = [None, None, Some(rng.random_range(1..80))];
+            let data: Vec<SeqData> = shapes
+                .iter()
+                .map(|&(n_q, past)| SeqData {
+                    q: fill16(&mut rng, n_q * n_head * d, 2.0),
+                    k: fill16(&mut rng, (past + n_q) * n_kv * d, 2.0),
+                    v: fill16(&mut rng, (past + n_q) * n_kv * d, 2.0),
+                    n_q,
+                    t: past + n_q,
+                })
+                .collect();
+            let (store, seqs) = build(&mut rng, KvDtype::F16, block_size, n_kv, d, &data, &windows);
+            let attn = PagedAttention {
+                store,
+                seqs: seqs.into(),
+                scale,
+            };
+            let n_rows: usize = data.iter().map(|s| s.n_q).sum();
+            let got = run_all_builds(&concat_q(&data), n_rows, n_head, d, &attn);
+            assert!(got.iter().all(|x| x.is_finite()), "case {case}");
         }
     }
 

@@ -1,0 +1,224 @@
+//! The one-row path ([`super::one_row`]) for an f16 cache with 64-wide heads, on AVX-512:
+//! the same operations in the same order, so the same bits (tested against the generic
+//! builds), with the work laid out for the vector unit instead of around slices:
+//!
+//! - each head's Q (rounded to f16) and its f16-valued V sum live in registers for the whole
+//!   task, and K and V rows are converted straight into registers, never to scratch memory;
+//! - the softmax weights of a tile of keys are computed sixteen at a time: the running max
+//!   after each key depends on the scores alone, so a scalar scan first fixes each key's
+//!   exponent argument (and whether the max grew), then [`expf16`] (glibc's `expf`, bit for
+//!   bit) takes sixteen, and only the V updates, which round to f16 after every key, stay
+//!   sequential.
+//!
+//! Decode rows spent most of their attention time in one libm call per key and head and in
+//! slice passes over the V sum; those were per-row costs that batching cannot share.
+
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use super::{Call, F16c, Rows, Scratch, TILE_KV, Task, fill_rows};
+use crate::cpu::expf::expf16;
+
+/// The head dimension this kernel is written for.
+pub(super) const D: usize = 64;
+/// 16-lane vectors per head row.
+const NV: usize = D / 16;
+/// The largest GQA group (query heads per kv head) with a register-resident build.
+const MAX_GROUP: usize = 8;
+
+/// Whether [`run`] has a build for `group` query heads per kv head.
+pub(super) fn supports(group: usize) -> bool {
+    (1..=MAX_GROUP).contains(&group)
+}
+
+/// Runs task `t` with `k`, `v` the f16 arenas behind `c`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2, FMA and F16C (an `F16c` with `avx512` proves it);
+/// `c.d` must be [`D`] and `supports(c.group)` must hold.
+pub(super) unsafe fn run<R: Rows<F16c>>(
+    c: &Call<'_, R, F16c>,
+    k: &[f16],
+    v: &[f16],
+    t: Task<'_>,
+    sc: &mut Scratch,
+) {
+    assert!(
+        c.d == D && supports(c.group),
+        "one_row_x86: unsupported shape"
+    );
+    // SAFETY: the CPU features are the caller's; the shape was checked above.
+    unsafe {
+        match c.group {
+            1 => group::<R, 1>(c, k, v, t, sc),
+            2 => group::<R, 2>(c, k, v, t, sc),
+            3 => group::<R, 3>(c, k, v, t, sc),
+            4 => group::<R, 4>(c, k, v, t, sc),
+            5 => group::<R, 5>(c, k, v, t, sc),
+            6 => group::<R, 6>(c, k, v, t, sc),
+            7 => group::<R, 7>(c, k, v, t, sc),
+            _ => group::<R, 8>(c, k, v, t, sc),
+        }
+    }
+}
+
+/// `x` rounded to the nearest f16 (ties to even), as f32.
+#[inline(always)]
+unsafe fn round16(x: __m512) -> __m512 {
+    // SAFETY: AVX-512 F is the caller's.
+    unsafe {
+        _mm512_cvtph_ps(_mm512_cvtps_ph::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(x))
+    }
+}
+
+/// Row `r` of an f16 arena of 64-wide rows, widened to f32 (exact).
+#[inline(always)]
+unsafe fn load_row(a: &[f16], r: usize) -> [__m512; NV] {
+    let row = &a[r * D..(r + 1) * D];
+    // SAFETY: `row` is 64 f16 (128 bytes), read as four unaligned 32-byte halves of it;
+    // AVX-512 F is the caller's.
+    unsafe {
+        let p = row.as_ptr().cast::<__m256i>();
+        [
+            _mm512_cvtph_ps(_mm256_loadu_si256(p)),
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.add(1))),
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2))),
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.add(3))),
+        ]
+    }
+}
+
+/// Hints that row `r` of an f16 arena of 64-wide rows (two cache lines) is read soon.
+#[inline(always)]
+fn prefetch_row(a: &[f16], r: usize) {
+    if let Some(row) = a.get(r * D..(r + 1) * D) {
+        let p = row.as_ptr().cast::<i8>();
+        // SAFETY: prefetching has no architectural effect and cannot fault; both addresses
+        // lie inside `row` (128 bytes).
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(p);
+            _mm_prefetch::<_MM_HINT_T0>(p.add(64));
+        }
+    }
+}
+
+/// [`super::ggml_dot`] of two 64-value rows: four FMA accumulators, folded pairwise, then
+/// as `_mm512_reduce_add_ps` folds sixteen lanes.
+#[inline(always)]
+unsafe fn dot(k: &[__m512; NV], q: &[__m512; NV]) -> f32 {
+    // SAFETY: AVX-512 F is the caller's.
+    unsafe {
+        let z = _mm512_setzero_ps();
+        let a: [__m512; NV] = std::array::from_fn(|i| _mm512_fmadd_ps(k[i], q[i], z));
+        let v = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let t = _mm256_add_ps(hi, _mm512_castps512_ps256(v));
+        let u = _mm_add_ps(_mm256_extractf128_ps::<1>(t), _mm256_castps256_ps128(t));
+        let w = _mm_add_ps(u, _mm_movehl_ps(u, u));
+        _mm_cvtss_f32(_mm_add_ss(w, _mm_shuffle_ps::<1>(w, w)))
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn group<R: Rows<F16c>, const G: usize>(
+    c: &Call<'_, R, F16c>,
+    k: &[f16],
+    v: &[f16],
+    t: Task<'_>,
+    sc: &mut Scratch,
+) {
+    let Task {
+        seq,
+        kvh,
+        qrows,
+        keys,
+        dst,
+    } = t;
+    assert!(qrows.len() == G * D && dst.len() == G * D && sc.p.len() >= G * TILE_KV);
+    let Scratch { p, rows, .. } = sc;
+    // SAFETY (whole body): AVX-512 F, AVX2, FMA and F16C are the caller's; every pointer
+    // below comes from a slice of the length it is read or written at (`qrows`, `dst`: `G`
+    // rows of 64 f32, asserted; `p`: `G` tiles of `TILE_KV`; chunks of at most 16 floats
+    // with the load/store mask covering exactly the chunk).
+    unsafe {
+        let q: [[__m512; NV]; G] = std::array::from_fn(|g| {
+            std::array::from_fn(|i| round16(_mm512_loadu_ps(qrows.as_ptr().add(g * D + 16 * i))))
+        });
+        let mut acc = [[_mm512_setzero_ps(); NV]; G];
+        let mut m = [f32::NEG_INFINITY; G];
+        let mut sum = [0.0f32; G];
+        for start in keys.clone().step_by(TILE_KV) {
+            let len = TILE_KV.min(keys.end - start);
+            fill_rows(c, seq, kvh, start..start + len, &mut rows[..len]);
+            // The tile's rows sit in scattered cache blocks that the hardware prefetchers do
+            // not foresee: ask for all of them now, K first (read next), then V.
+            for a in [k, v] {
+                for &r in &rows[..len] {
+                    prefetch_row(a, r);
+                }
+            }
+            // Scores, each K row converted once for the group's heads.
+            for (j, &r) in rows[..len].iter().enumerate() {
+                let kr = load_row(k, r);
+                for (g, qg) in q.iter().enumerate() {
+                    p[g * TILE_KV + j] = dot(&kr, qg) * c.scale;
+                }
+            }
+            // Per head: each key's exponent argument under the running max (the old max
+            // minus the score where the score raises it, else the score minus the max), then
+            // the weights sixteen at a time, in place.
+            let mut grew = [0u64; G];
+            for (g, grew) in grew.iter_mut().enumerate() {
+                let pg = &mut p[g * TILE_KV..g * TILE_KV + len];
+                let mut mg = m[g];
+                for (j, x) in pg.iter_mut().enumerate() {
+                    let s = *x;
+                    if s > mg {
+                        *x = mg - s;
+                        *grew |= 1 << j;
+                        mg = s;
+                    } else {
+                        *x = s - mg;
+                    }
+                }
+                m[g] = mg;
+                for ch in pg.chunks_mut(16) {
+                    let mask = (u32::MAX >> (32 - ch.len())) as u16;
+                    let x = _mm512_maskz_loadu_ps(mask, ch.as_ptr());
+                    _mm512_mask_storeu_ps(ch.as_mut_ptr(), mask, expf16(x));
+                }
+            }
+            // The V sums, one key at a time (each update rounds to f16).
+            for (j, &r) in rows[..len].iter().enumerate() {
+                let vr = load_row(v, r);
+                for g in 0..G {
+                    let e = p[g * TILE_KV + j];
+                    let (ms, vs) = if grew[g] >> j & 1 != 0 {
+                        let msv = _mm512_set1_ps(e);
+                        for a in &mut acc[g] {
+                            *a = round16(_mm512_mul_ps(*a, msv));
+                        }
+                        (e, 1.0)
+                    } else {
+                        (1.0, e)
+                    };
+                    let vsv = _mm512_set1_ps(vs);
+                    for (a, &x) in acc[g].iter_mut().zip(&vr) {
+                        *a = round16(_mm512_fmadd_ps(x, vsv, *a));
+                    }
+                    sum[g] = sum[g].mul_add(ms, vs);
+                }
+            }
+        }
+        for g in 0..G {
+            let s = sum[g];
+            let inv = _mm512_set1_ps(if s == 0.0 { 0.0 } else { 1.0 / s });
+            for (i, &a) in acc[g].iter().enumerate() {
+                _mm512_storeu_ps(dst.as_mut_ptr().add(g * D + 16 * i), _mm512_mul_ps(a, inv));
+            }
+        }
+    }
+}
