@@ -50,8 +50,19 @@ fn start(mut cmd: Command, port: u16, what: &str) -> Result<Server> {
     }
 }
 
-/// One streaming completion: (time to first token, times between tokens, tokens).
-fn stream_once(port: u16, prompt: &str, tokens: usize) -> Result<(f64, Vec<f64>, usize)> {
+/// One streaming completion's tokens and when they arrived.
+struct Stream {
+    /// Sent the request.
+    start: Instant,
+    /// The first and the last token (`None` when no token came).
+    first: Option<Instant>,
+    last: Instant,
+    /// Times between consecutive tokens.
+    gaps: Vec<f64>,
+    tokens: usize,
+}
+
+fn stream_once(port: u16, prompt: &str, tokens: usize) -> Result<Stream> {
     let t0 = Instant::now();
     let resp = ureq::post(&format!("http://127.0.0.1:{port}/v1/completions"))
         .timeout(Duration::from_secs(600))
@@ -85,21 +96,32 @@ fn stream_once(port: u16, prompt: &str, tokens: usize) -> Result<(f64, Vec<f64>,
         let now = Instant::now();
         n += 1;
         match first {
-            None => first = Some(now.duration_since(t0).as_secs_f64()),
+            None => first = Some(now),
             Some(_) => gaps.push(now.duration_since(last).as_secs_f64()),
         }
         last = now;
     }
-    Ok((first.unwrap_or(f64::NAN), gaps, n))
+    Ok(Stream {
+        start: t0,
+        first,
+        last,
+        gaps,
+        tokens: n,
+    })
 }
 
 struct RunResult {
+    /// All streamed tokens over the wall time (prompt processing included).
     tokens_per_s: f64,
+    /// The decode rate: tokens after each stream's first, over the span from the earliest
+    /// first token to the latest last one (prompt processing excluded; for one stream, one
+    /// over the mean time per output token).
+    decode_per_s: f64,
     ttft: Vec<f64>,
     tpot: Vec<f64>,
 }
 
-/// `clients` concurrent streams; aggregate rate is all streamed tokens over the wall time.
+/// `clients` concurrent streams, measured both as wall-clock throughput and as decode rate.
 fn run_clients(port: u16, clients: usize, tokens: usize) -> Result<RunResult> {
     let t0 = Instant::now();
     let handles: Vec<_> = (0..clients)
@@ -112,14 +134,26 @@ fn run_clients(port: u16, clients: usize, tokens: usize) -> Result<RunResult> {
         .collect();
     let mut total = 0;
     let (mut ttft, mut tpot) = (Vec::new(), Vec::new());
+    let (mut decoded, mut span) = (0, None::<(Instant, Instant)>);
     for h in handles {
-        let (first, gaps, n) = h.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
-        total += n;
-        ttft.push(first);
-        tpot.extend(gaps);
+        let s = h.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+        total += s.tokens;
+        ttft.push(
+            s.first
+                .map_or(f64::NAN, |f| f.duration_since(s.start).as_secs_f64()),
+        );
+        tpot.extend(s.gaps);
+        if let Some(first) = s.first {
+            decoded += s.tokens - 1;
+            span = Some(span.map_or((first, s.last), |(a, b)| (a.min(first), b.max(s.last))));
+        }
     }
+    let decode_per_s = span.map_or(f64::NAN, |(a, b)| {
+        decoded as f64 / b.duration_since(a).as_secs_f64()
+    });
     Ok(RunResult {
         tokens_per_s: total as f64 / t0.elapsed().as_secs_f64(),
+        decode_per_s,
         ttft,
         tpot,
     })
@@ -194,6 +228,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
     type Key = (&'static str, usize);
     let mut rate: std::collections::BTreeMap<Key, Vec<f64>> = Default::default();
+    let mut decode: std::collections::BTreeMap<Key, Vec<f64>> = Default::default();
     let mut ttft: std::collections::BTreeMap<Key, Vec<f64>> = Default::default();
     let mut tpot: std::collections::BTreeMap<Key, Vec<f64>> = Default::default();
     for round in 0..rounds {
@@ -207,6 +242,7 @@ pub fn run(args: &[String]) -> Result<()> {
             for n in [1, clients] {
                 let r = run_clients(s.port, n, tokens)?;
                 rate.entry((name, n)).or_default().push(r.tokens_per_s);
+                decode.entry((name, n)).or_default().push(r.decode_per_s);
                 ttft.entry((name, n)).or_default().extend(r.ttft);
                 tpot.entry((name, n)).or_default().extend(r.tpot);
             }
@@ -217,19 +253,24 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     println!();
     println!(
-        "| server | streams | tokens/s best | tokens/s median | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |"
+        "| server | streams | tokens/s best | tokens/s median | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | decode t/s best | decode t/s median |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut medians = std::collections::BTreeMap::new();
+    let mut decode_medians = std::collections::BTreeMap::new();
     for (key, xs) in rate.iter_mut() {
         let (best, median) = best_median(xs);
         medians.insert(*key, median);
+        let (d_best, d_median) = decode
+            .get_mut(key)
+            .map_or((f64::NAN, f64::NAN), |v| best_median(v));
+        decode_medians.insert(*key, d_median);
         let t = ttft.get_mut(key).map_or(&mut [][..], |v| &mut v[..]);
         let (t50, t99) = (percentile(t, 0.5) * 1e3, percentile(t, 0.99) * 1e3);
         let p = tpot.get_mut(key).map_or(&mut [][..], |v| &mut v[..]);
         let (p50, p99) = (percentile(p, 0.5) * 1e3, percentile(p, 0.99) * 1e3);
         println!(
-            "| {} | {} | {best:.1} | {median:.1} | {t50:.0} | {t99:.0} | {p50:.1} | {p99:.1} |",
+            "| {} | {} | {best:.1} | {median:.1} | {t50:.0} | {t99:.0} | {p50:.1} | {p99:.1} | {d_best:.1} | {d_median:.1} |",
             key.0, key.1
         );
     }
@@ -239,6 +280,12 @@ pub fn run(args: &[String]) -> Result<()> {
         "ember: {clients} streams / 1 stream = {:.2}x; ember / llama-server at {clients} streams = {:.2}x",
         get(("ember", clients)) / get(("ember", 1)),
         get(("ember", clients)) / get(("llama-server", clients)),
+    );
+    let dget = |k: Key| decode_medians.get(&k).copied().unwrap_or(f64::NAN);
+    println!(
+        "decode rate (prompt processing excluded): ember {clients} streams / 1 stream = {:.2}x; ember / llama-server at {clients} streams = {:.2}x",
+        dget(("ember", clients)) / dget(("ember", 1)),
+        dget(("ember", clients)) / dget(("llama-server", clients)),
     );
     Ok(())
 }
