@@ -231,8 +231,13 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     out
 }
 
-/// [`swiglu`] over one chunk, with FMA instructions where the CPU has them.
+/// [`swiglu`] over one chunk, with AVX-512 or FMA instructions where the CPU has them.
 fn swiglu_chunk(g: &[f32], u: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F (checked at run time).
+        return unsafe { swiglu_chunk_avx512(g, u, out) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_fma() {
         // SAFETY: the CPU has FMA (checked at run time).
@@ -245,6 +250,63 @@ fn swiglu_chunk(g: &[f32], u: &[f32], out: &mut [f32]) {
 #[target_feature(enable = "fma")]
 fn swiglu_chunk_fma(g: &[f32], u: &[f32], out: &mut [f32]) {
     swiglu_chunk_body(g, u, out)
+}
+
+/// [`swiglu_chunk_body`] sixteen lanes at a time: ggml's `ggml_v_expf` and `ggml_v_silu`
+/// transcribed (the scalar [`ggml_expf`] emulates them, so the bits are the same, tested);
+/// the scalar code, which the compiler does not vectorize, spent about 3 cycles an element.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn swiglu_chunk_avx512(g: &[f32], u: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = out.len().min(g.len()).min(u.len());
+    let body = n / 16 * 16;
+    let c = _mm512_set1_ps;
+    for i in (0..body).step_by(16) {
+        // SAFETY: `i + 16 <= n`, within all three slices; unaligned loads and stores.
+        unsafe {
+            let x = _mm512_loadu_ps(g.as_ptr().add(i));
+            let neg = _mm512_sub_ps(_mm512_setzero_ps(), x);
+            // ggml_v_expf(neg)
+            let r = c(f32::from_bits(0x4b40_0000));
+            let z = _mm512_fmadd_ps(neg, c(f32::from_bits(0x3fb8_aa3b)), r);
+            let nn = _mm512_sub_ps(z, r);
+            let b = _mm512_fnmadd_ps(
+                nn,
+                c(f32::from_bits(0x35bf_be8e)),
+                _mm512_fnmadd_ps(nn, c(f32::from_bits(0x3f31_7200)), neg),
+            );
+            let d = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(nn), c(192.0));
+            let uu = _mm512_mul_ps(b, b);
+            let j = _mm512_fmadd_ps(
+                _mm512_fmadd_ps(
+                    _mm512_fmadd_ps(
+                        c(f32::from_bits(0x3c07_2010)),
+                        b,
+                        c(f32::from_bits(0x3d2b_9f17)),
+                    ),
+                    uu,
+                    _mm512_fmadd_ps(
+                        c(f32::from_bits(0x3e2a_af33)),
+                        b,
+                        c(f32::from_bits(0x3eff_fedb)),
+                    ),
+                ),
+                uu,
+                _mm512_fmadd_ps(c(f32::from_bits(0x3f7f_fff6)), b, c(1.0)),
+            );
+            let mut e = _mm512_scalef_ps(j, nn);
+            if d != 0 {
+                let le = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(nn, _mm512_setzero_ps());
+                let alt = _mm512_mask_blend_ps(le, c(f32::INFINITY), _mm512_setzero_ps());
+                e = _mm512_mask_blend_ps(d, e, alt);
+            }
+            let silu = _mm512_div_ps(x, _mm512_add_ps(c(1.0), e));
+            let y = _mm512_mul_ps(silu, _mm512_loadu_ps(u.as_ptr().add(i)));
+            _mm512_storeu_ps(out.as_mut_ptr().add(i), y);
+        }
+    }
+    swiglu_chunk_body(&g[body..n], &u[body..n], &mut out[body..n]);
 }
 
 #[inline(always)]
@@ -305,6 +367,36 @@ pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX-512 SwiGLU gives the scalar code's bits, over ordinary and extreme gates (past
+    /// ggml's |n| > 192 cut-off both ways) and ragged lengths.
+    #[test]
+    fn swiglu_builds_agree() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let mut rng = StdRng::seed_from_u64(0x5161);
+        for len in [0usize, 1, 15, 16, 17, 1536, 4099] {
+            let g: Vec<f32> = (0..len)
+                .map(|i| match i % 7 {
+                    0 => rng.random_range(-200.0..200.0),
+                    1 => rng.random_range(-150.0..-80.0),
+                    2 => f32::INFINITY * if i % 2 == 0 { 1.0 } else { -1.0 },
+                    _ => rng.random_range(-8.0..8.0),
+                })
+                .collect();
+            let u: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0..3.0)).collect();
+            let mut want = vec![0.0f32; len];
+            swiglu_chunk_body(&g, &u, &mut want);
+            let mut got = vec![0.0f32; len];
+            swiglu_chunk(&g, &u, &mut got);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                    "len {len} [{i}] gate {}: {a} vs {b}",
+                    g[i]
+                );
+            }
+        }
+    }
 
     /// The f16 GELU table equals ggml's `ggml_table_gelu_f16` entry for entry for every finite
     /// input (the only ones GEGLU looks up): its FNV-1a hash over those little-endian entries,
