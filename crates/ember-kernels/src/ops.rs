@@ -550,12 +550,10 @@ mod flex {
         fn round_to_f16(x: FlexTensor) -> FlexTensor {
             let shape = x.shape();
             let x = contiguous_f32(x);
-            let out = x
-                .as_slice::<f32>()
-                .expect("contiguous f32")
-                .iter()
-                .map(|&v| half::f16::from_f32(v).to_f32())
-                .collect::<Vec<_>>();
+            let mut out = x.as_slice::<f32>().expect("contiguous f32").to_vec();
+            // Whole-slice conversions (F16C where the CPU has it), not one call per value.
+            let mut tmp = vec![half::f16::ZERO; out.len()];
+            crate::cpu::attention::round_slice(&mut out, &mut tmp);
             FlexTensor::from_data(TensorData::new(out, shape))
         }
 
