@@ -3,6 +3,8 @@
 //! supplies its blocks ([`Architecture`]); the runtime sees one [`Model`] type.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_formats::GgufFile;
@@ -251,7 +253,21 @@ impl Model {
         // inside the pool (work-stealing, no cross-thread hand-off per op) instead of each one
         // injecting a job and putting the calling thread to sleep. On 2 cores that hand-off
         // cost more than the small decode matmuls themselves.
-        let out = rayon::scope(|_| self.forward_in_pool(batch, starts.clone(), cache));
+        //
+        // The other workers are kept polling for work for the whole pass (`keep_awake`), as
+        // ggml's thread pool spins between ops: a rayon worker that finds nothing to do for a
+        // few tens of microseconds sleeps, and on this VM waking it costs more than the short
+        // serial stretches between two parallel loops (8-stream decode slept ~20 times a step
+        // and left the second core a fifth idle).
+        let done = AtomicBool::new(false);
+        let out = rayon::scope(|s| {
+            let (runner, done) = (rayon::current_thread_index(), &done);
+            for _ in 1..rayon::current_num_threads() {
+                s.spawn(move |_| keep_awake(done, runner));
+            }
+            let _stop = SetOnDrop(done);
+            self.forward_in_pool(batch, starts.clone(), cache)
+        });
         let result = out.and_then(|logits| {
             for b in batch {
                 cache.commit(b.seq)?;
@@ -355,4 +371,40 @@ fn select_rows(x: Tensor<2>, rows: &[usize]) -> Tensor<2> {
 /// A tensor's values on the host, row-major (the cache stores K/V in host memory).
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().unwrap_or_default()
+}
+
+/// How long [`keep_awake`] polls with nothing to run before it gives up and lets its thread
+/// sleep as rayon's own idle loop would.
+const KEEP_AWAKE_IDLE: Duration = Duration::from_millis(1);
+
+/// Runs other jobs of the pool, polling without sleeping, until `done`.
+///
+/// It returns at once on the thread running the pass (`runner`), which may pick this job up
+/// while it waits inside a parallel loop: spinning there would wait for itself. And it returns
+/// after [`KEEP_AWAKE_IDLE`] with nothing to run: a thread that took this job while waiting
+/// inside one of the pass's own jobs must get back to that job for the pass to finish.
+fn keep_awake(done: &AtomicBool, runner: Option<usize>) {
+    if rayon::current_thread_index() == runner {
+        return;
+    }
+    let mut idle_since = None;
+    while !done.load(Ordering::Acquire) {
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            idle_since = None;
+            continue;
+        }
+        if idle_since.get_or_insert_with(Instant::now).elapsed() > KEEP_AWAKE_IDLE {
+            return;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Sets the flag when dropped, so [`keep_awake`] stops even if the pass panics.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }

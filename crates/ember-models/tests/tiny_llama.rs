@@ -317,3 +317,56 @@ fn refused_batch_leaves_the_sequence_unchanged() {
     model.forward(&[4; 5], &mut cache, Logits::Last).unwrap();
     assert_eq!(cache.len(), 8);
 }
+
+/// Forward passes started at once from several OS threads and from inside rayon's pool (each
+/// keeps the pool's other workers polling while it runs) all finish, with the logits of a pass
+/// run alone. A watchdog turns a deadlock into a failure instead of a hung test.
+#[test]
+fn concurrent_and_nested_passes_finish_with_the_same_logits() {
+    use rayon::prelude::*;
+    use std::sync::Arc;
+    let t = tiny_model_with(5, false);
+    let file = GgufFile::from_bytes(t.bytes).unwrap();
+    let model = Arc::new(load(&file, &default_device()).unwrap());
+    let tokens: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % VOCAB as u32).collect();
+    fn run(model: &ember_models::Model, tokens: &[u32]) -> Vec<Vec<f32>> {
+        let mut cache = model.new_cache(32).unwrap();
+        let mut rows = logits_rows(
+            model
+                .forward(&tokens[..6], &mut cache, Logits::Last)
+                .unwrap(),
+        );
+        for &tok in &tokens[6..] {
+            rows.extend(logits_rows(
+                model.forward(&[tok], &mut cache, Logits::Last).unwrap(),
+            ));
+        }
+        rows
+    }
+    let alone = run(&model, &tokens);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..4 {
+        let (model, tx, tokens) = (Arc::clone(&model), tx.clone(), tokens.clone());
+        std::thread::spawn(move || {
+            let got = if i % 2 == 0 {
+                vec![run(&model, &tokens)]
+            } else {
+                // Passes inside the pool, two at a time on its workers.
+                (0..2)
+                    .into_par_iter()
+                    .map(|_| run(&model, &tokens))
+                    .collect()
+            };
+            let _ = tx.send(got);
+        });
+    }
+    drop(tx);
+    for _ in 0..4 {
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("a forward pass did not finish (deadlock?)");
+        for rows in got {
+            assert_eq!(rows, alone);
+        }
+    }
+}
