@@ -167,30 +167,42 @@ fn rope_row_body(
     }
 }
 
+/// `0x1.8p23`: adding it rounds an f32 of magnitude below 2^22 to an integer.
+const EXPF_SHIFT: f32 = f32::from_bits(0x4b40_0000);
+/// `0x1.715476p+0` = 1 / ln 2.
+const EXPF_INV_LN2: f32 = f32::from_bits(0x3fb8_aa3b);
+/// ln 2 in two parts, `0x1.62e4p-1` + `0x1.7f7d1cp-20`.
+const EXPF_LN2_HI: f32 = f32::from_bits(0x3f31_7200);
+const EXPF_LN2_LO: f32 = f32::from_bits(0x35bf_be8e);
+/// The polynomial's coefficients, highest first: `0x1.0e4020p-7`, `0x1.573e2ep-5`,
+/// `0x1.555e66p-3`, `0x1.fffdb6p-2`, `0x1.ffffecp-1`.
+const EXPF_POLY: [f32; 5] = [
+    f32::from_bits(0x3c07_2010),
+    f32::from_bits(0x3d2b_9f17),
+    f32::from_bits(0x3e2a_af33),
+    f32::from_bits(0x3eff_fedb),
+    f32::from_bits(0x3f7f_fff6),
+];
+
 /// `e^x` as ggml's AVX-512 `ggml_v_expf` computes it (ARM's optimized-routines polynomial,
 /// at most 1.45 ulp from the true value): `2^n * p(b)` with `n = round(x / ln 2)` and the
 /// reduced argument `b` taken in two FMA steps. Written out in scalar FMAs so every target
 /// gives the bits llama.cpp's reference build gives.
 #[inline(always)]
 pub fn ggml_expf(x: f32) -> f32 {
-    const R: f32 = f32::from_bits(0x4b40_0000); // 0x1.8p23: adding it rounds to an integer
-    let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), R); // 0x1.715476p+0 = 1/ln 2
-    let n = z - R;
-    let b = (-n).mul_add(
-        f32::from_bits(0x35bf_be8e),                  // 0x1.7f7d1cp-20
-        (-n).mul_add(f32::from_bits(0x3f31_7200), x), // 0x1.62e4p-1
-    );
+    let r = EXPF_SHIFT;
+    let z = x.mul_add(EXPF_INV_LN2, r);
+    let n = z - r;
+    let b = (-n).mul_add(EXPF_LN2_LO, (-n).mul_add(EXPF_LN2_HI, x));
     if n.abs() > 192.0 {
         return if n <= 0.0 { 0.0 } else { f32::INFINITY };
     }
     let u = b * b;
-    let j = f32::from_bits(0x3c07_2010) // 0x1.0e4020p-7
-        .mul_add(b, f32::from_bits(0x3d2b_9f17)) // 0x1.573e2ep-5
-        .mul_add(
-            u,
-            f32::from_bits(0x3e2a_af33).mul_add(b, f32::from_bits(0x3eff_fedb)), // 0x1.555e66p-3, 0x1.fffdb6p-2
-        )
-        .mul_add(u, f32::from_bits(0x3f7f_fff6).mul_add(b, 1.0)); // 0x1.ffffecp-1
+    let [c5, c4, c3, c2, c1] = EXPF_POLY;
+    let j = c5
+        .mul_add(b, c4)
+        .mul_add(u, c3.mul_add(b, c2))
+        .mul_add(u, c1.mul_add(b, 1.0));
     scale_by_pow2(j, n as i32)
 }
 
@@ -267,33 +279,23 @@ fn swiglu_chunk_avx512(g: &[f32], u: &[f32], out: &mut [f32]) {
         unsafe {
             let x = _mm512_loadu_ps(g.as_ptr().add(i));
             let neg = _mm512_sub_ps(_mm512_setzero_ps(), x);
-            // ggml_v_expf(neg)
-            let r = c(f32::from_bits(0x4b40_0000));
-            let z = _mm512_fmadd_ps(neg, c(f32::from_bits(0x3fb8_aa3b)), r);
+            // ggml_v_expf(neg), as `ggml_expf` per lane.
+            let r = c(EXPF_SHIFT);
+            let z = _mm512_fmadd_ps(neg, c(EXPF_INV_LN2), r);
             let nn = _mm512_sub_ps(z, r);
             let b = _mm512_fnmadd_ps(
                 nn,
-                c(f32::from_bits(0x35bf_be8e)),
-                _mm512_fnmadd_ps(nn, c(f32::from_bits(0x3f31_7200)), neg),
+                c(EXPF_LN2_LO),
+                _mm512_fnmadd_ps(nn, c(EXPF_LN2_HI), neg),
             );
             let d = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(nn), c(192.0));
             let uu = _mm512_mul_ps(b, b);
+            let [c5, c4, c3, c2, c1] = EXPF_POLY;
+            let (c5, c4, c3, c2, c1) = (c(c5), c(c4), c(c3), c(c2), c(c1));
             let j = _mm512_fmadd_ps(
-                _mm512_fmadd_ps(
-                    _mm512_fmadd_ps(
-                        c(f32::from_bits(0x3c07_2010)),
-                        b,
-                        c(f32::from_bits(0x3d2b_9f17)),
-                    ),
-                    uu,
-                    _mm512_fmadd_ps(
-                        c(f32::from_bits(0x3e2a_af33)),
-                        b,
-                        c(f32::from_bits(0x3eff_fedb)),
-                    ),
-                ),
+                _mm512_fmadd_ps(_mm512_fmadd_ps(c5, b, c4), uu, _mm512_fmadd_ps(c3, b, c2)),
                 uu,
-                _mm512_fmadd_ps(c(f32::from_bits(0x3f7f_fff6)), b, c(1.0)),
+                _mm512_fmadd_ps(c1, b, c(1.0)),
             );
             let mut e = _mm512_scalef_ps(j, nn);
             if d != 0 {

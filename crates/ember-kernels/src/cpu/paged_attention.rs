@@ -1018,6 +1018,27 @@ mod tests {
         t: usize,
     }
 
+    /// One sequence per `(queries, past positions)` shape, with f16-valued Q, K and V drawn
+    /// from [-2, 2).
+    fn random_seqs(
+        rng: &mut StdRng,
+        shapes: &[(usize, usize)],
+        n_head: usize,
+        n_kv: usize,
+        d: usize,
+    ) -> Vec<SeqData> {
+        shapes
+            .iter()
+            .map(|&(n_q, past)| SeqData {
+                q: fill16(rng, n_q * n_head * d, 2.0),
+                k: fill16(rng, (past + n_q) * n_kv * d, 2.0),
+                v: fill16(rng, (past + n_q) * n_kv * d, 2.0),
+                n_q,
+                t: past + n_q,
+            })
+            .collect()
+    }
+
     /// Stores every sequence's K/V through its own block table, drawn from a shuffled pool
     /// (the blocks of one sequence are scattered and out of order). Blocks that no query sees
     /// are released (`u32::MAX`) in the returned tables.
@@ -1191,16 +1212,7 @@ mod tests {
             } else {
                 [None; 3]
             };
-            let data: Vec<SeqData> = shapes
-                .iter()
-                .map(|&(n_q, past)| SeqData {
-                    q: fill16(&mut rng, n_q * n_head * d, 2.0),
-                    k: fill16(&mut rng, (past + n_q) * n_kv * d, 2.0),
-                    v: fill16(&mut rng, (past + n_q) * n_kv * d, 2.0),
-                    n_q,
-                    t: past + n_q,
-                })
-                .collect();
+            let data = random_seqs(&mut rng, &shapes, n_head, n_kv, d);
             let (store, seqs) = build(&mut rng, dtype, block_size, n_kv, d, &data, &windows);
             let scale = 1.0 / (d as f32).sqrt();
             let n_rows: usize = data.iter().map(|s| s.n_q).sum();
@@ -1459,19 +1471,10 @@ mod tests {
                 (rng.random_range(2..9), rng.random_range(0..40)),
             ];
             let windows = [None, Some(rng.random_range(1..60)), None];
-            let data: Vec<SeqData> = shapes
-                .iter()
-                .map(|&(n_q, past)| SeqData {
-                    q: fill16(&mut rng, n_q * n_head * d, 2.0)
-                        .iter()
-                        .map(|x| x * 1.37)
-                        .collect(),
-                    k: fill16(&mut rng, (past + n_q) * n_kv * d, 2.0),
-                    v: fill16(&mut rng, (past + n_q) * n_kv * d, 2.0),
-                    n_q,
-                    t: past + n_q,
-                })
-                .collect();
+            let mut data = random_seqs(&mut rng, &shapes, n_head, n_kv, d);
+            for s in &mut data {
+                s.q.iter_mut().for_each(|x| *x *= 1.37);
+            }
             let (store, seqs) = build(&mut rng, KvDtype::F16, block_size, n_kv, d, &data, &windows);
             let scale = 1.0 / (d as f32).sqrt();
             let n_rows: usize = data.iter().map(|s| s.n_q).sum();
@@ -1676,16 +1679,7 @@ mod tests {
                 (1, rng.random_range(60..140)),
             ];
             let windows = [None, None, Some(rng.random_range(1..80))];
-            let data: Vec<SeqData> = shapes
-                .iter()
-                .map(|&(n_q, past)| SeqData {
-                    q: fill16(&mut rng, n_q * n_head * d, 2.0),
-                    k: fill16(&mut rng, (past + n_q) * n_kv * d, 2.0),
-                    v: fill16(&mut rng, (past + n_q) * n_kv * d, 2.0),
-                    n_q,
-                    t: past + n_q,
-                })
-                .collect();
+            let data = random_seqs(&mut rng, &shapes, n_head, n_kv, d);
             let (store, seqs) = build(&mut rng, KvDtype::F16, block_size, n_kv, d, &data, &windows);
             let attn = PagedAttention {
                 store,
