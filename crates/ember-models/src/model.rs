@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_formats::GgufFile;
-use ember_kernels::{KvDtype, QuantMatrix, paged_attention, quant_matmul, round_to_f16};
+use ember_kernels::{QuantMatrix, paged_attention, quant_matmul};
 use ember_kv::{KvBudget, KvCacheConfig, KvOptions, PagedKvCache, SeqId, SequenceCache};
 
 use crate::layers::rms_norm;
@@ -89,12 +89,8 @@ impl Pass<'_> {
         v: Tensor<3>,
         scale: f32,
     ) -> Result<Tensor<2>, ModelError> {
-        // llama.cpp's f16-cache attention rounds Q to f16 as well.
-        let q = if self.cache.dtype() == KvDtype::F16 {
-            round_to_f16(q)
-        } else {
-            q
-        };
+        // Q goes in as f32: llama.cpp's one-row path rounds it to f16 for an f16 cache, its
+        // tiled path (64+ queries) does not, and the kernel picks the path per sequence.
         let [_, n_kv, head_dim] = k.dims();
         let kv_row = n_kv * head_dim;
         let (k, v) = (host(k), host(v));
