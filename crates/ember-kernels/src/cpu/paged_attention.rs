@@ -355,11 +355,17 @@ struct Scratch {
     vt: Vec<f32>,
     tmp: Vec<f16>,
     rows: [usize; TILE_KV],
+    /// Split-KV: each chunk's unnormalized V sums `[SPLIT_KV_CHUNKS][group][d]` and
+    /// `[max, sum]` per head `[SPLIT_KV_CHUNKS][group][2]`.
+    split_acc: Vec<f32>,
+    split_stats: Vec<f32>,
 }
 
 impl Scratch {
     fn new(d: usize, group: usize) -> Self {
         Self {
+            split_acc: vec![0.0; SPLIT_KV_CHUNKS * group * d],
+            split_stats: vec![0.0; SPLIT_KV_CHUNKS * group * 2],
             q: vec![0.0; group * d],
             acc: vec![0.0; group * d],
             m: vec![0.0; group],
@@ -384,6 +390,9 @@ struct Call<'a, R, C> {
     block_size: usize,
     d: usize,
     scale: f32,
+    /// Whether one-query sequences over 512+ cells take llama.cpp's split-KV path (f16 and
+    /// f32 caches; llama.cpp never splits a q8_0 cache).
+    split_kv: bool,
 }
 
 /// One task: one query row of `seq` (seeing key positions `keys`) against kv head `kvh`, for
@@ -394,6 +403,9 @@ struct Task<'a> {
     qrows: &'a [f32],
     keys: Range<usize>,
     dst: &'a mut [f32],
+    /// A split-KV chunk's partial result: when given, `dst` gets the unnormalized V sums and
+    /// this `[group][2]` the running max and softmax denominator of each head.
+    partial: Option<&'a mut [f32]>,
 }
 
 /// Paged attention for `q: [n_rows, n_head, head_dim]` (token-major, row-major), returning
@@ -465,6 +477,7 @@ fn dispatch<C: Conv>(
 ) -> Vec<f32> {
     let store = &*attn.store;
     let d = store.head_dim();
+    let split_kv = !matches!(store.arenas, Arenas::Q8_0(_));
     macro_rules! call {
         ($k:expr, $v:expr) => {
             run(
@@ -479,6 +492,7 @@ fn dispatch<C: Conv>(
                     block_size: store.block_size(),
                     d,
                     scale: attn.scale,
+                    split_kv,
                 },
                 n_rows,
             )
@@ -527,12 +541,16 @@ fn run<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, n_rows: usize) -> Vec<f32> {
             let qp = seq.n_past + (row - seq.q_start);
             let keys = first_visible(qp, seq.window)..qp + 1;
             let qrows = &c.q[idx * gd..(idx + 1) * gd];
+            if let Some(chunk) = split_kv_chunk(seq, c.split_kv) {
+                return split_kv(c, seq, kvh, qrows, keys, chunk, dst, sc);
+            }
             let t = Task {
                 seq,
                 kvh,
                 qrows,
                 keys,
                 dst,
+                partial: None,
             };
             c.conv.task(c, t, sc);
         },
@@ -697,6 +715,7 @@ fn one_row<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratc
         qrows,
         keys,
         dst,
+        partial,
     } = t;
     let (d, conv) = (c.d, c.conv);
     let Scratch {
@@ -763,7 +782,97 @@ fn one_row<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, t: Task<'_>, sc: &mut Scratc
             }
         }
     }
-    finish(acc, sum, d, dst);
+    match partial {
+        Some(stats) => {
+            dst.copy_from_slice(acc);
+            for (st, (&m, &s)) in stats.chunks_exact_mut(2).zip(m.iter().zip(sum.iter())) {
+                st.copy_from_slice(&[m, s]);
+            }
+        }
+        None => finish(acc, sum, d, dst),
+    }
+}
+
+/// Threads whose split llama.cpp's split-KV path reproduces: the references' (and
+/// llama-bench's default here) 2. Its chunks are `ceil(n_kv / threads)` cells each, so the
+/// result depends on the thread count; Ember always computes the 2-thread split, whatever
+/// its own thread count.
+const SPLIT_KV_CHUNKS: usize = 2;
+/// Fewest cache cells (llama.cpp's padded `n_kv`) that take the split-KV path.
+const SPLIT_KV_MIN_CELLS: usize = 512;
+/// llama.cpp pads the cells an attention reads to a multiple of this (and reads at least it).
+const KV_CELL_PAD: usize = 256;
+
+/// The chunk size (in key positions) of llama.cpp's split-KV decode for `seq`, when it takes
+/// that path: one query alone in its batch (`neq1 == 1`) over `n_kv >= 512` cells, where
+/// `n_kv` is the sequence length padded up to a multiple of 256. Cells are key positions
+/// here, as in llama.cpp's cache for one sequence until a sliding-window cache wraps.
+fn split_kv_chunk(seq: &SeqAttn, enabled: bool) -> Option<usize> {
+    let len = seq.n_past + seq.n_q;
+    let n_kv = len.div_ceil(KV_CELL_PAD).max(1) * KV_CELL_PAD;
+    (enabled && seq.n_q == 1 && n_kv >= SPLIT_KV_MIN_CELLS)
+        .then(|| n_kv.div_ceil(SPLIT_KV_CHUNKS))
+}
+
+/// llama.cpp's split-KV decode (`use_split_kv_path` in `ggml_compute_forward_flash_attn_ext_f16`):
+/// the one-row path over each chunk of `chunk` cells on its own, giving per head a max `M`,
+/// a sum `S` and unnormalized V sums, then `ggml_flash_attn_ext_reduce_partials`: chunks in
+/// order, skipping empty ones, `M' = fmaxf(M, Mc)`, `VKQ = fma(VKQ, e^(M - M'), VKQc * e^(Mc - M'))`
+/// and `S` the same way (as GCC contracts them; read off its machine code), then `VKQ / S`.
+#[allow(clippy::too_many_arguments)]
+fn split_kv<R: Rows<C>, C: Conv>(
+    c: &Call<'_, R, C>,
+    seq: &SeqAttn,
+    kvh: usize,
+    qrows: &[f32],
+    keys: Range<usize>,
+    chunk: usize,
+    dst: &mut [f32],
+    sc: &mut Scratch,
+) {
+    let (d, gd) = (c.d, c.group * c.d);
+    let mut accs = std::mem::take(&mut sc.split_acc);
+    let mut stats = std::mem::take(&mut sc.split_stats);
+    for (i, (acc, st)) in accs
+        .chunks_exact_mut(gd)
+        .zip(stats.chunks_exact_mut(2 * c.group))
+        .enumerate()
+    {
+        let cells = i * chunk..(i + 1) * chunk;
+        let t = Task {
+            seq,
+            kvh,
+            qrows,
+            keys: keys.start.max(cells.start)..keys.end.min(cells.end).max(keys.start.max(cells.start)),
+            dst: acc,
+            partial: Some(st),
+        };
+        c.conv.task(c, t, sc);
+    }
+    for g in 0..c.group {
+        let (mut m, mut s) = (f32::NEG_INFINITY, 0.0f32);
+        let out = &mut dst[g * d..(g + 1) * d];
+        out.fill(0.0);
+        for (acc, st) in accs.chunks_exact(gd).zip(stats.chunks_exact(2 * c.group)) {
+            let (mc, sc) = (st[2 * g], st[2 * g + 1]);
+            if sc == 0.0 {
+                continue;
+            }
+            let m_new = m.max(mc);
+            let (scale_old, scale_new) = ((m - m_new).exp(), (mc - m_new).exp());
+            for (o, &a) in out.iter_mut().zip(&acc[g * d..(g + 1) * d]) {
+                *o = o.mul_add(scale_old, a * scale_new);
+            }
+            s = s.mul_add(scale_old, sc * scale_new);
+            m = m_new;
+        }
+        if s != 0.0 {
+            let inv = 1.0 / s;
+            out.iter_mut().for_each(|o| *o *= inv);
+        }
+    }
+    sc.split_acc = accs;
+    sc.split_stats = stats;
 }
 
 /// `dst[g] = acc[g] / sum[g]` per head (zero when nothing was visible).

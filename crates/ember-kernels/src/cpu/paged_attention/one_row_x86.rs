@@ -136,6 +136,7 @@ unsafe fn group<R: Rows<F16c>, const G: usize>(
         qrows,
         keys,
         dst,
+        partial,
     } = t;
     assert!(qrows.len() == G * D && dst.len() == G * D && sc.p.len() >= G * TILE_KV);
     let Scratch { p, rows, .. } = sc;
@@ -212,6 +213,17 @@ unsafe fn group<R: Rows<F16c>, const G: usize>(
                     sum[g] = sum[g].mul_add(ms, vs);
                 }
             }
+        }
+        if let Some(stats) = partial {
+            // A split-KV chunk: unnormalized sums, and each head's max and sum.
+            assert!(stats.len() == 2 * G);
+            for g in 0..G {
+                for (i, &a) in acc[g].iter().enumerate() {
+                    _mm512_storeu_ps(dst.as_mut_ptr().add(g * D + 16 * i), a);
+                }
+                stats[2 * g..2 * g + 2].copy_from_slice(&[m[g], sum[g]]);
+            }
+            return;
         }
         for g in 0..G {
             let s = sum[g];
