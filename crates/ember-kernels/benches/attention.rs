@@ -101,6 +101,7 @@ fn bench(c: &mut Criterion) {
                     n_past: t - n_q,
                     block_table: Arc::clone(&s.table),
                     window: None,
+                    path_rows: n_q,
                 }]
                 .into(),
                 scale,

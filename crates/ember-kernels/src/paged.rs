@@ -552,6 +552,13 @@ pub struct SeqAttn {
     pub n_past: usize,
     pub block_table: Arc<[u32]>,
     pub window: Option<usize>,
+    /// Rows of the batch that llama.cpp would compute these queries in when the sequence runs
+    /// alone (its ubatch: a prompt's 512-token slice, or 1 for a decoded token). It picks
+    /// the arithmetic, as llama.cpp picks it by batch size: the tiled path from 64 rows, the
+    /// split-KV path for 1 row over 512+ cells, else the one-row path. Usually `n_q`; a
+    /// prompt chunk cut shorter by a batch budget or a cached prefix keeps its solo value, so
+    /// its results do not depend on what it was batched with.
+    pub path_rows: usize,
 }
 
 impl SeqAttn {
@@ -852,6 +859,7 @@ mod tests {
             n_past,
             block_table: table.into(),
             window,
+            path_rows: n_q,
         }
     }
 

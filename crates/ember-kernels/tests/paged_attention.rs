@@ -77,6 +77,7 @@ fn random_case(rng: &mut StdRng, dtype: KvDtype) -> Case {
             n_past,
             block_table: Arc::from(&[][..]),
             window,
+            path_rows: n_q,
         };
         table[..seq.visible_keys().start / block_size].fill(u32::MAX);
         seq.block_table = table.into();

@@ -289,6 +289,7 @@ impl PagedKvCache {
                     n_past: len.saturating_sub(n_q),
                     block_table: self.alloc.block_table(seq, group)?.into(),
                     window,
+                    path_rows: n_q,
                 })
             })
             .collect::<Result<Vec<_>, KvError>>()?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_formats::GgufFile;
-use ember_kernels::{QuantMatrix, paged_attention, quant_matmul};
+use ember_kernels::{QuantMatrix, SeqAttn, paged_attention, quant_matmul};
 use ember_kv::{KvBudget, KvCacheConfig, KvOptions, PagedKvCache, SeqId, SequenceCache};
 
 use crate::layers::rms_norm;
@@ -31,7 +31,17 @@ pub struct BatchSeq<'a> {
     pub tokens: &'a [u32],
     /// Which of its rows to return logits for (`None`: a prefill chunk that is not the last).
     pub logits: Option<Logits>,
+    /// Rows of the ubatch these tokens belong to when the sequence runs alone (see
+    /// [`SeqAttn::path_rows`](ember_kernels::SeqAttn::path_rows)); `None`: `tokens.len()`.
+    /// A scheduler that cuts a sequence's ubatch into parts, or batches it with other
+    /// sequences, passes the solo size so each row keeps the arithmetic it has alone.
+    pub solo_rows: Option<usize>,
 }
+
+/// llama.cpp's default micro-batch (`n_ubatch`): a prompt runs in slices of this many tokens,
+/// and the slice size picks kernels (attention's tiled path from 64 rows), so Ember slices
+/// prompts the same way.
+pub const UBATCH: usize = 512;
 
 /// The transformer blocks of one architecture, between the embedding and the output head.
 pub trait Architecture: Send + Sync {
@@ -54,6 +64,8 @@ pub struct Pass<'a> {
     pub rows: Vec<(SeqId, usize, usize)>,
     /// Cached length of each item's sequence before this pass.
     pub starts: Vec<usize>,
+    /// Each item's solo ubatch rows ([`BatchSeq::solo_rows`]).
+    pub path_rows: Vec<usize>,
     /// Position of every row.
     pub positions: Arc<[u32]>,
     pub n_rows: usize,
@@ -99,10 +111,19 @@ impl Pass<'_> {
             self.cache
                 .write(layer, seq, start, &k[span.clone()], &v[span])?;
         }
-        Ok(paged_attention(
-            q,
-            self.cache.attention(layer, &self.rows, scale)?,
-        ))
+        let mut attn = self.cache.attention(layer, &self.rows, scale)?;
+        if attn.seqs.iter().zip(&self.path_rows).any(|(s, &p)| s.path_rows != p) {
+            attn.seqs = attn
+                .seqs
+                .iter()
+                .zip(&self.path_rows)
+                .map(|(s, &path_rows)| SeqAttn {
+                    path_rows,
+                    ..s.clone()
+                })
+                .collect();
+        }
+        Ok(paged_attention(q, attn))
     }
 }
 
@@ -193,7 +214,9 @@ impl Model {
         self.forward_seq(tokens, cache, seq, which)
     }
 
-    /// [`forward`](Self::forward) for sequence `seq` of a shared paged cache. On error the
+    /// [`forward`](Self::forward) for sequence `seq` of a shared paged cache. More than
+    /// [`UBATCH`] tokens run in slices of that many, as llama.cpp splits a batch into ubatches
+    /// (the slice size decides its kernels, so this keeps its arithmetic). On error the
     /// sequence is rolled back to its length before the call.
     pub fn forward_seq(
         &self,
@@ -202,14 +225,37 @@ impl Model {
         seq: SeqId,
         which: Logits,
     ) -> Result<Tensor<2>, ModelError> {
-        self.forward_batch(
-            &[BatchSeq {
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyBatch);
+        }
+        let start = cache.len(seq)?;
+        let n_slices = tokens.len().div_ceil(UBATCH);
+        let mut parts = Vec::with_capacity(n_slices);
+        for (i, slice) in tokens.chunks(UBATCH).enumerate() {
+            let logits = match which {
+                Logits::All => Some(Logits::All),
+                Logits::Last => (i + 1 == n_slices).then_some(Logits::Last),
+            };
+            let item = BatchSeq {
                 seq,
-                tokens,
-                logits: Some(which),
-            }],
-            cache,
-        )
+                tokens: slice,
+                logits,
+                solo_rows: None,
+            };
+            match self.forward_batch(&[item], cache) {
+                Ok(l) => parts.push(l),
+                Err(e) => {
+                    let _ = cache.truncate(seq, start);
+                    return Err(e);
+                }
+            }
+        }
+        // Slices without logits rows contribute nothing.
+        let mut parts: Vec<_> = parts.into_iter().filter(|t| t.dims()[0] > 0).collect();
+        Ok(match parts.len() {
+            1 => parts.remove(0),
+            _ => Tensor::cat(parts, 0),
+        })
     }
 
     /// One pass over a ragged batch: each sequence's `tokens` follow its cached positions.
@@ -324,9 +370,14 @@ impl Model {
             }
         }
         let out_rows = (keep.len() != n).then_some(keep);
+        let path_rows = batch
+            .iter()
+            .map(|b| b.solo_rows.unwrap_or(b.tokens.len()))
+            .collect();
         let mut pass = Pass {
             rows,
             starts,
+            path_rows,
             positions,
             n_rows: n,
             cache,

@@ -26,6 +26,7 @@ fn run(model: &ember_models::Model, b: usize, steps: usize) -> f64 {
             seq: s,
             tokens: &prompt,
             logits: Some(Logits::Last),
+            solo_rows: None,
         }];
         model.forward_batch(&batch, &mut cache).expect("prefill");
     }
@@ -39,6 +40,7 @@ fn run(model: &ember_models::Model, b: usize, steps: usize) -> f64 {
                 seq,
                 tokens: t,
                 logits: Some(Logits::Last),
+                solo_rows: None,
             })
             .collect();
         model.forward_batch(&batch, &mut cache).expect("step");

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ember_kv::{KvBudget, KvError, KvOptions, PagedKvCache, SeqId};
-use ember_models::{BatchSeq, Logits, ModelError};
+use ember_models::{BatchSeq, Logits, ModelError, UBATCH};
 use serde::Serialize;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -145,6 +145,8 @@ pub struct EngineStats {
     pub kv_total_blocks: usize,
     pub prompt_tokens_total: u64,
     pub generated_tokens_total: u64,
+    /// Sequences preempted (KV blocks given back, recomputed later) since the start.
+    pub preemptions_total: u64,
 }
 
 /// The events of one request. Dropping it cancels the request.
@@ -228,6 +230,7 @@ impl Engine {
             pending: Arc::clone(&shared.pending),
             prompt_total: 0,
             generated_total: 0,
+            preempted_total: 0,
         };
         let handle = std::thread::Builder::new()
             .name("ember-engine".into())
@@ -337,6 +340,21 @@ struct Sequence {
 }
 
 impl Sequence {
+    /// The ubatch that the next token to compute belongs to when this sequence runs alone
+    /// (llama.cpp's slicing: the prompt in [`UBATCH`]-token slices from its start, then one
+    /// token per step): `(end, rows)`, where a chunk starting there may end and how many rows
+    /// that ubatch has. Generated tokens recomputed after a preemption may go together: each
+    /// row still takes the one-row arithmetic it had when it was decoded.
+    fn solo_ubatch(&self) -> (usize, usize) {
+        let n_prompt = self.req.prompt_tokens.len();
+        if self.computed >= n_prompt {
+            return (self.tokens.len(), 1);
+        }
+        let start = self.computed / UBATCH * UBATCH;
+        let end = (start + UBATCH).min(n_prompt);
+        (end, end - start)
+    }
+
     fn new(sub: Submission) -> Self {
         let Submission {
             req,
@@ -388,6 +406,7 @@ struct Scheduler {
     pending: Arc<AtomicUsize>,
     prompt_total: u64,
     generated_total: u64,
+    preempted_total: u64,
 }
 
 impl Scheduler {
@@ -429,6 +448,7 @@ impl Scheduler {
                 kv_total_blocks: self.cache.total_blocks(),
                 prompt_tokens_total: self.prompt_total,
                 generated_tokens_total: self.generated_total,
+                preemptions_total: self.preempted_total,
             };
         }
     }
@@ -495,6 +515,7 @@ impl Scheduler {
                         seq: s.kv?,
                         tokens: &s.tokens[s.computed..s.computed + len],
                         logits: logits.then_some(Logits::Last),
+                        solo_rows: Some(s.solo_ubatch().1),
                     })
                 })
                 .collect();
@@ -508,6 +529,7 @@ impl Scheduler {
                     // Preempt the newest sequence: its blocks go back (still cached for its
                     // recompute) and it waits at the front of the queue.
                     if let Some(mut s) = self.running.pop() {
+                        self.preempted_total += 1;
                         self.release(&mut s);
                         self.waiting.push_front(s);
                         self.pending.fetch_add(1, Ordering::AcqRel);
@@ -535,7 +557,10 @@ impl Scheduler {
     }
 
     /// The next batch: `(index in running, tokens, wants logits)`. Decoding sequences first,
-    /// then prompt chunks, within the token budget.
+    /// then prompt chunks, within the token budget. A chunk never crosses the end of the
+    /// ubatch its first token has when the sequence runs alone ([`Sequence::solo_ubatch`]),
+    /// and it is computed with that ubatch's arithmetic, so where the budget cuts a prompt
+    /// and what else is in the batch change nothing in its results.
     fn plan(&self) -> Vec<(usize, usize, bool)> {
         let mut budget = self.config.max_batch_tokens;
         let mut plan = Vec::new();
@@ -549,7 +574,7 @@ impl Scheduler {
         for (i, s) in self.running.iter().enumerate() {
             let left = pending(s);
             if left > 1 && budget > 0 {
-                let n = left.min(budget);
+                let n = left.min(budget).min(s.solo_ubatch().0 - s.computed);
                 plan.push((i, n, n == left));
                 budget -= n;
             }

@@ -105,6 +105,7 @@ pub fn perplexity(
                 seq,
                 tokens: &chunk[start..end],
                 logits: scored.then_some(Logits::All),
+                solo_rows: None,
             };
             let logits = model.forward_batch(&[batch], cache)?;
             if !scored {

@@ -57,6 +57,32 @@ fn collect(mut s: ember_runtime::engine::RequestStream) -> (Vec<u32>, String, St
     }
 }
 
+/// Each token with its top-5 log-probabilities as bits: two runs are the same computation
+/// only if these are equal (a greedy token survives most small differences; these do not).
+fn collect_exact(mut s: ember_runtime::engine::RequestStream) -> Vec<(u32, Vec<(u32, u32)>)> {
+    let mut out = Vec::new();
+    loop {
+        match s.blocking_next().expect("stream ended without Done") {
+            Event::Token { id, logprob, .. } => {
+                let top = logprob.expect("asked for logprobs").top;
+                out.push((id, top.iter().map(|&(t, l)| (t, l.to_bits())).collect()));
+            }
+            Event::Done { stop_reason, .. } => {
+                assert_eq!(stop_reason, StopReason::Length);
+                return out;
+            }
+            Event::Error(e) => panic!("engine error: {e}"),
+        }
+    }
+}
+
+fn exact_request(prompt: &str, max_tokens: usize) -> EngineRequest {
+    EngineRequest {
+        logprobs: Some(5),
+        ..request(prompt, max_tokens)
+    }
+}
+
 fn solo(prompt: &str, n: usize) -> Vec<u32> {
     let engine = Engine::start(model(), EngineConfig::new(1, 256)).unwrap();
     collect(engine.submit(request(prompt, n)).unwrap()).0
@@ -110,24 +136,25 @@ fn batched_streams_match_solo_runs() {
     for (i, s) in streams.into_iter().enumerate() {
         let (ids, _, reason) = collect(s);
         assert_eq!(reason, StopReason::Length);
-        assert_eq!(ids.len(), n);
-        let same = ids.iter().zip(&want[i]).take_while(|(a, b)| a == b).count();
-        assert!(
-            same >= 8,
-            "prompt {i}: batched {ids:?} vs solo {:?}",
-            want[i]
-        );
+        assert_eq!(ids, want[i], "prompt {i}: batched vs solo");
     }
     wait_idle(&engine);
     let st = engine.stats();
     assert_eq!(st.generated_tokens_total, 8 * n as u64);
 }
 
-/// A KV pool too small for every stream at once: sequences are preempted and recomputed, and
-/// all of them still finish with their solo tokens.
+/// A KV pool too small for every stream at once: sequences are preempted (counted) and
+/// recomputed, and all of them still finish with their solo tokens.
 #[test]
 fn preemption_recomputes_and_finishes_every_stream() {
     let n = 40;
+    let want: Vec<_> = PROMPTS[..4]
+        .iter()
+        .map(|p| {
+            let engine = Engine::start(model(), EngineConfig::new(1, 128)).unwrap();
+            collect_exact(engine.submit(exact_request(p, n)).unwrap())
+        })
+        .collect();
     let mut cfg = EngineConfig::new(4, 128);
     cfg.kv.block_size = 16;
     // Room for about two of the four sequences.
@@ -135,14 +162,105 @@ fn preemption_recomputes_and_finishes_every_stream() {
     let engine = Engine::start(model(), cfg).unwrap();
     let streams: Vec<_> = PROMPTS[..4]
         .iter()
-        .map(|p| engine.submit(request(p, n)).unwrap())
+        .map(|p| engine.submit(exact_request(p, n)).unwrap())
         .collect();
     for (i, s) in streams.into_iter().enumerate() {
-        let (ids, _, reason) = collect(s);
-        assert_eq!(reason, StopReason::Length, "prompt {i}");
-        assert_eq!(ids.len(), n);
+        assert!(collect_exact(s) == want[i], "prompt {i}: preempted run differs from solo");
     }
     wait_idle(&engine);
+    assert!(engine.stats().preemptions_total > 0, "{:?}", engine.stats());
+}
+
+/// A prompt of a few hundred tokens (attention's tiled path, 64+ rows) with a generation
+/// long enough to pass 512 cells (the split-KV decode path).
+fn long_prompt() -> String {
+    let text = "The river rose in the spring, as it did every year, and the people of the \
+                valley moved their animals to the high pastures before the water reached \
+                the lower fields. ";
+    format!("Summarize the following story in one paragraph.\n\n{}", text.repeat(9))
+}
+
+/// Runs `count` identical greedy requests at once and checks every one against the solo
+/// output: with prefill chunks cut by a small batch budget, prefix sharing between the
+/// requests, decode rows batched beside prompt chunks, and (with `kv_budget_tokens`) KV
+/// pressure that preempts some of them (`tight`: a pool of one context, which the shared
+/// prompt blocks and a few sequences' own blocks fill).
+fn identical_requests_equal_solo(count: usize, tight: bool) -> u64 {
+    let prompt = long_prompt();
+    let n = 24;
+    let n_prompt = request(&prompt, n).prompt_tokens.len();
+    // Decode passes 256 cells, so its attention takes the split-KV path.
+    assert!((257..490).contains(&n_prompt), "{n_prompt} prompt tokens");
+    let ctx = (n_prompt + n).div_ceil(16) * 16;
+    let want = {
+        let engine = Engine::start(model(), EngineConfig::new(1, ctx)).unwrap();
+        collect_exact(engine.submit(exact_request(&prompt, n)).unwrap())
+    };
+    let mut cfg = EngineConfig::new(8, ctx);
+    cfg.max_batch_tokens = 96;
+    cfg.kv.block_size = 16;
+    if tight {
+        cfg.kv_budget_tokens = ctx;
+    }
+    let engine = Engine::start(model(), cfg).unwrap();
+    let streams: Vec<_> = (0..count)
+        .map(|_| engine.submit(exact_request(&prompt, n)).unwrap())
+        .collect();
+    for (i, s) in streams.into_iter().enumerate() {
+        let got = collect_exact(s);
+        assert!(got == want, "request {i} of {count}: tokens or logprobs differ from solo");
+    }
+    wait_idle(&engine);
+    engine.stats().preemptions_total
+}
+
+#[test]
+fn concurrent_identical_requests_equal_solo() {
+    identical_requests_equal_solo(24, false);
+}
+
+#[test]
+fn concurrent_identical_requests_equal_solo_under_kv_pressure() {
+    let preempted = identical_requests_equal_solo(24, true);
+    assert!(preempted > 0, "no preemption happened");
+}
+
+/// More than one ubatch (512 tokens) of prompt: the engine slices it as llama.cpp does, so
+/// a solo request equals the one-sequence `generate()` loop (which slices the same way) and
+/// concurrent copies equal the solo one.
+#[test]
+fn prompt_longer_than_a_ubatch_matches_generate() {
+    let prompt = format!("{}{}", long_prompt(), long_prompt().repeat(2));
+    let m = model();
+    let tokens = m.tokenize_prompt(&prompt).unwrap();
+    assert!(tokens.len() > 512, "{} tokens", tokens.len());
+    let n = 8;
+    let solo_gen = ember_runtime::generate::generate(
+        &m.model,
+        &m.tokenizer,
+        &ember_runtime::generate::GenerateRequest {
+            prompt_tokens: tokens.clone(),
+            max_tokens: n,
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+            ctx_size: 1024,
+            stop_at_eog: false,
+            context_shift: None,
+            kv: Default::default(),
+        },
+        |_| {},
+    )
+    .unwrap()
+    .tokens;
+    let mut cfg = EngineConfig::new(4, 1024);
+    cfg.max_batch_tokens = 200;
+    let engine = Engine::start(model(), cfg).unwrap();
+    let streams: Vec<_> = (0..3)
+        .map(|_| engine.submit(request(&prompt, n)).unwrap())
+        .collect();
+    for (i, s) in streams.into_iter().enumerate() {
+        assert_eq!(collect(s).0, solo_gen, "request {i}");
+    }
 }
 
 /// Dropping a stream mid-generation cancels it and frees its blocks.

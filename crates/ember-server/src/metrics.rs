@@ -23,6 +23,7 @@ pub struct Metrics {
     kv_total: Gauge,
     prompt_tokens: Counter,
     generated_tokens: Counter,
+    preemptions: Counter,
     pub ttft: Histogram,
     pub tpot: Histogram,
     /// Serializes scrapes: counters are brought up to the engine's totals by adding the
@@ -39,6 +40,7 @@ impl Metrics {
         let kv_total = Gauge::default();
         let prompt_tokens = Counter::default();
         let generated_tokens = Counter::default();
+        let preemptions = Counter::default();
         // vLLM's buckets for the same two histograms.
         let ttft = Histogram::new([
             0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -80,6 +82,11 @@ impl Metrics {
             generated_tokens.clone(),
         );
         registry.register(
+            "ember_preemptions",
+            "Sequences preempted for KV space (recomputed later, same output)",
+            preemptions.clone(),
+        );
+        registry.register(
             "ember_time_to_first_token_seconds",
             "Time from a request's arrival to its first generated token",
             ttft.clone(),
@@ -97,6 +104,7 @@ impl Metrics {
             kv_total,
             prompt_tokens,
             generated_tokens,
+            preemptions,
             ttft,
             tpot,
             scrape: Mutex::new(()),
@@ -134,6 +142,8 @@ pub async fn scrape(State(state): State<Shared>) -> Response {
             .generated_tokens_total
             .saturating_sub(m.generated_tokens.get()),
     );
+    m.preemptions
+        .inc_by(stats.preemptions_total.saturating_sub(m.preemptions.get()));
     let mut out = String::new();
     if encode(&mut out, &m.registry).is_err() {
         return (

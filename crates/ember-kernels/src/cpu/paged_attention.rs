@@ -535,13 +535,13 @@ fn run<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, n_rows: usize) -> Vec<f32> {
             let Some(seq) = c.seqs.get(row_seq[row]) else {
                 return;
             };
-            if seq.n_q >= TILE_Q {
+            if seq.path_rows >= TILE_Q {
                 return; // the tiled pass below
             }
             let qp = seq.n_past + (row - seq.q_start);
             let keys = first_visible(qp, seq.window)..qp + 1;
             let qrows = &c.q[idx * gd..(idx + 1) * gd];
-            if let Some(chunk) = split_kv_chunk(seq, c.split_kv) {
+            if let Some(chunk) = split_kv_chunk(seq, qp, c.split_kv) {
                 return split_kv(c, seq, kvh, qrows, keys, chunk, dst, sc);
             }
             let t = Task {
@@ -559,7 +559,7 @@ fn run<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, n_rows: usize) -> Vec<f32> {
     let blocks: Vec<Block> = c
         .seqs
         .iter()
-        .filter(|s| s.n_q >= TILE_Q)
+        .filter(|s| s.path_rows >= TILE_Q)
         .flat_map(|seq| {
             (0..seq.n_q).step_by(TILED_ROWS).flat_map(move |r0| {
                 (0..n_kv).map(move |kvh| Block {
@@ -803,14 +803,14 @@ const SPLIT_KV_MIN_CELLS: usize = 512;
 /// llama.cpp pads the cells an attention reads to a multiple of this (and reads at least it).
 const KV_CELL_PAD: usize = 256;
 
-/// The chunk size (in key positions) of llama.cpp's split-KV decode for `seq`, when it takes
-/// that path: one query alone in its batch (`neq1 == 1`) over `n_kv >= 512` cells, where
-/// `n_kv` is the sequence length padded up to a multiple of 256. Cells are key positions
-/// here, as in llama.cpp's cache for one sequence until a sliding-window cache wraps.
-fn split_kv_chunk(seq: &SeqAttn, enabled: bool) -> Option<usize> {
-    let len = seq.n_past + seq.n_q;
-    let n_kv = len.div_ceil(KV_CELL_PAD).max(1) * KV_CELL_PAD;
-    (enabled && seq.n_q == 1 && n_kv >= SPLIT_KV_MIN_CELLS)
+/// The chunk size (in key positions) of llama.cpp's split-KV decode for the query of `seq` at
+/// position `qp`, when it takes that path: one query alone in its batch (`neq1 == 1`:
+/// `path_rows == 1`) over `n_kv >= 512` cells, where `n_kv` is the length up to the query
+/// padded to a multiple of 256. Cells are key positions here, as in llama.cpp's cache for one
+/// sequence until a sliding-window cache wraps.
+fn split_kv_chunk(seq: &SeqAttn, qp: usize, enabled: bool) -> Option<usize> {
+    let n_kv = (qp + 1).div_ceil(KV_CELL_PAD) * KV_CELL_PAD;
+    (enabled && seq.path_rows == 1 && n_kv >= SPLIT_KV_MIN_CELLS)
         .then(|| n_kv.div_ceil(SPLIT_KV_CHUNKS))
 }
 
@@ -1181,6 +1181,7 @@ mod tests {
                 n_past: s.t - s.n_q,
                 block_table: Arc::from(&[][..]),
                 window,
+                path_rows: s.n_q,
             };
             let first = seq.visible_keys().start / block_size;
             table[..first].fill(u32::MAX);
