@@ -41,6 +41,18 @@ fn teacher_forced_logits_match_llama_cpp() {
 }
 
 #[test]
+fn teacher_forced_batches_match_llama_cpp() {
+    // The four long references: two of 266 prompt tokens (one ubatch), two of 546 and 577
+    // (two ubatches, the second under and over 64 rows).
+    assert!(common::check_teacher_forced_exact(model(), &references()) >= 4);
+}
+
+#[test]
+fn batch_sizes_at_kernel_switches_match_llama_cpp() {
+    common::check_edges(model(), "smollm2");
+}
+
+#[test]
 fn greedy_generation_is_llama_cpps() {
     common::check_greedy_tokens(model(), &references());
 }

@@ -28,6 +28,17 @@ fn gemma3_logits_are_llama_cpps() {
 }
 
 #[test]
+fn gemma3_teacher_forced_batches_match_llama_cpp() {
+    let refs = common::references("gemma3_");
+    assert!(common::check_teacher_forced_exact(model(), &refs) >= 4);
+}
+
+#[test]
+fn gemma3_batch_sizes_at_kernel_switches_match_llama_cpp() {
+    common::check_edges(model(), "gemma3");
+}
+
+#[test]
 fn gemma3_greedy_generation_is_llama_cpps() {
     common::check_greedy_tokens(model(), &common::references("gemma3_"));
 }

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use ember_runtime::eval::{prompt_then_step_logits, top_k};
+use ember_runtime::eval::{prompt_then_step_logits, teacher_forced_logits, top_k};
 use ember_runtime::generate::{GenerateRequest, generate};
 use ember_runtime::loaded::LoadedModel;
 use ember_runtime::sampling::SamplingParams;
@@ -24,11 +24,21 @@ pub fn load(env: &str, name: &str) -> LoadedModel {
         .unwrap_or_else(|e| panic!("load {name}: {e}"))
 }
 
-/// The references whose file names start with `prefix`, sorted by name.
+/// The references whose file names start with `prefix`, sorted by name: the shared ones
+/// beside the repository, and the project's own in `tests/fixtures/reference` (prompts longer
+/// than one 512-token ubatch, made by the same llama.cpp build on an AVX512-FP16 host with
+/// `n_ubatch = 512`; see that folder's README).
 pub fn references(prefix: &str) -> Vec<(String, Value)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference");
-    let mut out: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("shared/reference beside the repository ({dir:?}): {e}"))
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut out = references_in(&root.join("../shared/reference"), prefix);
+    out.extend(references_in(&root.join("tests/fixtures/reference"), prefix));
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn references_in(dir: &std::path::Path, prefix: &str) -> Vec<(String, Value)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("references in {dir:?}: {e}"))
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| {
@@ -130,6 +140,71 @@ pub fn check_logits_exact(m: &LoadedModel, refs: &[(String, Value)]) {
             }
         }
         eprintln!("{name}: {n} logits, max |diff| {max:.2e}");
+    }
+}
+
+/// Teacher forcing as llama.cpp's `teacher_forced_top5` was made: the prompt and its greedy
+/// tokens in one call, sliced into ubatches of 512, logits at every position. Every top-5
+/// logit at every position is matched to the references' precision. This is the
+/// prompt-processing path (the tiled attention from 64 rows, every matmul at the batch's
+/// size) at every position, where the generation check above sees it only at the prompt's
+/// last one. Returns how many references had these logits.
+pub fn check_teacher_forced_exact(m: &LoadedModel, refs: &[(String, Value)]) -> usize {
+    let mut checked = 0;
+    for (name, r) in refs {
+        let Some(tf) = r.get("teacher_forced_top5") else {
+            continue;
+        };
+        let all: Vec<u32> = ids(&r["prompt_token_ids"])
+            .into_iter()
+            .chain(ids(&r["greedy_generated_token_ids"]))
+            .collect();
+        let rows = teacher_forced_logits(&m.model, &all, ember_models::UBATCH).expect("forward");
+        let tf = tf.as_array().expect("teacher_forced_top5");
+        assert_eq!(tf.len(), all.len(), "{name}: one row per position");
+        let mut max = 0.0f32;
+        for (pos, (want, row)) in tf.iter().zip(&rows).enumerate() {
+            for p in want.as_array().expect("top5") {
+                let (id, logit) = (p[0].as_u64().expect("id") as usize, p[1].as_f64().expect("logit") as f32);
+                let d = (row[id] - logit).abs();
+                assert!(
+                    d <= MAX_ABS,
+                    "{name} teacher-forced pos {pos} token {id}: ours {} vs llama.cpp {logit}",
+                    row[id]
+                );
+                max = max.max(d);
+            }
+        }
+        eprintln!("{name}: teacher-forced, {} positions, max |diff| {max:.2e}", all.len());
+        checked += 1;
+    }
+    checked
+}
+
+/// `tests/fixtures/reference/edges_<model>.json`: teacher-forced logits of token sequences
+/// whose lengths sit on llama.cpp's kernel switches (1, 63, 64, 65, 512, 513, 576 rows), each
+/// matched exactly at every position.
+pub fn check_edges(m: &LoadedModel, model: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../../tests/fixtures/reference/edges_{model}.json"));
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("edges fixture")).expect("JSON");
+    let cases = doc["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 7);
+    for case in cases {
+        let tokens = ids(&case["tokens"]);
+        let rows = teacher_forced_logits(&m.model, &tokens, ember_models::UBATCH).expect("forward");
+        for (pos, want) in case["teacher_forced_top5"].as_array().expect("top5").iter().enumerate() {
+            for p in want.as_array().expect("top5") {
+                let (id, logit) = (p[0].as_u64().expect("id") as usize, p[1].as_f64().expect("logit") as f32);
+                assert!(
+                    (rows[pos][id] - logit).abs() <= MAX_ABS,
+                    "{model}, {} tokens, pos {pos} token {id}: ours {} vs llama.cpp {logit}",
+                    tokens.len(),
+                    rows[pos][id]
+                );
+            }
+        }
     }
 }
 
