@@ -31,10 +31,10 @@ START_TIMEOUT = float(os.environ.get("EMBER_SERVER_START_TIMEOUT", "600"))
 class Server:
     """`ember serve` on a free loopback port; stderr is drained by a thread and kept."""
 
-    def __init__(self, *extra, parallel=PARALLEL):
+    def __init__(self, *extra, parallel=PARALLEL, ctx=CTX):
         args = [
             EMBER_BIN, "serve", "-m", MODEL, "--host", "127.0.0.1", "--port", "0",
-            "--parallel", str(parallel), "--ctx-size", str(CTX), *extra,
+            "--parallel", str(parallel), "--ctx-size", str(ctx), *extra,
         ]
         self.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -430,6 +430,59 @@ def test_eight_concurrent_streams(client, http):
     while metric(http, "ember_kv_cache_used_blocks") != 0:
         assert time.monotonic() < deadline, "KV blocks still used after every request finished"
         time.sleep(0.05)
+
+
+# A prompt of about 300 tokens: its prefill takes attention's tiled path (64+ rows) and the
+# decode steps pass 256 cells (the split-KV path).
+LONG_PROMPT = "Summarize the following story in one paragraph.\n\n" + (
+    "The river rose in the spring, as it did every year, and the people of the valley moved "
+    "their animals to the high pastures before the water reached the lower fields. ") * 9
+
+
+@pytest.mark.parametrize("kv_pressure", [False, True])
+def test_identical_concurrent_greedy_requests_equal_solo(kv_pressure):
+    """24 identical greedy requests at once through the openai client: every one gets the text
+    and the top-5 logprobs (to the last bit) that the request gets alone, with prompt chunks
+    cut by a small batch budget beside decoding streams, prefix sharing between them, and (under
+    KV pressure) sequences preempted and recomputed, which /metrics must show happened."""
+    extra = ["--batch-size", "96", "--kv-block-size", "16"]
+    if kv_pressure:
+        # About 360 tokens of f16 KV: one context of 352, shared prompt blocks and a few
+        # sequences' own blocks, for 8 running sequences.
+        extra += ["--kv-budget-mib", "8"]
+    s = Server(*extra, parallel=8, ctx=352)
+    try:
+        c = openai.OpenAI(base_url=s.base + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+        def ask():
+            r = c.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=24, temperature=0,
+                                     logprobs=5, extra_body={"ignore_eos": True})
+            ch = r.choices[0]
+            return ch.text, ch.logprobs.tokens, ch.logprobs.top_logprobs, r.usage.prompt_tokens
+
+        alone = ask()
+        assert 256 < alone[3] < 352 - 24, alone[3]
+        results, errors = [None] * 24, []
+
+        def run(i):
+            try:
+                results[i] = ask()
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert not errors, errors
+        for i, got in enumerate(results):
+            assert got == alone, f"request {i}: {got[0]!r} vs alone {alone[0]!r}"
+        preempted = metric_at(s.base, "ember_preemptions_total")
+        if kv_pressure:
+            assert preempted > 0, "the KV budget never forced a preemption"
+    finally:
+        s.stop()
 
 
 # --- more servers: a full queue, an API key ---------------------------------------------------

@@ -687,7 +687,9 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     }
     let path = ember_hub::resolve(&a.model.model)?;
     let loaded = LoadedModel::open(&path, &ember_models::default_device())?;
-    // Every parallel request may grow to the full context, so the pool holds parallel x ctx.
+    // The pool holds parallel x ctx when the budget allows. A smaller budget that still holds
+    // one whole context is allowed, as vLLM allows it: requests share prompt prefixes, and when
+    // the pool fills the newest sequence is preempted and recomputed later (same output).
     let per_token = loaded
         .model
         .kv_config(&a.kv.options(), 1)
@@ -704,17 +706,24 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
             .min(fits / a.parallel)
             .max(1),
     };
-    let total = ctx.saturating_mul(a.parallel);
-    if total > fits {
+    if ctx > fits {
         bail!(
-            "--parallel {} x --ctx-size {ctx} = {total} tokens of KV cache need {:.1} MiB ({per_token} bytes per token as {}), more than --kv-budget-mib {}",
-            a.parallel,
-            total as f64 * per_token as f64 / 1048576.0,
+            "--ctx-size {ctx} needs {:.1} MiB of KV cache ({per_token} bytes per token as {}), more than --kv-budget-mib {}",
+            ctx as f64 * per_token as f64 / 1048576.0,
             a.kv.kv_type,
             a.kv.kv_budget_mib
         );
     }
+    let total = ctx.saturating_mul(a.parallel);
+    if total > fits {
+        eprintln!(
+            "note: --parallel {} x --ctx-size {ctx} = {total} tokens, the KV budget holds {fits}: \
+             when it fills, the newest request is preempted and recomputed later (same output)",
+            a.parallel
+        );
+    }
     let mut engine_config = EngineConfig::new(a.parallel, ctx);
+    engine_config.kv_budget_tokens = total.min(fits);
     engine_config.kv = a.kv.options();
     engine_config.max_batch_tokens = a.batch_size.max(1);
     if let Some(q) = a.max_queue {
