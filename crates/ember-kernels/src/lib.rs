@@ -10,11 +10,12 @@ mod matrix;
 mod ops;
 pub mod paged;
 
+pub use cpu::kquant::SoloRow;
 pub use matrix::{QuantMatrix, QuantMatrixError, SharedBytes};
 pub use ops::{
     EmberBackend, causal_attention, causal_attention_fallback, geglu, geglu_fallback,
     paged_attention, paged_attention_fallback, positions_from, quant_matmul, quant_matmul_fallback,
-    residual_add, rms_norm, rms_norm_fallback, rope, rope_fallback, round_to_f16, swiglu,
-    swiglu_fallback, try_paged_attention,
+    quant_matmul_solo, residual_add, rms_norm, rms_norm_fallback, rope, rope_fallback,
+    round_to_f16, swiglu, swiglu_fallback, try_paged_attention,
 };
 pub use paged::{KvDtype, PagedAttention, PagedError, PagedLayerStore, SeqAttn};

@@ -8,6 +8,7 @@ use burn::backend::{
 use burn::tensor::{Shape, Slice, Tensor, TensorData};
 
 use crate::QuantMatrix;
+use crate::cpu::kquant::SoloRow;
 use crate::paged::{PagedAttention, PagedError};
 
 #[backend_extension(Flex: cfg(feature = "flex"), NdArray: cfg(feature = "ndarray"))]
@@ -15,6 +16,19 @@ pub trait EmberBackend: Backend {
     /// `x @ w^T` for `x: [m, w.cols()]`, giving `[m, w.rows()]`, with `w` left quantized.
     fn quant_matmul(x: FloatTensor<Self>, w: Arc<QuantMatrix>) -> FloatTensor<Self> {
         quant_matmul_fallback::<Self>(x, &w)
+    }
+
+    /// [`EmberBackend::quant_matmul`] with each row's place in the batch it has when its
+    /// sequence runs alone ([`SoloRow`]): where llama.cpp's arithmetic depends on the batch
+    /// size, a backend that reproduces it uses these instead of the call's own rows. Others
+    /// ignore them.
+    fn quant_matmul_solo(
+        x: FloatTensor<Self>,
+        w: Arc<QuantMatrix>,
+        solo: Arc<[SoloRow]>,
+    ) -> FloatTensor<Self> {
+        let _ = solo;
+        Self::quant_matmul(x, w)
     }
 
     /// Causal attention: `q: [n_head, n, d]` over `k, v: [n_kv, t, d]`, the `n` queries being
@@ -365,6 +379,23 @@ pub fn quant_matmul_fallback<B: Backend>(x: FloatTensor<B>, w: &QuantMatrix) -> 
     B::float_matmul(x, B::float_transpose(weight))
 }
 
+/// [`quant_matmul`] with `solo[i]`, row `i`'s place in the batch it has alone (see
+/// [`EmberBackend::quant_matmul_solo`]); `solo` has one entry per row of `x`.
+pub fn quant_matmul_solo(x: Tensor<2>, w: &Arc<QuantMatrix>, solo: &Arc<[SoloRow]>) -> Tensor<2> {
+    let [m, k] = x.dims();
+    assert_eq!(
+        k,
+        w.cols(),
+        "quant_matmul: input width must equal the weight's columns"
+    );
+    assert_eq!(m, solo.len(), "quant_matmul_solo: one SoloRow per row");
+    Tensor::from_dispatch(<Dispatch as EmberBackend>::quant_matmul_solo(
+        x.into_dispatch(),
+        Arc::clone(w),
+        Arc::clone(solo),
+    ))
+}
+
 /// `x @ w^T` on any backend: `x: [m, k]` with `k == w.cols()`, result `[m, w.rows()]`.
 pub fn quant_matmul(x: Tensor<2>, w: &Arc<QuantMatrix>) -> Tensor<2> {
     let [_, k] = x.dims();
@@ -486,27 +517,15 @@ mod flex {
 
     impl EmberBackend for Flex {
         fn quant_matmul(x: FlexTensor, w: Arc<QuantMatrix>) -> FlexTensor {
-            let shape = x.shape();
-            let (m, n) = (shape[0], w.rows());
-            let ty = w.ggml_type();
-            let gemm_min = if crate::cpu::kquant::supported(ty) {
-                KQUANT_GEMM_MIN_ROWS
-            } else {
-                GEMM_MIN_ROWS
-            };
-            // Q4_K and Q6_K keep llama.cpp's integer arithmetic at every batch size (their
-            // results are its bits); the other K-quants and the float types use the GEMM.
-            let exact = matches!(
-                ty,
-                ember_quant::GgmlType::Q4_K | ember_quant::GgmlType::Q6_K
-            );
-            if m >= gemm_min && crate::cpu::q8::act_format(ty).is_none() && !exact {
-                return tiled_gemm(x, &w, m, n);
-            }
-            let x = contiguous_f32(x);
-            let xs = x.as_slice::<f32>().expect("contiguous f32");
-            let out = crate::cpu::quant_matmul_rows(&w, xs, m);
-            FlexTensor::from_data(TensorData::new(out, [m, n]))
+            matmul(x, w, None)
+        }
+
+        fn quant_matmul_solo(
+            x: FlexTensor,
+            w: Arc<QuantMatrix>,
+            solo: Arc<[SoloRow]>,
+        ) -> FlexTensor {
+            matmul(x, w, Some(&solo))
         }
 
         fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, scale: f32) -> FlexTensor {
@@ -618,6 +637,31 @@ mod flex {
             );
             FlexTensor::from_data(TensorData::new(out, shape))
         }
+    }
+
+    /// The flex `quant_matmul`, with rows' solo shapes when given.
+    fn matmul(x: FlexTensor, w: Arc<QuantMatrix>, solo: Option<&Arc<[SoloRow]>>) -> FlexTensor {
+        let shape = x.shape();
+        let (m, n) = (shape[0], w.rows());
+        let ty = w.ggml_type();
+        let gemm_min = if crate::cpu::kquant::supported(ty) {
+            KQUANT_GEMM_MIN_ROWS
+        } else {
+            GEMM_MIN_ROWS
+        };
+        // Q4_K and Q6_K keep llama.cpp's integer arithmetic at every batch size (their
+        // results are its bits); the other K-quants and the float types use the GEMM.
+        let exact = matches!(
+            ty,
+            ember_quant::GgmlType::Q4_K | ember_quant::GgmlType::Q6_K
+        );
+        if m >= gemm_min && crate::cpu::q8::act_format(ty).is_none() && !exact {
+            return tiled_gemm(x, &w, m, n);
+        }
+        let x = contiguous_f32(x);
+        let xs = x.as_slice::<f32>().expect("contiguous f32");
+        let out = crate::cpu::quant_matmul_rows_solo(&w, xs, m, solo);
+        FlexTensor::from_data(TensorData::new(out, [m, n]))
     }
 
     fn contiguous_f32(x: FlexTensor) -> FlexTensor {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor};
 use ember_formats::GgufFile;
-use ember_kernels::{QuantMatrix, geglu, quant_matmul, residual_add};
+use ember_kernels::{QuantMatrix, geglu, residual_add};
 
 use crate::layers::{rms_norm, rope};
 use crate::model::{Architecture, Pass};
@@ -125,9 +125,9 @@ impl Architecture for Gemma3 {
             let l = Some(layer);
             let h = rms_norm(x.clone(), &b.attn_norm, c.rms_eps);
             trace::tensor("attn_norm", l, &h);
-            let q = head_norm(quant_matmul(h.clone(), &b.wq), c.n_head, &b.q_norm);
-            let k = head_norm(quant_matmul(h.clone(), &b.wk), c.n_head_kv, &b.k_norm);
-            let v = quant_matmul(h, &b.wv).reshape([n, c.n_head_kv, hd]);
+            let q = head_norm(pass.matmul(h.clone(), &b.wq), c.n_head, &b.q_norm);
+            let k = head_norm(pass.matmul(h.clone(), &b.wk), c.n_head_kv, &b.k_norm);
+            let v = pass.matmul(h, &b.wv).reshape([n, c.n_head_kv, hd]);
             trace::tensor("Qcur_normed", l, &q);
             trace::tensor("Kcur_normed", l, &k);
             trace::tensor("Vcur", l, &v);
@@ -139,7 +139,7 @@ impl Architecture for Gemma3 {
             let q = q.mul_scalar(self.attn_scale);
             let attn = pass.attend(layer, q, k, v, 1.0)?;
             trace::tensor("kqv_out", l, &attn);
-            let mut attn = quant_matmul(attn, &b.wo);
+            let mut attn = pass.matmul(attn, &b.wo);
             trace::tensor("attn_wo", l, &attn);
             if layer + 1 == self.blocks.len() {
                 (attn, x) = pass.select_outputs(attn, x);
@@ -151,13 +151,13 @@ impl Architecture for Gemma3 {
 
             let h = rms_norm(x.clone(), &b.ffn_norm, c.rms_eps);
             trace::tensor("ffn_norm", l, &h);
-            let gate = quant_matmul(h.clone(), &b.w_gate);
-            let up = quant_matmul(h, &b.w_up);
+            let gate = pass.matmul(h.clone(), &b.w_gate);
+            let up = pass.matmul(h, &b.w_up);
             trace::tensor("ffn_gate", l, &gate);
             trace::tensor("ffn_up", l, &up);
             let act = geglu(gate, up);
             trace::tensor("ffn_geglu", l, &act);
-            let ffn = quant_matmul(act, &b.w_down);
+            let ffn = pass.matmul(act, &b.w_down);
             trace::tensor("ffn_out", l, &ffn);
             let ffn = rms_norm(ffn, &b.ffn_post_norm, c.rms_eps);
             trace::tensor("ffn_post_norm", l, &ffn);

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use burn::tensor::Tensor;
-use ember_kernels::{QuantMatrix, quant_matmul};
+use ember_kernels::QuantMatrix;
+
+use crate::model::Pass;
 
 use crate::{ModelError, RopeMode, Weights};
 
@@ -41,9 +43,9 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// `x: [n, w.cols()]` to `[n, w.rows()]`.
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let y = quant_matmul(x, &self.w);
+    /// `x: [n, w.cols()]` to `[n, w.rows()]`, with the arithmetic `pass` keeps for its rows.
+    pub fn forward(&self, x: Tensor<2>, pass: &Pass<'_>) -> Tensor<2> {
+        let y = pass.matmul(x, &self.w);
         match &self.b {
             // A `[1, rows]` bias broadcast over the rows, as ggml_add does.
             Some(b) => y + b.clone().unsqueeze::<2>(),
@@ -122,11 +124,11 @@ impl QkvProj {
     }
 
     /// `(q, k, v)` for `h: [n, n_embd]`, each `[n, outputs]`.
-    pub fn forward(&self, h: Tensor<2>) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+    pub fn forward(&self, h: Tensor<2>, pass: &Pass<'_>) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
         (
-            self.q.forward(h.clone()),
-            self.k.forward(h.clone()),
-            self.v.forward(h),
+            self.q.forward(h.clone(), pass),
+            self.k.forward(h.clone(), pass),
+            self.v.forward(h, pass),
         )
     }
 }

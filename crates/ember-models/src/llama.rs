@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor};
 use ember_formats::GgufFile;
-use ember_kernels::{QuantMatrix, quant_matmul, residual_add, swiglu};
+use ember_kernels::{QuantMatrix, residual_add, swiglu};
 
 use crate::layers::{rms_norm, rope};
 use crate::model::{Architecture, Pass};
@@ -74,9 +74,13 @@ impl Architecture for Llama {
             let l = Some(layer);
             let h = rms_norm(x.clone(), &b.attn_norm, c.rms_eps);
             trace::tensor("attn_norm", l, &h);
-            let q = quant_matmul(h.clone(), &b.wq).reshape([n, c.n_head, c.head_dim]);
-            let k = quant_matmul(h.clone(), &b.wk).reshape([n, c.n_head_kv, c.head_dim]);
-            let v = quant_matmul(h, &b.wv).reshape([n, c.n_head_kv, c.head_dim]);
+            let q = pass
+                .matmul(h.clone(), &b.wq)
+                .reshape([n, c.n_head, c.head_dim]);
+            let k = pass
+                .matmul(h.clone(), &b.wk)
+                .reshape([n, c.n_head_kv, c.head_dim]);
+            let v = pass.matmul(h, &b.wv).reshape([n, c.n_head_kv, c.head_dim]);
             trace::tensor("Vcur", l, &v);
             trace::tensor("Qpre", l, &q);
             let rope = |x| rope(x, &pass.positions, c.rope_dim, c.rope_base, c.rope_mode);
@@ -85,7 +89,7 @@ impl Architecture for Llama {
             trace::tensor("Kcur", l, &k);
             let attn = pass.attend(layer, q, k, v, scale)?;
             trace::tensor("kqv_out", l, &attn);
-            let mut attn_out = quant_matmul(attn, &b.wo);
+            let mut attn_out = pass.matmul(attn, &b.wo);
             trace::tensor("attn_out", l, &attn_out);
             if layer + 1 == self.blocks.len() {
                 (attn_out, x) = pass.select_outputs(attn_out, x);
@@ -95,13 +99,13 @@ impl Architecture for Llama {
 
             let h = rms_norm(x.clone(), &b.ffn_norm, c.rms_eps);
             trace::tensor("ffn_norm", l, &h);
-            let gate = quant_matmul(h.clone(), &b.w_gate);
-            let up = quant_matmul(h, &b.w_up);
+            let gate = pass.matmul(h.clone(), &b.w_gate);
+            let up = pass.matmul(h, &b.w_up);
             trace::tensor("ffn_gate", l, &gate);
             trace::tensor("ffn_up", l, &up);
             let act = swiglu(gate, up);
             trace::tensor("ffn_swiglu", l, &act);
-            let ffn_out = quant_matmul(act, &b.w_down);
+            let ffn_out = pass.matmul(act, &b.w_down);
             trace::tensor("ffn_out", l, &ffn_out);
             x = residual_add(x, ffn_out);
             trace::tensor("l_out", l, &x);

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_formats::GgufFile;
-use ember_kernels::{QuantMatrix, SeqAttn, paged_attention, quant_matmul};
+use ember_kernels::{
+    QuantMatrix, SeqAttn, SoloRow, paged_attention, quant_matmul, quant_matmul_solo,
+};
 use ember_kv::{KvBudget, KvCacheConfig, KvOptions, PagedKvCache, SeqId, SequenceCache};
 
 use crate::layers::rms_norm;
@@ -72,6 +74,11 @@ pub struct Pass<'a> {
     pub cache: &'a mut PagedKvCache,
     /// The rows whose logits were asked for, when not all of them.
     out_rows: Option<Vec<usize>>,
+    /// Each row's place in the batch it has alone ([`SoloRow`]), before and after
+    /// [`select_outputs`](Self::select_outputs); `None` when that is its place in this batch
+    /// (one sequence computed as llama.cpp would alone).
+    solo_in: SoloShapes,
+    solo_out: SoloShapes,
     /// Whether an architecture already cut the batch down to `out_rows`.
     selected: bool,
 }
@@ -82,6 +89,20 @@ impl Pass<'_> {
     /// the attention output and the residual stream; it saves the feed-forward work of every
     /// other row, and it is also what keeps llama.cpp's choice of matmul kernel (which depends
     /// on the number of rows) and so its arithmetic.
+    /// `x @ w^T` for this pass's rows (before or after [`select_outputs`](Self::select_outputs)),
+    /// each with the arithmetic llama.cpp gives it when its sequence runs alone.
+    pub fn matmul(&self, x: Tensor<2>, w: &Arc<QuantMatrix>) -> Tensor<2> {
+        let solo = if self.selected {
+            &self.solo_out
+        } else {
+            &self.solo_in
+        };
+        match solo {
+            Some(s) if s.len() == x.dims()[0] => quant_matmul_solo(x, w, s),
+            _ => quant_matmul(x, w),
+        }
+    }
+
     pub fn select_outputs(&mut self, a: Tensor<2>, b: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
         self.selected = true;
         match &self.out_rows {
@@ -112,7 +133,12 @@ impl Pass<'_> {
                 .write(layer, seq, start, &k[span.clone()], &v[span])?;
         }
         let mut attn = self.cache.attention(layer, &self.rows, scale)?;
-        if attn.seqs.iter().zip(&self.path_rows).any(|(s, &p)| s.path_rows != p) {
+        if attn
+            .seqs
+            .iter()
+            .zip(&self.path_rows)
+            .any(|(s, &p)| s.path_rows != p)
+        {
             attn.seqs = attn
                 .seqs
                 .iter()
@@ -374,6 +400,7 @@ impl Model {
             .iter()
             .map(|b| b.solo_rows.unwrap_or(b.tokens.len()))
             .collect();
+        let (solo_in, solo_out) = solo_rows(batch, &starts);
         let mut pass = Pass {
             rows,
             starts,
@@ -383,22 +410,67 @@ impl Model {
             cache,
             out_rows,
             selected: false,
+            solo_in,
+            solo_out,
         };
         let x = self.arch.blocks(x, &mut pass)?;
         let x = match (&pass.out_rows, pass.selected) {
             (Some(rows), false) => select_rows(x, rows),
             _ => x,
         };
+        pass.selected = true;
         if x.dims()[0] == 0 {
             return Ok(Tensor::<2>::empty([0, c.n_vocab], &self.device));
         }
         let x = rms_norm(x, &self.output_norm, c.rms_eps);
         crate::trace::tensor("result_norm", None, &x);
-        let logits = quant_matmul(x, &self.output);
+        let logits = pass.matmul(x, &self.output);
         crate::trace::tensor("result_output", None, &logits);
         crate::trace::next_pass();
         Ok(logits)
     }
+}
+
+/// Rows' solo shapes, one per row of a pass (`None`: each row's place in the pass itself).
+type SoloShapes = Option<Arc<[SoloRow]>>;
+
+/// Each row's place in the batch llama.cpp computes it in when its sequence runs alone, before
+/// and after `inp_out_ids`; `None` for one sequence given without a solo size, whose rows
+/// are already in that batch. An item with [`BatchSeq::solo_rows`] `u` is part of a ubatch of
+/// `u` rows starting at a multiple of [`UBATCH`] positions (a prompt) or, for `u = 1`, a
+/// decoded token; its output rows are alone in theirs (the last of a prompt, or a decode
+/// step) unless it asks for all of them.
+fn solo_rows(
+    batch: &[BatchSeq<'_>],
+    starts: &[usize],
+) -> (SoloShapes, SoloShapes) {
+    if let [only] = batch
+        && only.solo_rows.is_none()
+    {
+        return (None, None);
+    }
+    let row = |m: usize, i: usize| SoloRow {
+        m: m as u32,
+        i: i as u32,
+    };
+    let (mut rows_in, mut rows_out) = (Vec::new(), Vec::new());
+    for (b, &start) in batch.iter().zip(starts) {
+        let len = b.tokens.len();
+        let first = rows_in.len();
+        for r in 0..len {
+            rows_in.push(match b.solo_rows {
+                None => row(len, r),
+                Some(1) => row(1, 0),
+                Some(u) => row(u, (start + r) % UBATCH),
+            });
+        }
+        match b.logits {
+            None => {}
+            Some(Logits::Last) => rows_out.push(row(1, 0)),
+            Some(Logits::All) => rows_out.extend_from_within(first..),
+        }
+    }
+    (Some(rows_in.into()), Some(rows_out.into()))
 }
 
 /// Rows `rows` (ascending) of `x`.

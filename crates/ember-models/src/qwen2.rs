@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor};
 use ember_formats::GgufFile;
-use ember_kernels::{QuantMatrix, quant_matmul, residual_add, swiglu};
+use ember_kernels::{QuantMatrix, residual_add, swiglu};
 
 use crate::layers::{QkvProj, rms_norm, rope};
 use crate::model::{Architecture, Pass};
@@ -77,23 +77,23 @@ impl Architecture for Qwen2 {
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         for (layer, b) in self.blocks.iter().enumerate() {
             let h = rms_norm(x.clone(), &b.attn_norm, c.rms_eps);
-            let (q, k, v) = b.qkv.forward(h);
+            let (q, k, v) = b.qkv.forward(h, pass);
             let q = q.reshape([n, c.n_head, c.head_dim]);
             let k = k.reshape([n, c.n_head_kv, c.head_dim]);
             let v = v.reshape([n, c.n_head_kv, c.head_dim]);
             let rope = |x| rope(x, &pass.positions, c.rope_dim, c.rope_base, c.rope_mode);
             let (q, k) = (rope(q), rope(k));
             let attn = pass.attend(layer, q, k, v, scale)?;
-            let mut o = quant_matmul(attn, &b.wo);
+            let mut o = pass.matmul(attn, &b.wo);
             if layer + 1 == self.blocks.len() {
                 (o, x) = pass.select_outputs(o, x);
             }
             x = residual_add(x, o);
 
             let h = rms_norm(x.clone(), &b.ffn_norm, c.rms_eps);
-            let gate = quant_matmul(h.clone(), &b.w_gate);
-            let up = quant_matmul(h, &b.w_up);
-            x = residual_add(x, quant_matmul(swiglu(gate, up), &b.w_down));
+            let gate = pass.matmul(h.clone(), &b.w_gate);
+            let up = pass.matmul(h, &b.w_up);
+            x = residual_add(x, pass.matmul(swiglu(gate, up), &b.w_down));
         }
         Ok(x)
     }

@@ -31,9 +31,26 @@ const PROMPTS: [&str; 8] = [
     "The largest planet in the solar system",
 ];
 
+/// Gemma 3 270M Q4_K_M: its Q4_K and Q6_K matmuls take llama.cpp's batch-size-dependent
+/// kernels, so batching only keeps its results if each row keeps its solo kernel.
+fn gemma() -> Arc<LoadedModel> {
+    static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
+    Arc::clone(MODEL.get_or_init(|| {
+        let path = match std::env::var_os("EMBER_TEST_GEMMA3") {
+            Some(p) if !p.is_empty() => std::path::PathBuf::from(p),
+            _ => ember_hub::resolve("gemma3-270m-q4_k_m").expect("pull Gemma 3"),
+        };
+        Arc::new(LoadedModel::open(&path, &ember_models::default_device()).expect("load"))
+    }))
+}
+
 fn request(prompt: &str, max_tokens: usize) -> EngineRequest {
+    request_for(&model(), prompt, max_tokens)
+}
+
+fn request_for(m: &LoadedModel, prompt: &str, max_tokens: usize) -> EngineRequest {
     EngineRequest {
-        prompt_tokens: model().tokenize_prompt(prompt).unwrap(),
+        prompt_tokens: m.tokenize_prompt(prompt).unwrap(),
         max_tokens,
         sampling: SamplingParams::greedy(),
         stop: Vec::new(),
@@ -77,9 +94,13 @@ fn collect_exact(mut s: ember_runtime::engine::RequestStream) -> Vec<(u32, Vec<(
 }
 
 fn exact_request(prompt: &str, max_tokens: usize) -> EngineRequest {
+    exact_request_for(&model(), prompt, max_tokens)
+}
+
+fn exact_request_for(m: &LoadedModel, prompt: &str, max_tokens: usize) -> EngineRequest {
     EngineRequest {
         logprobs: Some(5),
-        ..request(prompt, max_tokens)
+        ..request_for(m, prompt, max_tokens)
     }
 }
 
@@ -165,7 +186,10 @@ fn preemption_recomputes_and_finishes_every_stream() {
         .map(|p| engine.submit(exact_request(p, n)).unwrap())
         .collect();
     for (i, s) in streams.into_iter().enumerate() {
-        assert!(collect_exact(s) == want[i], "prompt {i}: preempted run differs from solo");
+        assert!(
+            collect_exact(s) == want[i],
+            "prompt {i}: preempted run differs from solo"
+        );
     }
     wait_idle(&engine);
     assert!(engine.stats().preemptions_total > 0, "{:?}", engine.stats());
@@ -177,7 +201,10 @@ fn long_prompt() -> String {
     let text = "The river rose in the spring, as it did every year, and the people of the \
                 valley moved their animals to the high pastures before the water reached \
                 the lower fields. ";
-    format!("Summarize the following story in one paragraph.\n\n{}", text.repeat(9))
+    format!(
+        "Summarize the following story in one paragraph.\n\n{}",
+        text.repeat(9)
+    )
 }
 
 /// Runs `count` identical greedy requests at once and checks every one against the solo
@@ -185,16 +212,16 @@ fn long_prompt() -> String {
 /// requests, decode rows batched beside prompt chunks, and (with `kv_budget_tokens`) KV
 /// pressure that preempts some of them (`tight`: a pool of one context, which the shared
 /// prompt blocks and a few sequences' own blocks fill).
-fn identical_requests_equal_solo(count: usize, tight: bool) -> u64 {
+fn identical_requests_equal_solo(m: Arc<LoadedModel>, count: usize, tight: bool) -> u64 {
     let prompt = long_prompt();
     let n = 24;
-    let n_prompt = request(&prompt, n).prompt_tokens.len();
+    let n_prompt = request_for(&m, &prompt, n).prompt_tokens.len();
     // Decode passes 256 cells, so its attention takes the split-KV path.
     assert!((257..490).contains(&n_prompt), "{n_prompt} prompt tokens");
     let ctx = (n_prompt + n).div_ceil(16) * 16;
     let want = {
-        let engine = Engine::start(model(), EngineConfig::new(1, ctx)).unwrap();
-        collect_exact(engine.submit(exact_request(&prompt, n)).unwrap())
+        let engine = Engine::start(Arc::clone(&m), EngineConfig::new(1, ctx)).unwrap();
+        collect_exact(engine.submit(exact_request_for(&m, &prompt, n)).unwrap())
     };
     let mut cfg = EngineConfig::new(8, ctx);
     cfg.max_batch_tokens = 96;
@@ -202,13 +229,16 @@ fn identical_requests_equal_solo(count: usize, tight: bool) -> u64 {
     if tight {
         cfg.kv_budget_tokens = ctx;
     }
-    let engine = Engine::start(model(), cfg).unwrap();
+    let engine = Engine::start(Arc::clone(&m), cfg).unwrap();
     let streams: Vec<_> = (0..count)
-        .map(|_| engine.submit(exact_request(&prompt, n)).unwrap())
+        .map(|_| engine.submit(exact_request_for(&m, &prompt, n)).unwrap())
         .collect();
     for (i, s) in streams.into_iter().enumerate() {
         let got = collect_exact(s);
-        assert!(got == want, "request {i} of {count}: tokens or logprobs differ from solo");
+        assert!(
+            got == want,
+            "request {i} of {count}: tokens or logprobs differ from solo"
+        );
     }
     wait_idle(&engine);
     engine.stats().preemptions_total
@@ -216,13 +246,48 @@ fn identical_requests_equal_solo(count: usize, tight: bool) -> u64 {
 
 #[test]
 fn concurrent_identical_requests_equal_solo() {
-    identical_requests_equal_solo(24, false);
+    identical_requests_equal_solo(model(), 24, false);
 }
 
 #[test]
 fn concurrent_identical_requests_equal_solo_under_kv_pressure() {
-    let preempted = identical_requests_equal_solo(24, true);
+    let preempted = identical_requests_equal_solo(model(), 24, true);
     assert!(preempted > 0, "no preemption happened");
+}
+
+#[test]
+fn gemma3_concurrent_identical_requests_equal_solo() {
+    let preempted = identical_requests_equal_solo(gemma(), 24, true);
+    assert!(preempted > 0, "no preemption happened");
+}
+
+/// Eight different prompts decoding together on Gemma 3 (Q4_K gemm/gemv and Q6_K tiled/dot
+/// chosen per row by its solo batch, not by the 8 rows of the step) give each its solo
+/// tokens and top-5 logprobs bit for bit.
+#[test]
+fn gemma3_batched_streams_match_solo_runs() {
+    let g = gemma();
+    let n = 16;
+    let want: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| {
+            let engine = Engine::start(Arc::clone(&g), EngineConfig::new(1, 256)).unwrap();
+            collect_exact(engine.submit(exact_request_for(&g, p, n)).unwrap())
+        })
+        .collect();
+    let mut cfg = EngineConfig::new(8, 256);
+    cfg.max_batch_tokens = 24;
+    let engine = Engine::start(Arc::clone(&g), cfg).unwrap();
+    let streams: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| engine.submit(exact_request_for(&g, p, n)).unwrap())
+        .collect();
+    for (i, s) in streams.into_iter().enumerate() {
+        assert!(
+            collect_exact(s) == want[i],
+            "prompt {i}: batched differs from solo"
+        );
+    }
 }
 
 /// More than one ubatch (512 tokens) of prompt: the engine slices it as llama.cpp does, so

@@ -68,6 +68,20 @@ pub struct Q8K {
     pub d: Vec<f32>,
     /// Sum of each 16 consecutive values (16 per block).
     pub bsums: Vec<i16>,
+    /// Each row's place in the batch it has alone ([`SoloRow`]), which picks llama.cpp's
+    /// arithmetic; `None`: row `i` of these `m` rows.
+    pub solo: Option<std::sync::Arc<[SoloRow]>>,
+}
+
+/// Where an activation row sits in the batch llama.cpp computes it in when its sequence runs
+/// alone: that batch's `m` rows, and its index `i` there. llama.cpp picks K-quant kernels by
+/// batch size (Q4_K: its gemm for rows in whole groups of four, gemv for the rest; Q6_K: its
+/// tiled kernel from 8 rows), so a row batched with other sequences keeps its solo arithmetic
+/// only if the kernel is told this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SoloRow {
+    pub m: u32,
+    pub i: u32,
 }
 
 /// ggml's `nearest_int`: round half to even through the `1.5 * 2^23` trick (|x| < 2^22).
@@ -85,6 +99,7 @@ pub fn quantize_q8k(x: &[f32], k: usize) -> Q8K {
         qs: vec![0; x.len()],
         d: vec![0.0; nb],
         bsums: vec![0; nb * 16],
+        solo: None,
     };
     for (b, xb) in x.chunks_exact(QK_K).enumerate() {
         let (mut max, mut amax) = (0.0f32, 0.0f32);
@@ -117,6 +132,29 @@ impl Q8K {
     /// The number of activation rows.
     pub fn rows(&self) -> usize {
         self.qs.len() / self.k.max(1)
+    }
+
+    /// `(m, i)` of row `i` for the kernel choice: its [`SoloRow`], or its place in this batch.
+    #[inline]
+    pub fn shape(&self, i: usize) -> (usize, usize) {
+        match self.solo.as_deref().and_then(|s| s.get(i)) {
+            Some(r) => (r.m as usize, r.i as usize),
+            None => (self.rows(), i),
+        }
+    }
+
+    /// Whether row `i` takes Q6_K's tiled arithmetic (llama.cpp's from 8 rows).
+    #[inline]
+    pub fn q6k_tiled(&self, i: usize) -> bool {
+        self.shape(i).0 >= TILED_MIN_ROWS
+    }
+
+    /// Whether row `i` takes repacked Q4_K's gemm (rows in whole groups of four) rather than
+    /// its gemv.
+    #[inline]
+    pub fn q4k_pairs(&self, i: usize) -> bool {
+        let (m, i) = self.shape(i);
+        m >= 4 && i < m - m % 4
     }
 }
 
@@ -269,10 +307,9 @@ pub fn dot_rows_with(isa: Isa, ty: GgmlType, rows: &[u8], acts: &Q8K, i: usize, 
     let d = &acts.d[i * nb..(i + 1) * nb];
     let bsums = &acts.bsums[i * nb * 16..(i + 1) * nb * 16];
     let row = |r: usize| &rows[r * row_bytes..(r + 1) * row_bytes];
-    let m = acts.rows();
-    let tiled = m >= TILED_MIN_ROWS;
+    let tiled = acts.q6k_tiled(i);
     // llama.cpp's repacked Q4_K: whole groups of four rows take its gemm, the rest its gemv.
-    let q4k_pairs = m >= 4 && i < m - m % 4;
+    let q4k_pairs = acts.q4k_pairs(i);
     match isa {
         Isa::Scalar | Isa::Neon if isa.supported() => {
             for (r, o) in out.iter_mut().enumerate() {

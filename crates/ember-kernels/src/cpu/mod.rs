@@ -109,11 +109,23 @@ impl<'a> Columns<'a> {
 /// blocks. Each task owns whole weight rows, so every
 /// weight byte is read from memory once per call, whatever `m` is.
 pub fn quant_matmul_rows(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
+    quant_matmul_rows_solo(w, x, m, None)
+}
+
+/// [`quant_matmul_rows`] with each row's place in its solo batch (`solo`, one per row), which
+/// decides K-quant arithmetic as llama.cpp decides it by batch size; the other types' results
+/// do not depend on the batch.
+pub fn quant_matmul_rows_solo(
+    w: &QuantMatrix,
+    x: &[f32],
+    m: usize,
+    solo: Option<&std::sync::Arc<[kquant::SoloRow]>>,
+) -> Vec<f32> {
     let (n, k) = (w.rows(), w.cols());
     debug_assert_eq!(x.len(), m * k);
     let ty = w.ggml_type();
     if kquant::supported(ty) {
-        return kquant_matmul(w, x, m);
+        return kquant_matmul(w, x, m, solo.filter(|s| s.len() == m).cloned());
     }
     let Some(fmt) = q8::act_format(ty) else {
         return f32_matmul(w, x, m);
@@ -178,12 +190,18 @@ pub fn quant_matmul_rows(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
 }
 
 /// [`quant_matmul_rows`] for K-quants: activations quantized to Q8_K, integer dots per row.
-fn kquant_matmul(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
+fn kquant_matmul(
+    w: &QuantMatrix,
+    x: &[f32],
+    m: usize,
+    solo: Option<std::sync::Arc<[kquant::SoloRow]>>,
+) -> Vec<f32> {
     let (n, k) = (w.rows(), w.cols());
     let ty = w.ggml_type();
     let row_bytes = k / ember_quant::QK_K * ty.type_size();
     let bytes = w.bytes();
-    let acts = kquant::quantize_q8k(x, k);
+    let mut acts = kquant::quantize_q8k(x, k);
+    acts.solo = solo;
     if m == 1 {
         let mut out = vec![0.0f32; n];
         out.par_chunks_mut(ROWS_PER_TASK)
@@ -201,7 +219,7 @@ fn kquant_matmul(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if q8::isa() == q8::Isa::Avx512Vnni
         && (ty == ember_quant::GgmlType::Q4_K
-            || (ty == ember_quant::GgmlType::Q6_K && m >= kquant::TILED_MIN_ROWS))
+            || (ty == ember_quant::GgmlType::Q6_K && (0..m).all(|i| acts.q6k_tiled(i))))
     {
         // Sixteen rows unpacked once per task, one row per vector lane, every activation
         // row against them; llama.cpp's arithmetic, as `dot_rows` (tested).
@@ -389,6 +407,53 @@ mod tests {
                             "{ty} m={m} n={n} k={k} ({i}, {j})"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// A row batched under a [`kquant::SoloRow`] gets the bits it gets in a batch of that
+    /// shape: Q4_K's gemm/gemv and Q6_K's tiled/per-row arithmetic follow the solo batch, not
+    /// the call's (a decode row beside a prompt chunk, a prompt chunk cut short).
+    #[test]
+    fn solo_rows_keep_their_batch_arithmetic() {
+        let mut rng = StdRng::seed_from_u64(0x5010);
+        let (n, k) = (40, 512);
+        let shapes: [(u32, u32); 9] = [
+            (1, 0),
+            (9, 8),
+            (9, 0),
+            (1, 0),
+            (5, 4),
+            (5, 2),
+            (64, 63),
+            (3, 1),
+            (12, 11),
+        ];
+        for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+            let wf: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+            let w = QuantMatrix::quantize(ty, n, k, &wf).unwrap();
+            let m = shapes.len();
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
+            let solo: std::sync::Arc<[kquant::SoloRow]> = shapes
+                .iter()
+                .map(|&(m, i)| kquant::SoloRow { m, i })
+                .collect();
+            let got = quant_matmul_rows_solo(&w, &x, m, Some(&solo));
+            for (r, &(sm, si)) in shapes.iter().enumerate() {
+                // The row alone in a batch of its solo shape, the other rows random.
+                let (sm, si) = (sm as usize, si as usize);
+                let mut xb: Vec<f32> = (0..sm * k)
+                    .map(|_| rng.random_range(-3.0..3.0f32))
+                    .collect();
+                xb[si * k..(si + 1) * k].copy_from_slice(&x[r * k..(r + 1) * k]);
+                let want = quant_matmul_rows(&w, &xb, sm);
+                for j in 0..n {
+                    assert_eq!(
+                        got[r * n + j].to_bits(),
+                        want[si * n + j].to_bits(),
+                        "{ty} row {r} as ({sm}, {si}), column {j}"
+                    );
                 }
             }
         }

@@ -843,7 +843,8 @@ fn split_kv<R: Rows<C>, C: Conv>(
             seq,
             kvh,
             qrows,
-            keys: keys.start.max(cells.start)..keys.end.min(cells.end).max(keys.start.max(cells.start)),
+            keys: keys.start.max(cells.start)
+                ..keys.end.min(cells.end).max(keys.start.max(cells.start)),
             dst: acc,
             partial: Some(st),
         };

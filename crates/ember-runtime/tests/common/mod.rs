@@ -31,7 +31,10 @@ pub fn load(env: &str, name: &str) -> LoadedModel {
 pub fn references(prefix: &str) -> Vec<(String, Value)> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let mut out = references_in(&root.join("../shared/reference"), prefix);
-    out.extend(references_in(&root.join("tests/fixtures/reference"), prefix));
+    out.extend(references_in(
+        &root.join("tests/fixtures/reference"),
+        prefix,
+    ));
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
@@ -165,7 +168,10 @@ pub fn check_teacher_forced_exact(m: &LoadedModel, refs: &[(String, Value)]) -> 
         let mut max = 0.0f32;
         for (pos, (want, row)) in tf.iter().zip(&rows).enumerate() {
             for p in want.as_array().expect("top5") {
-                let (id, logit) = (p[0].as_u64().expect("id") as usize, p[1].as_f64().expect("logit") as f32);
+                let (id, logit) = (
+                    p[0].as_u64().expect("id") as usize,
+                    p[1].as_f64().expect("logit") as f32,
+                );
                 let d = (row[id] - logit).abs();
                 assert!(
                     d <= MAX_ABS,
@@ -175,7 +181,10 @@ pub fn check_teacher_forced_exact(m: &LoadedModel, refs: &[(String, Value)]) -> 
                 max = max.max(d);
             }
         }
-        eprintln!("{name}: teacher-forced, {} positions, max |diff| {max:.2e}", all.len());
+        eprintln!(
+            "{name}: teacher-forced, {} positions, max |diff| {max:.2e}",
+            all.len()
+        );
         checked += 1;
     }
     checked
@@ -187,16 +196,24 @@ pub fn check_teacher_forced_exact(m: &LoadedModel, refs: &[(String, Value)]) -> 
 pub fn check_edges(m: &LoadedModel, model: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join(format!("../../tests/fixtures/reference/edges_{model}.json"));
-    let doc: Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("edges fixture")).expect("JSON");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("edges fixture"))
+        .expect("JSON");
     let cases = doc["cases"].as_array().expect("cases");
     assert!(cases.len() >= 7);
     for case in cases {
         let tokens = ids(&case["tokens"]);
         let rows = teacher_forced_logits(&m.model, &tokens, ember_models::UBATCH).expect("forward");
-        for (pos, want) in case["teacher_forced_top5"].as_array().expect("top5").iter().enumerate() {
+        for (pos, want) in case["teacher_forced_top5"]
+            .as_array()
+            .expect("top5")
+            .iter()
+            .enumerate()
+        {
             for p in want.as_array().expect("top5") {
-                let (id, logit) = (p[0].as_u64().expect("id") as usize, p[1].as_f64().expect("logit") as f32);
+                let (id, logit) = (
+                    p[0].as_u64().expect("id") as usize,
+                    p[1].as_f64().expect("logit") as f32,
+                );
                 assert!(
                     (rows[pos][id] - logit).abs() <= MAX_ABS,
                     "{model}, {} tokens, pos {pos} token {id}: ours {} vs llama.cpp {logit}",

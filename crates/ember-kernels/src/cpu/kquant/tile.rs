@@ -146,8 +146,7 @@ pub unsafe fn matmul(tile: &KTile, acts: &Q8K, range: std::ops::Range<usize>, ou
             if ty == GgmlType::Q4_K {
                 // llama.cpp's repacked Q4_K: gemm (FMA per sub-block pair) for the rows in
                 // whole groups of four, gemv (per block) for the rest.
-                let pairs = m >= 4 && i < m - m % 4;
-                q4k_row(tile, x, da, bsums, pairs)
+                q4k_row(tile, x, da, bsums, acts.q4k_pairs(i))
             } else {
                 q6k_row(tile, x, da, bsums)
             }
