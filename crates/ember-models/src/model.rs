@@ -440,10 +440,7 @@ type SoloShapes = Option<Arc<[SoloRow]>>;
 /// `u` rows starting at a multiple of [`UBATCH`] positions (a prompt) or, for `u = 1`, a
 /// decoded token; its output rows are alone in theirs (the last of a prompt, or a decode
 /// step) unless it asks for all of them.
-fn solo_rows(
-    batch: &[BatchSeq<'_>],
-    starts: &[usize],
-) -> (SoloShapes, SoloShapes) {
+fn solo_rows(batch: &[BatchSeq<'_>], starts: &[usize]) -> (SoloShapes, SoloShapes) {
     if let [only] = batch
         && only.solo_rows.is_none()
     {

@@ -1323,7 +1323,12 @@ mod tests {
             } else {
                 [None; 3]
             };
-            let data = random_seqs(&mut rng, &shapes, n_head, n_kv, d);
+            let mut data = random_seqs(&mut rng, &shapes, n_head, n_kv, d);
+            // Q off the f16 grid: this path multiplies it in f32 (rounding it, as the one-row
+            // path does, changed every row past the first).
+            for s in &mut data {
+                s.q.iter_mut().for_each(|x| *x *= 1.37);
+            }
             let (store, seqs) = build(&mut rng, dtype, block_size, n_kv, d, &data, &windows);
             let scale = 1.0 / (d as f32).sqrt();
             let n_rows: usize = data.iter().map(|s| s.n_q).sum();
@@ -1420,6 +1425,19 @@ mod tests {
     /// for AVX512-FP16: `ggml_vec_mad_f16` / `ggml_vec_scale_f16` work on the first
     /// `d & !127` values in f16 arithmetic with the factor rounded to f16, the rest in f32.
     fn ggml_one_chunk(q: &[f32], keys: &[&[f32]], vals: &[&[f32]], scale: f32) -> Vec<f32> {
+        let (vkq16, _, s_sum) = ggml_one_chunk_partial(q, keys, vals, scale);
+        let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
+        vkq16.iter().map(|&y| y * inv).collect()
+    }
+
+    /// `ggml_compute_forward_flash_attn_ext_f16_one_chunk` before its final division, as its
+    /// split-KV path writes it: the unnormalized V sums, the max `M` and the sum `S`.
+    fn ggml_one_chunk_partial(
+        q: &[f32],
+        keys: &[&[f32]],
+        vals: &[&[f32]],
+        scale: f32,
+    ) -> (Vec<f32>, f32, f32) {
         let q: Vec<f32> = q.iter().map(|&x| r16(x)).collect();
         let np = q.len() & !127;
         let mut vkq16 = vec![0.0f32; q.len()];
@@ -1450,8 +1468,108 @@ mod tests {
             }
             s_sum = s_sum.mul_add(ms, vs);
         }
-        let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
-        vkq16.iter().map(|&y| y * inv).collect()
+        (vkq16, m, s_sum)
+    }
+
+    /// llama.cpp's split-KV decode for one query at `qp` seeing keys `first..=qp` (`keys`,
+    /// `vals`): `n_kv` = `qp + 1` padded to 256, two threads' chunks of `n_kv / 2` cells, each
+    /// a one-row partial, merged as `ggml_flash_attn_ext_reduce_partials` (with GCC's FMAs).
+    fn ggml_split_kv(
+        q: &[f32],
+        first: usize,
+        qp: usize,
+        keys: &[&[f32]],
+        vals: &[&[f32]],
+        scale: f32,
+    ) -> Vec<f32> {
+        let n_kv = (qp + 1).div_ceil(256) * 256;
+        let chunk = n_kv.div_ceil(2);
+        let mut vkq = vec![0.0f32; q.len()];
+        let (mut m, mut s) = (f32::NEG_INFINITY, 0.0f32);
+        for c in 0..2 {
+            let cells = c * chunk..(c + 1) * chunk;
+            let idx: Vec<usize> = (first..=qp).filter(|p| cells.contains(p)).collect();
+            let ks: Vec<&[f32]> = idx.iter().map(|&p| keys[p - first]).collect();
+            let vs: Vec<&[f32]> = idx.iter().map(|&p| vals[p - first]).collect();
+            let (vc, mc, sc) = ggml_one_chunk_partial(q, &ks, &vs, scale);
+            if sc == 0.0 {
+                continue;
+            }
+            let m_new = m.max(mc);
+            let (so, sn) = ((m - m_new).exp(), (mc - m_new).exp());
+            for (y, &x) in vkq.iter_mut().zip(&vc) {
+                *y = y.mul_add(so, x * sn);
+            }
+            s = s.mul_add(so, sc * sn);
+            m = m_new;
+        }
+        if s != 0.0 {
+            let inv = 1.0 / s;
+            vkq.iter_mut().for_each(|y| *y *= inv);
+        }
+        vkq
+    }
+
+    /// One query over 257+ cells (so 512+ padded) with an f16 or f32 cache: llama.cpp's
+    /// split-KV path bit for bit, across the 256/257 and 512/513 boundaries where the chunks
+    /// move, with windows that empty the first chunk, GQA groups and several head dims,
+    /// beside sequences of the other paths; the builds agree.
+    #[test]
+    fn split_kv_path_is_llama_cpp_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(0x5917);
+        for case in 0..12 {
+            let n_kv = rng.random_range(1..=2);
+            let group = rng.random_range(1..=4);
+            let n_head = n_kv * group;
+            let d = [64, 256, 8, 96][case % 4];
+            let block_size = [16, 32, 7][case % 3];
+            let past = [255, 256, 300, 511, 512, 700][case % 6];
+            let shapes = [(1, past), (3, 20), (1, rng.random_range(257..600))];
+            let windows = [None, None, Some(rng.random_range(1..400))];
+            let data = random_seqs(&mut rng, &shapes, n_head, n_kv, d);
+            let (store, seqs) = build(&mut rng, KvDtype::F16, block_size, n_kv, d, &data, &windows);
+            let scale = 1.0 / (d as f32).sqrt();
+            let n_rows: usize = data.iter().map(|s| s.n_q).sum();
+            let attn = PagedAttention {
+                store,
+                seqs: seqs.into(),
+                scale,
+            };
+            let got = run_all_builds(&concat_q(&data), n_rows, n_head, d, &attn);
+            let mut row = 0;
+            for (s, &window) in data.iter().zip(&windows) {
+                for i in 0..s.n_q {
+                    let qp = s.t - s.n_q + i;
+                    let first = window.map_or(0, |w| (qp + 1).saturating_sub(w));
+                    for h in 0..n_head {
+                        let kvh = h / group;
+                        let at = |x: &'_ [f32], p: usize| -> Vec<f32> {
+                            x[(p * n_kv + kvh) * d..(p * n_kv + kvh + 1) * d].to_vec()
+                        };
+                        let ks: Vec<Vec<f32>> = (first..=qp).map(|p| at(&s.k, p)).collect();
+                        let vs: Vec<Vec<f32>> = (first..=qp).map(|p| at(&s.v, p)).collect();
+                        let kr: Vec<&[f32]> = ks.iter().map(|v| v.as_slice()).collect();
+                        let vr: Vec<&[f32]> = vs.iter().map(|v| v.as_slice()).collect();
+                        let qh = &s.q[(i * n_head + h) * d..(i * n_head + h + 1) * d];
+                        let want = if s.n_q == 1 && qp >= 256 {
+                            ggml_split_kv(qh, first, qp, &kr, &vr, scale)
+                        } else {
+                            ggml_one_chunk(qh, &kr, &vr, scale)
+                        };
+                        let o = ((row + i) * n_head + h) * d;
+                        for (x, (a, b)) in got[o..o + d].iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "case {case} past {} d {d} row {i} head {h} [{x}]: {a} vs {b}",
+                                s.t - s.n_q
+                            );
+                        }
+                    }
+                }
+                row += s.n_q;
+            }
+        }
     }
 
     /// The f16 rounding of f64 values is correct (one rounding, ties to even), over random
@@ -1578,7 +1696,8 @@ mod tests {
             let block_size = [1, 4, 16, 32][(case / 4 + case) % 4];
             let shapes = [
                 (rng.random_range(1..TILE_Q), rng.random_range(0..150)),
-                (1, rng.random_range(0..300)),
+                // One query over at most 256 cells: past that it takes the split-KV path.
+                (1, rng.random_range(0..256)),
                 (rng.random_range(2..9), rng.random_range(0..40)),
             ];
             let windows = [None, Some(rng.random_range(1..60)), None];
