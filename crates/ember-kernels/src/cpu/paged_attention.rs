@@ -1510,6 +1510,53 @@ mod tests {
         vkq
     }
 
+    /// Every head of every row of `got` (an f16-cache call over `data`) against the
+    /// transcription of the path llama.cpp takes for it: split-KV for one query past 256
+    /// cells, else the one-row path.
+    fn check_one_query_paths(
+        case: usize,
+        data: &[SeqData],
+        windows: &[Option<usize>],
+        (n_head, n_kv, d): (usize, usize, usize),
+        scale: f32,
+        got: &[f32],
+    ) {
+        let group = n_head / n_kv;
+        let mut row = 0;
+        for (s, &window) in data.iter().zip(windows) {
+            for i in 0..s.n_q {
+                let qp = s.t - s.n_q + i;
+                let first = window.map_or(0, |w| (qp + 1).saturating_sub(w));
+                for h in 0..n_head {
+                    let kvh = h / group;
+                    let at = |x: &'_ [f32], p: usize| -> Vec<f32> {
+                        x[(p * n_kv + kvh) * d..(p * n_kv + kvh + 1) * d].to_vec()
+                    };
+                    let ks: Vec<Vec<f32>> = (first..=qp).map(|p| at(&s.k, p)).collect();
+                    let vs: Vec<Vec<f32>> = (first..=qp).map(|p| at(&s.v, p)).collect();
+                    let kr: Vec<&[f32]> = ks.iter().map(|v| v.as_slice()).collect();
+                    let vr: Vec<&[f32]> = vs.iter().map(|v| v.as_slice()).collect();
+                    let qh = &s.q[(i * n_head + h) * d..(i * n_head + h + 1) * d];
+                    let want = if s.n_q == 1 && qp >= 256 {
+                        ggml_split_kv(qh, first, qp, &kr, &vr, scale)
+                    } else {
+                        ggml_one_chunk(qh, &kr, &vr, scale)
+                    };
+                    let o = ((row + i) * n_head + h) * d;
+                    for (x, (a, b)) in got[o..o + d].iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "case {case} past {} d {d} row {i} head {h} [{x}]: {a} vs {b}",
+                            s.t - s.n_q
+                        );
+                    }
+                }
+            }
+            row += s.n_q;
+        }
+    }
+
     /// One query over 257+ cells (so 512+ padded) with an f16 or f32 cache: llama.cpp's
     /// split-KV path bit for bit, across the 256/257 and 512/513 boundaries where the chunks
     /// move, with windows that empty the first chunk, GQA groups and several head dims,
@@ -1536,39 +1583,7 @@ mod tests {
                 scale,
             };
             let got = run_all_builds(&concat_q(&data), n_rows, n_head, d, &attn);
-            let mut row = 0;
-            for (s, &window) in data.iter().zip(&windows) {
-                for i in 0..s.n_q {
-                    let qp = s.t - s.n_q + i;
-                    let first = window.map_or(0, |w| (qp + 1).saturating_sub(w));
-                    for h in 0..n_head {
-                        let kvh = h / group;
-                        let at = |x: &'_ [f32], p: usize| -> Vec<f32> {
-                            x[(p * n_kv + kvh) * d..(p * n_kv + kvh + 1) * d].to_vec()
-                        };
-                        let ks: Vec<Vec<f32>> = (first..=qp).map(|p| at(&s.k, p)).collect();
-                        let vs: Vec<Vec<f32>> = (first..=qp).map(|p| at(&s.v, p)).collect();
-                        let kr: Vec<&[f32]> = ks.iter().map(|v| v.as_slice()).collect();
-                        let vr: Vec<&[f32]> = vs.iter().map(|v| v.as_slice()).collect();
-                        let qh = &s.q[(i * n_head + h) * d..(i * n_head + h + 1) * d];
-                        let want = if s.n_q == 1 && qp >= 256 {
-                            ggml_split_kv(qh, first, qp, &kr, &vr, scale)
-                        } else {
-                            ggml_one_chunk(qh, &kr, &vr, scale)
-                        };
-                        let o = ((row + i) * n_head + h) * d;
-                        for (x, (a, b)) in got[o..o + d].iter().zip(&want).enumerate() {
-                            assert_eq!(
-                                a.to_bits(),
-                                b.to_bits(),
-                                "case {case} past {} d {d} row {i} head {h} [{x}]: {a} vs {b}",
-                                s.t - s.n_q
-                            );
-                        }
-                    }
-                }
-                row += s.n_q;
-            }
+            check_one_query_paths(case, &data, &windows, (n_head, n_kv, d), scale, &got);
         }
     }
 
@@ -1715,34 +1730,7 @@ mod tests {
             };
             let q = concat_q(&data);
             let got = run_all_builds(&q, n_rows, n_head, d, &attn);
-            let mut row = 0;
-            for (s, &window) in data.iter().zip(&windows) {
-                for i in 0..s.n_q {
-                    let qp = s.t - s.n_q + i;
-                    let first = window.map_or(0, |w| (qp + 1).saturating_sub(w));
-                    for h in 0..n_head {
-                        let kvh = h / group;
-                        let at = |x: &'_ [f32], p: usize| -> Vec<f32> {
-                            x[(p * n_kv + kvh) * d..(p * n_kv + kvh + 1) * d].to_vec()
-                        };
-                        let ks: Vec<Vec<f32>> = (first..=qp).map(|p| at(&s.k, p)).collect();
-                        let vs: Vec<Vec<f32>> = (first..=qp).map(|p| at(&s.v, p)).collect();
-                        let kr: Vec<&[f32]> = ks.iter().map(|v| v.as_slice()).collect();
-                        let vr: Vec<&[f32]> = vs.iter().map(|v| v.as_slice()).collect();
-                        let qh = &s.q[(i * n_head + h) * d..(i * n_head + h + 1) * d];
-                        let want = ggml_one_chunk(qh, &kr, &vr, scale);
-                        let o = ((row + i) * n_head + h) * d;
-                        for (x, (a, b)) in got[o..o + d].iter().zip(&want).enumerate() {
-                            assert_eq!(
-                                a.to_bits(),
-                                b.to_bits(),
-                                "case {case} d {d} bs {block_size} row {i} head {h} [{x}]: {a} vs {b}"
-                            );
-                        }
-                    }
-                }
-                row += s.n_q;
-            }
+            check_one_query_paths(case, &data, &windows, (n_head, n_kv, d), scale, &got);
         }
     }
 
