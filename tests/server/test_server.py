@@ -99,6 +99,25 @@ def http(server):
         yield c
 
 
+def run_concurrently(fn, n, timeout):
+    """fn(i) for i in 0..n on n threads at once; their results, after any exception is raised."""
+    results, errors = [None] * n, []
+
+    def run(i):
+        try:
+            results[i] = fn(i)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not errors, errors
+    return results
+
+
 def metric(http, name):
     return metric_text(http.get("/metrics").text, name)
 
@@ -400,25 +419,15 @@ def test_disconnect_while_waiting_for_a_plain_response(server, http):
 
 def test_eight_concurrent_streams(client, http):
     prompts = [f"Count from {i} to {i + 10}:" for i in range(8)]
-    results = [None] * 8
-    errors = []
 
     def run(i):
-        try:
-            stream = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=24,
-                                               temperature=0, stream=True,
-                                               extra_body={"ignore_eos": True})
-            chunks = list(stream)
-            results[i] = ("".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        stream = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=24,
+                                           temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        chunks = list(stream)
+        return "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
+    results = run_concurrently(run, 8, timeout=300)
     for i, (text, finish) in enumerate(results):
         assert finish == "length"
         # Batched generation gives what a request alone gets.
@@ -462,20 +471,7 @@ def test_identical_concurrent_greedy_requests_equal_solo(kv_pressure):
 
         alone = ask()
         assert 256 < alone[3] < 352 - 24, alone[3]
-        results, errors = [None] * 24, []
-
-        def run(i):
-            try:
-                results[i] = ask()
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(24)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=600)
-        assert not errors, errors
+        results = run_concurrently(lambda _: ask(), 24, timeout=600)
         for i, got in enumerate(results):
             assert got == alone, f"request {i}: {got[0]!r} vs alone {alone[0]!r}"
         preempted = metric_at(s.base, "ember_preemptions_total")

@@ -84,11 +84,6 @@ pub struct Pass<'a> {
 }
 
 impl Pass<'_> {
-    /// llama.cpp's `inp_out_ids`: in the last layer, right after attention, only the rows whose
-    /// logits were asked for go on through the rest of the layer. Architectures call this with
-    /// the attention output and the residual stream; it saves the feed-forward work of every
-    /// other row, and it is also what keeps llama.cpp's choice of matmul kernel (which depends
-    /// on the number of rows) and so its arithmetic.
     /// `x @ w^T` for this pass's rows (before or after [`select_outputs`](Self::select_outputs)),
     /// each with the arithmetic llama.cpp gives it when its sequence runs alone.
     pub fn matmul(&self, x: Tensor<2>, w: &Arc<QuantMatrix>) -> Tensor<2> {
@@ -103,6 +98,11 @@ impl Pass<'_> {
         }
     }
 
+    /// llama.cpp's `inp_out_ids`: in the last layer, right after attention, only the rows whose
+    /// logits were asked for go on through the rest of the layer. Architectures call this with
+    /// the attention output and the residual stream; it saves the feed-forward work of every
+    /// other row, and it is also what keeps llama.cpp's choice of matmul kernel (which depends
+    /// on the number of rows) and so its arithmetic.
     pub fn select_outputs(&mut self, a: Tensor<2>, b: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
         self.selected = true;
         match &self.out_rows {

@@ -9,15 +9,20 @@ use ember_runtime::generate::StopReason;
 use ember_runtime::loaded::LoadedModel;
 use ember_runtime::sampling::SamplingParams;
 
-fn model() -> Arc<LoadedModel> {
-    static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
-    Arc::clone(MODEL.get_or_init(|| {
-        let path = match std::env::var_os("EMBER_TEST_SMOLLM2") {
+/// The file `env` names, else the manifest's `name` (pulled on first use), loaded once.
+fn load(cell: &'static OnceLock<Arc<LoadedModel>>, env: &str, name: &str) -> Arc<LoadedModel> {
+    Arc::clone(cell.get_or_init(|| {
+        let path = match std::env::var_os(env) {
             Some(p) if !p.is_empty() => std::path::PathBuf::from(p),
-            _ => ember_hub::resolve("smollm2-135m-instruct-q4_1").expect("pull SmolLM2"),
+            _ => ember_hub::resolve(name).unwrap_or_else(|e| panic!("pull {name}: {e}")),
         };
         Arc::new(LoadedModel::open(&path, &ember_models::default_device()).expect("load"))
     }))
+}
+
+fn model() -> Arc<LoadedModel> {
+    static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
+    load(&MODEL, "EMBER_TEST_SMOLLM2", "smollm2-135m-instruct-q4_1")
 }
 
 const PROMPTS: [&str; 8] = [
@@ -35,13 +40,7 @@ const PROMPTS: [&str; 8] = [
 /// kernels, so batching only keeps its results if each row keeps its solo kernel.
 fn gemma() -> Arc<LoadedModel> {
     static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
-    Arc::clone(MODEL.get_or_init(|| {
-        let path = match std::env::var_os("EMBER_TEST_GEMMA3") {
-            Some(p) if !p.is_empty() => std::path::PathBuf::from(p),
-            _ => ember_hub::resolve("gemma3-270m-q4_k_m").expect("pull Gemma 3"),
-        };
-        Arc::new(LoadedModel::open(&path, &ember_models::default_device()).expect("load"))
-    }))
+    load(&MODEL, "EMBER_TEST_GEMMA3", "gemma3-270m-q4_k_m")
 }
 
 fn request(prompt: &str, max_tokens: usize) -> EngineRequest {

@@ -1510,17 +1510,27 @@ mod tests {
         vkq
     }
 
-    /// Every head of every row of `got` (an f16-cache call over `data`) against the
-    /// transcription of the path llama.cpp takes for it: split-KV for one query past 256
-    /// cells, else the one-row path.
+    /// Runs `data` (with `windows`) through an f16 cache of `block_size`-token blocks on every
+    /// build, and checks every head of every row against the transcription of the path
+    /// llama.cpp takes for it: split-KV for one query past 256 cells, else the one-row path
+    /// (every sequence here has fewer than `TILE_Q` queries).
     fn check_one_query_paths(
+        rng: &mut StdRng,
         case: usize,
         data: &[SeqData],
         windows: &[Option<usize>],
+        block_size: usize,
         (n_head, n_kv, d): (usize, usize, usize),
-        scale: f32,
-        got: &[f32],
     ) {
+        let (store, seqs) = build(rng, KvDtype::F16, block_size, n_kv, d, data, windows);
+        let scale = 1.0 / (d as f32).sqrt();
+        let n_rows: usize = data.iter().map(|s| s.n_q).sum();
+        let attn = PagedAttention {
+            store,
+            seqs: seqs.into(),
+            scale,
+        };
+        let got = run_all_builds(&concat_q(data), n_rows, n_head, d, &attn);
         let group = n_head / n_kv;
         let mut row = 0;
         for (s, &window) in data.iter().zip(windows) {
@@ -1574,16 +1584,14 @@ mod tests {
             let shapes = [(1, past), (3, 20), (1, rng.random_range(257..600))];
             let windows = [None, None, Some(rng.random_range(1..400))];
             let data = random_seqs(&mut rng, &shapes, n_head, n_kv, d);
-            let (store, seqs) = build(&mut rng, KvDtype::F16, block_size, n_kv, d, &data, &windows);
-            let scale = 1.0 / (d as f32).sqrt();
-            let n_rows: usize = data.iter().map(|s| s.n_q).sum();
-            let attn = PagedAttention {
-                store,
-                seqs: seqs.into(),
-                scale,
-            };
-            let got = run_all_builds(&concat_q(&data), n_rows, n_head, d, &attn);
-            check_one_query_paths(case, &data, &windows, (n_head, n_kv, d), scale, &got);
+            check_one_query_paths(
+                &mut rng,
+                case,
+                &data,
+                &windows,
+                block_size,
+                (n_head, n_kv, d),
+            );
         }
     }
 
@@ -1720,17 +1728,14 @@ mod tests {
             for s in &mut data {
                 s.q.iter_mut().for_each(|x| *x *= 1.37);
             }
-            let (store, seqs) = build(&mut rng, KvDtype::F16, block_size, n_kv, d, &data, &windows);
-            let scale = 1.0 / (d as f32).sqrt();
-            let n_rows: usize = data.iter().map(|s| s.n_q).sum();
-            let attn = PagedAttention {
-                store,
-                seqs: seqs.into(),
-                scale,
-            };
-            let q = concat_q(&data);
-            let got = run_all_builds(&q, n_rows, n_head, d, &attn);
-            check_one_query_paths(case, &data, &windows, (n_head, n_kv, d), scale, &got);
+            check_one_query_paths(
+                &mut rng,
+                case,
+                &data,
+                &windows,
+                block_size,
+                (n_head, n_kv, d),
+            );
         }
     }
 
