@@ -1,11 +1,13 @@
 //! The runtime layer: tokenizer built from GGUF metadata, sampling, chat templates and the
 //! generation loop that drives a model.
 pub mod bench;
-pub mod chat;
 pub mod engine;
 pub mod eval;
 pub mod generate;
 pub mod loaded;
 pub mod sampling;
 pub mod stop;
-pub mod tokenizer;
+
+// The tokenizer and chat templates live in the burn-free `ember-text` crate (cheap to fuzz);
+// re-exported so `ember_runtime::tokenizer` / `ember_runtime::chat` keep working.
+pub use ember_text::{chat, tokenizer};

@@ -9,7 +9,7 @@ use super::GgufTokenizer;
 /// complete it arrive. Bytes that can never form a character are emitted as U+FFFD.
 ///
 /// ```no_run
-/// # fn demo(tok: &ember_runtime::tokenizer::GgufTokenizer, ids: &[u32]) {
+/// # fn demo(tok: &ember_text::tokenizer::GgufTokenizer, ids: &[u32]) {
 /// let mut dec = tok.stream_decoder(true);
 /// for &id in ids {
 ///     print!("{}", dec.push(tok, id));

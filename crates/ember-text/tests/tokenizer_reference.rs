@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use ember_formats::GgufFile;
-use ember_runtime::tokenizer::GgufTokenizer;
+use ember_text::tokenizer::GgufTokenizer;
 use serde_json::Value;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -108,13 +108,21 @@ fn opt_bool(f: &GgufFile, key: &'static str) -> Result<Option<bool>, TokenizerEr
     }
 }
 
-/// An optional token-id key (any integer type). Negative / oversized values count as a bad id,
-/// which llama.cpp warns about and ignores.
-fn opt_id(f: &GgufFile, key: &'static str) -> Result<Option<Option<u32>>, TokenizerError> {
+/// An optional token-id key (any integer type). An id outside the vocabulary is an error
+/// naming the key: llama.cpp warns and falls back to a default, but such a file is damaged and
+/// a wrong BOS/EOS silently changes every prompt and where generation stops.
+fn opt_id(f: &GgufFile, key: &'static str, n_tokens: usize) -> Result<Option<u32>, TokenizerError> {
     match f.get(key) {
         None => Ok(None),
         Some(v) => match v.as_integer() {
-            Some(i) => Ok(Some(u32::try_from(i).ok())),
+            Some(i) => match u32::try_from(i) {
+                Ok(id) if (id as usize) < n_tokens => Ok(Some(id)),
+                _ => Err(TokenizerError::BadSpecialId {
+                    key,
+                    value: i64::try_from(i).unwrap_or(if i < 0 { i64::MIN } else { i64::MAX }),
+                    n_tokens,
+                }),
+            },
             None => Err(wrong_type(key, "integer")),
         },
     }
@@ -305,12 +313,8 @@ impl Vocab {
             if id.is_some_and(|v| v >= n32) {
                 *id = None;
             }
-            match opt_id(f, key)? {
-                None => {}
-                // llama.cpp: "bad special token ... using default id".
-                Some(None) => {}
-                Some(Some(v)) if v >= n32 => {}
-                Some(Some(v)) => *id = Some(v),
+            if let Some(v) = opt_id(f, key, n)? {
+                *id = Some(v);
             }
         }
         if let Some(v) = opt_bool(f, "tokenizer.ggml.add_bos_token")? {

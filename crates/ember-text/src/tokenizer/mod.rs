@@ -16,11 +16,18 @@
 //! pre-tokenizer and model, and BOS/EOS are added when `add_special` is set and the model asks
 //! for them. Decoding and [`GgufTokenizer::token_to_piece`] follow llama.cpp's
 //! `token_to_piece`/`detokenize`.
+//!
+//! Two variants guard against hostile prompts: [`GgufTokenizer::encode_bounded`] refuses a text
+//! that cannot fit a token budget without tokenizing it whole, and
+//! [`GgufTokenizer::encode_with_text_spans`] treats chosen byte ranges (chat message content)
+//! as plain text, so that special-token text typed by a user never becomes a special token.
 
 mod hf;
 mod pre;
 mod stream;
 mod vocab;
+
+use std::ops::Range;
 
 use aho_corasick::AhoCorasick;
 use ember_formats::GgufFile;
@@ -66,6 +73,21 @@ pub enum TokenizerError {
     Build(String),
     #[error("tokenization failed: {0}")]
     Encode(String),
+    #[error(
+        "GGUF metadata key '{key}' is {value} but the vocabulary has {n_tokens} tokens \
+         (valid ids are 0..{n_tokens}); the model file is damaged"
+    )]
+    BadSpecialId {
+        key: &'static str,
+        value: i64,
+        n_tokens: usize,
+    },
+    /// [`GgufTokenizer::encode_bounded`]: the text needs more tokens than allowed.
+    #[error(
+        "the text is too long: it needs at least {at_least} tokens but at most {max_tokens} fit; \
+         shorten it or raise the context size"
+    )]
+    TooLong { at_least: usize, max_tokens: usize },
 }
 
 /// A tokenizer built from GGUF metadata whose ids match llama.cpp's.
@@ -84,6 +106,14 @@ pub struct GgufTokenizer {
     /// Finds which special-token texts occur in a prompt (pattern i = `special_cache[i]`).
     special_matcher: Option<AhoCorasick>,
     special: vocab::SpecialIds,
+    /// Upper bound on the input bytes one token can cover (for the length pre-check).
+    max_token_bytes: usize,
+    /// Whether `ceil(bytes / max_token_bytes)` is a lower bound on the token count. Not when a
+    /// special token eats surrounding whitespace (LSTRIP/RSTRIP: one token covers any number
+    /// of bytes), nor when the vocabulary cannot spell every byte (the model then drops text).
+    precheck: bool,
+    /// Per byte value: whether it always ends up in some token (see `from_gguf`).
+    spellable: [bool; 256],
     eog: Vec<u32>,
     add_bos: bool,
     add_eos: bool,
@@ -110,6 +140,30 @@ impl std::fmt::Debug for GgufTokenizer {
 enum Fragment {
     Text(usize, usize),
     Token(u32),
+}
+
+/// Sorts, clamps to `len` and merges byte ranges, dropping empty ones.
+fn normalize_spans(spans: &[Range<usize>], len: usize) -> Vec<Range<usize>> {
+    let mut v: Vec<Range<usize>> = spans
+        .iter()
+        .map(|r| r.start.min(len)..r.end.min(len))
+        .filter(|r| r.start < r.end)
+        .collect();
+    v.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<usize>> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Whether `[start, end)` overlaps one of `spans` (sorted, disjoint, non-empty).
+fn overlaps(spans: &[Range<usize>], start: usize, end: usize) -> bool {
+    let i = spans.partition_point(|r| r.end <= start);
+    spans.get(i).is_some_and(|r| r.start < end)
 }
 
 /// C `isspace` in the "C" locale.
@@ -177,6 +231,25 @@ impl GgufTokenizer {
         // meanwhile on a second thread.
         let (inner, tables) = hf::join(|| hf::build(&v, map, merges), || Tables::new(&v));
         let (inner, tables) = (inner?, tables?);
+        // A token covers at most its vocabulary text's bytes (byte-level and `▁` escapes only
+        // make the text longer than what it stands for); an unknown-token fallback covers one
+        // character, at most 4 bytes.
+        let max_token_bytes = v.texts.iter().map(String::len).max().unwrap_or(0).max(4);
+        let has_strip_attr = v
+            .attrs
+            .iter()
+            .any(|a| a & (attr::LSTRIP | attr::RSTRIP) != 0);
+        let has = |t: &str| inner.get_model().token_to_id(t).is_some();
+        // Bytes that become a token of their own when nothing merges them. A byte that
+        // cannot is dropped (or folded into an unknown token) and may cover no token at all,
+        // so the length pre-check counts only these.
+        let byte_map = byte_to_unicode();
+        let spellable: [bool; 256] = std::array::from_fn(|b| match v.kind {
+            VocabKind::Bpe => {
+                char::from_u32(byte_map[b]).is_some_and(|c| has(c.encode_utf8(&mut [0; 4])))
+            }
+            VocabKind::Spm => v.special.unk.is_some() || has(&format!("<0x{b:02X}>")),
+        });
         Ok(GgufTokenizer {
             inner,
             kind: v.kind,
@@ -189,6 +262,9 @@ impl GgufTokenizer {
             special_cache: tables.special_cache,
             special_matcher: tables.special_matcher,
             special: v.special,
+            max_token_bytes,
+            precheck: !has_strip_attr,
+            spellable,
             eog: v.eog,
             add_bos: v.add_bos,
             add_eos: v.add_eos,
@@ -397,8 +473,107 @@ impl GgufTokenizer {
         add_special: bool,
         parse_special: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
-        let frags = self.partition(text, parse_special);
-        let mut out = Vec::with_capacity(text.len() / 3 + 2);
+        self.encode_impl(text, add_special, parse_special, &[], None)
+    }
+
+    /// [`GgufTokenizer::encode`] with a token budget: the same ids when they number at most
+    /// `max_tokens` (BOS/EOS included), else [`TokenizerError::TooLong`].
+    ///
+    /// A text of `n` bytes needs at least `n / L` tokens, `L` being the most bytes one token
+    /// covers, so a text far over budget is refused without tokenizing it; otherwise
+    /// tokenization stops at the first pre-token that goes over. Work and memory are bounded by
+    /// `max_tokens`, not by the length of the text.
+    pub fn encode_bounded(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+        max_tokens: usize,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_impl(text, add_special, parse_special, &[], Some(max_tokens))
+    }
+
+    /// Tokenizes a prompt whose `text_spans` (byte ranges, e.g. chat message content) are
+    /// plain text: CONTROL/UNKNOWN tokens (`<|im_start|>`, `<end_of_turn>`, ...) are parsed
+    /// only outside them, so text a user typed can never become one. Inside the spans the text
+    /// is tokenized like `encode(.., parse_special = false)` (USER_DEFINED tokens are still
+    /// split out, as llama.cpp does for raw text). Fragments are not cut at span edges, so a
+    /// text whose spans hold no special-token text gives exactly `encode(text, add_special,
+    /// true)`. Ranges that are out of bounds are clamped; they may overlap and be unsorted.
+    pub fn encode_with_text_spans(
+        &self,
+        text: &str,
+        add_special: bool,
+        text_spans: &[Range<usize>],
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let spans = normalize_spans(text_spans, text.len());
+        self.encode_impl(text, add_special, true, &spans, None)
+    }
+
+    /// [`GgufTokenizer::encode_with_text_spans`] with the token budget of
+    /// [`GgufTokenizer::encode_bounded`].
+    pub fn encode_with_text_spans_bounded(
+        &self,
+        text: &str,
+        add_special: bool,
+        text_spans: &[Range<usize>],
+        max_tokens: usize,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let spans = normalize_spans(text_spans, text.len());
+        self.encode_impl(text, add_special, true, &spans, Some(max_tokens))
+    }
+
+    /// The text of the first CONTROL or UNKNOWN token (those `parse_special` turns into
+    /// tokens) that occurs in `s`, if any.
+    pub fn find_control_text<'a>(&'a self, s: &str) -> Option<&'a str> {
+        let matcher = self.special_matcher.as_ref()?;
+        matcher.find_overlapping_iter(s).find_map(|m| {
+            let id = self.special_cache[m.pattern().as_usize()];
+            (self.attrs[id as usize] & (attr::CONTROL | attr::UNKNOWN) != 0)
+                .then(|| self.texts[id as usize].as_str())
+        })
+    }
+
+    /// The most input bytes a single token can stand for (the divisor of the length
+    /// pre-check of [`GgufTokenizer::encode_bounded`]).
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
+    }
+
+    /// `spans` must be sorted, disjoint and non-empty (see [`normalize_spans`]).
+    fn encode_impl(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+        spans: &[Range<usize>],
+        max_tokens: Option<usize>,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let n_added =
+            usize::from(add_special && self.add_bos) + usize::from(add_special && self.add_eos);
+        if let Some(max) = max_tokens
+            && self.precheck
+        {
+            // Every spellable byte lies in exactly one token and a token covers at most
+            // `max_token_bytes` bytes: a lower bound that needs one table lookup per byte.
+            let covered = text.bytes().filter(|&b| self.spellable[b as usize]).count();
+            let at_least = covered.div_ceil(self.max_token_bytes) + n_added;
+            if at_least > max {
+                return Err(TokenizerError::TooLong {
+                    at_least,
+                    max_tokens: max,
+                });
+            }
+        }
+        // `out` holds BOS and the tokens so far; EOS comes last. Stop once the budget is passed.
+        let n_eos = usize::from(add_special && self.add_eos);
+        let limit = max_tokens.map_or(usize::MAX, |m| m.saturating_sub(n_eos));
+        let too_long = |got: usize| TokenizerError::TooLong {
+            at_least: got + n_eos,
+            max_tokens: max_tokens.unwrap_or(0),
+        };
+        let frags = self.partition(text, parse_special, spans);
+        let mut out = Vec::with_capacity((text.len() / 3).min(limit) + 2);
         if add_special && self.add_bos {
             out.push(
                 self.special
@@ -430,16 +605,25 @@ impl GgufTokenizer {
                             is_prev_special = true;
                         }
                     }
+                    if out.len() > limit {
+                        return Err(too_long(out.len()));
+                    }
                 }
             }
             VocabKind::Bpe => {
                 for f in frags {
                     match f {
-                        Fragment::Text(s, e) => self.bpe_tokenize(&text[s..e], &mut out)?,
+                        Fragment::Text(s, e) => self.bpe_tokenize(&text[s..e], &mut out, limit)?,
                         Fragment::Token(id) => out.push(id),
+                    }
+                    if out.len() > limit {
+                        return Err(too_long(out.len()));
                     }
                 }
             }
+        }
+        if out.len() > limit {
+            return Err(too_long(out.len()));
         }
         if add_special && self.add_eos {
             out.push(
@@ -461,7 +645,13 @@ impl GgufTokenizer {
         Ok(())
     }
 
-    fn bpe_tokenize(&self, s: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
+    /// Stops early (leaving `out` longer than `limit`) once `limit` is passed.
+    fn bpe_tokenize(
+        &self,
+        s: &str,
+        out: &mut Vec<u32>,
+        limit: usize,
+    ) -> Result<(), TokenizerError> {
         let mut pts = PreTokenizedString::from(s);
         if let Some(pre) = self.inner.get_pre_tokenizer() {
             pre.pre_tokenize(&mut pts)
@@ -469,6 +659,9 @@ impl GgufTokenizer {
         }
         for (word, _, _) in pts.get_splits(OffsetReferential::Original, OffsetType::None) {
             self.model_tokenize(word, out)?;
+            if out.len() > limit {
+                break;
+            }
         }
         Ok(())
     }
@@ -477,7 +670,10 @@ impl GgufTokenizer {
     /// every raw fragment at each (leftmost, non-overlapping) occurrence of its text. Tokens
     /// that do not occur in `text` at all are skipped up front (a pure speed-up: fragments are
     /// substrings of `text`).
-    fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
+    ///
+    /// A CONTROL/UNKNOWN match that overlaps one of `spans` (sorted, disjoint) stays text; the
+    /// next occurrence is then looked for one character further on.
+    fn partition(&self, text: &str, parse_special: bool, spans: &[Range<usize>]) -> Vec<Fragment> {
         if text.is_empty() {
             return Vec::new();
         }
@@ -505,19 +701,27 @@ impl GgufTokenizer {
             if !parse_special && a & (attr::CONTROL | attr::UNKNOWN) != 0 {
                 continue;
             }
+            let guarded = a & (attr::CONTROL | attr::UNKNOWN) != 0 && !spans.is_empty();
             let tok = self.texts[id as usize].as_str();
+            // Step past a refused match by the token's first character (keeps char boundaries).
+            let step = tok.chars().next().map_or(1, char::len_utf8);
             let mut next = Vec::with_capacity(frags.len() + 2);
             for f in frags {
                 let Fragment::Text(mut s, e) = f else {
                     next.push(f);
                     continue;
                 };
+                let mut from = s;
                 loop {
-                    let Some(rel) = text[s..e].find(tok) else {
+                    let Some(rel) = text[from..e].find(tok) else {
                         next.push(Fragment::Text(s, e));
                         break;
                     };
-                    let m = s + rel;
+                    let m = from + rel;
+                    if guarded && overlaps(spans, m, m + tok.len()) {
+                        from = m + step;
+                        continue;
+                    }
                     if m > s {
                         let mut left_end = m;
                         if a & attr::LSTRIP != 0 {
@@ -543,6 +747,7 @@ impl GgufTokenizer {
                         break;
                     }
                     s = r;
+                    from = r;
                 }
             }
             frags = next;
