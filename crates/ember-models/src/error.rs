@@ -8,13 +8,25 @@ pub enum ModelError {
     NoArchitecture,
     #[error("missing metadata key '{0}'")]
     MissingKey(String),
-    #[error("bad metadata '{key}': {why}")]
-    BadMetadata { key: String, why: String },
+    /// A metadata value that cannot be right: out of range, of the wrong type, or contradicting
+    /// the tensors or other keys. `value` is what the file says, `expected` what it must be.
+    #[error(
+        "{key} is {value} but {expected} (the model file is damaged or was converted wrongly: \
+         download or convert it again)"
+    )]
+    BadMetadata {
+        key: String,
+        value: String,
+        expected: String,
+    },
     #[error("{0} is not supported yet")]
     Unsupported(String),
     #[error("missing tensor '{0}'")]
     MissingTensor(String),
-    #[error("tensor '{name}' has shape {got:?}, expected {expected:?}")]
+    #[error(
+        "tensor '{name}' has shape {got:?} but the metadata makes it {expected:?} (the model \
+         file is damaged or was converted wrongly)"
+    )]
     BadShape {
         name: String,
         got: Vec<u64>,

@@ -42,11 +42,6 @@ pub struct Gemma3 {
     attn_scale: f32,
 }
 
-/// llama.cpp's default: every `pattern`-th layer (the last of each group) is global.
-const DEFAULT_SWA_PATTERN: usize = 6;
-/// `rope.freq_base_swa` when the file has none (llama.cpp's `rope_freq_base_train_swa`).
-const DEFAULT_ROPE_BASE_SWA: f32 = 10_000.0;
-
 impl Gemma3 {
     pub fn load(
         file: &GgufFile,
@@ -55,23 +50,14 @@ impl Gemma3 {
     ) -> Result<Self, ModelError> {
         let w = Weights::new(file, device);
         let c = config;
-        let arch = &c.architecture;
         let (d, hd) = (c.n_embd, c.head_dim);
-        let window = file
-            .get_u64(&format!("{arch}.attention.sliding_window"))
-            .map(|v| v as usize)
-            .filter(|&v| v > 0);
-        let pattern = file
-            .get_u64(&format!("{arch}.attention.sliding_window_pattern"))
-            .map_or(DEFAULT_SWA_PATTERN, |v| v as usize);
-        let rope_base_swa = file
-            .get_f32(&format!("{arch}.rope.freq_base_swa"))
-            .unwrap_or(DEFAULT_ROPE_BASE_SWA);
+        // Read and checked with the rest of the metadata (`ModelConfig::from_gguf`).
+        let swa = c.sliding_window;
         let mut blocks = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
             // llama.cpp's `set_swa_pattern(n_pattern)`: a pattern of 0 makes every layer SWA.
-            let is_swa = window.is_some() && (pattern == 0 || i % pattern < pattern - 1);
+            let swa = swa.filter(|s| s.pattern == 0 || i % s.pattern < s.pattern - 1);
             blocks.push(Block {
                 attn_norm: w.vector(&name("attn_norm"), d)?,
                 wq: w.matrix(&name("attn_q"), c.n_head * hd, d)?,
@@ -86,8 +72,8 @@ impl Gemma3 {
                 w_up: w.matrix(&name("ffn_up"), c.n_ff, d)?,
                 w_down: w.matrix(&name("ffn_down"), d, c.n_ff)?,
                 ffn_post_norm: w.vector(&name("post_ffw_norm"), d)?,
-                window: if is_swa { window } else { None },
-                rope_base: if is_swa { rope_base_swa } else { c.rope_base },
+                window: swa.map(|s| s.window),
+                rope_base: swa.map_or(c.rope_base, |s| s.rope_base),
             });
         }
         // gemma_pytorch: the 27B model scales by the query_pre_attn_scalar n_embd / n_head.

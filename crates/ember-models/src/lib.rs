@@ -17,7 +17,7 @@ pub mod testing;
 pub mod trace;
 mod weights;
 
-pub use config::{ModelConfig, RopeMode};
+pub use config::{ModelConfig, RopeMode, SlidingWindow};
 pub use error::ModelError;
 pub use gemma3::Gemma3;
 pub use llama::Llama;
