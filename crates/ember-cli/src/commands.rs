@@ -10,7 +10,9 @@ use ember_kv::KvOptions;
 use ember_runtime::chat::ChatMessage;
 use ember_runtime::engine::{Engine, EngineConfig};
 use ember_runtime::eval;
-use ember_runtime::generate::{ContextShift, GenerateRequest, generate, generate_on_engine};
+use ember_runtime::generate::{
+    ContextShift, GenerateRequest, PartialOutput, generate, generate_on_engine,
+};
 use ember_runtime::loaded::LoadedModel;
 use ember_runtime::sampling::SamplingParams;
 use ember_server::ServerConfig;
@@ -87,7 +89,7 @@ struct ServeArgs {
     parallel: usize,
     /// Context size per request in tokens (default: the model's trained length, capped so
     /// that --parallel contexts fit in --kv-budget-mib). A longer prompt gets a 400.
-    #[arg(short = 'c', long)]
+    #[arg(short = 'c', long, value_parser = at_least_one, allow_negative_numbers = true)]
     ctx_size: Option<usize>,
     /// Require `Authorization: Bearer KEY` on every route but /health.
     #[arg(long)]
@@ -105,8 +107,42 @@ struct ServeArgs {
     /// Largest request body accepted, in MiB (larger ones get 413).
     #[arg(long, default_value_t = 8.0)]
     body_limit_mib: f64,
+    /// Host names served besides loopback names and IP addresses (comma-separated or
+    /// repeated; `.example.com` for a domain and its subdomains, `*` for any). Requests for
+    /// other names get 403: a web page cannot reach the server through DNS rebinding.
+    #[arg(long, value_delimiter = ',')]
+    allowed_hosts: Vec<String>,
+    /// Web origins allowed to call the server from a browser, with CORS headers
+    /// (comma-separated or repeated, e.g. `https://app.example`; `*` for any). By default no
+    /// CORS headers are sent and requests from other sites' pages get 403.
+    #[arg(long, value_delimiter = ',')]
+    cors_origin: Vec<String>,
+    /// Seconds a client has to send a request's headers; also how long an idle kept-alive
+    /// connection stays open.
+    #[arg(long, default_value_t = 10.0, value_parser = serve_timeout_secs)]
+    header_timeout: f64,
+    /// Seconds a client has to send a request's body (408 after that).
+    #[arg(long, default_value_t = 30.0, value_parser = serve_timeout_secs)]
+    body_timeout: f64,
+    /// Open connections at most; more get a JSON 503 and are closed.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
     #[command(flatten)]
     kv: KvArgs,
+}
+
+/// A timeout in seconds: positive, finite, at most a day.
+fn serve_timeout_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if v.is_finite() && v > 0.0 && v <= 86_400.0 {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{s} seconds: a timeout must be more than 0 and at most 86400"
+        ))
+    }
 }
 
 #[derive(Args)]
@@ -151,12 +187,12 @@ struct KvArgs {
     /// KV cache type for K and V: f16 (llama.cpp's default), f32 or q8_0.
     #[arg(long = "kv-type", alias = "cache-type", default_value = "f16")]
     kv_type: ember_kernels::KvDtype,
-    /// Tokens per KV cache block.
-    #[arg(long, default_value_t = 32)]
+    /// Tokens per KV cache block (1 to 4096).
+    #[arg(long, default_value_t = 32, value_parser = block_size, allow_negative_numbers = true)]
     kv_block_size: usize,
-    /// Memory the KV cache may take, in MiB; the default context is the model's trained
-    /// length capped by this.
-    #[arg(long, default_value_t = 1024.0)]
+    /// Memory the KV cache may take, in MiB (more than 0); the default context is the model's
+    /// trained length capped by this.
+    #[arg(long, default_value_t = 1024.0, value_parser = positive_mib, allow_negative_numbers = true)]
     kv_budget_mib: f64,
 }
 
@@ -170,15 +206,29 @@ impl KvArgs {
         }
     }
 
+    /// KV bytes per token and how many tokens the budget holds (at least one, else an error).
+    fn fits(&self, loaded: &LoadedModel) -> Result<(u64, usize)> {
+        self.options().validate()?;
+        let per_token = loaded
+            .model
+            .kv_config(&self.options(), 1)
+            .bytes_per_token()
+            .max(1);
+        let fits = (self.kv_budget_mib * 1024.0 * 1024.0 / per_token as f64) as usize;
+        if fits == 0 {
+            bail!(
+                "--kv-budget-mib {} holds no token: one token's KV cache takes {per_token} bytes as {}; raise it",
+                self.kv_budget_mib,
+                self.kv_type
+            );
+        }
+        Ok((per_token, fits))
+    }
+
     /// The context size: as asked, or the model's trained length capped by the budget. An
     /// explicit size larger than the budget allows is refused, not cut.
     fn ctx_size(&self, loaded: &LoadedModel, requested: Option<usize>) -> Result<usize> {
-        if self.kv_block_size == 0 {
-            bail!("--kv-block-size must be at least 1");
-        }
-        let model = &loaded.model;
-        let per_token = model.kv_config(&self.options(), 1).bytes_per_token().max(1);
-        let fits = (self.kv_budget_mib.max(0.0) * 1024.0 * 1024.0 / per_token as f64) as usize;
+        let (per_token, fits) = self.fits(loaded)?;
         match requested {
             Some(n) if n > fits => bail!(
                 "--ctx-size {n} needs {:.1} MiB of KV cache ({} bytes per token as {}), more than --kv-budget-mib {}",
@@ -187,36 +237,123 @@ impl KvArgs {
                 self.kv_type,
                 self.kv_budget_mib
             ),
-            Some(0) => bail!("--ctx-size must be at least 1"),
             Some(n) => Ok(n),
-            None => Ok(model.config().context_length.min(fits).max(1)),
+            None => Ok(loaded.model.config().context_length.min(fits).max(1)),
         }
+    }
+}
+
+// Value parsers: a value out of range is a usage error (exit 2, as clap's own) saying what is
+// allowed, before any model is loaded.
+
+fn finite_f32(s: &str) -> Result<f32, String> {
+    let v: f32 = s.trim().parse().map_err(|_| "not a number".to_string())?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err("must be a finite number".into())
+    }
+}
+
+fn temperature(s: &str) -> Result<f32, String> {
+    match finite_f32(s)? {
+        v if v < 0.0 => Err("must be 0 (greedy) or more".into()),
+        v => Ok(v),
+    }
+}
+
+fn probability(s: &str) -> Result<f32, String> {
+    match finite_f32(s)? {
+        v if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err("must be between 0 and 1".into()),
+    }
+}
+
+fn repeat_penalty(s: &str) -> Result<f32, String> {
+    match finite_f32(s)? {
+        v if v > 0.0 => Ok(v),
+        _ => Err("must be more than 0 (1 disables it)".into()),
+    }
+}
+
+fn repeat_last_n(s: &str) -> Result<i32, String> {
+    match s.trim().parse::<i32>() {
+        Ok(v) if v >= -1 => Ok(v),
+        _ => Err("must be -1 (all), 0 (off) or a number of tokens".into()),
+    }
+}
+
+fn count(s: &str, what: &str) -> Result<usize, String> {
+    s.trim()
+        .parse::<usize>()
+        .map_err(|_| format!("must be {what}"))
+}
+
+fn top_k(s: &str) -> Result<usize, String> {
+    count(s, "0 (off) or a number of tokens")
+}
+
+fn n_predict(s: &str) -> Result<usize, String> {
+    count(
+        s,
+        "a number of tokens, 0 or more (0 generates nothing; -1, \"until the context is full\", is not supported)",
+    )
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match count(s, "a whole number, at least 1")? {
+        0 => Err("must be at least 1".into()),
+        n => Ok(n),
+    }
+}
+
+fn block_size(s: &str) -> Result<usize, String> {
+    let max = ember_kv::MAX_BLOCK_SIZE;
+    let what = format!("between 1 and {max} tokens");
+    match count(s, &what)? {
+        n if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("must be {what}")),
+    }
+}
+
+fn positive_mib(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err("must be a number of MiB greater than 0".into()),
+    }
+}
+
+/// Perplexity scores positions `ctx/2 .. ctx-1` of each chunk: fewer than 3 scores none.
+fn perplexity_ctx(s: &str) -> Result<usize, String> {
+    match count(s, "a number of tokens, at least 3")? {
+        n if n >= 3 => Ok(n),
+        _ => Err("must be at least 3 (each chunk scores its positions ctx/2 to ctx-2)".into()),
     }
 }
 
 #[derive(Args, Clone)]
 struct SamplingArgs {
-    /// Temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
+    /// Temperature, 0 or more; 0 is greedy.
+    #[arg(long, default_value_t = 0.8, value_parser = temperature, allow_negative_numbers = true)]
     temperature: f32,
     /// Top-k (0 disables).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, value_parser = top_k, allow_negative_numbers = true)]
     top_k: usize,
-    /// Top-p (1.0 disables).
-    #[arg(long, default_value_t = 0.95)]
+    /// Top-p, 0 to 1 (1.0 disables).
+    #[arg(long, default_value_t = 0.95, value_parser = probability, allow_negative_numbers = true)]
     top_p: f32,
-    /// Min-p (0.0 disables).
-    #[arg(long, default_value_t = 0.05)]
+    /// Min-p, 0 to 1 (0.0 disables).
+    #[arg(long, default_value_t = 0.05, value_parser = probability, allow_negative_numbers = true)]
     min_p: f32,
-    /// Repetition penalty (1.0 disables).
-    #[arg(long, default_value_t = 1.0)]
+    /// Repetition penalty, more than 0 (1.0 disables).
+    #[arg(long, default_value_t = 1.0, value_parser = repeat_penalty, allow_negative_numbers = true)]
     repeat_penalty: f32,
     /// Tokens of history the penalties look at (-1 = all).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = repeat_last_n, allow_negative_numbers = true)]
     repeat_last_n: i32,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = finite_f32, allow_negative_numbers = true)]
     presence_penalty: f32,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = finite_f32, allow_negative_numbers = true)]
     frequency_penalty: f32,
     /// RNG seed: the same seed gives the same output.
     #[arg(long)]
@@ -245,14 +382,15 @@ struct GenerateArgs {
     model: ModelArg,
     #[command(flatten)]
     prompt: PromptArgs,
-    /// Tokens to generate at most.
-    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    /// Tokens to generate at most; 0 generates nothing (as llama.cpp's -n 0).
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128, value_parser = n_predict, allow_negative_numbers = true)]
     n: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
     /// Context size in tokens (default: the model's trained length, capped by --kv-budget-mib).
-    /// A longer prompt is refused, never truncated.
-    #[arg(short = 'c', long)]
+    /// It must hold the prompt and one generated token: a longer prompt is refused, never
+    /// truncated.
+    #[arg(short = 'c', long, value_parser = at_least_one, allow_negative_numbers = true)]
     ctx_size: Option<usize>,
     #[command(flatten)]
     kv: KvArgs,
@@ -269,7 +407,9 @@ struct GenerateArgs {
     /// Keep generating past end-of-generation tokens.
     #[arg(long)]
     ignore_eos: bool,
-    /// Print one JSON object instead of streaming text.
+    /// Print one JSON object instead of streaming text. If generation fails midway the object
+    /// is still printed, with what was generated, `"stop_reason": "error"` and an `error`
+    /// field, and the exit code is 1.
     #[arg(long)]
     json: bool,
 }
@@ -309,7 +449,7 @@ struct PerplexityArgs {
     #[arg(short = 'f', long = "file")]
     file: PathBuf,
     /// Chunk size in tokens.
-    #[arg(long = "ctx", alias = "ctx-size", short = 'c', default_value_t = 512)]
+    #[arg(long = "ctx", alias = "ctx-size", short = 'c', default_value_t = 512, value_parser = perplexity_ctx, allow_negative_numbers = true)]
     ctx: usize,
     #[arg(long)]
     json: bool,
@@ -323,11 +463,11 @@ struct ChatArgs {
     #[arg(long)]
     system: Option<String>,
     /// Tokens to generate at most per reply.
-    #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
+    #[arg(short = 'n', long = "n-predict", default_value_t = 512, value_parser = at_least_one, allow_negative_numbers = true)]
     n: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
-    #[arg(short = 'c', long)]
+    #[arg(short = 'c', long, value_parser = at_least_one, allow_negative_numbers = true)]
     ctx_size: Option<usize>,
     #[command(flatten)]
     kv: KvArgs,
@@ -407,33 +547,55 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let text = a.prompt.text()?;
     let loaded = open(&a.model)?;
     let prompt_tokens = loaded.tokenize_prompt(&text)?;
+    let ctx_size = a.kv.ctx_size(&loaded, a.ctx_size)?;
+    check_room(prompt_tokens.len(), ctx_size, a.n, a.ctx_size.is_some())?;
     let req = GenerateRequest {
         prompt_tokens: prompt_tokens.clone(),
         max_tokens: a.n,
         sampling: a.sampling.params(),
         stop: a.stop.clone(),
-        ctx_size: a.kv.ctx_size(&loaded, a.ctx_size)?,
+        ctx_size,
         stop_at_eog: !a.ignore_eos,
         context_shift: context_shift(a.context_shift, a.keep, &loaded),
         kv: a.kv.options(),
     };
     let stdout = std::io::stdout();
+    let mut shown = false;
     let show = |piece: &str| {
         if !a.json {
+            shown |= !piece.is_empty();
             let mut lock = stdout.lock();
             let _ = lock.write_all(piece.as_bytes());
             let _ = lock.flush();
         }
     };
-    let out = if req.context_shift.is_some() {
+    let result = if req.context_shift.is_some() {
         // Context shifting rebuilds the sequence's cache: the single-sequence loop does it.
-        generate(&loaded.model, &loaded.tokenizer, &req, show)?
+        generate(&loaded.model, &loaded.tokenizer, &req, show)
     } else {
         // The same engine `ember serve` runs, with one slot.
         let mut config = EngineConfig::new(1, req.ctx_size);
         config.kv = req.kv.clone();
         let engine = Engine::start(std::sync::Arc::new(loaded), config)?;
-        generate_on_engine(&engine, &req, show)?
+        generate_on_engine(&engine, &req, show)
+    };
+    let (out, stop_reason, error) = match result {
+        Ok(out) => {
+            let reason = json!(out.stop_reason);
+            let partial = PartialOutput {
+                tokens: out.tokens,
+                text: out.text,
+                timings: out.timings,
+                context_shifts: out.context_shifts,
+            };
+            (partial, reason, None)
+        }
+        // What was generated before a failure is printed too, then the error (exit 1).
+        Err(e) => (
+            e.partial().cloned().unwrap_or_default(),
+            json!("error"),
+            Some(e),
+        ),
     };
     for dropped in &out.context_shifts {
         eprintln!(
@@ -442,17 +604,17 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         );
     }
     if a.json {
-        let obj = json!({
-            "prompt_tokens": prompt_tokens,
-            "tokens": out.tokens,
-            "text": out.text,
-            "stop_reason": out.stop_reason,
-            "timings": out.timings,
-            "context_shifts": out.context_shifts,
-        });
-        println!("{obj}");
-    } else {
+        let error = error.as_ref().map(|e| e.to_string());
+        let obj = generate_json(&prompt_tokens, &out, stop_reason, error.as_deref());
+        // Not `println!`: a closed stdout is an error to report, not a panic.
+        writeln!(stdout.lock(), "{obj}").context("writing the JSON result to stdout")?;
+    } else if error.is_none() || shown {
         println!();
+    }
+    if let Some(e) = error {
+        return Err(e.into());
+    }
+    if !a.json {
         let t = &out.timings;
         eprintln!(
             "prompt: {} tokens in {:.0} ms ({:.1} t/s); generated {} tokens in {:.0} ms ({:.1} t/s)",
@@ -465,6 +627,48 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `ember generate --json`'s object. The fields are a contract (extend, never rename); on a
+/// failure `stop_reason` is `"error"` and `error` says what went wrong.
+fn generate_json(
+    prompt_tokens: &[u32],
+    out: &PartialOutput,
+    stop_reason: serde_json::Value,
+    error: Option<&str>,
+) -> serde_json::Value {
+    let mut obj = json!({
+        "prompt_tokens": prompt_tokens,
+        "tokens": out.tokens,
+        "text": out.text,
+        "stop_reason": stop_reason,
+        "timings": out.timings,
+        "context_shifts": out.context_shifts,
+    });
+    if let (Some(e), Some(o)) = (error, obj.as_object_mut()) {
+        o.insert("error".into(), json!(e));
+    }
+    obj
+}
+
+/// The context must hold the prompt and, to generate anything, one more token (llama.cpp
+/// refuses a prompt that leaves no room as well): otherwise a clear error, never a silent
+/// one-token run.
+fn check_room(prompt: usize, ctx: usize, max_tokens: usize, explicit: bool) -> Result<()> {
+    if prompt < ctx || (max_tokens == 0 && prompt == ctx) {
+        return Ok(());
+    }
+    let origin = if explicit {
+        "--ctx-size".to_string()
+    } else {
+        "the model's trained length capped by --kv-budget-mib".to_string()
+    };
+    bail!(
+        "the prompt is {prompt} tokens but the context size is {ctx} ({origin}), which must hold \
+         the prompt and at least one generated token: use a shorter prompt or a context of at \
+         least {} tokens (nothing was truncated)",
+        prompt + 1
+    )
 }
 
 fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
@@ -578,9 +782,11 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         messages.push(ChatMessage::user(line));
-        let prompt = template.render_for_tokenizer(&messages, true, loaded.tokenizer.add_bos())?;
+        // What the user types is text: special tokens come only from the template.
+        let prompt_tokens =
+            template.render_tokens(&loaded.tokenizer, &messages, true, true, None)?;
         let req = GenerateRequest {
-            prompt_tokens: loaded.tokenize_prompt(&prompt)?,
+            prompt_tokens,
             max_tokens: a.n,
             sampling: a.sampling.params(),
             stop: Vec::new(),
@@ -679,9 +885,6 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     if a.parallel == 0 {
         bail!("--parallel must be at least 1");
     }
-    if a.kv.kv_block_size == 0 {
-        bail!("--kv-block-size must be at least 1");
-    }
     if a.body_limit_mib.is_nan() || a.body_limit_mib <= 0.0 {
         bail!("--body-limit-mib must be positive");
     }
@@ -690,14 +893,8 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     // The pool holds parallel x ctx when the budget allows. A smaller budget that still holds
     // one whole context is allowed, as vLLM allows it: requests share prompt prefixes, and when
     // the pool fills the newest sequence is preempted and recomputed later (same output).
-    let per_token = loaded
-        .model
-        .kv_config(&a.kv.options(), 1)
-        .bytes_per_token()
-        .max(1);
-    let fits = (a.kv.kv_budget_mib.max(0.0) * 1024.0 * 1024.0 / per_token as f64) as usize;
+    let (per_token, fits) = a.kv.fits(&loaded)?;
     let ctx = match a.ctx_size {
-        Some(0) => bail!("--ctx-size must be at least 1"),
         Some(n) => n,
         None => loaded
             .model
@@ -764,9 +961,52 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     config.model_digest = entry.map(|e| e.sha256.clone());
     config.model_path = Some(path);
     config.body_limit_bytes = (a.body_limit_mib * 1024.0 * 1024.0) as usize;
+    config.allowed_hosts = a.allowed_hosts;
+    config.cors_origins = a.cors_origin;
+    config.header_timeout = std::time::Duration::from_secs_f64(a.header_timeout);
+    config.body_timeout = std::time::Duration::from_secs_f64(a.body_timeout);
+    config.max_connections = a.max_connections as usize;
     eprintln!(
         "serving {} with {} parallel requests of up to {ctx} tokens",
         config.model_name, a.parallel
     );
     ember_server::serve_blocking(engine, config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A generation that fails midway still reports what it generated, in the usual fields.
+    #[test]
+    fn failed_generation_json_keeps_the_contract_fields_and_adds_the_error() {
+        let partial = PartialOutput {
+            tokens: vec![28, 253],
+            text: ", a".into(),
+            timings: Default::default(),
+            context_shifts: vec![32],
+        };
+        let v = generate_json(&[1, 2], &partial, json!("error"), Some("boom"));
+        assert_eq!(v["prompt_tokens"], json!([1, 2]));
+        assert_eq!(v["tokens"], json!([28, 253]));
+        assert_eq!(v["text"], ", a");
+        assert_eq!(v["stop_reason"], "error");
+        assert_eq!(v["context_shifts"], json!([32]));
+        assert_eq!(v["error"], "boom");
+        for k in ["prompt_n", "prompt_ms", "predicted_n", "predicted_ms"] {
+            assert!(v["timings"][k].is_number(), "timings.{k}");
+        }
+        let ok = generate_json(&[1], &partial, json!("length"), None);
+        assert!(ok.get("error").is_none(), "no error field on success");
+    }
+
+    #[test]
+    fn a_context_must_hold_the_prompt_and_one_token() {
+        assert!(check_room(4, 5, 3, true).is_ok());
+        assert!(check_room(4, 4, 0, true).is_ok(), "-n 0 needs no room");
+        let msg = check_room(4, 4, 1, true).unwrap_err().to_string();
+        assert!(msg.contains("at least 5 tokens"), "{msg}");
+        let msg = check_room(4, 1, 1, false).unwrap_err().to_string();
+        assert!(msg.contains("--kv-budget-mib"), "{msg}");
+    }
 }

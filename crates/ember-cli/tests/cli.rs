@@ -315,3 +315,285 @@ fn kv_cache_types_all_generate() {
     let out = ember(&["generate", "-m", MODEL, "-p", "hi", "--kv-type", "q4_9"]);
     assert_eq!(out.status.code(), Some(2), "clap rejects an unknown type");
 }
+
+/// Issue #14: with `--context-shift`, the second shift rebuilt a cache larger than the
+/// context ("0 tokens cached + 65 new exceeds the context size of 64 tokens"), the command
+/// exited 1 and `--json` printed nothing. The exact reported command now returns all 300.
+#[test]
+fn context_shift_returns_every_token_over_many_shifts() {
+    let out = ember(&[
+        "generate",
+        "-m",
+        MODEL,
+        "-p",
+        "Once upon a time",
+        "-n",
+        "300",
+        "--ctx-size",
+        "64",
+        "--context-shift",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let v = json_of(&out);
+    assert_eq!(v["stop_reason"], "length");
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 300);
+    assert_eq!(v["timings"]["predicted_n"], 300);
+    let shifts = v["context_shifts"].as_array().unwrap();
+    assert!(shifts.len() >= 4, "several shifts: {shifts:?}");
+    assert!(shifts.iter().all(|d| d.as_u64().unwrap() >= 1));
+    assert!(!v["text"].as_str().unwrap().is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("context shift:").count(), shifts.len(), "{err}");
+
+    // Longer, with --keep past the prompt (only the prompt is pinned, as llama.cpp) and a
+    // small context: each shift drops (32 - 4) / 2 tokens.
+    let v = json_of(&ember(&[
+        "generate",
+        "-m",
+        MODEL,
+        "-p",
+        "Once upon a time",
+        "-n",
+        "500",
+        "--ctx-size",
+        "32",
+        "--context-shift",
+        "--keep",
+        "1000",
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--json",
+    ]));
+    assert_eq!(v["stop_reason"], "length");
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 500);
+    let shifts = v["context_shifts"].as_array().unwrap();
+    assert!(
+        shifts.len() > 10 && shifts.iter().all(|d| d == 14),
+        "{shifts:?}"
+    );
+}
+
+/// A context that the pinned prompt fills but for one slot cannot shift (nothing could be
+/// dropped): generation stops with `context_full`, the tokens so far kept, exit 0.
+#[test]
+fn context_shift_that_can_drop_nothing_stops_with_context_full() {
+    let v = json_of(&ember(&[
+        "generate",
+        "-m",
+        MODEL,
+        "-p",
+        "Once upon a time",
+        "-n",
+        "20",
+        "--ctx-size",
+        "5",
+        "--context-shift",
+        "--keep",
+        "1000",
+        "--ignore-eos",
+        "--json",
+    ]));
+    assert_eq!(v["stop_reason"], "context_full");
+    // Four prompt tokens: the first token needs no slot, the second takes the last one.
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 2);
+    assert!(v["context_shifts"].as_array().unwrap().is_empty());
+}
+
+/// `-n 0` generated one token; now nothing, as llama.cpp's `-n 0`, on both generation paths.
+#[test]
+fn n_predict_zero_generates_nothing() {
+    for extra in [&[][..], &["--context-shift"][..]] {
+        let mut args = vec![
+            "generate",
+            "-m",
+            MODEL,
+            "-p",
+            "Once upon a time",
+            "-n",
+            "0",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let v = json_of(&ember(&args));
+        assert_eq!(v["tokens"], serde_json::json!([]), "{extra:?}");
+        assert_eq!(v["text"], "");
+        assert_eq!(v["stop_reason"], "length");
+        assert_eq!(v["timings"]["predicted_n"], 0);
+    }
+}
+
+/// Out-of-range values are refused with a clear `error:` line and clap's usage exit code
+/// before any model is loaded; none runs, none aborts.
+#[test]
+fn out_of_range_flags_are_refused_clearly() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--top-p", "2"],
+            "'--top-p <TOP_P>': must be between 0 and 1",
+        ),
+        (
+            &["--top-p", "-0.5"],
+            "'--top-p <TOP_P>': must be between 0 and 1",
+        ),
+        (
+            &["--min-p", "1.5"],
+            "'--min-p <MIN_P>': must be between 0 and 1",
+        ),
+        (
+            &["--min-p", "NaN"],
+            "'--min-p <MIN_P>': must be a finite number",
+        ),
+        (&["--temperature", "NaN"], "must be a finite number"),
+        (&["--temperature", "inf"], "must be a finite number"),
+        (&["--temperature", "1e308"], "must be a finite number"),
+        (&["--temperature", "-1"], "must be 0 (greedy) or more"),
+        (&["--repeat-penalty", "0"], "must be more than 0"),
+        (&["--repeat-penalty", "-1"], "must be more than 0"),
+        (&["--repeat-penalty", "NaN"], "must be a finite number"),
+        (&["--presence-penalty", "inf"], "must be a finite number"),
+        (&["--frequency-penalty", "NaN"], "must be a finite number"),
+        (&["--top-k", "-1"], "'--top-k <TOP_K>': must be 0 (off)"),
+        (&["--repeat-last-n", "-2"], "must be -1 (all), 0 (off)"),
+        (
+            &["-n", "-1"],
+            "'--n-predict <N>': must be a number of tokens, 0 or more",
+        ),
+        (
+            &["--ctx-size", "0"],
+            "'--ctx-size <CTX_SIZE>': must be at least 1",
+        ),
+        (
+            &["--kv-budget-mib", "0"],
+            "must be a number of MiB greater than 0",
+        ),
+        (
+            &["--kv-budget-mib", "-5"],
+            "must be a number of MiB greater than 0",
+        ),
+        (
+            &["--kv-budget-mib", "NaN"],
+            "must be a number of MiB greater than 0",
+        ),
+        (
+            &["--kv-block-size", "0"],
+            "must be between 1 and 4096 tokens",
+        ),
+        // Aborted with "memory allocation of ... failed" (exit 134).
+        (
+            &["--kv-block-size", "1000000000"],
+            "must be between 1 and 4096 tokens",
+        ),
+    ];
+    for (flags, want) in cases {
+        let mut args = vec!["generate", "-m", MODEL, "-p", "hi", "-n", "2"];
+        if flags[0] == "-n" {
+            args.truncate(5);
+        }
+        args.extend_from_slice(flags);
+        let out = ember(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(
+            err.starts_with("error: invalid value") && err.contains(want),
+            "{flags:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{flags:?}");
+    }
+    // The same flags on the other commands that take them.
+    for args in [
+        &["serve", "-m", MODEL, "--kv-block-size", "1000000000"][..],
+        &["serve", "-m", MODEL, "--ctx-size", "0"][..],
+        &["serve", "-m", MODEL, "--kv-budget-mib", "0"][..],
+        &["chat", "-m", MODEL, "--kv-block-size", "1000000000"][..],
+        &["chat", "-m", MODEL, "--top-p", "2"][..],
+        &["perplexity", "-m", MODEL, "-f", "README.md", "--ctx", "0"][..],
+        &["perplexity", "-m", MODEL, "-f", "README.md", "--ctx", "2"][..],
+    ] {
+        let out = ember(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.starts_with("error: invalid value"), "{args:?}: {err}");
+    }
+    // In range: -1 is llama.cpp's "all" (clap took it for a flag before), 0 and 1 bounds.
+    let v = json_of(&ember(&[
+        "generate",
+        "-m",
+        MODEL,
+        "-p",
+        "hi",
+        "-n",
+        "2",
+        "--repeat-last-n",
+        "-1",
+        "--repeat-penalty",
+        "1.1",
+        "--top-p",
+        "1",
+        "--min-p",
+        "0",
+        "--temperature",
+        "0",
+        "--kv-block-size",
+        "4096",
+        "--json",
+    ]));
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 2);
+}
+
+/// `--ctx-size 1` and a budget too small for one token ran a silent one-token context; a
+/// context must hold the prompt and one generated token.
+#[test]
+fn a_context_too_small_for_the_prompt_is_an_error() {
+    let out = ember(&[
+        "generate",
+        "-m",
+        MODEL,
+        "-p",
+        "hi",
+        "-n",
+        "4",
+        "--ctx-size",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: the prompt is 1 tokens but the context size is 1")
+            && err.contains("at least 2 tokens"),
+        "{err}"
+    );
+    let out = ember(&[
+        "generate",
+        "-m",
+        MODEL,
+        "-p",
+        "hi",
+        "-n",
+        "4",
+        "--kv-budget-mib",
+        "0.0001",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: --kv-budget-mib 0.0001 holds no token"),
+        "{err}"
+    );
+    // A budget of a few tokens: the default context is what it holds, too small here.
+    let out = ember(&[
+        "generate",
+        "-m",
+        MODEL,
+        "-p",
+        "Once upon a time",
+        "-n",
+        "4",
+        "--kv-budget-mib",
+        "0.05",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("capped by --kv-budget-mib"), "{err}");
+}

@@ -39,6 +39,11 @@ pub enum HubError {
     )]
     PipMissing { python: String, stderr_tail: String },
 
+    #[error(
+        "cannot split EMBER_PIP_ARGS ({value:?}): {reason}; quote arguments as in a POSIX shell"
+    )]
+    PipArgs { value: String, reason: String },
+
     #[error("pip failed to download `{requirement}` ({status}):\n{stderr_tail}")]
     PipFailed {
         requirement: String,

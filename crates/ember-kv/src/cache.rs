@@ -14,6 +14,7 @@ use ember_kernels::{KvDtype, PagedAttention, PagedError, PagedLayerStore, SeqAtt
 use crate::KvError;
 use crate::allocator::{
     AllocatorConfig, BlockAllocator, GroupConfig, RELEASED, SeqId, blocks_for_budget,
+    check_block_size,
 };
 
 /// How much memory the cache may take.
@@ -76,6 +77,16 @@ impl Default for KvOptions {
     }
 }
 
+impl KvOptions {
+    /// Checks what the user picked before anything is sized from it: the block size must be
+    /// `1..=`[`MAX_BLOCK_SIZE`](crate::MAX_BLOCK_SIZE). [`PagedKvCache::new`] checks the same
+    /// before it allocates, so this is only for refusing a bad value early.
+    pub fn validate(&self) -> Result<(), KvError> {
+        check_block_size(self.block_size)?;
+        Ok(())
+    }
+}
+
 /// A store-level failure (a bad block id or row length) is a bug in the caller or in the
 /// allocator, never a user error; keep its message.
 fn storage(e: PagedError) -> KvError {
@@ -93,7 +104,9 @@ pub struct PagedKvCache {
 
 impl PagedKvCache {
     pub fn new(config: &KvCacheConfig) -> Result<Self, KvError> {
-        let bs = config.block_size.max(1);
+        // Before any size is derived from it: a huge block is one huge allocation (an abort).
+        check_block_size(config.block_size)?;
+        let bs = config.block_size;
         // One group per distinct window, in order of first appearance.
         let mut windows: Vec<Option<usize>> = Vec::new();
         let layer_group: Vec<usize> = config
@@ -502,6 +515,50 @@ mod tests {
         assert_eq!(cache.used_blocks(), 2);
         cache.free(a).unwrap();
         cache.append(b, &[1, 2, 3, 4, 5]).unwrap();
+    }
+
+    /// `--kv-block-size 1000000000` aborted with "memory allocation failed": one block of a
+    /// billion slots was allocated before anything checked the size.
+    #[test]
+    fn oversized_or_zero_block_size_is_an_error_before_any_allocation() {
+        use crate::{ConfigError, MAX_BLOCK_SIZE};
+        for (bs, want) in [
+            (
+                1_000_000_000,
+                ConfigError::BlockSizeTooLarge {
+                    block_size: 1_000_000_000,
+                    max: MAX_BLOCK_SIZE,
+                },
+            ),
+            (
+                MAX_BLOCK_SIZE + 1,
+                ConfigError::BlockSizeTooLarge {
+                    block_size: MAX_BLOCK_SIZE + 1,
+                    max: MAX_BLOCK_SIZE,
+                },
+            ),
+            (0, ConfigError::ZeroBlockSize),
+        ] {
+            let mut cfg = config(vec![None; 30], 64, 64);
+            cfg.head_dim = 64;
+            cfg.block_size = bs;
+            let err = PagedKvCache::new(&cfg).err();
+            assert_eq!(err, Some(KvError::Config(want.clone())), "block size {bs}");
+            let opts = KvOptions {
+                block_size: bs,
+                ..KvOptions::default()
+            };
+            assert_eq!(opts.validate(), Err(KvError::Config(want)));
+        }
+        // The largest accepted size works, and so does one that is not a power of two.
+        for bs in [MAX_BLOCK_SIZE, 3] {
+            let mut cfg = config(vec![None], 64, 64);
+            cfg.block_size = bs;
+            let mut cache = PagedKvCache::new(&cfg).unwrap();
+            let (seq, _) = cache.add_sequence(&[]).unwrap();
+            cache.append(seq, &[1; 10]).unwrap();
+            assert_eq!(cache.len(seq).unwrap(), 10);
+        }
     }
 
     #[test]

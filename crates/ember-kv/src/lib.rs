@@ -12,8 +12,8 @@ mod pool;
 mod prefix;
 
 pub use allocator::{
-    AllocatorConfig, BlockAllocator, BlockCopy, ConfigError, GroupConfig, RELEASED, SeqId,
-    blocks_for_budget, blocks_for_token_budget, kv_bytes_per_token,
+    AllocatorConfig, BlockAllocator, BlockCopy, ConfigError, GroupConfig, MAX_BLOCK_SIZE, RELEASED,
+    SeqId, blocks_for_budget, blocks_for_token_budget, check_block_size, kv_bytes_per_token,
 };
 pub use cache::{KvBudget, KvCacheConfig, KvOptions, PagedKvCache, SequenceCache};
 pub use ember_kernels::KvDtype;

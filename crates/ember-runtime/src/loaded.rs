@@ -12,15 +12,14 @@ use crate::tokenizer::{GgufTokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{path}: {source}")]
-    File { path: String, source: GgufError },
-    #[error("{path}: {source}")]
-    Model { path: String, source: ModelError },
-    #[error("{path}: tokenizer: {source}")]
-    Tokenizer {
-        path: String,
-        source: TokenizerError,
-    },
+    // The cause is part of the message and deliberately not `source`: callers print the
+    // error chain, which would show it twice.
+    #[error("{path}: {error}")]
+    File { path: String, error: GgufError },
+    #[error("{path}: {error}")]
+    Model { path: String, error: ModelError },
+    #[error("{path}: tokenizer: {error}")]
+    Tokenizer { path: String, error: TokenizerError },
 }
 
 pub struct LoadedModel {
@@ -32,18 +31,16 @@ pub struct LoadedModel {
 impl LoadedModel {
     pub fn open(path: &Path, device: &Device) -> Result<Self, LoadError> {
         let shown = path.display().to_string();
-        let file = GgufFile::open(path).map_err(|source| LoadError::File {
+        let file = GgufFile::open(path).map_err(|error| LoadError::File {
             path: shown.clone(),
-            source,
+            error,
         })?;
-        let tokenizer = GgufTokenizer::from_gguf(&file).map_err(|source| LoadError::Tokenizer {
+        let tokenizer = GgufTokenizer::from_gguf(&file).map_err(|error| LoadError::Tokenizer {
             path: shown.clone(),
-            source,
+            error,
         })?;
-        let model = ember_models::load(&file, device).map_err(|source| LoadError::Model {
-            path: shown,
-            source,
-        })?;
+        let model = ember_models::load(&file, device)
+            .map_err(|error| LoadError::Model { path: shown, error })?;
         Ok(Self {
             file,
             model,
