@@ -14,6 +14,7 @@
 //! returned [`RequestStream`]; the engine knows nothing about HTTP.
 
 use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -149,6 +150,21 @@ pub struct EngineStats {
     pub preemptions_total: u64,
 }
 
+/// Whether the scheduler is alive, and the batches it failed (a panic in a forward pass or in
+/// sampling fails that batch's requests; the engine goes on with the rest).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EngineHealth {
+    pub running: bool,
+    pub failed_batches: u64,
+    pub last_failure: Option<String>,
+}
+
+#[derive(Default)]
+struct Failures {
+    count: u64,
+    last: Option<String>,
+}
+
 /// The events of one request. Dropping it cancels the request.
 pub struct RequestStream {
     id: u64,
@@ -187,6 +203,7 @@ struct Shared {
     pending: Arc<AtomicUsize>,
     next_id: AtomicU64,
     thread: Mutex<Option<JoinHandle<()>>>,
+    failures: Arc<Mutex<Failures>>,
 }
 
 /// A handle to the engine; clones share it. The scheduler thread stops when the last handle
@@ -217,6 +234,7 @@ impl Engine {
             pending: Arc::new(AtomicUsize::new(0)),
             next_id: AtomicU64::new(1),
             thread: Mutex::new(None),
+            failures: Arc::new(Mutex::new(Failures::default())),
         });
         // The thread holds what it needs but not `Shared` itself, so dropping the last
         // `Engine` closes the channel and ends the loop.
@@ -231,6 +249,7 @@ impl Engine {
             prompt_total: 0,
             generated_total: 0,
             preempted_total: 0,
+            failures: Arc::clone(&shared.failures),
         };
         let handle = std::thread::Builder::new()
             .name("ember-engine".into())
@@ -294,6 +313,26 @@ impl Engine {
 
     pub fn model(&self) -> &Arc<LoadedModel> {
         &self.shared.model
+    }
+
+    /// Whether the scheduler thread is alive, and the batches it has failed.
+    pub fn health(&self) -> EngineHealth {
+        let running = self
+            .shared
+            .thread
+            .lock()
+            .is_ok_and(|t| t.as_ref().is_some_and(|h| !h.is_finished()));
+        let (failed_batches, last_failure) = self
+            .shared
+            .failures
+            .lock()
+            .map(|f| (f.count, f.last.clone()))
+            .unwrap_or_default();
+        EngineHealth {
+            running,
+            failed_batches,
+            last_failure,
+        }
     }
 
     pub fn ctx_size(&self) -> usize {
@@ -407,6 +446,16 @@ struct Scheduler {
     prompt_total: u64,
     generated_total: u64,
     preempted_total: u64,
+    failures: Arc<Mutex<Failures>>,
+}
+
+/// A panic's message, for the failed requests and `/health`.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 impl Scheduler {
@@ -431,7 +480,12 @@ impl Scheduler {
                     Err(mpsc::TryRecvError::Disconnected) => break 'serve,
                 }
             }
-            self.step();
+            // A panic outside the forward pass (sampling, decoding text) fails the running
+            // requests; the queue and later requests are served as usual.
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.step())) {
+                let running: Vec<usize> = (0..self.running.len()).collect();
+                self.fail_batch(&running, &panic_message(payload.as_ref()));
+            }
             self.publish();
         }
         for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
@@ -450,6 +504,28 @@ impl Scheduler {
                 generated_tokens_total: self.generated_total,
                 preemptions_total: self.preempted_total,
             };
+        }
+    }
+
+    /// Fails the requests at `idxs` in `running` after a panic: each gets an error event and
+    /// its KV blocks back, and the failure is counted for [`Engine::health`].
+    fn fail_batch(&mut self, idxs: &[usize], why: &str) {
+        let msg = format!(
+            "internal error while computing this request ({why}); the request failed, the server goes on"
+        );
+        let mut idxs = idxs.to_vec();
+        idxs.sort_unstable();
+        idxs.dedup();
+        for &idx in idxs.iter().rev() {
+            if idx < self.running.len() {
+                let mut s = self.running.remove(idx);
+                let _ = s.events.send(Event::Error(msg.clone()));
+                self.release(&mut s);
+            }
+        }
+        if let Ok(mut f) = self.failures.lock() {
+            f.count += 1;
+            f.last = Some(why.to_string());
         }
     }
 
@@ -519,7 +595,26 @@ impl Scheduler {
                     })
                 })
                 .collect();
-            let result = self.model.model.forward_batch(&batch, &mut self.cache);
+            let (model, cache) = (&self.model, &mut self.cache);
+            // A panic inside the pass (a kernel bug, a fault injected by a test) must not take
+            // the scheduler thread, and every later request, with it.
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                fail::fail_point!("engine::forward");
+                model.model.forward_batch(&batch, cache)
+            }));
+            drop(batch);
+            let result = match result {
+                Ok(r) => r,
+                Err(payload) => {
+                    let idxs: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                    let why = format!(
+                        "the forward pass panicked: {}",
+                        panic_message(payload.as_ref())
+                    );
+                    self.fail_batch(&idxs, &why);
+                    return;
+                }
+            };
             match result {
                 Ok(logits) => {
                     self.after_forward(&plan, logits);

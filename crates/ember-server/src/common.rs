@@ -4,10 +4,11 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use ember_runtime::chat::{ChatMessage, ChatTemplate};
+use ember_runtime::chat::{ChatEncodeError, ChatMessage, ChatTemplate};
 use ember_runtime::engine::{EngineRequest, Event, RequestStream, Timings, TokenLogprob};
 use ember_runtime::generate::StopReason;
 use ember_runtime::loaded::LoadedModel;
+use ember_runtime::tokenizer::TokenizerError;
 use serde_json::{Value, json};
 
 use crate::Shared;
@@ -61,24 +62,29 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))?
 }
 
-/// A plain prompt: BOS as the model says (only when `add_bos`), special tokens parsed.
+/// A plain prompt: BOS as the model says (only when `add_bos`), special tokens parsed (as
+/// llama-server: a raw prompt is the caller's own). Tokenizing stops once the prompt passes
+/// the context: a huge prompt is refused for the cost of one context's worth of tokens.
 pub async fn tokenize_text(
     state: &Shared,
     text: String,
     add_bos: bool,
 ) -> Result<Vec<u32>, ApiError> {
     let model = model(state);
+    let ctx = state.engine.ctx_size();
     blocking(move || {
         model
             .tokenizer
-            .encode(&text, add_bos, true)
-            .map_err(|e| ApiError::bad_request(e.to_string()))
+            .encode_bounded(&text, add_bos, true, ctx)
+            .map_err(|e| tokenizer_error(e, "prompt", ctx))
     })
     .await
 }
 
 /// A conversation through the model's chat template, ready for the assistant's reply. The
-/// template's own BOS is dropped when the tokenizer adds one (no double BOS).
+/// template's own BOS is dropped when the tokenizer adds one (no double BOS). Message content
+/// is tokenized as text: special tokens come only from the template, so a message cannot
+/// forge a turn. Bounded by the context like [`tokenize_text`].
 pub async fn tokenize_chat(
     state: &Shared,
     messages: Vec<ChatMessage>,
@@ -86,17 +92,30 @@ pub async fn tokenize_chat(
 ) -> Result<Vec<u32>, ApiError> {
     let template = chat_template(state)?;
     let model = model(state);
+    let ctx = state.engine.ctx_size();
     blocking(move || {
-        let adds_bos = add_bos && model.tokenizer.add_bos();
-        let text = template
-            .render_for_tokenizer(&messages, true, adds_bos)
-            .map_err(|e| ApiError::bad_param("messages", e.to_string()))?;
-        model
-            .tokenizer
-            .encode(&text, add_bos, true)
-            .map_err(|e| ApiError::bad_request(e.to_string()))
+        template
+            .render_tokens(&model.tokenizer, &messages, true, add_bos, Some(ctx))
+            .map_err(|e| match e {
+                ChatEncodeError::Template(e) => ApiError::bad_param("messages", e.to_string()),
+                ChatEncodeError::Tokenizer(e) => tokenizer_error(e, "messages", ctx),
+            })
     })
     .await
+}
+
+/// A prompt over the context is the same 400 as the engine's own check, saying it was
+/// measured only as far as needed.
+fn tokenizer_error(e: TokenizerError, param: &'static str, ctx: usize) -> ApiError {
+    match e {
+        TokenizerError::TooLong { at_least, .. } => ApiError::bad_request(format!(
+            "the prompt is at least {at_least} tokens but the context size is {ctx}: use a \
+             shorter prompt or a larger context (nothing was truncated)"
+        ))
+        .param(param)
+        .code("context_length_exceeded"),
+        other => ApiError::bad_param(param, other.to_string()),
+    }
 }
 
 fn chat_template(state: &Shared) -> Result<Arc<ChatTemplate>, ApiError> {

@@ -96,7 +96,10 @@ impl ApiError {
 
     fn respond(&self, body: serde_json::Value) -> Response {
         let mut resp = (self.status, axum::Json(body)).into_response();
-        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+        if matches!(
+            self.status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+        ) {
             // The rest of the body was never read, so the connection cannot carry another
             // request: say so, or clients reuse it and fail.
             resp.headers_mut()
@@ -108,6 +111,15 @@ impl ApiError {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
         resp
+    }
+
+    /// The response in the shape of the API that `path` belongs to (Ollama's under `/api/`).
+    pub fn for_path(self, path: &str) -> Response {
+        if path.starts_with("/api/") {
+            self.ollama().into_response()
+        } else {
+            self.into_response()
+        }
     }
 
     /// Ollama's flavour of this error.
@@ -172,7 +184,20 @@ impl<T: DeserializeOwned> FromRequest<Shared> for JsonBody<T> {
 
     async fn from_request(req: Request, state: &Shared) -> Result<Self, Self::Rejection> {
         let limit = state.config.body_limit_bytes;
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+        let timeout = state.config.body_timeout;
+        // A client that sends headers and then trickles (or never sends) its body would hold
+        // a connection and a task for as long as it likes.
+        let read = tokio::time::timeout(timeout, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    format!("the request body did not arrive within {timeout:?}"),
+                )
+                .code("request_timeout")
+            })?;
+        let bytes = read.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -188,4 +213,42 @@ impl<T: DeserializeOwned> FromRequest<Shared> for JsonBody<T> {
             .map(JsonBody)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
     }
+}
+
+/// Turns every error response that is not JSON yet (axum's rejections, 405s, a malformed
+/// path) into the API's JSON error with the same status and headers.
+pub async fn json_errors(req: Request, next: axum::middleware::Next) -> Response {
+    let ollama = req.uri().path().starts_with("/api/");
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    // These bodies are axum's short messages; anything longer is cut, not buffered whole.
+    let bytes = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
+    let text = text.trim();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text.to_string()
+    };
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    let mut out = ApiError::new(status, kind, message).for_path(if ollama { "/api/" } else { "/" });
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    out
 }

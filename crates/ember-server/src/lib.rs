@@ -17,9 +17,12 @@
 mod auth;
 mod common;
 mod error;
+mod guard;
+mod limits;
 mod metrics;
+mod net;
 mod ollama;
-mod openai;
+pub(crate) mod openai;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,6 +37,13 @@ use ember_runtime::chat::ChatTemplate;
 use ember_runtime::engine::Engine;
 
 pub use error::ApiError;
+
+/// Entry points for the fuzz targets in `fuzz/` (not a stable API).
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::guard::host_name;
+    pub use crate::openai::validate_request as validate_openai_request;
+}
 
 /// How the server presents itself and what it accepts.
 #[derive(Clone, Debug)]
@@ -57,10 +67,26 @@ pub struct ServerConfig {
     pub body_limit_bytes: usize,
     /// How long a shutdown waits for open requests before dropping them.
     pub shutdown_grace: Duration,
+    /// Host names served besides loopback names and IP literals (`--allowed-hosts`): `*` for
+    /// any, `.example.com` for a domain and its subdomains. Other `Host`s get 403 (DNS
+    /// rebinding).
+    pub allowed_hosts: Vec<String>,
+    /// Web origins allowed to call the server from a browser, with CORS headers
+    /// (`--cors-origin`, `*` for any). Empty: no CORS headers, and requests carrying another
+    /// site's `Origin` get 403.
+    pub cors_origins: Vec<String>,
+    /// A client must send a request's headers within this time, also while a kept-alive
+    /// connection sits idle; the connection is closed otherwise.
+    pub header_timeout: Duration,
+    /// A client must send a request's body within this time (408 otherwise).
+    pub body_timeout: Duration,
+    /// Open connections at most; further ones get a 503 and are closed.
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
-    /// Defaults: 127.0.0.1:8080, no API key, 8 MiB bodies.
+    /// Defaults: 127.0.0.1:8080, no API key, 8 MiB bodies, loopback names only, no CORS,
+    /// 10 s for headers, 30 s for a body, 256 connections.
     pub fn new(model_name: impl Into<String>) -> Self {
         Self {
             host: "127.0.0.1".into(),
@@ -72,6 +98,11 @@ impl ServerConfig {
             model_digest: None,
             body_limit_bytes: 8 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(5),
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 256,
         }
     }
 }
@@ -98,6 +129,7 @@ pub fn router(engine: Engine, config: ServerConfig) -> Router {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let limit = config.body_limit_bytes;
+    let cors = guard::cors_layer(&config.cors_origins);
     let chat_template = engine
         .model()
         .chat_template()
@@ -111,7 +143,7 @@ pub fn router(engine: Engine, config: ServerConfig) -> Router {
         started,
         started_at,
     });
-    Router::new()
+    let app = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::list_models))
@@ -125,20 +157,70 @@ pub fn router(engine: Engine, config: ServerConfig) -> Router {
         .route("/metrics", get(metrics::scrape))
         .route("/health", get(health))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,
         ))
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(limit));
+    // Outermost first: the Host/Origin check sees every request (preflights included), CORS
+    // headers go on every answer, and no error leaves without a JSON body.
+    let app = match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
+    app.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        guard::check_host_and_origin,
+    ))
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        limits::check_headers,
+    ))
+    .layer(axum::middleware::from_fn(error::json_errors))
+    .with_state(state)
 }
 
-async fn health() -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({ "status": "ok" }))
+/// 200 while the engine's scheduler runs, 503 once it has stopped; with its counters.
+async fn health(
+    axum::extract::State(state): axum::extract::State<Shared>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let health = state.engine.health();
+    let stats = state.engine.stats();
+    let body = serde_json::json!({
+        "status": if health.running { "ok" } else { "error" },
+        "engine": {
+            "state": if health.running { "running" } else { "stopped" },
+            "running": stats.running,
+            "waiting": stats.waiting,
+            "failed_batches_total": health.failed_batches,
+            "last_failure": health.last_failure,
+        },
+    });
+    let status = if health.running {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
 }
 
-async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::not_found(format!("no route for {}", uri.path()))
+async fn method_not_allowed(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+    .code("method_not_allowed")
+    .for_path(uri.path())
+}
+
+async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    ApiError::not_found(format!("no route for {}", uri.path())).for_path(uri.path())
 }
 
 /// Binds, prints `listening on http://ADDR` to stderr, serves until Ctrl-C or SIGTERM, then
@@ -149,28 +231,22 @@ pub async fn serve(engine: Engine, config: ServerConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {addr}"))?;
     let local: SocketAddr = listener.local_addr().context("reading the bound address")?;
-    let grace = config.shutdown_grace;
-    let app = router(engine, config);
     eprintln!("listening on http://{local}");
+    serve_on(listener, engine, config, shutdown_signal()).await
+}
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        eprintln!("shutting down: waiting up to {grace:?} for open requests");
-        let _ = stop_tx.send(true);
-    });
-    // Streams can run for minutes: past the grace period, stop waiting and drop them.
-    let deadline = async move {
-        let mut rx = stop_rx;
-        if rx.wait_for(|stopped| *stopped).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-        tokio::time::sleep(grace).await;
-    };
-    tokio::select! {
-        r = server => r.context("serving")?,
-        _ = deadline => eprintln!("shutdown: dropped the requests still open"),
-    }
+/// Serves on a bound listener until `shutdown` resolves, then lets open requests finish for
+/// up to `shutdown_grace`. Connections get `header_timeout`, `max_connections` and the rest
+/// of [`ServerConfig`]'s limits.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    engine: Engine,
+    config: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let conn = net::ConnLimits::from_config(&config);
+    let app = router(engine, config);
+    net::serve_connections(listener, app, conn, shutdown).await;
     Ok(())
 }
 

@@ -30,6 +30,7 @@ use crate::common::{
     stop_list, submit, tokenize_chat, tokenize_text,
 };
 use crate::error::{ApiError, JsonBody, OllamaError};
+use crate::limits;
 
 /// The Ollama version reported by `/api/version`: clients gate features on it, and Ember
 /// implements the API as of this release.
@@ -150,7 +151,7 @@ impl Common {
         let d = SamplingParams::default();
         let sampling = SamplingParams {
             temperature: o.temperature.unwrap_or(0.8),
-            top_k: o.top_k.map_or(40, |k| usize::try_from(k).unwrap_or(0)),
+            top_k: limits::top_k("options.top_k", o.top_k, 40)?,
             top_p: o.top_p.unwrap_or(0.9),
             min_p: o.min_p.unwrap_or(0.0),
             repeat_penalty: o.repeat_penalty.unwrap_or(1.1),
@@ -159,6 +160,9 @@ impl Common {
             frequency_penalty: o.frequency_penalty.unwrap_or(0.0),
             seed: seed(o.seed.as_ref())?,
         };
+        limits::check_sampling(&sampling, &limits::OLLAMA_NAMES)?;
+        let stop = stop_list(o.stop);
+        limits::check_stop(&stop)?;
         let logprobs = match (logprobs.unwrap_or(false), top_logprobs) {
             (false, _) => None,
             (true, None) => Some(0),
@@ -176,7 +180,7 @@ impl Common {
             stream: stream.unwrap_or(true),
             max_tokens,
             sampling,
-            stop: stop_list(o.stop),
+            stop,
             logprobs,
         })
     }
@@ -314,6 +318,14 @@ pub async fn chat(
     let messages = req.messages.unwrap_or_default();
     if messages.is_empty() {
         return Ok(loaded_reply(Kind::Chat, &common.model, common.stream));
+    }
+    if messages.len() > limits::MAX_MESSAGES {
+        return Err(ApiError::bad_request(format!(
+            "messages has {} entries; at most {} are accepted",
+            messages.len(),
+            limits::MAX_MESSAGES
+        ))
+        .into());
     }
     let mut msgs = Vec::with_capacity(messages.len());
     for m in messages {

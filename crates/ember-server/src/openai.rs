@@ -24,6 +24,7 @@ use crate::common::{
     seed, stop_list, submit, timings_json, tokenize_chat, tokenize_text, unix_now,
 };
 use crate::error::{ApiError, JsonBody};
+use crate::limits;
 
 /// OpenAI allows at most 20 alternatives per position.
 const MAX_TOP_LOGPROBS: i64 = 20;
@@ -57,6 +58,14 @@ pub struct OpenAiRequest {
     echo: Option<bool>,
     best_of: Option<i64>,
     suffix: Option<String>,
+    // Features a client relies on and that are not implemented: refused with a 400 rather
+    // than answered with plain text that only looks like success.
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+    response_format: Option<Value>,
+    logit_bias: Option<Value>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -93,6 +102,20 @@ enum PromptParam {
     TokenLists(Vec<Vec<u32>>),
 }
 
+/// Request parsing and validation without a model, for the `openai_request` fuzz target:
+/// the body as either endpoint reads it, then every check a handler makes before tokenizing.
+#[doc(hidden)]
+pub fn validate_request(body: &[u8], ctx: usize) -> Result<(), ApiError> {
+    let parsed: OpenAiRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let mut chat = parsed;
+    let chat_ok = Params::parse(ctx, &mut chat, Endpoint::Chat).and_then(|_| messages(&mut chat));
+    let mut completion: OpenAiRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let completion_ok = Params::parse(ctx, &mut completion, Endpoint::Completions);
+    chat_ok.map(|_| ()).or(completion_ok.map(|_| ()))
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
     Chat,
@@ -111,7 +134,8 @@ struct Params {
 }
 
 impl Params {
-    fn parse(state: &Shared, r: &mut OpenAiRequest, endpoint: Endpoint) -> Result<Self, ApiError> {
+    /// Validates everything but the model name and the prompt, for a context of `ctx` tokens.
+    fn parse(ctx: usize, r: &mut OpenAiRequest, endpoint: Endpoint) -> Result<Self, ApiError> {
         if let Some(n) = r.n
             && n != 1
         {
@@ -134,7 +158,7 @@ impl Params {
         if r.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::bad_param("suffix", "suffix is not supported"));
         }
-        let ctx = state.engine.ctx_size();
+        refuse_unsupported(r)?;
         let (max, param) = match (endpoint, r.max_completion_tokens) {
             (Endpoint::Chat, Some(m)) => (Some(m), "max_completion_tokens"),
             _ => (r.max_tokens, "max_tokens"),
@@ -202,7 +226,7 @@ impl Params {
         let d = SamplingParams::default();
         let sampling = SamplingParams {
             temperature: r.temperature.unwrap_or(d.temperature),
-            top_k: r.top_k.map_or(d.top_k, |k| usize::try_from(k).unwrap_or(0)),
+            top_k: limits::top_k("top_k", r.top_k, d.top_k)?,
             top_p: r.top_p.unwrap_or(d.top_p),
             min_p: r.min_p.unwrap_or(d.min_p),
             repeat_penalty: r.repeat_penalty.unwrap_or(d.repeat_penalty),
@@ -211,11 +235,14 @@ impl Params {
             frequency_penalty: r.frequency_penalty.unwrap_or(d.frequency_penalty),
             seed: seed(r.seed.as_ref())?,
         };
+        limits::check_sampling(&sampling, &limits::OPENAI_NAMES)?;
+        let stop = stop_list(r.stop.take());
+        limits::check_stop(&stop)?;
         let stream = r.stream.unwrap_or(false);
         Ok(Params {
             max_tokens,
             sampling,
-            stop: stop_list(r.stop.take()),
+            stop,
             ignore_eos: r.ignore_eos.unwrap_or(false),
             logprobs,
             stream,
@@ -239,6 +266,64 @@ impl Params {
     }
 }
 
+/// `tools`, `functions`, structured output and `logit_bias` are not implemented yet: a 400
+/// that names the field, as the README promises, instead of a reply that ignores them.
+fn refuse_unsupported(r: &OpenAiRequest) -> Result<(), ApiError> {
+    let present = |v: &Option<Value>| match v {
+        None | Some(Value::Null) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+        Some(_) => true,
+    };
+    let not_none =
+        |v: &Option<Value>| present(v) && v.as_ref().and_then(Value::as_str) != Some("none");
+    if present(&r.tools) || not_none(&r.tool_choice) {
+        let param = if present(&r.tools) {
+            "tools"
+        } else {
+            "tool_choice"
+        };
+        return Err(ApiError::bad_param(
+            param,
+            "tool calling (tools, tool_choice) is not supported by this server yet",
+        ));
+    }
+    if present(&r.functions) || not_none(&r.function_call) {
+        let param = if present(&r.functions) {
+            "functions"
+        } else {
+            "function_call"
+        };
+        return Err(ApiError::bad_param(
+            param,
+            "function calling (functions, function_call) is not supported by this server yet",
+        ));
+    }
+    if let Some(format) = r
+        .response_format
+        .as_ref()
+        .filter(|_| present(&r.response_format))
+    {
+        let kind = format.get("type").and_then(Value::as_str);
+        if kind != Some("text") {
+            return Err(ApiError::bad_param(
+                "response_format",
+                format!(
+                    "response_format of type `{}` (structured output) is not supported by this server yet; only `text` is",
+                    kind.unwrap_or("?")
+                ),
+            ));
+        }
+    }
+    if present(&r.logit_bias) {
+        return Err(ApiError::bad_param(
+            "logit_bias",
+            "logit_bias is not supported by this server yet",
+        ));
+    }
+    Ok(())
+}
+
 fn top_count(param: &'static str, n: i64) -> Result<usize, ApiError> {
     if (0..=MAX_TOP_LOGPROBS).contains(&n) {
         Ok(n as usize)
@@ -258,6 +343,16 @@ fn messages(r: &mut OpenAiRequest) -> Result<Vec<ChatMessage>, ApiError> {
         return Err(ApiError::bad_param(
             "messages",
             "messages must not be empty",
+        ));
+    }
+    if list.len() > limits::MAX_MESSAGES {
+        return Err(ApiError::bad_param(
+            "messages",
+            format!(
+                "messages has {} entries; at most {} are accepted",
+                list.len(),
+                limits::MAX_MESSAGES
+            ),
         ));
     }
     list.into_iter()
@@ -292,7 +387,7 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     check_model(&state, req.model.as_deref())?;
-    let params = Params::parse(&state, &mut req, Endpoint::Chat)?;
+    let params = Params::parse(state.engine.ctx_size(), &mut req, Endpoint::Chat)?;
     let msgs = messages(&mut req)?;
     let prompt = tokenize_chat(&state, msgs, true).await?;
     let tracked = submit(&state, params.engine_request(prompt), arrived)?;
@@ -333,7 +428,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     check_model(&state, req.model.as_deref())?;
-    let params = Params::parse(&state, &mut req, Endpoint::Completions)?;
+    let params = Params::parse(state.engine.ctx_size(), &mut req, Endpoint::Completions)?;
     let prompt = match req.prompt.take() {
         None => return Err(ApiError::bad_param("prompt", "prompt is required")),
         Some(PromptParam::Text(t)) => tokenize_text(&state, t, true).await?,
