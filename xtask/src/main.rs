@@ -10,42 +10,85 @@
 //!   the same file and thread count, and in interleaved rounds runs 1 and then N concurrent
 //!   streaming `/v1/completions` clients (`ignore_eos`, T tokens each) against each; prints
 //!   aggregate tokens/s, time to first token and time per output token (p50/p99).
-//! - `tiny-models [--out DIR] [--build DIR] [-t THREADS]`: writes a tiny random GGUF per
-//!   architecture (f32 and f16 weights) and llama.cpp's logits for them as fixtures in
+//! - `tiny-models [--out DIR] [--build DIR] [--fixtures DIR] [-t THREADS]`: writes a tiny random
+//!   GGUF per architecture (f32 and f16 weights) and llama.cpp's logits for them as fixtures in
 //!   `tests/fixtures/tiny/` (see `tiny_models`).
+//! - `soak [--model NAME] [--clients 64] [--duration 2m | --rounds R] [--threads T]`: 64
+//!   streaming clients, half of them hanging up mid-stream, against a real `ember serve` under
+//!   KV pressure; fails on a leaked KV block, an error other than 429/503, or growing RSS (see
+//!   `soak`).
+//!
+//! Flags are parsed by clap: a misspelled or unknown flag is an error, and `--help` on each task
+//! lists its flags and defaults.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 mod serve_bench;
+mod soak;
 mod tiny_models;
 
+/// The default model of the benchmarks and the soak: a manifest name (`ember_hub::resolve`).
+pub(crate) const DEFAULT_MODEL: &str = "smollm2-135m-instruct-q4_1";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Ember's project chores"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand, Debug)]
+enum Task {
+    /// llama-bench and `ember bench` interleaved on the same file and thread count.
+    BenchVsLlamacpp(BenchArgs),
+    /// `ember serve` against llama-server under concurrent streaming clients.
+    BenchServe(serve_bench::Args),
+    /// Tiny random GGUFs per architecture and llama.cpp's logits for them as fixtures.
+    TinyModels(tiny_models::Args),
+    /// Many streaming clients, half disconnecting, against a real `ember serve` under KV
+    /// pressure: fails on leaked KV blocks, unexpected errors or growing RSS.
+    Soak(soak::Args),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// A GGUF path or a manifest model name.
+    #[arg(short, long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Threads for both engines.
+    #[arg(short, long, default_value_t = 2)]
+    threads: usize,
+    /// Interleaved rounds (one repetition of each engine per round).
+    #[arg(short, long, default_value_t = 5)]
+    rounds: usize,
+    /// Prompt tokens of the pp test.
+    #[arg(short = 'p', default_value_t = 512)]
+    n_prompt: usize,
+    /// Generated tokens of the tg test.
+    #[arg(short = 'n', default_value_t = 128)]
+    n_gen: usize,
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("bench-vs-llamacpp") => bench_vs_llamacpp(&args[1..]),
-        Some("bench-serve") => serve_bench::run(&args[1..]),
-        Some("tiny-models") => tiny_models::run(&args[1..]),
-        _ => {
-            eprintln!(
-                "usage: cargo xtask bench-vs-llamacpp [--model NAME] [--threads T] [--rounds R] [-p N] [-n N]\n       cargo xtask bench-serve [--model NAME] [--clients N] [--tokens T] [--rounds R] [--threads T]\n       cargo xtask tiny-models [--out DIR] [--build DIR] [-t THREADS]"
-            );
-            bail!("unknown or missing task")
-        }
+    match Cli::parse().task {
+        Task::BenchVsLlamacpp(a) => bench_vs_llamacpp(a),
+        Task::BenchServe(a) => serve_bench::run(a),
+        Task::TinyModels(a) => tiny_models::run(a),
+        Task::Soak(a) => soak::run(a),
     }
 }
 
 pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-pub(crate) fn flag(args: &[String], names: &[&str], default: &str) -> String {
-    args.windows(2)
-        .find(|w| names.contains(&w[0].as_str()))
-        .map_or(default.to_string(), |w| w[1].clone())
 }
 
 pub(crate) fn llama_bin() -> Result<PathBuf> {
@@ -124,12 +167,14 @@ pub(crate) fn best_median(xs: &mut [f64]) -> (f64, f64) {
     (best, median)
 }
 
-fn bench_vs_llamacpp(args: &[String]) -> Result<()> {
-    let model = flag(args, &["--model", "-m"], "smollm2-135m-instruct-q4_1");
-    let threads = flag(args, &["--threads", "-t"], "2");
-    let rounds: usize = flag(args, &["--rounds", "-r"], "5").parse()?;
-    let n_prompt = flag(args, &["-p"], "512");
-    let n_gen = flag(args, &["-n"], "128");
+fn bench_vs_llamacpp(a: BenchArgs) -> Result<()> {
+    let model = a.model;
+    let rounds = a.rounds;
+    let (threads, n_prompt, n_gen) = (
+        a.threads.to_string(),
+        a.n_prompt.to_string(),
+        a.n_gen.to_string(),
+    );
 
     let path = ember_hub::resolve(&model)?;
     let bin = llama_bin()?;
@@ -189,12 +234,7 @@ fn bench_vs_llamacpp(args: &[String]) -> Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let date = Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d %H:%M UTC")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = utc_minute(std::time::SystemTime::now());
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -237,4 +277,203 @@ fn bench_vs_llamacpp(args: &[String]) -> Result<()> {
         println!("| {test} | {lb:.1} | {lm:.1} | {eb:.1} | {em:.1} | {ratio:.2}x |");
     }
     Ok(())
+}
+
+/// `2026-12-04 23:16 UTC` for a time (what `date -u "+%Y-%m-%d %H:%M UTC"` printed, without
+/// running `date`); times before 1970 print as 1970-01-01 00:00 UTC.
+pub(crate) fn utc_minute(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, for non-negative counts).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn parse(args: &[&str]) -> Result<Task, clap::Error> {
+        Cli::try_parse_from(std::iter::once("xtask").chain(args.iter().copied())).map(|c| c.task)
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn unknown_or_misspelled_flags_are_errors() {
+        for args in [
+            &["bench-vs-llamacpp", "--thread", "4"][..],
+            &["bench-serve", "--client", "8"],
+            &["tiny-models", "--output", "x"],
+            &["soak", "--clientz", "3"],
+            &["bench-serve", "extra"],
+            &["no-such-task"],
+            &[],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn bench_vs_llamacpp_flags_and_defaults_are_unchanged() {
+        let Task::BenchVsLlamacpp(a) = parse(&["bench-vs-llamacpp"]).unwrap() else {
+            panic!("wrong task");
+        };
+        assert_eq!(
+            (a.model.as_str(), a.threads, a.rounds, a.n_prompt, a.n_gen),
+            (DEFAULT_MODEL, 2, 5, 512, 128)
+        );
+        for args in [
+            &[
+                "bench-vs-llamacpp",
+                "--model",
+                "m",
+                "--threads",
+                "4",
+                "--rounds",
+                "3",
+                "-p",
+                "64",
+                "-n",
+                "16",
+            ][..],
+            &[
+                "bench-vs-llamacpp",
+                "-m",
+                "m",
+                "-t",
+                "4",
+                "-r",
+                "3",
+                "-p",
+                "64",
+                "-n",
+                "16",
+            ],
+        ] {
+            let Task::BenchVsLlamacpp(a) = parse(args).unwrap() else {
+                panic!("wrong task");
+            };
+            assert_eq!(
+                (a.model.as_str(), a.threads, a.rounds, a.n_prompt, a.n_gen),
+                ("m", 4, 3, 64, 16)
+            );
+        }
+        assert!(parse(&["bench-vs-llamacpp", "--rounds", "five"]).is_err());
+    }
+
+    #[test]
+    fn bench_serve_flags_and_defaults_are_unchanged() {
+        let Task::BenchServe(a) = parse(&["bench-serve"]).unwrap() else {
+            panic!("wrong task");
+        };
+        assert_eq!(
+            (a.model.as_str(), a.clients, a.tokens, a.rounds, a.threads),
+            (DEFAULT_MODEL, 8, 128, 3, 2)
+        );
+        for args in [
+            &[
+                "bench-serve",
+                "--model",
+                "m",
+                "--clients",
+                "4",
+                "--tokens",
+                "9",
+                "--rounds",
+                "1",
+                "--threads",
+                "3",
+            ][..],
+            &[
+                "bench-serve",
+                "-m",
+                "m",
+                "-c",
+                "4",
+                "-n",
+                "9",
+                "-r",
+                "1",
+                "-t",
+                "3",
+            ],
+        ] {
+            let Task::BenchServe(a) = parse(args).unwrap() else {
+                panic!("wrong task");
+            };
+            assert_eq!(
+                (a.model.as_str(), a.clients, a.tokens, a.rounds, a.threads),
+                ("m", 4, 9, 1, 3)
+            );
+        }
+    }
+
+    #[test]
+    fn tiny_models_flags_and_defaults_are_unchanged() {
+        let Task::TinyModels(a) = parse(&["tiny-models"]).unwrap() else {
+            panic!("wrong task");
+        };
+        assert_eq!(a.out, PathBuf::from("target/tiny-models"));
+        assert_eq!(a.fixtures, PathBuf::from("tests/fixtures/tiny"));
+        assert_eq!((a.threads, a.build), (2, None));
+        let Task::TinyModels(a) = parse(&[
+            "tiny-models",
+            "--out",
+            "o",
+            "--build",
+            "b",
+            "--fixtures",
+            "f",
+            "-t",
+            "4",
+        ])
+        .unwrap() else {
+            panic!("wrong task");
+        };
+        assert_eq!(
+            (a.out, a.build, a.fixtures, a.threads),
+            ("o".into(), Some("b".into()), "f".into(), 4)
+        );
+    }
+
+    #[test]
+    fn utc_minute_formats_known_instants() {
+        let at = |s: u64| utc_minute(UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01 00:00 UTC");
+        // `date -u -d @951782400`: the leap day of a century year divisible by 400.
+        assert_eq!(at(951_782_400), "2000-02-29 00:00 UTC");
+        assert_eq!(at(1_709_164_799), "2024-02-28 23:59 UTC");
+        assert_eq!(at(1_798_761_599), "2026-12-31 23:59 UTC");
+        assert_eq!(at(4_107_542_400), "2100-03-01 00:00 UTC");
+        assert_eq!(
+            utc_minute(UNIX_EPOCH - Duration::from_secs(5)),
+            "1970-01-01 00:00 UTC"
+        );
+    }
 }

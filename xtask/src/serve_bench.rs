@@ -2,18 +2,19 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-use crate::{best_median, flag, llama_bin, root};
+use crate::{DEFAULT_MODEL, best_median, llama_bin, root};
 
 /// A server process, killed when dropped.
-struct Server {
-    child: Child,
-    port: u16,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
 }
 
 impl Drop for Server {
@@ -23,19 +24,21 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn start(mut cmd: Command, port: u16, what: &str) -> Result<Server> {
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {what}"))?;
-    let server = Server { child, port };
+/// Starts `cmd` (its stdio as the caller set it) and waits until `/health` answers; fails at
+/// once when the process exits first (pointing at `log`, where its stderr went, if given).
+pub(crate) fn start(mut cmd: Command, port: u16, what: &str, log: Option<&Path>) -> Result<Server> {
+    let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    let mut server = Server { child, port };
     let t0 = Instant::now();
     loop {
+        if let Some(status) = server.child.try_wait()? {
+            let see = log.map_or(String::new(), |l| format!("; its log: {}", l.display()));
+            bail!("{what} exited ({status}) before answering /health{see}");
+        }
         let ok = ureq::get(&format!("http://127.0.0.1:{port}/health"))
             .timeout(Duration::from_secs(2))
             .call()
@@ -167,12 +170,37 @@ fn percentile(xs: &mut [f64], p: f64) -> f64 {
     xs[((xs.len() - 1) as f64 * p).round() as usize]
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let model = flag(args, &["--model", "-m"], "smollm2-135m-instruct-q4_1");
-    let clients: usize = flag(args, &["--clients", "-c"], "8").parse()?;
-    let tokens: usize = flag(args, &["--tokens", "-n"], "128").parse()?;
-    let rounds: usize = flag(args, &["--rounds", "-r"], "3").parse()?;
-    let threads = flag(args, &["--threads", "-t"], "2");
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A GGUF path or a manifest model name.
+    #[arg(short, long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Concurrent streams (and both servers' parallel slots).
+    #[arg(short, long, default_value_t = 8)]
+    pub clients: usize,
+    /// Tokens generated per stream (`ignore_eos`).
+    #[arg(short = 'n', long, default_value_t = 128)]
+    pub tokens: usize,
+    /// Interleaved rounds.
+    #[arg(short, long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Threads for both servers.
+    #[arg(short, long, default_value_t = 2)]
+    pub threads: usize,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let Args {
+        model,
+        clients,
+        tokens,
+        rounds,
+        threads,
+    } = a;
+    if clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    let threads = threads.to_string();
     let ctx = 512;
 
     let path = ember_hub::resolve(&model)?;
@@ -188,6 +216,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
     let ember_port = free_port()?;
     let mut ember = Command::new(root().join("target/release/ember"));
+    ember.stdout(Stdio::null()).stderr(Stdio::null());
     ember.env("RAYON_NUM_THREADS", &threads).args([
         "serve",
         "-m",
@@ -201,6 +230,7 @@ pub fn run(args: &[String]) -> Result<()> {
     ]);
     let llama_port = free_port()?;
     let mut llama = Command::new(bin.join("llama-server"));
+    llama.stdout(Stdio::null()).stderr(Stdio::null());
     llama.args([
         "-m",
         &model_arg,
@@ -218,8 +248,11 @@ pub fn run(args: &[String]) -> Result<()> {
         "--no-repack",
     ]);
     let servers = [
-        ("ember", start(ember, ember_port, "ember serve")?),
-        ("llama-server", start(llama, llama_port, "llama-server")?),
+        ("ember", start(ember, ember_port, "ember serve", None)?),
+        (
+            "llama-server",
+            start(llama, llama_port, "llama-server", None)?,
+        ),
     ];
     // Warm up both (page cache, first-call costs).
     for (_, s) in &servers {

@@ -14,18 +14,34 @@ use anyhow::{Context, Result, bail};
 use ember_models::testing::tiny;
 use serde_json::Value;
 
-use crate::{flag, llama_bin, root};
+use crate::{llama_bin, root};
 
 const TINY_LOGITS_CPP: &str = include_str!("tiny_logits.cpp");
 
-pub fn run(args: &[String]) -> Result<()> {
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Where the tiny GGUFs and the compiled `tiny-logits` go (relative to the workspace root).
+    #[arg(long, default_value = "target/tiny-models")]
+    pub out: PathBuf,
+    /// llama.cpp's CMake build directory (default: the one `build-llamacpp.sh` makes).
+    #[arg(long)]
+    pub build: Option<PathBuf>,
+    /// Where the fixture JSON files go (relative to the workspace root).
+    #[arg(long, default_value = "tests/fixtures/tiny")]
+    pub fixtures: PathBuf,
+    /// Threads for llama.cpp.
+    #[arg(short, long, default_value_t = 2)]
+    pub threads: usize,
+}
+
+pub fn run(a: Args) -> Result<()> {
     // `join` keeps an absolute argument as it is.
     let root = root().canonicalize().context("workspace root")?;
-    let out = root.join(flag(args, &["--out"], "target/tiny-models"));
-    let fixtures = root.join(flag(args, &["--fixtures"], "tests/fixtures/tiny"));
-    let threads = flag(args, &["--threads", "-t"], "2");
-    let build = match args.windows(2).find(|w| w[0] == "--build") {
-        Some(w) => PathBuf::from(&w[1]),
+    let out = root.join(&a.out);
+    let fixtures = root.join(&a.fixtures);
+    let threads = a.threads.to_string();
+    let build = match a.build {
+        Some(dir) => dir,
         None => llama_bin()?
             .parent()
             .context("llama.cpp bin directory has no parent")?
