@@ -121,7 +121,8 @@ struct ServeArgs {
     /// connection stays open.
     #[arg(long, default_value_t = 10.0, value_parser = serve_timeout_secs)]
     header_timeout: f64,
-    /// Seconds a client has to send a request's body (408 after that).
+    /// Seconds a client has to send a request's body (408 after that), and the longest a
+    /// response waits for the client to read it (the connection is closed after that).
     #[arg(long, default_value_t = 30.0, value_parser = serve_timeout_secs)]
     body_timeout: f64,
     /// Open connections at most; more get a JSON 503 and are closed.
@@ -885,8 +886,12 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     if a.parallel == 0 {
         bail!("--parallel must be at least 1");
     }
-    if a.body_limit_mib.is_nan() || a.body_limit_mib <= 0.0 {
-        bail!("--body-limit-mib must be positive");
+    // An infinite or huge value would turn the limit off.
+    if !(a.body_limit_mib.is_finite() && a.body_limit_mib > 0.0 && a.body_limit_mib <= 4096.0) {
+        bail!(
+            "--body-limit-mib is {}; it must be more than 0 and at most 4096",
+            a.body_limit_mib
+        );
     }
     let path = ember_hub::resolve(&a.model.model)?;
     let loaded = LoadedModel::open(&path, &ember_models::default_device())?;

@@ -25,7 +25,9 @@ pub async fn check_host_and_origin(
     req: Request,
     next: Next,
 ) -> Response {
-    if let Err(message) = verdict(&state.config, req.headers()) {
+    if let Err(message) = verdict(&state.config, req.headers())
+        .and_then(|()| authority_verdict(&state.config, req.uri()))
+    {
         let err = ApiError::new(StatusCode::FORBIDDEN, "invalid_request_error", message)
             .code("forbidden");
         return err.for_path(req.uri().path());
@@ -33,7 +35,26 @@ pub async fn check_host_and_origin(
     next.run(req).await
 }
 
+/// An absolute-form request target (`POST http://evil.example/v1/... HTTP/1.1`) names a host
+/// too; it must pass the same check as `Host`.
+fn authority_verdict(config: &crate::ServerConfig, uri: &axum::http::Uri) -> Result<(), String> {
+    match uri.authority().map(|a| a.as_str()) {
+        None => Ok(()),
+        Some(raw) => match host_name(raw.rsplit('@').next().unwrap_or(raw)) {
+            Some(name) if host_allowed(config, &name) => Ok(()),
+            _ => Err(format!(
+                "the request target names the host `{raw}`, which is not served here; start \
+                 the server with `--allowed-hosts` to serve it"
+            )),
+        },
+    }
+}
+
 fn verdict(config: &crate::ServerConfig, headers: &HeaderMap) -> Result<(), String> {
+    // Two `Host` headers are ambiguous (RFC 9112 §3.2): a proxy may route by the other one.
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err("the request has more than one Host header".into());
+    }
     let host = match headers.get(header::HOST) {
         // HTTP/1.0 clients may send none; browsers always send one.
         None => None,
@@ -114,6 +135,11 @@ fn host_allowed(config: &crate::ServerConfig, name: &str) -> bool {
 
 fn matches_host(pattern: &str, name: &str) -> bool {
     let pattern = pattern.trim().to_ascii_lowercase();
+    // `name:8080` in the list means the name (ports are not part of the check).
+    let pattern = match pattern.strip_prefix('.') {
+        None if pattern != "*" => host_name(&pattern).unwrap_or(pattern),
+        _ => pattern,
+    };
     let pattern = pattern.strip_suffix('.').unwrap_or(&pattern);
     pattern == "*"
         || pattern == name
@@ -152,17 +178,18 @@ pub fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     let allow = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
-        AllowOrigin::list(
-            origins
-                .iter()
-                .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok()),
-        )
+        // Browsers send origins in lower case; the list is matched byte for byte.
+        AllowOrigin::list(origins.iter().filter_map(|o| {
+            HeaderValue::from_str(&o.trim().trim_end_matches('/').to_ascii_lowercase()).ok()
+        }))
     };
     Some(
         CorsLayer::new()
             .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            // Whatever the page's client sends (openai-node adds `x-stainless-*` headers):
+            // who may call is decided by the origin list and the API key, not header names.
+            .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
             .max_age(std::time::Duration::from_secs(600)),
     )
 }
@@ -213,6 +240,8 @@ mod tests {
         c.allowed_hosts = vec![".example".into()];
         assert!(verdict(&c, &headers(&[("host", "evil.example:80")])).is_ok());
         assert!(verdict(&c, &headers(&[("host", "example.org")])).is_err());
+        c.allowed_hosts = vec!["Ember.LAN:8080".into()];
+        assert!(verdict(&c, &headers(&[("host", "ember.lan:9000")])).is_ok());
         c.allowed_hosts = vec!["*".into()];
         assert!(verdict(&c, &headers(&[("host", "anything.test")])).is_ok());
         c = ServerConfig::new("m");
@@ -234,5 +263,19 @@ mod tests {
         assert!(verdict(&c, &h("https://evil.example")).is_err());
         c.cors_origins = vec!["*".into()];
         assert!(verdict(&c, &h("https://evil.example")).is_ok());
+    }
+
+    #[test]
+    fn ambiguous_hosts_are_refused() {
+        let c = ServerConfig::new("m");
+        let mut h = headers(&[("host", "127.0.0.1")]);
+        h.append(header::HOST, HeaderValue::from_static("evil.example"));
+        assert!(verdict(&c, &h).is_err());
+        let uri: axum::http::Uri = "http://evil.example/v1/models".parse().expect("uri");
+        assert!(authority_verdict(&c, &uri).is_err());
+        let uri: axum::http::Uri = "http://127.0.0.1:8080/v1/models".parse().expect("uri");
+        assert!(authority_verdict(&c, &uri).is_ok());
+        let uri: axum::http::Uri = "/v1/models".parse().expect("uri");
+        assert!(authority_verdict(&c, &uri).is_ok());
     }
 }

@@ -78,7 +78,8 @@ pub struct ServerConfig {
     /// A client must send a request's headers within this time, also while a kept-alive
     /// connection sits idle; the connection is closed otherwise.
     pub header_timeout: Duration,
-    /// A client must send a request's body within this time (408 otherwise).
+    /// A client must send a request's body within this time (408 otherwise), and may stop
+    /// reading a response for at most this long (the connection is closed after that).
     pub body_timeout: Duration,
     /// Open connections at most; further ones get a 503 and are closed.
     pub max_connections: usize,

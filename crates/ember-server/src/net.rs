@@ -13,6 +13,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_io_timeout::TimeoutStream;
 
 use crate::ServerConfig;
 use crate::limits::{HYPER_MAX_HEAD_BYTES, HYPER_MAX_HEADERS};
@@ -22,6 +23,9 @@ const RESERVED_FDS: usize = 64;
 
 pub struct ConnLimits {
     pub header_timeout: Duration,
+    /// How long a write may wait for the client to read (a client that stops reading a
+    /// stream would otherwise hold its connection for good).
+    pub write_timeout: Duration,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
 }
@@ -43,6 +47,7 @@ impl ConnLimits {
         }
         Self {
             header_timeout: config.header_timeout,
+            write_timeout: config.body_timeout,
             max_connections,
             shutdown_grace: config.shutdown_grace,
         }
@@ -93,8 +98,11 @@ pub async fn serve_connections(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let mut stream = TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(limits.write_timeout));
         let service = TowerToHyperService::new(app.clone());
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let io = TokioIo::new(Box::pin(stream));
+        let conn = graceful.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
             // Errors here are the client's (reset, timeout, malformed head): nothing to do.
             let _ = conn.await;
