@@ -287,6 +287,12 @@ impl BlockAllocator {
         self.seqs.len()
     }
 
+    /// The live sequences, in no particular order (a scheduler that lost track of some after
+    /// a fault frees what it no longer owns).
+    pub fn seq_ids(&self) -> Vec<SeqId> {
+        self.seqs.keys().copied().collect()
+    }
+
     pub fn prefix_caching(&self) -> bool {
         self.prefix_caching
     }

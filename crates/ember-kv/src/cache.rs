@@ -331,6 +331,11 @@ impl PagedKvCache {
     pub fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
         self.alloc.free(seq)
     }
+
+    /// The live sequences (see [`BlockAllocator::seq_ids`]).
+    pub fn sequences(&self) -> Vec<SeqId> {
+        self.alloc.seq_ids()
+    }
 }
 
 /// One sequence with a cache of its own: what single-stream callers (generation, perplexity,

@@ -156,12 +156,25 @@ pub struct EngineStats {
 pub struct EngineHealth {
     pub running: bool,
     pub failed_batches: u64,
+    /// Batches failed in a row since the last one that succeeded.
+    pub consecutive_failures: u64,
     pub last_failure: Option<String>,
+}
+
+impl EngineHealth {
+    /// Failing batches in a row this many times means nothing is being served.
+    pub const DEGRADED_AFTER: u64 = 3;
+
+    /// The scheduler runs and is not failing every batch.
+    pub fn healthy(&self) -> bool {
+        self.running && self.consecutive_failures < Self::DEGRADED_AFTER
+    }
 }
 
 #[derive(Default)]
 struct Failures {
     count: u64,
+    consecutive: u64,
     last: Option<String>,
 }
 
@@ -322,15 +335,16 @@ impl Engine {
             .thread
             .lock()
             .is_ok_and(|t| t.as_ref().is_some_and(|h| !h.is_finished()));
-        let (failed_batches, last_failure) = self
+        let (failed_batches, consecutive_failures, last_failure) = self
             .shared
             .failures
             .lock()
-            .map(|f| (f.count, f.last.clone()))
+            .map(|f| (f.count, f.consecutive, f.last.clone()))
             .unwrap_or_default();
         EngineHealth {
             running,
             failed_batches,
+            consecutive_failures,
             last_failure,
         }
     }
@@ -485,6 +499,7 @@ impl Scheduler {
             if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.step())) {
                 let running: Vec<usize> = (0..self.running.len()).collect();
                 self.fail_batch(&running, &panic_message(payload.as_ref()));
+                self.reclaim_orphans();
             }
             self.publish();
         }
@@ -525,7 +540,24 @@ impl Scheduler {
         }
         if let Ok(mut f) = self.failures.lock() {
             f.count += 1;
+            f.consecutive += 1;
             f.last = Some(why.to_string());
+        }
+    }
+
+    /// After a panic outside the forward pass a sequence may have been dropped while out of
+    /// `running` (between `remove` and `release`): free every cache sequence nobody owns.
+    fn reclaim_orphans(&mut self) {
+        let owned: std::collections::HashSet<SeqId> = self
+            .running
+            .iter()
+            .chain(self.waiting.iter())
+            .filter_map(|s| s.kv)
+            .collect();
+        for seq in self.cache.sequences() {
+            if !owned.contains(&seq) {
+                let _ = self.cache.free(seq);
+            }
         }
     }
 
@@ -617,6 +649,9 @@ impl Scheduler {
             };
             match result {
                 Ok(logits) => {
+                    if let Ok(mut f) = self.failures.lock() {
+                        f.consecutive = 0;
+                    }
                     self.after_forward(&plan, logits);
                     return;
                 }
@@ -708,6 +743,7 @@ impl Scheduler {
         let now = Instant::now();
         for &(idx, reason) in finished.iter().rev() {
             let mut s = self.running.remove(idx);
+            fail::fail_point!("engine::finish");
             let _ = s.events.send(Event::Done {
                 stop_reason: reason,
                 timings: s.timings(now),

@@ -182,24 +182,33 @@ pub fn router(engine: Engine, config: ServerConfig) -> Router {
     .with_state(state)
 }
 
-/// 200 while the engine's scheduler runs, 503 once it has stopped; with its counters.
+/// 200 while the engine's scheduler runs and serves; 503 once it has stopped, or while it
+/// fails every batch (`degraded`); with its counters.
 async fn health(
     axum::extract::State(state): axum::extract::State<Shared>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let health = state.engine.health();
     let stats = state.engine.stats();
+    let engine_state = if !health.running {
+        "stopped"
+    } else if health.healthy() {
+        "running"
+    } else {
+        "degraded"
+    };
     let body = serde_json::json!({
-        "status": if health.running { "ok" } else { "error" },
+        "status": if health.healthy() { "ok" } else { "error" },
         "engine": {
-            "state": if health.running { "running" } else { "stopped" },
+            "state": engine_state,
             "running": stats.running,
             "waiting": stats.waiting,
             "failed_batches_total": health.failed_batches,
+            "consecutive_failures": health.consecutive_failures,
             "last_failure": health.last_failure,
         },
     });
-    let status = if health.running {
+    let status = if health.healthy() {
         axum::http::StatusCode::OK
     } else {
         axum::http::StatusCode::SERVICE_UNAVAILABLE

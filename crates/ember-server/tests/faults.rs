@@ -72,4 +72,39 @@ async fn a_panicking_forward_pass_fails_its_batch_and_the_engine_goes_on() {
     // The scheduler publishes stats after each step; give it one idle tick.
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(engine.stats().kv_used_blocks, 0, "KV blocks leaked");
+
+    // A panic outside the pass, just after a finished sequence left the running list and
+    // before its blocks went back: the request fails, its blocks are reclaimed.
+    fail::cfg("engine::finish", "1*panic(fault after finishing)").expect("fail point");
+    let (status, v) = call(&app, completion()).await;
+    fail::remove("engine::finish");
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        engine.stats().kv_used_blocks,
+        0,
+        "KV blocks leaked after a step panic"
+    );
+
+    // Every batch failing: /health says so (503, degraded) until a batch succeeds again.
+    fail::cfg("engine::forward", "3*panic(broken kernel)").expect("fail point");
+    for _ in 0..3 {
+        let (status, v) = call(&app, completion()).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    }
+    fail::remove("engine::forward");
+    let health = || {
+        Request::get("/health")
+            .body(Body::empty())
+            .expect("request")
+    };
+    let (status, h) = call(&app, health()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{h}");
+    assert_eq!(h["engine"]["state"], "degraded", "{h}");
+    let (status, v) = call(&app, completion()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"], first["choices"][0]["text"]);
+    let (status, h) = call(&app, health()).await;
+    assert_eq!(status, StatusCode::OK, "{h}");
+    assert_eq!(h["engine"]["failed_batches_total"], 5, "{h}");
 }
