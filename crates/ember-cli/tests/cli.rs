@@ -597,3 +597,27 @@ fn a_context_too_small_for_the_prompt_is_an_error() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("capped by --kv-budget-mib"), "{err}");
 }
+
+/// Issue #14: a KV cache larger than the machine (a context and budget from flags) is an
+/// error that says what to lower, not an abort from a failed allocation (exit 134); and the
+/// message says it once.
+#[test]
+fn an_impossible_kv_cache_is_an_error_not_an_abort() {
+    let out = ember(&[
+        "generate",
+        "-m",
+        MODEL,
+        "-p",
+        "hi",
+        "-n",
+        "2",
+        "--ctx-size",
+        "4000000000",
+        "--kv-budget-mib",
+        "100000000",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("lower the context size"), "{err}");
+    assert_eq!(err.matches("could not allocate").count(), 1, "{err}");
+}

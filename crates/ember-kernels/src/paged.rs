@@ -132,6 +132,11 @@ pub enum PagedError {
         n_kv: usize,
         head_dim: usize,
     },
+    #[error(
+        "could not allocate {bytes} bytes for one layer's KV cache: lower the context size or \
+         the KV budget"
+    )]
+    OutOfMemory { bytes: usize },
     #[error("block {block} out of range for a store of {n_blocks} blocks")]
     Block { block: usize, n_blocks: usize },
     #[error("slot {slot} out of range for blocks of {block_size} slots")]
@@ -191,13 +196,48 @@ pub(crate) enum Arenas {
     Q8_0([Vec<u8>; 2]),
 }
 
-impl Arenas {
-    fn zeroed(dtype: KvDtype, values: usize, bytes: usize) -> Self {
-        match dtype {
-            KvDtype::F32 => Arenas::F32([vec![0.0; values], vec![0.0; values]]),
-            KvDtype::F16 => Arenas::F16([vec![0; values], vec![0; values]]),
-            KvDtype::Q8_0 => Arenas::Q8_0([vec![0; bytes], vec![0; bytes]]),
+/// Element types whose all-zero bit pattern is a valid value.
+trait ZeroIsValid: Copy {}
+impl ZeroIsValid for f32 {}
+impl ZeroIsValid for u16 {}
+impl ZeroIsValid for u8 {}
+
+/// `vec![0; n]` that returns `None` when the allocation fails instead of aborting the process
+/// (a context size from a flag or a request must give an error, not an abort). Written by hand
+/// because std's fallible `try_reserve` does not zero lazily: `resize` would touch every page.
+fn try_zeroed<T: ZeroIsValid>(n: usize) -> Option<Vec<T>> {
+    if n == 0 || std::mem::size_of::<T>() == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(n).ok()?;
+    // SAFETY: `layout` has a non-zero size (n > 0, T is not zero-sized). A null pointer is
+    // handled. Otherwise the block was allocated by the global allocator with T's alignment and
+    // room for exactly `n` values, all zero bits, which is a valid T (`ZeroIsValid`), so a Vec
+    // of length and capacity `n` may own it.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<T>();
+        if ptr.is_null() {
+            return None;
         }
+        Some(Vec::from_raw_parts(ptr, n, n))
+    }
+}
+
+/// The K and V arenas of `n` values each, or `None` when memory runs out.
+fn pair<T: ZeroIsValid>(n: usize) -> Option<[Vec<T>; 2]> {
+    Some([try_zeroed(n)?, try_zeroed(n)?])
+}
+
+impl Arenas {
+    fn zeroed(dtype: KvDtype, values: usize, bytes: usize) -> Result<Self, PagedError> {
+        let oom = |unit: usize| PagedError::OutOfMemory {
+            bytes: unit.saturating_mul(2),
+        };
+        Ok(match dtype {
+            KvDtype::F32 => Arenas::F32(pair(values).ok_or(oom(values.saturating_mul(4)))?),
+            KvDtype::F16 => Arenas::F16(pair(values).ok_or(oom(values.saturating_mul(2)))?),
+            KvDtype::Q8_0 => Arenas::Q8_0(pair(bytes).ok_or(oom(bytes))?),
+        })
     }
 
     fn bytes(&self) -> usize {
@@ -278,7 +318,7 @@ impl PagedLayerStore {
             head_dim,
             dtype,
             row_units,
-            arenas: Arenas::zeroed(dtype, values, bytes),
+            arenas: Arenas::zeroed(dtype, values, bytes)?,
         })
     }
 
@@ -918,5 +958,21 @@ mod tests {
         // A sequence without queries needs no table.
         let empty = call(vec![seq(1, 0, 100, &[], None)]);
         assert_eq!(empty.validate(1, 2, 8), Ok(()));
+    }
+}
+
+#[cfg(test)]
+mod alloc_tests {
+    use super::*;
+
+    /// Issue #14: an arena larger than the machine is an error, not an abort.
+    #[test]
+    fn an_impossible_arena_is_an_error() {
+        // 2^40 slots x 8 heads x 64 = 2^49 values: 1 PiB of f16 per arena.
+        let err = PagedLayerStore::new(KvDtype::F16, 1 << 35, 32, 8, 64).expect_err("1 PiB");
+        assert!(matches!(err, PagedError::OutOfMemory { .. }), "{err}");
+        assert!(err.to_string().contains("lower the context size"), "{err}");
+        let ok = PagedLayerStore::new(KvDtype::Q8_0, 4, 32, 2, 64).expect("small store");
+        assert_eq!(ok.n_blocks(), 4);
     }
 }
