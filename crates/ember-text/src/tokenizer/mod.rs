@@ -622,7 +622,9 @@ impl GgufTokenizer {
                 }
             }
         }
-        if out.len() > limit {
+        // `limit` already leaves room for EOS, but a budget smaller than EOS alone (0 with
+        // an empty text) leaves none: compare against the budget itself.
+        if out.len() > limit || max_tokens.is_some_and(|m| out.len() + n_eos > m) {
             return Err(too_long(out.len()));
         }
         if add_special && self.add_eos {
