@@ -245,6 +245,59 @@ def test_completion_logprobs(client):
     assert all(x <= 0 for x in lp.token_logprobs)
 
 
+
+PASSAGE = ("The old lighthouse keeper climbed the spiral stairs every evening, lit the great lamp, "
+           "and watched the ships pass safely through the narrow channel below.")
+REPEAT = [{"role": "user",
+           "content": f"Repeat the following text exactly, word for word:\n\n{PASSAGE}"}]
+
+
+def wait_for_metric(http, name, at_least, timeout=5.0):
+    """The engine publishes its totals after each step, which may be just after a response."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = metric(http, name)
+        if value >= at_least or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def test_speculation_per_request(client, http):
+    """The `ember` extension field turns prompt lookup on for one request (this server runs
+    without speculation): the greedy text is unchanged, and `usage` carries OpenAI's
+    predicted-output counts, `timings` llama-server's `draft_n`/`draft_n_accepted`."""
+    plain = client.chat.completions.create(model=MODEL, messages=REPEAT, max_tokens=48,
+                                           temperature=0)
+    assert plain.usage.completion_tokens_details is None
+    spec = client.chat.completions.create(model=MODEL, messages=REPEAT, max_tokens=48,
+                                          temperature=0, extra_body={"ember": {"spec": "lookup"}})
+    assert spec.choices[0].message.content == plain.choices[0].message.content
+    details = spec.usage.completion_tokens_details
+    assert details is not None
+    assert details.accepted_prediction_tokens > 0
+    assert details.rejected_prediction_tokens >= 0
+    timings = spec.model_extra["timings"]
+    assert timings["draft_n_accepted"] == details.accepted_prediction_tokens
+    assert timings["draft_n"] == (details.accepted_prediction_tokens
+                                  + details.rejected_prediction_tokens)
+    assert wait_for_metric(http, "ember_spec_accepted_tokens_total",
+                           details.accepted_prediction_tokens) >= details.accepted_prediction_tokens
+    assert metric(http, "ember_spec_drafted_tokens_total") >= timings["draft_n"]
+    # Ollama's final object gets the same counts (its client drops unknown fields: raw HTTP).
+    r = http.post("/api/generate", json={
+        "model": MODEL, "prompt": REPEAT[0]["content"], "stream": False,
+        "options": {"temperature": 0, "num_predict": 32}, "ember": {"spec": "lookup"},
+    })
+    assert r.status_code == 200, r.text
+    assert 0 <= r.json()["draft_n_accepted"] <= r.json()["draft_n"]
+    # A proposer this server does not run, or a bad field: 400 naming `ember`.
+    for bad in [{"spec": "self"}, {"spec": "bogus"}, {"draft_max": 0}, {"nope": 1}]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2,
+                                           extra_body={"ember": bad})
+        assert e.value.body["param"] == "ember", e.value.body
+
+
 # --- Ollama ---------------------------------------------------------------------------------
 
 def test_ollama_generate(oll):

@@ -10,11 +10,10 @@ use ember_kv::KvOptions;
 use ember_runtime::chat::ChatMessage;
 use ember_runtime::engine::{Engine, EngineConfig};
 use ember_runtime::eval;
-use ember_runtime::generate::{
-    ContextShift, GenerateRequest, PartialOutput, generate, generate_on_engine,
-};
+use ember_runtime::generate::{ContextShift, GenerateRequest, PartialOutput, generate_with_draft};
 use ember_runtime::loaded::LoadedModel;
 use ember_runtime::sampling::SamplingParams;
+use ember_runtime::spec::{Proposer, SpecConfig};
 use ember_server::ServerConfig;
 use serde_json::json;
 
@@ -130,6 +129,8 @@ struct ServeArgs {
     max_connections: u32,
     #[command(flatten)]
     kv: KvArgs,
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 /// A timeout in seconds: positive, finite, at most a day.
@@ -180,6 +181,72 @@ impl PromptArgs {
             }
             (None, false) => bail!("give a prompt with -p TEXT or --stdin"),
         }
+    }
+}
+
+/// Speculative decoding: a cheap proposer guesses the next tokens, the model checks them all in
+/// one pass. Greedy output is token for token the output without it; sampling keeps the
+/// model's distribution.
+#[derive(Args, Clone)]
+struct SpecArgs {
+    /// Who proposes: none, lookup (n-grams of the prompt and output), draft (a smaller model
+    /// with the same vocabulary, --draft-model) or self (the model's own first --spec-layers).
+    #[arg(long = "spec", value_parser = proposer, default_value = "none")]
+    spec: Proposer,
+    /// The draft model for --spec draft: a GGUF path or a manifest name (implies --spec draft).
+    #[arg(long)]
+    draft_model: Option<String>,
+    /// Most tokens proposed per step (1 to 64); fewer while proposals keep failing.
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
+    draft_max: i64,
+    /// Fewest proposed tokens worth checking (1 to --draft-max): shorter proposals are dropped.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    draft_min: i64,
+    /// Longest n-gram prompt lookup matches (1 to 64; shorter ones are tried down to 1).
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
+    spec_ngram: i64,
+    /// Layers --spec self runs (1 to the model's layers - 1; default half of them).
+    #[arg(long, allow_negative_numbers = true)]
+    spec_layers: Option<i64>,
+}
+
+fn proposer(s: &str) -> Result<Proposer, String> {
+    s.parse()
+        .map_err(|e: ember_runtime::spec::SpecError| e.to_string())
+}
+
+impl SpecArgs {
+    /// The settings, checked against the model; a draft model is opened (and its vocabulary
+    /// compared later, where both files are at hand).
+    fn config(&self, loaded: &LoadedModel) -> Result<(SpecConfig, Option<LoadedModel>)> {
+        // Negative values would wrap: refuse them with the same message as 0.
+        let count = |v: i64| usize::try_from(v).unwrap_or(0);
+        let mut proposer = self.spec;
+        if self.draft_model.is_some() {
+            if !matches!(proposer, Proposer::None | Proposer::Draft) {
+                bail!("--draft-model is for --spec draft, not --spec {proposer}");
+            }
+            proposer = Proposer::Draft;
+        }
+        let config = SpecConfig {
+            proposer,
+            draft_max: count(self.draft_max),
+            draft_min: count(self.draft_min),
+            ngram_max: count(self.spec_ngram),
+            layers: self.spec_layers.map(|n| usize::try_from(n).unwrap_or(0)),
+        };
+        config.validate(loaded.model.config().n_layer, self.draft_model.is_some())?;
+        let draft = match &self.draft_model {
+            Some(name) => {
+                let path = ember_hub::resolve(name)?;
+                Some(
+                    LoadedModel::open(&path, &ember_models::default_device())
+                        .with_context(|| format!("opening the draft model {name}"))?,
+                )
+            }
+            None => None,
+        };
+        Ok((config, draft))
     }
 }
 
@@ -413,6 +480,8 @@ struct GenerateArgs {
     /// field, and the exit code is 1.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 #[derive(Args)]
@@ -475,6 +544,8 @@ struct ChatArgs {
     /// Drop the oldest half of the conversation when the context fills, instead of stopping.
     #[arg(long)]
     context_shift: bool,
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 #[derive(Args)]
@@ -550,6 +621,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let prompt_tokens = loaded.tokenize_prompt(&text)?;
     let ctx_size = a.kv.ctx_size(&loaded, a.ctx_size)?;
     check_room(prompt_tokens.len(), ctx_size, a.n, a.ctx_size.is_some())?;
+    let (spec, draft) = a.spec.config(&loaded)?;
     let req = GenerateRequest {
         prompt_tokens: prompt_tokens.clone(),
         max_tokens: a.n,
@@ -559,6 +631,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         stop_at_eog: !a.ignore_eos,
         context_shift: context_shift(a.context_shift, a.keep, &loaded),
         kv: a.kv.options(),
+        spec,
     };
     let stdout = std::io::stdout();
     let mut shown = false;
@@ -570,16 +643,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             let _ = lock.flush();
         }
     };
-    let result = if req.context_shift.is_some() {
-        // Context shifting rebuilds the sequence's cache: the single-sequence loop does it.
-        generate(&loaded.model, &loaded.tokenizer, &req, show)
-    } else {
-        // The same engine `ember serve` runs, with one slot.
-        let mut config = EngineConfig::new(1, req.ctx_size);
-        config.kv = req.kv.clone();
-        let engine = Engine::start(std::sync::Arc::new(loaded), config)?;
-        generate_on_engine(&engine, &req, show)
-    };
+    // The engine's scheduler (the one `ember serve` runs), one sequence, on this thread.
+    let result = generate_with_draft(&loaded, draft.as_ref(), &req, show);
     let (out, stop_reason, error) = match result {
         Ok(out) => {
             let reason = json!(out.stop_reason);
@@ -588,6 +653,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
                 text: out.text,
                 timings: out.timings,
                 context_shifts: out.context_shifts,
+                spec: out.spec,
             };
             (partial, reason, None)
         }
@@ -626,8 +692,24 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             t.predicted_ms,
             t.predicted_n as f64 * 1e3 / t.predicted_ms.max(1e-9)
         );
+        if let Some(s) = &out.spec {
+            eprintln!("{}", spec_summary(s));
+        }
     }
     Ok(())
+}
+
+/// One line on what speculation did.
+fn spec_summary(s: &ember_runtime::spec::SpecStats) -> String {
+    let rate = if s.drafted > 0 {
+        100.0 * s.accepted as f64 / s.drafted as f64
+    } else {
+        0.0
+    };
+    format!(
+        "speculation ({}): {} proposed, {} accepted ({rate:.0}%), {} verification passes",
+        s.proposer, s.drafted, s.accepted, s.steps
+    )
 }
 
 /// `ember generate --json`'s object. The fields are a contract (extend, never rename); on a
@@ -645,6 +727,12 @@ fn generate_json(
         "stop_reason": stop_reason,
         "timings": out.timings,
         "context_shifts": out.context_shifts,
+        // `null` without speculation.
+        "spec": out.spec.as_ref().map(|s| json!({
+            "proposer": s.proposer,
+            "drafted": s.drafted,
+            "accepted": s.accepted,
+        })),
     });
     if let (Some(e), Some(o)) = (error, obj.as_object_mut()) {
         o.insert("error".into(), json!(e));
@@ -756,6 +844,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     let loaded = open(&a.model)?;
     let template = loaded.chat_template()?;
     let ctx = a.kv.ctx_size(&loaded, a.ctx_size)?;
+    let (spec, draft) = a.spec.config(&loaded)?;
     let mut messages = Vec::new();
     if let Some(s) = &a.system {
         messages.push(ChatMessage::system(s.clone()));
@@ -795,8 +884,9 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             stop_at_eog: true,
             context_shift: context_shift(a.context_shift, 0, &loaded),
             kv: a.kv.options(),
+            spec: spec.clone(),
         };
-        let out = generate(&loaded.model, &loaded.tokenizer, &req, |piece| {
+        let out = generate_with_draft(&loaded, draft.as_ref(), &req, |piece| {
             let mut lock = stdout.lock();
             let _ = lock.write_all(piece.as_bytes());
             let _ = lock.flush();
@@ -895,6 +985,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     }
     let path = ember_hub::resolve(&a.model.model)?;
     let loaded = LoadedModel::open(&path, &ember_models::default_device())?;
+    let (spec, draft) = a.spec.config(&loaded)?;
     // The pool holds parallel x ctx when the budget allows. A smaller budget that still holds
     // one whole context is allowed, as vLLM allows it: requests share prompt prefixes, and when
     // the pool fills the newest sequence is preempted and recomputed later (same output).
@@ -935,7 +1026,12 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         }
         engine_config.max_waiting = q;
     }
-    let engine = Engine::start(std::sync::Arc::new(loaded), engine_config)?;
+    engine_config.spec = spec;
+    let engine = Engine::start_with_draft(
+        std::sync::Arc::new(loaded),
+        draft.map(std::sync::Arc::new),
+        engine_config,
+    )?;
 
     // Served under the manifest name (its aliases and the file stem also accepted), or the
     // file stem for a path; --alias renames it and keeps the others as aliases.
@@ -990,6 +1086,7 @@ mod tests {
             text: ", a".into(),
             timings: Default::default(),
             context_shifts: vec![32],
+            spec: None,
         };
         let v = generate_json(&[1, 2], &partial, json!("error"), Some("boom"));
         assert_eq!(v["prompt_tokens"], json!([1, 2]));

@@ -45,4 +45,24 @@ pub enum ModelError {
     Kv(#[from] ember_kv::KvError),
     #[error("empty batch: at least one token is needed")]
     EmptyBatch,
+    /// [`PassOptions::layers`](crate::PassOptions::layers) outside `1..=n_layer`.
+    #[error(
+        "the pass asks for {layers} layers but the model has {n_layer} (a pass runs 1 to \
+         {n_layer} of them)"
+    )]
+    BadLayerCount { layers: usize, n_layer: usize },
+    #[error(
+        "the KV cache has {cache} layers but the pass runs {layers} (a cache made for another \
+         layer count)"
+    )]
+    CacheLayers { cache: usize, layers: usize },
+    /// A self-speculative draft must skip at least one layer and run at least one.
+    #[error(
+        "a self-speculative draft runs the first 1 to {max} of the model's {n_layer} layers, \
+         not {layers} (it must run at least one and skip at least one)",
+        max = .n_layer.saturating_sub(1)
+    )]
+    SelfDraftLayers { layers: usize, n_layer: usize },
+    #[error("{0} appears more than once in one batch")]
+    DuplicateSequence(ember_kv::SeqId),
 }

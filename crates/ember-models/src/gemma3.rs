@@ -107,7 +107,10 @@ impl Architecture for Gemma3 {
         let head_norm = |t: Tensor<2>, heads: usize, w: &Tensor<1>| {
             rms_norm(t.reshape([n * heads, hd]), w, c.rms_eps).reshape([n, heads, hd])
         };
-        for (layer, b) in self.blocks.iter().enumerate() {
+        // The first `pass.layers()` blocks (all but for a self-speculative draft), indexed by
+        // their true layer so per-layer windows, RoPE and cache layers stay theirs.
+        let last = pass.layers().min(self.blocks.len());
+        for (layer, b) in self.blocks.iter().enumerate().take(last) {
             let l = Some(layer);
             let h = rms_norm(x.clone(), &b.attn_norm, c.rms_eps);
             trace::tensor("attn_norm", l, &h);
@@ -127,7 +130,7 @@ impl Architecture for Gemma3 {
             trace::tensor("kqv_out", l, &attn);
             let mut attn = pass.matmul(attn, &b.wo);
             trace::tensor("attn_wo", l, &attn);
-            if layer + 1 == self.blocks.len() {
+            if layer + 1 == last {
                 (attn, x) = pass.select_outputs(attn, x);
             }
             let attn = rms_norm(attn, &b.attn_post_norm, c.rms_eps);

@@ -21,7 +21,7 @@ pub use config::{ModelConfig, RopeMode, SlidingWindow};
 pub use error::ModelError;
 pub use gemma3::Gemma3;
 pub use llama::Llama;
-pub use model::{Architecture, BatchSeq, Logits, Model, Pass, UBATCH};
+pub use model::{Architecture, BatchSeq, Logits, Model, Pass, PassOptions, UBATCH};
 pub use phi3::Phi3;
 pub use qwen2::Qwen2;
 pub use qwen3::Qwen3;

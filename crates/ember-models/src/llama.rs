@@ -70,7 +70,10 @@ impl Architecture for Llama {
         let c = &self.config;
         let n = pass.n_rows;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
-        for (layer, b) in self.blocks.iter().enumerate() {
+        // The first `pass.layers()` blocks (all but for a self-speculative draft), indexed by
+        // their true layer so per-layer windows, RoPE and cache layers stay theirs.
+        let last = pass.layers().min(self.blocks.len());
+        for (layer, b) in self.blocks.iter().enumerate().take(last) {
             let l = Some(layer);
             let h = rms_norm(x.clone(), &b.attn_norm, c.rms_eps);
             trace::tensor("attn_norm", l, &h);
@@ -91,7 +94,7 @@ impl Architecture for Llama {
             trace::tensor("kqv_out", l, &attn);
             let mut attn_out = pass.matmul(attn, &b.wo);
             trace::tensor("attn_out", l, &attn_out);
-            if layer + 1 == self.blocks.len() {
+            if layer + 1 == last {
                 (attn_out, x) = pass.select_outputs(attn_out, x);
             }
             x = residual_add(x, attn_out);

@@ -40,6 +40,19 @@ pub struct BatchSeq<'a> {
     pub solo_rows: Option<usize>,
 }
 
+/// How a forward pass runs, beyond its batch: what speculative decoding needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PassOptions {
+    /// Run only the first `n` blocks, then the output norm and head (self-speculation's
+    /// draft). `None`: all. The cache must have exactly as many layers as the pass runs.
+    pub layers: Option<usize>,
+    /// Leave the appended positions uncommitted ([`PagedKvCache::commit`] not called): the
+    /// caller truncates what it rejects, then commits. Speculative verification needs this so
+    /// rejected tokens never enter the prefix cache and sliding-window blocks are not released
+    /// for positions that are then rolled back. On error the pass is rolled back either way.
+    pub defer_commit: bool,
+}
+
 /// llama.cpp's default micro-batch (`n_ubatch`): a prompt runs in slices of this many tokens,
 /// and the slice size picks kernels (attention's tiled path from 64 rows), so Ember slices
 /// prompts the same way.
@@ -55,7 +68,9 @@ pub trait Architecture: Send + Sync {
         None
     }
 
-    /// Runs the hidden states `x: [rows, n_embd]` of a batch through every block.
+    /// Runs the hidden states `x: [rows, n_embd]` of a batch through the first
+    /// [`Pass::layers`] blocks (every block unless the pass is limited), calling
+    /// [`Pass::select_outputs`] in the last one that runs.
     fn blocks(&self, x: Tensor<2>, pass: &mut Pass<'_>) -> Result<Tensor<2>, ModelError>;
 }
 
@@ -81,9 +96,18 @@ pub struct Pass<'a> {
     solo_out: SoloShapes,
     /// Whether an architecture already cut the batch down to `out_rows`.
     selected: bool,
+    /// Blocks to run (the first ones); checked against the model and the cache.
+    layers: usize,
 }
 
 impl Pass<'_> {
+    /// How many blocks this pass runs: the first `layers()` of the model
+    /// ([`PassOptions::layers`]). The last of them is the one that calls
+    /// [`select_outputs`](Self::select_outputs).
+    pub fn layers(&self) -> usize {
+        self.layers
+    }
+
     /// `x @ w^T` for this pass's rows (before or after [`select_outputs`](Self::select_outputs)),
     /// each with the arithmetic llama.cpp gives it when its sequence runs alone.
     pub fn matmul(&self, x: Tensor<2>, w: &Arc<QuantMatrix>) -> Tensor<2> {
@@ -213,6 +237,25 @@ impl Model {
         }
     }
 
+    /// The KV layout for a pass over only the first `layers` blocks (the cache has that many
+    /// layers, with the windows of those blocks): self-speculation's draft cache. `layers` is
+    /// clamped to the model's layer count; 0 gives a layout [`PagedKvCache::new`] refuses.
+    pub fn kv_config_layers(
+        &self,
+        opts: &KvOptions,
+        max_seq_len: usize,
+        layers: usize,
+    ) -> KvCacheConfig {
+        let mut config = self.kv_config(opts, max_seq_len);
+        config.layer_windows.truncate(layers);
+        config
+    }
+
+    /// The number of transformer blocks.
+    pub fn n_layers(&self) -> usize {
+        self.config.n_layer
+    }
+
     /// A fresh KV cache (default options: f16, as llama.cpp) for one sequence of at most
     /// `n_ctx` positions.
     pub fn new_cache(&self, n_ctx: usize) -> Result<SequenceCache, ModelError> {
@@ -294,6 +337,19 @@ impl Model {
         batch: &[BatchSeq<'_>],
         cache: &mut PagedKvCache,
     ) -> Result<Tensor<2>, ModelError> {
+        self.forward_batch_with(batch, cache, PassOptions::default())
+    }
+
+    /// [`forward_batch`](Self::forward_batch) with [`PassOptions`]: only the first blocks
+    /// (the cache must then have that many layers, see
+    /// [`kv_config_layers`](Self::kv_config_layers)), and/or without committing the appended
+    /// positions. The default options are exactly `forward_batch`.
+    pub fn forward_batch_with(
+        &self,
+        batch: &[BatchSeq<'_>],
+        cache: &mut PagedKvCache,
+        opts: PassOptions,
+    ) -> Result<Tensor<2>, ModelError> {
         let c = &self.config;
         if batch.is_empty() || batch.iter().any(|b| b.tokens.is_empty()) {
             return Err(ModelError::EmptyBatch);
@@ -305,6 +361,24 @@ impl Model {
                     vocab: c.n_vocab,
                 });
             }
+        }
+        let layers = match opts.layers {
+            None => c.n_layer,
+            Some(n) if n == 0 || n > c.n_layer => {
+                return Err(ModelError::BadLayerCount {
+                    layers: n,
+                    n_layer: c.n_layer,
+                });
+            }
+            Some(n) => n,
+        };
+        // A cache of another shape would fail half-way through the blocks (fewer layers) or
+        // silently keep stale layers (more): refuse it before anything is appended.
+        if cache.n_layers() != layers {
+            return Err(ModelError::CacheLayers {
+                cache: cache.n_layers(),
+                layers,
+            });
         }
         let mut starts = Vec::with_capacity(batch.len());
         for b in batch {
@@ -334,11 +408,13 @@ impl Model {
                 s.spawn(move |_| keep_awake(done, runner));
             }
             let _stop = SetOnDrop(done);
-            self.forward_in_pool(batch, starts.clone(), cache)
+            self.forward_in_pool(batch, starts.clone(), cache, layers)
         });
         let result = out.and_then(|logits| {
-            for b in batch {
-                cache.commit(b.seq)?;
+            if !opts.defer_commit {
+                for b in batch {
+                    cache.commit(b.seq)?;
+                }
             }
             Ok(logits)
         });
@@ -356,6 +432,7 @@ impl Model {
         batch: &[BatchSeq<'_>],
         starts: Vec<usize>,
         cache: &mut PagedKvCache,
+        layers: usize,
     ) -> Result<Tensor<2>, ModelError> {
         let c = &self.config;
         let tokens: Vec<u32> = batch
@@ -412,6 +489,7 @@ impl Model {
             selected: false,
             solo_in,
             solo_out,
+            layers,
         };
         let x = self.arch.blocks(x, &mut pass)?;
         let x = match (&pass.out_rows, pass.selected) {
@@ -464,7 +542,7 @@ fn solo_rows(batch: &[BatchSeq<'_>], starts: &[usize]) -> (SoloShapes, SoloShape
         match b.logits {
             None => {}
             Some(Logits::Last) => rows_out.push(row(1, 0)),
-            Some(Logits::All) => rows_out.extend_from_within(first..),
+            Some(Logits::All) => rows_out.extend_from_slice(&rows_in[first..]),
         }
     }
     (Some(rows_in.into()), Some(rows_out.into()))

@@ -83,7 +83,10 @@ impl Architecture for Phi3 {
         let c = &self.config;
         let n = pass.n_rows;
         let q_scale = 1.0 / (c.head_dim as f32).sqrt();
-        for (layer, b) in self.blocks.iter().enumerate() {
+        // The first `pass.layers()` blocks (all but for a self-speculative draft), indexed by
+        // their true layer so per-layer windows, RoPE and cache layers stay theirs.
+        let last = pass.layers().min(self.blocks.len());
+        for (layer, b) in self.blocks.iter().enumerate().take(last) {
             let h = rms_norm(x.clone(), &b.attn_norm, c.rms_eps);
             let (q, k, v) = b.qkv.forward(h, pass);
             let q = q.reshape([n, c.n_head, c.head_dim]);
@@ -96,7 +99,7 @@ impl Architecture for Phi3 {
             let k = rope(k);
             let attn = pass.attend(layer, q, k, v, 1.0)?;
             let mut o = pass.matmul(attn, &b.wo);
-            if layer + 1 == self.blocks.len() {
+            if layer + 1 == last {
                 (o, x) = pass.select_outputs(o, x);
             }
             x = residual_add(x, o);

@@ -10,8 +10,15 @@
 //! waits to be recomputed, its generated tokens kept. A request whose stream is dropped (the
 //! client went away) is cancelled and its blocks freed at the next step.
 //!
+//! With speculation on ([`SpecConfig`]), a decoding sequence's step carries the tokens a
+//! proposer guessed after its last one; the pass checks them all (one row each, each with the
+//! arithmetic it has in a plain one-token step, so greedy output is token for token the same)
+//! and the acceptance rule keeps what the target would have produced. Rejected positions are
+//! cut from the cache before they are committed: they never reach the prefix cache.
+//!
 //! Callers (the server, tools) submit an [`EngineRequest`] and read [`Event`]s from the
-//! returned [`RequestStream`]; the engine knows nothing about HTTP.
+//! returned [`RequestStream`]; the engine knows nothing about HTTP. The CLI's
+//! [`generate`](crate::generate::generate) runs the same scheduler inline, one sequence.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -22,15 +29,20 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ember_kv::{KvBudget, KvError, KvOptions, PagedKvCache, SeqId};
-use ember_models::{BatchSeq, Logits, ModelError, UBATCH};
+use ember_models::{BatchSeq, Logits, Model, ModelError, PassOptions, UBATCH};
+use ember_spec::adaptive::DraftLength;
+use ember_spec::drafter::{DraftItem, DraftSeq, Drafter};
+use ember_spec::lookup::PromptLookup;
+use ember_spec::verify::{self, Verdict};
 use serde::Serialize;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::generate::StopReason;
+use crate::generate::{ContextShift, StopReason};
 use crate::loaded::LoadedModel;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::spec::{Proposer, SpecConfig, SpecError, SpecOverride, SpecStats};
 use crate::stop::StopMatcher;
-use crate::tokenizer::StreamDecoder;
+use crate::tokenizer::{GgufTokenizer, StreamDecoder};
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -45,6 +57,12 @@ pub struct EngineConfig {
     pub kv: KvOptions,
     /// Token positions the shared KV pool holds over all sequences.
     pub kv_budget_tokens: usize,
+    /// Speculative decoding for requests that do not choose their own.
+    pub spec: SpecConfig,
+    /// Proposed tokens checked per step over all sequences, at most: with many streams a
+    /// step's rows already cost real compute, so each stream drafts less (none at all once
+    /// the decode rows alone reach this).
+    pub spec_row_budget: usize,
 }
 
 impl EngineConfig {
@@ -58,9 +76,15 @@ impl EngineConfig {
             ctx_size,
             kv: KvOptions::default(),
             kv_budget_tokens: parallel * ctx_size,
+            spec: SpecConfig::default(),
+            spec_row_budget: DEFAULT_SPEC_ROW_BUDGET,
         }
     }
 }
+
+/// See [`EngineConfig::spec_row_budget`]: one stream drafts up to 15 tokens, 4 up to 3 each,
+/// 8 up to 1 each, 16 or more none.
+pub const DEFAULT_SPEC_ROW_BUDGET: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -70,6 +94,10 @@ pub enum EngineError {
     Config(String),
     #[error("could not start the engine thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("the draft model: {0}")]
+    Draft(ModelError),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,9 +114,11 @@ pub enum SubmitError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("the engine has stopped")]
     Stopped,
+    #[error(transparent)]
+    Spec(#[from] SpecError),
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct EngineRequest {
     pub prompt_tokens: Vec<u32>,
     /// Tokens to generate at most (the context may end generation sooner).
@@ -99,6 +129,10 @@ pub struct EngineRequest {
     pub ignore_eos: bool,
     /// `Some(n)`: report the chosen token's log-probability and the `n` most likely ones.
     pub logprobs: Option<usize>,
+    /// When the context fills, drop older tokens and go on instead of stopping.
+    pub context_shift: Option<ContextShift>,
+    /// This request's speculation settings over the engine's.
+    pub spec: SpecOverride,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -119,6 +153,12 @@ pub struct Timings {
     pub predicted_ms: f64,
     /// Prompt tokens served from the prefix cache.
     pub cache_n: usize,
+    /// Tokens proposed by speculation and checked (llama-server's name); absent without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draft_n: Option<u64>,
+    /// Proposed tokens the model accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draft_n_accepted: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -134,6 +174,10 @@ pub enum Event {
     Done {
         stop_reason: StopReason,
         timings: Timings,
+        /// Tokens dropped by each context shift (empty when none happened).
+        context_shifts: Vec<usize>,
+        /// What speculation did; `None` when the request did not speculate.
+        spec: Option<SpecStats>,
     },
     Error(String),
 }
@@ -148,6 +192,10 @@ pub struct EngineStats {
     pub generated_tokens_total: u64,
     /// Sequences preempted (KV blocks given back, recomputed later) since the start.
     pub preemptions_total: u64,
+    /// Tokens proposed by speculation and checked, since the start.
+    pub spec_drafted_total: u64,
+    /// Proposed tokens accepted, since the start.
+    pub spec_accepted_total: u64,
 }
 
 /// Whether the scheduler is alive, and the batches it failed (a panic in a forward pass or in
@@ -172,7 +220,7 @@ impl EngineHealth {
 }
 
 #[derive(Default)]
-struct Failures {
+pub(crate) struct Failures {
     count: u64,
     consecutive: u64,
     last: Option<String>,
@@ -207,6 +255,7 @@ struct Submission {
 
 struct Shared {
     model: Arc<LoadedModel>,
+    draft: Option<Arc<LoadedModel>>,
     config: EngineConfig,
     tx: Mutex<Option<Sender<Submission>>>,
     /// Published by the scheduler after every step.
@@ -228,19 +277,26 @@ pub struct Engine {
 
 impl Engine {
     pub fn start(model: Arc<LoadedModel>, config: EngineConfig) -> Result<Engine, EngineError> {
-        if config.max_running == 0 || config.max_batch_tokens == 0 || config.ctx_size == 0 {
-            return Err(EngineError::Config(
-                "max_running, max_batch_tokens and ctx_size must be at least 1".into(),
-            ));
-        }
-        let mut kv = config.kv.clone();
-        kv.budget = Some(KvBudget::Tokens(
-            config.kv_budget_tokens.max(config.ctx_size),
-        ));
-        let cache = PagedKvCache::new(&model.model.kv_config(&kv, config.ctx_size))?;
+        Self::start_with_draft(model, None, config)
+    }
+
+    /// [`start`](Self::start) with a draft model for [`Proposer::Draft`]; its vocabulary must be
+    /// the target's, token for token.
+    pub fn start_with_draft(
+        model: Arc<LoadedModel>,
+        draft: Option<Arc<LoadedModel>>,
+        config: EngineConfig,
+    ) -> Result<Engine, EngineError> {
+        let parts = SchedulerParts::new(
+            &model.model,
+            draft.as_deref().map(|d| (&d.file, &d.model)),
+            Some(&model.file),
+            &config,
+        )?;
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             model,
+            draft,
             config,
             tx: Mutex::new(Some(tx)),
             stats: Arc::new(Mutex::new(EngineStats::default())),
@@ -251,22 +307,27 @@ impl Engine {
         });
         // The thread holds what it needs but not `Shared` itself, so dropping the last
         // `Engine` closes the channel and ends the loop.
-        let mut scheduler = Scheduler {
-            model: Arc::clone(&shared.model),
-            config: shared.config.clone(),
-            cache,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
+        let model = Arc::clone(&shared.model);
+        let draft = shared.draft.clone();
+        let config = shared.config.clone();
+        let counters = Counters {
             stats: Arc::clone(&shared.stats),
             pending: Arc::clone(&shared.pending),
-            prompt_total: 0,
-            generated_total: 0,
-            preempted_total: 0,
             failures: Arc::clone(&shared.failures),
         };
         let handle = std::thread::Builder::new()
             .name("ember-engine".into())
-            .spawn(move || scheduler.run(rx))?;
+            .spawn(move || {
+                let mut scheduler = Scheduler::new(
+                    &model.model,
+                    &model.tokenizer,
+                    draft.as_deref().map(|d| &d.model),
+                    config,
+                    parts,
+                    counters,
+                );
+                scheduler.run(rx)
+            })?;
         if let Ok(mut t) = shared.thread.lock() {
             *t = Some(handle);
         }
@@ -288,6 +349,11 @@ impl Engine {
         if let Some(&id) = req.prompt_tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(SubmitError::TokenOutOfRange { id, vocab });
         }
+        check_override(
+            &req.spec,
+            &self.shared.config.spec,
+            self.shared.draft.is_some(),
+        )?;
         let pending = &self.shared.pending;
         let max = self.shared.config.max_waiting;
         // Reserve a queue place atomically: concurrent submitters cannot overshoot the limit.
@@ -371,14 +437,180 @@ impl Drop for Shared {
     }
 }
 
+/// Whether a request's own speculation settings can run on this engine.
+fn check_override(o: &SpecOverride, config: &SpecConfig, has_draft: bool) -> Result<(), SpecError> {
+    if o.is_empty() {
+        return Ok(());
+    }
+    let merged = merge_spec(config, o);
+    if merged.draft_max == 0 || merged.draft_max > crate::spec::MAX_DRAFT {
+        return Err(SpecError::DraftMax(merged.draft_max));
+    }
+    if merged.draft_min == 0 || merged.draft_min > merged.draft_max {
+        return Err(SpecError::DraftMin {
+            min: merged.draft_min,
+            max: merged.draft_max,
+        });
+    }
+    match merged.proposer {
+        Proposer::Draft if !has_draft => Err(SpecError::Unavailable(Proposer::Draft)),
+        Proposer::SelfSpec if config.proposer != Proposer::SelfSpec => {
+            Err(SpecError::Unavailable(Proposer::SelfSpec))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The engine's settings with a request's overrides applied.
+fn merge_spec(config: &SpecConfig, o: &SpecOverride) -> SpecConfig {
+    let mut c = config.clone();
+    if let Some(p) = o.proposer {
+        c.proposer = p;
+    }
+    if let Some(n) = o.draft_max {
+        c.draft_max = n;
+        // A request that lowers the maximum below the engine's minimum means "at most n".
+        c.draft_min = c.draft_min.min(n.max(1));
+    }
+    if let Some(n) = o.draft_min {
+        c.draft_min = n;
+    }
+    c
+}
+
+/// What the scheduler owns besides the model: built (and checked) before it starts, so a bad
+/// setting is an error from [`Engine::start`], not a dead thread.
+pub(crate) struct SchedulerParts {
+    cache: PagedKvCache,
+    /// Runs the draft model ([`Proposer::Draft`]).
+    draft: Option<Drafter>,
+    /// Runs the target's first layers ([`Proposer::SelfSpec`]).
+    selfspec: Option<Drafter>,
+}
+
+impl SchedulerParts {
+    pub(crate) fn new(
+        model: &Model,
+        draft: Option<(&ember_formats::GgufFile, &Model)>,
+        target_file: Option<&ember_formats::GgufFile>,
+        config: &EngineConfig,
+    ) -> Result<Self, EngineError> {
+        if config.max_running == 0 || config.max_batch_tokens == 0 || config.ctx_size == 0 {
+            return Err(EngineError::Config(
+                "max_running, max_batch_tokens and ctx_size must be at least 1".into(),
+            ));
+        }
+        let n_layer = model.n_layers();
+        config.spec.validate(n_layer, draft.is_some())?;
+        let mut kv = config.kv.clone();
+        let budget = config.kv_budget_tokens.max(config.ctx_size);
+        kv.budget = Some(KvBudget::Tokens(budget));
+        let cache = PagedKvCache::new(&model.kv_config(&kv, config.ctx_size))?;
+        // The drafters' caches follow the target's sequences, prefix sharing included (a
+        // shared system prompt is computed once by the drafter too).
+        let dkv = config.kv.clone();
+        // Room for each sequence's partly filled last block and its proposals on top of the
+        // target's budget.
+        let draft_budget =
+            budget + config.max_running * (config.kv.block_size + crate::spec::MAX_DRAFT);
+        let draft = match draft {
+            Some((file, m)) => {
+                let target_file = target_file.ok_or_else(|| {
+                    EngineError::Config(
+                        "a draft model needs the target's file to check its vocabulary".into(),
+                    )
+                })?;
+                ember_spec::vocab::check_same_vocab(target_file, file)
+                    .map_err(|e| SpecError::Vocab(e.to_string()))?;
+                Some(
+                    Drafter::new(m, None, &dkv, config.ctx_size, draft_budget)
+                        .map_err(EngineError::Draft)?,
+                )
+            }
+            None => None,
+        };
+        let selfspec = if config.spec.proposer == Proposer::SelfSpec {
+            let n = config.spec.self_layers(n_layer)?;
+            Some(
+                Drafter::new(model, Some(n), &dkv, config.ctx_size, draft_budget)
+                    .map_err(EngineError::Draft)?,
+            )
+        } else {
+            None
+        };
+        Ok(Self {
+            cache,
+            draft,
+            selfspec,
+        })
+    }
+}
+
+/// The counters a scheduler publishes to its [`Engine`] handles.
+pub(crate) struct Counters {
+    pub(crate) stats: Arc<Mutex<EngineStats>>,
+    pub(crate) pending: Arc<AtomicUsize>,
+    pub(crate) failures: Arc<Mutex<Failures>>,
+}
+
+impl Counters {
+    pub(crate) fn detached() -> Self {
+        Self {
+            stats: Arc::new(Mutex::new(EngineStats::default())),
+            pending: Arc::new(AtomicUsize::new(0)),
+            failures: Arc::new(Mutex::new(Failures::default())),
+        }
+    }
+}
+
+/// A sequence's speculation state.
+struct SeqSpec {
+    config: SpecConfig,
+    length: DraftLength,
+    lookup: PromptLookup,
+    /// Its sequence in the drafter's cache (draft or self), once it has drafted.
+    draft_seq: Option<DraftSeq>,
+    /// The draft model's own sampler (its coin flips are not the target's).
+    draft_sampler: Option<Sampler>,
+    stats: SpecStats,
+}
+
+impl SeqSpec {
+    fn new(config: SpecConfig, sampling: &SamplingParams) -> Self {
+        let mut draft_params = sampling.clone();
+        draft_params.seed = sampling.seed.map(|s| s ^ 0x5bec_d1ce_d00d_f00d);
+        Self {
+            length: DraftLength::new(config.draft_min, config.draft_max),
+            lookup: PromptLookup::new(config.ngram_max, 1),
+            draft_seq: None,
+            draft_sampler: config
+                .proposer
+                .uses_model()
+                .then(|| Sampler::new(draft_params)),
+            stats: SpecStats {
+                proposer: config.proposer,
+                ..SpecStats::default()
+            },
+            config,
+        }
+    }
+}
+
 /// A request on the scheduler thread.
 struct Sequence {
     req: EngineRequest,
     events: UnboundedSender<Event>,
     /// Its sequence in the KV cache while admitted.
     kv: Option<SeqId>,
-    /// Prompt then generated tokens: every token whose K/V the sequence needs.
+    /// The tokens whose K/V the sequence needs: the prompt then generated tokens (after a
+    /// context shift, the window that was kept).
     tokens: Vec<u32>,
+    /// The leading `tokens` computed as a prompt (ubatch slicing, see `solo_ubatch`): the
+    /// prompt's length, or after a context shift the whole window rebuilt.
+    prompt_len: usize,
+    /// The prompt and everything generated, for the sampler's penalties (a context shift does
+    /// not make it forget).
+    history: Vec<u32>,
     /// Leading `tokens` whose K/V are in the cache.
     computed: usize,
     generated: usize,
@@ -390,6 +622,8 @@ struct Sequence {
     first_token: Option<Instant>,
     cache_n: usize,
     prompt_computed: usize,
+    context_shifts: Vec<usize>,
+    spec: Option<SeqSpec>,
 }
 
 impl Sequence {
@@ -399,7 +633,7 @@ impl Sequence {
     /// that ubatch has. Generated tokens recomputed after a preemption may go together: each
     /// row still takes the one-row arithmetic it had when it was decoded.
     fn solo_ubatch(&self) -> (usize, usize) {
-        let n_prompt = self.req.prompt_tokens.len();
+        let n_prompt = self.prompt_len;
         if self.computed >= n_prompt {
             return (self.tokens.len(), 1);
         }
@@ -408,17 +642,23 @@ impl Sequence {
         (end, end - start)
     }
 
-    fn new(sub: Submission) -> Self {
+    fn new(sub: Submission, engine_spec: &SpecConfig) -> Self {
         let Submission {
             req,
             events,
             submitted,
         } = sub;
+        let spec_config = merge_spec(engine_spec, &req.spec);
         Self {
             tokens: req.prompt_tokens.clone(),
+            prompt_len: req.prompt_tokens.len(),
+            history: req.prompt_tokens.clone(),
             sampler: Sampler::new(req.sampling.clone()),
             decoder: StreamDecoder::new(true),
             stops: StopMatcher::new(req.stop.clone()),
+            spec: spec_config
+                .enabled()
+                .then(|| SeqSpec::new(spec_config, &req.sampling)),
             req,
             events,
             kv: None,
@@ -429,6 +669,7 @@ impl Sequence {
             first_token: None,
             cache_n: 0,
             prompt_computed: 0,
+            context_shifts: Vec::new(),
         }
     }
 
@@ -439,28 +680,63 @@ impl Sequence {
     fn timings(&self, now: Instant) -> Timings {
         let start = self.admitted.unwrap_or(self.submitted);
         let first = self.first_token.unwrap_or(now);
+        let spec = self.spec.as_ref().map(|s| &s.stats);
         Timings {
             prompt_n: self.prompt_computed,
             prompt_ms: first.saturating_duration_since(start).as_secs_f64() * 1e3,
             predicted_n: self.generated,
             predicted_ms: now.saturating_duration_since(first).as_secs_f64() * 1e3,
             cache_n: self.cache_n,
+            draft_n: spec.map(|s| s.drafted),
+            draft_n_accepted: spec.map(|s| s.accepted),
         }
+    }
+
+    /// Whether its next step decodes a generated token (so it may speculate).
+    fn decoding(&self) -> bool {
+        self.computed + 1 == self.tokens.len() && self.computed >= self.prompt_len
     }
 }
 
-struct Scheduler {
-    model: Arc<LoadedModel>,
+/// One item of a step's batch.
+struct Planned {
+    /// Index in `running`.
+    idx: usize,
+    /// Tokens of the sequence computed by this pass (after `computed`).
+    len: usize,
+    /// Whether the pass returns logits for it (its last row, or every row when drafting).
+    logits: bool,
+    /// Proposed tokens verified after its one decode token (`len` is 1 then).
+    drafts: Vec<u32>,
+    /// Each draft's proposal distribution (empty: deterministic, one-hot at the draft).
+    q: Vec<Vec<(u32, f64)>>,
+}
+
+/// What emitting a token did to its sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Emitted {
+    Continue,
+    Finished(StopReason),
+    /// The context filled and a shift dropped older tokens: the cache must be rebuilt.
+    Shifted,
+}
+
+pub(crate) struct Scheduler<'m> {
+    model: &'m Model,
+    tokenizer: &'m GgufTokenizer,
+    draft_model: Option<&'m Model>,
     config: EngineConfig,
     cache: PagedKvCache,
+    draft: Option<Drafter>,
+    selfspec: Option<Drafter>,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
-    stats: Arc<Mutex<EngineStats>>,
-    pending: Arc<AtomicUsize>,
+    counters: Counters,
     prompt_total: u64,
     generated_total: u64,
     preempted_total: u64,
-    failures: Arc<Mutex<Failures>>,
+    drafted_total: u64,
+    accepted_total: u64,
 }
 
 /// A panic's message, for the failed requests and `/health`.
@@ -472,14 +748,59 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-impl Scheduler {
+impl<'m> Scheduler<'m> {
+    pub(crate) fn new(
+        model: &'m Model,
+        tokenizer: &'m GgufTokenizer,
+        draft_model: Option<&'m Model>,
+        config: EngineConfig,
+        parts: SchedulerParts,
+        counters: Counters,
+    ) -> Self {
+        Self {
+            model,
+            tokenizer,
+            draft_model,
+            config,
+            cache: parts.cache,
+            draft: parts.draft,
+            selfspec: parts.selfspec,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            counters,
+            prompt_total: 0,
+            generated_total: 0,
+            preempted_total: 0,
+            drafted_total: 0,
+            accepted_total: 0,
+        }
+    }
+
+    /// Queues a request (the inline loop's way in; the engine thread reads its channel).
+    pub(crate) fn push(&mut self, req: EngineRequest, events: UnboundedSender<Event>) {
+        let sub = Submission {
+            req,
+            events,
+            submitted: Instant::now(),
+        };
+        let seq = Sequence::new(sub, &self.config.spec);
+        self.waiting.push_back(seq);
+    }
+
+    pub(crate) fn idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
     fn run(&mut self, rx: Receiver<Submission>) {
         // Runs until every `Engine` handle is gone; what is in flight then gets an error.
         'serve: loop {
             // Idle: block until a request arrives (waking now and then to publish stats).
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.idle() {
                 match rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(sub) => self.waiting.push_back(Sequence::new(sub)),
+                    Ok(sub) => {
+                        let seq = Sequence::new(sub, &self.config.spec);
+                        self.waiting.push_back(seq)
+                    }
                     Err(RecvTimeoutError::Timeout) => {
                         self.publish();
                         continue;
@@ -489,18 +810,15 @@ impl Scheduler {
             }
             loop {
                 match rx.try_recv() {
-                    Ok(sub) => self.waiting.push_back(Sequence::new(sub)),
+                    Ok(sub) => {
+                        let seq = Sequence::new(sub, &self.config.spec);
+                        self.waiting.push_back(seq)
+                    }
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => break 'serve,
                 }
             }
-            // A panic outside the forward pass (sampling, decoding text) fails the running
-            // requests; the queue and later requests are served as usual.
-            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.step())) {
-                let running: Vec<usize> = (0..self.running.len()).collect();
-                self.fail_batch(&running, &panic_message(payload.as_ref()));
-                self.reclaim_orphans();
-            }
+            self.guarded_step();
             self.publish();
         }
         for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
@@ -508,16 +826,28 @@ impl Scheduler {
         }
     }
 
+    /// One step; a panic outside the forward pass (sampling, decoding text) fails the running
+    /// requests, and the queue and later requests are served as usual.
+    pub(crate) fn guarded_step(&mut self) {
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.step())) {
+            let running: Vec<usize> = (0..self.running.len()).collect();
+            self.fail_batch(&running, &panic_message(payload.as_ref()));
+            self.reclaim_orphans();
+        }
+    }
+
     fn publish(&self) {
-        if let Ok(mut s) = self.stats.lock() {
+        if let Ok(mut s) = self.counters.stats.lock() {
             *s = EngineStats {
                 running: self.running.len(),
-                waiting: self.pending.load(Ordering::Acquire),
+                waiting: self.counters.pending.load(Ordering::Acquire),
                 kv_used_blocks: self.cache.used_blocks(),
                 kv_total_blocks: self.cache.total_blocks(),
                 prompt_tokens_total: self.prompt_total,
                 generated_tokens_total: self.generated_total,
                 preemptions_total: self.preempted_total,
+                spec_drafted_total: self.drafted_total,
+                spec_accepted_total: self.accepted_total,
             };
         }
     }
@@ -538,7 +868,7 @@ impl Scheduler {
                 self.release(&mut s);
             }
         }
-        if let Ok(mut f) = self.failures.lock() {
+        if let Ok(mut f) = self.counters.failures.lock() {
             f.count += 1;
             f.consecutive += 1;
             f.last = Some(why.to_string());
@@ -561,11 +891,24 @@ impl Scheduler {
         }
     }
 
+    /// Gives back a sequence's KV blocks (and its drafter sequence): it finished, failed, was
+    /// cancelled or is preempted.
     fn release(&mut self, seq: &mut Sequence) {
         if let Some(kv) = seq.kv.take() {
             let _ = self.cache.free(kv);
         }
         seq.computed = 0;
+        if let Some(sp) = seq.spec.as_mut()
+            && let Some(d) = sp.draft_seq.take()
+        {
+            let drafter = match sp.config.proposer {
+                Proposer::Draft => self.draft.as_mut(),
+                _ => self.selfspec.as_mut(),
+            };
+            if let Some(drafter) = drafter {
+                drafter.free(d);
+            }
+        }
     }
 
     /// One scheduling iteration: drop cancelled requests, admit, run one batch, sample.
@@ -582,15 +925,15 @@ impl Scheduler {
         }
         let before = self.waiting.len();
         self.waiting.retain(|s| !s.cancelled());
-        self.pending
-            .fetch_sub(before - self.waiting.len(), Ordering::AcqRel);
+        let gone = before - self.waiting.len();
+        sub_pending(&self.counters.pending, gone);
 
         // Admit while there are free slots.
         while self.running.len() < self.config.max_running {
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+            sub_pending(&self.counters.pending, 1);
             match self.cache.add_sequence(&seq.tokens) {
                 Ok((kv, cached)) => {
                     seq.kv = Some(kv);
@@ -610,50 +953,88 @@ impl Scheduler {
             return;
         }
 
+        let mut speculate = true;
         loop {
-            let plan = self.plan();
+            let mut plan = self.plan();
             if plan.is_empty() {
                 return;
             }
+            if speculate {
+                self.propose(&mut plan);
+            }
+            let drafted = plan.iter().any(|p| !p.drafts.is_empty());
+            // Token storage for items that carry proposals (their rows are not in `tokens`).
+            let with_drafts: Vec<Vec<u32>> = plan
+                .iter()
+                .map(|p| {
+                    if p.drafts.is_empty() {
+                        Vec::new()
+                    } else {
+                        let s = &self.running[p.idx];
+                        let mut t = vec![s.tokens[s.computed]];
+                        t.extend_from_slice(&p.drafts);
+                        t
+                    }
+                })
+                .collect();
             let batch: Vec<BatchSeq<'_>> = plan
                 .iter()
-                .filter_map(|&(idx, len, logits)| {
-                    let s = &self.running[idx];
+                .zip(&with_drafts)
+                .filter_map(|(p, own)| {
+                    let s = &self.running[p.idx];
+                    if !p.drafts.is_empty() {
+                        // Every row checks one token with a plain decode step's arithmetic.
+                        return Some(BatchSeq {
+                            seq: s.kv?,
+                            tokens: own,
+                            logits: Some(Logits::All),
+                            solo_rows: Some(1),
+                        });
+                    }
                     Some(BatchSeq {
                         seq: s.kv?,
-                        tokens: &s.tokens[s.computed..s.computed + len],
-                        logits: logits.then_some(Logits::Last),
+                        tokens: &s.tokens[s.computed..s.computed + p.len],
+                        logits: p.logits.then_some(Logits::Last),
                         solo_rows: Some(s.solo_ubatch().1),
                     })
                 })
                 .collect();
-            let (model, cache) = (&self.model, &mut self.cache);
+            let (model, cache) = (self.model, &mut self.cache);
+            let opts = PassOptions {
+                layers: None,
+                defer_commit: true,
+            };
             // A panic inside the pass (a kernel bug, a fault injected by a test) must not take
             // the scheduler thread, and every later request, with it.
             let result = catch_unwind(AssertUnwindSafe(|| {
                 fail::fail_point!("engine::forward");
-                model.model.forward_batch(&batch, cache)
+                model.forward_batch_with(&batch, cache, opts)
             }));
             drop(batch);
             let result = match result {
                 Ok(r) => r,
                 Err(payload) => {
-                    let idxs: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                    let idxs: Vec<usize> = plan.iter().map(|p| p.idx).collect();
                     let why = format!(
                         "the forward pass panicked: {}",
                         panic_message(payload.as_ref())
                     );
+                    // The pass may have left positions appended: nothing of it is kept.
                     self.fail_batch(&idxs, &why);
                     return;
                 }
             };
             match result {
                 Ok(logits) => {
-                    if let Ok(mut f) = self.failures.lock() {
+                    if let Ok(mut f) = self.counters.failures.lock() {
                         f.consecutive = 0;
                     }
                     self.after_forward(&plan, logits);
                     return;
+                }
+                Err(ModelError::Kv(KvError::OutOfBlocks { .. })) if drafted => {
+                    // Proposals are optional: try the step without them before preempting.
+                    speculate = false;
                 }
                 Err(ModelError::Kv(KvError::OutOfBlocks { .. })) if self.running.len() > 1 => {
                     // Preempt the newest sequence: its blocks go back (still cached for its
@@ -662,7 +1043,7 @@ impl Scheduler {
                         self.preempted_total += 1;
                         self.release(&mut s);
                         self.waiting.push_front(s);
-                        self.pending.fetch_add(1, Ordering::AcqRel);
+                        self.counters.pending.fetch_add(1, Ordering::AcqRel);
                     }
                 }
                 Err(e) => {
@@ -673,7 +1054,7 @@ impl Scheduler {
                         ),
                         other => other.to_string(),
                     };
-                    let mut idxs: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                    let mut idxs: Vec<usize> = plan.iter().map(|p| p.idx).collect();
                     idxs.sort_unstable();
                     for &idx in idxs.iter().rev() {
                         let mut s = self.running.remove(idx);
@@ -686,18 +1067,25 @@ impl Scheduler {
         }
     }
 
-    /// The next batch: `(index in running, tokens, wants logits)`. Decoding sequences first,
-    /// then prompt chunks, within the token budget. A chunk never crosses the end of the
-    /// ubatch its first token has when the sequence runs alone ([`Sequence::solo_ubatch`]),
-    /// and it is computed with that ubatch's arithmetic, so where the budget cuts a prompt
-    /// and what else is in the batch change nothing in its results.
-    fn plan(&self) -> Vec<(usize, usize, bool)> {
+    /// The next batch. Decoding sequences first, then prompt chunks, within the token budget.
+    /// A chunk never crosses the end of the ubatch its first token has when the sequence runs
+    /// alone ([`Sequence::solo_ubatch`]), and it is computed with that ubatch's arithmetic, so
+    /// where the budget cuts a prompt and what else is in the batch change nothing in its
+    /// results.
+    fn plan(&self) -> Vec<Planned> {
         let mut budget = self.config.max_batch_tokens;
         let mut plan = Vec::new();
         let pending = |s: &Sequence| s.tokens.len() - s.computed;
+        let item = |idx, len, logits| Planned {
+            idx,
+            len,
+            logits,
+            drafts: Vec::new(),
+            q: Vec::new(),
+        };
         for (i, s) in self.running.iter().enumerate() {
             if pending(s) == 1 && budget > 0 {
-                plan.push((i, 1, true));
+                plan.push(item(i, 1, true));
                 budget -= 1;
             }
         }
@@ -705,39 +1093,239 @@ impl Scheduler {
             let left = pending(s);
             if left > 1 && budget > 0 {
                 let n = left.min(budget).min(s.solo_ubatch().0 - s.computed);
-                plan.push((i, n, n == left));
+                plan.push(item(i, n, n == left));
                 budget -= n;
             }
         }
         plan
     }
 
-    fn after_forward(&mut self, plan: &[(usize, usize, bool)], logits: burn::tensor::Tensor<2>) {
+    /// Fills in the proposals of the decoding items whose requests speculate, as many as each
+    /// one's adaptive length, the load and its room (context, `max_tokens`) allow.
+    fn propose(&mut self, plan: &mut [Planned]) {
+        let decoding = plan
+            .iter()
+            .filter(|p| self.running[p.idx].decoding())
+            .count();
+        if decoding == 0 {
+            return;
+        }
+        let used: usize = plan.iter().map(|p| p.len).sum();
+        let batch_room = self.config.max_batch_tokens.saturating_sub(used);
+        // Under load each stream drafts less: the step's rows already cost compute.
+        let per_seq = (self.config.spec_row_budget / decoding).saturating_sub(1);
+        let mut room_left = batch_room;
+        // (plan index, tokens wanted) of the items a drafter runs for.
+        let mut model_items: Vec<(usize, usize)> = Vec::new();
+        for (pi, p) in plan.iter_mut().enumerate() {
+            let s = &mut self.running[p.idx];
+            if !s.decoding() {
+                continue;
+            }
+            let (room_ctx, room_len) = (
+                self.config.ctx_size.saturating_sub(s.tokens.len()),
+                s.req.max_tokens.saturating_sub(s.generated + 1),
+            );
+            let Some(sp) = s.spec.as_mut() else { continue };
+            let want = sp.length.next();
+            let k = want.min(per_seq).min(room_ctx).min(room_len).min(room_left);
+            if k == 0 || k < sp.config.draft_min {
+                continue;
+            }
+            match sp.config.proposer {
+                Proposer::None => {}
+                Proposer::Lookup => {
+                    let drafts = sp.lookup.propose(&s.history, k);
+                    if drafts.len() >= sp.config.draft_min {
+                        room_left -= drafts.len();
+                        p.drafts = drafts;
+                    }
+                }
+                Proposer::Draft | Proposer::SelfSpec => {
+                    room_left -= k;
+                    model_items.push((pi, k));
+                }
+            }
+        }
+        for proposer in [Proposer::Draft, Proposer::SelfSpec] {
+            let items: Vec<(usize, usize)> = model_items
+                .iter()
+                .copied()
+                .filter(|&(pi, _)| {
+                    let s = &self.running[plan[pi].idx];
+                    s.spec.as_ref().map(|sp| sp.config.proposer) == Some(proposer)
+                })
+                .collect();
+            if !items.is_empty() {
+                self.propose_with_model(proposer, plan, &items);
+            }
+        }
+    }
+
+    /// Runs a drafter for `items` (plan index, tokens wanted): every sequence's proposals
+    /// come from one batched draft pass per token. A drafter failure (its own cache full)
+    /// only means no proposals this step.
+    fn propose_with_model(
+        &mut self,
+        proposer: Proposer,
+        plan: &mut [Planned],
+        items: &[(usize, usize)],
+    ) {
+        let (drafter, model) = match proposer {
+            Proposer::Draft => (self.draft.as_mut(), self.draft_model),
+            _ => (self.selfspec.as_mut(), Some(self.model)),
+        };
+        let (Some(drafter), Some(model)) = (drafter, model) else {
+            return;
+        };
+        // Each item's chooser: the draft's own sampler (greedy when the request is), the
+        // history its penalties see, and the distributions it drew from.
+        struct Chooser {
+            sampler: Sampler,
+            history: Vec<u32>,
+            q: Vec<Vec<(u32, f64)>>,
+        }
+        let mut seqs = Vec::with_capacity(items.len());
+        for &(pi, _) in items {
+            let s = &mut self.running[plan[pi].idx];
+            let Some(sp) = s.spec.as_mut() else { return };
+            let seq = match sp.draft_seq {
+                Some(d) => d,
+                None => match drafter.add_sequence() {
+                    Ok(d) => {
+                        sp.draft_seq = Some(d);
+                        d
+                    }
+                    Err(_) => return,
+                },
+            };
+            seqs.push(seq);
+        }
+        let mut choosers = Vec::with_capacity(items.len());
+        for &(pi, _) in items {
+            let s = &mut self.running[plan[pi].idx];
+            let Some(sp) = s.spec.as_mut() else { return };
+            choosers.push(Chooser {
+                sampler: sp
+                    .draft_sampler
+                    .take()
+                    .unwrap_or_else(|| Sampler::new(s.req.sampling.clone())),
+                history: s.history.clone(),
+                q: Vec::new(),
+            });
+        }
+        let mut draft_items: Vec<DraftItem<'_>> = items
+            .iter()
+            .zip(&seqs)
+            .map(|(&(pi, k), &seq)| DraftItem {
+                seq,
+                context: &self.running[plan[pi].idx].tokens,
+                max: k,
+                proposed: Vec::new(),
+            })
+            .collect();
+        let result = drafter.propose(model, &mut draft_items, |i, row| {
+            let c = &mut choosers[i];
+            let token = if c.sampler.is_greedy() {
+                c.sampler.sample(row, &c.history)
+            } else {
+                let q = c.sampler.distribution(row, &c.history);
+                let u = c.sampler.uniform();
+                let t = verify::draw(&q, u)?;
+                c.q.push(q);
+                t
+            };
+            c.history.push(token);
+            Some(token)
+        });
+        let proposed: Vec<Vec<u32>> = draft_items.into_iter().map(|d| d.proposed).collect();
+        for ((&(pi, _), c), drafts) in items.iter().zip(choosers).zip(proposed) {
+            let p = &mut plan[pi];
+            let s = &mut self.running[p.idx];
+            let Some(sp) = s.spec.as_mut() else { continue };
+            sp.draft_sampler = Some(c.sampler);
+            if result.is_ok() && drafts.len() >= sp.config.draft_min {
+                p.q = c.q;
+                p.q.truncate(drafts.len());
+                p.drafts = drafts;
+            }
+        }
+    }
+
+    fn after_forward(&mut self, plan: &[Planned], logits: burn::tensor::Tensor<2>) {
         let [rows, vocab] = logits.dims();
         let flat = logits.into_data().try_to_vec::<f32>().unwrap_or_default();
         let mut row = 0;
         let mut finished = Vec::new();
-        for &(idx, len, wants) in plan {
-            let s = &mut self.running[idx];
-            let was_prompt = s.computed < s.req.prompt_tokens.len();
-            if was_prompt {
-                let prompt_part = len.min(s.req.prompt_tokens.len() - s.computed);
+        let mut shifted = Vec::new();
+        for p in plan {
+            let s = &mut self.running[p.idx];
+            let start = s.computed;
+            if s.generated == 0 {
+                // Prompt tokens (a context shift's rebuild is not counted again).
+                let prompt_part = p.len.min(s.prompt_len.saturating_sub(s.computed));
                 s.prompt_computed += prompt_part;
                 self.prompt_total += prompt_part as u64;
             }
-            s.computed += len;
-            if !wants {
+            s.computed += p.len;
+            if !p.logits {
+                if let Some(kv) = s.kv {
+                    let _ = self.cache.commit(kv);
+                }
                 continue;
             }
-            if row >= rows {
+            let n_rows = 1 + p.drafts.len();
+            if row + n_rows > rows {
                 break;
             }
-            let logits = &flat[row * vocab..(row + 1) * vocab];
-            row += 1;
-            if let Some(reason) = sample_one(&self.model, s, logits, self.config.ctx_size) {
-                finished.push((idx, reason));
+            let row_of = |r: usize| &flat[(row + r) * vocab..(row + r + 1) * vocab];
+            let mut outcome = Emitted::Continue;
+            let mut accepted = 0;
+            // Row r checks proposal r (the last row, after every proposal, is a plain step):
+            // tokens are taken until one is not the proposal, which is then the target's own.
+            for r in 0..n_rows {
+                let logits = row_of(r);
+                let (next, took_draft) = match p.drafts.get(r) {
+                    None => (s.sampler.sample(logits, &s.history), false),
+                    Some(&x) => match check_draft(s, logits, x, p.q.get(r)) {
+                        Verdict::Accepted => (x, true),
+                        Verdict::Rejected { token } => (token, false),
+                    },
+                };
+                accepted += usize::from(took_draft);
+                outcome = emit(self.tokenizer, s, next, logits, self.config.ctx_size);
+                self.generated_total += 1;
+                if outcome != Emitted::Continue || !took_draft {
+                    break;
+                }
             }
-            self.generated_total += 1;
+            row += n_rows;
+            if !p.drafts.is_empty() {
+                self.drafted_total += p.drafts.len() as u64;
+                self.accepted_total += accepted as u64;
+                if let Some(sp) = s.spec.as_mut() {
+                    sp.length.record(p.drafts.len(), accepted);
+                    sp.stats.drafted += p.drafts.len() as u64;
+                    sp.stats.accepted += accepted as u64;
+                    sp.stats.steps += 1;
+                }
+                // The cache holds the decode token and every proposal: keep the accepted ones.
+                s.computed = start + 1 + accepted;
+            }
+            if let Some(kv) = s.kv {
+                // Rejected positions go before the commit: they never reach the prefix
+                // cache, and window blocks are released only for what is kept.
+                let _ = self.cache.truncate(kv, s.computed);
+                let _ = self.cache.commit(kv);
+            }
+            match outcome {
+                Emitted::Continue => {}
+                Emitted::Finished(reason) => finished.push((p.idx, reason)),
+                Emitted::Shifted => shifted.push(p.idx),
+            }
+        }
+        for idx in shifted {
+            self.rebuild(idx);
         }
         finished.sort_unstable_by_key(|f| f.0);
         let now = Instant::now();
@@ -747,48 +1335,112 @@ impl Scheduler {
             let _ = s.events.send(Event::Done {
                 stop_reason: reason,
                 timings: s.timings(now),
+                context_shifts: std::mem::take(&mut s.context_shifts),
+                spec: s.spec.as_ref().map(|sp| sp.stats.clone()),
             });
             self.release(&mut s);
         }
     }
+
+    /// After a context shift: the sequence's cache is rebuilt from its kept window (the
+    /// prefix cache may still hold the pinned start).
+    fn rebuild(&mut self, idx: usize) {
+        let Some(s) = self.running.get_mut(idx) else {
+            return;
+        };
+        if let Some(kv) = s.kv.take() {
+            let _ = self.cache.free(kv);
+        }
+        match self.cache.add_sequence(&s.tokens) {
+            Ok((kv, cached)) => {
+                // Never the whole window: the last token's row gives the next logits.
+                s.kv = Some(kv);
+                s.computed = cached;
+            }
+            Err(e) => {
+                let mut s = self.running.remove(idx);
+                let _ = s.events.send(Event::Error(e.to_string()));
+                self.release(&mut s);
+            }
+        }
+    }
 }
 
-/// Samples the next token of `s` from its logits row, streams it, and says whether the
-/// request is finished.
-fn sample_one(
-    model: &LoadedModel,
+fn sub_pending(pending: &AtomicUsize, n: usize) {
+    if n > 0 {
+        let _ = pending.fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+            Some(p.saturating_sub(n))
+        });
+    }
+}
+
+/// The acceptance rule for proposal `x` at a row whose logits are `logits`: greedy requests
+/// accept exactly the token plain decoding picks; sampling ones accept `x` with probability
+/// `min(1, p(x)/q(x))` and otherwise draw from `max(0, p - q)`, which leaves the target's
+/// distribution `p` (the whole sampling chain, as without speculation) unchanged.
+fn check_draft(s: &mut Sequence, logits: &[f32], x: u32, q: Option<&Vec<(u32, f64)>>) -> Verdict {
+    if s.sampler.is_greedy() {
+        let t = s.sampler.sample(logits, &s.history);
+        return if t == x {
+            Verdict::Accepted
+        } else {
+            Verdict::Rejected { token: t }
+        };
+    }
+    let p = s.sampler.distribution(logits, &s.history);
+    let one_hot;
+    let q: &[(u32, f64)] = match q {
+        Some(q) => q,
+        None => {
+            one_hot = verify::one_hot(x);
+            &one_hot
+        }
+    };
+    let (u1, u2) = (s.sampler.uniform(), s.sampler.uniform());
+    verify::verify(&p, q, x, u1, u2)
+}
+
+/// Takes `next` as `s`'s next token: streams its text and says whether the request is
+/// finished, or a context shift made room for it.
+fn emit(
+    tokenizer: &GgufTokenizer,
     s: &mut Sequence,
+    next: u32,
     logits: &[f32],
     ctx: usize,
-) -> Option<StopReason> {
-    let next = s.sampler.sample(logits, &s.tokens);
+) -> Emitted {
     if s.first_token.is_none() {
         s.first_token = Some(Instant::now());
     }
     let logprob = s.req.logprobs.map(|n| logprobs(logits, next, n));
     s.tokens.push(next);
+    s.history.push(next);
     s.generated += 1;
-    let tok = &model.tokenizer;
-    let mut reason = None;
+    let mut outcome = Emitted::Continue;
     let mut text = String::new();
-    if !s.req.ignore_eos && tok.is_eog(next) {
-        reason = Some(StopReason::EndOfGeneration);
+    if !s.req.ignore_eos && tokenizer.is_eog(next) {
+        outcome = Emitted::Finished(StopReason::EndOfGeneration);
     } else {
-        let piece = s.decoder.push(tok, next);
+        let piece = s.decoder.push(tokenizer, next);
         let out = s.stops.push(&piece);
         text.push_str(&out.text);
         if out.stopped {
-            reason = Some(StopReason::StopString);
+            outcome = Emitted::Finished(StopReason::StopString);
         } else if s.generated >= s.req.max_tokens {
-            reason = Some(StopReason::Length);
+            outcome = Emitted::Finished(StopReason::Length);
         } else if s.tokens.len() > ctx {
             // The sampled token has no room for its K/V: the context is full.
-            reason = Some(StopReason::ContextFull);
+            outcome = match shift_window(s) {
+                true => Emitted::Shifted,
+                false => Emitted::Finished(StopReason::ContextFull),
+            };
         }
     }
     if matches!(
-        reason,
-        Some(StopReason::EndOfGeneration | StopReason::Length | StopReason::ContextFull)
+        outcome,
+        Emitted::Finished(
+            StopReason::EndOfGeneration | StopReason::Length | StopReason::ContextFull
+        )
     ) {
         // Flush what was held back (an unfinished character or stop-string prefix).
         let tail = s.decoder.finish();
@@ -805,9 +1457,35 @@ fn sample_one(
     });
     if sent.is_err() {
         // The client went away; the next step frees the sequence.
-        return None;
+        return Emitted::Continue;
     }
-    reason
+    outcome
+}
+
+/// llama.cpp's context shift on `s.tokens` (the cached window and the token just sampled,
+/// which has no room): keep the first `keep` tokens (capped at the prompt, as llama.cpp pins
+/// only prompt tokens), drop the older half of the rest. The window is then recomputed as a
+/// fresh prompt: one prefill per shift, but exactly the K/V a run over the shorter text has
+/// (no re-rotated keys). False when there is no shift, or it would drop nothing.
+fn shift_window(s: &mut Sequence) -> bool {
+    let Some(shift) = s.req.context_shift else {
+        return false;
+    };
+    let Some(next) = s.tokens.pop() else {
+        return false;
+    };
+    let window = s.tokens.len();
+    let keep = shift.keep.min(s.req.prompt_tokens.len()).min(window);
+    let discard = (window - keep) / 2;
+    if discard == 0 {
+        s.tokens.push(next);
+        return false;
+    }
+    s.tokens.drain(keep..keep + discard);
+    s.tokens.push(next);
+    s.prompt_len = s.tokens.len();
+    s.context_shifts.push(discard);
+    true
 }
 
 /// The chosen token's log-probability under the model (log-softmax of the raw logits) and
@@ -841,5 +1519,84 @@ fn logprobs(logits: &[f32], chosen: u32, n: usize) -> TokenLogprob {
         id: chosen,
         logprob: lp(chosen),
         top: ids.into_iter().map(|id| (id, lp(id))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After every step, each sequence's cache holds exactly its computed tokens, all
+    /// committed: rejected proposals were cut before the commit, so nothing of them reaches
+    /// the cache or the prefix cache, and the output equals plain decoding.
+    #[test]
+    fn rejected_proposals_leave_nothing_in_the_cache() {
+        let path = ember_hub::resolve("smollm2-135m-instruct-q4_1").expect("pull SmolLM2");
+        let m = LoadedModel::open(&path, &ember_models::default_device()).expect("load");
+        let prompt = m
+            .tokenize_prompt("one two three, one two three, one two four, one two")
+            .expect("tokenize");
+        let run = |proposer: Proposer| {
+            let mut config = EngineConfig::new(2, 128);
+            config.kv.block_size = 4;
+            config.spec = SpecConfig {
+                proposer,
+                ngram_max: 2,
+                ..SpecConfig::default()
+            };
+            let parts = SchedulerParts::new(&m.model, None, None, &config).expect("parts");
+            let mut s = Scheduler::new(
+                &m.model,
+                &m.tokenizer,
+                None,
+                config,
+                parts,
+                Counters::detached(),
+            );
+            // Two sequences at once, each with its own stream.
+            let (tx, mut rx) = unbounded_channel();
+            let (tx2, _rx2) = unbounded_channel();
+            let req = EngineRequest {
+                prompt_tokens: prompt.clone(),
+                max_tokens: 60,
+                sampling: SamplingParams::greedy(),
+                ignore_eos: true,
+                ..Default::default()
+            };
+            s.push(req.clone(), tx);
+            s.push(req, tx2);
+            while !s.idle() {
+                s.guarded_step();
+                for seq in &s.running {
+                    let Some(kv) = seq.kv else { continue };
+                    let alloc = s.cache.allocator();
+                    assert_eq!(
+                        alloc.tokens(kv).expect("tokens"),
+                        &seq.tokens[..seq.computed],
+                        "cached tokens"
+                    );
+                    assert_eq!(alloc.committed_len(kv).expect("len"), seq.computed);
+                }
+            }
+            let mut tokens = Vec::new();
+            let mut stats = None;
+            while let Ok(ev) = rx.try_recv() {
+                match ev {
+                    Event::Token { id, .. } => tokens.push(id),
+                    Event::Done { spec, .. } => stats = spec,
+                    Event::Error(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(s.cache.used_blocks(), 0);
+            (tokens, stats)
+        };
+        let (plain, _) = run(Proposer::None);
+        let (spec, stats) = run(Proposer::Lookup);
+        assert_eq!(spec, plain);
+        let stats = stats.expect("spec stats");
+        assert!(
+            stats.accepted > 0 && stats.accepted < stats.drafted,
+            "both accepted and rejected proposals: {stats:?}"
+        );
     }
 }

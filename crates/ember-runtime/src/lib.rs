@@ -6,6 +6,7 @@ pub mod eval;
 pub mod generate;
 pub mod loaded;
 pub mod sampling;
+pub mod spec;
 pub mod stop;
 
 // The tokenizer and chat templates live in the burn-free `ember-text` crate (cheap to fuzz);

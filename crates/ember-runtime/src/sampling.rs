@@ -169,6 +169,45 @@ impl Sampler {
         &self.cands
     }
 
+    /// The distribution [`sample`](Self::sample) draws from: every candidate left by the chain
+    /// (penalties, top-k, top-p, min-p, temperature) with its probability, best first (greedy:
+    /// the argmax with probability 1). Speculative decoding needs it to accept or reject a
+    /// drafted token without changing what the chain would produce.
+    pub fn distribution(&mut self, logits: &[f32], history: &[u32]) -> Vec<(u32, f64)> {
+        if logits.is_empty() {
+            return Vec::new();
+        }
+        if self.params.is_greedy() {
+            return vec![(self.greedy(logits, history).id, 1.0)];
+        }
+        self.filter(logits, history);
+        let max = max_logit(&self.cands);
+        if max == f32::NEG_INFINITY {
+            // As `draw`: nothing to weigh, the best-ranked candidate.
+            let best = self.cands.iter().min_by(|a, b| by_logit_desc(a, b));
+            return best.map(|c| vec![(c.id, 1.0)]).unwrap_or_default();
+        }
+        let weights: Vec<f64> = self.cands.iter().map(|c| weight(c.logit, max)).collect();
+        let sum: f64 = weights.iter().sum();
+        self.cands
+            .iter()
+            .zip(weights)
+            .filter(|(_, w)| *w > 0.0)
+            .map(|(c, w)| (c.id, w / sum))
+            .collect()
+    }
+
+    /// A uniform draw in `[0, 1)` from this sampler's seeded stream (speculative decoding's
+    /// accept/reject coin flips, so a seed still reproduces a run).
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
+    /// Whether this sampler always picks the argmax.
+    pub fn is_greedy(&self) -> bool {
+        self.params.is_greedy()
+    }
+
     /// Counts tokens in the penalty window; returns false when penalties are off.
     fn count_history(&mut self, history: &[u32]) -> bool {
         self.counts.clear();

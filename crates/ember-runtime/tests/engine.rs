@@ -55,6 +55,7 @@ fn request_for(m: &LoadedModel, prompt: &str, max_tokens: usize) -> EngineReques
         stop: Vec::new(),
         ignore_eos: true,
         logprobs: None,
+        ..Default::default()
     }
 }
 
@@ -142,6 +143,7 @@ fn batched_streams_match_solo_runs() {
             stop_at_eog: false,
             context_shift: None,
             kv: Default::default(),
+            spec: Default::default(),
         },
         |_| {},
     )
@@ -311,6 +313,7 @@ fn prompt_longer_than_a_ubatch_matches_generate() {
             stop_at_eog: false,
             context_shift: None,
             kv: Default::default(),
+            spec: Default::default(),
         },
         |_| {},
     )

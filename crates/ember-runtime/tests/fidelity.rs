@@ -87,6 +87,7 @@ fn prompt_longer_than_context_is_refused_not_truncated() {
         stop_at_eog: true,
         context_shift: None,
         kv: Default::default(),
+        spec: Default::default(),
     };
     let err = generate(&m.model, &m.tokenizer, &req, |_| {})
         .unwrap_err()
@@ -111,6 +112,7 @@ fn same_seed_same_output() {
             stop_at_eog: false,
             context_shift: None,
             kv: Default::default(),
+            spec: Default::default(),
         };
         generate(&m.model, &m.tokenizer, &req, |_| {})
             .unwrap()

@@ -8,6 +8,7 @@ use ember_runtime::chat::{ChatEncodeError, ChatMessage, ChatTemplate};
 use ember_runtime::engine::{EngineRequest, Event, RequestStream, Timings, TokenLogprob};
 use ember_runtime::generate::StopReason;
 use ember_runtime::loaded::LoadedModel;
+use ember_runtime::spec::SpecStats;
 use ember_runtime::tokenizer::TokenizerError;
 use serde_json::{Value, json};
 
@@ -182,6 +183,8 @@ pub struct Collected {
     pub logprobs: Vec<TokenLogprob>,
     pub stop_reason: StopReason,
     pub timings: Timings,
+    /// What speculation did; `None` when the request did not speculate.
+    pub spec: Option<SpecStats>,
 }
 
 pub async fn collect(mut t: Tracked) -> Result<Collected, ApiError> {
@@ -202,6 +205,8 @@ pub async fn collect(mut t: Tracked) -> Result<Collected, ApiError> {
             Event::Done {
                 stop_reason,
                 timings,
+                spec,
+                ..
             } => {
                 return Ok(Collected {
                     text,
@@ -209,6 +214,7 @@ pub async fn collect(mut t: Tracked) -> Result<Collected, ApiError> {
                     logprobs,
                     stop_reason,
                     timings,
+                    spec,
                 });
             }
             Event::Error(e) => return Err(ApiError::internal(e)),
@@ -225,11 +231,12 @@ pub fn finish_reason(r: StopReason) -> &'static str {
     }
 }
 
-/// llama-server's `timings` object (with its derived rates).
+/// llama-server's `timings` object (with its derived rates), with its `draft_n` and
+/// `draft_n_accepted` when the request speculated.
 pub fn timings_json(t: &Timings) -> Value {
     let per_token = |ms: f64, n: usize| if n > 0 { ms / n as f64 } else { 0.0 };
     let per_second = |ms: f64, n: usize| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
-    json!({
+    let mut v = json!({
         "cache_n": t.cache_n,
         "prompt_n": t.prompt_n,
         "prompt_ms": t.prompt_ms,
@@ -239,7 +246,16 @@ pub fn timings_json(t: &Timings) -> Value {
         "predicted_ms": t.predicted_ms,
         "predicted_per_token_ms": per_token(t.predicted_ms, t.predicted_n),
         "predicted_per_second": per_second(t.predicted_ms, t.predicted_n),
-    })
+    });
+    if let Some(o) = v.as_object_mut() {
+        if let Some(n) = t.draft_n {
+            o.insert("draft_n".into(), json!(n));
+        }
+        if let Some(n) = t.draft_n_accepted {
+            o.insert("draft_n_accepted".into(), json!(n));
+        }
+    }
+    v
 }
 
 /// The text of one token for logprob listings (lossy where a token is part of a character).

@@ -154,6 +154,8 @@ impl From<SubmitError> for ApiError {
             SubmitError::Stopped => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
             }
+            // A request's `ember` override the server cannot honour.
+            SubmitError::Spec(e) => crate::spec::submit_error(&e),
         }
     }
 }

@@ -7,6 +7,9 @@
 //!   `GET /api/tags`, `POST /api/show`, `GET /api/ps`, `GET /api/version`.
 //! - `GET /health` (never needs the API key), `GET /metrics` (Prometheus/OpenMetrics text).
 //!
+//! The generation routes take Ember's `ember` object, a request's own speculative decoding
+//! settings, and report what speculation did (see `spec.rs`).
+//!
 //! Handlers only translate: they tokenize, submit an [`EngineRequest`] and turn the engine's
 //! [`Event`]s into the API's shapes. Dropping a response body (the client went away) drops
 //! the engine's `RequestStream`, which cancels the request and frees its KV blocks.
@@ -23,6 +26,7 @@ mod metrics;
 mod net;
 mod ollama;
 pub(crate) mod openai;
+mod spec;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -24,6 +24,8 @@ pub struct Metrics {
     prompt_tokens: Counter,
     generated_tokens: Counter,
     preemptions: Counter,
+    spec_drafted: Counter,
+    spec_accepted: Counter,
     pub ttft: Histogram,
     pub tpot: Histogram,
     /// Serializes scrapes: counters are brought up to the engine's totals by adding the
@@ -41,6 +43,8 @@ impl Metrics {
         let prompt_tokens = Counter::default();
         let generated_tokens = Counter::default();
         let preemptions = Counter::default();
+        let spec_drafted = Counter::default();
+        let spec_accepted = Counter::default();
         // vLLM's buckets for the same two histograms.
         let ttft = Histogram::new([
             0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -87,6 +91,16 @@ impl Metrics {
             preemptions.clone(),
         );
         registry.register(
+            "ember_spec_drafted_tokens",
+            "Tokens proposed by speculative decoding and checked by the model",
+            spec_drafted.clone(),
+        );
+        registry.register(
+            "ember_spec_accepted_tokens",
+            "Proposed tokens the model accepted (each one a forward pass saved)",
+            spec_accepted.clone(),
+        );
+        registry.register(
             "ember_time_to_first_token_seconds",
             "Time from a request's arrival to its first generated token",
             ttft.clone(),
@@ -105,6 +119,8 @@ impl Metrics {
             prompt_tokens,
             generated_tokens,
             preemptions,
+            spec_drafted,
+            spec_accepted,
             ttft,
             tpot,
             scrape: Mutex::new(()),
@@ -144,6 +160,16 @@ pub async fn scrape(State(state): State<Shared>) -> Response {
     );
     m.preemptions
         .inc_by(stats.preemptions_total.saturating_sub(m.preemptions.get()));
+    m.spec_drafted.inc_by(
+        stats
+            .spec_drafted_total
+            .saturating_sub(m.spec_drafted.get()),
+    );
+    m.spec_accepted.inc_by(
+        stats
+            .spec_accepted_total
+            .saturating_sub(m.spec_accepted.get()),
+    );
     let mut out = String::new();
     if encode(&mut out, &m.registry).is_err() {
         return (

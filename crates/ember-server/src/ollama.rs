@@ -6,7 +6,9 @@
 //! are Ollama's own (temperature 0.8, top_k 40, top_p 0.9, min_p 0, repeat_penalty 1.1).
 //! `num_predict` below 1 means until the context is full, as in Ollama; one above the
 //! context is capped to it. `num_ctx` and `keep_alive` are accepted and ignored (the context
-//! is fixed when the server starts and the model stays loaded).
+//! is fixed when the server starts and the model stays loaded). Ember's own top-level `ember`
+//! object sets a request's speculative decoding ([`crate::spec`]); a request that speculated
+//! gets `draft_n` and `draft_n_accepted` in its final object.
 
 use std::convert::Infallible;
 use std::time::{Instant, SystemTime};
@@ -20,6 +22,7 @@ use ember_formats::MetaValue;
 use ember_runtime::chat::ChatMessage;
 use ember_runtime::engine::{EngineRequest, Event, TokenLogprob};
 use ember_runtime::sampling::SamplingParams;
+use ember_runtime::spec::{SpecOverride, SpecStats};
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -31,6 +34,7 @@ use crate::common::{
 };
 use crate::error::{ApiError, JsonBody, OllamaError};
 use crate::limits;
+use crate::spec;
 
 /// The Ollama version reported by `/api/version`: clients gate features on it, and Ember
 /// implements the API as of this release.
@@ -69,6 +73,8 @@ pub struct GenerateRequest {
     think: Option<Value>,
     logprobs: Option<bool>,
     top_logprobs: Option<i64>,
+    /// Ember's extension: this request's speculative decoding ([`crate::spec`]).
+    ember: Option<Value>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -82,6 +88,8 @@ pub struct ChatRequest {
     think: Option<Value>,
     logprobs: Option<bool>,
     top_logprobs: Option<i64>,
+    /// Ember's extension: this request's speculative decoding ([`crate::spec`]).
+    ember: Option<Value>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -106,6 +114,7 @@ struct Common {
     sampling: SamplingParams,
     stop: Vec<String>,
     logprobs: Option<usize>,
+    spec: SpecOverride,
 }
 
 impl Common {
@@ -119,6 +128,7 @@ impl Common {
         options: Option<Options>,
         logprobs: Option<bool>,
         top_logprobs: Option<i64>,
+        ember: Option<&Value>,
     ) -> Result<Self, ApiError> {
         check_model(state, model.as_deref()).map_err(|_| {
             let name = model.clone().unwrap_or_default();
@@ -173,6 +183,7 @@ impl Common {
                 )));
             }
         };
+        let spec = spec::parse(ember)?;
         Ok(Common {
             model: model
                 .filter(|m| !m.is_empty())
@@ -182,6 +193,7 @@ impl Common {
             sampling,
             stop,
             logprobs,
+            spec,
         })
     }
 
@@ -193,6 +205,8 @@ impl Common {
             stop: self.stop.clone(),
             ignore_eos: false,
             logprobs: self.logprobs,
+            context_shift: None,
+            spec: self.spec.clone(),
         }
     }
 }
@@ -259,6 +273,7 @@ pub async fn generate(
         req.options,
         req.logprobs,
         req.top_logprobs,
+        req.ember.as_ref(),
     )?;
     no_images(req.images.as_ref())?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -307,6 +322,7 @@ pub async fn chat(
         req.options,
         req.logprobs,
         req.top_logprobs,
+        req.ember.as_ref(),
     )?;
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::bad_request(format!(
@@ -368,6 +384,7 @@ async fn run(
         &mut v,
         done.stop_reason,
         &done.timings,
+        done.spec.as_ref(),
         prompt_n,
         arrived,
         ctx,
@@ -379,11 +396,13 @@ async fn run(
     Ok(Json(v).into_response())
 }
 
-/// Fills in the last object's `done`, `done_reason`, durations (ns) and counts.
+/// Fills in the last object's `done`, `done_reason`, durations (ns) and counts, and the
+/// speculation counts when the request speculated.
 fn finish(
     v: &mut Value,
     reason: ember_runtime::generate::StopReason,
     t: &ember_runtime::engine::Timings,
+    spec: Option<&SpecStats>,
     prompt_n: usize,
     arrived: Instant,
     context: Option<Vec<u32>>,
@@ -405,6 +424,7 @@ fn finish(
     o.insert("prompt_eval_duration".into(), json!(ns(t.prompt_ms)));
     o.insert("eval_count".into(), json!(t.predicted_n));
     o.insert("eval_duration".into(), json!(ns(t.predicted_ms)));
+    spec::ollama_fields(o, spec);
 }
 
 // Owns `tracked`: a client that goes away drops the body and so cancels the request.
@@ -436,10 +456,11 @@ fn stream(
                     }
                     yield v;
                 }
-                Event::Done { stop_reason, timings } => {
+                Event::Done { stop_reason, timings, spec, .. } => {
                     let mut v = with_text(kind, head(&model), "");
                     let prompt_n = tracked.prompt_tokens;
-                    finish(&mut v, stop_reason, &timings, prompt_n, arrived, context.take());
+                    let ctx = context.take();
+                    finish(&mut v, stop_reason, &timings, spec.as_ref(), prompt_n, arrived, ctx);
                     yield v;
                     break;
                 }

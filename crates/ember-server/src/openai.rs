@@ -2,7 +2,10 @@
 //!
 //! Shapes follow OpenAI's exactly (the official client parses them); llama-server's extras are
 //! accepted (`top_k`, `min_p`, `repeat_penalty`, `repeat_last_n`, `ignore_eos`) and its
-//! `timings` object is added to plain responses and to the last stream chunks.
+//! `timings` object is added to plain responses and to the last stream chunks. Ember's own
+//! `ember` object sets a request's speculative decoding ([`crate::spec`]); a request that
+//! speculated reports the counts in `usage.completion_tokens_details` (OpenAI's
+//! predicted-outputs fields) and `timings` (`draft_n`, `draft_n_accepted`).
 
 use std::convert::Infallible;
 use std::time::Instant;
@@ -14,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use ember_runtime::chat::ChatMessage;
 use ember_runtime::engine::{EngineRequest, Event, TokenLogprob};
 use ember_runtime::sampling::SamplingParams;
+use ember_runtime::spec::SpecOverride;
 use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -25,6 +29,7 @@ use crate::common::{
 };
 use crate::error::{ApiError, JsonBody};
 use crate::limits;
+use crate::spec::{self, usage_json};
 
 /// OpenAI allows at most 20 alternatives per position.
 const MAX_TOP_LOGPROBS: i64 = 20;
@@ -66,6 +71,8 @@ pub struct OpenAiRequest {
     function_call: Option<Value>,
     response_format: Option<Value>,
     logit_bias: Option<Value>,
+    /// Ember's extension: this request's speculative decoding ([`crate::spec`]).
+    ember: Option<Value>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -131,6 +138,7 @@ struct Params {
     logprobs: Option<usize>,
     stream: bool,
     include_usage: bool,
+    spec: SpecOverride,
 }
 
 impl Params {
@@ -239,6 +247,7 @@ impl Params {
         let stop = stop_list(r.stop.take());
         limits::check_stop(&stop)?;
         let stream = r.stream.unwrap_or(false);
+        let spec = spec::parse(r.ember.as_ref())?;
         Ok(Params {
             max_tokens,
             sampling,
@@ -251,6 +260,7 @@ impl Params {
                     .as_ref()
                     .and_then(|o| o.include_usage)
                     .unwrap_or(false),
+            spec,
         })
     }
 
@@ -262,6 +272,8 @@ impl Params {
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
             logprobs: self.logprobs,
+            context_shift: None,
+            spec: self.spec.clone(),
         }
     }
 }
@@ -483,15 +495,7 @@ pub async fn completions(
 }
 
 fn usage(prompt_n: usize, done: &Collected) -> Value {
-    usage_json(prompt_n, done.timings.predicted_n)
-}
-
-fn usage_json(prompt_n: usize, completion_n: usize) -> Value {
-    json!({
-        "prompt_tokens": prompt_n,
-        "completion_tokens": completion_n,
-        "total_tokens": prompt_n + completion_n,
-    })
+    usage_json(prompt_n, done.timings.predicted_n, done.spec.as_ref())
 }
 
 /// Identifies one response: the same id and timestamp on every chunk.
@@ -592,7 +596,7 @@ fn chat_stream(
                     let delta = json!({ "content": text });
                     yield data(&chat_chunk(&ids, delta, lp, Value::Null, include_usage));
                 }
-                Event::Done { stop_reason, timings } => {
+                Event::Done { stop_reason, timings, spec, .. } => {
                     let last = chat_chunk(
                         &ids,
                         json!({}),
@@ -606,7 +610,11 @@ fn chat_stream(
                         "created": ids.created,
                         "model": ids.model,
                         "choices": [],
-                        "usage": usage_json(tracked.prompt_tokens, timings.predicted_n),
+                        "usage": usage_json(
+                            tracked.prompt_tokens,
+                            timings.predicted_n,
+                            spec.as_ref(),
+                        ),
                     }));
                     for c in finish_chunks(last, usage_chunk, timings_json(&timings)) {
                         yield data(&c);
@@ -646,7 +654,7 @@ fn completion_stream(
                     });
                     yield data(&text_chunk(&ids, &text, lp, Value::Null, include_usage));
                 }
-                Event::Done { stop_reason, timings } => {
+                Event::Done { stop_reason, timings, spec, .. } => {
                     let last = text_chunk(
                         &ids,
                         "",
@@ -660,7 +668,11 @@ fn completion_stream(
                         "created": ids.created,
                         "model": ids.model,
                         "choices": [],
-                        "usage": usage_json(tracked.prompt_tokens, timings.predicted_n),
+                        "usage": usage_json(
+                            tracked.prompt_tokens,
+                            timings.predicted_n,
+                            spec.as_ref(),
+                        ),
                     }));
                     for c in finish_chunks(last, usage_chunk, timings_json(&timings)) {
                         yield data(&c);

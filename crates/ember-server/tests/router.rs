@@ -252,6 +252,8 @@ async fn metrics_expose_engine_gauges() {
         "ember_kv_cache_total_blocks",
         "ember_prompt_tokens_total",
         "ember_generated_tokens_total",
+        "ember_spec_drafted_tokens_total",
+        "ember_spec_accepted_tokens_total",
         "ember_time_to_first_token_seconds_bucket",
         "ember_time_per_output_token_seconds_count",
     ] {

@@ -238,6 +238,7 @@ pub fn check_greedy_tokens(m: &LoadedModel, refs: &[(String, Value)]) {
             stop_at_eog: false,
             context_shift: None,
             kv: Default::default(),
+            spec: Default::default(),
         };
         let out = generate(&m.model, &m.tokenizer, &req, |_| {}).expect("generate");
         assert_eq!(out.tokens, greedy, "{name}");
