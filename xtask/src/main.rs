@@ -10,6 +10,12 @@
 //!   the same file and thread count, and in interleaved rounds runs 1 and then N concurrent
 //!   streaming `/v1/completions` clients (`ignore_eos`, T tokens each) against each; prints
 //!   aggregate tokens/s, time to first token and time per output token (p50/p99).
+//! - `bench-spec [--model A,B] [--rounds 3] [-n 256] [--threads 2] [--workloads ...]
+//!   [--proposers lookup,self,draft] [--skip-llamacpp] [--streams 1,4,8] [--json]`: speculative
+//!   decoding against plain decoding, greedy, on the workloads in `xtask/bench-spec/`, one
+//!   stream (`ember generate`, and llama.cpp's `llama-lookup`) and 1/4/8 concurrent streams
+//!   (`ember serve`), interleaved rounds; prints tokens/s, acceptance, speedups and whether the
+//!   output is plain decoding's token for token (see `bench_spec`).
 //! - `tiny-models [--out DIR] [--build DIR] [--fixtures DIR] [-t THREADS]`: writes a tiny random
 //!   GGUF per architecture (f32 and f16 weights) and llama.cpp's logits for them as fixtures in
 //!   `tests/fixtures/tiny/` (see `tiny_models`).
@@ -28,6 +34,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
+mod bench_spec;
 mod serve_bench;
 mod soak;
 mod tiny_models;
@@ -52,6 +59,9 @@ enum Task {
     BenchVsLlamacpp(BenchArgs),
     /// `ember serve` against llama-server under concurrent streaming clients.
     BenchServe(serve_bench::Args),
+    /// Speculative decoding (lookup, self, draft) against plain decoding and llama-lookup,
+    /// one stream and many.
+    BenchSpec(bench_spec::Args),
     /// Tiny random GGUFs per architecture and llama.cpp's logits for them as fixtures.
     TinyModels(tiny_models::Args),
     /// Many streaming clients, half disconnecting, against a real `ember serve` under KV
@@ -82,6 +92,7 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::BenchVsLlamacpp(a) => bench_vs_llamacpp(a),
         Task::BenchServe(a) => serve_bench::run(a),
+        Task::BenchSpec(a) => bench_spec::run(a),
         Task::TinyModels(a) => tiny_models::run(a),
         Task::Soak(a) => soak::run(a),
     }
@@ -432,6 +443,57 @@ mod tests {
                 ("m", 4, 9, 1, 3)
             );
         }
+    }
+
+    #[test]
+    fn bench_spec_flags_and_defaults() {
+        let Task::BenchSpec(a) = parse(&["bench-spec"]).unwrap() else {
+            panic!("wrong task");
+        };
+        assert_eq!(
+            a.model,
+            ["smollm2-135m-instruct-q4_1", "gemma3-270m-q4_k_m"]
+        );
+        assert_eq!((a.rounds, a.n, a.threads, a.draft_max), (3, 256, 2, 8));
+        assert_eq!(a.workloads, ["rewrite", "extract", "story", "once"]);
+        assert_eq!(a.proposers, ["lookup", "self", "draft"]);
+        assert_eq!(a.streams, [1, 4, 8]);
+        assert_eq!(a.serve_workloads, ["rewrite", "story"]);
+        assert!(!a.skip_llamacpp && !a.skip_single && !a.json);
+        let Task::BenchSpec(a) = parse(&[
+            "bench-spec",
+            "--model",
+            "a",
+            "--model",
+            "b,c",
+            "--rounds",
+            "1",
+            "-n",
+            "16",
+            "--threads",
+            "1",
+            "--workloads",
+            "story",
+            "--proposers",
+            "lookup",
+            "--skip-llamacpp",
+            "--streams",
+            "1,2",
+            "--json",
+        ])
+        .unwrap() else {
+            panic!("wrong task");
+        };
+        assert_eq!(a.model, ["a", "b", "c"]);
+        assert_eq!((a.rounds, a.n, a.threads), (1, 16, 1));
+        assert_eq!(
+            (a.workloads, a.proposers),
+            (vec!["story".to_string()], vec!["lookup".to_string()])
+        );
+        assert_eq!(a.streams, [1, 2]);
+        assert!(a.skip_llamacpp && a.json);
+        assert!(parse(&["bench-spec", "--proposers", "medusa"]).is_err());
+        assert!(parse(&["bench-spec", "--stream", "4"]).is_err());
     }
 
     #[test]

