@@ -1014,8 +1014,7 @@ fn targets(rows: &[SingleRow]) -> Vec<Value> {
         rows.iter()
             .find(|r| r.model == m && r.workload == w && r.config == c)
     };
-    let mut models: Vec<&str> = rows.iter().map(|r| r.model.as_str()).collect();
-    let models = unique(models);
+    let models = unique(rows.iter().map(|r| r.model.as_str()));
     for m in models {
         if let Some(l) = find(m, "rewrite", Config::Lookup) {
             let fast = l.speedup_median >= 2.0;

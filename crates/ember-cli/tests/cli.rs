@@ -621,3 +621,109 @@ fn an_impossible_kv_cache_is_an_error_not_an_abort() {
     assert!(err.contains("lower the context size"), "{err}");
     assert_eq!(err.matches("could not allocate").count(), 1, "{err}");
 }
+
+/// A passage the model is asked to repeat: prompt lookup finds it in the prompt.
+const REWRITE: &str = "<|im_start|>user\nRepeat this text exactly: The river rises in the \
+    northern hills, runs south through three valleys and a market town, and meets the sea at a \
+    wide, shallow bay where herons wait at low tide.<|im_end|>\n<|im_start|>assistant\n";
+
+#[test]
+fn spec_lookup_keeps_the_text_and_reports_its_counts() {
+    let run = |spec: &str| {
+        json_of(&ember(&[
+            "generate",
+            "-m",
+            MODEL,
+            "-p",
+            REWRITE,
+            "-n",
+            "48",
+            "--temperature",
+            "0",
+            "--spec",
+            spec,
+            "--json",
+        ]))
+    };
+    let plain = run("none");
+    assert!(plain["spec"].is_null(), "{}", plain["spec"]);
+    let lookup = run("lookup");
+    assert_eq!(lookup["text"], plain["text"]);
+    assert_eq!(lookup["tokens"], plain["tokens"]);
+    assert_eq!(lookup["spec"]["proposer"], "lookup");
+    let (drafted, accepted) = (
+        lookup["spec"]["drafted"].as_u64().expect("drafted"),
+        lookup["spec"]["accepted"].as_u64().expect("accepted"),
+    );
+    assert!(accepted > 0 && accepted <= drafted, "{}", lookup["spec"]);
+    // `timings` keep their meaning: the generated tokens, the prompt's.
+    assert_eq!(
+        lookup["timings"]["predicted_n"],
+        plain["timings"]["predicted_n"]
+    );
+    assert_eq!(lookup["timings"]["prompt_n"], plain["timings"]["prompt_n"]);
+    // Self-speculation runs too, with the same text.
+    let selfspec = json_of(&ember(&[
+        "generate",
+        "-m",
+        MODEL,
+        "-p",
+        REWRITE,
+        "-n",
+        "24",
+        "--temperature",
+        "0",
+        "--spec",
+        "self",
+        "--spec-layers",
+        "10",
+        "--json",
+    ]));
+    let plain24 = json_of(&ember(&[
+        "generate",
+        "-m",
+        MODEL,
+        "-p",
+        REWRITE,
+        "-n",
+        "24",
+        "--temperature",
+        "0",
+        "--json",
+    ]));
+    assert_eq!(selfspec["tokens"], plain24["tokens"]);
+    assert_eq!(selfspec["spec"]["proposer"], "self");
+}
+
+#[test]
+fn bad_speculation_settings_exit_1_with_a_clear_error() {
+    let base = ["generate", "-m", MODEL, "-p", "Hello", "-n", "4"];
+    let cases: &[(&[&str], &str)] = &[
+        (&["--spec", "draft"], "--draft-model"),
+        (&["--spec", "self", "--spec-layers", "0"], "--spec-layers"),
+        (&["--spec", "self", "--spec-layers", "30"], "--spec-layers"),
+        (&["--spec", "lookup", "--draft-max", "0"], "--draft-max"),
+        (&["--spec", "lookup", "--draft-max", "-3"], "--draft-max"),
+        (&["--spec", "lookup", "--draft-min", "9"], "--draft-min"),
+        (
+            &["--spec", "lookup", "--draft-model", MODEL],
+            "--draft-model",
+        ),
+        (&["--draft-model", "gemma3-270m-q4_k_m"], "vocabulary"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let out = ember(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{extra:?}: {err}");
+    }
+    // An unknown mode is a usage error, as every other bad flag value.
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--spec", "bogus"]);
+    let out = ember(&args);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("none, lookup, draft or self"));
+}

@@ -171,7 +171,9 @@ pub enum SpecError {
     NoDraftModel,
     #[error("--spec-layers must be between 1 and {} (the model has {n_layer} layers), got {n}", n_layer.saturating_sub(1))]
     Layers { n: usize, n_layer: usize },
-    #[error("{0}")]
+    #[error(
+        "the draft model cannot propose for this model (speculation needs the same vocabulary): {0}"
+    )]
     Vocab(String),
     #[error("speculation mode {0} is not enabled on this server (start it with --spec {0})")]
     Unavailable(Proposer),
