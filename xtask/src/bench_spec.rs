@@ -422,7 +422,12 @@ fn llama_lookup(ctx: &Ctx, bin: &Path, model: &Path, prompt: &str) -> Result<Run
         );
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let s = parse_lookup(&stderr).context("llama-lookup printed no timings")?;
+    let Some(s) = parse_lookup(&stderr) else {
+        bail!(
+            "llama-lookup printed no timings; its stderr ended: {}",
+            last_line(&out.stderr)
+        );
+    };
     Ok(Run {
         tps: s.decoded as f64 / s.seconds.max(1e-9),
         predicted_n: s.decoded,

@@ -149,10 +149,12 @@ fn greedy_speculation_inside_continuous_batching() {
             .tokens
         })
         .collect();
-    for proposer in [Proposer::Lookup, Proposer::SelfSpec] {
+    for proposer in [Proposer::Lookup, Proposer::SelfSpec, Proposer::Draft] {
         let mut config = EngineConfig::new(4, ctx);
         config.spec = spec(proposer);
-        let engine = Engine::start(Arc::clone(&m), config).expect("engine");
+        // The draft model: a second handle on the same file (same vocabulary).
+        let draft = (proposer == Proposer::Draft).then(|| Arc::clone(&m));
+        let engine = Engine::start_with_draft(Arc::clone(&m), draft, config).expect("engine");
         let streams: Vec<_> = prompts
             .iter()
             .enumerate()
