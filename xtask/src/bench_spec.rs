@@ -382,7 +382,7 @@ fn parse_lookup(stderr: &str) -> Option<LookupStats> {
     Some(LookupStats {
         prompt_n: enc.first()?.parse().ok()?,
         decoded: dec.first()?.parse().ok()?,
-        seconds: dec.get(2)?.parse().ok()?,
+        seconds: dec.get(3)?.parse().ok()?,
         drafted: value_of("n_drafted")?,
         accepted: value_of("n_accept ")?,
     })

@@ -373,8 +373,11 @@ impl Model {
             Some(n) => n,
         };
         // A cache of another shape would fail half-way through the blocks (fewer layers) or
-        // silently keep stale layers (more): refuse it before anything is appended.
-        if cache.n_layers() != layers {
+        // silently keep stale layers (more): refuse it before anything is appended. A pass over
+        // the first layers of a larger cache is allowed when it is not committed: its positions
+        // (self-speculation's drafts, on a fork) are thrown away, never read in other layers.
+        let partial = opts.defer_commit && cache.n_layers() > layers;
+        if cache.n_layers() != layers && !partial {
             return Err(ModelError::CacheLayers {
                 cache: cache.n_layers(),
                 layers,

@@ -484,8 +484,9 @@ pub(crate) struct SchedulerParts {
     cache: PagedKvCache,
     /// Runs the draft model ([`Proposer::Draft`]).
     draft: Option<Drafter>,
-    /// Runs the target's first layers ([`Proposer::SelfSpec`]).
-    selfspec: Option<Drafter>,
+    /// Layers of the target that self-speculation runs ([`Proposer::SelfSpec`]).
+    selfspec: Option<usize>,
+    costs: SpecCosts,
 }
 
 impl SchedulerParts {
@@ -513,6 +514,13 @@ impl SchedulerParts {
         // target's budget.
         let draft_budget =
             budget + config.max_running * (config.kv.block_size + crate::spec::MAX_DRAFT);
+        let weights = |file: &ember_formats::GgufFile| -> f64 {
+            file.tensors().iter().map(|t| t.n_bytes as f64).sum()
+        };
+        let draft_cost = match (draft, target_file) {
+            (Some((file, _)), Some(target)) => weights(file) / weights(target).max(1.0),
+            _ => 1.0,
+        };
         let draft = match draft {
             Some((file, m)) => {
                 let target_file = target_file.ok_or_else(|| {
@@ -530,18 +538,19 @@ impl SchedulerParts {
             None => None,
         };
         let selfspec = if config.spec.proposer == Proposer::SelfSpec {
-            let n = config.spec.self_layers(n_layer)?;
-            Some(
-                Drafter::new(model, Some(n), &dkv, config.ctx_size, draft_budget)
-                    .map_err(EngineError::Draft)?,
-            )
+            Some(config.spec.self_layers(n_layer)?)
         } else {
             None
+        };
+        let costs = SpecCosts {
+            draft: draft_cost,
+            selfspec: selfspec.map_or(1.0, |n| n as f64 / n_layer.max(1) as f64),
         };
         Ok(Self {
             cache,
             draft,
             selfspec,
+            costs,
         })
     }
 }
@@ -563,6 +572,30 @@ impl Counters {
     }
 }
 
+/// What a verification row costs next to a one-row step, roughly (a decode pass with 9 rows
+/// took 2.3x a one-row pass for SmolLM2 and 3.7x for Gemma 3 on 2 cores; see
+/// docs/performance.md): the least a proposal must be accepted for drafting to pay.
+const ROW_COST: f64 = 0.15;
+
+/// What a drafted token costs each model-running proposer, as a fraction of a target pass.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SpecCosts {
+    /// The draft model's weights over the target's.
+    draft: f64,
+    /// The layers self-speculation runs over the target's.
+    selfspec: f64,
+}
+
+impl SpecCosts {
+    fn per_token(self, proposer: Proposer) -> f64 {
+        match proposer {
+            Proposer::None | Proposer::Lookup => 0.0,
+            Proposer::Draft => self.draft,
+            Proposer::SelfSpec => self.selfspec,
+        }
+    }
+}
+
 /// A sequence's speculation state.
 struct SeqSpec {
     config: SpecConfig,
@@ -576,11 +609,12 @@ struct SeqSpec {
 }
 
 impl SeqSpec {
-    fn new(config: SpecConfig, sampling: &SamplingParams) -> Self {
+    fn new(config: SpecConfig, sampling: &SamplingParams, break_even: f64) -> Self {
         let mut draft_params = sampling.clone();
         draft_params.seed = sampling.seed.map(|s| s ^ 0x5bec_d1ce_d00d_f00d);
         Self {
-            length: DraftLength::new(config.draft_min, config.draft_max),
+            length: DraftLength::new(config.draft_min, config.draft_max)
+                .with_break_even(break_even),
             lookup: PromptLookup::new(config.ngram_max, 1),
             draft_seq: None,
             draft_sampler: config
@@ -642,7 +676,7 @@ impl Sequence {
         (end, end - start)
     }
 
-    fn new(sub: Submission, engine_spec: &SpecConfig) -> Self {
+    fn new(sub: Submission, engine_spec: &SpecConfig, costs: SpecCosts) -> Self {
         let Submission {
             req,
             events,
@@ -656,9 +690,17 @@ impl Sequence {
             sampler: Sampler::new(req.sampling.clone()),
             decoder: StreamDecoder::new(true),
             stops: StopMatcher::new(req.stop.clone()),
-            spec: spec_config
-                .enabled()
-                .then(|| SeqSpec::new(spec_config, &req.sampling)),
+            spec: spec_config.enabled().then(|| {
+                // Prompt lookup's proposals cost nothing to make: no break-even (a wrong one
+                // costs a verification row, and the zero-acceptance cool-down bounds that).
+                let break_even = match spec_config.proposer {
+                    Proposer::Draft | Proposer::SelfSpec => {
+                        ROW_COST + costs.per_token(spec_config.proposer)
+                    }
+                    _ => 0.0,
+                };
+                SeqSpec::new(spec_config, &req.sampling, break_even)
+            }),
             req,
             events,
             kv: None,
@@ -698,6 +740,33 @@ impl Sequence {
     }
 }
 
+/// Picks one sequence's proposed tokens from the draft's logits: with the draft's own sampler
+/// (greedy when the request is), the history its penalties see, and the distributions it drew
+/// from (the acceptance rule needs each q).
+struct Chooser {
+    sampler: Sampler,
+    history: Vec<u32>,
+    q: Vec<Vec<(u32, f64)>>,
+    proposed: Vec<u32>,
+}
+
+impl Chooser {
+    fn choose(&mut self, row: &[f32]) -> Option<u32> {
+        let token = if self.sampler.is_greedy() {
+            self.sampler.sample(row, &self.history)
+        } else {
+            let q = self.sampler.distribution(row, &self.history);
+            let u = self.sampler.uniform();
+            let t = verify::draw(&q, u)?;
+            self.q.push(q);
+            t
+        };
+        self.history.push(token);
+        self.proposed.push(token);
+        Some(token)
+    }
+}
+
 /// One item of a step's batch.
 struct Planned {
     /// Index in `running`.
@@ -728,7 +797,8 @@ pub(crate) struct Scheduler<'m> {
     config: EngineConfig,
     cache: PagedKvCache,
     draft: Option<Drafter>,
-    selfspec: Option<Drafter>,
+    selfspec: Option<usize>,
+    costs: SpecCosts,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     counters: Counters,
@@ -765,6 +835,7 @@ impl<'m> Scheduler<'m> {
             cache: parts.cache,
             draft: parts.draft,
             selfspec: parts.selfspec,
+            costs: parts.costs,
             waiting: VecDeque::new(),
             running: Vec::new(),
             counters,
@@ -783,7 +854,7 @@ impl<'m> Scheduler<'m> {
             events,
             submitted: Instant::now(),
         };
-        let seq = Sequence::new(sub, &self.config.spec);
+        let seq = Sequence::new(sub, &self.config.spec, self.costs);
         self.waiting.push_back(seq);
     }
 
@@ -798,7 +869,7 @@ impl<'m> Scheduler<'m> {
             if self.idle() {
                 match rx.recv_timeout(Duration::from_millis(200)) {
                     Ok(sub) => {
-                        let seq = Sequence::new(sub, &self.config.spec);
+                        let seq = Sequence::new(sub, &self.config.spec, self.costs);
                         self.waiting.push_back(seq)
                     }
                     Err(RecvTimeoutError::Timeout) => {
@@ -811,7 +882,7 @@ impl<'m> Scheduler<'m> {
             loop {
                 match rx.try_recv() {
                     Ok(sub) => {
-                        let seq = Sequence::new(sub, &self.config.spec);
+                        let seq = Sequence::new(sub, &self.config.spec, self.costs);
                         self.waiting.push_back(seq)
                     }
                     Err(mpsc::TryRecvError::Empty) => break,
@@ -900,14 +971,9 @@ impl<'m> Scheduler<'m> {
         seq.computed = 0;
         if let Some(sp) = seq.spec.as_mut()
             && let Some(d) = sp.draft_seq.take()
+            && let Some(drafter) = self.draft.as_mut()
         {
-            let drafter = match sp.config.proposer {
-                Proposer::Draft => self.draft.as_mut(),
-                _ => self.selfspec.as_mut(),
-            };
-            if let Some(drafter) = drafter {
-                drafter.free(d);
-            }
+            drafter.free(d);
         }
     }
 
@@ -1156,8 +1222,101 @@ impl<'m> Scheduler<'m> {
                     s.spec.as_ref().map(|sp| sp.config.proposer) == Some(proposer)
                 })
                 .collect();
-            if !items.is_empty() {
-                self.propose_with_model(proposer, plan, &items);
+            if items.is_empty() {
+                continue;
+            }
+            match (proposer, self.selfspec) {
+                (Proposer::SelfSpec, Some(layers)) => self.propose_self(layers, plan, &items),
+                (Proposer::SelfSpec, None) => {}
+                _ => self.propose_with_model(plan, &items),
+            }
+        }
+    }
+
+    /// Self-speculation for `items` (plan index, tokens wanted): the target's first `layers`
+    /// layers and its head propose, on forks of the sequences in the target's own cache. A
+    /// fork shares every block (the first layers' K/V of the context are exactly what the
+    /// draft needs: nothing to catch up, nothing kept in step), its writes go to copies of
+    /// the shared last block, and it is freed after drafting without a commit.
+    fn propose_self(&mut self, layers: usize, plan: &mut [Planned], items: &[(usize, usize)]) {
+        let mut choosers = Vec::with_capacity(items.len());
+        let mut forks = Vec::with_capacity(items.len());
+        let mut current = Vec::with_capacity(items.len());
+        for &(pi, _) in items {
+            let s = &mut self.running[plan[pi].idx];
+            let fork = s.kv.and_then(|kv| self.cache.fork(kv).ok());
+            forks.push(fork);
+            current.push(s.tokens.last().copied());
+            let Some(sp) = s.spec.as_mut() else { continue };
+            choosers.push(Chooser {
+                sampler: sp
+                    .draft_sampler
+                    .take()
+                    .unwrap_or_else(|| Sampler::new(s.req.sampling.clone())),
+                history: s.history.clone(),
+                q: Vec::new(),
+                proposed: Vec::new(),
+            });
+        }
+        let opts = PassOptions {
+            layers: Some(layers),
+            defer_commit: true,
+        };
+        if choosers.len() == items.len() {
+            loop {
+                let active: Vec<usize> = (0..items.len())
+                    .filter(|&i| {
+                        forks[i].is_some()
+                            && current[i].is_some()
+                            && choosers[i].proposed.len() < items[i].1
+                    })
+                    .collect();
+                if active.is_empty() {
+                    break;
+                }
+                let tokens: Vec<[u32; 1]> = active
+                    .iter()
+                    .map(|&i| [current[i].unwrap_or_default()])
+                    .collect();
+                let batch: Vec<BatchSeq<'_>> = active
+                    .iter()
+                    .zip(&tokens)
+                    .filter_map(|(&i, t)| {
+                        Some(BatchSeq {
+                            seq: forks[i]?,
+                            tokens: t,
+                            logits: Some(Logits::Last),
+                            solo_rows: None,
+                        })
+                    })
+                    .collect();
+                // A full pool only means fewer proposals this step.
+                let Ok(logits) = self.model.forward_batch_with(&batch, &mut self.cache, opts)
+                else {
+                    break;
+                };
+                let [rows, vocab] = logits.dims();
+                let flat = logits.into_data().try_to_vec::<f32>().unwrap_or_default();
+                if rows != active.len() || flat.len() != rows * vocab {
+                    break;
+                }
+                for (r, &i) in active.iter().enumerate() {
+                    current[i] = choosers[i].choose(&flat[r * vocab..(r + 1) * vocab]);
+                }
+            }
+        }
+        for fork in forks.into_iter().flatten() {
+            let _ = self.cache.free(fork);
+        }
+        for (&(pi, _), c) in items.iter().zip(choosers) {
+            let p = &mut plan[pi];
+            let Some(sp) = self.running[p.idx].spec.as_mut() else {
+                continue;
+            };
+            sp.draft_sampler = Some(c.sampler);
+            if c.proposed.len() >= sp.config.draft_min {
+                p.q = c.q;
+                p.drafts = c.proposed;
             }
         }
     }
@@ -1165,26 +1324,10 @@ impl<'m> Scheduler<'m> {
     /// Runs a drafter for `items` (plan index, tokens wanted): every sequence's proposals
     /// come from one batched draft pass per token. A drafter failure (its own cache full)
     /// only means no proposals this step.
-    fn propose_with_model(
-        &mut self,
-        proposer: Proposer,
-        plan: &mut [Planned],
-        items: &[(usize, usize)],
-    ) {
-        let (drafter, model) = match proposer {
-            Proposer::Draft => (self.draft.as_mut(), self.draft_model),
-            _ => (self.selfspec.as_mut(), Some(self.model)),
-        };
-        let (Some(drafter), Some(model)) = (drafter, model) else {
+    fn propose_with_model(&mut self, plan: &mut [Planned], items: &[(usize, usize)]) {
+        let (Some(drafter), Some(model)) = (self.draft.as_mut(), self.draft_model) else {
             return;
         };
-        // Each item's chooser: the draft's own sampler (greedy when the request is), the
-        // history its penalties see, and the distributions it drew from.
-        struct Chooser {
-            sampler: Sampler,
-            history: Vec<u32>,
-            q: Vec<Vec<(u32, f64)>>,
-        }
         let mut seqs = Vec::with_capacity(items.len());
         for &(pi, _) in items {
             let s = &mut self.running[plan[pi].idx];
@@ -1212,6 +1355,7 @@ impl<'m> Scheduler<'m> {
                     .unwrap_or_else(|| Sampler::new(s.req.sampling.clone())),
                 history: s.history.clone(),
                 q: Vec::new(),
+                proposed: Vec::new(),
             });
         }
         let mut draft_items: Vec<DraftItem<'_>> = items
@@ -1224,20 +1368,7 @@ impl<'m> Scheduler<'m> {
                 proposed: Vec::new(),
             })
             .collect();
-        let result = drafter.propose(model, &mut draft_items, |i, row| {
-            let c = &mut choosers[i];
-            let token = if c.sampler.is_greedy() {
-                c.sampler.sample(row, &c.history)
-            } else {
-                let q = c.sampler.distribution(row, &c.history);
-                let u = c.sampler.uniform();
-                let t = verify::draw(&q, u)?;
-                c.q.push(q);
-                t
-            };
-            c.history.push(token);
-            Some(token)
-        });
+        let result = drafter.propose(model, &mut draft_items, |i, row| choosers[i].choose(row));
         let proposed: Vec<Vec<u32>> = draft_items.into_iter().map(|d| d.proposed).collect();
         for ((&(pi, _), c), drafts) in items.iter().zip(choosers).zip(proposed) {
             let p = &mut plan[pi];

@@ -21,6 +21,12 @@
 //!   the probes notice when the text starts repeating again.
 //! - A step where the proposer had nothing to offer (`drafted == 0`, e.g. no n-gram match)
 //!   says nothing about acceptance and changes nothing.
+//! - A proposer that costs something per drafted token (a draft model, the target's first
+//!   layers) has a break-even acceptance rate ([`DraftLength::with_break_even`]): its cost per
+//!   token as a fraction of a target pass, plus the verification row's. While the running
+//!   rate is below it, every verification starts a cool-down (doubling up to 256 calls) and
+//!   any acceptance does not reset it: drafting then costs more than it saves, so only the
+//!   probes run, which notice when the proposer becomes worth it again.
 
 /// Growth after a fully accepted draft.
 const GROW_STEP: usize = 2;
@@ -30,6 +36,10 @@ const ZERO_STREAK: u32 = 3;
 const COOLDOWN_START: u32 = 4;
 /// Longest cool-down.
 const COOLDOWN_MAX: u32 = 64;
+/// Longest cool-down while the acceptance rate is below the break-even.
+const COOLDOWN_MAX_COSTLY: u32 = 256;
+/// Drafted tokens (weighted) the running rate needs before it is compared with the break-even.
+const BREAK_EVEN_SAMPLES: f64 = 3.0;
 /// Weight of the past in the running acceptance rate, per verification.
 const RATE_DECAY: f64 = 0.9;
 
@@ -48,6 +58,8 @@ pub struct DraftLength {
     /// Exponentially weighted accepted and drafted token counts.
     accepted_ewma: f64,
     drafted_ewma: f64,
+    /// Acceptance rate below which drafting costs more than it saves (0: never).
+    break_even: f64,
 }
 
 impl DraftLength {
@@ -64,7 +76,23 @@ impl DraftLength {
             cooldown_next: COOLDOWN_START,
             accepted_ewma: 0.0,
             drafted_ewma: 0.0,
+            break_even: 0.0,
         }
+    }
+
+    /// The acceptance rate a proposer must keep for drafting to pay: its cost per drafted
+    /// token as a fraction of a target pass plus a verification row's (see the module
+    /// documentation). Rates at or above 1 mean it never pays; it then only probes.
+    pub fn with_break_even(mut self, rate: f64) -> Self {
+        self.break_even = if rate.is_finite() { rate.max(0.0) } else { 0.0 };
+        self
+    }
+
+    /// Whether the running acceptance rate is below the break-even.
+    fn below_break_even(&self) -> bool {
+        self.break_even > 0.0
+            && self.drafted_ewma >= BREAK_EVEN_SAMPLES
+            && self.acceptance_rate() < self.break_even
     }
 
     /// Tokens to draft this step: 0 means "don't draft now" (a cool-down after repeated
@@ -89,6 +117,17 @@ impl DraftLength {
         self.accepted_ewma = RATE_DECAY * self.accepted_ewma + accepted as f64;
         self.drafted_ewma = RATE_DECAY * self.drafted_ewma + drafted as f64;
 
+        if self.below_break_even() {
+            // Drafting loses time at this rate: only probes, further and further apart.
+            self.current = self.min;
+            self.zero_streak = 0;
+            self.cooldown_left = self.cooldown_next;
+            self.cooldown_next = self
+                .cooldown_next
+                .saturating_mul(2)
+                .min(COOLDOWN_MAX_COSTLY);
+            return;
+        }
         if accepted > 0 {
             // Also ends a cool-down in progress, for a caller that drafted anyway.
             self.zero_streak = 0;
@@ -311,5 +350,34 @@ mod tests {
             d.record(4, 0);
         }
         assert!(d.acceptance_rate() < 1e-3);
+    }
+
+    #[test]
+    fn below_the_break_even_only_probes() {
+        // Half the acceptance a costly proposer needs: after the first verifications it
+        // drafts on a small share of steps, and acceptances do not reset the cool-down.
+        let mut d = DraftLength::new(1, 8).with_break_even(0.6);
+        let (mut drafting, steps) = (0, 2000);
+        for step in 0..steps {
+            let k = d.next();
+            if k > 0 {
+                drafting += 1;
+                // Every other token accepted: a 50% rate.
+                let accepted = (k + step % 2) / 2;
+                d.record(k, accepted);
+            }
+        }
+        assert!(
+            drafting * 20 < steps,
+            "drafted on {drafting} of {steps} steps"
+        );
+        // A proposer well above its break-even drafts every step at full length.
+        let mut d = DraftLength::new(1, 8).with_break_even(0.6);
+        for _ in 0..50 {
+            let k = d.next();
+            assert!(k > 0);
+            d.record(k, k);
+        }
+        assert_eq!(d.current(), 8);
     }
 }
