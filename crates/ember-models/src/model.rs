@@ -111,6 +111,11 @@ impl Pass<'_> {
     /// `x @ w^T` for this pass's rows (before or after [`select_outputs`](Self::select_outputs)),
     /// each with the arithmetic llama.cpp gives it when its sequence runs alone.
     pub fn matmul(&self, x: Tensor<2>, w: &Arc<QuantMatrix>) -> Tensor<2> {
+        // No rows (the last layer of a prompt slice whose logits nobody asked for): nothing to
+        // compute, and burn-ndarray's matmul divides by the row count.
+        if x.dims()[0] == 0 {
+            return Tensor::<2>::empty([0, w.rows()], &x.device());
+        }
         let solo = if self.selected {
             &self.solo_out
         } else {
