@@ -751,6 +751,21 @@ struct Chooser {
 }
 
 impl Chooser {
+    /// The chooser of a speculating sequence; it holds the sequence's draft sampler, which
+    /// the caller puts back after drafting.
+    fn take_from(s: &mut Sequence) -> Option<Chooser> {
+        let sp = s.spec.as_mut()?;
+        Some(Chooser {
+            sampler: sp
+                .draft_sampler
+                .take()
+                .unwrap_or_else(|| Sampler::new(s.req.sampling.clone())),
+            history: s.history.clone(),
+            q: Vec::new(),
+            proposed: Vec::new(),
+        })
+    }
+
     fn choose(&mut self, row: &[f32]) -> Option<u32> {
         let token = if self.sampler.is_greedy() {
             self.sampler.sample(row, &self.history)
@@ -1247,16 +1262,10 @@ impl<'m> Scheduler<'m> {
             let fork = s.kv.and_then(|kv| self.cache.fork(kv).ok());
             forks.push(fork);
             current.push(s.tokens.last().copied());
-            let Some(sp) = s.spec.as_mut() else { continue };
-            choosers.push(Chooser {
-                sampler: sp
-                    .draft_sampler
-                    .take()
-                    .unwrap_or_else(|| Sampler::new(s.req.sampling.clone())),
-                history: s.history.clone(),
-                q: Vec::new(),
-                proposed: Vec::new(),
-            });
+            let Some(c) = Chooser::take_from(s) else {
+                continue;
+            };
+            choosers.push(c);
         }
         let opts = PassOptions {
             layers: Some(layers),
@@ -1347,16 +1356,10 @@ impl<'m> Scheduler<'m> {
         let mut choosers = Vec::with_capacity(items.len());
         for &(pi, _) in items {
             let s = &mut self.running[plan[pi].idx];
-            let Some(sp) = s.spec.as_mut() else { return };
-            choosers.push(Chooser {
-                sampler: sp
-                    .draft_sampler
-                    .take()
-                    .unwrap_or_else(|| Sampler::new(s.req.sampling.clone())),
-                history: s.history.clone(),
-                q: Vec::new(),
-                proposed: Vec::new(),
-            });
+            let Some(c) = Chooser::take_from(s) else {
+                return;
+            };
+            choosers.push(c);
         }
         let mut draft_items: Vec<DraftItem<'_>> = items
             .iter()

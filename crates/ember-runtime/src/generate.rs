@@ -231,19 +231,7 @@ fn run_inline(
         Counters::detached(),
     );
     let (tx, mut rx) = unbounded_channel();
-    sched.push(
-        EngineRequest {
-            prompt_tokens: req.prompt_tokens.clone(),
-            max_tokens: req.max_tokens,
-            sampling: req.sampling.clone(),
-            stop: req.stop.clone(),
-            ignore_eos: !req.stop_at_eog,
-            logprobs: None,
-            context_shift: req.context_shift,
-            spec: Default::default(),
-        },
-        tx,
-    );
+    sched.push(engine_request(req), tx);
     let next = || {
         loop {
             if let Ok(ev) = rx.try_recv() {
@@ -270,7 +258,13 @@ pub fn generate_on_engine(
         check_prompt(req, engine.ctx_size())?;
         return Ok(nothing_generated());
     }
-    let mut stream = engine.submit(EngineRequest {
+    let mut stream = engine.submit(engine_request(req))?;
+    collect_events(req.prompt_tokens.len(), || stream.blocking_next(), on_text)
+}
+
+/// The engine's form of a request (its speculation settings are the engine's own).
+fn engine_request(req: &GenerateRequest) -> EngineRequest {
+    EngineRequest {
         prompt_tokens: req.prompt_tokens.clone(),
         max_tokens: req.max_tokens,
         sampling: req.sampling.clone(),
@@ -279,8 +273,7 @@ pub fn generate_on_engine(
         logprobs: None,
         context_shift: req.context_shift,
         spec: Default::default(),
-    })?;
-    collect_events(req.prompt_tokens.len(), || stream.blocking_next(), on_text)
+    }
 }
 
 /// Reads an engine stream to its end. On an error event, what came before it is kept (with
