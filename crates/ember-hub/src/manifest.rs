@@ -11,7 +11,9 @@ pub const MANIFEST_VERSION: u32 = 1;
 /// The list of models Ember knows how to fetch (`models/manifest.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Format version; must be [`MANIFEST_VERSION`].
     pub version: u32,
+    /// The models, in the order listings show them.
     pub models: Vec<ModelEntry>,
 }
 
@@ -20,6 +22,8 @@ pub struct Manifest {
 pub struct ModelEntry {
     /// Canonical name; also the cache sub-directory, so restricted to `[A-Za-z0-9._-]`.
     pub name: String,
+    /// Other names [`Manifest::find`] accepts (same character set; unique across the manifest,
+    /// case-insensitively, together with the names).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
     /// File name of the assembled GGUF inside `<cache>/<name>/`.
@@ -28,6 +32,7 @@ pub struct ModelEntry {
     pub sha256: String,
     /// Size in bytes of the assembled file.
     pub size: u64,
+    /// One line for listings: the model, its source, where it ships.
     #[serde(default)]
     pub description: String,
     /// GGUF `general.architecture` (e.g. `llama`, `gemma3`).

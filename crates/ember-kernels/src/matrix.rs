@@ -40,14 +40,17 @@ impl SharedBytes {
         }
     }
 
+    /// The bytes of the range.
     pub fn as_slice(&self) -> &[u8] {
         &self.owner.as_ref().as_ref()[self.start..self.start + self.len]
     }
 
+    /// Bytes in the range.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the range is empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -59,26 +62,44 @@ impl fmt::Debug for SharedBytes {
     }
 }
 
+/// Why a [`QuantMatrix`] could not be made or read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum QuantMatrixError {
+    /// A row is not a whole number of blocks.
     #[error("row length {cols} is not a multiple of the {ty} block size {block}")]
     PartialBlock {
+        /// The matrix's type.
         ty: GgmlType,
+        /// The requested row length in values.
         cols: usize,
+        /// Values per block of `ty`.
         block: usize,
     },
+    /// The buffer does not hold exactly `rows x cols` values of the type.
     #[error("{ty} matrix {rows}x{cols} needs {expected} bytes, got {got}")]
     WrongSize {
+        /// The matrix's type.
         ty: GgmlType,
+        /// The requested rows.
         rows: usize,
+        /// The requested columns.
         cols: usize,
+        /// Bytes such a matrix takes (`usize::MAX` if that overflows).
         expected: usize,
+        /// Bytes the buffer has.
         got: usize,
     },
+    /// ember-quant cannot dequantize (or quantize) this type.
     #[error("type {0} cannot be dequantized yet")]
     Unsupported(GgmlType),
+    /// A row index past the last row.
     #[error("row {row} out of range for a matrix of {rows} rows")]
-    RowOutOfRange { row: usize, rows: usize },
+    RowOutOfRange {
+        /// The requested row.
+        row: usize,
+        /// Rows in the matrix.
+        rows: usize,
+    },
 }
 
 /// A `rows x cols` matrix stored row-major in ggml blocks: each row is `cols` elements packed
@@ -94,6 +115,8 @@ pub struct QuantMatrix {
 }
 
 impl QuantMatrix {
+    /// A `rows x cols` matrix of type `ty` over `bytes`, which must hold exactly `rows` rows of
+    /// `cols / block_size` blocks. Nothing is copied or converted.
     pub fn new(
         bytes: SharedBytes,
         ty: GgmlType,
@@ -144,15 +167,19 @@ impl QuantMatrix {
         Self::new(SharedBytes::from_vec(bytes), ty, rows, cols)
     }
 
+    /// The block format of every row.
     pub fn ggml_type(&self) -> GgmlType {
         self.ty
     }
+    /// Rows: a linear layer's output width.
     pub fn rows(&self) -> usize {
         self.rows
     }
+    /// Values per row: a linear layer's input width.
     pub fn cols(&self) -> usize {
         self.cols
     }
+    /// The packed blocks of every row, row-major.
     pub fn bytes(&self) -> &[u8] {
         self.bytes.as_slice()
     }

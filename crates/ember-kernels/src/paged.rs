@@ -34,12 +34,16 @@ pub const Q8_0_BYTES: usize = 34;
 /// How K and V values are stored; names as llama.cpp's `-ctk` / `-ctv`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KvDtype {
+    /// 4 bytes per value, exact.
     F32,
+    /// IEEE binary16, 2 bytes per value: llama.cpp's default cache type.
     F16,
+    /// ggml's q8_0 blocks, 34 bytes per 32 values (`head_dim` must be a multiple of 32).
     Q8_0,
 }
 
 impl KvDtype {
+    /// Every type, in the order above.
     pub const ALL: [KvDtype; 3] = [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0];
 
     /// llama.cpp's name: `f32`, `f16`, `q8_0`.
@@ -109,79 +113,169 @@ impl FromStr for KvDtype {
 }
 
 /// Everything that can be wrong with a store request or a paged attention call.
+///
+/// In the variants about a call, `seq` is an index into [`PagedAttention::seqs`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PagedError {
+    /// A KV cache type name other than `f32`, `f16` or `q8_0` (the string given).
     #[error("unknown KV cache type {0:?} (expected f32, f16 or q8_0)")]
     UnknownDtype(String),
+    /// A q8_0 store whose rows are not whole 32-value blocks.
     #[error("q8_0 KV cache needs head_dim a multiple of 32, got {head_dim}")]
-    Q8HeadDim { head_dim: usize },
+    Q8HeadDim {
+        /// The requested values per head.
+        head_dim: usize,
+    },
+    /// A store with a zero dimension.
     #[error(
         "KV store dimensions must be non-zero: block_size {block_size}, n_kv {n_kv}, head_dim {head_dim}"
     )]
     ZeroDim {
+        /// The requested slots per block.
         block_size: usize,
+        /// The requested kv heads.
         n_kv: usize,
+        /// The requested values per head.
         head_dim: usize,
     },
+    /// A store whose size in values or bytes overflows `usize`.
     #[error(
         "KV store of {n_blocks} blocks x {block_size} slots x {n_kv} heads x {head_dim} overflows"
     )]
     TooLarge {
+        /// The requested blocks.
         n_blocks: usize,
+        /// The requested slots per block.
         block_size: usize,
+        /// The requested kv heads.
         n_kv: usize,
+        /// The requested values per head.
         head_dim: usize,
     },
+    /// The allocator refused the arenas (reported instead of aborting the process).
     #[error(
         "could not allocate {bytes} bytes for one layer's KV cache: lower the context size or \
          the KV budget"
     )]
-    OutOfMemory { bytes: usize },
+    OutOfMemory {
+        /// Bytes of K and V together.
+        bytes: usize,
+    },
+    /// A block id past the store's last block.
     #[error("block {block} out of range for a store of {n_blocks} blocks")]
-    Block { block: usize, n_blocks: usize },
+    Block {
+        /// The block id given.
+        block: usize,
+        /// Blocks in the store.
+        n_blocks: usize,
+    },
+    /// A slot past the end of a block (or, for [`PagedLayerStore::copy_slots`], more slots
+    /// than a block has).
     #[error("slot {slot} out of range for blocks of {block_size} slots")]
-    Slot { slot: usize, block_size: usize },
+    Slot {
+        /// The slot (or slot count) given.
+        slot: usize,
+        /// Slots per block.
+        block_size: usize,
+    },
+    /// A kv head past the store's last one.
     #[error("kv head {head} out of range for {n_kv} kv heads")]
-    Head { head: usize, n_kv: usize },
+    Head {
+        /// The head given.
+        head: usize,
+        /// KV heads in the store.
+        n_kv: usize,
+    },
+    /// A slice of the wrong length.
     #[error("{what} has {got} values, expected {expected}")]
     Length {
+        /// Which argument: `"k"`, `"v"` or `"row buffer"`.
         what: &'static str,
+        /// Values it must have.
         expected: usize,
+        /// Values it has.
         got: usize,
     },
+    /// Query heads that are not whole groups of kv heads (or no query heads).
     #[error("{n_head} query heads are not a multiple of {n_kv} kv heads")]
-    HeadGroups { n_head: usize, n_kv: usize },
+    HeadGroups {
+        /// Query heads of `q`.
+        n_head: usize,
+        /// KV heads of the store.
+        n_kv: usize,
+    },
+    /// A query head size other than the store's.
     #[error("query head_dim {got} differs from the store's {expected}")]
-    HeadDim { expected: usize, got: usize },
+    HeadDim {
+        /// The store's `head_dim`.
+        expected: usize,
+        /// `q`'s head size.
+        got: usize,
+    },
+    /// A sequence's query rows reach past the end of `q`.
     #[error("sequence {seq}: query rows {start}..{end} out of range for {n_rows} rows")]
     Rows {
+        /// The sequence.
         seq: usize,
+        /// Its first query row.
         start: usize,
+        /// One past its last query row (`usize::MAX` on overflow).
         end: usize,
+        /// Rows of `q`.
         n_rows: usize,
     },
+    /// Two sequences claim the same query rows.
     #[error("sequences {a} and {b} share query rows")]
-    Overlap { a: usize, b: usize },
+    Overlap {
+        /// One sequence.
+        a: usize,
+        /// The other.
+        b: usize,
+    },
+    /// `n_past + n_q` overflows `usize`.
     #[error("sequence {seq}: positions overflow")]
-    Positions { seq: usize },
+    Positions {
+        /// The sequence.
+        seq: usize,
+    },
+    /// A sliding window of 0.
     #[error("sequence {seq}: a window of 0 positions hides every key")]
-    ZeroWindow { seq: usize },
+    ZeroWindow {
+        /// The sequence.
+        seq: usize,
+    },
+    /// A block table too short for the sequence's positions.
     #[error("sequence {seq}: block table has {len} entries, positions up to {last} need {needed}")]
     TableShort {
+        /// The sequence.
         seq: usize,
+        /// Entries in its table.
         len: usize,
+        /// Its last position.
         last: usize,
+        /// Entries that position needs.
         needed: usize,
     },
+    /// A visible position beyond the block table ([`PagedLayerStore::gather_f32`]).
     #[error("position {position} has no block table entry (table of {len})")]
-    NoEntry { position: usize, len: usize },
+    NoEntry {
+        /// The position.
+        position: usize,
+        /// Entries in the table.
+        len: usize,
+    },
+    /// A block table entry that a query can see names no block of the store.
     #[error(
         "sequence {seq}: table entry {index} (block {block}) is out of range for {n_blocks} blocks but visible to a query"
     )]
     TableEntry {
+        /// The sequence.
         seq: usize,
+        /// The entry's index in the table.
         index: usize,
+        /// The block id it holds.
         block: u32,
+        /// Blocks in the store.
         n_blocks: usize,
     },
 }
@@ -322,22 +416,27 @@ impl PagedLayerStore {
         })
     }
 
+    /// Blocks in the pool (valid block ids are `0..n_blocks`).
     pub fn n_blocks(&self) -> usize {
         self.n_blocks
     }
 
+    /// Token positions (slots) per block.
     pub fn block_size(&self) -> usize {
         self.block_size
     }
 
+    /// KV heads per position.
     pub fn n_kv(&self) -> usize {
         self.n_kv
     }
 
+    /// Values per head.
     pub fn head_dim(&self) -> usize {
         self.head_dim
     }
 
+    /// How values are stored.
     pub fn dtype(&self) -> KvDtype {
         self.dtype
     }
@@ -587,10 +686,15 @@ pub(crate) fn dequantize_q8_0_row(src: &[u8], out: &mut [f32]) {
 /// no query sees may be `u32::MAX` (released): they are never read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SeqAttn {
+    /// First row of `q` holding this sequence's queries.
     pub q_start: usize,
+    /// Queries (rows of `q`) of this sequence; 0 leaves it out of the call.
     pub n_q: usize,
+    /// Positions before the first query: the queries are at `n_past..n_past + n_q`.
     pub n_past: usize,
+    /// Block id of each `block_size` positions, as the block allocator hands them out.
     pub block_table: Arc<[u32]>,
+    /// Sliding window in positions (`None`: full causal attention; `Some(0)` is invalid).
     pub window: Option<usize>,
     /// Rows of the batch that llama.cpp would compute these queries in when the sequence runs
     /// alone (its ubatch: a prompt's 512-token slice, or 1 for a decoded token). It picks
@@ -622,8 +726,11 @@ pub(crate) fn first_visible(qp: usize, window: Option<usize>) -> usize {
 /// Cheap to clone (two `Arc`s).
 #[derive(Clone, Debug)]
 pub struct PagedAttention {
+    /// The layer's K and V.
     pub store: Arc<PagedLayerStore>,
+    /// The batch's sequences; their query rows must not overlap.
     pub seqs: Arc<[SeqAttn]>,
+    /// Factor applied to every `q . k` score before the softmax (usually `1 / sqrt(head_dim)`).
     pub scale: f32,
 }
 

@@ -70,10 +70,12 @@ pub struct GroupConfig {
     pub n_blocks: usize,
 }
 
+/// Shape and policy of a [`BlockAllocator`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AllocatorConfig {
-    /// Token slots per block.
+    /// Token slots per block: `1..=`[`MAX_BLOCK_SIZE`].
     pub block_size: usize,
+    /// The KV groups (at least one); group `g` is index `g` in every call that takes a group.
     pub groups: Vec<GroupConfig>,
     /// Reuse the KV of full blocks whose whole token prefix matches.
     pub prefix_caching: bool,
@@ -100,18 +102,34 @@ pub fn check_block_size(block_size: usize) -> Result<(), ConfigError> {
 /// Why an [`AllocatorConfig`] was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
+    /// A block size of 0.
     #[error("block_size must be > 0")]
     ZeroBlockSize,
+    /// A block size above [`MAX_BLOCK_SIZE`].
     #[error("block_size {block_size} exceeds the maximum of {max} tokens per block")]
-    BlockSizeTooLarge { block_size: usize, max: usize },
+    BlockSizeTooLarge {
+        /// The block size given.
+        block_size: usize,
+        /// [`MAX_BLOCK_SIZE`].
+        max: usize,
+    },
+    /// No groups.
     #[error("at least one KV group is needed")]
     NoGroups,
+    /// A group with a sliding window of 0.
     #[error("group {group}: a sliding window must be > 0")]
-    ZeroWindow { group: usize },
+    ZeroWindow {
+        /// The group's index.
+        group: usize,
+    },
+    /// A group with more blocks than `u32` ids can name (`u32::MAX` is reserved).
     #[error("group {group}: {n_blocks} blocks exceeds the maximum of {max}")]
     TooManyBlocks {
+        /// The group's index.
         group: usize,
+        /// Blocks asked for.
         n_blocks: usize,
+        /// The most a group may have.
         max: usize,
     },
 }
@@ -120,9 +138,13 @@ pub enum ConfigError {
 /// of the group, K and V) before writing the appended positions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockCopy {
+    /// The KV group whose layers are copied.
     pub group: usize,
+    /// The shared block to copy from.
     pub src: u32,
+    /// The fresh block to copy into (now in the sequence's table instead of `src`).
     pub dst: u32,
+    /// Filled slots to copy: `0..slots`.
     pub slots: usize,
 }
 
@@ -223,6 +245,8 @@ pub struct BlockAllocator {
 }
 
 impl BlockAllocator {
+    /// An allocator with every block free and no sequences; fails with [`KvError::Config`] on a
+    /// bad block size, no groups, a zero window or too many blocks.
     pub fn new(config: AllocatorConfig) -> Result<Self, KvError> {
         Self::with_hasher(config, ChainHasher::new())
     }
@@ -275,14 +299,17 @@ impl BlockAllocator {
         Self::with_hasher(config, ChainHasher::custom(f))
     }
 
+    /// Token slots per block.
     pub fn block_size(&self) -> usize {
         self.block_size
     }
 
+    /// KV groups (valid group indices are `0..n_groups`).
     pub fn n_groups(&self) -> usize {
         self.groups.len()
     }
 
+    /// Live sequences.
     pub fn n_seqs(&self) -> usize {
         self.seqs.len()
     }
@@ -293,6 +320,7 @@ impl BlockAllocator {
         self.seqs.keys().copied().collect()
     }
 
+    /// Whether full blocks are shared between prompts that start the same way.
     pub fn prefix_caching(&self) -> bool {
         self.prefix_caching
     }
@@ -323,6 +351,7 @@ impl BlockAllocator {
         Ok(self.group(group)?.pool.used())
     }
 
+    /// Blocks in the group's pool, used or free.
     pub fn total_blocks(&self, group: usize) -> Result<usize, KvError> {
         Ok(self.group(group)?.pool.total())
     }

@@ -32,11 +32,15 @@ pub enum KvBudget {
 pub struct KvCacheConfig {
     /// Token slots per block.
     pub block_size: usize,
+    /// How K and V values are stored.
     pub dtype: KvDtype,
+    /// KV heads per layer.
     pub n_kv_heads: usize,
+    /// Values per head (a multiple of 32 for [`KvDtype::Q8_0`]).
     pub head_dim: usize,
     /// Each layer's sliding window (`None`: full attention); its length is the layer count.
     pub layer_windows: Vec<Option<usize>>,
+    /// How many blocks each group's pool gets.
     pub budget: KvBudget,
     /// Longest sequence (the context size): an append past it is [`KvError::ContextFull`].
     pub max_seq_len: usize,
@@ -58,10 +62,13 @@ impl KvCacheConfig {
 /// What a user picks for the cache at start-up; the model fills in the shape.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KvOptions {
+    /// How K and V values are stored (`--kv-type`).
     pub dtype: KvDtype,
+    /// Token slots per block.
     pub block_size: usize,
     /// `None`: room for the requested context exactly.
     pub budget: Option<KvBudget>,
+    /// Share the KV of full blocks between prompts that start the same way.
     pub prefix_caching: bool,
 }
 
@@ -93,6 +100,8 @@ fn storage(e: PagedError) -> KvError {
     KvError::Storage(e.to_string())
 }
 
+/// A paged KV cache for many sequences: a [`BlockAllocator`] and one [`PagedLayerStore`] per
+/// layer, each sized to its group's pool.
 pub struct PagedKvCache {
     alloc: BlockAllocator,
     /// Group of each layer.
@@ -103,6 +112,8 @@ pub struct PagedKvCache {
 }
 
 impl PagedKvCache {
+    /// Sizes the pools from `config.budget` and allocates every layer's arenas (zeroed lazily
+    /// by the OS); fails on a bad block size or shape, or when the memory cannot be had.
     pub fn new(config: &KvCacheConfig) -> Result<Self, KvError> {
         // Before any size is derived from it: a huge block is one huge allocation (an abort).
         check_block_size(config.block_size)?;
@@ -166,14 +177,17 @@ impl PagedKvCache {
         &self.alloc
     }
 
+    /// How K and V values are stored.
     pub fn dtype(&self) -> KvDtype {
         self.dtype
     }
 
+    /// Longest sequence the cache accepts (the context size).
     pub fn max_seq_len(&self) -> usize {
         self.max_seq_len
     }
 
+    /// Layers (one store each).
     pub fn n_layers(&self) -> usize {
         self.stores.len()
     }
@@ -184,13 +198,14 @@ impl PagedKvCache {
         self.stores.iter().map(|s| s.bytes()).sum()
     }
 
-    /// Blocks in use and in total, summed over groups.
+    /// Blocks referenced by some sequence, summed over groups.
     pub fn used_blocks(&self) -> usize {
         (0..self.alloc.n_groups())
             .filter_map(|g| self.alloc.used_blocks(g).ok())
             .sum()
     }
 
+    /// Blocks in every group's pool, summed over groups.
     pub fn total_blocks(&self) -> usize {
         (0..self.alloc.n_groups())
             .filter_map(|g| self.alloc.total_blocks(g).ok())
@@ -203,6 +218,7 @@ impl PagedKvCache {
         self.alloc.add_sequence(prompt)
     }
 
+    /// Positions of `seq`, appended ones included.
     pub fn len(&self, seq: SeqId) -> Result<usize, KvError> {
         self.alloc.len(seq)
     }
@@ -323,6 +339,7 @@ impl PagedKvCache {
         self.alloc.truncate(seq, len)
     }
 
+    /// A new sequence sharing every block of `seq` (see [`BlockAllocator::fork`]).
     pub fn fork(&mut self, seq: SeqId) -> Result<SeqId, KvError> {
         self.alloc.fork(seq)
     }
@@ -353,26 +370,32 @@ impl SequenceCache {
         Ok(Self { cache, seq })
     }
 
+    /// Positions cached, appended ones included.
     pub fn len(&self) -> usize {
         self.cache.len(self.seq).unwrap_or(0)
     }
 
+    /// Whether no position is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Most positions the sequence may hold (`max_seq_len`).
     pub fn capacity(&self) -> usize {
         self.cache.max_seq_len()
     }
 
+    /// The one sequence's id in [`SequenceCache::cache`].
     pub fn seq(&self) -> SeqId {
         self.seq
     }
 
+    /// The cache and the sequence, for the calls that take both (append, write, attention).
     pub fn parts(&mut self) -> (&mut PagedKvCache, SeqId) {
         (&mut self.cache, self.seq)
     }
 
+    /// The underlying cache, read-only.
     pub fn cache(&self) -> &PagedKvCache {
         &self.cache
     }

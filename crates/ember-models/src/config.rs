@@ -42,20 +42,38 @@ const DEFAULT_SWA_PATTERN: usize = 6;
 /// `rope.freq_base_swa` when the file has none (llama.cpp's `rope_freq_base_train_swa`).
 const DEFAULT_ROPE_BASE_SWA: f32 = 10_000.0;
 
+/// A model's hyper-parameters, read from its GGUF metadata and checked against its tensors
+/// ([`ModelConfig::from_gguf`]). Keys are `{arch}.*`, `{arch}` being the architecture name.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
+    /// `general.architecture`: `llama`, `gemma3`, `qwen2`, `qwen3` or `phi3`.
     pub architecture: String,
+    /// Transformer blocks (`block_count`).
     pub n_layer: usize,
+    /// Width of the hidden states (`embedding_length`).
     pub n_embd: usize,
+    /// Hidden units of the feed-forward (`feed_forward_length`).
     pub n_ff: usize,
+    /// Query heads (`attention.head_count`).
     pub n_head: usize,
+    /// Key/value heads (`attention.head_count_kv`, else `n_head`); divides `n_head`, each
+    /// K/V head serving an equal group of query heads (GQA).
     pub n_head_kv: usize,
+    /// Size of each Q, K and V head (`attention.key_length`, else `n_embd / n_head`).
     pub head_dim: usize,
+    /// Tokens in the vocabulary, one row of `token_embd.weight` each (`vocab_size`, else the
+    /// length of `tokenizer.ggml.tokens`).
     pub n_vocab: usize,
+    /// Context length the model was trained for, in positions (`context_length`).
     pub context_length: usize,
+    /// RoPE frequency base (`rope.freq_base`, default 10000).
     pub rope_base: f32,
+    /// Dimensions of each head that RoPE rotates (`rope.dimension_count`, else `head_dim`;
+    /// even, at most `head_dim`).
     pub rope_dim: usize,
+    /// How RoPE pairs dimensions (fixed by the architecture).
     pub rope_mode: RopeMode,
+    /// Epsilon of the RMS norms (`attention.layer_norm_rms_epsilon`, default 1e-5).
     pub rms_eps: f32,
     /// Gemma 3's window layers, when the file gives a window (`None` for every other
     /// architecture: llama.cpp ignores `sliding_window` for llama and phi3, and so do we).

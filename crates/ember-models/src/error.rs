@@ -1,11 +1,15 @@
 use ember_quant::GgmlType;
 
+/// Errors loading a model or running a pass.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// `general.architecture` names an architecture this crate does not implement.
     #[error("unsupported architecture '{0}' (supported: llama, gemma3, qwen2, qwen3, phi3)")]
     UnsupportedArchitecture(String),
+    /// The file has no `general.architecture` key.
     #[error("the file has no general.architecture")]
     NoArchitecture,
+    /// A metadata key the architecture needs (named) is absent.
     #[error("missing metadata key '{0}'")]
     MissingKey(String),
     /// A metadata value that cannot be right: out of range, of the wrong type, or contradicting
@@ -15,34 +19,62 @@ pub enum ModelError {
          download or convert it again)"
     )]
     BadMetadata {
+        /// The metadata key.
         key: String,
+        /// Its value, as the file has it.
         value: String,
+        /// What it must be, and why.
         expected: String,
     },
+    /// A model feature Ember does not implement (RoPE scaling, a V head size different from
+    /// K's, ...), described.
     #[error("{0} is not supported yet")]
     Unsupported(String),
+    /// A tensor the architecture needs (named) is not in the file.
     #[error("missing tensor '{0}'")]
     MissingTensor(String),
+    /// A tensor's shape disagrees with the hyper-parameters.
     #[error(
         "tensor '{name}' has shape {got:?} but the metadata makes it {expected:?} (the model \
          file is damaged or was converted wrongly)"
     )]
     BadShape {
+        /// The tensor's name.
         name: String,
+        /// Its dims in the file (ggml order: innermost first).
         got: Vec<u64>,
+        /// The dims the metadata implies.
         expected: Vec<u64>,
     },
+    /// A vector tensor (a norm weight, a bias) is stored in a type that cannot be dequantized.
     #[error("tensor '{name}': {ty} is not supported here")]
-    UnsupportedType { name: String, ty: GgmlType },
+    UnsupportedType {
+        /// The tensor's name.
+        name: String,
+        /// Its ggml type.
+        ty: GgmlType,
+    },
+    /// A weight matrix cannot be used: its type has no matmul kernel, a row does not fill
+    /// whole quantization blocks, or its rows could not be read (the embedding lookup).
     #[error("tensor '{name}': {source}")]
     Weight {
+        /// The tensor's name.
         name: String,
+        /// Why the matrix was refused.
         source: ember_kernels::QuantMatrixError,
     },
+    /// A token id given to a pass has no row in the embedding.
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
-    TokenOutOfRange { id: u32, vocab: usize },
+    TokenOutOfRange {
+        /// The offending id.
+        id: u32,
+        /// The vocabulary size ([`ModelConfig::n_vocab`](crate::ModelConfig::n_vocab)).
+        vocab: usize,
+    },
+    /// The KV cache refused an operation (out of blocks, context full, unknown sequence, ...).
     #[error(transparent)]
     Kv(#[from] ember_kv::KvError),
+    /// A pass was given no items, or an item without tokens.
     #[error("empty batch: at least one token is needed")]
     EmptyBatch,
     /// [`PassOptions::layers`](crate::PassOptions::layers) outside `1..=n_layer`.
@@ -50,19 +82,37 @@ pub enum ModelError {
         "the pass asks for {layers} layers but the model has {n_layer} (a pass runs 1 to \
          {n_layer} of them)"
     )]
-    BadLayerCount { layers: usize, n_layer: usize },
+    BadLayerCount {
+        /// The layers asked for.
+        layers: usize,
+        /// The model's layer count.
+        n_layer: usize,
+    },
+    /// The cache has another number of layers than the pass runs (see
+    /// [`Model::kv_config_layers`](crate::Model::kv_config_layers)).
     #[error(
         "the KV cache has {cache} layers but the pass runs {layers} (a cache made for another \
          layer count)"
     )]
-    CacheLayers { cache: usize, layers: usize },
+    CacheLayers {
+        /// Layers in the cache.
+        cache: usize,
+        /// Layers the pass runs.
+        layers: usize,
+    },
     /// A self-speculative draft must skip at least one layer and run at least one.
     #[error(
         "a self-speculative draft runs the first 1 to {max} of the model's {n_layer} layers, \
          not {layers} (it must run at least one and skip at least one)",
         max = .n_layer.saturating_sub(1)
     )]
-    SelfDraftLayers { layers: usize, n_layer: usize },
+    SelfDraftLayers {
+        /// The layers asked for.
+        layers: usize,
+        /// The model's layer count.
+        n_layer: usize,
+    },
+    /// A sequence appears twice in one batch, where each may appear once.
     #[error("{0} appears more than once in one batch")]
     DuplicateSequence(ember_kv::SeqId),
 }

@@ -35,6 +35,10 @@ struct Block {
     rope_base: f32,
 }
 
+/// Gemma 3 (`gemma3`): RMS-normed Q and K (QK-norm), NEOX RoPE with its own base on
+/// sliding-window layers, norms after attention and feed-forward as well as before, a
+/// GELU-gated feed-forward, embeddings scaled by `sqrt(n_embd)`, and window layers interleaved
+/// with global ones ([`SlidingWindow`](crate::SlidingWindow)).
 pub struct Gemma3 {
     config: ModelConfig,
     blocks: Vec<Block>,
@@ -43,6 +47,7 @@ pub struct Gemma3 {
 }
 
 impl Gemma3 {
+    /// Loads every block's weights (`blk.N.*`), checking each tensor's shape against `config`.
     pub fn load(
         file: &GgufFile,
         config: &ModelConfig,

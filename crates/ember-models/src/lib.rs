@@ -1,8 +1,5 @@
-//! Model architectures written once against burn tensors, with weights taken from a GGUF file.
-//!
-//! Linear layers keep their weights quantized in the file's memory map and go through
-//! [`ember_kernels::quant_matmul`]; everything else is ordinary burn ops, so a model runs on
-//! any burn backend.
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
 
 mod config;
 mod error;

@@ -24,12 +24,16 @@ struct Block {
     w_down: Arc<QuantMatrix>,
 }
 
+/// The `llama` architecture (SmolLM2, Llama 2/3, Mistral-style): pre-norm blocks of GQA
+/// attention with RoPE ([`RopeMode::Normal`](crate::RopeMode::Normal)) and a SwiGLU
+/// feed-forward, RMS norms. [`load`](crate::load) picks it for `general.architecture = llama`.
 pub struct Llama {
     config: ModelConfig,
     blocks: Vec<Block>,
 }
 
 impl Llama {
+    /// Loads every block's weights (`blk.N.*`), checking each tensor's shape against `config`.
     pub fn load(
         file: &GgufFile,
         config: &ModelConfig,

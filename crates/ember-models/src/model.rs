@@ -28,6 +28,7 @@ pub enum Logits {
 /// One sequence's part of a batched pass.
 #[derive(Clone, Copy, Debug)]
 pub struct BatchSeq<'a> {
+    /// The cache sequence these tokens extend.
     pub seq: SeqId,
     /// Tokens following the sequence's cached positions (a prompt chunk or a sampled token).
     pub tokens: &'a [u32],
@@ -85,7 +86,10 @@ pub struct Pass<'a> {
     pub path_rows: Vec<usize>,
     /// Position of every row.
     pub positions: Arc<[u32]>,
+    /// Rows of the batch: every item's tokens together.
     pub n_rows: usize,
+    /// The cache the new positions were appended to; [`attend`](Self::attend) writes and
+    /// reads it.
     pub cache: &'a mut PagedKvCache,
     /// The rows whose logits were asked for, when not all of them.
     out_rows: Option<Vec<usize>>,
@@ -219,10 +223,12 @@ impl Model {
         })
     }
 
+    /// The hyper-parameters the model was loaded with.
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
+    /// The burn device its tensors live on.
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -267,6 +273,8 @@ impl Model {
         self.new_cache_with(&KvOptions::default(), n_ctx)
     }
 
+    /// [`new_cache`](Self::new_cache) with explicit KV options (element type, block size,
+    /// budget, prefix caching).
     pub fn new_cache_with(
         &self,
         opts: &KvOptions,

@@ -26,12 +26,16 @@ struct Block {
     w_down: Arc<QuantMatrix>,
 }
 
+/// Phi-3 (`phi3`): the llama block with a fused QKV projection, a fused gate-and-up
+/// projection, and NEOX RoPE over `rope.dimension_count` dims of each head; Phi's sliding
+/// window is disabled, as llama.cpp does.
 pub struct Phi3 {
     config: ModelConfig,
     blocks: Vec<Block>,
 }
 
 impl Phi3 {
+    /// Loads every block's weights (`blk.N.*`), checking each tensor's shape against `config`.
     pub fn load(
         file: &GgufFile,
         config: &ModelConfig,

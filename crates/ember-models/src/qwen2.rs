@@ -22,12 +22,15 @@ struct Block {
     w_down: Arc<QuantMatrix>,
 }
 
+/// Qwen 2 / 2.5 (`qwen2`): the llama block with biases on the Q, K and V projections and NEOX
+/// RoPE.
 pub struct Qwen2 {
     config: ModelConfig,
     blocks: Vec<Block>,
 }
 
 impl Qwen2 {
+    /// Loads every block's weights (`blk.N.*`), checking each tensor's shape against `config`.
     pub fn load(
         file: &GgufFile,
         config: &ModelConfig,

@@ -25,12 +25,16 @@ struct Block {
     w_down: Arc<QuantMatrix>,
 }
 
+/// Qwen 3 (`qwen3`): the llama block with an RMS norm over every Q and K head before RoPE
+/// (QK-norm), NEOX RoPE, and a head size (`attention.key_length`) independent of
+/// `n_embd / n_head`.
 pub struct Qwen3 {
     config: ModelConfig,
     blocks: Vec<Block>,
 }
 
 impl Qwen3 {
+    /// Loads every block's weights (`blk.N.*`), checking each tensor's shape against `config`.
     pub fn load(
         file: &GgufFile,
         config: &ModelConfig,

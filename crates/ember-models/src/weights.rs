@@ -10,12 +10,15 @@ use ember_kernels::{QuantMatrix, QuantMatrixError, SharedBytes};
 
 use crate::ModelError;
 
+/// Shape-checked access to a GGUF file's tensors, for architecture loaders: a missing tensor
+/// or a shape other than the one asked for is an error naming the tensor.
 pub struct Weights<'a> {
     file: &'a GgufFile,
     device: Device,
 }
 
 impl<'a> Weights<'a> {
+    /// Tensors of `file`; vectors are created on `device`.
     pub fn new(file: &'a GgufFile, device: &Device) -> Self {
         Self {
             file,
@@ -29,6 +32,7 @@ impl<'a> Weights<'a> {
             .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
     }
 
+    /// Whether the file has a tensor `name` (for optional weights: biases, an untied head).
     pub fn has(&self, name: &str) -> bool {
         self.file.tensor(name).is_some()
     }

@@ -8,7 +8,7 @@ use crate::types::GgmlType;
 /// Elements per K-quant super-block (ggml's `QK_K`).
 pub const QK_K: usize = 256;
 
-/// Whether [`dequantize`], [`crate::quantize`] and [`crate::dot_row`] handle `ty`.
+/// Whether [`dequantize`], [`crate::quantize()`] and [`crate::dot_row`] handle `ty`.
 pub const fn supports_dequantize(ty: GgmlType) -> bool {
     use GgmlType::*;
     matches!(

@@ -11,11 +11,19 @@ pub enum QuantError {
     /// The type has no (de)quantizer here (IQ*, TQ*, MXFP4, integer types, ...).
     Unsupported(GgmlType),
     /// The element count is not a multiple of the type's block size.
-    NotWholeBlocks { ty: GgmlType, n_elements: usize },
+    NotWholeBlocks {
+        /// The requested type.
+        ty: GgmlType,
+        /// The element count asked for.
+        n_elements: usize,
+    },
     /// The byte buffer does not hold exactly the bytes for the requested elements.
     LengthMismatch {
+        /// The requested type.
         ty: GgmlType,
+        /// The bytes the element count needs (`usize::MAX` when that size overflows).
         expected_bytes: usize,
+        /// The bytes given (0 in the overflow case, where there is nothing to compare).
         actual_bytes: usize,
     },
 }

@@ -3,40 +3,83 @@
 use std::fmt;
 
 /// A ggml tensor element type, with the numeric id GGUF files store.
+///
+/// Variant names are ggml's (`Q4_K`, `IQ2_XXS`, ...). Every type has its sizes here; the ones
+/// marked "sizes only" have no (de)quantizer in this crate (see [`crate::supports_dequantize`]).
+/// Multi-byte fields are little-endian and scales are IEEE f16 unless a variant says otherwise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[allow(non_camel_case_types)]
 pub enum GgmlType {
+    /// IEEE single precision, 4 bytes per element.
     F32,
+    /// IEEE half precision, 2 bytes per element.
     F16,
+    /// Blocks of 32 in 18 bytes: an f16 scale `d` and 4-bit quants `q`; value `d * (q - 8)`.
     Q4_0,
+    /// Blocks of 32 in 20 bytes: f16 scale `d` and minimum `m`, 4-bit quants; value `d * q + m`.
     Q4_1,
+    /// Blocks of 32 in 22 bytes: an f16 scale `d` and 5-bit quants; value `d * (q - 16)`.
     Q5_0,
+    /// Blocks of 32 in 24 bytes: f16 scale `d` and minimum `m`, 5-bit quants; value `d * q + m`.
     Q5_1,
+    /// Blocks of 32 in 34 bytes: an f16 scale `d` and `i8` quants; value `d * q`.
     Q8_0,
+    /// Blocks of 32 in 36 bytes: as Q8_0 plus an f16 `d * sum(q)`, which dot products with
+    /// Q4_1/Q5_1 use.
     Q8_1,
+    /// K-quant, 256 elements in 84 bytes (2.625 bits per weight): 16 groups of 16 with 4-bit
+    /// scales and minimums, 2-bit quants.
     Q2_K,
+    /// K-quant, 256 elements in 110 bytes (3.4375 bits per weight): 16 groups of 16 with 6-bit
+    /// scales, 3-bit quants.
     Q3_K,
+    /// K-quant, 256 elements in 144 bytes (4.5 bits per weight): 8 groups of 32 with 6-bit scales
+    /// and minimums, 4-bit quants.
     Q4_K,
+    /// K-quant, 256 elements in 176 bytes (5.5 bits per weight): as Q4_K with 5-bit quants.
     Q5_K,
+    /// K-quant, 256 elements in 210 bytes (6.5625 bits per weight): 16 groups of 16 with `i8`
+    /// scales, 6-bit quants.
     Q6_K,
+    /// K-quant, 256 elements in 292 bytes: an f32 scale, `i8` quants and the `i16` sums of each
+    /// 16; the format K-quant dot products quantize activations to.
     Q8_K,
+    /// Importance-matrix 2-bit codebook quant, 256 elements in 66 bytes. Sizes only.
     IQ2_XXS,
+    /// Importance-matrix 2-bit codebook quant, 256 elements in 74 bytes. Sizes only.
     IQ2_XS,
+    /// Importance-matrix 3-bit codebook quant, 256 elements in 98 bytes. Sizes only.
     IQ3_XXS,
+    /// Importance-matrix 1-bit codebook quant, 256 elements in 50 bytes. Sizes only.
     IQ1_S,
+    /// Non-linear 4-bit quant, blocks of 32 in 18 bytes. Sizes only.
     IQ4_NL,
+    /// Importance-matrix 3-bit codebook quant, 256 elements in 110 bytes. Sizes only.
     IQ3_S,
+    /// Importance-matrix 2-bit codebook quant, 256 elements in 82 bytes. Sizes only.
     IQ2_S,
+    /// Non-linear 4-bit quant with 6-bit group scales, 256 elements in 136 bytes. Sizes only.
     IQ4_XS,
+    /// Signed 8-bit integer. Sizes only.
     I8,
+    /// Signed 16-bit integer, little-endian. Sizes only.
     I16,
+    /// Signed 32-bit integer, little-endian. Sizes only.
     I32,
+    /// Signed 64-bit integer, little-endian. Sizes only.
     I64,
+    /// IEEE double precision, 8 bytes per element. Sizes only.
     F64,
+    /// Importance-matrix 1-bit codebook quant, 256 elements in 56 bytes. Sizes only.
     IQ1_M,
+    /// bfloat16 (the top half of an f32), 2 bytes per element.
     BF16,
+    /// Ternary quant (values -1, 0, 1 times a scale), 256 elements in 54 bytes. Sizes only.
     TQ1_0,
+    /// Ternary quant in 2-bit fields, 256 elements in 66 bytes. Sizes only.
     TQ2_0,
+    /// OCP microscaling FP4: blocks of 32 4-bit E2M1 values sharing one E8M0 scale, 17 bytes.
+    /// Sizes only.
     MXFP4,
 }
 

@@ -12,14 +12,23 @@ use crate::generate::last_logits;
 /// One test's result, with llama-bench's JSON field names.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchResult {
+    /// Prompt tokens processed in one batch (a `pp` test); 0 for a `tg` test.
     pub n_prompt: usize,
+    /// Tokens generated one at a time (a `tg` test); 0 for a `pp` test.
     pub n_gen: usize,
+    /// Thread count reported by the caller (recorded, not applied here).
     pub n_threads: usize,
+    /// Mean wall time of one repetition, in nanoseconds.
     pub avg_ns: u64,
+    /// Sample standard deviation of the repetitions' wall times, in nanoseconds.
     pub stddev_ns: u64,
+    /// Mean throughput, in tokens per second.
     pub avg_ts: f64,
+    /// Sample standard deviation of the throughput, in tokens per second.
     pub stddev_ts: f64,
+    /// Wall time of each timed repetition, in nanoseconds (the warm-up run excluded).
     pub samples_ns: Vec<u64>,
+    /// Throughput of each timed repetition, in tokens per second.
     pub samples_ts: Vec<f64>,
 }
 
@@ -54,7 +63,8 @@ fn run_tg(model: &Model, n: usize) -> Result<(), ModelError> {
     Ok(())
 }
 
-/// Runs one test (`n_prompt` > 0 for pp, else `n_gen` for tg).
+/// Runs one test (`n_prompt` > 0 for pp, else `n_gen` for tg): one warm-up run, then `reps`
+/// timed ones (at least 1), each from a fresh cache.
 pub fn bench(
     model: &Model,
     n_prompt: usize,

@@ -44,6 +44,8 @@ use crate::spec::{Proposer, SpecConfig, SpecError, SpecOverride, SpecStats};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{GgufTokenizer, StreamDecoder};
 
+/// How an [`Engine`] schedules and how much memory it takes; [`EngineConfig::new`] gives
+/// llama-server's defaults for a slot count and a context size.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// Sequences decoding at once (`--parallel`).
@@ -54,6 +56,8 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Longest sequence (prompt plus generated), per request.
     pub ctx_size: usize,
+    /// KV cache element type, block size and prefix caching; its `budget` is replaced by
+    /// `kv_budget_tokens` (at least `ctx_size`).
     pub kv: KvOptions,
     /// Token positions the shared KV pool holds over all sequences.
     pub kv_budget_tokens: usize,
@@ -86,44 +90,75 @@ impl EngineConfig {
 /// 8 up to 1 each, 16 or more none.
 pub const DEFAULT_SPEC_ROW_BUDGET: usize = 16;
 
+/// Why an engine (or [`generate`](crate::generate::generate)'s one-sequence scheduler) could
+/// not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// The KV cache could not be set up (its size or layout is unusable for this model).
     #[error("KV cache: {0}")]
     Kv(#[from] KvError),
+    /// A setting is out of range (e.g. a zero slot count, batch size or context size).
     #[error("bad engine config: {0}")]
     Config(String),
+    /// The scheduler thread could not be spawned.
     #[error("could not start the engine thread: {0}")]
     Thread(#[from] std::io::Error),
+    /// The speculation settings are invalid for this model or draft model.
     #[error(transparent)]
     Spec(#[from] SpecError),
+    /// The draft model's cache could not be set up.
     #[error("the draft model: {0}")]
     Draft(ModelError),
 }
 
+/// Why [`Engine::submit`] refused a request; nothing was queued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
+    /// The prompt does not fit the engine's per-request context; nothing is truncated.
     #[error(
         "the prompt is {prompt} tokens but the context size is {ctx}: use a shorter prompt or a larger context (nothing was truncated)"
     )]
-    PromptTooLong { prompt: usize, ctx: usize },
+    PromptTooLong {
+        /// Prompt length, in tokens.
+        prompt: usize,
+        /// The engine's context size, in tokens.
+        ctx: usize,
+    },
+    /// The prompt has no tokens.
     #[error("the prompt is empty (no tokens)")]
     EmptyPrompt,
+    /// [`EngineConfig::max_waiting`] requests are already waiting; retry later.
     #[error("the server is busy: {waiting} requests are already waiting; retry later")]
-    QueueFull { waiting: usize },
+    QueueFull {
+        /// Requests waiting when this one was refused.
+        waiting: usize,
+    },
+    /// A prompt token id is not in the model's vocabulary.
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
-    TokenOutOfRange { id: u32, vocab: usize },
+    TokenOutOfRange {
+        /// The first offending id.
+        id: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// The scheduler thread has ended.
     #[error("the engine has stopped")]
     Stopped,
+    /// The request's speculation override is invalid or needs what this engine lacks.
     #[error(transparent)]
     Spec(#[from] SpecError),
 }
 
+/// One request for [`Engine::submit`].
 #[derive(Clone, Debug, Default)]
 pub struct EngineRequest {
+    /// The prompt, already tokenized; at most the engine's `ctx_size` tokens.
     pub prompt_tokens: Vec<u32>,
     /// Tokens to generate at most (the context may end generation sooner).
     pub max_tokens: usize,
+    /// How each token is chosen.
     pub sampling: SamplingParams,
+    /// Stop strings: generation ends before the first one, which is not sent.
     pub stop: Vec<String>,
     /// Keep generating past end-of-generation tokens.
     pub ignore_eos: bool,
@@ -135,9 +170,13 @@ pub struct EngineRequest {
     pub spec: SpecOverride,
 }
 
+/// Log-probabilities at one step, under the model's own distribution (log-softmax of the raw
+/// logits, before sampling's filters and temperature).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TokenLogprob {
+    /// The chosen token.
     pub id: u32,
+    /// Its natural-log probability.
     pub logprob: f32,
     /// The most likely tokens at this step, best first.
     pub top: Vec<(u32, f32)>,
@@ -148,8 +187,11 @@ pub struct TokenLogprob {
 pub struct Timings {
     /// Prompt tokens computed (not served from the prefix cache).
     pub prompt_n: usize,
+    /// Milliseconds from admission (a slot free) to the first generated token.
     pub prompt_ms: f64,
+    /// Tokens generated.
     pub predicted_n: usize,
+    /// Milliseconds from the first generated token to the end.
     pub predicted_ms: f64,
     /// Prompt tokens served from the prefix cache.
     pub cache_n: usize,
@@ -161,34 +203,51 @@ pub struct Timings {
     pub draft_n_accepted: Option<u64>,
 }
 
+/// What a request's [`RequestStream`] yields: [`Token`](Event::Token)s, then exactly one
+/// [`Done`](Event::Done) or [`Error`](Event::Error), then the end of the stream.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// A generated token. `text` is what is safe to show now (complete UTF-8, a possible stop
     /// string held back); it may be empty. The last token's event also carries any held-back
     /// text that turned out not to be a stop string.
     Token {
+        /// Token id (an end-of-generation token is sent too; its own text is never shown).
         id: u32,
+        /// Text released by this token.
         text: String,
+        /// Log-probabilities, when the request asked for them ([`EngineRequest::logprobs`]).
         logprob: Option<TokenLogprob>,
     },
+    /// The request finished normally.
     Done {
+        /// Why it ended.
         stop_reason: StopReason,
+        /// Its counts and times.
         timings: Timings,
         /// Tokens dropped by each context shift (empty when none happened).
         context_shifts: Vec<usize>,
         /// What speculation did; `None` when the request did not speculate.
         spec: Option<SpecStats>,
     },
+    /// The request failed (a panic while computing its batch, or the engine stopped); the
+    /// message says why. Tokens sent before it stand.
     Error(String),
 }
 
+/// The engine's gauges and counters, as published after its latest step.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct EngineStats {
+    /// Sequences admitted (holding KV blocks).
     pub running: usize,
+    /// Requests accepted and waiting for a slot.
     pub waiting: usize,
+    /// KV blocks in use.
     pub kv_used_blocks: usize,
+    /// KV blocks in the pool.
     pub kv_total_blocks: usize,
+    /// Prompt tokens computed since the start (prefix-cache hits not counted).
     pub prompt_tokens_total: u64,
+    /// Tokens generated since the start.
     pub generated_tokens_total: u64,
     /// Sequences preempted (KV blocks given back, recomputed later) since the start.
     pub preemptions_total: u64,
@@ -202,10 +261,13 @@ pub struct EngineStats {
 /// sampling fails that batch's requests; the engine goes on with the rest).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct EngineHealth {
+    /// Whether the scheduler thread is alive.
     pub running: bool,
+    /// Batches failed since the start.
     pub failed_batches: u64,
     /// Batches failed in a row since the last one that succeeded.
     pub consecutive_failures: u64,
+    /// Why the latest batch failed (the panic message), if one has.
     pub last_failure: Option<String>,
 }
 
@@ -233,15 +295,28 @@ pub struct RequestStream {
 }
 
 impl RequestStream {
+    /// The next event; `None` once the request's last event (`Done` or `Error`) was read, or
+    /// if the engine went away without sending one.
     pub async fn next(&mut self) -> Option<Event> {
         self.rx.recv().await
     }
 
-    /// For callers without an async runtime.
+    /// [`next`](Self::next) for callers without an async runtime (it panics when called from
+    /// within one, as tokio's `blocking_recv` does).
     pub fn blocking_next(&mut self) -> Option<Event> {
         self.rx.blocking_recv()
     }
 
+    /// The poll form of [`next`](Self::next), for implementing `futures::Stream` over this
+    /// stream (the facade crate's `EngineStream` does).
+    pub fn poll_next_event(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Event>> {
+        self.rx.poll_recv(cx)
+    }
+
+    /// The request's id, unique within this engine (counted from 1 in submission order).
     pub fn id(&self) -> u64 {
         self.id
     }
@@ -276,6 +351,7 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Sets up the KV pool and starts the scheduler thread (`ember-engine`) for `model`.
     pub fn start(model: Arc<LoadedModel>, config: EngineConfig) -> Result<Engine, EngineError> {
         Self::start_with_draft(model, None, config)
     }
@@ -334,6 +410,9 @@ impl Engine {
         Ok(Engine { shared })
     }
 
+    /// Queues a request and returns its event stream; checked first (prompt length and ids,
+    /// speculation override, queue room), so a refusal queues nothing. Dropping the stream
+    /// cancels the request.
     pub fn submit(&self, req: EngineRequest) -> Result<RequestStream, SubmitError> {
         let ctx = self.shared.config.ctx_size;
         let vocab = self.shared.model.model.config().n_vocab;
@@ -382,6 +461,7 @@ impl Engine {
         Ok(RequestStream { id, rx })
     }
 
+    /// The gauges and counters published after the scheduler's latest step.
     pub fn stats(&self) -> EngineStats {
         self.shared
             .stats
@@ -390,6 +470,7 @@ impl Engine {
             .unwrap_or_default()
     }
 
+    /// The model this engine serves (its tokenizer and chat template included).
     pub fn model(&self) -> &Arc<LoadedModel> {
         &self.shared.model
     }
@@ -415,10 +496,12 @@ impl Engine {
         }
     }
 
+    /// The longest sequence a request may have, prompt plus generated, in tokens.
     pub fn ctx_size(&self) -> usize {
         self.shared.config.ctx_size
     }
 
+    /// The settings the engine was started with.
     pub fn config(&self) -> &EngineConfig {
         &self.shared.config
     }

@@ -42,18 +42,29 @@ pub fn prompt_then_step_logits(
     Ok(rows)
 }
 
+/// The result of [`perplexity`].
 #[derive(Clone, Debug, Serialize)]
 pub struct Perplexity {
+    /// `exp` of the mean negative log-likelihood over the scored tokens.
     pub ppl: f64,
     /// Tokens scored.
     pub tokens: usize,
+    /// Chunks of `ctx` tokens evaluated.
     pub chunks: usize,
 }
 
+/// Why [`perplexity`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PerplexityError {
+    /// The text is shorter than two chunks (or `ctx` < 2).
     #[error("need at least 2 * ctx = {needed} tokens for perplexity, the text has {got}")]
-    TooShort { needed: usize, got: usize },
+    TooShort {
+        /// Tokens needed: `2 * ctx`.
+        needed: usize,
+        /// Tokens the text has.
+        got: usize,
+    },
+    /// A forward pass or the cache failed.
     #[error(transparent)]
     Model(#[from] ModelError),
 }

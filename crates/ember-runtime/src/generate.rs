@@ -19,27 +19,43 @@ use crate::tokenizer::GgufTokenizer;
 /// The engine's timings (llama-server's fields).
 pub use crate::engine::Timings;
 
+/// Why a generation was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
+    /// The prompt does not fit the context; nothing is truncated.
     #[error(
         "the prompt is {prompt} tokens but the context size is {ctx}: use a shorter prompt or a larger --ctx-size (nothing was truncated)"
     )]
-    PromptTooLong { prompt: usize, ctx: usize },
+    PromptTooLong {
+        /// Prompt length, in tokens.
+        prompt: usize,
+        /// Context size, in tokens.
+        ctx: usize,
+    },
+    /// The prompt has no tokens.
     #[error("the prompt is empty (no tokens)")]
     EmptyPrompt,
+    /// The model failed (setting up its cache, or a forward pass).
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The engine refused the request ([`generate_on_engine`]).
     #[error(transparent)]
     Submit(#[from] crate::engine::SubmitError),
+    /// The one-sequence scheduler could not be set up (KV cache, speculation settings, draft
+    /// model).
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
+    /// The engine reported an error while generating, or stopped without finishing; found
+    /// inside [`Interrupted`](Self::Interrupted).
     #[error("generation failed: {0}")]
     Failed(String),
     /// The generation failed after the prompt was accepted: `partial` is everything generated
     /// (and passed to `on_text`) before the failure, so a caller can still show or save it.
     #[error("{error} (after {} generated tokens)", .partial.tokens.len())]
     Interrupted {
+        /// The failure (never itself `Interrupted`).
         error: Box<GenerateError>,
+        /// What was generated before it.
         partial: Box<PartialOutput>,
     },
 }
@@ -66,11 +82,17 @@ impl GenerateError {
     }
 }
 
+/// One generation for [`generate`], [`generate_with_draft`], [`generate_on_engine`] or a
+/// [`Generation`].
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
+    /// The prompt, already tokenized (e.g. [`LoadedModel::tokenize_prompt`]).
     pub prompt_tokens: Vec<u32>,
+    /// Tokens to generate at most; 0 runs nothing.
     pub max_tokens: usize,
+    /// How each token is chosen.
     pub sampling: SamplingParams,
+    /// Stop strings: generation ends before the first one, which is not shown.
     pub stop: Vec<String>,
     /// Context size in tokens (prompt + generated).
     pub ctx_size: usize,
@@ -93,9 +115,11 @@ pub struct GenerateRequest {
 /// [`StopReason::ContextFull`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ContextShift {
+    /// Tokens at the start of the sequence never dropped (capped at the prompt's length).
     pub keep: usize,
 }
 
+/// Why a generation ended (serialized in snake case: `length`, `end_of_generation`, ...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
@@ -112,18 +136,31 @@ pub enum StopReason {
 /// What a generation that failed midway had produced (see [`GenerateError::Interrupted`]).
 #[derive(Clone, Debug, Default)]
 pub struct PartialOutput {
+    /// Tokens generated before the failure.
     pub tokens: Vec<u32>,
+    /// Their text, as passed to `on_text`.
     pub text: String,
+    /// Counts and times measured by the caller's loop (the engine reports its own only when a
+    /// request finishes): `prompt_n`, `prompt_ms`, `predicted_n`, `predicted_ms`.
     pub timings: Timings,
+    /// Tokens dropped by context shifts; empty when not known (the engine reports shifts only
+    /// when a request finishes).
     pub context_shifts: Vec<usize>,
+    /// What speculative decoding did; `None` when not known, for the same reason.
     pub spec: Option<SpecStats>,
 }
 
+/// The result of a finished generation.
 #[derive(Clone, Debug)]
 pub struct GenerateOutput {
+    /// Every generated token, an end-of-generation token included (its text is not shown).
     pub tokens: Vec<u32>,
+    /// The generated text, as passed to `on_text`: no end-of-generation token text, nothing
+    /// from a matched stop string on.
     pub text: String,
+    /// Prompt and generation counts and times (llama-server's fields).
     pub timings: Timings,
+    /// Why generation ended.
     pub stop_reason: StopReason,
     /// Tokens dropped by context shifts, one entry per shift (empty when none happened).
     pub context_shifts: Vec<usize>,
@@ -210,40 +247,101 @@ fn run_inline(
     req: &GenerateRequest,
     on_text: impl FnMut(&str),
 ) -> Result<GenerateOutput, GenerateError> {
-    check_prompt(req, req.ctx_size)?;
     if req.max_tokens == 0 {
+        check_prompt(req, req.ctx_size)?;
         return Ok(nothing_generated());
     }
-    let mut kv = req.kv.clone();
-    kv.budget = Some(KvBudget::Tokens(req.ctx_size));
-    let config = EngineConfig {
-        kv,
-        spec: req.spec.clone(),
-        ..EngineConfig::new(1, req.ctx_size)
-    };
-    let parts = SchedulerParts::new(model, draft, target_file, &config)?;
-    let mut sched = Scheduler::new(
-        model,
-        tokenizer,
-        draft.map(|d| d.1),
-        config,
-        parts,
-        Counters::detached(),
-    );
-    let (tx, mut rx) = unbounded_channel();
-    sched.push(engine_request(req), tx);
-    let next = || {
-        loop {
-            if let Ok(ev) = rx.try_recv() {
-                return Some(ev);
-            }
-            if sched.idle() {
-                return rx.try_recv().ok();
-            }
-            sched.guarded_step();
+    let mut generation = Generation::start(model, tokenizer, target_file, draft, req)?;
+    collect_events(req.prompt_tokens.len(), || generation.next_event(), on_text)
+}
+
+/// One generation run step by step on the calling thread: the engine's scheduler with one
+/// sequence, advanced only when the caller asks for the next event. This is what a pull-style
+/// token iterator is built on (the facade crate's `TextStream`); [`generate`] is the same loop
+/// pushing text into a callback. Dropping it stops the generation: nothing runs in the
+/// background.
+pub struct Generation<'m> {
+    scheduler: Scheduler<'m>,
+    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    finished: bool,
+}
+
+impl<'m> Generation<'m> {
+    /// Checks the request and sets up its KV cache (sized for `req.ctx_size` tokens); nothing
+    /// is computed until [`next_event`](Self::next_event). `draft` is the draft model (and
+    /// its file, for the vocabulary check) when `req.spec` asks for one; `target_file` is the
+    /// target's file, which that check needs too.
+    ///
+    /// `max_tokens == 0` is run as asked: the first event is `Done` with no tokens (after the
+    /// prompt is computed); [`generate`] skips the run entirely instead.
+    pub fn start(
+        model: &'m Model,
+        tokenizer: &'m GgufTokenizer,
+        target_file: Option<&ember_formats::GgufFile>,
+        draft: Option<(&ember_formats::GgufFile, &'m Model)>,
+        req: &GenerateRequest,
+    ) -> Result<Self, GenerateError> {
+        check_prompt(req, req.ctx_size)?;
+        let mut kv = req.kv.clone();
+        kv.budget = Some(KvBudget::Tokens(req.ctx_size));
+        let config = EngineConfig {
+            kv,
+            spec: req.spec.clone(),
+            ..EngineConfig::new(1, req.ctx_size)
+        };
+        let parts = SchedulerParts::new(model, draft, target_file, &config)?;
+        let mut scheduler = Scheduler::new(
+            model,
+            tokenizer,
+            draft.map(|d| d.1),
+            config,
+            parts,
+            Counters::detached(),
+        );
+        let (tx, events) = unbounded_channel();
+        scheduler.push(engine_request(req), tx);
+        Ok(Self {
+            scheduler,
+            events,
+            finished: false,
+        })
+    }
+
+    /// [`start`](Self::start) for a [`LoadedModel`] and an optional loaded draft model.
+    pub fn start_loaded(
+        target: &'m LoadedModel,
+        draft: Option<&'m LoadedModel>,
+        req: &GenerateRequest,
+    ) -> Result<Self, GenerateError> {
+        Self::start(
+            &target.model,
+            &target.tokenizer,
+            Some(&target.file),
+            draft.map(|d| (&d.file, &d.model)),
+            req,
+        )
+    }
+
+    /// Runs scheduler steps until the next event: a [`Event::Token`], then finally one
+    /// [`Event::Done`] or [`Event::Error`]; `None` after that.
+    pub fn next_event(&mut self) -> Option<Event> {
+        if self.finished {
+            return None;
         }
-    };
-    collect_events(req.prompt_tokens.len(), next, on_text)
+        let event = loop {
+            if let Ok(ev) = self.events.try_recv() {
+                break Some(ev);
+            }
+            if self.scheduler.idle() {
+                break self.events.try_recv().ok();
+            }
+            self.scheduler.guarded_step();
+        };
+        if !matches!(event, Some(Event::Token { .. })) {
+            self.finished = true;
+        }
+        event
+    }
 }
 
 /// [`generate`] through a running [`Engine`](crate::engine::Engine) (the server's, shared with

@@ -1,5 +1,6 @@
-//! The runtime layer: tokenizer built from GGUF metadata, sampling, chat templates and the
-//! generation loop that drives a model.
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
 pub mod bench;
 pub mod engine;
 pub mod eval;

@@ -10,25 +10,51 @@ use ember_models::{Model, ModelError};
 use crate::chat::{BuiltinTemplate, ChatError, ChatTemplate};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
 
+/// Why [`LoadedModel::open`] failed; every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     // The cause is part of the message and deliberately not `source`: callers print the
     // error chain, which would show it twice.
+    /// The file could not be read or is not valid GGUF.
     #[error("{path}: {error}")]
-    File { path: String, error: GgufError },
+    File {
+        /// The file, as displayed.
+        path: String,
+        /// What the GGUF reader reported.
+        error: GgufError,
+    },
+    /// The architecture is unsupported, or its weights or hyperparameters are unusable.
     #[error("{path}: {error}")]
-    Model { path: String, error: ModelError },
+    Model {
+        /// The file, as displayed.
+        path: String,
+        /// What the model loader reported.
+        error: ModelError,
+    },
+    /// The tokenizer metadata is missing or unusable.
     #[error("{path}: tokenizer: {error}")]
-    Tokenizer { path: String, error: TokenizerError },
+    Tokenizer {
+        /// The file, as displayed.
+        path: String,
+        /// What the tokenizer builder reported.
+        error: TokenizerError,
+    },
 }
 
+/// A GGUF model ready to run: the memory-mapped file (metadata, chat template), the model
+/// with its weights on a device, and the tokenizer built from the file's metadata.
 pub struct LoadedModel {
+    /// The opened GGUF file, kept for its metadata (chat template, architecture, names).
     pub file: GgufFile,
+    /// The model on its device.
     pub model: Model,
+    /// The tokenizer described by the file's `tokenizer.*` metadata.
     pub tokenizer: GgufTokenizer,
 }
 
 impl LoadedModel {
+    /// Opens a GGUF file and loads its tokenizer and model onto `device`
+    /// (`ember_models::default_device()` for the default backend).
     pub fn open(path: &Path, device: &Device) -> Result<Self, LoadError> {
         let shown = path.display().to_string();
         let file = GgufFile::open(path).map_err(|error| LoadError::File {

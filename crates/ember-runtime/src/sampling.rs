@@ -77,7 +77,9 @@ impl SamplingParams {
 /// A candidate token and its (possibly transformed) logit.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TokenLogit {
+    /// Token id.
     pub id: u32,
+    /// The logit after the chain's transformations so far (penalties, temperature).
     pub logit: f32,
 }
 
@@ -117,6 +119,8 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler for `params`, its RNG seeded from `params.seed` (ChaCha8, so a seed gives
+    /// the same draws on every platform and rand version) or from OS entropy.
     pub fn new(params: SamplingParams) -> Self {
         // ChaCha8 (not `StdRng`) because its output stream is stable across rand versions,
         // so a seed reproduces the same text after dependency upgrades.
@@ -134,6 +138,7 @@ impl Sampler {
         }
     }
 
+    /// The settings this sampler was built with.
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }

@@ -24,8 +24,10 @@ pub enum Proposer {
 }
 
 impl Proposer {
+    /// Every proposer's name, as [`name`](Self::name) writes and `FromStr` reads it.
     pub const NAMES: [&'static str; 4] = ["none", "lookup", "draft", "self"];
 
+    /// The name used by `--spec` and the server's `ember.spec` field.
     pub fn name(self) -> &'static str {
         match self {
             Self::None => "none",
@@ -68,6 +70,7 @@ pub const MAX_DRAFT: usize = 64;
 /// How to speculate (`--spec`, `--draft-max`, `--draft-min`, `--spec-ngram`, `--spec-layers`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpecConfig {
+    /// Who proposes; [`Proposer::None`] turns speculation off.
     pub proposer: Proposer,
     /// Most tokens proposed per step; the engine drafts fewer while proposals keep failing.
     pub draft_max: usize,
@@ -92,6 +95,7 @@ impl Default for SpecConfig {
 }
 
 impl SpecConfig {
+    /// Whether a proposer is set (anything but [`Proposer::None`]).
     pub fn enabled(&self) -> bool {
         self.proposer != Proposer::None
     }
@@ -134,12 +138,16 @@ impl SpecConfig {
 /// given replaces the engine's.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SpecOverride {
+    /// Replaces [`SpecConfig::proposer`]; `Some(Proposer::None)` turns speculation off.
     pub proposer: Option<Proposer>,
+    /// Replaces [`SpecConfig::draft_max`].
     pub draft_max: Option<usize>,
+    /// Replaces [`SpecConfig::draft_min`].
     pub draft_min: Option<usize>,
 }
 
 impl SpecOverride {
+    /// Whether nothing is overridden (the engine's settings apply as they are).
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
     }
@@ -148,6 +156,7 @@ impl SpecOverride {
 /// What speculation did for one request.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SpecStats {
+    /// The proposer the request ran with.
     pub proposer: Proposer,
     /// Tokens proposed and checked by the target.
     pub drafted: u64,
@@ -157,24 +166,45 @@ pub struct SpecStats {
     pub steps: u64,
 }
 
+/// Invalid speculation settings. The messages name the CLI flags, which the server's
+/// `ember` field mirrors.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
+    /// A proposer name other than those in [`Proposer::NAMES`].
     #[error("unknown speculation mode {0:?}: use none, lookup, draft or self")]
     UnknownProposer(String),
+    /// `draft_max` outside `1..=MAX_DRAFT`.
     #[error("--draft-max must be between 1 and {MAX_DRAFT}, got {0}")]
     DraftMax(usize),
+    /// `draft_min` outside `1..=draft_max`.
     #[error("--draft-min must be between 1 and --draft-max ({max}), got {min}")]
-    DraftMin { min: usize, max: usize },
+    DraftMin {
+        /// The `draft_min` given.
+        min: usize,
+        /// The `draft_max` in effect.
+        max: usize,
+    },
+    /// `ngram_max` outside `1..=64`.
     #[error("--spec-ngram must be between 1 and 64, got {0}")]
     Ngram(usize),
+    /// [`Proposer::Draft`] without a draft model.
     #[error("--spec draft needs a draft model: give --draft-model MODEL")]
     NoDraftModel,
+    /// A self-speculation layer count that is 0 or not below the model's.
     #[error("--spec-layers must be between 1 and {} (the model has {n_layer} layers), got {n}", n_layer.saturating_sub(1))]
-    Layers { n: usize, n_layer: usize },
+    Layers {
+        /// The layer count asked for (or the default, half the model's).
+        n: usize,
+        /// The target model's layer count.
+        n_layer: usize,
+    },
+    /// The draft model's vocabulary does not match the target's (the reason is given).
     #[error(
         "the draft model cannot propose for this model (speculation needs the same vocabulary): {0}"
     )]
     Vocab(String),
+    /// A request asked for a proposer the engine was not started with (a draft model, or
+    /// self-speculation's layers).
     #[error("speculation mode {0} is not enabled on this server (start it with --spec {0})")]
     Unavailable(Proposer),
 }

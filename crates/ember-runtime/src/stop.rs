@@ -13,6 +13,8 @@ pub struct StopOutput {
     pub stopped: bool,
 }
 
+/// Finds stop strings in text streamed piece by piece, holding back what could still turn
+/// into one. Once a stop is found, nothing more is emitted.
 #[derive(Clone, Debug, Default)]
 pub struct StopMatcher {
     stops: Vec<String>,
@@ -40,6 +42,7 @@ impl StopMatcher {
         }
     }
 
+    /// Whether a stop string has been found.
     pub fn is_stopped(&self) -> bool {
         self.stopped
     }

@@ -12,19 +12,28 @@ use serde_json::json;
 
 use crate::Shared;
 
+/// An error answer: an HTTP status and the fields of OpenAI's error object. It renders as
+/// OpenAI's `{"error":{"message","type","param","code"}}` ([`IntoResponse`]), or as Ollama's
+/// `{"error":"message"}` through [`ollama`](Self::ollama) or [`for_path`](Self::for_path).
 #[derive(Debug, Clone)]
 pub struct ApiError {
+    /// The HTTP status.
     pub status: StatusCode,
+    /// What went wrong, for people (the only field Ollama's shape keeps).
     pub message: String,
     /// OpenAI's `type`.
     pub kind: &'static str,
+    /// The request field at fault (OpenAI's `param`), e.g. `"max_tokens"`.
     pub param: Option<&'static str>,
+    /// A machine-readable code (OpenAI's `code`), e.g. `"context_length_exceeded"`.
     pub code: Option<&'static str>,
     /// Seconds for a `Retry-After` header.
     pub retry_after: Option<u64>,
 }
 
 impl ApiError {
+    /// An error with a status, OpenAI's `type` (`invalid_request_error`, `server_error`, ...)
+    /// and a message; no `param`, `code` or `Retry-After`.
     pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
@@ -36,6 +45,7 @@ impl ApiError {
         }
     }
 
+    /// A 400 `invalid_request_error`.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
@@ -45,14 +55,17 @@ impl ApiError {
         Self::bad_request(message).param(param)
     }
 
+    /// A 404 `invalid_request_error` with code `not_found`.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message).code("not_found")
     }
 
+    /// A 500 `server_error`.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 
+    /// The 401 for a missing or wrong API key (code `invalid_api_key`).
     pub fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
@@ -62,6 +75,8 @@ impl ApiError {
         .code("invalid_api_key")
     }
 
+    /// The 404 for a request naming a model this server does not serve (param `model`, code
+    /// `model_not_found`).
     pub fn model_not_found(requested: &str, served: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -72,11 +87,13 @@ impl ApiError {
         .code("model_not_found")
     }
 
+    /// Sets the request field at fault.
     pub fn param(mut self, param: &'static str) -> Self {
         self.param = Some(param);
         self
     }
 
+    /// Sets the machine-readable code.
     pub fn code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
         self

@@ -1,21 +1,5 @@
-//! The HTTP server: OpenAI- and Ollama-compatible APIs over the continuous-batching engine.
-//!
-//! Routes (all JSON; see the README's server section for the full contract):
-//! - OpenAI: `POST /v1/chat/completions`, `POST /v1/completions` (plain, or `stream: true` as
-//!   server-sent events ending in `data: [DONE]`), `GET /v1/models`, `GET /v1/models/{id}`.
-//! - Ollama: `POST /api/generate`, `POST /api/chat` (NDJSON streaming by default),
-//!   `GET /api/tags`, `POST /api/show`, `GET /api/ps`, `GET /api/version`.
-//! - `GET /health` (never needs the API key), `GET /metrics` (Prometheus/OpenMetrics text).
-//!
-//! The generation routes take Ember's `ember` object, a request's own speculative decoding
-//! settings, and report what speculation did (see `spec.rs`).
-//!
-//! Handlers only translate: they tokenize, submit an [`EngineRequest`] and turn the engine's
-//! [`Event`]s into the API's shapes. Dropping a response body (the client went away) drops
-//! the engine's `RequestStream`, which cancels the request and frees its KV blocks.
-//!
-//! [`EngineRequest`]: ember_runtime::engine::EngineRequest
-//! [`Event`]: ember_runtime::engine::Event
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
 
 mod auth;
 mod common;

@@ -35,6 +35,7 @@ pub struct DraftSeq(SeqId);
 /// One sequence's part of a [`Drafter::propose`] call.
 #[derive(Debug)]
 pub struct DraftItem<'a> {
+    /// The drafter's sequence that follows this target sequence.
     pub seq: DraftSeq,
     /// Everything the target's sequence holds: prompt and generated tokens; the last one has
     /// no K/V anywhere yet.
@@ -93,6 +94,8 @@ impl Drafter {
         }
     }
 
+    /// `None` for a draft model, `Some(n)` for self-speculation over the target's first `n`
+    /// layers (as given to [`Drafter::new`]).
     pub fn layers(&self) -> Option<usize> {
         self.layers
     }

@@ -11,7 +11,9 @@
 /// match is a stronger hint, so the longest one that occurs earlier wins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PromptLookup {
+    /// Longest suffix tried, in tokens (tried first).
     pub ngram_max: usize,
+    /// Shortest suffix that still counts as a match, in tokens (at least 1).
     pub ngram_min: usize,
 }
 

@@ -18,7 +18,10 @@ pub enum Verdict {
     /// Keep the drafted token and go on to the next drafted position.
     Accepted,
     /// Output `token` instead and drop the rest of the draft.
-    Rejected { token: u32 },
+    Rejected {
+        /// The replacement, drawn from the residual `max(0, p - q)`.
+        token: u32,
+    },
 }
 
 /// Above this many entries `q` is looked up by binary search (in a sorted copy unless it is

@@ -19,7 +19,9 @@ const EOS: &str = "tokenizer.ggml.eos_token_id";
 /// Which of the two models a finding is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
+    /// The model whose output is kept.
     Target,
+    /// The model that proposes tokens.
     Draft,
 }
 
@@ -44,15 +46,24 @@ impl Side {
 /// Why a draft model cannot be used with a target.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum VocabMismatch {
+    /// The vocabularies have different sizes.
     #[error("the draft model has {draft} tokens, the target {target}")]
-    Size { target: usize, draft: usize },
+    Size {
+        /// The target's token count.
+        target: usize,
+        /// The draft's token count.
+        draft: usize,
+    },
+    /// The tokenizer algorithms differ (`tokenizer.ggml.model`).
     #[error(
         "the draft model's tokenizer model is {}, the target's {}",
         quoted_or_none(.draft),
         quoted_or_none(.target)
     )]
     TokenizerModel {
+        /// The target's `tokenizer.ggml.model` (`None`: absent).
         target: Option<String>,
+        /// The draft's `tokenizer.ggml.model` (`None`: absent).
         draft: Option<String>,
     },
     /// A token's text or type differs (`None` types: that file has no type for the token).
@@ -63,37 +74,57 @@ pub enum VocabMismatch {
         token_type_name(*.draft_type)
     )]
     Token {
+        /// The first token id that differs.
         id: usize,
+        /// The target's text for it.
         target_text: String,
+        /// The target's token type (llama.cpp's `llama_token_type`).
         target_type: Option<i64>,
+        /// The draft's text for it.
         draft_text: String,
+        /// The draft's token type.
         draft_type: Option<i64>,
     },
+    /// One model has token types and the other has none, so types cannot be compared.
     #[error(
         "the {} model has token types (tokenizer.ggml.token_type), the {missing} model has \
          none",
         .missing.other()
     )]
-    TokenTypesMissing { missing: Side },
-    /// `name` is `BOS` or `EOS`; `None` is an absent id.
+    TokenTypesMissing {
+        /// The model without token types.
+        missing: Side,
+    },
+    /// The BOS or EOS ids differ (`None`: the file has no such id).
     #[error(
         "{name} is {} in the target, {} in the draft",
         id_or_none(*.target),
         id_or_none(*.draft)
     )]
     SpecialToken {
+        /// `BOS` or `EOS`.
         name: &'static str,
+        /// The target's id.
         target: Option<u32>,
+        /// The draft's id.
         draft: Option<u32>,
     },
+    /// A model has no `tokenizer.ggml.tokens`.
     #[error("the {side} model has no vocabulary (tokenizer.ggml.tokens is missing)")]
-    NoVocabulary { side: Side },
+    NoVocabulary {
+        /// The model without a vocabulary.
+        side: Side,
+    },
     /// Metadata of the wrong type or out of range: the vocabularies cannot be compared.
     #[error("the {side} model's {key} is {found}, expected {expected}")]
     BadValue {
+        /// The model whose metadata is wrong.
         side: Side,
+        /// The metadata key.
         key: &'static str,
+        /// What the file holds, in words.
         found: String,
+        /// What it must hold, in words.
         expected: &'static str,
     },
 }

@@ -27,37 +27,48 @@ use crate::tokenizer::{GgufTokenizer, TokenizerError};
 /// One chat turn. `role` is usually `system`, `user` or `assistant`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
+    /// Who speaks: rendered by the template outside the content, so it must be a plain name.
     pub role: String,
+    /// What was said: user text, tokenized as text by [`ChatTemplate::render_tokens`].
     pub content: String,
 }
 
 impl ChatMessage {
+    /// A message with any role.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),
             content: content.into(),
         }
     }
+    /// A `system` message (instructions for the assistant).
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
     }
+    /// A `user` message.
     pub fn user(content: impl Into<String>) -> Self {
         Self::new("user", content)
     }
+    /// An `assistant` message (an earlier answer of the model).
     pub fn assistant(content: impl Into<String>) -> Self {
         Self::new("assistant", content)
     }
 }
 
+/// Errors compiling or rendering a chat template.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
+    /// The Jinja source does not compile.
     #[error("chat template does not parse: {0}")]
     Syntax(String),
+    /// Rendering failed in the engine (an undefined call, a type error, invalid UTF-8 output,
+    /// a panic inside minijinja).
     #[error("chat template failed to render: {0}")]
     Render(String),
     /// The template called `raise_exception(msg)` (e.g. roles not alternating).
     #[error("chat template raised: {0}")]
     Raised(String),
+    /// [`ChatTemplate::builtin`] got a name that no built-in format matches.
     #[error("unknown built-in chat template `{0}`")]
     UnknownBuiltin(String),
     /// A [`RenderLimits`] bound was hit: the template loops too long, recurses too deep or
@@ -69,7 +80,12 @@ pub enum ChatError {
         "message {index} has a role containing the special token text {token:?}; roles must be \
          plain names such as system, user or assistant"
     )]
-    SpecialTokenInRole { index: usize, token: String },
+    SpecialTokenInRole {
+        /// Index of the message in the list.
+        index: usize,
+        /// The special-token text found in its role.
+        token: String,
+    },
     /// The template transforms message content so that it cannot be located in the prompt,
     /// and the content holds special-token text that would otherwise become a real token.
     #[error(
@@ -77,7 +93,12 @@ pub enum ChatError {
          changes message content, so it cannot be kept apart from the template's own tokens; \
          remove that text from the message"
     )]
-    UnsafeContent { index: usize, token: String },
+    UnsafeContent {
+        /// Index of the message in the list.
+        index: usize,
+        /// The special-token text found in its content.
+        token: String,
+    },
 }
 
 /// Bounds on rendering a Jinja template (a built-in format needs none).
@@ -109,6 +130,7 @@ impl Default for RenderLimits {
 /// A rendered prompt and where the messages' content lies in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RenderedChat {
+    /// The prompt text.
     pub text: String,
     /// Byte ranges of `text` that hold message content (sorted, disjoint), when every piece of
     /// content could be located; `None` when the template transforms content in a way that
@@ -119,8 +141,10 @@ pub struct RenderedChat {
 /// Errors of [`ChatTemplate::render_tokens`].
 #[derive(Debug, thiserror::Error)]
 pub enum ChatEncodeError {
+    /// Rendering failed or the messages were refused.
     #[error(transparent)]
     Template(#[from] ChatError),
+    /// Tokenizing the rendered prompt failed (e.g. [`TokenizerError::TooLong`]).
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
 }
@@ -133,43 +157,79 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// llama.cpp's built-in chat formats that Ember implements (names as in llama.cpp).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BuiltinTemplate {
+    /// `chatml`: `<|im_start|>role\ncontent<|im_end|>\n` (Qwen, SmolLM2, Hermes, ...).
     ChatMl,
+    /// `llama2`: `[INST] ... [/INST]` turns; a system message is written as plain text.
     Llama2,
+    /// `llama2-sys`: Llama 2 with the system message inside `<<SYS>>...<</SYS>>`.
     Llama2Sys,
+    /// `llama2-sys-bos`: `llama2-sys` with `<s>` before every later turn.
     Llama2SysBos,
+    /// `llama2-sys-strip`: `llama2-sys` with message content trimmed.
     Llama2SysStrip,
+    /// `mistral-v1`: `[INST]` turns with spaces around the markers.
     MistralV1,
+    /// `mistral-v3`: `[INST]` turns, assistant content trimmed.
     MistralV3,
+    /// `mistral-v3-tekken`: Mistral v3 for the Tekken tokenizer (no spaces after markers).
     MistralV3Tekken,
+    /// `mistral-v7`: `[SYSTEM_PROMPT]`, `[INST]` markers followed by a space.
     MistralV7,
+    /// `mistral-v7-tekken`: Mistral v7 without the spaces.
     MistralV7Tekken,
+    /// `phi3`: `<|role|>\ncontent<|end|>\n`.
     Phi3,
+    /// `phi4`: `<|im_start|>role<|im_sep|>content<|im_end|>`.
     Phi4,
+    /// `falcon3`: `<|role|>\ncontent\n`.
     Falcon3,
+    /// `zephyr`: `<|role|>\ncontent<|endoftext|>\n`.
     Zephyr,
+    /// `monarch`: `<s>role\ncontent</s>\n`, the first BOS left to the tokenizer.
     Monarch,
+    /// `gemma`: `<start_of_turn>role\ncontent<end_of_turn>\n`, `assistant` renamed `model`
+    /// and system text moved into the next user turn.
     Gemma,
+    /// `orion`: `Human: ... Assistant: </s>`.
     Orion,
+    /// `openchat`: `GPT4 Correct User: ...<|end_of_turn|>`.
     OpenChat,
+    /// `vicuna`: `USER: ...` / `ASSISTANT: ...`, system text as a plain paragraph.
     Vicuna,
+    /// `vicuna-orca`: Vicuna with a `SYSTEM: ` line.
     VicunaOrca,
+    /// `deepseek`: `### Instruction:` / `### Response:` with `<|EOT|>` (DeepSeek Coder).
     Deepseek,
+    /// `deepseek2`: `User: ` / `Assistant: ` ending in `<｜end▁of▁sentence｜>`.
     Deepseek2,
+    /// `deepseek3`: `<｜User｜>` / `<｜Assistant｜>` markers.
     Deepseek3,
+    /// `command-r`: Cohere's `<|START_OF_TURN_TOKEN|>` turns.
     CommandR,
+    /// `llama3`: `<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>`.
     Llama3,
+    /// `chatglm3`: `[gMASK]sop` then `<|role|>\n content`.
     ChatGlm3,
+    /// `chatglm4`: `[gMASK]<sop>` then `<|role|>\ncontent`.
     ChatGlm4,
+    /// `glmedge`: `<|role|>\ncontent` without a prefix.
     GlmEdge,
+    /// `minicpm`: `<用户>content<AI>`.
     MiniCpm,
+    /// `exaone3`: `[|role|]content` with `[|endofturn|]`.
     Exaone3,
+    /// `granite`: `<|start_of_role|>role<|end_of_role|>content<|end_of_text|>\n`.
     Granite,
+    /// `megrez`: `<|role_start|>role<|role_end|>content<|turn_end|>`.
     Megrez,
+    /// `llama4`: `<|header_start|>role<|header_end|>\n\ncontent<|eot|>`.
     Llama4,
+    /// `smolvlm`: `<|im_start|>User: ...<end_of_utterance>\n` (not ChatML).
     SmolVlm,
 }
 
 impl BuiltinTemplate {
+    /// Every built-in format, in declaration order.
     pub const ALL: [BuiltinTemplate; 34] = {
         use BuiltinTemplate::*;
         [
@@ -879,6 +939,7 @@ impl ChatTemplate {
             .ok_or_else(|| ChatError::UnknownBuiltin(name.to_string()))
     }
 
+    /// A formatter for a built-in format (no Jinja, no limits needed).
     pub fn from_builtin(template: BuiltinTemplate) -> Self {
         Self {
             engine: Engine::Builtin(template),

@@ -29,12 +29,15 @@ pub(crate) fn round_slice(xs: &mut [f32], tmp: &mut [f16]) {
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
+    /// Query heads: a multiple of `n_kv`.
     pub n_head: usize,
+    /// KV heads; query head `h` reads kv head `h / (n_head / n_kv)`.
     pub n_kv: usize,
     /// Queries (the last `n` of the `t` positions).
     pub n: usize,
     /// Keys and values.
     pub t: usize,
+    /// Values per head, in q, k and v alike.
     pub head_dim: usize,
 }
 

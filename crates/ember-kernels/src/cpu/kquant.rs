@@ -61,6 +61,7 @@ pub const TILED_MIN_ROWS: usize = 8;
 
 /// `m` rows of `k` activations quantized to Q8_K.
 pub struct Q8K {
+    /// Values per row: a multiple of 256.
     pub k: usize,
     /// `m * k` quantized values.
     pub qs: Vec<i8>,
@@ -80,7 +81,9 @@ pub struct Q8K {
 /// only if the kernel is told this.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SoloRow {
+    /// Rows of the solo batch.
     pub m: u32,
+    /// This row's index in it (`i < m`).
     pub i: u32,
 }
 

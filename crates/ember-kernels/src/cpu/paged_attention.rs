@@ -23,7 +23,7 @@
 //!
 //! Work: the one-row path runs one task per (query row, kv head), for the group of query heads
 //! that share the kv head, so each K and V row is read and converted once per group. The
-//! tiled path runs one task per block of [`TILED_ROWS`] query rows and kv head: each tile of
+//! tiled path runs one task per block of `TILED_ROWS` query rows and kv head: each tile of
 //! 64 keys is converted once for all of the block's query vectors, and its two products are
 //! small register-blocked GEMMs. None of this changes any head's sequence of floating-point
 //! operations.

@@ -8,9 +8,9 @@
 //! accumulates them in eight f32 lanes, `acc[L] = fma(dw_b * da_b, isum_b[L], acc[L])`. The row
 //! result is the lanes folded as `hsum_float_8` folds them, `((a0 + a4) + (a2 + a6)) + ((a1 +
 //! a5) + (a3 + a7))`, plus, for the formats with an offset, `summs = fma(mw_b, sa_b, summs)`
-//! chained over the blocks. That is the definition here ([`scalar`]); every SIMD kernel
-//! returns the same bits, and the model's logits come out as llama.cpp's, bit for bit
-//! (`ember-runtime`'s fidelity test). Anything less exact is not a rounding detail on these
+//! chained over the blocks. That is the definition here (the private `scalar` module); every
+//! SIMD kernel returns the same bits, and the model's logits come out as llama.cpp's, bit for
+//! bit (`ember-runtime`'s fidelity test). Anything less exact is not a rounding detail on these
 //! models: one activation rounded the other way moves SmolLM2's logits by tenths.
 //!
 //! Entry points: [`dot_packed_batch`] straight off the packed blocks (decode, small batches),
@@ -64,6 +64,7 @@ fn signed(ty: GgmlType) -> bool {
 
 /// `m` rows of `k` activations quantized in blocks of 32.
 pub struct QuantizedActs {
+    /// Values per row: a multiple of [`BLOCK`].
     pub k: usize,
     /// `m * k` quantized values.
     pub qs: Vec<i8>,
@@ -152,8 +153,12 @@ pub fn quantize_acts_with(isa: Isa, x: &[f32], k: usize, fmt: ActFormat) -> Quan
 /// One weight row unpacked to `i8` values with per-block scale `d` and offset `m`.
 #[derive(Default)]
 pub struct UnpackedRow {
+    /// The row's values, one `i8` each: Q4_0 and Q5_0 centred (minus 8, minus 16), Q4_1 and
+    /// Q5_1 as stored (non-negative), Q8_0 as stored.
     pub q: Vec<i8>,
+    /// One scale per block.
     pub d: Vec<f32>,
+    /// One offset per block (Q4_1, Q5_1); zeros for the symmetric formats.
     pub m: Vec<f32>,
     /// Every value in `q` is non-negative (Q4_1, Q5_1): lets SIMD skip a sign fix-up.
     pub unsigned: bool,
@@ -210,7 +215,9 @@ pub fn dot_with(
 
 /// `m` activation rows prepared for [`dot_packed_batch`] and [`tile_matmul`].
 pub struct Batch {
+    /// Activation rows.
     pub m: usize,
+    /// The rows quantized in blocks of [`BLOCK`].
     pub acts: QuantizedActs,
     /// Per row, block and lane, `-128 * sum` of the lane's four values: laid out
     /// `[row][block][lane]` (AVX-512 VNNI with Q8_0 activations only, i.e. signed weights,
@@ -267,12 +274,20 @@ pub const TILE_ROWS: usize = 16;
 /// `d[b * 16 + l]` and offsets `m[b * 16 + l]`. Lanes past `rows` repeat the last row.
 #[derive(Default)]
 pub struct Tile {
+    /// Weight rows loaded (at most [`TILE_ROWS`]).
     pub rows: usize,
+    /// Blocks per row.
     pub nb: usize,
+    /// The weight type has no offset, so its values may be negative (Q4_0, Q5_0, Q8_0).
     pub signed: bool,
+    /// The interleaved values (AVX-512 VNNI only; layout above).
     pub q: Vec<i8>,
+    /// The interleaved scales, `d[b * 16 + l]` (AVX-512 VNNI only).
     pub d: Vec<f32>,
+    /// The interleaved offsets, `m[b * 16 + l]` (AVX-512 VNNI only).
     pub m: Vec<f32>,
+    /// The rows unpacked one by one (every other instruction set); may hold more than `rows`
+    /// entries, left from an earlier load.
     pub un: Vec<UnpackedRow>,
     interleaved: bool,
 }

@@ -13,8 +13,15 @@ use ember_quant::GgmlType;
 /// Why a tiny model could not be written (a bug in this generator, never bad input).
 #[derive(Debug, thiserror::Error)]
 pub enum TinyError {
+    /// Quantizing a tensor failed.
     #[error("quantizing {name}: {why}")]
-    Quantize { name: String, why: String },
+    Quantize {
+        /// The tensor's name.
+        name: String,
+        /// The quantizer's error.
+        why: String,
+    },
+    /// Writing the GGUF bytes failed.
     #[error(transparent)]
     Write(#[from] GgufWriteError),
 }
@@ -37,7 +44,9 @@ pub enum TinyArch {
 /// The type of the matrices (norm weights and biases are always f32, as converters write them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TinyDtype {
+    /// 32-bit floats.
     F32,
+    /// 16-bit floats.
     F16,
 }
 
@@ -121,6 +130,7 @@ impl TinyArch {
 }
 
 impl TinyDtype {
+    /// `f32` or `f16`, as in file and fixture names.
     pub fn name(self) -> &'static str {
         match self {
             TinyDtype::F32 => "f32",

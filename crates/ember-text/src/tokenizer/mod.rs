@@ -40,46 +40,71 @@ use vocab::{Vocab, attr};
 /// Errors building or using a [`GgufTokenizer`].
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
+    /// A required `tokenizer.ggml.*` key (named) is absent.
     #[error("GGUF metadata key '{0}' is missing")]
     MissingKey(&'static str),
+    /// A `tokenizer.ggml.*` key holds a value of another type than the tokenizer needs.
     #[error("GGUF metadata key '{key}' has the wrong type (expected {expected})")]
     WrongType {
+        /// The metadata key.
         key: &'static str,
+        /// The type it must have, in words.
         expected: &'static str,
     },
+    /// `tokenizer.ggml.model` names an algorithm other than `gpt2` or `llama`.
     #[error("unknown tokenizer model '{0}' (tokenizer.ggml.model); supported: gpt2, llama")]
     UnknownModel(String),
+    /// `tokenizer.ggml.pre` names a pre-tokenizer llama.cpp does not know either.
     #[error("unknown pre-tokenizer type '{0}' (tokenizer.ggml.pre)")]
     UnknownPre(String),
+    /// `tokenizer.ggml.pre` names a llama.cpp pre-tokenizer that Ember has not ported.
     #[error("pre-tokenizer type '{0}' (tokenizer.ggml.pre) is not supported by Ember")]
     UnsupportedPre(String),
+    /// A per-token array (scores, token types) has fewer entries than there are tokens.
     #[error("'{key}' has {got} entries but the vocabulary has {n_tokens} tokens")]
     ArrayTooShort {
+        /// The metadata key of the array.
         key: &'static str,
+        /// Its number of entries.
         got: usize,
+        /// The number of tokens (`tokenizer.ggml.tokens`).
         n_tokens: usize,
     },
+    /// Two tokens have the same text, so text-to-id lookup would be ambiguous.
     #[error("token text {text:?} appears twice (ids {first} and {second})")]
     DuplicateToken {
+        /// The repeated token text.
         text: String,
+        /// The first id with that text.
         first: u32,
+        /// The later id with that text.
         second: u32,
     },
+    /// The vocabulary is inconsistent in some other way (message says how).
     #[error("bad vocabulary: {0}")]
     BadVocab(String),
+    /// Encoding with `add_special` needs a BOS or EOS token (named) that the file lacks.
     #[error("the model asks for a {0} token but does not define one")]
     MissingSpecialToken(&'static str),
+    /// The HF tokenizer (model, pre-tokenizer regexes, special-token matcher) could not be
+    /// built.
     #[error("building the tokenizer failed: {0}")]
     Build(String),
+    /// The HF model or pre-tokenizer failed on a piece of text.
     #[error("tokenization failed: {0}")]
     Encode(String),
+    /// A special-token id key (`tokenizer.ggml.bos_token_id`, ...) points outside the
+    /// vocabulary.
     #[error(
         "GGUF metadata key '{key}' is {value} but the vocabulary has {n_tokens} tokens \
          (valid ids are 0..{n_tokens}); the model file is damaged"
     )]
     BadSpecialId {
+        /// The metadata key.
         key: &'static str,
+        /// The id it holds.
         value: i64,
+        /// The number of tokens in the vocabulary.
         n_tokens: usize,
     },
     /// [`GgufTokenizer::encode_bounded`]: the text needs more tokens than allowed.
@@ -87,7 +112,13 @@ pub enum TokenizerError {
         "the text is too long: it needs at least {at_least} tokens but at most {max_tokens} fit; \
          shorten it or raise the context size"
     )]
-    TooLong { at_least: usize, max_tokens: usize },
+    TooLong {
+        /// A lower bound on the tokens the text needs, BOS/EOS included (tokenization
+        /// stops, or never starts, once the budget is certainly passed).
+        at_least: usize,
+        /// The budget that was asked for.
+        max_tokens: usize,
+    },
 }
 
 /// A tokenizer built from GGUF metadata whose ids match llama.cpp's.
@@ -372,10 +403,14 @@ impl GgufTokenizer {
         self.texts.len()
     }
 
+    /// Beginning-of-sequence token: `tokenizer.ggml.bos_token_id`, else llama.cpp's default for
+    /// the tokenizer model (1 for SPM); `None` when the model has none.
     pub fn bos_id(&self) -> Option<u32> {
         self.special.bos
     }
 
+    /// End-of-sequence token: `tokenizer.ggml.eos_token_id`, else llama.cpp's default for the
+    /// tokenizer model (2 for SPM).
     pub fn eos_id(&self) -> Option<u32> {
         self.special.eos
     }
@@ -385,14 +420,19 @@ impl GgufTokenizer {
         self.special.eot
     }
 
+    /// End-of-message token (`tokenizer.ggml.eom_token_id`, else found by text, e.g. Llama
+    /// 3.1's `<|eom_id|>`).
     pub fn eom_id(&self) -> Option<u32> {
         self.special.eom
     }
 
+    /// Unknown token (`tokenizer.ggml.unknown_token_id`; 0 by default for SPM), which stands
+    /// for text the vocabulary cannot spell.
     pub fn unk_id(&self) -> Option<u32> {
         self.special.unk
     }
 
+    /// Padding token (`tokenizer.ggml.padding_token_id`), if any.
     pub fn pad_id(&self) -> Option<u32> {
         self.special.pad
     }

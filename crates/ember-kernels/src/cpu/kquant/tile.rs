@@ -24,6 +24,7 @@ pub const ROWS: usize = 16;
 /// Up to [`ROWS`] Q4_K or Q6_K rows unpacked (lanes past `rows` repeat the last row).
 #[derive(Default)]
 pub struct KTile {
+    /// Weight rows loaded (1 to [`ROWS`]; 0 before the first [`KTile::load`]).
     pub rows: usize,
     nb: usize,
     ty: Option<GgmlType>,
