@@ -292,9 +292,12 @@ fn flag_error(e: ember::Error, ctx_flag: &str) -> anyhow::Error {
         } => anyhow::anyhow!(
             "--kv-budget-mib {budget_mib} holds no token: one token's KV cache takes {per_token_bytes} bytes as {kv_type}; raise it"
         ),
-        ember::Error::Draft { name, error } => {
-            anyhow::Error::new(*error).context(format!("opening the draft model {name}"))
-        }
+        ember::Error::Draft { name, error } => match *error {
+            e @ ember::Error::Vocab(_) => {
+                anyhow::Error::new(e).context(format!("--draft-model {name}"))
+            }
+            e => anyhow::Error::new(e).context(format!("opening the draft model {name}")),
+        },
         e => e.into(),
     }
 }
@@ -622,27 +625,22 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let mut shown = false;
     // The engine's scheduler (the one `ember serve` runs), one sequence, on this thread,
     // pulled a piece at a time through the facade's stream.
-    let mut stream = model.generate_tokens(prompt_tokens.clone(), &a.params())?;
-    let mut failure = None;
-    for piece in stream.by_ref() {
-        match piece {
-            Ok(piece) if !a.json => {
-                shown |= !piece.is_empty();
-                let mut lock = stdout.lock();
-                let _ = lock.write_all(piece.as_bytes());
-                let _ = lock.flush();
+    // A generation that cannot start is reported like one that fails midway (with --json,
+    // the object is still printed).
+    let result = model
+        .generate_tokens(prompt_tokens.clone(), &a.params())
+        .and_then(|mut stream| {
+            for piece in stream.by_ref() {
+                let piece = piece?;
+                if !a.json {
+                    shown |= !piece.is_empty();
+                    let mut lock = stdout.lock();
+                    let _ = lock.write_all(piece.as_bytes());
+                    let _ = lock.flush();
+                }
             }
-            Ok(_) => {}
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
-        }
-    }
-    let result = match failure {
-        Some(e) => Err(e),
-        None => stream.finish(),
-    };
+            stream.finish()
+        });
     let (out, stop_reason, error) = match result {
         Ok(done) => {
             let reason = json!(done.stop_reason);
@@ -1046,7 +1044,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         "serving {} with {} parallel requests of up to {ctx} tokens",
         config.model_name, a.parallel
     );
-    ember_server::serve_blocking(engine, config)
+    Ok(ember_server::serve_blocking(engine, config)?)
 }
 
 #[cfg(test)]

@@ -17,7 +17,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -223,12 +222,12 @@ async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
 
 /// Binds, prints `listening on http://ADDR` to stderr, serves until Ctrl-C or SIGTERM, then
 /// lets open requests finish for up to `shutdown_grace`.
-pub async fn serve(engine: Engine, config: ServerConfig) -> anyhow::Result<()> {
+pub async fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
     let addr = format!("{}:{}", config.host, config.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
-        .with_context(|| format!("binding {addr}"))?;
-    let local: SocketAddr = listener.local_addr().context("reading the bound address")?;
+        .map_err(|error| ServeError::Bind { addr, error })?;
+    let local: SocketAddr = listener.local_addr().map_err(ServeError::LocalAddr)?;
     eprintln!("listening on http://{local}");
     serve_on(listener, engine, config, shutdown_signal()).await
 }
@@ -241,20 +240,41 @@ pub async fn serve_on(
     engine: Engine,
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let conn = net::ConnLimits::from_config(&config);
     let app = router(engine, config);
     net::serve_connections(listener, app, conn, shutdown).await;
     Ok(())
 }
 
+/// Why the server could not start serving. (The cause is part of each message and
+/// deliberately not `source`: callers print the error chain, which would show it twice.)
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The address could not be bound (in use, not allowed, not an address of this host).
+    #[error("binding {addr}: {error}")]
+    Bind {
+        /// The `host:port` asked for.
+        addr: String,
+        /// The operating system's error.
+        error: std::io::Error,
+    },
+    /// The bound socket's address could not be read.
+    #[error("reading the bound address: {0}")]
+    LocalAddr(std::io::Error),
+    /// The tokio runtime could not start.
+    #[error("starting the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
 /// [`serve`] on a runtime of its own, for callers that are not async (the CLI).
-pub fn serve_blocking(engine: Engine, config: ServerConfig) -> anyhow::Result<()> {
+pub fn serve_blocking(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ember-http")
         .build()
-        .context("starting the async runtime")?;
+        .map_err(ServeError::Runtime)?;
     rt.block_on(serve(engine, config))
 }
 

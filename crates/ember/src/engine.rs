@@ -3,7 +3,8 @@
 use ember_runtime::chat::ChatMessage;
 use ember_runtime::engine::{EngineRequest, EngineStats};
 
-use crate::error::{Error, Result};
+use crate::Model;
+use crate::error::Result;
 use crate::params::GenerateParams;
 use crate::stream::EngineStream;
 
@@ -38,19 +39,28 @@ impl Default for EngineOptions {
 /// A running engine: a scheduler thread that batches every submitted request's next tokens
 /// (and prompt chunks) into shared forward passes. Clones share it; the thread stops when the
 /// last clone is dropped. Each request's output is the one it would get alone.
+/// Streams keep the engine alive: a request goes on after the last `Engine` handle is
+/// dropped, until its stream is dropped too.
 #[derive(Clone)]
 pub struct Engine {
     inner: ember_runtime::engine::Engine,
+    /// The model it runs (for tokenizing and the cached chat template).
+    model: Model,
 }
 
 impl Engine {
-    pub(crate) fn from_runtime(inner: ember_runtime::engine::Engine) -> Self {
-        Self { inner }
+    pub(crate) fn new(inner: ember_runtime::engine::Engine, model: Model) -> Self {
+        Self { inner, model }
     }
 
-    /// Submits a text prompt (tokenized as [`Model::tokenize`](crate::Model::tokenize) does).
+    /// The model it runs.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Submits a text prompt (tokenized as [`Model::tokenize`] does).
     pub fn generate(&self, prompt: &str, params: &GenerateParams) -> Result<EngineStream> {
-        let tokens = self.inner.model().tokenize_prompt(prompt)?;
+        let tokens = self.model.tokenize(prompt)?;
         self.generate_tokens(tokens, params)
     }
 
@@ -61,14 +71,13 @@ impl Engine {
         params: &GenerateParams,
     ) -> Result<EngineStream> {
         crate::params::check_sampling(&params.sampling)?;
-        let (prompt, ctx) = (prompt_tokens.len(), self.inner.ctx_size());
-        if !(prompt < ctx || (params.max_tokens == 0 && prompt == ctx)) {
-            return Err(Error::PromptTooLong { prompt, ctx });
-        }
+        let vocab = self.model.config().n_vocab;
+        crate::params::check_prompt(&prompt_tokens, vocab, self.inner.ctx_size(), params)?;
+        let prompt = prompt_tokens.len();
         if params.max_tokens == 0 {
             return Ok(EngineStream::empty(prompt));
         }
-        let tokenizer = &self.inner.model().tokenizer;
+        let tokenizer = self.model.tokenizer();
         let request = EngineRequest {
             prompt_tokens,
             max_tokens: params.max_tokens,
@@ -83,16 +92,13 @@ impl Engine {
                 }),
             spec: Default::default(),
         };
-        Ok(EngineStream::new(self.inner.submit(request)?, prompt))
+        let stream = self.inner.submit(request)?;
+        Ok(EngineStream::new(stream, self.inner.clone(), prompt))
     }
 
     /// Submits a chat: `messages` rendered with the model's chat template, the reply streamed.
     pub fn chat(&self, messages: &[ChatMessage], params: &GenerateParams) -> Result<EngineStream> {
-        let loaded = self.inner.model();
-        let tokens =
-            loaded
-                .chat_template()?
-                .render_tokens(&loaded.tokenizer, messages, true, true, None)?;
+        let tokens = self.model.chat_tokens(messages)?;
         self.generate_tokens(tokens, params)
     }
 

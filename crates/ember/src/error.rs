@@ -76,6 +76,17 @@ pub enum Error {
         /// What is allowed.
         message: String,
     },
+    /// The prompt has no tokens.
+    #[error("the prompt is empty (no tokens)")]
+    EmptyPrompt,
+    /// A prompt token id is not in the model's vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfRange {
+        /// The offending id.
+        id: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
     /// The prompt leaves no room in the context for a generated token. Nothing is truncated.
     #[error(
         "the prompt is {prompt} tokens but the context size is {ctx}, which must hold the prompt and at least one generated token: use a shorter prompt or a larger context (nothing was truncated)"
@@ -98,7 +109,7 @@ pub enum Error {
     /// The engine could not start.
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// The engine refused a request (queue full, prompt too long, engine stopped).
+    /// The engine refused a request (its queue is full, or it has stopped).
     #[error(transparent)]
     Submit(#[from] SubmitError),
     /// A generation could not start.
@@ -106,7 +117,7 @@ pub enum Error {
     Generate(#[from] GenerateError),
     /// A generation failed after it started. `partial` holds everything generated before the
     /// failure (its text was already streamed), so nothing is lost.
-    #[error("{message} (after {} generated tokens)", .partial.tokens.len())]
+    #[error("generation failed: {message} (after {} generated tokens)", .partial.tokens.len())]
     Interrupted {
         /// What went wrong.
         message: String,

@@ -13,12 +13,15 @@ pub use model::{DEFAULT_KV_BUDGET_MIB, Model, ModelBuilder};
 pub use params::GenerateParams;
 pub use stream::{AsyncEngineStream, Completion, EngineStream, TextStream};
 
-pub use ember_kv::KvDtype;
-pub use ember_runtime::chat::ChatMessage;
+pub use burn::tensor::Device;
+pub use ember_kv::{KvDtype, KvOptions};
+pub use ember_models::ModelConfig;
+pub use ember_runtime::chat::{ChatMessage, ChatTemplate};
 pub use ember_runtime::engine::{EngineStats, Timings};
 pub use ember_runtime::generate::{PartialOutput, StopReason};
 pub use ember_runtime::sampling::SamplingParams;
 pub use ember_runtime::spec::{Proposer, SpecConfig, SpecStats};
+pub use ember_runtime::tokenizer::GgufTokenizer;
 
 /// The layers below the facade, for what it does not cover (each is usable alone).
 pub mod layers {

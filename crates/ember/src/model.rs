@@ -1,7 +1,7 @@
 //! A model loaded for use: [`Model`] and its [`ModelBuilder`].
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use burn::tensor::Device;
 use ember_kv::{KvDtype, KvOptions};
@@ -151,7 +151,17 @@ impl ModelBuilder {
         };
         let mut spec = self.spec;
         if self.draft_model.is_some() {
-            spec.proposer = ember_runtime::spec::Proposer::Draft;
+            use ember_runtime::spec::Proposer;
+            if !matches!(spec.proposer, Proposer::None | Proposer::Draft) {
+                return Err(Error::InvalidOption {
+                    option: "draft_model",
+                    message: format!(
+                        "a draft model is for the draft proposer, not {}",
+                        spec.proposer
+                    ),
+                });
+            }
+            spec.proposer = Proposer::Draft;
         }
         spec.validate(loaded.model.config().n_layer, self.draft_model.is_some())?;
         let draft = match &self.draft_model {
@@ -175,7 +185,9 @@ impl ModelBuilder {
             draft,
             path,
             source: self.source,
+            template: Arc::new(OnceLock::new()),
             ctx_size,
+            ctx_explicit: self.ctx_size.is_some(),
             kv: self.kv,
             kv_fits,
             kv_budget_mib: self.kv_budget_mib,
@@ -194,14 +206,19 @@ fn open_draft(name: &str, device: &Device) -> Result<LoadedModel> {
 ///
 /// [`generate`](Self::generate) and [`chat`](Self::chat) run on the calling thread and
 /// stream text as an iterator; [`engine`](Self::engine) starts the continuous-batching engine
-/// for many concurrent requests (what `ember serve` runs). A `Model` is cheap to share: the
-/// weights stay in the file's memory map.
+/// for many concurrent requests (what `ember serve` runs). A `Model` is `Send + Sync` and
+/// cheap to clone (clones share the weights, which stay in the file's memory map).
+#[derive(Clone)]
 pub struct Model {
     loaded: Arc<LoadedModel>,
     draft: Option<Arc<LoadedModel>>,
     path: PathBuf,
     source: String,
+    /// The chat template, built on first use.
+    template: Arc<OnceLock<ChatTemplate>>,
     ctx_size: usize,
+    /// Whether the context size was set on the builder (the engine then uses it too).
+    ctx_explicit: bool,
     kv: KvOptions,
     /// Tokens the KV budget holds.
     kv_fits: usize,
@@ -308,9 +325,13 @@ impl Model {
     }
 
     /// The model's chat template: its own, or the built-in one of its architecture when the
-    /// file has none (as llama.cpp falls back).
-    pub fn chat_template(&self) -> Result<ChatTemplate> {
-        Ok(self.loaded.chat_template()?)
+    /// file has none (as llama.cpp falls back). Built on first use, then kept.
+    pub fn chat_template(&self) -> Result<&ChatTemplate> {
+        if let Some(t) = self.template.get() {
+            return Ok(t);
+        }
+        let built = self.loaded.chat_template()?;
+        Ok(self.template.get_or_init(|| built))
     }
 
     /// Generates from a text prompt, streaming the text as it is produced. Runs on the
@@ -329,6 +350,7 @@ impl Model {
     ) -> Result<TextStream<'_>> {
         let req = self.request(prompt_tokens, params)?;
         if req.max_tokens == 0 {
+            // Checked, and nothing to run (llama.cpp's `-n 0`).
             return Ok(TextStream::empty(req.prompt_tokens.len()));
         }
         let generation = Generation::start_loaded(&self.loaded, self.draft.as_deref(), &req)?;
@@ -356,6 +378,10 @@ impl Model {
     /// Starts the continuous-batching engine on its own thread: many requests decoded
     /// together, sharing the KV budget (prefix blocks shared, the newest request preempted and
     /// recomputed when it fills). This is the engine `ember serve` runs.
+    ///
+    /// Each request's context is [`EngineOptions::ctx_size`], else the builder's
+    /// [`ctx_size`](ModelBuilder::ctx_size) when one was set, else the model's trained length
+    /// capped so that `parallel` contexts fit in the KV budget.
     pub fn engine(&self, options: &EngineOptions) -> Result<Engine> {
         if options.parallel == 0 {
             return Err(Error::InvalidOption {
@@ -378,6 +404,7 @@ impl Model {
                 });
             }
             Some(n) => n,
+            None if self.ctx_explicit => self.ctx_size,
             None => self
                 .config()
                 .context_length
@@ -406,23 +433,20 @@ impl Model {
             self.draft.clone(),
             config,
         )?;
-        Ok(Engine::from_runtime(engine))
+        Ok(Engine::new(engine, self.clone()))
     }
 
     /// The runtime's request for `params`, checked.
     fn request(&self, prompt_tokens: Vec<u32>, params: &GenerateParams) -> Result<GenerateRequest> {
         crate::params::check_sampling(&params.sampling)?;
-        let (prompt, ctx) = (prompt_tokens.len(), self.ctx_size);
-        // Room for the prompt and one generated token (llama.cpp refuses the same).
-        if !(prompt < ctx || (params.max_tokens == 0 && prompt == ctx)) {
-            return Err(Error::PromptTooLong { prompt, ctx });
-        }
+        let vocab = self.config().n_vocab;
+        crate::params::check_prompt(&prompt_tokens, vocab, self.ctx_size, params)?;
         Ok(GenerateRequest {
             prompt_tokens,
             max_tokens: params.max_tokens,
             sampling: params.sampling.clone(),
             stop: params.stop.clone(),
-            ctx_size: ctx,
+            ctx_size: self.ctx_size,
             stop_at_eog: !params.ignore_eos,
             context_shift: params.context_shift.map(|keep| ContextShift {
                 keep: keep + usize::from(self.loaded.tokenizer.add_bos()),

@@ -2,8 +2,9 @@
 
 use ember_runtime::sampling::SamplingParams;
 
-/// Settings of one generation. The defaults are llama.cpp's (`llama-cli`): 128 tokens at most,
-/// temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, no penalties, a random seed.
+/// Settings of one generation. The defaults are `ember generate`'s: 128 tokens at most, and
+/// llama.cpp's sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, no penalties, a
+/// random seed).
 ///
 /// Every field has a builder method of the same name:
 ///
@@ -156,4 +157,29 @@ pub(crate) fn check_sampling(p: &SamplingParams) -> crate::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The prompt checks every generation gets before anything runs: not empty, every id in the
+/// vocabulary, and room in the context for the prompt and one generated token (llama.cpp
+/// refuses the same; nothing is ever truncated). A prompt that fills the context exactly is
+/// allowed when nothing is generated or a context shift will make room.
+pub(crate) fn check_prompt(
+    tokens: &[u32],
+    vocab: usize,
+    ctx: usize,
+    params: &GenerateParams,
+) -> crate::Result<()> {
+    if tokens.is_empty() {
+        return Err(crate::Error::EmptyPrompt);
+    }
+    if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(crate::Error::TokenOutOfRange { id, vocab });
+    }
+    let prompt = tokens.len();
+    let exact_ok = params.max_tokens == 0 || params.context_shift.is_some();
+    if prompt < ctx || (prompt == ctx && exact_ok) {
+        Ok(())
+    } else {
+        Err(crate::Error::PromptTooLong { prompt, ctx })
+    }
 }

@@ -109,7 +109,7 @@ impl Collector {
                 Step::End
             }
             Some(Event::Error(message)) => self.fail(message),
-            None => self.fail("the engine stopped before the generation ended".into()),
+            None => self.fail("the generation stopped before it ended".into()),
         }
     }
 
@@ -251,6 +251,9 @@ pub struct AsyncEngineStream {
 /// The engine's events for one request and what they add up to.
 struct EngineEvents {
     stream: Option<ember_runtime::engine::RequestStream>,
+    /// Held so the engine runs until this request's stream is dropped, even when the caller
+    /// dropped every `Engine` handle (`model.engine(..)?.generate(..)?.text()`).
+    _engine: Option<ember_runtime::engine::Engine>,
     collector: Collector,
 }
 
@@ -273,10 +276,15 @@ impl EngineEvents {
 }
 
 impl EngineStream {
-    pub(crate) fn new(stream: ember_runtime::engine::RequestStream, prompt_tokens: usize) -> Self {
+    pub(crate) fn new(
+        stream: ember_runtime::engine::RequestStream,
+        engine: ember_runtime::engine::Engine,
+        prompt_tokens: usize,
+    ) -> Self {
         Self {
             inner: EngineEvents {
                 stream: Some(stream),
+                _engine: Some(engine),
                 collector: Collector::new(prompt_tokens),
             },
         }
@@ -286,13 +294,14 @@ impl EngineStream {
         Self {
             inner: EngineEvents {
                 stream: None,
+                _engine: None,
                 collector: Collector::nothing(prompt_tokens),
             },
         }
     }
 
-    /// The engine's id for this request (`None` for a request of no tokens, which the engine
-    /// never saw).
+    /// The engine's id for this request, while it runs (`None` once it has ended, and for a
+    /// request of no tokens, which the engine never saw).
     pub fn id(&self) -> Option<u64> {
         self.inner.stream.as_ref().map(|s| s.id())
     }

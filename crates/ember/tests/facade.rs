@@ -217,6 +217,69 @@ fn bad_input_is_a_typed_error_before_anything_runs() {
 }
 
 #[test]
+fn prompts_are_checked_on_both_paths() {
+    let m = model();
+    let engine = m.engine(&EngineOptions::default()).unwrap();
+    let vocab = m.config().n_vocab as u32;
+    let params = GenerateParams::greedy().max_tokens(4);
+    for tokens in [vec![], vec![1, vocab + 7]] {
+        let a = m.generate_tokens(tokens.clone(), &params).err().unwrap();
+        let b = engine
+            .generate_tokens(tokens.clone(), &params)
+            .err()
+            .unwrap();
+        assert_eq!(a.to_string(), b.to_string());
+        assert!(
+            matches!(a, Error::EmptyPrompt | Error::TokenOutOfRange { .. }),
+            "{a}"
+        );
+    }
+    // Exactly a full context: refused unless nothing is generated.
+    let full = vec![1; m.ctx_size()];
+    assert!(matches!(
+        m.generate_tokens(full.clone(), &params).err().unwrap(),
+        Error::PromptTooLong { .. }
+    ));
+    assert!(
+        m.generate_tokens(full, &params.clone().max_tokens(0))
+            .is_ok()
+    );
+}
+
+#[test]
+fn facade_types_can_be_shared_across_threads_and_tasks() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Model>();
+    send_sync::<ember::Engine>();
+    send::<ember::EngineStream>();
+    send::<ember::AsyncEngineStream>();
+    send_sync::<Error>();
+}
+
+#[test]
+fn an_engine_runs_while_a_stream_holds_it() {
+    let params = GenerateParams::greedy().max_tokens(6);
+    // The `Engine` handle is a temporary: the stream alone keeps the engine alive.
+    let text = model()
+        .engine(&EngineOptions::default())
+        .unwrap()
+        .generate("The sun is", &params)
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert_eq!(text.tokens.len(), 6);
+    // The builder's context size is the engine's default too.
+    assert_eq!(
+        model()
+            .engine(&EngineOptions::default())
+            .unwrap()
+            .ctx_size(),
+        512
+    );
+}
+
+#[test]
 fn speculation_keeps_greedy_output() {
     let m = Model::builder(MODEL)
         .ctx_size(512)
