@@ -23,6 +23,10 @@
 //!   streaming clients, half of them hanging up mid-stream, against a real `ember serve` under
 //!   KV pressure; fails on a leaked KV block, an error other than 429/503, or growing RSS (see
 //!   `soak`).
+//! - `convert IN OUT [--to gguf|hf|awq|gptq|exl2] [--type TYPE] [--keep-output]
+//!   [--keep-embeddings] [--dtype f16|bf16|f32]`: GGUF -> requantized GGUF (as llama-quantize),
+//!   GGUF -> Hugging Face checkpoint directory, checkpoint -> GGUF, through `ember-convert`
+//!   (see `convert`); AWQ/GPTQ/EXL2 output and `--bits`/`--group-size` are not supported yet.
 //!
 //! Flags are parsed by clap: a misspelled or unknown flag is an error, and `--help` on each task
 //! lists its flags and defaults.
@@ -35,6 +39,7 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 mod bench_spec;
+mod convert;
 mod serve_bench;
 mod soak;
 mod tiny_models;
@@ -67,6 +72,8 @@ enum Task {
     /// Many streaming clients, half disconnecting, against a real `ember serve` under KV
     /// pressure: fails on leaked KV blocks, unexpected errors or growing RSS.
     Soak(soak::Args),
+    /// Model conversion: GGUF <-> Hugging Face checkpoint, GGUF requantization.
+    Convert(convert::Args),
 }
 
 #[derive(clap::Args, Debug)]
@@ -95,6 +102,7 @@ fn main() -> Result<()> {
         Task::BenchSpec(a) => bench_spec::run(a),
         Task::TinyModels(a) => tiny_models::run(a),
         Task::Soak(a) => soak::run(a),
+        Task::Convert(a) => convert::run(a),
     }
 }
 
@@ -333,6 +341,69 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn convert_flags_and_plans() {
+        use convert::Plan;
+        use ember_formats::safetensors::StDtype;
+        use ember_quant::GgmlType;
+        let args = |a: &[&str]| {
+            let mut v = vec!["convert"];
+            v.extend_from_slice(a);
+            match parse(&v).unwrap() {
+                Task::Convert(a) => a,
+                other => panic!("wrong task {other:?}"),
+            }
+        };
+        // --to follows the output's extension; --type/--dtype defaults.
+        let a = args(&["m.gguf", "out.gguf", "--type", "Q4_K", "--keep-output"]);
+        match convert::plan(&a, false).unwrap() {
+            Plan::Requantize(o) => {
+                assert_eq!(o.ty, GgmlType::Q4_K);
+                assert!(o.keep_output && !o.keep_embeddings);
+            }
+            p => panic!("{p:?}"),
+        }
+        assert!(convert::plan(&args(&["m.gguf", "out.gguf"]), false).is_err());
+        assert_eq!(
+            convert::plan(&args(&["m.gguf", "outdir"]), false).unwrap(),
+            Plan::GgufToHf(StDtype::F16)
+        );
+        assert_eq!(
+            convert::plan(&args(&["m.gguf", "o", "--dtype", "bf16"]), false).unwrap(),
+            Plan::GgufToHf(StDtype::BF16)
+        );
+        match convert::plan(&args(&["dir", "x.GGUF"]), true).unwrap() {
+            Plan::HfToGguf(o) => assert_eq!(o.ty, GgmlType::F16),
+            p => panic!("{p:?}"),
+        }
+        match convert::plan(&args(&["dir", "x", "--to", "gguf", "--type", "q8_0"]), true).unwrap() {
+            Plan::HfToGguf(o) => assert_eq!(o.ty, GgmlType::Q8_0),
+            p => panic!("{p:?}"),
+        }
+        // Not yet supported, or nonsensical: clear errors.
+        for (a, dir) in [
+            (&["m.gguf", "o", "--to", "awq"][..], false),
+            (&["m.gguf", "o", "--to", "gptq"], false),
+            (&["m.gguf", "o", "--to", "exl2"], false),
+            (
+                &["m.gguf", "o.gguf", "--type", "q4_0", "--bits", "4"],
+                false,
+            ),
+            (
+                &["m.gguf", "o.gguf", "--type", "q4_0", "--group-size", "128"],
+                false,
+            ),
+            (&["m.gguf", "o.gguf", "--type", "iq4_nl"], false),
+            (&["m.gguf", "o", "--type", "q4_0"], false),
+            (&["dir", "o"], true),
+        ] {
+            assert!(convert::plan(&args(a), dir).is_err(), "{a:?}");
+        }
+        assert!(parse(&["convert", "in"]).is_err());
+        assert!(parse(&["convert", "a", "b", "--dtype", "f8"]).is_err());
+        assert!(parse(&["convert", "a", "b", "--to", "onnx"]).is_err());
     }
 
     #[test]

@@ -31,13 +31,13 @@ const MIN_KV_BYTES: u64 = 8 + 4 + 1;
 const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 4 + 8;
 
 /// The bytes behind a [`GgufFile`]: a read-only memory map or an owned buffer.
-enum Backing {
+pub(crate) enum Backing {
     Mmap(memmap2::Mmap),
     Owned(Vec<u8>),
 }
 
 impl Backing {
-    fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         match self {
             Backing::Mmap(m) => m,
             Backing::Owned(v) => v,
@@ -362,7 +362,7 @@ impl GgufFile {
 }
 
 #[allow(unsafe_code)]
-fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
+pub(crate) fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
     // SAFETY: the mapping is read-only and private to this process. memmap2 requires that the
     // file is not modified or truncated while mapped; a model file being rewritten under a
     // running engine is outside our contract (the same contract llama.cpp's mmap loader has).

@@ -33,6 +33,7 @@ use aho_corasick::AhoCorasick;
 use ember_formats::GgufFile;
 use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
 
+pub use pre::{pre_names_for_regexes, pre_tokenizer_regexes};
 pub use stream::StreamDecoder;
 pub use vocab::VocabKind;
 use vocab::{Vocab, attr};

@@ -222,3 +222,136 @@ pub(crate) fn resolve(pre: Option<&str>) -> Result<PreProfile, TokenizerError> {
     };
     Ok(prof)
 }
+
+/// Every `tokenizer.ggml.pre` name [`resolve`] accepts, grouped so that for each regex list the
+/// name llama.cpp's converter usually writes comes first ([`pre_names_for_regexes`] returns
+/// them in this order).
+const SUPPORTED_PRE_NAMES: &[&str] = &[
+    "default",
+    "llama-bpe",
+    "llama3",
+    "llama-v3",
+    "falcon3",
+    "falcon-h1",
+    "pixtral",
+    "midm-2.0",
+    "lfm2",
+    "jina-v5-nano",
+    "dbrx",
+    "smaug-bpe",
+    "chatglm-bpe",
+    "glm4",
+    "glm5",
+    "deepseek-v3",
+    "hunyuan-dense",
+    "hy_v4",
+    "joyai-llm",
+    "falcon",
+    "gpt-2",
+    "mpt",
+    "phi-2",
+    "jina-es",
+    "jina-de",
+    "gigachat",
+    "jina-v2-es",
+    "jina-v2-de",
+    "a.x-4.0",
+    "mellum",
+    "modern-bert",
+    "exaone4",
+    "jina-v1-en",
+    "jina-v2-code",
+    "roberta-bpe",
+    "olmo",
+    "jais",
+    "trillion",
+    "granite-docling",
+    "starcoder",
+    "smollm",
+    "refact",
+    "command-r",
+    "codeshell",
+    "exaone",
+    "minerva-7b",
+    "mellum2",
+    "qwen2",
+    "deepseek-r1-qwen",
+    "kormo",
+    "f2llmv2",
+    "megrez",
+    "stablelm2",
+    "hunyuan",
+    "solar-open",
+    "grok-2",
+    "qwen35",
+    "poro-chat",
+    "bloom",
+    "gpt3-finnish",
+    "viking",
+    "tekken",
+    "gpt-4o",
+    "llama4",
+    "kanana2",
+    "talkie",
+    "minimax-m2",
+    "bailingmoe",
+    "bailingmoe2",
+    "llada-moe",
+    "seed-coder",
+];
+
+/// The pre-tokenizer split regexes llama.cpp applies for a `tokenizer.ggml.pre` value (`None`
+/// or `""`: llama.cpp's default list), in order: each regex splits every piece the previous one
+/// produced, keeping matches and the text between them (HF `Split` with `Isolated`), before the
+/// byte-level mapping. Errors as [`super::GgufTokenizer::from_gguf`] does for an unknown or
+/// unported name.
+///
+/// ```
+/// let re = ember_text::tokenizer::pre_tokenizer_regexes(Some("smollm")).unwrap();
+/// assert_eq!(re.len(), 2);
+/// assert_eq!(re[0], r"\p{N}");
+/// ```
+pub fn pre_tokenizer_regexes(pre: Option<&str>) -> Result<&'static [&'static str], TokenizerError> {
+    resolve(pre).map(|p| p.regexes)
+}
+
+/// The inverse of [`pre_tokenizer_regexes`]: every supported `tokenizer.ggml.pre` name whose
+/// regex list is exactly `regexes`, the name llama.cpp's converter usually writes for that list
+/// first. Several names share a list (they differ only in llama.cpp flags such as
+/// `clean_spaces`), so the answer may be ambiguous; empty when no name matches.
+///
+/// ```
+/// use ember_text::tokenizer::{pre_names_for_regexes, pre_tokenizer_regexes};
+/// let re = pre_tokenizer_regexes(Some("qwen2")).unwrap();
+/// assert_eq!(pre_names_for_regexes(re)[0], "qwen2");
+/// ```
+pub fn pre_names_for_regexes<S: AsRef<str>>(regexes: &[S]) -> Vec<&'static str> {
+    SUPPORTED_PRE_NAMES
+        .iter()
+        .copied()
+        .filter(|name| {
+            resolve(Some(name)).is_ok_and(|p| {
+                p.regexes.len() == regexes.len()
+                    && p.regexes.iter().zip(regexes).all(|(a, b)| *a == b.as_ref())
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod supported_names_tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_name_resolves_and_inverts() {
+        for name in SUPPORTED_PRE_NAMES {
+            let re = pre_tokenizer_regexes(Some(name)).unwrap();
+            assert!(pre_names_for_regexes(re).contains(name), "{name}");
+        }
+        assert_eq!(
+            pre_names_for_regexes(pre_tokenizer_regexes(Some("smollm")).unwrap())[0],
+            "starcoder"
+        );
+        assert!(pre_names_for_regexes(&["x"]).is_empty());
+    }
+}

@@ -1,0 +1,197 @@
+//! Architectures and the HF <-> GGUF tensor names (formats spec §5.5, from llama.cpp's
+//! `gguf-py/gguf/tensor_mapping.py`).
+
+use crate::ConvertError;
+
+/// A supported architecture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Arch {
+    /// llama (also Mistral, which llama.cpp converts as llama).
+    Llama,
+    /// qwen2.
+    Qwen2,
+    /// qwen3.
+    Qwen3,
+}
+
+impl Arch {
+    /// From `general.architecture`.
+    pub(crate) fn from_gguf(name: &str) -> Result<Arch, ConvertError> {
+        match name {
+            "llama" => Ok(Arch::Llama),
+            "qwen2" => Ok(Arch::Qwen2),
+            "qwen3" => Ok(Arch::Qwen3),
+            other => Err(ConvertError::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+
+    /// From config.json `model_type`.
+    pub(crate) fn from_hf(model_type: &str) -> Result<Arch, ConvertError> {
+        match model_type {
+            "llama" | "mistral" => Ok(Arch::Llama),
+            "qwen2" => Ok(Arch::Qwen2),
+            "qwen3" => Ok(Arch::Qwen3),
+            other => Err(ConvertError::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+
+    /// `general.architecture`.
+    pub(crate) fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+
+    /// config.json `model_type`.
+    pub(crate) fn model_type(self) -> &'static str {
+        self.gguf_name()
+    }
+
+    /// config.json `architectures[0]`.
+    pub(crate) fn hf_class(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    /// Whether Q/K rows are permuted between HF and GGUF (llama.cpp `LlamaModel.permute`).
+    pub(crate) fn permutes_qk(self) -> bool {
+        self == Arch::Llama
+    }
+}
+
+/// Per-layer names: GGUF `blk.{i}.X` <-> HF `model.layers.{i}.Y`.
+const LAYER: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// Whole-model names: GGUF <-> HF.
+const GLOBAL: &[(&str, &str)] = &[
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+fn unmapped(name: &str, arch: Arch) -> ConvertError {
+    ConvertError::UnmappedTensor {
+        name: name.to_string(),
+        arch: arch.gguf_name().to_string(),
+    }
+}
+
+fn layer_allowed(arch: Arch, gguf_base: &str, suffix: &str) -> bool {
+    match gguf_base {
+        "attn_q_norm" | "attn_k_norm" => arch == Arch::Qwen3 && suffix == "weight",
+        "attn_q" | "attn_k" | "attn_v" => suffix == "weight" || arch != Arch::Qwen3,
+        _ => true,
+    }
+}
+
+/// The HF name of GGUF tensor `name`.
+pub(crate) fn gguf_to_hf_name(arch: Arch, name: &str) -> Result<String, ConvertError> {
+    if let Some((_, hf)) = GLOBAL.iter().find(|(g, _)| *g == name) {
+        return Ok((*hf).to_string());
+    }
+    let rest = name
+        .strip_prefix("blk.")
+        .ok_or_else(|| unmapped(name, arch))?;
+    let (layer, rest) = rest.split_once('.').ok_or_else(|| unmapped(name, arch))?;
+    let layer: u32 = layer.parse().map_err(|_| unmapped(name, arch))?;
+    let (base, suffix) = rest.rsplit_once('.').ok_or_else(|| unmapped(name, arch))?;
+    if !matches!(suffix, "weight" | "bias") || !layer_allowed(arch, base, suffix) {
+        return Err(unmapped(name, arch));
+    }
+    let (_, hf) = LAYER
+        .iter()
+        .find(|(g, _)| *g == base)
+        .ok_or_else(|| unmapped(name, arch))?;
+    Ok(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// The GGUF name of HF tensor `name`.
+pub(crate) fn hf_to_gguf_name(arch: Arch, name: &str) -> Result<String, ConvertError> {
+    if let Some((g, _)) = GLOBAL.iter().find(|(_, h)| *h == name) {
+        return Ok((*g).to_string());
+    }
+    let rest = name
+        .strip_prefix("model.layers.")
+        .ok_or_else(|| unmapped(name, arch))?;
+    let (layer, rest) = rest.split_once('.').ok_or_else(|| unmapped(name, arch))?;
+    let layer: u32 = layer.parse().map_err(|_| unmapped(name, arch))?;
+    let (base, suffix) = rest.rsplit_once('.').ok_or_else(|| unmapped(name, arch))?;
+    if !matches!(suffix, "weight" | "bias") {
+        return Err(unmapped(name, arch));
+    }
+    let (g, _) = LAYER
+        .iter()
+        .find(|(_, h)| *h == base)
+        .ok_or_else(|| unmapped(name, arch))?;
+    if !layer_allowed(arch, g, suffix) {
+        return Err(unmapped(name, arch));
+    }
+    Ok(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// The layer index of a GGUF name (`blk.{i}.`), for ordering.
+pub(crate) fn gguf_layer(name: &str) -> Option<u32> {
+    name.strip_prefix("blk.")?.split_once('.')?.0.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for (arch, g, h) in [
+            (
+                Arch::Llama,
+                "token_embd.weight",
+                "model.embed_tokens.weight",
+            ),
+            (
+                Arch::Llama,
+                "blk.12.attn_output.weight",
+                "model.layers.12.self_attn.o_proj.weight",
+            ),
+            (
+                Arch::Llama,
+                "blk.0.ffn_norm.weight",
+                "model.layers.0.post_attention_layernorm.weight",
+            ),
+            (
+                Arch::Qwen2,
+                "blk.3.attn_q.bias",
+                "model.layers.3.self_attn.q_proj.bias",
+            ),
+            (
+                Arch::Qwen3,
+                "blk.3.attn_k_norm.weight",
+                "model.layers.3.self_attn.k_norm.weight",
+            ),
+            (Arch::Qwen3, "output.weight", "lm_head.weight"),
+        ] {
+            assert_eq!(gguf_to_hf_name(arch, g).unwrap(), h);
+            assert_eq!(hf_to_gguf_name(arch, h).unwrap(), g);
+        }
+        assert!(gguf_to_hf_name(Arch::Llama, "blk.0.attn_q_norm.weight").is_err());
+        assert!(gguf_to_hf_name(Arch::Llama, "rope_freqs.weight").is_err());
+        assert!(hf_to_gguf_name(Arch::Qwen3, "model.layers.0.self_attn.q_proj.bias").is_err());
+        assert!(hf_to_gguf_name(Arch::Llama, "model.layers.x.mlp.up_proj.weight").is_err());
+        assert_eq!(gguf_layer("blk.17.ffn_up.weight"), Some(17));
+    }
+}

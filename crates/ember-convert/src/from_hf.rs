@@ -1,0 +1,277 @@
+//! Hugging Face checkpoint directory -> GGUF.
+
+use std::path::Path;
+
+use ember_formats::checkpoint::Checkpoint;
+use ember_formats::{GgufWriter, MetaValue};
+use ember_quant::GgmlType;
+use serde_json::Value;
+
+use crate::arch::{Arch, gguf_layer, hf_to_gguf_name};
+use crate::quant::{
+    QuantizeOptions, TensorSource, check_target, encode_tensor, file_type_for, target_type,
+};
+use crate::to_hf::GGUF_METADATA_KEY;
+use crate::tokenizer::{self, TokenizerSource};
+use crate::util::{Direction, permute_rows, st_bytes_to_f32, write_gguf_atomic};
+use crate::{ConvertError, Progress};
+
+fn cfg_u64(c: &Value, k: &str) -> Result<u64, ConvertError> {
+    c.get(k)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| ConvertError::MissingConfig(k.to_string()))
+}
+
+fn cfg_u32(c: &Value, k: &str) -> Result<u32, ConvertError> {
+    u32::try_from(cfg_u64(c, k)?).map_err(|_| ConvertError::UnsupportedConfig {
+        key: k.to_string(),
+        reason: "does not fit in u32".into(),
+    })
+}
+
+fn cfg_f32(c: &Value, k: &str) -> Option<f32> {
+    c.get(k).and_then(Value::as_f64).map(|v| v as f32)
+}
+
+/// Writes the `{arch}.*` hyperparameters llama.cpp's converter writes (formats spec §5.4), and
+/// `general.file_type`, in its order.
+fn write_hparams(
+    w: &mut GgufWriter,
+    c: &Value,
+    arch: Arch,
+    ty: GgmlType,
+) -> Result<(u64, u64), ConvertError> {
+    let a = arch.gguf_name();
+    let n_head = cfg_u32(c, "num_attention_heads")?;
+    let n_embd = cfg_u32(c, "hidden_size")?;
+    if n_head == 0 {
+        return Err(ConvertError::UnsupportedConfig {
+            key: "num_attention_heads".into(),
+            reason: "is 0".into(),
+        });
+    }
+    let n_head_kv = match c.get("num_key_value_heads") {
+        None | Some(Value::Null) => n_head,
+        Some(_) => cfg_u32(c, "num_key_value_heads")?,
+    };
+    w.add(format!("{a}.block_count"), cfg_u32(c, "num_hidden_layers")?);
+    w.add(
+        format!("{a}.context_length"),
+        cfg_u32(c, "max_position_embeddings")?,
+    );
+    w.add(format!("{a}.embedding_length"), n_embd);
+    w.add(
+        format!("{a}.feed_forward_length"),
+        cfg_u32(c, "intermediate_size")?,
+    );
+    w.add(format!("{a}.attention.head_count"), n_head);
+    w.add(format!("{a}.attention.head_count_kv"), n_head_kv);
+    let scaling = c
+        .get("rope_scaling")
+        .or_else(|| c.get("rope_parameters"))
+        .filter(|v| !v.is_null());
+    if let Some(s) = scaling {
+        let kind = s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        match kind {
+            "default" => {}
+            "linear" => {
+                let f = cfg_f32(s, "factor")
+                    .ok_or_else(|| ConvertError::MissingConfig("rope_scaling.factor".into()))?;
+                w.add(format!("{a}.rope.scaling.type"), "linear");
+                w.add(format!("{a}.rope.scaling.factor"), f);
+            }
+            other => {
+                return Err(ConvertError::UnsupportedConfig {
+                    key: "rope_scaling".into(),
+                    reason: format!("rope type '{other}' is not converted"),
+                });
+            }
+        }
+    }
+    let theta = cfg_f32(c, "rope_theta").or_else(|| {
+        c.get("rope_parameters")
+            .and_then(|p| cfg_f32(p, "rope_theta"))
+    });
+    if let Some(t) = theta {
+        w.add(format!("{a}.rope.freq_base"), t);
+    }
+    let eps = cfg_f32(c, "rms_norm_eps")
+        .ok_or_else(|| ConvertError::MissingConfig("rms_norm_eps".into()))?;
+    w.add(format!("{a}.attention.layer_norm_rms_epsilon"), eps);
+    let head_dim = match c.get("head_dim") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(cfg_u32(c, "head_dim")?),
+    };
+    if let Some(hd) = head_dim {
+        w.add(format!("{a}.attention.key_length"), hd);
+        w.add(format!("{a}.attention.value_length"), hd);
+    }
+    w.add("general.file_type", file_type_for(ty)?);
+    if arch == Arch::Llama {
+        w.add(format!("{a}.vocab_size"), cfg_u32(c, "vocab_size")?);
+        w.add(
+            format!("{a}.rope.dimension_count"),
+            head_dim.unwrap_or(n_embd / n_head),
+        );
+    }
+    Ok((u64::from(n_head), u64::from(n_head_kv)))
+}
+
+/// Sort key of a GGUF tensor name: embeddings, then layers in order, then the head.
+fn order_key(name: &str) -> (u32, u32) {
+    match name {
+        "token_embd.weight" => (0, 0),
+        "output_norm.weight" => (2, 0),
+        "output.weight" => (3, 0),
+        n => (1, gguf_layer(n).unwrap_or(u32::MAX)),
+    }
+}
+
+/// Converts a Hugging Face checkpoint (llama/mistral, qwen2, qwen3; F32/F16/BF16 weights) to a
+/// GGUF file at `output`, written through a temporary file renamed at the end.
+///
+/// The metadata is what llama.cpp's `convert_hf_to_gguf.py` writes for the architecture:
+/// `general.architecture`, `general.type`, `general.name` and, when the checkpoint came from
+/// [`crate::gguf_to_hf`], the other `general.*` strings it recorded; the `{arch}.*`
+/// hyperparameters; `general.file_type`; `tokenizer.ggml.{model, pre, tokens, token_type,
+/// merges, *_token_id, add_bos_token, add_space_prefix}` and `tokenizer.chat_template` from
+/// tokenizer.json / tokenizer_config.json (byte-level BPE only; `tokenizer.ggml.pre` is
+/// recovered from the pre-tokenizer's split regexes); `general.quantization_version`.
+///
+/// Tensors get their GGUF names, llama's Q/K rows are permuted to GGML's interleaved rope
+/// order, and each tensor is converted to f32 (exact) and then to the type [`target_type`]
+/// picks for `opts` (1-D tensors stay F32), with ggml's reference quantizers. Rotary
+/// `inv_freq` buffers are skipped, and so is `lm_head.weight` when `tie_word_embeddings` is
+/// set.
+pub fn hf_to_gguf(
+    ckpt: &Checkpoint,
+    output: &Path,
+    opts: &QuantizeOptions,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<(), ConvertError> {
+    check_target(opts.ty)?;
+    let c = ckpt.config();
+    let model_type = c
+        .get("model_type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ConvertError::MissingConfig("model_type".into()))?;
+    let arch = Arch::from_hf(model_type)?;
+    let carried = c.get(GGUF_METADATA_KEY).and_then(Value::as_object);
+
+    let mut w = GgufWriter::new();
+    w.add("general.architecture", arch.gguf_name());
+    w.add("general.type", "model");
+    let name = carried
+        .and_then(|m| m.get("general.name"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or_else(|| {
+            c.get("_name_or_path")
+                .and_then(Value::as_str)
+                .and_then(|p| p.rsplit('/').find(|s| !s.is_empty()))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "model".to_string());
+    w.add("general.name", name);
+    if let Some(m) = carried {
+        for (k, v) in m {
+            if !k.starts_with("general.") || k == "general.name" || k == "general.type" {
+                continue;
+            }
+            match v {
+                Value::String(s) => {
+                    w.add(k.clone(), s.as_str());
+                }
+                Value::Array(items) => {
+                    let strs: Option<Vec<&str>> = items.iter().map(Value::as_str).collect();
+                    if let Some(strs) = strs {
+                        w.add_string_array(k.clone(), strs);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let (n_head, n_head_kv) = write_hparams(&mut w, c, arch, opts.ty)?;
+
+    let tj_path = ckpt.tokenizer_json().ok_or_else(|| {
+        ConvertError::BadTokenizerJson("the checkpoint has no tokenizer.json".into())
+    })?;
+    let tj = std::fs::read_to_string(&tj_path).map_err(|e| ConvertError::io(&tj_path, e))?;
+    tokenizer::import(
+        &mut w,
+        &TokenizerSource {
+            json: &tj,
+            config: ckpt.tokenizer_config(),
+            model_config: c,
+            pre_hint: carried
+                .and_then(|m| m.get("tokenizer.ggml.pre"))
+                .and_then(Value::as_str),
+        },
+    )?;
+    drop(tj);
+    w.add("general.quantization_version", MetaValue::U32(2));
+
+    let tied = c
+        .get("tie_word_embeddings")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let mut names: Vec<(String, String)> = Vec::new();
+    for hf in ckpt.tensor_names() {
+        let hf = hf.to_string();
+        if hf.ends_with(".rotary_emb.inv_freq") || (tied && hf == "lm_head.weight") {
+            continue;
+        }
+        names.push((hf_to_gguf_name(arch, &hf)?, hf));
+    }
+    names.sort_by(|a, b| order_key(&a.0).cmp(&order_key(&b.0)).then(a.1.cmp(&b.1)));
+    if !names.iter().any(|(g, _)| g == "token_embd.weight") {
+        return Err(ConvertError::MissingTensor(
+            "model.embed_tokens.weight".into(),
+        ));
+    }
+    let has_output = names.iter().any(|(g, _)| g == "output.weight");
+    let total = names.len();
+    for (i, (gname, hf)) in names.iter().enumerate() {
+        let (info, bytes) = ckpt
+            .tensor(hf)
+            .ok_or_else(|| ConvertError::MissingTensor(hf.clone()))?;
+        let n: usize = info
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| ConvertError::bad_tensor(hf, "element count overflows"))?;
+        let mut f = st_bytes_to_f32(hf, bytes, info.dtype, n)?;
+        if arch.permutes_qk() {
+            let heads = if gname.contains(".attn_q.") {
+                Some(n_head)
+            } else if gname.contains(".attn_k.") {
+                Some(n_head_kv)
+            } else {
+                None
+            };
+            if let Some(heads) = heads {
+                let row_len = if info.shape.len() >= 2 {
+                    info.shape[1..].iter().product()
+                } else {
+                    1
+                };
+                f = permute_rows(hf, &f, row_len, heads as usize, Direction::HfToGguf)?;
+            }
+        }
+        let dims: Vec<u64> = info.shape.iter().rev().map(|&d| d as u64).collect();
+        let dst = target_type(gname, &dims, GgmlType::F32, opts, has_output);
+        let data = encode_tensor(gname, TensorSource::F32(f), n as u64, dst)?;
+        w.add_tensor(gname.clone(), &dims, dst, data)?;
+        progress(Progress {
+            done: i + 1,
+            total,
+            tensor: gname,
+        });
+    }
+    write_gguf_atomic(&w, output)
+}

@@ -1,0 +1,304 @@
+//! GGUF -> Hugging Face checkpoint directory.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ember_formats::safetensors::{StDtype, StWriteTensor, write_safetensors};
+use ember_formats::{GgufFile, MetaArray, MetaValue};
+use serde_json::{Map, Value, json};
+
+use crate::arch::{Arch, gguf_to_hf_name};
+use crate::tokenizer;
+use crate::util::{
+    Direction, dequantize_tensor, f32_json, f32_to_st_bytes, permute_rows, write_bytes_atomic,
+    write_json_atomic,
+};
+use crate::{ConvertError, Progress};
+
+/// config.json key under which [`gguf_to_hf`] records the GGUF metadata that HF configs have no
+/// key for (`general.*` strings and string arrays, `tokenizer.ggml.pre`), so that
+/// [`crate::hf_to_gguf`] writes them back.
+pub(crate) const GGUF_METADATA_KEY: &str = "gguf_metadata";
+
+/// `general.*` keys that are not carried in [`GGUF_METADATA_KEY`] (they are rewritten).
+const GENERAL_SKIP: &[&str] = &[
+    "general.architecture",
+    "general.file_type",
+    "general.quantization_version",
+    "general.alignment",
+];
+
+fn torch_dtype(dtype: StDtype) -> Result<&'static str, ConvertError> {
+    match dtype {
+        StDtype::F32 => Ok("float32"),
+        StDtype::F16 => Ok("float16"),
+        StDtype::BF16 => Ok("bfloat16"),
+        other => Err(ConvertError::UnsupportedDtype(other.name().to_string())),
+    }
+}
+
+struct Hparams {
+    n_head: u64,
+    n_head_kv: u64,
+}
+
+/// config.json for the GGUF's architecture (formats spec §5.4, read backwards).
+fn build_config(
+    gguf: &GgufFile,
+    arch: Arch,
+    dtype: StDtype,
+    special_ids: &[(&str, u32)],
+) -> Result<(Value, Hparams), ConvertError> {
+    let a = arch.gguf_name();
+    let key = |k: &str| format!("{a}.{k}");
+    let req_u64 = |k: &str| {
+        gguf.get(&key(k))
+            .and_then(MetaValue::as_u64)
+            .ok_or_else(|| ConvertError::MissingKey(key(k)))
+    };
+    let n_layer = req_u64("block_count")?;
+    let n_embd = req_u64("embedding_length")?;
+    let n_ff = req_u64("feed_forward_length")?;
+    let n_head = req_u64("attention.head_count")?;
+    if n_head == 0 {
+        return Err(ConvertError::UnsupportedMetadata {
+            key: key("attention.head_count"),
+            reason: "is 0".into(),
+        });
+    }
+    let n_head_kv = gguf
+        .get(&key("attention.head_count_kv"))
+        .map(|v| {
+            v.as_u64()
+                .ok_or_else(|| ConvertError::MissingKey(key("attention.head_count_kv")))
+        })
+        .transpose()?
+        .unwrap_or(n_head);
+    let n_ctx = req_u64("context_length")?;
+    let eps = gguf
+        .get(&key("attention.layer_norm_rms_epsilon"))
+        .and_then(MetaValue::as_f32)
+        .ok_or_else(|| ConvertError::MissingKey(key("attention.layer_norm_rms_epsilon")))?;
+    let rope_base = gguf
+        .get(&key("rope.freq_base"))
+        .and_then(MetaValue::as_f32)
+        .unwrap_or(10000.0);
+    let key_length = gguf
+        .get(&key("attention.key_length"))
+        .and_then(MetaValue::as_u64);
+    let head_dim = key_length.unwrap_or(n_embd / n_head);
+    if let Some(vl) = gguf
+        .get(&key("attention.value_length"))
+        .and_then(MetaValue::as_u64)
+        && vl != head_dim
+    {
+        return Err(ConvertError::UnsupportedMetadata {
+            key: key("attention.value_length"),
+            reason: format!("{vl} differs from the key length {head_dim}"),
+        });
+    }
+    if let Some(rd) = gguf
+        .get(&key("rope.dimension_count"))
+        .and_then(MetaValue::as_u64)
+        && rd != head_dim
+    {
+        return Err(ConvertError::UnsupportedMetadata {
+            key: key("rope.dimension_count"),
+            reason: format!("partial rotary ({rd} of {head_dim}) is not converted"),
+        });
+    }
+    let rope_scaling = match gguf.get_str(&key("rope.scaling.type")) {
+        None | Some("none") => Value::Null,
+        Some("linear") => {
+            let f = gguf
+                .get(&key("rope.scaling.factor"))
+                .and_then(MetaValue::as_f32)
+                .ok_or_else(|| ConvertError::MissingKey(key("rope.scaling.factor")))?;
+            json!({"type": "linear", "rope_type": "linear", "factor": f32_json(f)})
+        }
+        Some(other) => {
+            return Err(ConvertError::UnsupportedMetadata {
+                key: key("rope.scaling.type"),
+                reason: format!("rope scaling '{other}' is not converted"),
+            });
+        }
+    };
+    let vocab_size = match gguf.get(&key("vocab_size")).and_then(MetaValue::as_u64) {
+        Some(v) => v,
+        None => match gguf.get_array("tokenizer.ggml.tokens") {
+            Some(t) => t.len() as u64,
+            None => gguf
+                .tensor("token_embd.weight")
+                .and_then(|t| t.dims.get(1).copied())
+                .ok_or_else(|| ConvertError::MissingKey(key("vocab_size")))?,
+        },
+    };
+    let tied = gguf.tensor("output.weight").is_none();
+    let has_qkv_bias = gguf.tensor("blk.0.attn_q.bias").is_some();
+
+    let mut c = Map::new();
+    c.insert("architectures".into(), json!([arch.hf_class()]));
+    c.insert("model_type".into(), json!(arch.model_type()));
+    c.insert("vocab_size".into(), json!(vocab_size));
+    c.insert("hidden_size".into(), json!(n_embd));
+    c.insert("intermediate_size".into(), json!(n_ff));
+    c.insert("num_hidden_layers".into(), json!(n_layer));
+    c.insert("num_attention_heads".into(), json!(n_head));
+    c.insert("num_key_value_heads".into(), json!(n_head_kv));
+    if key_length.is_some() || arch == Arch::Qwen3 {
+        c.insert("head_dim".into(), json!(head_dim));
+    }
+    c.insert("max_position_embeddings".into(), json!(n_ctx));
+    c.insert("rms_norm_eps".into(), f32_json(eps));
+    c.insert("rope_theta".into(), f32_json(rope_base));
+    c.insert("rope_scaling".into(), rope_scaling);
+    c.insert("hidden_act".into(), json!("silu"));
+    c.insert("initializer_range".into(), json!(0.02));
+    c.insert("attention_dropout".into(), json!(0.0));
+    match arch {
+        Arch::Llama => {
+            c.insert("attention_bias".into(), json!(has_qkv_bias));
+            c.insert("mlp_bias".into(), json!(false));
+            c.insert("pretraining_tp".into(), json!(1));
+        }
+        Arch::Qwen2 => {
+            c.insert("use_sliding_window".into(), json!(false));
+            c.insert("sliding_window".into(), json!(n_ctx));
+            c.insert("max_window_layers".into(), json!(n_layer));
+        }
+        Arch::Qwen3 => {
+            c.insert("attention_bias".into(), json!(has_qkv_bias));
+            c.insert("use_sliding_window".into(), json!(false));
+            c.insert("sliding_window".into(), Value::Null);
+            c.insert("max_window_layers".into(), json!(n_layer));
+        }
+    }
+    c.insert("tie_word_embeddings".into(), json!(tied));
+    c.insert("torch_dtype".into(), json!(torch_dtype(dtype)?));
+    c.insert("use_cache".into(), json!(true));
+    for (kind, id) in special_ids {
+        if matches!(*kind, "bos" | "eos" | "pad") {
+            c.insert(format!("{kind}_token_id"), json!(id));
+        }
+    }
+
+    let mut carried = Map::new();
+    for (k, v) in gguf.metadata() {
+        if !k.starts_with("general.") || GENERAL_SKIP.contains(&k.as_str()) {
+            continue;
+        }
+        match v {
+            MetaValue::String(s) => {
+                carried.insert(k.clone(), json!(s));
+            }
+            MetaValue::Array(MetaArray::String(a)) => {
+                carried.insert(k.clone(), json!(a.to_vec()));
+            }
+            _ => {}
+        }
+    }
+    if let Some(pre) = gguf.get_str("tokenizer.ggml.pre") {
+        carried.insert("tokenizer.ggml.pre".into(), json!(pre));
+    }
+    c.insert(GGUF_METADATA_KEY.into(), Value::Object(carried));
+    Ok((Value::Object(c), Hparams { n_head, n_head_kv }))
+}
+
+/// Converts a GGUF model to a Hugging Face checkpoint directory `out_dir` (created if needed):
+///
+/// * `config.json`: the HF keys of the architecture (`architectures`, `model_type`, sizes,
+///   `rms_norm_eps`, `rope_theta`, `tie_word_embeddings` when `output.weight` is absent,
+///   `torch_dtype`, bos/eos/pad ids), plus `gguf_metadata`: the GGUF's `general.*` strings and
+///   `tokenizer.ggml.pre`, which HF has no key for and [`crate::hf_to_gguf`] writes back;
+/// * `model.safetensors`: every tensor under its HF name, dequantized (bit-exact with ggml)
+///   and stored as `dtype` (F32, F16 or BF16), in HF's `[out, in]` shape, with llama's Q/K rows
+///   permuted back to HF's rotate-half order;
+/// * `tokenizer.json` (byte-level BPE: vocab, merges, one `Split` per llama.cpp pre-tokenizer
+///   regex then `ByteLevel`, ByteLevel decoder, added tokens), `tokenizer_config.json`
+///   (`chat_template`, special tokens, `add_bos_token`) and `generation_config.json`.
+///
+/// Architectures: llama (and Mistral), qwen2, qwen3. Vocabularies other than byte-level BPE
+/// (`tokenizer.ggml.model` = `llama`, SentencePiece) are refused with
+/// [`ConvertError::UnsupportedTokenizerModel`]. Each file is written through a temporary file
+/// and renamed, weights first.
+pub fn gguf_to_hf(
+    gguf: &GgufFile,
+    out_dir: &Path,
+    dtype: StDtype,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<(), ConvertError> {
+    torch_dtype(dtype)?;
+    let arch_name = gguf
+        .architecture()
+        .ok_or_else(|| ConvertError::MissingKey("general.architecture".into()))?;
+    let arch = Arch::from_gguf(arch_name)?;
+    let n_ctx = gguf
+        .get(&format!("{arch_name}.context_length"))
+        .and_then(MetaValue::as_u64);
+    let tok = tokenizer::export(gguf, n_ctx)?;
+    let (config, hp) = build_config(gguf, arch, dtype, &tok.special_ids)?;
+
+    let total = gguf.tensors().len();
+    let mut tensors = Vec::with_capacity(total);
+    for (i, t) in gguf.tensors().iter().enumerate() {
+        let hf_name = gguf_to_hf_name(arch, &t.name)?;
+        let mut f = dequantize_tensor(&t.name, t.ggml_type, gguf.tensor_data(t), t.n_elements())?;
+        if arch.permutes_qk() {
+            let n_head = if t.name.ends_with(".attn_q.weight") || t.name.ends_with(".attn_q.bias") {
+                Some(hp.n_head)
+            } else if t.name.ends_with(".attn_k.weight") || t.name.ends_with(".attn_k.bias") {
+                Some(hp.n_head_kv)
+            } else {
+                None
+            };
+            if let Some(n_head) = n_head {
+                let row_len = if t.name.ends_with(".bias") {
+                    1
+                } else {
+                    t.dims.first().copied().unwrap_or(1) as usize
+                };
+                f = permute_rows(&t.name, &f, row_len, n_head as usize, Direction::GgufToHf)?;
+            }
+        }
+        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        let data = f32_to_st_bytes(&f, dtype)?;
+        tensors.push(StWriteTensor {
+            name: hf_name.clone(),
+            dtype,
+            shape,
+            data: Cow::Owned(data),
+        });
+        progress(Progress {
+            done: i + 1,
+            total,
+            tensor: &hf_name,
+        });
+    }
+
+    std::fs::create_dir_all(out_dir).map_err(|e| ConvertError::io(out_dir, e))?;
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    write_safetensors(&out_dir.join("model.safetensors"), &tensors, &meta)?;
+    drop(tensors);
+
+    write_json_atomic(&out_dir.join("config.json"), &config)?;
+    let mut gen_cfg = Map::new();
+    for (kind, id) in &tok.special_ids {
+        if matches!(*kind, "bos" | "eos" | "pad") {
+            gen_cfg.insert(format!("{kind}_token_id"), json!(id));
+        }
+    }
+    write_json_atomic(
+        &out_dir.join("generation_config.json"),
+        &Value::Object(gen_cfg),
+    )?;
+    let mut tj = tok.tokenizer_json.into_bytes();
+    tj.push(b'\n');
+    write_bytes_atomic(&out_dir.join("tokenizer.json"), &tj)?;
+    write_json_atomic(
+        &out_dir.join("tokenizer_config.json"),
+        &tok.tokenizer_config,
+    )?;
+    Ok(())
+}
