@@ -61,10 +61,15 @@ fn f32_bits(v: &[f32]) -> Vec<u32> {
 }
 
 /// Reads `paths` with gguf-py's GGUFReader; skipped (with a message) when gguf is not
-/// importable.
+/// importable, unless `EMBER_REQUIRE_GGUF_PY=1` (set by tests/run.sh, which installs it): then
+/// a missing gguf-py fails the test.
 fn check_with_gguf_py(paths: &[&Path]) {
     let probe = Command::new("python3").args(["-c", "import gguf"]).output();
     if !probe.is_ok_and(|o| o.status.success()) {
+        assert!(
+            std::env::var("EMBER_REQUIRE_GGUF_PY").as_deref() != Ok("1"),
+            "EMBER_REQUIRE_GGUF_PY=1 but `python3 -c 'import gguf'` fails"
+        );
         eprintln!(
             "SKIPPED gguf-py check: `python3 -c 'import gguf'` fails (install it with \
              `python3 -m pip install gguf`)"
