@@ -5,6 +5,7 @@ pub mod convert;
 pub mod dequant;
 pub mod dot;
 pub mod error;
+pub mod group;
 pub mod quantize;
 pub mod types;
 
