@@ -23,10 +23,11 @@
 //!   streaming clients, half of them hanging up mid-stream, against a real `ember serve` under
 //!   KV pressure; fails on a leaked KV block, an error other than 429/503, or growing RSS (see
 //!   `soak`).
-//! - `convert IN OUT [--to gguf|hf|awq|gptq|exl2] [--type TYPE] [--keep-output]
-//!   [--keep-embeddings] [--dtype f16|bf16|f32]`: GGUF -> requantized GGUF (as llama-quantize),
-//!   GGUF -> Hugging Face checkpoint directory, checkpoint -> GGUF, through `ember-convert`
-//!   (see `convert`); AWQ/GPTQ/EXL2 output and `--bits`/`--group-size` are not supported yet.
+//! - `convert IN OUT [--to gguf|hf|awq|gptq|exl2|ct] [--type TYPE] [--bits B] [--group-size G]
+//!   [--act-order] [--asym] [--keep-output] [--keep-embeddings] [--dtype f16|bf16|f32]`: GGUF ->
+//!   requantized GGUF (as llama-quantize), GGUF -> Hugging Face checkpoint directory (plain, or
+//!   AWQ/GPTQ/EXL2/compressed-tensors quantized), checkpoint (plain or quantized) -> GGUF,
+//!   through `ember-convert` (see `convert`).
 //!
 //! Flags are parsed by clap: a misspelled or unknown flag is an error, and `--help` on each task
 //! lists its flags and defaults.
@@ -382,11 +383,90 @@ mod tests {
             Plan::HfToGguf(o) => assert_eq!(o.ty, GgmlType::Q8_0),
             p => panic!("{p:?}"),
         }
-        // Not yet supported, or nonsensical: clear errors.
+        // Quantized output.
+        use ember_convert::{GroupSize, QuantWriteFormat, QuantWriteOptions};
+        assert_eq!(
+            convert::plan(
+                &args(&["m.gguf", "o", "--to", "awq", "--group-size", "64"]),
+                false
+            )
+            .unwrap(),
+            Plan::GgufToQuantized(QuantWriteOptions {
+                format: QuantWriteFormat::Awq,
+                bits: 4,
+                group_size: GroupSize::Size(64),
+            })
+        );
+        assert_eq!(
+            convert::plan(
+                &args(&[
+                    "m.gguf",
+                    "o",
+                    "--to",
+                    "gptq",
+                    "--bits",
+                    "3",
+                    "--act-order",
+                    "--group-size",
+                    "-1"
+                ]),
+                false
+            )
+            .unwrap(),
+            Plan::GgufToQuantized(QuantWriteOptions {
+                format: QuantWriteFormat::Gptq {
+                    act_order: true,
+                    sym: true,
+                    v2: false
+                },
+                bits: 3,
+                group_size: GroupSize::PerChannel,
+            })
+        );
+        assert_eq!(
+            convert::plan(&args(&["m.gguf", "o", "--to", "gptq", "--asym"]), false).unwrap(),
+            Plan::GgufToQuantized(QuantWriteOptions {
+                format: QuantWriteFormat::Gptq {
+                    act_order: false,
+                    sym: false,
+                    v2: true
+                },
+                bits: 4,
+                group_size: GroupSize::Size(128),
+            })
+        );
+        assert_eq!(
+            convert::plan(
+                &args(&["m.gguf", "o", "--to", "exl2", "--bits", "3.5"]),
+                false
+            )
+            .unwrap(),
+            Plan::GgufToQuantized(QuantWriteOptions {
+                format: QuantWriteFormat::Exl2 { target_bpw: 3.5 },
+                bits: 4,
+                group_size: GroupSize::Size(128),
+            })
+        );
+        assert_eq!(
+            convert::plan(
+                &args(&["m.gguf", "o", "--to", "ct", "--bits", "8", "--asym"]),
+                false
+            )
+            .unwrap(),
+            Plan::GgufToQuantized(QuantWriteOptions {
+                format: QuantWriteFormat::CompressedTensors { symmetric: false },
+                bits: 8,
+                group_size: GroupSize::Size(128),
+            })
+        );
+        // Nonsensical: clear errors.
         for (a, dir) in [
-            (&["m.gguf", "o", "--to", "awq"][..], false),
-            (&["m.gguf", "o", "--to", "gptq"], false),
-            (&["m.gguf", "o", "--to", "exl2"], false),
+            (&["m.gguf", "o", "--to", "awq", "--bits", "4.5"][..], false),
+            (&["m.gguf", "o", "--to", "awq", "--group-size", "0"], false),
+            (&["m.gguf", "o", "--to", "awq", "--act-order"], false),
+            (&["m.gguf", "o", "--to", "exl2", "--asym"], false),
+            (&["m.gguf", "o", "--to", "gptq", "--type", "q4_0"], false),
+            (&["dir", "o", "--to", "gptq"], true),
             (
                 &["m.gguf", "o.gguf", "--type", "q4_0", "--bits", "4"],
                 false,

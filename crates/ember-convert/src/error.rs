@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use ember_formats::checkpoint::CheckpointError;
 use ember_formats::safetensors::SafetensorsError;
 use ember_formats::{GgufError, GgufWriteError};
+use ember_quant::group::GroupError;
 use ember_quant::{GgmlType, QuantError};
 use ember_text::tokenizer::TokenizerError;
 
@@ -121,6 +122,40 @@ pub enum ConvertError {
     UnknownPreTokenizer {
         /// The regexes, in order.
         regexes: Vec<String>,
+    },
+    /// A `quantization_config` field (or `quantize_config.json` field) names a scheme, format
+    /// variant or value that is not supported (the field path, the value found, and why).
+    #[error("quantization_config.{field} = {value}: {reason}")]
+    UnsupportedQuantization {
+        /// The field, e.g. `quant_method`, `bits`, `config_groups.group_0.input_activations`.
+        field: String,
+        /// The value found (as JSON text, or `absent`).
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A group-quantized linear layer's tensors were rejected by the ember-quant reader or
+    /// writer (wrong lengths, `g_idx` out of range, a broken permutation, ...).
+    #[error("quantized tensor '{tensor}': {source}")]
+    QuantizedTensor {
+        /// The layer (`model.layers.0.self_attn.q_proj`) or tensor.
+        tensor: String,
+        /// What ember-quant said.
+        source: GroupError,
+    },
+    /// A linear layer's in-feature count is not a multiple of the requested group size (AutoAWQ
+    /// and AutoGPTQ's kernels require that; use a divisor or `-1`, one group per row).
+    #[error(
+        "tensor '{tensor}': in-features {k} is not a multiple of group size {group_size} \
+         (use a divisor of {k}, or -1 for one group per row)"
+    )]
+    GroupSizeDoesNotDivide {
+        /// The tensor.
+        tensor: String,
+        /// Its in-feature count.
+        k: usize,
+        /// The group size asked for.
+        group_size: usize,
     },
     /// A JSON file could not be written or read.
     #[error("{}: {source}", path.display())]

@@ -11,6 +11,7 @@ use crate::arch::{Arch, gguf_layer, hf_to_gguf_name};
 use crate::quant::{
     QuantizeOptions, TensorSource, check_target, encode_tensor, file_type_for, target_type,
 };
+use crate::quantized::{QuantScheme, dequantize_linear, expected_nk};
 use crate::to_hf::GGUF_METADATA_KEY;
 use crate::tokenizer::{self, TokenizerSource};
 use crate::util::{Direction, permute_rows, st_bytes_to_f32, write_gguf_atomic};
@@ -134,6 +135,13 @@ fn order_key(name: &str) -> (u32, u32) {
 /// Converts a Hugging Face checkpoint (llama/mistral, qwen2, qwen3; F32/F16/BF16 weights) to a
 /// GGUF file at `output`, written through a temporary file renamed at the end.
 ///
+/// Quantized checkpoints are read too: the scheme is detected with [`QuantScheme::detect`]
+/// (AWQ GEMM/GEMV, GPTQ v1/v2 with `g_idx`, EXL2, compressed-tensors `pack-quantized`), and
+/// each quantized linear layer (`{prefix}.qweight` / `.q_weight` / `.weight_packed` with its
+/// companion tensors) is checked against the `[out, in]` shape the config's sizes give,
+/// dequantized to f32 by ember-quant's reader, and then treated exactly like an f32
+/// `{prefix}.weight`.
+///
 /// The metadata is what llama.cpp's `convert_hf_to_gguf.py` writes for the architecture:
 /// `general.architecture`, `general.type`, `general.name` and, when the checkpoint came from
 /// [`crate::gguf_to_hf`], the other `general.*` strings it recorded; the `{arch}.*`
@@ -220,32 +228,73 @@ pub fn hf_to_gguf(
         .get("tie_word_embeddings")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let mut names: Vec<(String, String)> = Vec::new();
+    let scheme = QuantScheme::detect(ckpt)?;
+    // (GGUF name, HF tensor name or quantized layer prefix, quantized?)
+    let mut names: Vec<(String, String, bool)> = Vec::new();
+    let mut aux_prefixes: Vec<&str> = Vec::new();
     for hf in ckpt.tensor_names() {
-        let hf = hf.to_string();
         if hf.ends_with(".rotary_emb.inv_freq") || (tied && hf == "lm_head.weight") {
             continue;
         }
-        names.push((hf_to_gguf_name(arch, &hf)?, hf));
+        if let Some((prefix, is_main)) = scheme.as_ref().and_then(|s| s.classify(hf)) {
+            if is_main {
+                let gname = hf_to_gguf_name(arch, &format!("{prefix}.weight"))?;
+                names.push((gname, prefix.to_string(), true));
+            } else {
+                aux_prefixes.push(prefix);
+            }
+            continue;
+        }
+        names.push((hf_to_gguf_name(arch, hf)?, hf.to_string(), false));
+    }
+    if let Some(s) = &scheme {
+        // An auxiliary tensor (qzeros, scales, ...) whose layer has no main tensor.
+        for p in aux_prefixes {
+            if !names.iter().any(|(_, h, q)| *q && h == p) {
+                return Err(ConvertError::MissingTensor(format!(
+                    "{p}.{}",
+                    s.main_suffix()
+                )));
+            }
+        }
     }
     names.sort_by(|a, b| order_key(&a.0).cmp(&order_key(&b.0)).then(a.1.cmp(&b.1)));
-    if !names.iter().any(|(g, _)| g == "token_embd.weight") {
+    if let Some(w) = names.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(ConvertError::bad_tensor(
+            &w[1].1,
+            format!(
+                "maps to '{}' like '{}' (a layer stored twice?)",
+                w[1].0, w[0].1
+            ),
+        ));
+    }
+    if !names.iter().any(|(g, _, _)| g == "token_embd.weight") {
         return Err(ConvertError::MissingTensor(
             "model.embed_tokens.weight".into(),
         ));
     }
-    let has_output = names.iter().any(|(g, _)| g == "output.weight");
+    let has_output = names.iter().any(|(g, _, _)| g == "output.weight");
     let total = names.len();
-    for (i, (gname, hf)) in names.iter().enumerate() {
-        let (info, bytes) = ckpt
-            .tensor(hf)
-            .ok_or_else(|| ConvertError::MissingTensor(hf.clone()))?;
-        let n: usize = info
-            .shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| ConvertError::bad_tensor(hf, "element count overflows"))?;
-        let mut f = st_bytes_to_f32(hf, bytes, info.dtype, n)?;
+    for (i, (gname, hf, quantized)) in names.iter().enumerate() {
+        let (shape, mut f) = if *quantized {
+            let scheme = scheme.as_ref().expect("quantized entries need a scheme");
+            let (n, k) = expected_nk(hf, c)?;
+            (vec![n, k], dequantize_linear(ckpt, scheme, hf, n, k)?)
+        } else {
+            let (info, bytes) = ckpt
+                .tensor(hf)
+                .ok_or_else(|| ConvertError::MissingTensor(hf.clone()))?;
+            let n: usize = info
+                .shape
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| ConvertError::bad_tensor(hf, "element count overflows"))?;
+            (
+                info.shape.clone(),
+                st_bytes_to_f32(hf, bytes, info.dtype, n)?,
+            )
+        };
+        let n = f.len();
         if arch.permutes_qk() {
             let heads = if gname.contains(".attn_q.") {
                 Some(n_head)
@@ -255,15 +304,15 @@ pub fn hf_to_gguf(
                 None
             };
             if let Some(heads) = heads {
-                let row_len = if info.shape.len() >= 2 {
-                    info.shape[1..].iter().product()
+                let row_len = if shape.len() >= 2 {
+                    shape[1..].iter().product()
                 } else {
                     1
                 };
                 f = permute_rows(hf, &f, row_len, heads as usize, Direction::HfToGguf)?;
             }
         }
-        let dims: Vec<u64> = info.shape.iter().rev().map(|&d| d as u64).collect();
+        let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
         let dst = target_type(gname, &dims, GgmlType::F32, opts, has_output);
         let data = encode_tensor(gname, TensorSource::F32(f), n as u64, dst)?;
         w.add_tensor(gname.clone(), &dims, dst, data)?;

@@ -5,6 +5,7 @@ mod arch;
 mod error;
 mod from_hf;
 mod quant;
+mod quantized;
 mod to_hf;
 mod tokenizer;
 mod util;
@@ -14,7 +15,10 @@ pub use from_hf::hf_to_gguf;
 pub use quant::{
     QuantizeOptions, TARGET_TYPES, file_type_for, parse_type, requantize_gguf, target_type,
 };
-pub use to_hf::gguf_to_hf;
+pub use quantized::{
+    AwqVersion, CtStrategy, GroupSize, QuantScheme, QuantWriteFormat, QuantWriteOptions,
+};
+pub use to_hf::{gguf_to_hf, gguf_to_quantized_hf};
 
 /// The architectures (`general.architecture`) that [`gguf_to_hf`] and [`hf_to_gguf`] convert.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];

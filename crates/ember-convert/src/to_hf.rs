@@ -9,6 +9,7 @@ use ember_formats::{GgufFile, MetaArray, MetaValue};
 use serde_json::{Map, Value, json};
 
 use crate::arch::{Arch, gguf_to_hf_name};
+use crate::quantized::{QuantWriteOptions, quantize_linear};
 use crate::tokenizer;
 use crate::util::{
     Direction, dequantize_tensor, f32_json, f32_to_st_bytes, permute_rows, write_bytes_atomic,
@@ -228,6 +229,57 @@ pub fn gguf_to_hf(
     dtype: StDtype,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(), ConvertError> {
+    export(gguf, out_dir, dtype, None, progress)
+}
+
+/// GGUF linear weights that [`gguf_to_quantized_hf`] quantizes.
+const LINEAR: &[&str] = &[
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
+fn is_linear_weight(name: &str) -> bool {
+    name.strip_prefix("blk.")
+        .and_then(|r| r.split_once('.'))
+        .and_then(|(_, r)| r.strip_suffix(".weight"))
+        .is_some_and(|base| LINEAR.contains(&base))
+}
+
+/// Like [`gguf_to_hf`] (config.json, tokenizer files, F16 weights), but every linear layer's
+/// weight (attention q/k/v/o, FFN gate/up/down) is quantized with ember-quant's
+/// round-to-nearest writer into the format's tensors, under the upstream names and dtypes
+/// (AWQ GEMM: `qweight`/`qzeros` I32, `scales` F16; GPTQ: `qweight`/`qzeros`/`g_idx` I32,
+/// `scales` F16; EXL2: `q_weight`/`q_scale`/`q_invperm` I32, `q_scale_max` F16, `q_groups`
+/// I16; compressed-tensors: `weight_packed` I32, `weight_scale` F16, `weight_zero_point` I32
+/// when asymmetric, `weight_shape` I64), and config.json carries the `quantization_config`
+/// the upstream tool writes ([`QuantWriteOptions::quantization_config`]).
+///
+/// Embeddings, norms and the output head stay F16. A layer whose in-features are not a
+/// multiple of the group size is refused with [`ConvertError::GroupSizeDoesNotDivide`] (use
+/// a divisor, or [`crate::GroupSize::PerChannel`]). Nothing is quantized with calibration data:
+/// GPTQ act-order and EXL2 use a column-norm order in place of the Hessian diagonal.
+pub fn gguf_to_quantized_hf(
+    gguf: &GgufFile,
+    out_dir: &Path,
+    scheme: &QuantWriteOptions,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<(), ConvertError> {
+    scheme.check()?;
+    export(gguf, out_dir, StDtype::F16, Some(scheme), progress)
+}
+
+fn export(
+    gguf: &GgufFile,
+    out_dir: &Path,
+    dtype: StDtype,
+    quant: Option<&QuantWriteOptions>,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<(), ConvertError> {
     torch_dtype(dtype)?;
     let arch_name = gguf
         .architecture()
@@ -237,7 +289,10 @@ pub fn gguf_to_hf(
         .get(&format!("{arch_name}.context_length"))
         .and_then(MetaValue::as_u64);
     let tok = tokenizer::export(gguf, n_ctx)?;
-    let (config, hp) = build_config(gguf, arch, dtype, &tok.special_ids)?;
+    let (mut config, hp) = build_config(gguf, arch, dtype, &tok.special_ids)?;
+    if let (Some(q), Some(obj)) = (quant, config.as_object_mut()) {
+        obj.insert("quantization_config".into(), q.quantization_config());
+    }
 
     let total = gguf.tensors().len();
     let mut tensors = Vec::with_capacity(total);
@@ -262,13 +317,21 @@ pub fn gguf_to_hf(
             }
         }
         let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
-        let data = f32_to_st_bytes(&f, dtype)?;
-        tensors.push(StWriteTensor {
-            name: hf_name.clone(),
-            dtype,
-            shape,
-            data: Cow::Owned(data),
-        });
+        match quant {
+            Some(q) if is_linear_weight(&t.name) && shape.len() == 2 => {
+                let prefix = hf_name.strip_suffix(".weight").unwrap_or(&hf_name);
+                tensors.extend(quantize_linear(prefix, &f, shape[0], shape[1], q)?);
+            }
+            _ => {
+                let data = f32_to_st_bytes(&f, dtype)?;
+                tensors.push(StWriteTensor {
+                    name: hf_name.clone(),
+                    dtype,
+                    shape,
+                    data: Cow::Owned(data),
+                });
+            }
+        }
         progress(Progress {
             done: i + 1,
             total,
