@@ -14,6 +14,7 @@
 //! rounding of the stored scales. Uniform rounding noise predicts about `s/√12` per element;
 //! both numbers and the measured one are printed.
 
+use ember_quant::group::GroupTensors;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -6,6 +6,7 @@
 mod group_common;
 
 use ember_quant::group::GroupError;
+use ember_quant::group::GroupTensors;
 use ember_quant::group::ct::{self, CtPacked, CtParts, ScaleDtype};
 use group_common::*;
 use proptest::prelude::*;

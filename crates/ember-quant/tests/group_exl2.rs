@@ -6,6 +6,7 @@
 mod group_common;
 
 use ember_quant::group::GroupError;
+use ember_quant::group::GroupTensors;
 use ember_quant::group::exl2::{self, Exl2, Exl2Parts, Exl2Perm};
 use group_common::*;
 use half::f16;

@@ -7,6 +7,7 @@
 mod group_common;
 
 use ember_quant::group::GroupError;
+use ember_quant::group::GroupTensors;
 use ember_quant::group::gptq::{self, Gptq, GptqOptions, GptqParts, GptqZeros};
 use group_common::*;
 use half::f16;

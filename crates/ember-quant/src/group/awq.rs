@@ -15,7 +15,7 @@ use half::f16;
 
 use super::{
     GroupError, GroupFormat, GroupQuantized, GroupTensors, check_group_size, check_weight,
-    expect_len, expect_out, f16_at, f16_to_bytes, mul, word, words_to_bytes,
+    expect_len, f16_at, f16_to_bytes, for_rows, mul, word, words_to_bytes,
 };
 
 /// Nibble `i` of a GEMM word holds column `8c + AWQ_ORDER[i]` (`packing_utils.py::AWQ_ORDER`).
@@ -88,27 +88,6 @@ impl AwqGemm<'_> {
         Ok(())
     }
 
-    /// The dense weight, `[n][k]` row-major.
-    pub fn dequantize_into(&self, out: &mut [f32]) -> Result<(), GroupError> {
-        self.validate()?;
-        expect_out(out, mul(&[self.n, self.k]))?;
-        for (row, o) in out.chunks_exact_mut(self.k.max(1)).enumerate() {
-            self.row_unchecked(row, o);
-        }
-        Ok(())
-    }
-
-    /// Output row `row` (`out.len() == k`).
-    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), GroupError> {
-        self.validate()?;
-        if row >= self.n {
-            return Err(GroupError::RowOutOfRange { row, n: self.n });
-        }
-        expect_out(out, self.k)?;
-        self.row_unchecked(row, out);
-        Ok(())
-    }
-
     fn row_unchecked(&self, n: usize, out: &mut [f32]) {
         let nw = self.n / 8;
         let c = n / 8;
@@ -129,11 +108,11 @@ impl GroupTensors for AwqGemm<'_> {
     fn validate(&self) -> Result<(), GroupError> {
         AwqGemm::validate(self)
     }
-    fn dequantize_into(&self, out: &mut [f32]) -> Result<(), GroupError> {
-        AwqGemm::dequantize_into(self, out)
-    }
-    fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), GroupError> {
-        AwqGemm::dequantize_row(self, row, out)
+    fn dequantize_rows(&self, start: usize, out: &mut [f32]) -> Result<(), GroupError> {
+        self.validate()?;
+        for_rows(self.n, self.k, start, out, |row, o| {
+            self.row_unchecked(row, o)
+        })
     }
 }
 
@@ -211,28 +190,6 @@ impl AwqGemv<'_> {
         Ok(())
     }
 
-    /// The dense weight, `[n][k]` row-major.
-    pub fn dequantize_into(&self, out: &mut [f32]) -> Result<(), GroupError> {
-        self.validate()?;
-        expect_out(out, mul(&[self.n, self.k]))?;
-        let zw = self.zw()?;
-        for (row, o) in out.chunks_exact_mut(self.k.max(1)).enumerate() {
-            self.row_unchecked(row, zw, o);
-        }
-        Ok(())
-    }
-
-    /// Output row `row` (`out.len() == k`).
-    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), GroupError> {
-        self.validate()?;
-        if row >= self.n {
-            return Err(GroupError::RowOutOfRange { row, n: self.n });
-        }
-        expect_out(out, self.k)?;
-        self.row_unchecked(row, self.zw()?, out);
-        Ok(())
-    }
-
     fn row_unchecked(&self, n: usize, zw: usize, out: &mut [f32]) {
         let kw = self.k / 8;
         for (k, o) in out.iter_mut().enumerate() {
@@ -251,11 +208,12 @@ impl GroupTensors for AwqGemv<'_> {
     fn validate(&self) -> Result<(), GroupError> {
         AwqGemv::validate(self)
     }
-    fn dequantize_into(&self, out: &mut [f32]) -> Result<(), GroupError> {
-        AwqGemv::dequantize_into(self, out)
-    }
-    fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), GroupError> {
-        AwqGemv::dequantize_row(self, row, out)
+    fn dequantize_rows(&self, start: usize, out: &mut [f32]) -> Result<(), GroupError> {
+        self.validate()?;
+        let zw = self.zw()?;
+        for_rows(self.n, self.k, start, out, |row, o| {
+            self.row_unchecked(row, zw, o)
+        })
     }
 }
 

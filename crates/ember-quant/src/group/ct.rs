@@ -19,7 +19,7 @@ use half::{bf16, f16};
 
 use super::{
     GroupError, GroupFormat, GroupQuantized, GroupTensors, bf16_at, check_group_size, check_weight,
-    expect_len, expect_out, f16_at, i32_at, mul, stream_get, stream_put, word, words_to_bytes,
+    expect_len, f16_at, for_rows, i32_at, mul, stream_get, stream_put, word, words_to_bytes,
 };
 
 const BITS_ALLOWED: &str = "2..=8";
@@ -256,27 +256,6 @@ impl CtPacked<'_> {
         self.check().map(|_| ())
     }
 
-    /// The dense weight, `[n][k]` row-major.
-    pub fn dequantize_into(&self, out: &mut [f32]) -> Result<(), GroupError> {
-        let l = self.check()?;
-        expect_out(out, mul(&[self.n, self.k]))?;
-        for (row, o) in out.chunks_exact_mut(self.k.max(1)).enumerate() {
-            self.row_unchecked(&l, row, o);
-        }
-        Ok(())
-    }
-
-    /// Output row `row` (`out.len() == k`).
-    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), GroupError> {
-        let l = self.check()?;
-        if row >= self.n {
-            return Err(GroupError::RowOutOfRange { row, n: self.n });
-        }
-        expect_out(out, self.k)?;
-        self.row_unchecked(&l, row, out);
-        Ok(())
-    }
-
     fn row_unchecked(&self, l: &Layout, n: usize, out: &mut [f32]) {
         let b = self.bits;
         let off = (1i32 << (b - 1)) as f32;
@@ -303,11 +282,11 @@ impl GroupTensors for CtPacked<'_> {
     fn validate(&self) -> Result<(), GroupError> {
         CtPacked::validate(self)
     }
-    fn dequantize_into(&self, out: &mut [f32]) -> Result<(), GroupError> {
-        CtPacked::dequantize_into(self, out)
-    }
-    fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), GroupError> {
-        CtPacked::dequantize_row(self, row, out)
+    fn dequantize_rows(&self, start: usize, out: &mut [f32]) -> Result<(), GroupError> {
+        let l = self.check()?;
+        for_rows(self.n, self.k, start, out, |row, o| {
+            self.row_unchecked(&l, row, o)
+        })
     }
 }
 

@@ -21,7 +21,7 @@ use half::f16;
 
 use super::{
     GroupError, GroupFormat, GroupQuantized, GroupTensors, check_perm, check_weight, expect_len,
-    expect_out, f16_at, f16_to_bytes, i32_at, mul, stream_get, stream_put, word, words_to_bytes,
+    f16_at, f16_to_bytes, for_rows, i32_at, mul, stream_get, stream_put, word, words_to_bytes,
 };
 
 const BITS_ALLOWED: &str = "2, 3, 4, 5, 6, 8 (per group, non-increasing)";
@@ -192,27 +192,6 @@ impl Exl2<'_> {
         self.check().map(|_| ())
     }
 
-    /// The dense weight, `[n][k]` row-major, each value rounded through f16 as exllamav2 does.
-    pub fn dequantize_into(&self, out: &mut [f32]) -> Result<(), GroupError> {
-        let groups = self.check()?;
-        expect_out(out, mul(&[self.n, self.k]))?;
-        for (row, o) in out.chunks_exact_mut(self.k).enumerate() {
-            self.row_unchecked(&groups, row, o);
-        }
-        Ok(())
-    }
-
-    /// Output row `row` (`out.len() == k`).
-    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), GroupError> {
-        let groups = self.check()?;
-        if row >= self.n {
-            return Err(GroupError::RowOutOfRange { row, n: self.n });
-        }
-        expect_out(out, self.k)?;
-        self.row_unchecked(&groups, row, out);
-        Ok(())
-    }
-
     fn row_unchecked(&self, groups: &[Exl2Group], n: usize, out: &mut [f32]) {
         let np = padded_n(self.n);
         // Per-group scale for this column, computed once (at most k groups, checked).
@@ -249,11 +228,11 @@ impl GroupTensors for Exl2<'_> {
     fn validate(&self) -> Result<(), GroupError> {
         Exl2::validate(self)
     }
-    fn dequantize_into(&self, out: &mut [f32]) -> Result<(), GroupError> {
-        Exl2::dequantize_into(self, out)
-    }
-    fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), GroupError> {
-        Exl2::dequantize_row(self, row, out)
+    fn dequantize_rows(&self, start: usize, out: &mut [f32]) -> Result<(), GroupError> {
+        let groups = self.check()?;
+        for_rows(self.n, self.k, start, out, |row, o| {
+            self.row_unchecked(&groups, row, o)
+        })
     }
 }
 

@@ -18,8 +18,8 @@ use half::f16;
 
 use super::{
     GroupError, GroupFormat, GroupQuantized, GroupTensors, check_group_size, check_perm,
-    check_weight, expect_len, expect_out, f16_at, f16_to_bytes, i32_at, mul, stream_get,
-    stream_put, words_to_bytes,
+    check_weight, expect_len, f16_at, f16_to_bytes, for_rows, i32_at, mul, stream_get, stream_put,
+    words_to_bytes,
 };
 
 const BITS_ALLOWED: &str = "2, 3, 4, 8";
@@ -124,27 +124,6 @@ impl Gptq<'_> {
         Ok(())
     }
 
-    /// The dense weight, `[n][k]` row-major.
-    pub fn dequantize_into(&self, out: &mut [f32]) -> Result<(), GroupError> {
-        self.validate()?;
-        expect_out(out, mul(&[self.n, self.k]))?;
-        for (row, o) in out.chunks_exact_mut(self.k.max(1)).enumerate() {
-            self.row_unchecked(row, o);
-        }
-        Ok(())
-    }
-
-    /// Output row `row` (`out.len() == k`).
-    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), GroupError> {
-        self.validate()?;
-        if row >= self.n {
-            return Err(GroupError::RowOutOfRange { row, n: self.n });
-        }
-        expect_out(out, self.k)?;
-        self.row_unchecked(row, out);
-        Ok(())
-    }
-
     fn row_unchecked(&self, n: usize, out: &mut [f32]) {
         let b = self.bits;
         let mask = (1u32 << b) - 1;
@@ -172,11 +151,11 @@ impl GroupTensors for Gptq<'_> {
     fn validate(&self) -> Result<(), GroupError> {
         Gptq::validate(self)
     }
-    fn dequantize_into(&self, out: &mut [f32]) -> Result<(), GroupError> {
-        Gptq::dequantize_into(self, out)
-    }
-    fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), GroupError> {
-        Gptq::dequantize_row(self, row, out)
+    fn dequantize_rows(&self, start: usize, out: &mut [f32]) -> Result<(), GroupError> {
+        self.validate()?;
+        for_rows(self.n, self.k, start, out, |row, o| {
+            self.row_unchecked(row, o)
+        })
     }
 }
 

@@ -27,6 +27,9 @@ pub mod awq;
 pub mod ct;
 pub mod exl2;
 pub mod gptq;
+mod packed;
+
+pub use packed::{ByteView, PackedLinear};
 
 /// Which group-quantized format a tensor set is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -203,10 +206,60 @@ pub trait GroupTensors {
     fn desc(&self) -> GroupQuantized;
     /// Checks every shape and length (and index tensors) against the description.
     fn validate(&self) -> Result<(), GroupError>;
+    /// Output rows `start..start + out.len() / k` of the dense weight, row-major: the one
+    /// decoding routine of each format (a tile of rows for a matmul). `out.len()` must be a
+    /// multiple of `k` and the rows must exist.
+    fn dequantize_rows(&self, start: usize, out: &mut [f32]) -> Result<(), GroupError>;
+
     /// The dense weight, `[n][k]` row-major (`out.len() == n * k`).
-    fn dequantize_into(&self, out: &mut [f32]) -> Result<(), GroupError>;
+    fn dequantize_into(&self, out: &mut [f32]) -> Result<(), GroupError> {
+        let d = self.desc();
+        expect_out(out, mul(&[d.n, d.k]))?;
+        self.dequantize_rows(0, out)
+    }
+
     /// Output row `row` of the dense weight (`out.len() == k`).
-    fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), GroupError>;
+    fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), GroupError> {
+        let d = self.desc();
+        if row >= d.n {
+            return Err(GroupError::RowOutOfRange { row, n: d.n });
+        }
+        expect_out(out, d.k)?;
+        self.dequantize_rows(row, out)
+    }
+}
+
+/// Runs `row(r, out_r)` for rows `start..` filling `out`, after checking that `out` holds whole
+/// rows of `k` values and that the last one is below `n`.
+pub(crate) fn for_rows(
+    n: usize,
+    k: usize,
+    start: usize,
+    out: &mut [f32],
+    mut row: impl FnMut(usize, &mut [f32]),
+) -> Result<(), GroupError> {
+    if k == 0 {
+        // An empty matrix has no values to write.
+        return expect_out(out, 0);
+    }
+    if !out.len().is_multiple_of(k) {
+        return Err(GroupError::Length {
+            tensor: "out",
+            expected: out.len().div_ceil(k) * k,
+            actual: out.len(),
+        });
+    }
+    let rows = out.len() / k;
+    if start.checked_add(rows).is_none_or(|end| end > n) {
+        return Err(GroupError::RowOutOfRange {
+            row: start.saturating_add(rows).saturating_sub(1),
+            n,
+        });
+    }
+    for (i, o) in out.chunks_exact_mut(k).enumerate() {
+        row(start + i, o);
+    }
+    Ok(())
 }
 
 /// `a * b * ...` without overflow; `usize::MAX` stands for "does not fit".
