@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use ember_runtime::chat::ChatMessage;
 use ember_runtime::eval;
 use ember_runtime::generate::PartialOutput;
-use ember_runtime::loaded::LoadedModel;
+use ember_runtime::loaded::{LoadOptions, LoadedModel};
 use ember_runtime::sampling::SamplingParams;
 use ember_runtime::spec::{Proposer, SpecConfig};
 use ember_server::ServerConfig;
@@ -147,13 +147,26 @@ fn serve_timeout_secs(s: &str) -> Result<f64, String> {
 
 #[derive(Args)]
 struct ModelArg {
-    /// A GGUF path, or a model name from the manifest (pulled on first use).
+    /// A GGUF path, a Hugging Face checkpoint directory (safetensors; F32/F16/BF16, AWQ, GPTQ,
+    /// EXL2 or compressed-tensors), or a model name from the manifest (pulled on first use).
     #[arg(
         short = 'm',
         long = "model",
         default_value = "smollm2-135m-instruct-q4_1"
     )]
     model: String,
+    /// For a quantized checkpoint directory: dequantize its layers to F16 at load instead of
+    /// running the packed AWQ/GPTQ/EXL2 kernels.
+    #[arg(long)]
+    dequantize: bool,
+}
+
+impl ModelArg {
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            dequantize: self.dequantize,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -259,6 +272,7 @@ fn load_model(
     spec: &SpecArgs,
 ) -> Result<ember::Model> {
     let mut builder = ember::Model::builder(&model.model)
+        .dequantize(model.dequantize)
         .kv_type(kv.kv_type)
         .kv_block_size(kv.kv_block_size)
         .kv_budget_mib(kv.kv_budget_mib)
@@ -541,7 +555,7 @@ struct ChatArgs {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// A GGUF path or model name.
+    /// A GGUF path, a Hugging Face checkpoint directory, or a model name.
     model: String,
     /// Print every metadata array in full instead of its first items.
     #[arg(long)]
@@ -596,7 +610,11 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn open(model: &ModelArg) -> Result<LoadedModel> {
     let path = ember_hub::resolve(&model.model)?;
-    Ok(LoadedModel::open(&path, &ember_models::default_device())?)
+    Ok(LoadedModel::open_with(
+        &path,
+        &ember_models::default_device(),
+        &model.load_options(),
+    )?)
 }
 
 impl GenerateArgs {
@@ -759,10 +777,15 @@ fn check_room(prompt: usize, ctx: usize, max_tokens: usize, explicit: bool) -> R
 fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
     let text = a.prompt.text()?;
     let path = ember_hub::resolve(&a.model.model)?;
-    // Tokenizing needs no weights: open the file and build only the tokenizer.
-    let file = ember_formats::GgufFile::open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let tok = ember_runtime::tokenizer::GgufTokenizer::from_gguf(&file)?;
+    let tok = if path.is_dir() {
+        // A checkpoint's tokenizer comes with its metadata image; its weights stay mapped.
+        open(&a.model)?.tokenizer
+    } else {
+        // Tokenizing needs no weights: open the file and build only the tokenizer.
+        let file = ember_formats::GgufFile::open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        ember_runtime::tokenizer::GgufTokenizer::from_gguf(&file)?
+    };
     let ids = tok.encode(&text, true, true)?;
     if a.json {
         println!("{}", json!({ "tokens": ids }));
@@ -907,14 +930,10 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         .build_global()
         .context("setting the thread count")?;
     let path = ember_hub::resolve(&a.model.model)?;
-    let loaded = LoadedModel::open(&path, &ember_models::default_device())?;
+    let loaded = open(&a.model)?;
     let cfg = loaded.model.config();
-    let size: u64 = loaded.file.tensors().iter().map(|t| t.n_bytes).sum();
-    let params: u64 = loaded.file.tensors().iter().map(|t| t.n_elements()).sum();
-    let file_type = loaded
-        .file
-        .tensor("blk.0.ffn_down.weight")
-        .map_or("?", |t| t.ggml_type.name());
+    let summary = loaded.weight_summary();
+    let (size, params, file_type) = (summary.bytes, summary.params, summary.type_name);
     let mut tests = Vec::new();
     if a.n_prompt > 0 {
         tests.push((a.n_prompt, 0));

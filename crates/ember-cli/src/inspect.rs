@@ -1,6 +1,11 @@
 //! `ember inspect`: metadata and a tensor table, like gguf-dump.
 
+use std::path::Path;
+
 use anyhow::{Context, Result};
+use ember_convert::QuantScheme;
+use ember_formats::checkpoint::Checkpoint;
+use ember_formats::safetensors::StTensorInfo;
 use ember_formats::{GgufFile, MetaArray, MetaValue};
 use serde_json::{Value, json};
 
@@ -56,6 +61,9 @@ fn show(v: &MetaValue, full: bool) -> String {
 
 pub fn run(model: &str, full: bool, as_json: bool) -> Result<()> {
     let path = ember_hub::resolve(model)?;
+    if path.is_dir() {
+        return run_checkpoint(&path, as_json);
+    }
     let file = GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?;
     if as_json {
         let limit = if full { usize::MAX } else { PREVIEW };
@@ -123,5 +131,105 @@ pub fn run(model: &str, full: bool, as_json: bool) -> Result<()> {
         "  total: {total} bytes ({:.1} MiB)",
         total as f64 / (1024.0 * 1024.0)
     );
+    Ok(())
+}
+
+/// The `config.json` fields that say what a model is, in this order.
+const CONFIG_KEYS: &[&str] = &[
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "torch_dtype",
+];
+
+/// `ember inspect DIR`: a Hugging Face checkpoint's config, quantization and tensor table.
+fn run_checkpoint(dir: &Path, as_json: bool) -> Result<()> {
+    let ckpt = Checkpoint::open(dir)?;
+    let config = ckpt.config();
+    let scheme = QuantScheme::detect(&ckpt)?;
+    let shards: Vec<String> = ckpt
+        .shards()
+        .iter()
+        .map(|s| {
+            s.path()
+                .and_then(|p| p.file_name())
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        })
+        .collect();
+    let mut tensors: Vec<(usize, &StTensorInfo)> = ckpt
+        .tensor_names()
+        .filter_map(|n| ckpt.tensor_location(n))
+        .collect();
+    tensors.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+    let total: usize = tensors.iter().map(|(_, t)| t.n_bytes).sum();
+    if as_json {
+        let out = json!({
+            "path": dir,
+            "format": "safetensors checkpoint",
+            "config": config,
+            "quantization": scheme.as_ref().map(|s| json!({
+                "scheme": s.to_string(),
+                "quantization_config": config.get("quantization_config"),
+            })),
+            "shards": shards,
+            "tokenizer": ckpt.tokenizer_json().is_some(),
+            "tensors": tensors.iter().map(|(shard, t)| json!({
+                "name": t.name, "dtype": t.dtype.name(), "shape": t.shape,
+                "bytes": t.n_bytes, "shard": shards.get(*shard),
+            })).collect::<Vec<_>>(),
+            "bytes": total,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "{}: safetensors checkpoint, {} tensors in {} file(s), {:.1} MiB{}",
+        dir.display(),
+        tensors.len(),
+        shards.len(),
+        total as f64 / (1024.0 * 1024.0),
+        if ckpt.tokenizer_json().is_some() {
+            ", tokenizer.json"
+        } else {
+            ", no tokenizer.json"
+        }
+    );
+    println!("\nconfig:");
+    for key in CONFIG_KEYS {
+        if let Some(v) = config.get(*key) {
+            println!("  {key:<26} {v}");
+        }
+    }
+    println!(
+        "\nquantization: {}",
+        scheme
+            .as_ref()
+            .map_or_else(|| "none (dense weights)".to_string(), |s| s.to_string())
+    );
+    println!("\ntensors:");
+    println!(
+        "  {:<52} {:<5} {:<16} {:>11}  file",
+        "name", "dtype", "shape", "bytes"
+    );
+    for (shard, t) in &tensors {
+        println!(
+            "  {:<52} {:<5} {:<16} {:>11}  {}",
+            t.name,
+            t.dtype.name(),
+            format!("{:?}", t.shape),
+            t.n_bytes,
+            shards.get(*shard).map_or("?", String::as_str)
+        );
+    }
     Ok(())
 }

@@ -727,3 +727,79 @@ fn bad_speculation_settings_exit_1_with_a_clear_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("none, lookup, draft or self"));
 }
+
+/// A GPTQ checkpoint directory made from SmolLM2 by ember-convert's writer runs through every
+/// command that takes `-m`, packed and dequantized; a broken one fails with the field named.
+#[test]
+fn checkpoint_directories_run_and_fail_clearly() {
+    use ember_convert::{GroupSize, QuantWriteFormat, QuantWriteOptions};
+    let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-checkpoint");
+    let _ = std::fs::remove_dir_all(&root);
+    let dir = root.join("gptq");
+    let gguf_path = ember_hub::resolve(MODEL).expect("model");
+    let gguf = ember_formats::GgufFile::open(&gguf_path).expect("open");
+    let opts = QuantWriteOptions {
+        format: QuantWriteFormat::Gptq {
+            act_order: true,
+            sym: true,
+            v2: false,
+        },
+        bits: 4,
+        group_size: GroupSize::Size(128),
+    };
+    ember_convert::gguf_to_quantized_hf(&gguf, &dir, &opts, &mut |_| {}).expect("export");
+    let d = dir.to_str().expect("utf-8 path");
+
+    let tokens = json_of(&ember(&[
+        "tokenize",
+        "-m",
+        d,
+        "-p",
+        "The capital of France is",
+        "--json",
+    ]));
+    assert_eq!(
+        tokens["tokens"],
+        serde_json::json!([504, 3575, 282, 4649, 314])
+    );
+    for extra in [None, Some("--dequantize")] {
+        let mut args = vec!["generate", "-m", d, "-p", "The capital of France is"];
+        args.extend(["-n", "8", "--temperature", "0", "--ignore-eos", "--json"]);
+        args.extend(extra);
+        let out = json_of(&ember(&args));
+        assert_eq!(out["timings"]["predicted_n"], 8, "{extra:?}: {out}");
+    }
+    let info = json_of(&ember(&["inspect", d, "--json"]));
+    let scheme = info["quantization"]["scheme"].as_str().unwrap_or("");
+    assert!(scheme.starts_with("GPTQ 4-bit g128 act-order"), "{scheme}");
+    assert!(info["tensors"].as_array().is_some_and(|t| t.len() > 200));
+
+    // Five-bit GPTQ does not exist: the error names the field and its value.
+    let bad = root.join("bad-bits");
+    std::fs::create_dir_all(&bad).expect("mkdir");
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(dir.join(f), bad.join(f)).expect("copy");
+    }
+    let config = std::fs::read_to_string(dir.join("config.json")).expect("config");
+    let mut config: Value = serde_json::from_str(&config).expect("json");
+    config["quantization_config"]["bits"] = serde_json::json!(5);
+    std::fs::write(bad.join("config.json"), config.to_string()).expect("write");
+    let b = bad.to_str().expect("utf-8 path");
+    let out = ember(&["generate", "-m", b, "-p", "hi", "-n", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("bits") && err.contains('5'), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // A missing weight file: a clear error, no panic.
+    std::fs::remove_file(bad.join("model.safetensors")).expect("rm");
+    let out = ember(&["inspect", b]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("safetensors"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

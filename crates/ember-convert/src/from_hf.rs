@@ -162,6 +162,84 @@ pub fn hf_to_gguf(
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(), ConvertError> {
     check_target(opts.ty)?;
+    let Prepared {
+        mut w,
+        arch,
+        n_head,
+        n_head_kv,
+        scheme,
+        names,
+        has_output,
+    } = prepare(ckpt, opts.ty)?;
+    let c = ckpt.config();
+    let total = names.len();
+    for (i, (gname, hf, quantized)) in names.iter().enumerate() {
+        let (shape, mut f) = if *quantized {
+            let scheme = scheme.as_ref().expect("quantized entries need a scheme");
+            let (n, k) = expected_nk(hf, c)?;
+            (vec![n, k], dequantize_linear(ckpt, scheme, hf, n, k)?)
+        } else {
+            let (info, bytes) = ckpt
+                .tensor(hf)
+                .ok_or_else(|| ConvertError::MissingTensor(hf.clone()))?;
+            let n: usize = info
+                .shape
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| ConvertError::bad_tensor(hf, "element count overflows"))?;
+            (
+                info.shape.clone(),
+                st_bytes_to_f32(hf, bytes, info.dtype, n)?,
+            )
+        };
+        let n = f.len();
+        if arch.permutes_qk() {
+            let heads = if gname.contains(".attn_q.") {
+                Some(n_head)
+            } else if gname.contains(".attn_k.") {
+                Some(n_head_kv)
+            } else {
+                None
+            };
+            if let Some(heads) = heads {
+                let row_len = if shape.len() >= 2 {
+                    shape[1..].iter().product()
+                } else {
+                    1
+                };
+                f = permute_rows(hf, &f, row_len, heads as usize, Direction::HfToGguf)?;
+            }
+        }
+        let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+        let dst = target_type(gname, &dims, GgmlType::F32, opts, has_output);
+        let data = encode_tensor(gname, TensorSource::F32(f), n as u64, dst)?;
+        w.add_tensor(gname.clone(), &dims, dst, data)?;
+        progress(Progress {
+            done: i + 1,
+            total,
+            tensor: gname,
+        });
+    }
+    write_gguf_atomic(&w, output)
+}
+
+/// What both [`hf_to_gguf`] and [`crate::checkpoint_image`] start from: the metadata written,
+/// the quantization scheme detected and every tensor named.
+pub(crate) struct Prepared {
+    /// Metadata and tokenizer keys, no tensors yet.
+    pub w: GgufWriter,
+    pub arch: Arch,
+    pub n_head: u64,
+    pub n_head_kv: u64,
+    pub scheme: Option<QuantScheme>,
+    /// (GGUF name, HF tensor name or quantized layer prefix, quantized?), in GGUF order.
+    pub names: Vec<(String, String, bool)>,
+    pub has_output: bool,
+}
+
+/// Reads the config and tokenizer into GGUF metadata (`general.file_type` from `file_type`)
+/// and maps every tensor name.
+pub(crate) fn prepare(ckpt: &Checkpoint, file_type: GgmlType) -> Result<Prepared, ConvertError> {
     let c = ckpt.config();
     let model_type = c
         .get("model_type")
@@ -204,7 +282,7 @@ pub fn hf_to_gguf(
             }
         }
     }
-    let (n_head, n_head_kv) = write_hparams(&mut w, c, arch, opts.ty)?;
+    let (n_head, n_head_kv) = write_hparams(&mut w, c, arch, file_type)?;
 
     let tj_path = ckpt.tokenizer_json().ok_or_else(|| {
         ConvertError::BadTokenizerJson("the checkpoint has no tokenizer.json".into())
@@ -274,53 +352,13 @@ pub fn hf_to_gguf(
         ));
     }
     let has_output = names.iter().any(|(g, _, _)| g == "output.weight");
-    let total = names.len();
-    for (i, (gname, hf, quantized)) in names.iter().enumerate() {
-        let (shape, mut f) = if *quantized {
-            let scheme = scheme.as_ref().expect("quantized entries need a scheme");
-            let (n, k) = expected_nk(hf, c)?;
-            (vec![n, k], dequantize_linear(ckpt, scheme, hf, n, k)?)
-        } else {
-            let (info, bytes) = ckpt
-                .tensor(hf)
-                .ok_or_else(|| ConvertError::MissingTensor(hf.clone()))?;
-            let n: usize = info
-                .shape
-                .iter()
-                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-                .ok_or_else(|| ConvertError::bad_tensor(hf, "element count overflows"))?;
-            (
-                info.shape.clone(),
-                st_bytes_to_f32(hf, bytes, info.dtype, n)?,
-            )
-        };
-        let n = f.len();
-        if arch.permutes_qk() {
-            let heads = if gname.contains(".attn_q.") {
-                Some(n_head)
-            } else if gname.contains(".attn_k.") {
-                Some(n_head_kv)
-            } else {
-                None
-            };
-            if let Some(heads) = heads {
-                let row_len = if shape.len() >= 2 {
-                    shape[1..].iter().product()
-                } else {
-                    1
-                };
-                f = permute_rows(hf, &f, row_len, heads as usize, Direction::HfToGguf)?;
-            }
-        }
-        let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
-        let dst = target_type(gname, &dims, GgmlType::F32, opts, has_output);
-        let data = encode_tensor(gname, TensorSource::F32(f), n as u64, dst)?;
-        w.add_tensor(gname.clone(), &dims, dst, data)?;
-        progress(Progress {
-            done: i + 1,
-            total,
-            tensor: gname,
-        });
-    }
-    write_gguf_atomic(&w, output)
+    Ok(Prepared {
+        w,
+        arch,
+        n_head,
+        n_head_kv,
+        scheme,
+        names,
+        has_output,
+    })
 }

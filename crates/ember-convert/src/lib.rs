@@ -4,6 +4,7 @@
 mod arch;
 mod error;
 mod from_hf;
+mod image;
 mod quant;
 mod quantized;
 mod to_hf;
@@ -12,11 +13,13 @@ mod util;
 
 pub use error::ConvertError;
 pub use from_hf::hf_to_gguf;
+pub use image::{CheckpointImage, ImageOptions, LinearWeight, checkpoint_image};
 pub use quant::{
     QuantizeOptions, TARGET_TYPES, file_type_for, parse_type, requantize_gguf, target_type,
 };
 pub use quantized::{
     AwqVersion, CtStrategy, GroupSize, QuantScheme, QuantWriteFormat, QuantWriteOptions,
+    packed_linear,
 };
 pub use to_hf::{gguf_to_hf, gguf_to_quantized_hf};
 

@@ -5,14 +5,15 @@
 //! Layouts and config keys: `docs/quant-formats.md` sections 1-4.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use ember_formats::checkpoint::Checkpoint;
 use ember_formats::safetensors::{StDtype, StTensorInfo, StWriteTensor};
-use ember_quant::group::awq::{AwqGemm, AwqGemv, gemv_zeros_width};
-use ember_quant::group::ct::{CtPacked, ScaleDtype};
-use ember_quant::group::exl2::{Exl2, Exl2Perm, padded_n};
-use ember_quant::group::gptq::{Gptq, GptqOptions, GptqZeros};
-use ember_quant::group::{GroupError, GroupTensors, awq, ct, exl2, gptq};
+use ember_quant::group::awq::gemv_zeros_width;
+use ember_quant::group::ct::ScaleDtype;
+use ember_quant::group::exl2::{Exl2Perm, padded_n};
+use ember_quant::group::gptq::{GptqOptions, GptqZeros};
+use ember_quant::group::{ByteView, GroupError, PackedLinear, awq, ct, exl2, gptq};
 use serde_json::{Value, json};
 
 use crate::ConvertError;
@@ -171,6 +172,74 @@ fn get_strings(q: &Value, field: &str, path: &str) -> Result<Vec<String>, Conver
 
 fn is_null(v: Option<&Value>) -> bool {
     matches!(v, None | Some(Value::Null))
+}
+
+impl std::fmt::Display for GroupSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupSize::Size(g) => write!(f, "g{g}"),
+            GroupSize::PerChannel => f.write_str("per-channel"),
+        }
+    }
+}
+
+impl std::fmt::Display for QuantScheme {
+    /// One line: `AWQ (gemm) 4-bit g128`, `GPTQ 4-bit g128 act-order sym (v1 zeros)`,
+    /// `EXL2 4.00 bpw`, `compressed-tensors 4-bit g64 sym`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QuantScheme::Awq {
+                version,
+                bits,
+                group_size,
+                ..
+            } => {
+                let v = match version {
+                    AwqVersion::Gemm => "gemm",
+                    AwqVersion::Gemv => "gemv",
+                };
+                write!(f, "AWQ ({v}) {bits}-bit {group_size}")
+            }
+            QuantScheme::Gptq {
+                bits,
+                group_size,
+                desc_act,
+                sym,
+                zeros,
+            } => {
+                let act = if *desc_act { " act-order" } else { "" };
+                let sym = if *sym { "sym" } else { "asym" };
+                let z = match zeros {
+                    GptqZeros::V1 => "v1",
+                    GptqZeros::V2 => "v2",
+                };
+                write!(f, "GPTQ {bits}-bit {group_size}{act} {sym} ({z} zeros)")
+            }
+            QuantScheme::Exl2 { bits, head_bits } => {
+                f.write_str("EXL2")?;
+                if let Some(b) = bits {
+                    write!(f, " {b:.2} bpw")?;
+                }
+                if let Some(h) = head_bits {
+                    write!(f, ", head {h}-bit")?;
+                }
+                Ok(())
+            }
+            QuantScheme::CompressedTensors {
+                bits,
+                strategy,
+                symmetric,
+                ..
+            } => {
+                let s = match strategy {
+                    CtStrategy::Group(g) => format!("g{g}"),
+                    CtStrategy::Channel => "per-channel".to_string(),
+                };
+                let sym = if *symmetric { "sym" } else { "asym" };
+                write!(f, "compressed-tensors {bits}-bit {s} {sym}")
+            }
+        }
+    }
 }
 
 impl QuantScheme {
@@ -590,15 +659,44 @@ pub(crate) fn dequantize_linear(
     n: usize,
     k: usize,
 ) -> Result<Vec<f32>, ConvertError> {
-    let tensor = |suffix: &str| -> Result<(&StTensorInfo, &[u8]), ConvertError> {
-        let name = format!("{prefix}.{suffix}");
-        ckpt.tensor(&name).ok_or(ConvertError::MissingTensor(name))
+    let packed = packed_linear(ckpt, scheme, prefix, n, k)?;
+    let len = n
+        .checked_mul(k)
+        .ok_or_else(|| ConvertError::bad_tensor(prefix, "element count overflows"))?;
+    let mut out = vec![0f32; len];
+    packed
+        .view()
+        .dequantize_into(&mut out)
+        .map_err(quant_err(prefix))?;
+    Ok(out)
+}
+
+/// The quantized linear layer `prefix` (its `qweight`/`q_weight`/`weight_packed` and
+/// companions) as a validated [`PackedLinear`] over the checkpoint's memory map: every
+/// tensor's dtype and shape checked against `[n out, k in]` and the scheme, nothing copied.
+pub fn packed_linear(
+    ckpt: &Checkpoint,
+    scheme: &QuantScheme,
+    prefix: &str,
+    n: usize,
+    k: usize,
+) -> Result<PackedLinear, ConvertError> {
+    let view = |name: &str| -> Option<(&StTensorInfo, ByteView)> {
+        let (shard, info) = ckpt.tensor_location(name)?;
+        let file = ckpt.shards().get(shard)?;
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(file.shared_bytes());
+        let range = info.offset..info.offset.checked_add(info.n_bytes)?;
+        Some((info, ByteView::new(owner, range)?))
     };
-    let optional = |suffix: &str| ckpt.tensor(&format!("{prefix}.{suffix}"));
+    let tensor = |suffix: &str| -> Result<(&StTensorInfo, ByteView), ConvertError> {
+        let name = format!("{prefix}.{suffix}");
+        view(&name).ok_or(ConvertError::MissingTensor(name))
+    };
+    let optional = |suffix: &str| view(&format!("{prefix}.{suffix}"));
     let nm = |suffix: &str| format!("{prefix}.{suffix}");
     let i32s = [StDtype::I32];
     let f16s = [StDtype::F16];
-    let reader: Box<dyn GroupTensors + '_> = match scheme {
+    let packed = match scheme {
         QuantScheme::Awq {
             version,
             bits,
@@ -618,7 +716,7 @@ pub(crate) fn dequantize_linear(
             check_tensor(&nm("qzeros"), zi, &i32s, None)?;
             check_tensor(&nm("scales"), si, &f16s, None)?;
             match version {
-                AwqVersion::Gemm => Box::new(AwqGemm {
+                AwqVersion::Gemm => PackedLinear::AwqGemm {
                     k,
                     n,
                     group_size: g,
@@ -626,7 +724,7 @@ pub(crate) fn dequantize_linear(
                     qweight,
                     qzeros,
                     scales,
-                }),
+                },
                 AwqVersion::Gemv => {
                     if gemv_zeros_width(k, g).is_none() {
                         return Err(ConvertError::bad_tensor(
@@ -634,7 +732,7 @@ pub(crate) fn dequantize_linear(
                             format!("AWQ GEMV has no zeros layout for group size {g}"),
                         ));
                     }
-                    Box::new(AwqGemv {
+                    PackedLinear::AwqGemv {
                         k,
                         n,
                         group_size: g,
@@ -642,7 +740,7 @@ pub(crate) fn dequantize_linear(
                         qweight,
                         qzeros,
                         scales,
-                    })
+                    }
                 }
             }
         }
@@ -671,7 +769,7 @@ pub(crate) fn dequantize_linear(
                 }
                 None => None,
             };
-            Box::new(Gptq {
+            PackedLinear::Gptq {
                 k,
                 n,
                 bits: *bits,
@@ -681,7 +779,7 @@ pub(crate) fn dequantize_linear(
                 qzeros,
                 scales,
                 g_idx,
-            })
+            }
         }
         QuantScheme::Exl2 { .. } => {
             let (qi, q_weight) = tensor("q_weight")?;
@@ -704,7 +802,7 @@ pub(crate) fn dequantize_linear(
             check_tensor(&nm("q_scale_max"), mi, &f16s, None)?;
             check_tensor(&nm("q_groups"), gi, &[StDtype::I16], None)?;
             check_tensor(&nm("q_invperm"), pi, &i32s, Some(&[k]))?;
-            Box::new(Exl2 {
+            PackedLinear::Exl2 {
                 k,
                 n,
                 q_weight,
@@ -712,7 +810,7 @@ pub(crate) fn dequantize_linear(
                 q_scale_max,
                 q_groups,
                 q_invperm,
-            })
+            }
         }
         QuantScheme::CompressedTensors { bits, strategy, .. } => {
             let g = match strategy {
@@ -767,7 +865,7 @@ pub(crate) fn dequantize_linear(
                 }
                 None => None,
             };
-            Box::new(CtPacked {
+            PackedLinear::Ct {
                 k,
                 n,
                 bits: *bits,
@@ -778,18 +876,10 @@ pub(crate) fn dequantize_linear(
                 weight_shape,
                 weight_zero_point,
                 weight_g_idx,
-            })
+            }
         }
     };
-    reader.validate().map_err(quant_err(prefix))?;
-    let len = n
-        .checked_mul(k)
-        .ok_or_else(|| ConvertError::bad_tensor(prefix, "element count overflows"))?;
-    let mut out = vec![0f32; len];
-    reader
-        .dequantize_into(&mut out)
-        .map_err(quant_err(prefix))?;
-    Ok(out)
+    PackedLinear::new(packed).map_err(quant_err(prefix))
 }
 
 /// The quantized format [`crate::gguf_to_quantized_hf`] writes.
@@ -969,7 +1059,11 @@ pub(crate) fn quantize_linear(
     o: &QuantWriteOptions,
 ) -> Result<Vec<StWriteTensor<'static>>, ConvertError> {
     let g = o.group_size.for_k(k);
-    divides(prefix, "weight", k, g)?;
+    // GPTQ stores ceil(k / g) groups, the last one short (AutoGPTQ's `scales` has
+    // `ceil(infeatures / group_size)` rows); the other layouts need whole groups.
+    if !matches!(o.format, QuantWriteFormat::Gptq { .. }) {
+        divides(prefix, "weight", k, g)?;
+    }
     let name = |s: &str| format!("{prefix}.{s}");
     let qe = quant_err(prefix);
     Ok(match o.format {

@@ -53,6 +53,12 @@ impl Backing {
 #[derive(Clone)]
 pub struct SharedBytes(Arc<Backing>);
 
+impl SharedBytes {
+    pub(crate) fn new(backing: Backing) -> Self {
+        SharedBytes(Arc::new(backing))
+    }
+}
+
 impl Deref for SharedBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

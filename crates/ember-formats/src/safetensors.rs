@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use crate::reader::{Backing, map_file};
+use crate::reader::{Backing, SharedBytes, map_file};
 
 /// The largest header length accepted, in bytes (the reference reader's `MAX_HEADER_SIZE`).
 pub const MAX_HEADER_SIZE: u64 = 100_000_000;
@@ -518,7 +518,7 @@ pub enum SafetensorsError {
 /// replaces files by renaming, so rewriting a mapped file with it is safe: the mapping keeps
 /// the old contents.
 pub struct SafetensorsFile {
-    bytes: Backing,
+    bytes: SharedBytes,
     path: Option<PathBuf>,
     header_len: usize,
     tensors: Vec<StTensorInfo>,
@@ -530,7 +530,7 @@ impl fmt::Debug for SafetensorsFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SafetensorsFile")
             .field("path", &self.path)
-            .field("len", &self.bytes.as_slice().len())
+            .field("len", &self.bytes.len())
             .field("header_len", &self.header_len)
             .field("n_tensors", &self.tensors.len())
             .field("metadata", &self.metadata)
@@ -570,7 +570,7 @@ impl SafetensorsFile {
     ) -> Result<Self, SafetensorsError> {
         let header = parse(bytes.as_slice(), file)?;
         Ok(SafetensorsFile {
-            bytes,
+            bytes: SharedBytes::new(bytes),
             path,
             header_len: header.header_len,
             tensors: header.tensors,
@@ -595,7 +595,7 @@ impl SafetensorsFile {
     pub fn data(&self, info: &StTensorInfo) -> &[u8] {
         info.offset
             .checked_add(info.n_bytes)
-            .and_then(|end| self.bytes.as_slice().get(info.offset..end))
+            .and_then(|end| self.bytes.get(info.offset..end))
             .unwrap_or(&[])
     }
 
@@ -621,7 +621,14 @@ impl SafetensorsFile {
 
     /// The whole file.
     pub fn as_bytes(&self) -> &[u8] {
-        self.bytes.as_slice()
+        &self.bytes
+    }
+
+    /// The whole file as a shared handle that keeps the mapping alive on its own (for weights
+    /// used zero-copy after this reader is dropped). A tensor's bytes are
+    /// `info.offset..info.offset + info.n_bytes` of it.
+    pub fn shared_bytes(&self) -> SharedBytes {
+        self.bytes.clone()
     }
 }
 

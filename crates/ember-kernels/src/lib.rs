@@ -13,7 +13,7 @@ mod ops;
 pub mod paged;
 
 pub use cpu::kquant::SoloRow;
-pub use matrix::{QuantMatrix, QuantMatrixError, SharedBytes};
+pub use matrix::{QuantMatrix, QuantMatrixError, SharedBytes, Storage};
 pub use ops::{
     EmberBackend, causal_attention, causal_attention_fallback, geglu, geglu_fallback,
     paged_attention, paged_attention_fallback, positions_from, quant_matmul, quant_matmul_fallback,

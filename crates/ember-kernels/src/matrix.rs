@@ -4,7 +4,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use ember_quant::GgmlType;
+use ember_quant::group::{GroupError, GroupQuantized, PackedLinear};
 use rayon::prelude::*;
+
+use crate::cpu::group::PackedWeight;
 
 /// A byte range inside a shared, immutable buffer (a memory-mapped file, or a `Vec<u8>`).
 ///
@@ -92,6 +95,9 @@ pub enum QuantMatrixError {
     /// ember-quant cannot dequantize (or quantize) this type.
     #[error("type {0} cannot be dequantized yet")]
     Unsupported(GgmlType),
+    /// A group-quantized weight ([`QuantMatrix::packed`]) failed validation.
+    #[error("packed weight: {0}")]
+    Packed(#[from] GroupError),
     /// A row index past the last row.
     #[error("row {row} out of range for a matrix of {rows} rows")]
     RowOutOfRange {
@@ -102,16 +108,46 @@ pub enum QuantMatrixError {
     },
 }
 
-/// A `rows x cols` matrix stored row-major in ggml blocks: each row is `cols` elements packed
-/// in `cols / block_size` blocks. In GGUF terms `cols` is `dims[0]` and `rows` is `dims[1]`;
-/// as a linear layer's weight, `cols` is the input width and `rows` the output width.
+/// How a [`QuantMatrix`] stores its values.
+#[derive(Clone, Copy, Debug)]
+pub enum Storage<'a> {
+    /// ggml blocks, row-major: every row is `cols / block_size` blocks of `ty`.
+    Ggml {
+        /// The block type.
+        ty: GgmlType,
+        /// The blocks of every row.
+        bytes: &'a [u8],
+    },
+    /// A group-quantized safetensors weight (AWQ, GPTQ, EXL2, compressed-tensors) in its
+    /// native packed tensors.
+    Packed(&'a PackedLinear),
+}
+
+#[derive(Clone, Debug)]
+enum Repr {
+    Ggml {
+        bytes: SharedBytes,
+        ty: GgmlType,
+        row_bytes: usize,
+    },
+    Packed(Arc<PackedWeight>),
+}
+
+/// A `rows x cols` weight matrix that stays quantized: either row-major ggml blocks (each row is
+/// `cols` elements packed in `cols / block_size` blocks; in GGUF terms `cols` is `dims[0]` and
+/// `rows` is `dims[1]`), or a group-quantized safetensors weight kept in its packed tensors
+/// ([`QuantMatrix::packed`]). As a linear layer's weight, `cols` is the input width and `rows`
+/// the output width.
+///
+/// Every method works for both storages. The ggml-specific accessors
+/// ([`ggml_type`](Self::ggml_type), [`bytes`](Self::bytes), [`row`](Self::row)) keep their
+/// meaning for ggml storage; for packed weights see each one's docs, and use [`storage`](Self::storage),
+/// [`packed`](Self::packed) or [`type_name`](Self::type_name) instead.
 #[derive(Clone, Debug)]
 pub struct QuantMatrix {
-    bytes: SharedBytes,
-    ty: GgmlType,
+    repr: Repr,
     rows: usize,
     cols: usize,
-    row_bytes: usize,
 }
 
 impl QuantMatrix {
@@ -142,11 +178,28 @@ impl QuantMatrix {
             });
         }
         Ok(Self {
-            bytes,
-            ty,
+            repr: Repr::Ggml {
+                bytes,
+                ty,
+                row_bytes,
+            },
             rows,
             cols,
-            row_bytes,
+        })
+    }
+
+    /// A group-quantized weight left in its packed tensors (zero-copy: the
+    /// [`ByteView`](ember_quant::group::ByteView)s are kept, e.g. over a memory-mapped safetensors file):
+    /// `rows = n` (out features), `cols = k` (in features). The tensors are validated once here
+    /// ([`PackedLinear::new`]) and a traversal plan is built (`O(k)` memory: group and
+    /// activation-quantization segments, and for act-order GPTQ/CT and EXL2 the input order).
+    pub fn packed(w: PackedLinear) -> Result<Self, QuantMatrixError> {
+        let pw = PackedWeight::new(w)?;
+        let (rows, cols) = (pw.desc.n, pw.desc.k);
+        Ok(Self {
+            repr: Repr::Packed(Arc::new(pw)),
+            rows,
+            cols,
         })
     }
 
@@ -167,10 +220,62 @@ impl QuantMatrix {
         Self::new(SharedBytes::from_vec(bytes), ty, rows, cols)
     }
 
-    /// The block format of every row.
+    /// The block format of every row. A packed group-quantized weight has no ggml type: it
+    /// reports [`GgmlType::F32`], the type its rows dequantize to
+    /// ([`dequantize_row_into`](Self::dequantize_row_into)); check [`packed`](Self::packed) /
+    /// [`storage`](Self::storage) before relying on the blocks, and print [`type_name`](Self::type_name).
     pub fn ggml_type(&self) -> GgmlType {
-        self.ty
+        match &self.repr {
+            Repr::Ggml { ty, .. } => *ty,
+            Repr::Packed(_) => GgmlType::F32,
+        }
     }
+
+    /// A human-readable storage type: ggml's name (`"q4_0"`, `"q4_K"`, `"f16"`) or, for packed
+    /// weights, format, bits and group size (`"AWQ-GEMM 4-bit g64"`, `"GPTQ 3-bit g128"`,
+    /// `"CT 8-bit per-channel"`, `"EXL2 6-bit max"`).
+    pub fn type_name(&self) -> String {
+        match &self.repr {
+            Repr::Ggml { ty, .. } => ty.to_string(),
+            Repr::Packed(p) => crate::cpu::group::type_name(&p.desc),
+        }
+    }
+
+    /// How the values are stored.
+    pub fn storage(&self) -> Storage<'_> {
+        match &self.repr {
+            Repr::Ggml { bytes, ty, .. } => Storage::Ggml {
+                ty: *ty,
+                bytes: bytes.as_slice(),
+            },
+            Repr::Packed(p) => Storage::Packed(&p.w),
+        }
+    }
+
+    /// The packed group-quantized weight, if this matrix is one.
+    pub fn packed_weight(&self) -> Option<&PackedLinear> {
+        match &self.repr {
+            Repr::Ggml { .. } => None,
+            Repr::Packed(p) => Some(&p.w),
+        }
+    }
+
+    /// The group-quantization description (format, bits, group size, `k`, `n`) of a packed
+    /// weight; `None` for ggml storage.
+    pub fn group_desc(&self) -> Option<GroupQuantized> {
+        match &self.repr {
+            Repr::Ggml { .. } => None,
+            Repr::Packed(p) => Some(p.desc),
+        }
+    }
+
+    pub(crate) fn packed_plan(&self) -> Option<&Arc<PackedWeight>> {
+        match &self.repr {
+            Repr::Ggml { .. } => None,
+            Repr::Packed(p) => Some(p),
+        }
+    }
+
     /// Rows: a linear layer's output width.
     pub fn rows(&self) -> usize {
         self.rows
@@ -179,17 +284,40 @@ impl QuantMatrix {
     pub fn cols(&self) -> usize {
         self.cols
     }
-    /// The packed blocks of every row, row-major.
+
+    /// The packed blocks of every row, row-major. Empty for a packed group-quantized weight
+    /// (its tensors are in [`packed_weight`](Self::packed_weight)).
     pub fn bytes(&self) -> &[u8] {
-        self.bytes.as_slice()
+        match &self.repr {
+            Repr::Ggml { bytes, .. } => bytes.as_slice(),
+            Repr::Packed(_) => &[],
+        }
     }
 
-    /// The packed blocks of row `r`. Panics if `r >= rows` (callers index with trusted shapes).
+    /// Bytes the weight occupies (ggml blocks, or every packed tensor).
+    pub fn storage_bytes(&self) -> usize {
+        match &self.repr {
+            Repr::Ggml { bytes, .. } => bytes.len(),
+            Repr::Packed(p) => p.w.packed_bytes(),
+        }
+    }
+
+    /// The packed blocks of row `r`. Panics if `r >= rows` (callers index with trusted shapes)
+    /// or if the matrix is a packed group-quantized weight (whose rows are not contiguous
+    /// bytes: use [`dequantize_row_into`](Self::dequantize_row_into)).
     pub fn row(&self, r: usize) -> &[u8] {
-        &self.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
+        match &self.repr {
+            Repr::Ggml {
+                bytes, row_bytes, ..
+            } => &bytes.as_slice()[r * row_bytes..(r + 1) * row_bytes],
+            Repr::Packed(_) => {
+                panic!("QuantMatrix::row: a packed group-quantized weight has no ggml rows")
+            }
+        }
     }
 
-    /// Dequantizes row `r` into `out` (`cols` values).
+    /// Dequantizes row `r` into `out` (`cols` values). For packed weights this is exactly the
+    /// format's `dequantize_row`.
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) -> Result<(), QuantMatrixError> {
         if r >= self.rows {
             return Err(QuantMatrixError::RowOutOfRange {
@@ -197,8 +325,11 @@ impl QuantMatrix {
                 rows: self.rows,
             });
         }
-        ember_quant::dequantize(self.ty, self.row(r), out)
-            .map_err(|_| QuantMatrixError::Unsupported(self.ty))
+        match &self.repr {
+            Repr::Ggml { ty, .. } => ember_quant::dequantize(*ty, self.row(r), out)
+                .map_err(|_| QuantMatrixError::Unsupported(*ty)),
+            Repr::Packed(p) => Ok(p.w.view().dequantize_row(r, out)?),
+        }
     }
 
     /// Dequantizes the given rows (an embedding lookup), row-major `[ids.len(), cols]`.
@@ -212,12 +343,17 @@ impl QuantMatrix {
 
     /// Dequantizes rows `start..start + n` in parallel into `out` (`n * cols` values).
     pub fn dequantize_rows_into(&self, start: usize, out: &mut [f32]) {
-        out.par_chunks_mut(self.cols.max(1))
-            .enumerate()
-            .for_each(|(i, dst)| {
-                // Shapes were validated in `new`, so dequantizing a whole row cannot fail.
-                let _ = ember_quant::dequantize(self.ty, self.row(start + i), dst);
-            });
+        match &self.repr {
+            Repr::Ggml { ty, .. } => {
+                out.par_chunks_mut(self.cols.max(1))
+                    .enumerate()
+                    .for_each(|(i, dst)| {
+                        // Shapes were validated in `new`, so dequantizing a whole row cannot fail.
+                        let _ = ember_quant::dequantize(*ty, self.row(start + i), dst);
+                    });
+            }
+            Repr::Packed(p) => crate::cpu::group::dequantize_rows(p, start, out),
+        }
     }
 
     /// The whole matrix as row-major f32 (the generic fallback and tests).

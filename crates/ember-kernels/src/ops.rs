@@ -522,6 +522,12 @@ mod flex {
     /// The same for K-quants, whose Q8_K integer path (~40-50 GFLOP/s at any `m`) beats the
     /// tiled GEMM (15-43 GFLOP/s at m = 8..32, 60-95 from 64 up) on small batches.
     const KQUANT_GEMM_MIN_ROWS: usize = 64;
+    /// Packed group-quantized weights ([`crate::cpu::group`]): from this many input rows the
+    /// dequantized-tile GEMM is expected to beat the integer kernel. On 576x1536 / 1536x576
+    /// (2 cores) the integer kernel takes ~1.5-2 ms at m = 8 and grows roughly linearly, while
+    /// the tiled GEMM costs ~6-9 ms (EXL2 ~18-27 ms) almost independently of m, dominated by
+    /// ember-quant's per-element dequantization of the tiles.
+    const PACKED_GEMM_MIN_ROWS: usize = 48;
     /// Weight rows dequantized per GEMM tile: 256 rows x 2048 cols x 4 B = 2 MiB, cache-sized.
     const TILE_ROWS: usize = 256;
 
@@ -653,6 +659,9 @@ mod flex {
     fn matmul(x: FlexTensor, w: Arc<QuantMatrix>, solo: Option<&Arc<[SoloRow]>>) -> FlexTensor {
         let shape = x.shape();
         let (m, n) = (shape[0], w.rows());
+        if w.packed_weight().is_some() && m >= PACKED_GEMM_MIN_ROWS {
+            return tiled_gemm(x, &w, m, n);
+        }
         let ty = w.ggml_type();
         let gemm_min = if crate::cpu::kquant::supported(ty) {
             KQUANT_GEMM_MIN_ROWS
@@ -665,7 +674,8 @@ mod flex {
             ty,
             ember_quant::GgmlType::Q4_K | ember_quant::GgmlType::Q6_K
         );
-        if m >= gemm_min && crate::cpu::q8::act_format(ty).is_none() && !exact {
+        let packed = w.packed_weight().is_some();
+        if !packed && m >= gemm_min && crate::cpu::q8::act_format(ty).is_none() && !exact {
             return tiled_gemm(x, &w, m, n);
         }
         let x = contiguous_f32(x);

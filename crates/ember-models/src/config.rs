@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 
 use ember_formats::{GgufFile, MetaValue};
 
-use crate::ModelError;
+use crate::{ExternalWeights, ModelError};
 
 /// How rotary embeddings pair up dimensions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,11 +84,23 @@ impl ModelConfig {
     /// Reads and checks the hyper-parameters: a value that cannot be right is a
     /// [`ModelError::BadMetadata`] naming the key, its value and what it must be.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
+        Self::from_gguf_with(file, None)
+    }
+
+    /// [`from_gguf`](Self::from_gguf) for a file whose linear layers (some or all) are
+    /// supplied beside it: their shapes are checked like the file's own, and Hugging Face
+    /// Q/K row order selects NeoX rotation for llama.
+    pub fn from_gguf_with(
+        file: &GgufFile,
+        external: Option<&ExternalWeights>,
+    ) -> Result<Self, ModelError> {
+        let tensors = Dims { file, external };
         let arch = file
             .architecture()
             .ok_or(ModelError::NoArchitecture)?
             .to_string();
         let rope_mode = match arch.as_str() {
+            "llama" if external.is_some_and(|e| e.hf_qk_order) => RopeMode::Neox,
             "llama" => RopeMode::Normal,
             // llama.cpp's `llama_model_rope_type`: all of these pair dims `(i, i + n_rot / 2)`.
             "gemma3" | "qwen2" | "qwen3" | "phi3" => RopeMode::Neox,
@@ -100,7 +112,7 @@ impl ModelConfig {
         check_block_count(file, &meta.key("block_count"), n_layer)?;
 
         let n_embd = meta.count("embedding_length")?;
-        let n_vocab = vocab_size(file, &meta, n_embd)?;
+        let n_vocab = vocab_size(&tensors, &meta, n_embd)?;
 
         let n_head = meta.count("attention.head_count")?;
         let n_head_kv = meta.opt_count("attention.head_count_kv")?.unwrap_or(n_head);
@@ -139,7 +151,7 @@ impl ModelConfig {
                 "{value_length} {v} different from the key length {head_dim}"
             )));
         }
-        check_attention_shapes(file, &meta, [n_embd, n_head, n_head_kv, head_dim])?;
+        check_attention_shapes(&tensors, &meta, [n_embd, n_head, n_head_kv, head_dim])?;
         let rope_dim = meta.opt_count("rope.dimension_count")?.unwrap_or(head_dim);
         if rope_dim > head_dim || !rope_dim.is_multiple_of(2) {
             return Err(bad(
@@ -153,7 +165,7 @@ impl ModelConfig {
         }
         let n_ff = meta.count("feed_forward_length")?;
         let name = "blk.0.ffn_down.weight";
-        if let Some(d) = file.tensor(name).map(|t| &t.dims)
+        if let Some(d) = tensors.get(name)
             && let Some(&cols) = d.first()
             && cols != n_ff as u64
         {
@@ -209,11 +221,12 @@ impl ModelConfig {
 /// named rather than only the tensor it does not fit (the loaders check every tensor's full
 /// shape).
 fn check_attention_shapes(
-    file: &GgufFile,
+    tensors: &Dims<'_>,
     meta: &Meta<'_>,
     [n_embd, n_head, n_head_kv, hd]: [usize; 4],
 ) -> Result<(), ModelError> {
-    let dims = |name: &str| file.tensor(name).map(|t| t.dims.clone());
+    let file = tensors.file;
+    let dims = |name: &str| tensors.get(name);
     let head_size = match file.get(&meta.key("attention.key_length")) {
         Some(_) => meta.key("attention.key_length"),
         None => format!(
@@ -245,7 +258,7 @@ fn check_attention_shapes(
         format!("not set (so {n_head_kv}, the head count)")
     };
     let (k, qkv) = ("blk.0.attn_k.weight", "blk.0.attn_qkv.weight");
-    let (name, want, how) = if file.tensor(k).is_some() {
+    let (name, want, how) = if tensors.get(k).is_some() {
         (
             k,
             n_kv,
@@ -404,9 +417,9 @@ fn check_block_count(file: &GgufFile, key: &str, n_layer: usize) -> Result<(), M
 /// The vocabulary size (`{arch}.vocab_size`, else the tokenizer's token count) with
 /// `embedding_length`, against `token_embd.weight`: one row of `n_embd` values per token.
 /// Every token the tokenizer can produce must have a row.
-fn vocab_size(file: &GgufFile, meta: &Meta<'_>, n_embd: usize) -> Result<usize, ModelError> {
+fn vocab_size(tensors: &Dims<'_>, meta: &Meta<'_>, n_embd: usize) -> Result<usize, ModelError> {
     const TOKENS: &str = "tokenizer.ggml.tokens";
-    let n_tokens = file.get_array(TOKENS).map(|a| a.len());
+    let n_tokens = tensors.file.get_array(TOKENS).map(|a| a.len());
     let (n_vocab, source) = match meta.opt_count("vocab_size")? {
         Some(v) => (v, meta.key("vocab_size")),
         None => match n_tokens {
@@ -415,18 +428,18 @@ fn vocab_size(file: &GgufFile, meta: &Meta<'_>, n_embd: usize) -> Result<usize, 
         },
     };
     let name = "token_embd.weight";
-    let t = file
-        .tensor(name)
+    let dims = tensors
+        .get(name)
         .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
     let expected = [n_embd as u64, n_vocab as u64];
-    let &[cols, rows] = t.dims.as_slice() else {
+    let &[cols, rows] = dims.as_slice() else {
         return Err(ModelError::BadShape {
             name: name.to_string(),
-            got: t.dims.clone(),
+            got: dims.clone(),
             expected: expected.to_vec(),
         });
     };
-    let shape = &t.dims;
+    let shape = &dims;
     if cols != expected[0] {
         return Err(bad(
             meta.key("embedding_length"),
@@ -507,4 +520,19 @@ fn check_plain_attention(
         )));
     }
     Ok(())
+}
+
+/// Tensor shapes from the file, or from the matrices supplied beside it.
+struct Dims<'a> {
+    file: &'a GgufFile,
+    external: Option<&'a ExternalWeights>,
+}
+
+impl Dims<'_> {
+    fn get(&self, name: &str) -> Option<Vec<u64>> {
+        if let Some(m) = self.external.and_then(|e| e.get(name)) {
+            return Some(vec![m.cols() as u64, m.rows() as u64]);
+        }
+        self.file.tensor(name).map(|t| t.dims.clone())
+    }
 }

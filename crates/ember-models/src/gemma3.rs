@@ -7,8 +7,7 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{Device, Tensor};
-use ember_formats::GgufFile;
+use burn::tensor::Tensor;
 use ember_kernels::{QuantMatrix, geglu, residual_add};
 
 use crate::layers::{rms_norm, rope};
@@ -48,12 +47,7 @@ pub struct Gemma3 {
 
 impl Gemma3 {
     /// Loads every block's weights (`blk.N.*`), checking each tensor's shape against `config`.
-    pub fn load(
-        file: &GgufFile,
-        config: &ModelConfig,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        let w = Weights::new(file, device);
+    pub fn load(w: &Weights<'_>, config: &ModelConfig) -> Result<Self, ModelError> {
         let c = config;
         let (d, hd) = (c.n_embd, c.head_dim);
         // Read and checked with the rest of the metadata (`ModelConfig::from_gguf`).

@@ -22,7 +22,7 @@ pub use model::{Architecture, BatchSeq, Logits, Model, Pass, PassOptions, UBATCH
 pub use phi3::Phi3;
 pub use qwen2::Qwen2;
 pub use qwen3::Qwen3;
-pub use weights::Weights;
+pub use weights::{ExternalWeights, Weights};
 
 use burn::tensor::Device;
 use ember_formats::GgufFile;
@@ -42,14 +42,28 @@ pub fn default_device() -> Device {
 
 /// Loads the model a GGUF file describes, on `device`.
 pub fn load(file: &GgufFile, device: &Device) -> Result<Model, ModelError> {
-    let config = ModelConfig::from_gguf(file)?;
+    load_with(file, None, device)
+}
+
+/// [`load`], with linear layers supplied beside the file (a checkpoint directory's, see
+/// [`ExternalWeights`]).
+pub fn load_with(
+    file: &GgufFile,
+    external: Option<&ExternalWeights>,
+    device: &Device,
+) -> Result<Model, ModelError> {
+    let config = ModelConfig::from_gguf_with(file, external)?;
+    let w = match external {
+        Some(e) => Weights::with_external(file, e, device),
+        None => Weights::new(file, device),
+    };
     let arch: Box<dyn Architecture> = match config.architecture.as_str() {
-        "llama" => Box::new(Llama::load(file, &config, device)?),
-        "gemma3" => Box::new(Gemma3::load(file, &config, device)?),
-        "qwen2" => Box::new(Qwen2::load(file, &config, device)?),
-        "qwen3" => Box::new(Qwen3::load(file, &config, device)?),
-        "phi3" => Box::new(Phi3::load(file, &config, device)?),
+        "llama" => Box::new(Llama::load(&w, &config)?),
+        "gemma3" => Box::new(Gemma3::load(&w, &config)?),
+        "qwen2" => Box::new(Qwen2::load(&w, &config)?),
+        "qwen3" => Box::new(Qwen3::load(&w, &config)?),
+        "phi3" => Box::new(Phi3::load(&w, &config)?),
         other => return Err(ModelError::UnsupportedArchitecture(other.to_string())),
     };
-    Model::new(file, config, device, arch)
+    Model::new(&w, config, device, arch)
 }

@@ -3,8 +3,7 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{Device, Tensor};
-use ember_formats::GgufFile;
+use burn::tensor::Tensor;
 use ember_kernels::{QuantMatrix, residual_add, swiglu};
 
 use crate::layers::{rms_norm, rope};
@@ -34,12 +33,7 @@ pub struct Llama {
 
 impl Llama {
     /// Loads every block's weights (`blk.N.*`), checking each tensor's shape against `config`.
-    pub fn load(
-        file: &GgufFile,
-        config: &ModelConfig,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        let w = Weights::new(file, device);
+    pub fn load(w: &Weights<'_>, config: &ModelConfig) -> Result<Self, ModelError> {
         let c = config;
         let (d, hd) = (c.n_embd, c.head_dim);
         let mut blocks = Vec::with_capacity(c.n_layer);

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use ember_formats::GgufFile;
 use ember_kernels::{
     QuantMatrix, SeqAttn, SoloRow, paged_attention, quant_matmul, quant_matmul_solo,
 };
@@ -200,12 +199,11 @@ impl Model {
     /// The embedding (`token_embd`), output norm and head (`output`, or the embedding when
     /// tied) that every architecture here shares, around `arch`'s blocks.
     pub fn new(
-        file: &GgufFile,
+        w: &Weights<'_>,
         config: ModelConfig,
         device: &Device,
         arch: Box<dyn Architecture>,
     ) -> Result<Self, ModelError> {
-        let w = Weights::new(file, device);
         let d = config.n_embd;
         let token_embd = w.matrix("token_embd.weight", config.n_vocab, d)?;
         let output = if w.has("output.weight") {

@@ -7,8 +7,7 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{Device, Tensor};
-use ember_formats::GgufFile;
+use burn::tensor::Tensor;
 use ember_kernels::{QuantMatrix, residual_add, swiglu};
 
 use crate::layers::{QkvProj, rms_norm, rope};
@@ -36,12 +35,7 @@ pub struct Phi3 {
 
 impl Phi3 {
     /// Loads every block's weights (`blk.N.*`), checking each tensor's shape against `config`.
-    pub fn load(
-        file: &GgufFile,
-        config: &ModelConfig,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        let w = Weights::new(file, device);
+    pub fn load(w: &Weights<'_>, config: &ModelConfig) -> Result<Self, ModelError> {
         let c = config;
         // LongRoPE (Phi-3 128k, Phi-3.5): per-dimension frequency factors and an attention
         // factor, which our rope kernel does not take yet.
@@ -58,7 +52,7 @@ impl Phi3 {
             blocks.push(Block {
                 attn_norm: w.vector(&name("attn_norm"), d)?,
                 qkv: QkvProj::load(
-                    &w,
+                    w,
                     i,
                     d,
                     [c.n_head * hd, c.n_head_kv * hd, c.n_head_kv * hd],

@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{Device, Tensor};
-use ember_formats::GgufFile;
+use burn::tensor::Tensor;
 use ember_kernels::{QuantMatrix, residual_add, swiglu};
 
 use crate::layers::{QkvProj, rms_norm, rope};
@@ -31,12 +30,7 @@ pub struct Qwen2 {
 
 impl Qwen2 {
     /// Loads every block's weights (`blk.N.*`), checking each tensor's shape against `config`.
-    pub fn load(
-        file: &GgufFile,
-        config: &ModelConfig,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        let w = Weights::new(file, device);
+    pub fn load(w: &Weights<'_>, config: &ModelConfig) -> Result<Self, ModelError> {
         let c = config;
         // llama.cpp loads and adds an `output.bias`; our shared head has none.
         if w.has("output.bias") {
@@ -49,7 +43,7 @@ impl Qwen2 {
             blocks.push(Block {
                 attn_norm: w.vector(&name("attn_norm"), d)?,
                 qkv: QkvProj::load(
-                    &w,
+                    w,
                     i,
                     d,
                     [c.n_head * hd, c.n_head_kv * hd, c.n_head_kv * hd],

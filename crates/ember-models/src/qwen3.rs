@@ -5,8 +5,7 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{Device, Tensor};
-use ember_formats::GgufFile;
+use burn::tensor::Tensor;
 use ember_kernels::{QuantMatrix, residual_add, swiglu};
 
 use crate::layers::{QkvProj, head_rms_norm, rms_norm, rope};
@@ -35,12 +34,7 @@ pub struct Qwen3 {
 
 impl Qwen3 {
     /// Loads every block's weights (`blk.N.*`), checking each tensor's shape against `config`.
-    pub fn load(
-        file: &GgufFile,
-        config: &ModelConfig,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        let w = Weights::new(file, device);
+    pub fn load(w: &Weights<'_>, config: &ModelConfig) -> Result<Self, ModelError> {
         let c = config;
         let (d, hd) = (c.n_embd, c.head_dim);
         let mut blocks = Vec::with_capacity(c.n_layer);
@@ -49,7 +43,7 @@ impl Qwen3 {
             blocks.push(Block {
                 attn_norm: w.vector(&name("attn_norm"), d)?,
                 qkv: QkvProj::load(
-                    &w,
+                    w,
                     i,
                     d,
                     [c.n_head * hd, c.n_head_kv * hd, c.n_head_kv * hd],

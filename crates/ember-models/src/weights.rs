@@ -1,6 +1,7 @@
 //! Typed access to a GGUF file's tensors: quantized matrices stay in the memory map, small
 //! vectors (norm weights) are copied into burn tensors.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -14,7 +15,53 @@ use crate::ModelError;
 /// or a shape other than the one asked for is an error naming the tensor.
 pub struct Weights<'a> {
     file: &'a GgufFile,
+    external: Option<&'a ExternalWeights>,
     device: Device,
+}
+
+/// Weight matrices supplied beside a GGUF file's own tensors, by GGUF tensor name: how a
+/// checkpoint directory runs, its linear layers left where they lie in the safetensors files
+/// (dense rows, or AWQ/GPTQ/EXL2 packs) while a small in-memory GGUF carries the metadata,
+/// tokenizer and norm vectors. A name found here wins over the file's tensor of that name.
+#[derive(Clone, Debug, Default)]
+pub struct ExternalWeights {
+    matrices: HashMap<String, Arc<QuantMatrix>>,
+    /// The Q and K projections keep Hugging Face's row order (rotary pairs `(i, i + d/2)`)
+    /// instead of the interleaved order GGUF converters permute llama's into: the model then
+    /// rotates them NeoX-style, which is the same arithmetic on the same pairs.
+    pub hf_qk_order: bool,
+}
+
+impl ExternalWeights {
+    /// No matrices, GGUF row order.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Supplies `name` (a GGUF tensor name such as `blk.0.attn_q.weight`).
+    pub fn insert(&mut self, name: impl Into<String>, matrix: Arc<QuantMatrix>) {
+        self.matrices.insert(name.into(), matrix);
+    }
+
+    /// The matrix supplied for `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<QuantMatrix>> {
+        self.matrices.get(name)
+    }
+
+    /// Names and matrices, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<QuantMatrix>)> {
+        self.matrices.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// How many matrices are supplied.
+    pub fn len(&self) -> usize {
+        self.matrices.len()
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.matrices.is_empty()
+    }
 }
 
 impl<'a> Weights<'a> {
@@ -22,8 +69,45 @@ impl<'a> Weights<'a> {
     pub fn new(file: &'a GgufFile, device: &Device) -> Self {
         Self {
             file,
+            external: None,
             device: device.clone(),
         }
+    }
+
+    /// Tensors of `file`, with `external`'s matrices before the file's own.
+    pub fn with_external(
+        file: &'a GgufFile,
+        external: &'a ExternalWeights,
+        device: &Device,
+    ) -> Self {
+        Self {
+            file,
+            external: Some(external),
+            device: device.clone(),
+        }
+    }
+
+    /// The GGUF file behind the weights.
+    pub fn file(&self) -> &'a GgufFile {
+        self.file
+    }
+
+    /// The device vectors are created on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The supplied matrices, if any.
+    pub fn external(&self) -> Option<&'a ExternalWeights> {
+        self.external
+    }
+
+    /// The shape of tensor `name` in GGUF order (`[cols, rows]` for a matrix), wherever it is.
+    pub fn dims(&self, name: &str) -> Option<Vec<u64>> {
+        if let Some(m) = self.external.and_then(|e| e.get(name)) {
+            return Some(vec![m.cols() as u64, m.rows() as u64]);
+        }
+        self.file.tensor(name).map(|t| t.dims.clone())
     }
 
     fn info(&self, name: &str) -> Result<&'a TensorInfo, ModelError> {
@@ -34,7 +118,7 @@ impl<'a> Weights<'a> {
 
     /// Whether the file has a tensor `name` (for optional weights: biases, an untied head).
     pub fn has(&self, name: &str) -> bool {
-        self.file.tensor(name).is_some()
+        self.external.is_some_and(|e| e.get(name).is_some()) || self.file.tensor(name).is_some()
     }
 
     /// A `rows x cols` matrix (`dims == [cols, rows]` in GGUF order), left in the mapping.
@@ -56,6 +140,18 @@ impl<'a> Weights<'a> {
         cols: usize,
         part: Range<usize>,
     ) -> Result<Arc<QuantMatrix>, ModelError> {
+        if let Some(m) = self.external.and_then(|e| e.get(name)) {
+            if (m.rows(), m.cols()) != (rows, cols) || part != (0..rows) {
+                // Supplied matrices are whole linear layers: no architecture that runs from a
+                // checkpoint directory fuses them, and a packed layout cannot be sliced by rows.
+                return Err(ModelError::BadShape {
+                    name: name.to_string(),
+                    got: vec![m.cols() as u64, m.rows() as u64],
+                    expected: vec![cols as u64, part.len() as u64],
+                });
+            }
+            return Ok(Arc::clone(m));
+        }
         let info = self.info(name)?;
         if info.dims != [cols as u64, rows as u64] {
             return Err(ModelError::BadShape {

@@ -125,14 +125,20 @@ fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
 }
 
 fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
     let (rb, _) = row.as_chunks::<{ 2 * 32 }>();
     let (xb, xr) = x.as_chunks::<32>();
     let mut total = 0.0f32;
     let mut w = [0.0f32; 32];
+    let mut bits = [0u16; 32];
     for (b, xs) in rb.iter().zip(xb) {
-        for (o, c) in w.iter_mut().zip(b.as_chunks::<2>().0) {
-            *o = f16_bits_to_f32_fast(u16::from_le_bytes(*c));
+        for (o, c) in bits.iter_mut().zip(b.as_chunks::<2>().0) {
+            *o = u16::from_le_bytes(*c);
         }
+        // `half` converts with F16C when the CPU has it (checked at run time): the same exact
+        // values as `f16_bits_to_f32_fast`, several times faster than the portable bit trick.
+        bits.reinterpret_cast::<half::f16>()
+            .convert_to_f32_slice(&mut w);
         total += dot_n(&w, xs);
     }
     let tail = row.get(xb.len() * 64..).unwrap_or_default();

@@ -2,10 +2,14 @@
 //! template.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use burn::tensor::Device;
+use ember_convert::{ConvertError, ImageOptions, LinearWeight, QuantScheme};
+use ember_formats::checkpoint::Checkpoint;
 use ember_formats::{GgufError, GgufFile};
-use ember_models::{Model, ModelError};
+use ember_kernels::{QuantMatrix, QuantMatrixError, SharedBytes};
+use ember_models::{ExternalWeights, Model, ModelError};
 
 use crate::chat::{BuiltinTemplate, ChatError, ChatTemplate};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
@@ -31,6 +35,15 @@ pub enum LoadError {
         /// What the model loader reported.
         error: ModelError,
     },
+    /// A checkpoint directory could not be read: its files, config, tokenizer or quantized
+    /// tensors.
+    #[error("{path}: {error}")]
+    Checkpoint {
+        /// The directory, as displayed.
+        path: String,
+        /// What the checkpoint reader reported (boxed: it is large, and rare).
+        error: Box<ConvertError>,
+    },
     /// The tokenizer metadata is missing or unusable.
     #[error("{path}: tokenizer: {error}")]
     Tokenizer {
@@ -41,11 +54,42 @@ pub enum LoadError {
     },
 }
 
-/// A GGUF model ready to run: the memory-mapped file (metadata, chat template), the model
-/// with its weights on a device, and the tokenizer built from the file's metadata.
+/// What [`LoadedModel::weight_summary`] counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightSummary {
+    /// Bytes the weights take (packed, as stored).
+    pub bytes: u64,
+    /// Parameters.
+    pub params: u64,
+    /// The storage type of `blk.0.ffn_down.weight` (`Q4_1`, `F16`, `AWQ 4-bit g64`, ...).
+    pub type_name: String,
+}
+
+/// How [`LoadedModel::open_with`] loads a model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// For a quantized checkpoint directory (AWQ, GPTQ, EXL2, compressed-tensors): dequantize
+    /// its linear layers to F16 at load instead of running the packed kernels.
+    pub dequantize: bool,
+}
+
+/// A model ready to run: its metadata (chat template), the model with its weights on a
+/// device, and the tokenizer built from the metadata.
+///
+/// A GGUF file is memory-mapped. A Hugging Face checkpoint directory (`config.json`,
+/// `tokenizer.json`, safetensors weights, possibly AWQ/GPTQ/EXL2/compressed-tensors
+/// quantized) is read into a small in-memory GGUF holding its metadata, tokenizer and norm
+/// vectors, while its matrices stay in the safetensors memory maps
+/// ([`ember_convert::checkpoint_image`]).
 pub struct LoadedModel {
-    /// The opened GGUF file, kept for its metadata (chat template, architecture, names).
+    /// The GGUF file, kept for its metadata (chat template, architecture, names): the mapped
+    /// file, or for a checkpoint directory the in-memory image of its metadata.
     pub file: GgufFile,
+    /// For a checkpoint directory, its quantization scheme (`None` for GGUF files and dense
+    /// checkpoints).
+    pub scheme: Option<QuantScheme>,
+    /// For a checkpoint directory, its matrices (which the model holds too).
+    pub external: Option<ExternalWeights>,
     /// The model on its device.
     pub model: Model,
     /// The tokenizer described by the file's `tokenizer.*` metadata.
@@ -56,6 +100,14 @@ impl LoadedModel {
     /// Opens a GGUF file and loads its tokenizer and model onto `device`
     /// (`ember_models::default_device()` for the default backend).
     pub fn open(path: &Path, device: &Device) -> Result<Self, LoadError> {
+        Self::open_with(path, device, &LoadOptions::default())
+    }
+
+    /// [`open`](Self::open) for a GGUF file or a checkpoint directory, with options.
+    pub fn open_with(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Self, LoadError> {
+        if path.is_dir() {
+            return Self::open_checkpoint(path, device, opts);
+        }
         let shown = path.display().to_string();
         let file = GgufFile::open(path).map_err(|error| LoadError::File {
             path: shown.clone(),
@@ -69,9 +121,104 @@ impl LoadedModel {
             .map_err(|error| LoadError::Model { path: shown, error })?;
         Ok(Self {
             file,
+            scheme: None,
+            external: None,
             model,
             tokenizer,
         })
+    }
+
+    fn open_checkpoint(dir: &Path, device: &Device, opts: &LoadOptions) -> Result<Self, LoadError> {
+        let shown = dir.display().to_string();
+        let checkpoint_error = |error: ConvertError| LoadError::Checkpoint {
+            path: shown.clone(),
+            error: Box::new(error),
+        };
+        let ckpt = Checkpoint::open(dir).map_err(|e| checkpoint_error(e.into()))?;
+        let image = ember_convert::checkpoint_image(
+            &ckpt,
+            &ImageOptions {
+                dequantize: opts.dequantize,
+            },
+        )
+        .map_err(checkpoint_error)?;
+        let mut external = ExternalWeights::new();
+        external.hf_qk_order = image.hf_qk_order;
+        for (name, weight) in image.linears {
+            let matrix = match weight {
+                LinearWeight::Dense {
+                    ty,
+                    rows,
+                    cols,
+                    bytes,
+                } => {
+                    // The view's own whole length always fits it.
+                    let len = bytes.as_slice().len();
+                    match SharedBytes::new(Arc::new(bytes), 0, len) {
+                        Some(shared) => QuantMatrix::new(shared, ty, rows, cols),
+                        None => Err(QuantMatrixError::WrongSize {
+                            ty,
+                            rows,
+                            cols,
+                            expected: len,
+                            got: 0,
+                        }),
+                    }
+                }
+                LinearWeight::Packed(packed) => QuantMatrix::packed(packed),
+            };
+            let matrix = matrix.map_err(|source| LoadError::Model {
+                path: shown.clone(),
+                error: ModelError::Weight {
+                    name: name.clone(),
+                    source,
+                },
+            })?;
+            external.insert(name, Arc::new(matrix));
+        }
+        let file = image.gguf;
+        let tokenizer = GgufTokenizer::from_gguf(&file).map_err(|error| LoadError::Tokenizer {
+            path: shown.clone(),
+            error,
+        })?;
+        let model = ember_models::load_with(&file, Some(&external), device)
+            .map_err(|error| LoadError::Model { path: shown, error })?;
+        Ok(Self {
+            file,
+            scheme: image.scheme,
+            external: Some(external),
+            model,
+            tokenizer,
+        })
+    }
+
+    /// Bytes and parameters of every weight, and the type of the first block's FFN down
+    /// projection (what llama-bench reports as the model type).
+    pub fn weight_summary(&self) -> WeightSummary {
+        let external = self.external.as_ref();
+        let in_file = |name: &str| external.is_none_or(|e| e.get(name).is_none());
+        let (mut bytes, mut params) = (0u64, 0u64);
+        for t in self.file.tensors().iter().filter(|t| in_file(&t.name)) {
+            bytes += t.n_bytes;
+            params += t.n_elements();
+        }
+        for (_, m) in external.into_iter().flat_map(|e| e.iter()) {
+            bytes += m.storage_bytes() as u64;
+            params += (m.rows() * m.cols()) as u64;
+        }
+        const PROBE: &str = "blk.0.ffn_down.weight";
+        let type_name = match external.and_then(|e| e.get(PROBE)) {
+            Some(m) => m.type_name(),
+            None => self
+                .file
+                .tensor(PROBE)
+                .map_or("?".to_string(), |t| t.ggml_type.name().to_string()),
+        };
+        WeightSummary {
+            bytes,
+            params,
+            type_name,
+        }
     }
 
     /// Tokenizes a prompt the way llama.cpp does: BOS as the model says, special tokens parsed.

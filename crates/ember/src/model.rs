@@ -8,7 +8,7 @@ use ember_kv::{KvDtype, KvOptions};
 use ember_runtime::chat::{ChatMessage, ChatTemplate};
 use ember_runtime::engine::EngineConfig;
 use ember_runtime::generate::{ContextShift, GenerateRequest, Generation};
-use ember_runtime::loaded::LoadedModel;
+use ember_runtime::loaded::{LoadOptions, LoadedModel};
 use ember_runtime::spec::SpecConfig;
 use ember_runtime::tokenizer::GgufTokenizer;
 
@@ -41,6 +41,7 @@ pub struct ModelBuilder {
     spec: SpecConfig,
     draft_model: Option<String>,
     device: Option<Device>,
+    load: LoadOptions,
 }
 
 impl ModelBuilder {
@@ -85,6 +86,13 @@ impl ModelBuilder {
         self
     }
 
+    /// For a quantized checkpoint directory (AWQ, GPTQ, EXL2, compressed-tensors):
+    /// dequantize its linear layers to F16 at load instead of running them packed.
+    pub fn dequantize(mut self, yes: bool) -> Self {
+        self.load.dequantize = yes;
+        self
+    }
+
     /// The burn device to run on (default: [`ember_models::default_device`], the CPU).
     pub fn device(mut self, device: Device) -> Self {
         self.device = Some(device);
@@ -99,7 +107,7 @@ impl ModelBuilder {
             .device
             .clone()
             .unwrap_or_else(ember_models::default_device);
-        let loaded = LoadedModel::open(&path, &device)?;
+        let loaded = LoadedModel::open_with(&path, &device, &self.load)?;
         self.finish(loaded, path, &device)
     }
 
@@ -258,6 +266,7 @@ impl Model {
             spec: SpecConfig::default(),
             draft_model: None,
             device: None,
+            load: LoadOptions::default(),
         }
     }
 

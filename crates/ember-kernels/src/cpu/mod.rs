@@ -3,6 +3,8 @@
 pub mod attention;
 pub mod expf;
 pub mod fused;
+pub mod group;
+pub mod half_dot;
 pub mod kquant;
 pub mod paged_attention;
 pub mod q8;
@@ -106,7 +108,8 @@ impl<'a> Columns<'a> {
 ///
 /// Types with an integer path quantize `x` to 8 bits first, as llama.cpp does (Q8_0/Q8_1 for
 /// the legacy formats, Q8_K for K-quants); others take f32 dot products straight off the
-/// blocks. Each task owns whole weight rows, so every
+/// blocks. Packed group-quantized weights ([`QuantMatrix::packed`]) take [`group`]'s integer
+/// kernel. Each task owns whole weight rows, so every
 /// weight byte is read from memory once per call, whatever `m` is.
 pub fn quant_matmul_rows(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
     quant_matmul_rows_solo(w, x, m, None)
@@ -123,6 +126,9 @@ pub fn quant_matmul_rows_solo(
 ) -> Vec<f32> {
     let (n, k) = (w.rows(), w.cols());
     debug_assert_eq!(x.len(), m * k);
+    if let Some(pw) = w.packed_plan() {
+        return group::matmul(pw, x, m);
+    }
     let ty = w.ggml_type();
     if kquant::supported(ty) {
         return kquant_matmul(w, x, m, solo.filter(|s| s.len() == m).cloned());
@@ -283,7 +289,7 @@ fn f32_matmul(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
             for (jj, dst_row) in dst.chunks_mut(m).enumerate() {
                 let row = w.row(task * ROWS_PER_TASK + jj);
                 for (i, d) in dst_row.iter_mut().enumerate() {
-                    *d = ember_quant::dot_row(ty, row, &x[i * k..(i + 1) * k]);
+                    *d = half_dot::dot_row(ty, row, &x[i * k..(i + 1) * k]);
                 }
             }
         });

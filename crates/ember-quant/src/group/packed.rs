@@ -41,6 +41,12 @@ impl ByteView {
     }
 }
 
+impl AsRef<[u8]> for ByteView {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
 impl fmt::Debug for ByteView {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ByteView({} bytes)", self.range.len())
@@ -49,8 +55,8 @@ impl fmt::Debug for ByteView {
 
 /// A group-quantized linear weight whose tensors are [`ByteView`]s: the owned counterpart of
 /// the borrowed sets ([`AwqGemm`], [`AwqGemv`], [`Gptq`], [`Exl2`], [`CtPacked`]), with the
-/// same fields. Build it with [`PackedLinear::new`], which validates it once; [`view`]
-/// (Self::view) then lends the borrowed set.
+/// same fields. Build it with [`PackedLinear::new`], which validates it once;
+/// [`view`](Self::view) then lends the borrowed set.
 #[derive(Clone, Debug)]
 pub enum PackedLinear {
     /// AutoAWQ GEMM.

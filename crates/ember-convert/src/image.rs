@@ -1,0 +1,172 @@
+//! A checkpoint directory made ready to run without converting it: the metadata and tokenizer
+//! as a small in-memory GGUF, the linear layers left where they lie in the safetensors files.
+
+use std::sync::Arc;
+
+use ember_formats::GgufFile;
+use ember_formats::checkpoint::Checkpoint;
+use ember_formats::safetensors::StDtype;
+use ember_quant::GgmlType;
+use ember_quant::group::{ByteView, GroupQuantized, PackedLinear};
+
+use crate::ConvertError;
+use crate::from_hf::{Prepared, prepare};
+use crate::quantized::{QuantScheme, expected_nk, packed_linear};
+use crate::util::st_bytes_to_f32;
+
+/// How [`checkpoint_image`] treats quantized linear layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImageOptions {
+    /// Dequantize AWQ/GPTQ/EXL2/compressed-tensors layers to F16 at load instead of running
+    /// them packed (more memory, the float kernels).
+    pub dequantize: bool,
+}
+
+/// One linear layer of a checkpoint, by its GGUF name.
+#[derive(Clone, Debug)]
+pub enum LinearWeight {
+    /// Dense rows (`rows x cols`, row-major, `ty` F32, F16 or BF16): the safetensors bytes as
+    /// they are, since a Hugging Face `[out, in]` weight has GGUF's row layout.
+    Dense {
+        /// Element type.
+        ty: GgmlType,
+        /// Out features.
+        rows: usize,
+        /// In features.
+        cols: usize,
+        /// `rows * cols` elements.
+        bytes: ByteView,
+    },
+    /// A group-quantized layer in its packed form.
+    Packed(PackedLinear),
+}
+
+impl LinearWeight {
+    /// `(rows, cols)`: out and in features.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            LinearWeight::Dense { rows, cols, .. } => (*rows, *cols),
+            LinearWeight::Packed(p) => {
+                let d = p.desc();
+                (d.n, d.k)
+            }
+        }
+    }
+
+    /// The group quantization, for a packed layer.
+    pub fn quantization(&self) -> Option<GroupQuantized> {
+        match self {
+            LinearWeight::Dense { .. } => None,
+            LinearWeight::Packed(p) => Some(p.desc()),
+        }
+    }
+}
+
+/// What [`checkpoint_image`] gives: enough to build a model without a GGUF file on disk.
+#[derive(Debug)]
+pub struct CheckpointImage {
+    /// The metadata [`crate::hf_to_gguf`] would write (hyper-parameters, tokenizer, chat
+    /// template) and the checkpoint's vectors (norms, biases) as F32: a small GGUF in memory.
+    pub gguf: GgufFile,
+    /// Every matrix (embeddings, projections, head), by GGUF tensor name, zero-copy over the
+    /// checkpoint's memory maps unless dequantized.
+    pub linears: Vec<(String, LinearWeight)>,
+    /// The Q/K projections are in Hugging Face row order: llama must rotate them NeoX-style
+    /// (GGUF converters permute them for GGML's interleaved rotation instead).
+    pub hf_qk_order: bool,
+    /// The quantization scheme from `config.json`, if any.
+    pub scheme: Option<QuantScheme>,
+}
+
+/// Reads a checkpoint directory (llama/mistral, qwen2, qwen3; F32/F16/BF16 or AWQ, GPTQ, EXL2,
+/// compressed-tensors) for running: the same checks and metadata as [`crate::hf_to_gguf`],
+/// but no tensor is converted or copied except the vectors, and quantized layers stay packed
+/// (see [`ImageOptions::dequantize`]).
+pub fn checkpoint_image(
+    ckpt: &Checkpoint,
+    opts: &ImageOptions,
+) -> Result<CheckpointImage, ConvertError> {
+    let Prepared {
+        mut w,
+        arch,
+        scheme,
+        names,
+        ..
+    } = prepare(ckpt, GgmlType::F16)?;
+    let c = ckpt.config();
+    let mut linears = Vec::new();
+    for (gname, hf, quantized) in &names {
+        if *quantized {
+            let scheme = scheme
+                .as_ref()
+                .ok_or_else(|| ConvertError::bad_tensor(hf, "quantized without a scheme"))?;
+            let (n, k) = expected_nk(hf, c)?;
+            let packed = packed_linear(ckpt, scheme, hf, n, k)?;
+            let weight = if opts.dequantize {
+                let mut f = vec![0f32; n.saturating_mul(k)];
+                packed
+                    .view()
+                    .dequantize_into(&mut f)
+                    .map_err(|e| ConvertError::bad_tensor(hf, e.to_string()))?;
+                let bytes = ember_quant::quantize(GgmlType::F16, &f)
+                    .map_err(|e| ConvertError::bad_tensor(hf, e.to_string()))?;
+                LinearWeight::Dense {
+                    ty: GgmlType::F16,
+                    rows: n,
+                    cols: k,
+                    bytes: ByteView::from_vec(bytes),
+                }
+            } else {
+                LinearWeight::Packed(packed)
+            };
+            linears.push((gname.clone(), weight));
+            continue;
+        }
+        let (shard, info) = ckpt
+            .tensor_location(hf)
+            .ok_or_else(|| ConvertError::MissingTensor(hf.clone()))?;
+        let ty = match info.dtype {
+            StDtype::F32 => Some(GgmlType::F32),
+            StDtype::F16 => Some(GgmlType::F16),
+            StDtype::BF16 => Some(GgmlType::BF16),
+            _ => None,
+        };
+        if let (Some(ty), &[rows, cols]) = (ty, info.shape.as_slice()) {
+            let file = ckpt
+                .shards()
+                .get(shard)
+                .ok_or_else(|| ConvertError::MissingTensor(hf.clone()))?;
+            let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(file.shared_bytes());
+            let end = info.offset.checked_add(info.n_bytes);
+            let bytes = end
+                .and_then(|end| ByteView::new(owner, info.offset..end))
+                .ok_or_else(|| ConvertError::bad_tensor(hf, "data outside its file"))?;
+            linears.push((
+                gname.clone(),
+                LinearWeight::Dense {
+                    ty,
+                    rows,
+                    cols,
+                    bytes,
+                },
+            ));
+            continue;
+        }
+        // Vectors (and any other dtype) go into the image as F32: exact, and small.
+        let (info, bytes) = ckpt
+            .tensor(hf)
+            .ok_or_else(|| ConvertError::MissingTensor(hf.clone()))?;
+        let n = info.n_elements();
+        let f = st_bytes_to_f32(hf, bytes, info.dtype, n)?;
+        let dims: Vec<u64> = info.shape.iter().rev().map(|&d| d as u64).collect();
+        let data: Vec<u8> = f.iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.add_tensor(gname.clone(), &dims, GgmlType::F32, data)?;
+    }
+    let gguf = GgufFile::from_bytes(w.to_bytes()?)?;
+    Ok(CheckpointImage {
+        gguf,
+        linears,
+        hf_qk_order: arch.permutes_qk(),
+        scheme,
+    })
+}
