@@ -12,6 +12,8 @@ pub(crate) enum Arch {
     Qwen2,
     /// qwen3.
     Qwen3,
+    /// gemma3 (Hugging Face `gemma3_text`, Gemma3ForCausalLM).
+    Gemma3,
 }
 
 impl Arch {
@@ -21,6 +23,7 @@ impl Arch {
             "llama" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
             "qwen3" => Ok(Arch::Qwen3),
+            "gemma3" => Ok(Arch::Gemma3),
             other => Err(ConvertError::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -31,6 +34,7 @@ impl Arch {
             "llama" | "mistral" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
             "qwen3" => Ok(Arch::Qwen3),
+            "gemma3_text" => Ok(Arch::Gemma3),
             other => Err(ConvertError::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -41,12 +45,16 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
         }
     }
 
     /// config.json `model_type`.
     pub(crate) fn model_type(self) -> &'static str {
-        self.gguf_name()
+        match self {
+            Arch::Gemma3 => "gemma3_text",
+            other => other.gguf_name(),
+        }
     }
 
     /// config.json `architectures[0]`.
@@ -55,12 +63,35 @@ impl Arch {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
     /// Whether Q/K rows are permuted between HF and GGUF (llama.cpp `LlamaModel.permute`).
     pub(crate) fn permutes_qk(self) -> bool {
         self == Arch::Llama
+    }
+
+    /// What GGUF adds to a Hugging Face value of tensor `gguf_name` (HF -> GGUF; GGUF -> HF
+    /// subtracts it): Gemma's RMSNorm scales by `1 + w` and llama.cpp's converter stores
+    /// `1 + w` for every `*norm.weight` (`Gemma3Model.norm_shift`), so ggml scales by the
+    /// stored value.
+    pub(crate) fn norm_shift(self, gguf_name: &str) -> Option<f32> {
+        (self == Arch::Gemma3 && gguf_name.ends_with("norm.weight")).then_some(1.0)
+    }
+
+    fn layer_names(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Arch::Gemma3 => GEMMA3_LAYER,
+            _ => LAYER,
+        }
+    }
+}
+
+/// Adds `shift` to every value, in f32 (llama.cpp: `data_torch + f_shift`).
+pub(crate) fn apply_shift(values: &mut [f32], shift: f32) {
+    for v in values {
+        *v += shift;
     }
 }
 
@@ -74,6 +105,24 @@ const LAYER: &[(&str, &str)] = &[
     ("attn_q_norm", "self_attn.q_norm"),
     ("attn_k_norm", "self_attn.k_norm"),
     ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// Gemma 3's per-layer names: four norms around attention and the feed-forward (HF's
+/// `post_attention_layernorm` is GGUF's `post_attention_norm` here, not `ffn_norm`).
+const GEMMA3_LAYER: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("ffn_norm", "pre_feedforward_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
     ("ffn_gate", "mlp.gate_proj"),
     ("ffn_up", "mlp.up_proj"),
     ("ffn_down", "mlp.down_proj"),
@@ -95,9 +144,13 @@ fn unmapped(name: &str, arch: Arch) -> ConvertError {
 
 fn layer_allowed(arch: Arch, gguf_base: &str, suffix: &str) -> bool {
     match gguf_base {
-        "attn_q_norm" | "attn_k_norm" => arch == Arch::Qwen3 && suffix == "weight",
-        "attn_q" | "attn_k" | "attn_v" => suffix == "weight" || arch != Arch::Qwen3,
-        _ => true,
+        "attn_q_norm" | "attn_k_norm" => {
+            matches!(arch, Arch::Qwen3 | Arch::Gemma3) && suffix == "weight"
+        }
+        "attn_q" | "attn_k" | "attn_v" => {
+            suffix == "weight" || !matches!(arch, Arch::Qwen3 | Arch::Gemma3)
+        }
+        _ => arch != Arch::Gemma3 || suffix == "weight",
     }
 }
 
@@ -115,7 +168,8 @@ pub(crate) fn gguf_to_hf_name(arch: Arch, name: &str) -> Result<String, ConvertE
     if !matches!(suffix, "weight" | "bias") || !layer_allowed(arch, base, suffix) {
         return Err(unmapped(name, arch));
     }
-    let (_, hf) = LAYER
+    let (_, hf) = arch
+        .layer_names()
         .iter()
         .find(|(g, _)| *g == base)
         .ok_or_else(|| unmapped(name, arch))?;
@@ -136,7 +190,8 @@ pub(crate) fn hf_to_gguf_name(arch: Arch, name: &str) -> Result<String, ConvertE
     if !matches!(suffix, "weight" | "bias") {
         return Err(unmapped(name, arch));
     }
-    let (g, _) = LAYER
+    let (g, _) = arch
+        .layer_names()
         .iter()
         .find(|(_, h)| *h == base)
         .ok_or_else(|| unmapped(name, arch))?;
@@ -184,6 +239,26 @@ mod tests {
                 "model.layers.3.self_attn.k_norm.weight",
             ),
             (Arch::Qwen3, "output.weight", "lm_head.weight"),
+            (
+                Arch::Gemma3,
+                "blk.2.post_attention_norm.weight",
+                "model.layers.2.post_attention_layernorm.weight",
+            ),
+            (
+                Arch::Gemma3,
+                "blk.2.ffn_norm.weight",
+                "model.layers.2.pre_feedforward_layernorm.weight",
+            ),
+            (
+                Arch::Gemma3,
+                "blk.2.post_ffw_norm.weight",
+                "model.layers.2.post_feedforward_layernorm.weight",
+            ),
+            (
+                Arch::Gemma3,
+                "blk.2.attn_q_norm.weight",
+                "model.layers.2.self_attn.q_norm.weight",
+            ),
         ] {
             assert_eq!(gguf_to_hf_name(arch, g).unwrap(), h);
             assert_eq!(hf_to_gguf_name(arch, h).unwrap(), g);
@@ -193,5 +268,14 @@ mod tests {
         assert!(hf_to_gguf_name(Arch::Qwen3, "model.layers.0.self_attn.q_proj.bias").is_err());
         assert!(hf_to_gguf_name(Arch::Llama, "model.layers.x.mlp.up_proj.weight").is_err());
         assert_eq!(gguf_layer("blk.17.ffn_up.weight"), Some(17));
+        assert!(gguf_to_hf_name(Arch::Llama, "blk.0.post_ffw_norm.weight").is_err());
+        assert!(hf_to_gguf_name(Arch::Gemma3, "model.layers.0.self_attn.q_proj.bias").is_err());
+        assert_eq!(
+            Arch::Gemma3.norm_shift("blk.0.attn_k_norm.weight"),
+            Some(1.0)
+        );
+        assert_eq!(Arch::Gemma3.norm_shift("output_norm.weight"), Some(1.0));
+        assert_eq!(Arch::Gemma3.norm_shift("blk.0.ffn_up.weight"), None);
+        assert_eq!(Arch::Qwen3.norm_shift("output_norm.weight"), None);
     }
 }

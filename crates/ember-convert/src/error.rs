@@ -105,10 +105,11 @@ pub enum ConvertError {
     /// A tensor the model needs is absent.
     #[error("tensor '{0}' is missing")]
     MissingTensor(String),
-    /// The vocabulary is not byte-level BPE (`tokenizer.ggml.model` names the one found).
+    /// The vocabulary is neither byte-level BPE nor Gemma 3's SentencePiece vocabulary
+    /// (`tokenizer.ggml.model` names the one found).
     #[error(
-        "tokenizer.ggml.model '{0}' cannot be exported yet: only byte-level BPE ('gpt2') \
-         vocabularies are converted (SentencePiece vocabularies such as Gemma's are not)"
+        "tokenizer.ggml.model '{0}' cannot be exported yet for this architecture: byte-level \
+         BPE ('gpt2') vocabularies are converted, and SentencePiece ('llama') ones only for gemma3"
     )]
     UnsupportedTokenizerModel(String),
     /// tokenizer.json is malformed or of a kind not converted (message says which).

@@ -7,7 +7,7 @@ use ember_formats::{GgufWriter, MetaValue};
 use ember_quant::GgmlType;
 use serde_json::Value;
 
-use crate::arch::{Arch, gguf_layer, hf_to_gguf_name};
+use crate::arch::{Arch, apply_shift, gguf_layer, hf_to_gguf_name};
 use crate::quant::{
     QuantizeOptions, TensorSource, check_target, encode_tensor, file_type_for, target_type,
 };
@@ -67,8 +67,12 @@ fn write_hparams(
     );
     w.add(format!("{a}.attention.head_count"), n_head);
     w.add(format!("{a}.attention.head_count_kv"), n_head_kv);
+    // transformers 5 keeps Gemma 3's two rope setups under `rope_parameters.{full,sliding}_attention`.
+    let rope_params = |kind: &str| c.get("rope_parameters").and_then(|p| p.get(kind));
     let scaling = c
         .get("rope_scaling")
+        .filter(|v| !v.is_null())
+        .or_else(|| rope_params("full_attention"))
         .or_else(|| c.get("rope_parameters"))
         .filter(|v| !v.is_null());
     if let Some(s) = scaling {
@@ -93,10 +97,13 @@ fn write_hparams(
             }
         }
     }
-    let theta = cfg_f32(c, "rope_theta").or_else(|| {
-        c.get("rope_parameters")
-            .and_then(|p| cfg_f32(p, "rope_theta"))
-    });
+    let theta = cfg_f32(c, "rope_theta")
+        .or_else(|| {
+            c.get("rope_parameters")
+                .and_then(|p| cfg_f32(p, "rope_theta"))
+        })
+        .or_else(|| rope_params("full_attention").and_then(|p| cfg_f32(p, "rope_theta")))
+        .or((arch == Arch::Gemma3).then_some(1_000_000.0));
     if let Some(t) = theta {
         w.add(format!("{a}.rope.freq_base"), t);
     }
@@ -104,12 +111,18 @@ fn write_hparams(
         .ok_or_else(|| ConvertError::MissingConfig("rms_norm_eps".into()))?;
     w.add(format!("{a}.attention.layer_norm_rms_epsilon"), eps);
     let head_dim = match c.get("head_dim") {
+        None | Some(Value::Null) if arch == Arch::Gemma3 => Some(256),
         None | Some(Value::Null) => None,
         Some(_) => Some(cfg_u32(c, "head_dim")?),
     };
     if let Some(hd) = head_dim {
         w.add(format!("{a}.attention.key_length"), hd);
         w.add(format!("{a}.attention.value_length"), hd);
+    }
+    if arch == Arch::Gemma3 {
+        gemma3_hparams(w, c, n_head, n_embd, head_dim.unwrap_or(256), |k| {
+            rope_params(k).and_then(|p| cfg_f32(p, "rope_theta"))
+        })?;
     }
     w.add("general.file_type", file_type_for(ty)?);
     if arch == Arch::Llama {
@@ -122,6 +135,95 @@ fn write_hparams(
     Ok((u64::from(n_head), u64::from(n_head_kv)))
 }
 
+/// The `gemma3.*` keys beyond the common ones (llama.cpp's `Gemma3Model.set_gguf_parameters`):
+/// `attention.sliding_window` unless every layer is global, `final_logit_softcapping` when
+/// set. The window pattern and the window layers' rope base, which llama.cpp's converter does
+/// not write (its loader assumes 6 and 10000), are written as
+/// `attention.sliding_window_pattern` / `rope.freq_base_swa` only when they differ.
+fn gemma3_hparams(
+    w: &mut GgufWriter,
+    c: &Value,
+    n_head: u32,
+    n_embd: u32,
+    head_dim: u32,
+    rope_theta_of: impl Fn(&str) -> Option<f32>,
+) -> Result<(), ConvertError> {
+    let unsupported = |key: &str, reason: String| ConvertError::UnsupportedConfig {
+        key: key.into(),
+        reason,
+    };
+    if c.get("attn_logit_softcapping")
+        .is_some_and(|v| !v.is_null())
+    {
+        return Err(unsupported(
+            "attn_logit_softcapping",
+            "attention logit soft-capping is not part of Gemma 3".into(),
+        ));
+    }
+    if let Some(q) = c.get("query_pre_attn_scalar").and_then(Value::as_f64) {
+        // ember-models and llama.cpp scale Q by 1/sqrt(head_dim), except the 27B's
+        // n_embd / n_head: any other scalar would run differently.
+        let q = q as u64;
+        if q != u64::from(head_dim) && q != u64::from(n_embd / n_head) {
+            return Err(unsupported(
+                "query_pre_attn_scalar",
+                format!("{q} is neither head_dim {head_dim} nor hidden_size / heads"),
+            ));
+        }
+    }
+    // The pattern: `layer_types` (every `pattern`-th layer full), else `sliding_window_pattern`.
+    let pattern = match c.get("layer_types").and_then(Value::as_array) {
+        Some(types) => {
+            let full: Vec<bool> = types
+                .iter()
+                .map(|t| t.as_str() == Some("full_attention"))
+                .collect();
+            let p = full.iter().position(|&f| f).map_or(0, |i| i + 1);
+            let periodic = full
+                .iter()
+                .enumerate()
+                .all(|(i, &f)| f == (p > 0 && (i + 1) % p == 0));
+            if !periodic {
+                return Err(unsupported(
+                    "layer_types",
+                    "full-attention layers that are not every n-th layer".into(),
+                ));
+            }
+            p as u64
+        }
+        None => c
+            .get("sliding_window_pattern")
+            .or_else(|| c.get("_sliding_window_pattern"))
+            .and_then(Value::as_u64)
+            .unwrap_or(6),
+    };
+    if pattern != 1 {
+        w.add(
+            "gemma3.attention.sliding_window",
+            cfg_u32(c, "sliding_window")?,
+        );
+        if pattern != 6 {
+            w.add(
+                "gemma3.attention.sliding_window_pattern",
+                u32::try_from(pattern).map_err(|_| {
+                    unsupported("sliding_window_pattern", "does not fit in u32".into())
+                })?,
+            );
+        }
+    }
+    let swa_base =
+        cfg_f32(c, "rope_local_base_freq").or_else(|| rope_theta_of("sliding_attention"));
+    if let Some(b) = swa_base
+        && b != 10_000.0
+    {
+        w.add("gemma3.rope.freq_base_swa", b);
+    }
+    if let Some(cap) = cfg_f32(c, "final_logit_softcapping") {
+        w.add("gemma3.final_logit_softcapping", cap);
+    }
+    Ok(())
+}
+
 /// Sort key of a GGUF tensor name: embeddings, then layers in order, then the head.
 fn order_key(name: &str) -> (u32, u32) {
     match name {
@@ -132,7 +234,8 @@ fn order_key(name: &str) -> (u32, u32) {
     }
 }
 
-/// Converts a Hugging Face checkpoint (llama/mistral, qwen2, qwen3; F32/F16/BF16 weights) to a
+/// Converts a Hugging Face checkpoint (llama/mistral, qwen2, qwen3, gemma3_text; F32/F16/BF16
+/// weights) to a
 /// GGUF file at `output`, written through a temporary file renamed at the end.
 ///
 /// Quantized checkpoints are read too: the scheme is detected with [`QuantScheme::detect`]
@@ -147,8 +250,10 @@ fn order_key(name: &str) -> (u32, u32) {
 /// [`crate::gguf_to_hf`], the other `general.*` strings it recorded; the `{arch}.*`
 /// hyperparameters; `general.file_type`; `tokenizer.ggml.{model, pre, tokens, token_type,
 /// merges, *_token_id, add_bos_token, add_space_prefix}` and `tokenizer.chat_template` from
-/// tokenizer.json / tokenizer_config.json (byte-level BPE only; `tokenizer.ggml.pre` is
-/// recovered from the pre-tokenizer's split regexes); `general.quantization_version`.
+/// tokenizer.json / tokenizer_config.json (byte-level BPE: `tokenizer.ggml.pre` is recovered
+/// from the pre-tokenizer's split regexes; a SentencePiece BPE with byte fallback, as Gemma's:
+/// `tokenizer.ggml.{tokens, scores, token_type}` from tokenizer.model when present);
+/// `general.quantization_version`. Gemma 3's norms get llama.cpp's `+ 1`.
 ///
 /// Tensors get their GGUF names, llama's Q/K rows are permuted to GGML's interleaved rope
 /// order, and each tensor is converted to f32 (exact) and then to the type [`target_type`]
@@ -193,6 +298,9 @@ pub fn hf_to_gguf(
             )
         };
         let n = f.len();
+        if let Some(shift) = arch.norm_shift(gname) {
+            apply_shift(&mut f, shift);
+        }
         if arch.permutes_qk() {
             let heads = if gname.contains(".attn_q.") {
                 Some(n_head)
@@ -288,6 +396,12 @@ pub(crate) fn prepare(ckpt: &Checkpoint, file_type: GgmlType) -> Result<Prepared
         ConvertError::BadTokenizerJson("the checkpoint has no tokenizer.json".into())
     })?;
     let tj = std::fs::read_to_string(&tj_path).map_err(|e| ConvertError::io(&tj_path, e))?;
+    let spm_path = ckpt.dir().join("tokenizer.model");
+    let spm_model = if spm_path.is_file() {
+        Some(std::fs::read(&spm_path).map_err(|e| ConvertError::io(&spm_path, e))?)
+    } else {
+        None
+    };
     tokenizer::import(
         &mut w,
         &TokenizerSource {
@@ -297,6 +411,7 @@ pub(crate) fn prepare(ckpt: &Checkpoint, file_type: GgmlType) -> Result<Prepared
             pre_hint: carried
                 .and_then(|m| m.get("tokenizer.ggml.pre"))
                 .and_then(Value::as_str),
+            spm_model: spm_model.as_deref(),
         },
     )?;
     drop(tj);

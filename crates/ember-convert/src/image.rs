@@ -10,6 +10,7 @@ use ember_quant::GgmlType;
 use ember_quant::group::{ByteView, GroupQuantized, PackedLinear};
 
 use crate::ConvertError;
+use crate::arch::apply_shift;
 use crate::from_hf::{Prepared, prepare};
 use crate::quantized::{QuantScheme, expected_nk, packed_linear};
 use crate::util::st_bytes_to_f32;
@@ -78,7 +79,7 @@ pub struct CheckpointImage {
     pub scheme: Option<QuantScheme>,
 }
 
-/// Reads a checkpoint directory (llama/mistral, qwen2, qwen3; F32/F16/BF16 or AWQ, GPTQ, EXL2,
+/// Reads a checkpoint directory (llama/mistral, qwen2, qwen3, gemma3; F32/F16/BF16 or AWQ, GPTQ, EXL2,
 /// compressed-tensors) for running: the same checks and metadata as [`crate::hf_to_gguf`],
 /// but no tensor is converted or copied except the vectors, and quantized layers stay packed
 /// (see [`ImageOptions::dequantize`]).
@@ -157,7 +158,11 @@ pub fn checkpoint_image(
             .tensor(hf)
             .ok_or_else(|| ConvertError::MissingTensor(hf.clone()))?;
         let n = info.n_elements();
-        let f = st_bytes_to_f32(hf, bytes, info.dtype, n)?;
+        let mut f = st_bytes_to_f32(hf, bytes, info.dtype, n)?;
+        // Gemma's norms: GGUF holds `1 + w`, as hf_to_gguf writes it.
+        if let Some(shift) = arch.norm_shift(gname) {
+            apply_shift(&mut f, shift);
+        }
         let dims: Vec<u64> = info.shape.iter().rev().map(|&d| d as u64).collect();
         let data: Vec<u8> = f.iter().flat_map(|v| v.to_le_bytes()).collect();
         w.add_tensor(gname.clone(), &dims, GgmlType::F32, data)?;

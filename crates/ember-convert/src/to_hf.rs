@@ -8,7 +8,7 @@ use ember_formats::safetensors::{StDtype, StWriteTensor, write_safetensors};
 use ember_formats::{GgufFile, MetaArray, MetaValue};
 use serde_json::{Map, Value, json};
 
-use crate::arch::{Arch, gguf_to_hf_name};
+use crate::arch::{Arch, apply_shift, gguf_to_hf_name};
 use crate::quantized::{QuantWriteOptions, quantize_linear};
 use crate::tokenizer;
 use crate::util::{
@@ -154,7 +154,11 @@ fn build_config(
     c.insert("rms_norm_eps".into(), f32_json(eps));
     c.insert("rope_theta".into(), f32_json(rope_base));
     c.insert("rope_scaling".into(), rope_scaling);
-    c.insert("hidden_act".into(), json!("silu"));
+    if arch == Arch::Gemma3 {
+        c.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+    } else {
+        c.insert("hidden_act".into(), json!("silu"));
+    }
     c.insert("initializer_range".into(), json!(0.02));
     c.insert("attention_dropout".into(), json!(0.0));
     match arch {
@@ -174,6 +178,7 @@ fn build_config(
             c.insert("sliding_window".into(), Value::Null);
             c.insert("max_window_layers".into(), json!(n_layer));
         }
+        Arch::Gemma3 => gemma3_config(gguf, &mut c, n_layer, n_embd / n_head, head_dim)?,
     }
     c.insert("tie_word_embeddings".into(), json!(tied));
     c.insert("torch_dtype".into(), json!(torch_dtype(dtype)?));
@@ -206,6 +211,67 @@ fn build_config(
     Ok((Value::Object(c), Hparams { n_head, n_head_kv }))
 }
 
+/// Gemma3TextConfig's own keys (ember-models' reading of the `gemma3.*` keys, backwards):
+/// the window (`sliding_window`, `sliding_window_pattern` and the `layer_types` it gives,
+/// every `pattern`-th layer global), `rope_local_base_freq` (`rope.freq_base_swa`, else
+/// llama.cpp's 10000), `query_pre_attn_scalar` (head_dim; the 27B's 62 layers use
+/// n_embd / n_head, as llama.cpp and ember-models do) and the soft-capping values.
+fn gemma3_config(
+    gguf: &GgufFile,
+    c: &mut Map<String, Value>,
+    n_layer: u64,
+    embd_per_head: u64,
+    head_dim: u64,
+) -> Result<(), ConvertError> {
+    let window = gguf
+        .get("gemma3.attention.sliding_window")
+        .and_then(MetaValue::as_u64);
+    let pattern = match gguf.get("gemma3.attention.sliding_window_pattern") {
+        None => 6,
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| ConvertError::UnsupportedMetadata {
+                key: "gemma3.attention.sliding_window_pattern".into(),
+                reason: "is not an unsigned integer (a per-layer array is not converted)".into(),
+            })?,
+    };
+    let swa_base = gguf
+        .get("gemma3.rope.freq_base_swa")
+        .and_then(MetaValue::as_f32)
+        .unwrap_or(10_000.0);
+    let (window_json, pattern) = match window {
+        Some(w) => (json!(w), pattern),
+        None => (Value::Null, 1),
+    };
+    let layer_types: Vec<&str> = (0..n_layer)
+        .map(|i| {
+            if pattern == 1 || (pattern > 0 && (i + 1) % pattern == 0) {
+                "full_attention"
+            } else {
+                "sliding_attention"
+            }
+        })
+        .collect();
+    c.insert("sliding_window".into(), window_json);
+    c.insert("sliding_window_pattern".into(), json!(pattern));
+    c.insert("layer_types".into(), json!(layer_types));
+    c.insert("rope_local_base_freq".into(), f32_json(swa_base));
+    let scalar = if n_layer == 62 {
+        embd_per_head
+    } else {
+        head_dim
+    };
+    c.insert("query_pre_attn_scalar".into(), json!(scalar));
+    let cap = gguf
+        .get("gemma3.final_logit_softcapping")
+        .and_then(MetaValue::as_f32)
+        .map_or(Value::Null, f32_json);
+    c.insert("final_logit_softcapping".into(), cap);
+    c.insert("attn_logit_softcapping".into(), Value::Null);
+    c.insert("attention_bias".into(), json!(false));
+    Ok(())
+}
+
 /// Converts a GGUF model to a Hugging Face checkpoint directory `out_dir` (created if needed):
 ///
 /// * `config.json`: the HF keys of the architecture (`architectures`, `model_type`, sizes,
@@ -219,8 +285,10 @@ fn build_config(
 ///   regex then `ByteLevel`, ByteLevel decoder, added tokens), `tokenizer_config.json`
 ///   (`chat_template`, special tokens, `add_bos_token`) and `generation_config.json`.
 ///
-/// Architectures: llama (and Mistral), qwen2, qwen3. Vocabularies other than byte-level BPE
-/// (`tokenizer.ggml.model` = `llama`, SentencePiece) are refused with
+/// Architectures: llama (and Mistral), qwen2, qwen3, gemma3 (`gemma3_text`; its `1 + w` norms
+/// are written as HF's `w`). SentencePiece vocabularies (`tokenizer.ggml.model` = `llama`) are
+/// exported for gemma3 (tokenizer.json with byte fallback, plus tokenizer.model with the exact
+/// scores and types) and refused for the other architectures with
 /// [`ConvertError::UnsupportedTokenizerModel`]. Each file is written through a temporary file
 /// and renamed, weights first.
 pub fn gguf_to_hf(
@@ -288,7 +356,7 @@ fn export(
     let n_ctx = gguf
         .get(&format!("{arch_name}.context_length"))
         .and_then(MetaValue::as_u64);
-    let tok = tokenizer::export(gguf, n_ctx)?;
+    let tok = tokenizer::export(gguf, n_ctx, arch == Arch::Gemma3)?;
     let (mut config, hp) = build_config(gguf, arch, dtype, &tok.special_ids)?;
     if let (Some(q), Some(obj)) = (quant, config.as_object_mut()) {
         obj.insert("quantization_config".into(), q.quantization_config());
@@ -299,6 +367,9 @@ fn export(
     for (i, t) in gguf.tensors().iter().enumerate() {
         let hf_name = gguf_to_hf_name(arch, &t.name)?;
         let mut f = dequantize_tensor(&t.name, t.ggml_type, gguf.tensor_data(t), t.n_elements())?;
+        if let Some(shift) = arch.norm_shift(&t.name) {
+            apply_shift(&mut f, -shift);
+        }
         if arch.permutes_qk() {
             let n_head = if t.name.ends_with(".attn_q.weight") || t.name.ends_with(".attn_q.bias") {
                 Some(hp.n_head)
@@ -356,6 +427,9 @@ fn export(
         &out_dir.join("generation_config.json"),
         &Value::Object(gen_cfg),
     )?;
+    if let Some(model) = &tok.tokenizer_model {
+        write_bytes_atomic(&out_dir.join("tokenizer.model"), model)?;
+    }
     let mut tj = tok.tokenizer_json.into_bytes();
     tj.push(b'\n');
     write_bytes_atomic(&out_dir.join("tokenizer.json"), &tj)?;

@@ -3,7 +3,8 @@
 //!
 //! Shapes are `k x n` (input x output features): SmolLM2-135M's MLP up (576x1536) and down
 //! (1536x576). Per shape: AWQ-GEMM 4-bit g64, GPTQ 4-bit g64 (v2, asymmetric, no act-order),
-//! GPTQ 4-bit g64 with act-order, EXL2 ~4.1 bpw (4/5-bit groups of 32, permuted rows), Q4_1
+//! GPTQ 4-bit g64 with act-order, EXL2 ~4.1 bpw (4/5-bit groups of 32, permuted rows),
+//! compressed-tensors 4-bit g64 symmetric (bf16 scales) without and with act-order, Q4_1
 //! (ggml, the closest legacy block format) and F16 (what dequantizing the AWQ weight at load and
 //! storing it as a `QuantMatrix` gives). Bench ids read `packed/<format>/<k>x<n>/m<m>`.
 //! m = 1 reports `Throughput::Bytes(storage bytes)`; m = 8 and 16 report FLOP/s as elements.
@@ -16,7 +17,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ember_kernels::{QuantMatrix, quant_matmul};
 use ember_quant::GgmlType;
-use ember_quant::group::{ByteView, PackedLinear, awq, exl2, gptq};
+use ember_quant::group::{ByteView, PackedLinear, awq, ct, exl2, gptq};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -96,6 +97,34 @@ fn weights(k: usize, n: usize) -> Vec<(String, QuantMatrix)> {
     })
     .unwrap();
     out.push(("exl2-4.1bpw".to_string(), q));
+    let t = ct::quantize(&w, n, k, 4, 64, true, ct::ScaleDtype::Bf16).unwrap();
+    for act in [false, true] {
+        // Act-order: a shuffled (valid) group index per input.
+        let gidx = act.then(|| {
+            let mut gi: Vec<i32> = (0..k).map(|i| (i / 64) as i32).collect();
+            gi.shuffle(&mut rng);
+            bv(gi.iter().flat_map(|v| v.to_le_bytes()).collect())
+        });
+        let name = if act {
+            "ct4-g64-sym-actorder"
+        } else {
+            "ct4-g64-sym"
+        };
+        let q = QuantMatrix::packed(PackedLinear::Ct {
+            k,
+            n,
+            bits: 4,
+            group_size: 64,
+            scale_dtype: ct::ScaleDtype::Bf16,
+            weight_packed: bv(t.weight_packed.clone()),
+            weight_scale: bv(t.weight_scale.clone()),
+            weight_shape: bv(t.weight_shape.clone()),
+            weight_zero_point: t.weight_zero_point.clone().map(bv),
+            weight_g_idx: gidx,
+        })
+        .unwrap();
+        out.push((name.to_string(), q));
+    }
     out.push((
         "q4_1".to_string(),
         QuantMatrix::quantize(GgmlType::Q4_1, n, k, &w).unwrap(),

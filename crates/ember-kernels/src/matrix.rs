@@ -248,7 +248,7 @@ impl QuantMatrix {
                 ty: *ty,
                 bytes: bytes.as_slice(),
             },
-            Repr::Packed(p) => Storage::Packed(&p.w),
+            Repr::Packed(p) => Storage::Packed(&p.source),
         }
     }
 
@@ -256,7 +256,7 @@ impl QuantMatrix {
     pub fn packed_weight(&self) -> Option<&PackedLinear> {
         match &self.repr {
             Repr::Ggml { .. } => None,
-            Repr::Packed(p) => Some(&p.w),
+            Repr::Packed(p) => Some(&p.source),
         }
     }
 
@@ -298,7 +298,7 @@ impl QuantMatrix {
     pub fn storage_bytes(&self) -> usize {
         match &self.repr {
             Repr::Ggml { bytes, .. } => bytes.len(),
-            Repr::Packed(p) => p.w.packed_bytes(),
+            Repr::Packed(p) => p.source.packed_bytes(),
         }
     }
 
@@ -328,7 +328,7 @@ impl QuantMatrix {
         match &self.repr {
             Repr::Ggml { ty, .. } => ember_quant::dequantize(*ty, self.row(r), out)
                 .map_err(|_| QuantMatrixError::Unsupported(*ty)),
-            Repr::Packed(p) => Ok(p.w.view().dequantize_row(r, out)?),
+            Repr::Packed(p) => Ok(p.source.view().dequantize_row(r, out)?),
         }
     }
 

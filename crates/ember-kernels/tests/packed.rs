@@ -247,6 +247,16 @@ fn cases(rng: &mut StdRng) -> Vec<(String, PackedLinear)> {
             ct_w(rng, &w, n, k, bits, 32, false, ct::ScaleDtype::F16, true),
         ));
     }
+    // compressed-tensors groups of 20: segments that start inside a packed word (4-bit: 8
+    // codes a word, 8-bit: 4), natural and act-order (codes repacked in position order).
+    for bits in [4u32, 8] {
+        for act in [false, true] {
+            out.push((
+                format!("ct {bits}-bit g20 act-order={act}"),
+                ct_w(rng, &w, n, k, bits, 20, false, ct::ScaleDtype::F16, act),
+            ));
+        }
+    }
     out
 }
 

@@ -51,12 +51,7 @@ impl Phi3 {
             let up = name("ffn_up");
             blocks.push(Block {
                 attn_norm: w.vector(&name("attn_norm"), d)?,
-                qkv: QkvProj::load(
-                    w,
-                    i,
-                    d,
-                    [c.n_head * hd, c.n_head_kv * hd, c.n_head_kv * hd],
-                )?,
+                qkv: QkvProj::load(w, i, d, [c.n_head * hd, c.n_head_kv * hd, c.n_head_kv * hd])?,
                 wo: w.matrix(&name("attn_output"), d, c.n_head * hd)?,
                 ffn_norm: w.vector(&name("ffn_norm"), d)?,
                 w_gate: w.matrix_rows(&up, 2 * c.n_ff, d, 0..c.n_ff)?,

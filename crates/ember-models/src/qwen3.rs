@@ -42,12 +42,7 @@ impl Qwen3 {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
             blocks.push(Block {
                 attn_norm: w.vector(&name("attn_norm"), d)?,
-                qkv: QkvProj::load(
-                    w,
-                    i,
-                    d,
-                    [c.n_head * hd, c.n_head_kv * hd, c.n_head_kv * hd],
-                )?,
+                qkv: QkvProj::load(w, i, d, [c.n_head * hd, c.n_head_kv * hd, c.n_head_kv * hd])?,
                 q_norm: w.vector(&name("attn_q_norm"), hd)?,
                 k_norm: w.vector(&name("attn_k_norm"), hd)?,
                 wo: w.matrix(&name("attn_output"), d, c.n_head * hd)?,

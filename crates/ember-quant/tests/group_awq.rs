@@ -291,6 +291,11 @@ proptest! {
                 }
             }
         }
+        // The same weight in GPTQ's layout dequantizes to the same bits.
+        let gq = t.gemm().to_gptq().unwrap();
+        let mut via_gptq = vec![0f32; n * k];
+        gq.view().dequantize_into(&mut via_gptq).unwrap();
+        prop_assert!(via_gptq.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()));
         // GEMV layout of the same parameters dequantizes identically (g = 32/64 only).
         if g >= 32 {
             let p = awq::quantize_parts(&w, n, k, g).unwrap();

@@ -13,8 +13,10 @@
 //! 2. output columns are split into tiles of [`TN`]; per tile (a rayon task) and per segment the
 //!    codes are unpacked straight from the packed tensors into `Quads` (lane = column, each
 //!    `u32` = four positions' `u8` codes), whole words at a time where the layout allows (GPTQ /
-//!    EXL2 4-bit: two masks per word give 8 positions; 2/4/8-bit with act-order: one shift and
-//!    mask per position; AWQ: lanes in nibble order, unpermuted on output), and the integer dot
+//!    EXL2 4-bit: two masks per word give 8 positions; compressed-tensors 4-bit: the same per
+//!    column, reading each column's words of the segment from its k-contiguous row; CT 8-bit:
+//!    two words per 8 positions; other 2/4/8-bit cases: one shift and mask per position; AWQ:
+//!    lanes in nibble order, unpermuted on output), and the integer dot
 //!    runs as `vpdpbusd` (AVX-512 VNNI), `vpmaddubsw` + `vpmaddwd` (AVX2, codes <= 7 bits) or
 //!    portable 32-bit lanes, for every activation row against the same unpacked codes;
 //! 3. `facc[j] += dx · acc[j]` per segment and, per group,
@@ -23,15 +25,18 @@
 //!    tensors take ~470 KiB).
 //!
 //! Every format and bit width takes this path; no format needs a dequantized copy. GPTQ and CT
-//! act-order (`g_idx` not non-decreasing) need no repacking either: positions follow the inputs
-//! sorted by group (a stable argsort computed once at construction), the activations are gathered
-//! into that order once per call, and the unpack reads input `order[p]`'s bit field directly
-//! (GPTQ codes of one input are contiguous along n, so this costs the same as sequential order).
+//! act-order (`g_idx` not non-decreasing): positions follow the inputs sorted by group (a stable
+//! argsort computed once at construction) and the activations are gathered into that order once
+//! per call. The codes are repacked once, at construction, into position order in the format's
+//! own word layout (`PackedWeight::sorted`), so act-order weights take the same word-at-a-time
+//! paths as natural order instead of visiting `qweight` rows in random order (cache misses: ~5x
+//! slower at m = 1). Memory cost: one more copy of the packed codes, `k · n · bits / 8` bytes
+//! (e.g. ~430 KiB for a 576x1536 4-bit weight), for act-order weights only.
 
 use std::sync::Arc;
 
 use ember_quant::group::{
-    GroupError, GroupFormat, GroupQuantized, PackedLinear, awq, ct::ScaleDtype, exl2,
+    ByteView, GroupError, GroupFormat, GroupQuantized, PackedLinear, awq, ct::ScaleDtype, exl2,
     gptq::GptqZeros,
 };
 use half::{bf16, f16};
@@ -84,10 +89,20 @@ enum Layout {
 /// A validated packed weight and its precomputed traversal plan.
 #[derive(Debug)]
 pub(crate) struct PackedWeight {
+    /// The weight as given (what the matrix reports and dequantizes from).
+    pub(crate) source: PackedLinear,
+    /// The weight the kernel reads: `source`, except AWQ GEMM, which is repacked once into
+    /// GPTQ's layout ([`awq::AwqGemm::to_gptq`]: a word per column holds 8 inputs, which the
+    /// word-at-a-time paths read; AWQ's own words hold 8 columns of one input). That costs one
+    /// more copy of the codes (`k·n/2` bytes) and gives the same `(q − z)·s` values.
     pub(crate) w: PackedLinear,
     pub(crate) desc: GroupQuantized,
     /// Position `p` reads input `order[p]` (`None`: position = input).
     order: Option<Vec<u32>>,
+    /// GPTQ / CT act-order: the codes repacked in position order, in the layout of `qweight` /
+    /// `weight_packed` (position `p` stored where input `p` would be), so their reads follow
+    /// positions directly.
+    sorted: Option<Vec<u8>>,
     segs: Vec<Seg>,
     groups: Vec<Group>,
     layout: Layout,
@@ -151,8 +166,42 @@ fn ct_dense_words(len: usize, b: u32) -> usize {
 impl PackedWeight {
     /// Validates `w` and plans its traversal.
     pub(crate) fn new(w: PackedLinear) -> Result<Self, GroupError> {
-        let w = PackedLinear::new(w)?;
-        let desc = w.desc();
+        let source = PackedLinear::new(w)?;
+        let w = match &source {
+            PackedLinear::AwqGemm {
+                k,
+                n,
+                group_size,
+                bits,
+                qweight,
+                qzeros,
+                scales,
+            } => {
+                let t = awq::AwqGemm {
+                    k: *k,
+                    n: *n,
+                    group_size: *group_size,
+                    bits: *bits,
+                    qweight: qweight.as_slice(),
+                    qzeros: qzeros.as_slice(),
+                    scales: scales.as_slice(),
+                }
+                .to_gptq()?;
+                PackedLinear::new(PackedLinear::Gptq {
+                    k: *k,
+                    n: *n,
+                    bits: 4,
+                    group_size: *group_size,
+                    zeros: GptqZeros::V2,
+                    qweight: ByteView::from_vec(t.qweight),
+                    qzeros: ByteView::from_vec(t.qzeros),
+                    scales: ByteView::from_vec(t.scales),
+                    g_idx: None,
+                })?
+            }
+            other => other.clone(),
+        };
+        let desc = source.desc();
         let (k, n) = (desc.k, desc.n);
         let (order, segs, groups, layout) = match &w {
             PackedLinear::AwqGemm { group_size, .. } => {
@@ -248,9 +297,11 @@ impl PackedWeight {
         };
         let npad = n.div_ceil(TN) * TN;
         let mut pw = Self {
+            source,
             w,
             desc,
             order,
+            sorted: None,
             segs,
             groups,
             layout,
@@ -276,8 +327,66 @@ impl PackedWeight {
         }
         pw.scale = scale;
         pw.zero = zero;
+        pw.sorted = repack_sorted(&pw);
         Ok(pw)
     }
+}
+
+/// Address of element `e` (width `b`) of column `c` for the K-packed formats whose codes may be
+/// read out of order: `(word, shift)` of its low bits; a field crossing a word boundary (GPTQ and
+/// dense CT widths not dividing 32) continues in the low bits of the next word along `e`, which
+/// is `word + step`.
+fn code_addr(pw: &PackedWeight, c: usize, e: usize) -> (usize, u32, usize) {
+    let n = pw.desc.n;
+    match (&pw.w, &pw.layout) {
+        (PackedLinear::Gptq { bits, .. }, _) => {
+            let bit = e * *bits as usize;
+            (c + bit / 32 * n, (bit % 32) as u32, n)
+        }
+        (PackedLinear::Ct { bits, .. }, Layout::Ct { wpr, legacy, .. }) => {
+            let b = *bits as usize;
+            if *legacy {
+                let pf = 32 / b;
+                (c * wpr + e / pf, ((e % pf) * b) as u32, 1)
+            } else {
+                (c * wpr + e * b / 32, ((e * b) % 32) as u32, 1)
+            }
+        }
+        _ => unreachable!("GPTQ or CT"),
+    }
+}
+
+/// GPTQ / CT act-order codes repacked into position order (`PackedWeight::sorted`); `None`
+/// without act-order or for other formats.
+fn repack_sorted(pw: &PackedWeight) -> Option<Vec<u8>> {
+    let order = pw.order.as_ref()?;
+    let (src, b) = match &pw.w {
+        PackedLinear::Gptq { qweight, bits, .. } => (qweight.as_slice(), *bits),
+        PackedLinear::Ct {
+            weight_packed,
+            bits,
+            ..
+        } => (weight_packed.as_slice(), *bits),
+        _ => return None,
+    };
+    let mut dst = vec![0u32; src.len() / 4];
+    let mask = (1u64 << b) - 1;
+    for c in 0..pw.desc.n {
+        for (p, &i) in order.iter().enumerate() {
+            let (w, off, step) = code_addr(pw, c, i as usize);
+            let mut v = u64::from(portable::word(src, w)) >> off;
+            if off + b > 32 {
+                v |= u64::from(portable::word(src, w + step)) << (32 - off);
+            }
+            let v = v & mask;
+            let (w, off, step) = code_addr(pw, c, p);
+            dst[w] |= (v << off) as u32;
+            if off + b > 32 {
+                dst[w + step] |= (v >> (32 - off)) as u32;
+            }
+        }
+    }
+    Some(dst.iter().flat_map(|w| w.to_le_bytes()).collect())
 }
 
 /// Scale and zero point of every lane of tile `j0..j0 + tn` for group `grp` (decoded once, at
@@ -396,6 +505,16 @@ fn params(
     }
 }
 
+/// Index of position `p`'s code in the GPTQ / CT code stream the kernel reads: `order[p]` in
+/// the stored codes, `p` itself in the repacked ones (`PackedWeight::sorted`) or without
+/// act-order.
+fn code_index(pw: &PackedWeight, p: usize) -> usize {
+    match (&pw.sorted, &pw.order) {
+        (None, Some(o)) => o[p] as usize,
+        _ => p,
+    }
+}
+
 /// Column (within its tile) of kernel lane `l`: the identity except for AWQ-GEMM, whose lanes
 /// follow the nibble order of its words (see `unpack_quads`).
 fn lane_col(pw: &PackedWeight, l: usize) -> usize {
@@ -497,7 +616,7 @@ macro_rules! kernel_fns {
         #[inline]
         pub(super) fn unpack(pw: &PackedWeight, grp: &Group, seg: Seg, j0: usize, tn: usize, codes: &mut [[u8; TN]; SEG]) {
             let n = pw.desc.n;
-            let input = |p: usize| pw.order.as_ref().map_or(p, |o| o[p] as usize);
+            let input = |p: usize| code_index(pw, p);
             match (&pw.w, &pw.layout) {
                 (PackedLinear::AwqGemm { qweight, .. }, _) => {
                     let qw = qweight.as_slice();
@@ -524,7 +643,7 @@ macro_rules! kernel_fns {
                     }
                 }
                 (PackedLinear::Gptq { bits, qweight, .. }, _) => {
-                    let qw = qweight.as_slice();
+                    let qw = pw.sorted.as_deref().unwrap_or(qweight.as_slice());
                     for (t, dst) in codes[..seg.len].iter_mut().enumerate() {
                         unpack_lanes(qw, j0, n, input(seg.p0 + t), *bits, tn, dst);
                     }
@@ -546,7 +665,7 @@ macro_rules! kernel_fns {
                     },
                     Layout::Ct { wpr, legacy, .. },
                 ) => {
-                    let (wp, b) = (weight_packed.as_slice(), *bits);
+                    let (wp, b) = (pw.sorted.as_deref().unwrap_or(weight_packed.as_slice()), *bits);
                     let pf = 32 / b as usize;
                     for j in 0..tn {
                         let row = (j0 + j) * wpr;
@@ -585,8 +704,11 @@ macro_rules! kernel_fns {
             // = position `u`; `w & 0x0F0F0F0F` is positions (0, 2, 4, 6), `(w >> 4) & ..` is
             // (1, 3, 5, 7): exactly the chunk layout, two masks per word.
             let kpacked = match (&pw.w, &pw.layout) {
-                (PackedLinear::Gptq { bits: 4, qweight, .. }, _) if pw.order.is_none() && seg.p0 % 8 == 0 => {
-                    Some((qweight.as_slice(), seg.p0 / 8 * pw.desc.n + j0, pw.desc.n))
+                (PackedLinear::Gptq { bits: 4, qweight, .. }, _)
+                    if (pw.order.is_none() || pw.sorted.is_some()) && seg.p0 % 8 == 0 =>
+                {
+                    let qw = pw.sorted.as_deref().unwrap_or(qweight.as_slice());
+                    Some((qw, seg.p0 / 8 * pw.desc.n + j0, pw.desc.n))
                 }
                 (PackedLinear::Exl2 { q_weight, .. }, Layout::Exl2 { groups }) => {
                     let gr = groups[grp.g];
@@ -624,7 +746,8 @@ macro_rules! kernel_fns {
             // position costs one shift and mask per lane, ORed into its byte of its chunk.
             let gather = match (&pw.w, &pw.layout) {
                 (PackedLinear::Gptq { bits, qweight, .. }, _) if 32 % *bits == 0 => {
-                    Some((qweight.as_slice(), j0, pw.desc.n, *bits, 0))
+                    let qw = pw.sorted.as_deref().unwrap_or(qweight.as_slice());
+                    Some((qw, j0, pw.desc.n, *bits, 0))
                 }
                 (PackedLinear::Exl2 { q_weight, .. }, Layout::Exl2 { groups }) => {
                     let gr = groups[grp.g];
@@ -636,7 +759,7 @@ macro_rules! kernel_fns {
             };
             if let Some((qw, first, stride, b, base)) = gather {
                 let mask = (1u32 << b) - 1;
-                let input = |p: usize| pw.order.as_ref().map_or(p, |o| o[p] as usize);
+                let input = |p: usize| code_index(pw, p);
                 // EXL2 positions index the group's stream directly (its rows are stored permuted).
                 let exl2 = matches!(pw.layout, Layout::Exl2 { .. });
                 for (ci, q) in quads[..nc].iter_mut().enumerate() {
@@ -663,6 +786,87 @@ macro_rules! kernel_fns {
                                 q[c] |= ((word(qw, w0 + c) >> off) & mask) << sh;
                             }
                         }
+                    }
+                }
+                return nc;
+            }
+            // compressed-tensors: rows along k (a column's codes are contiguous), widths dividing
+            // 32 (dense and legacy packing coincide). Per column, 4-bit: one word = 8 positions,
+            // the two masks above; 8-bit: two words = 8 positions, bytes (0, 2) and (1, 3) of
+            // each; 2-bit (or a segment not starting on a word): one shift and mask per position.
+            if let (PackedLinear::Ct { bits, weight_packed, .. }, Layout::Ct { wpr, .. }) = (&pw.w, &pw.layout)
+                && 32 % *bits == 0
+            {
+                let b = *bits;
+                let wp = pw.sorted.as_deref().unwrap_or(weight_packed.as_slice());
+                let pf = 32 / b as usize;
+                let nb = nc / 2;
+                if b == 4 && seg.p0 % 8 == 0 {
+                    if tn == TN && nb == SEG / 8 {
+                        // A whole tile and segment: fixed-size reads, 8 columns at a time.
+                        for c8 in 0..TN / 8 {
+                            let mut w = [[0u32; 8]; SEG / 8];
+                            for c in 0..8 {
+                                let w0 = 4 * ((j0 + 8 * c8 + c) * wpr + seg.p0 / 8);
+                                let src: &[u8; 16] = wp[w0..w0 + 16].try_into().expect("4 words");
+                                for (bk, s) in src.chunks_exact(4).enumerate() {
+                                    w[bk][c] = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                                }
+                            }
+                            for (bk, wb) in w.iter().enumerate() {
+                                for c in 0..8 {
+                                    quads[2 * bk][8 * c8 + c] = wb[c] & 0x0F0F_0F0F;
+                                    quads[2 * bk + 1][8 * c8 + c] = (wb[c] >> 4) & 0x0F0F_0F0F;
+                                }
+                            }
+                        }
+                        return nc;
+                    }
+                    for c in 0..tn {
+                        let w0 = (j0 + c) * wpr + seg.p0 / 8;
+                        let src = &wp[4 * w0..4 * (w0 + nb)];
+                        for (bk, s) in src.chunks_exact(4).enumerate() {
+                            let w = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                            quads[2 * bk][c] = w & 0x0F0F_0F0F;
+                            quads[2 * bk + 1][c] = (w >> 4) & 0x0F0F_0F0F;
+                        }
+                    }
+                    return nc;
+                }
+                if b == 8 && seg.p0 % 4 == 0 {
+                    // Words of the segment (the last may hold fewer than 4 positions).
+                    let nw = seg.len.div_ceil(4);
+                    // Bytes 0 and 2 (`sh` = 0) or 1 and 3 (`sh` = 8) of `w` in its low half.
+                    let pair = |w: u32, sh: u32| {
+                        let e = (w >> sh) & 0x00FF_00FF;
+                        (e | (e >> 8)) & 0xFFFF
+                    };
+                    for c in 0..tn {
+                        let w0 = (j0 + c) * wpr + seg.p0 / 4;
+                        let src = &wp[4 * w0..4 * (w0 + nw)];
+                        let w = |i: usize| {
+                            src.get(4 * i..4 * i + 4)
+                                .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+                        };
+                        for bk in 0..nb {
+                            let (a, z) = (w(2 * bk), w(2 * bk + 1));
+                            quads[2 * bk][c] = pair(a, 0) | (pair(z, 0) << 16);
+                            quads[2 * bk + 1][c] = pair(a, 8) | (pair(z, 8) << 16);
+                        }
+                    }
+                    return nc;
+                }
+                let mask = (1u32 << b) - 1;
+                for q in quads[..nc].iter_mut() {
+                    *q = [0u32; TN];
+                }
+                for c in 0..tn {
+                    let row = (j0 + c) * wpr;
+                    for t in 0..seg.len {
+                        let e = code_index(pw, seg.p0 + t);
+                        let (ci, u) = (t / 8 * 2 + t % 2, (t % 8) / 2);
+                        let v = (word(wp, row + e / pf) >> ((e % pf) as u32 * b)) & mask;
+                        quads[ci][c] |= v << (8 * u);
                     }
                 }
                 return nc;
@@ -1044,7 +1248,8 @@ pub(crate) fn dequantize_rows(pw: &PackedWeight, start: usize, out: &mut [f32]) 
         .enumerate()
         .for_each(|(i, dst)| {
             // Validated at construction: whole rows inside the matrix cannot fail.
-            pw.w.view()
+            pw.source
+                .view()
                 .dequantize_rows(start + i * ROWS, dst)
                 .expect("validated packed weight");
         });
@@ -1119,6 +1324,42 @@ mod tests {
                 qzeros: ByteView::from_vec(t.qzeros),
                 scales: ByteView::from_vec(t.scales),
                 g_idx: Some(ByteView::from_vec(t.g_idx)),
+            });
+        }
+        // compressed-tensors: 2/3/4/8 bits, natural and act-order (repacked) codes; groups of
+        // 64 (word-aligned segments) and 20 (segments starting inside a word).
+        let gidx_of = |g: usize, act: bool| {
+            let mut gi: Vec<i32> = (0..k).map(|i| (i / g) as i32).collect();
+            if act {
+                gi.reverse();
+                gi.rotate_left(7);
+            }
+            ByteView::from_vec(gi.iter().flat_map(|v| v.to_le_bytes()).collect())
+        };
+        for (bits, g, act) in [
+            (4u32, 64usize, false),
+            (4, 64, true),
+            (4, 20, false),
+            (4, 20, true),
+            (8, 64, false),
+            (8, 64, true),
+            (8, 20, true),
+            (2, 64, true),
+            (3, 64, true),
+        ] {
+            let t = ember_quant::group::ct::quantize(&w, n, k, bits, g, false, ScaleDtype::F16)
+                .unwrap();
+            weights.push(PackedLinear::Ct {
+                k,
+                n,
+                bits,
+                group_size: g,
+                scale_dtype: ScaleDtype::F16,
+                weight_packed: ByteView::from_vec(t.weight_packed),
+                weight_scale: ByteView::from_vec(t.weight_scale),
+                weight_shape: ByteView::from_vec(t.weight_shape),
+                weight_zero_point: t.weight_zero_point.map(ByteView::from_vec),
+                weight_g_idx: Some(gidx_of(g, act)),
             });
         }
         let t = exl2::quantize(&w, n, k, &[5, 4, 4, 2], 64, exl2::Exl2Perm::ColumnNorm).unwrap();

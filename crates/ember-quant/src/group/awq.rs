@@ -101,6 +101,54 @@ impl AwqGemm<'_> {
     }
 }
 
+impl AwqGemm<'_> {
+    /// The same weight in GPTQ's layout (`gptq_v2` zeros, no `g_idx`): codes packed along `k`,
+    /// a word per column holding 8 consecutive inputs, which integer kernels read a whole word
+    /// at a time (AWQ's words hold 8 columns of one input instead). Every dequantized value is
+    /// identical: `(q − z)·s` with the same `q`, `z` and f16 `s`.
+    pub fn to_gptq(&self) -> Result<super::gptq::GptqTensors, GroupError> {
+        self.validate()?;
+        let (k, n, g) = (self.k, self.n, self.group_size);
+        let (groups, nw) = (k / g, n / 8);
+        let mut codes = vec![0u8; n * k];
+        for kk in 0..k {
+            for c in 0..nw {
+                let w = word(self.qweight, kk * nw + c);
+                for (j, &nib) in AWQ_REVERSE_ORDER.iter().enumerate() {
+                    codes[(8 * c + j) * k + kk] = ((w >> (4 * nib)) & 0xF) as u8;
+                }
+            }
+        }
+        let mut zeros = vec![0u8; n * groups];
+        let mut scales = vec![f16::ZERO; n * groups];
+        for gi in 0..groups {
+            for c in 0..nw {
+                let w = word(self.qzeros, gi * nw + c);
+                for (j, &nib) in AWQ_REVERSE_ORDER.iter().enumerate() {
+                    zeros[(8 * c + j) * groups + gi] = ((w >> (4 * nib)) & 0xF) as u8;
+                }
+            }
+            for col in 0..n {
+                let at = 2 * (gi * n + col);
+                let bits = u16::from_le_bytes([self.scales[at], self.scales[at + 1]]);
+                scales[col * groups + gi] = f16::from_bits(bits);
+            }
+        }
+        super::gptq::GptqParts {
+            k,
+            n,
+            bits: 4,
+            group_size: g,
+            format: super::gptq::GptqZeros::V2,
+            codes: &codes,
+            zeros: &zeros,
+            scales: &scales,
+            g_idx: None,
+        }
+        .pack()
+    }
+}
+
 impl GroupTensors for AwqGemm<'_> {
     fn desc(&self) -> GroupQuantized {
         AwqGemm::desc(self)
