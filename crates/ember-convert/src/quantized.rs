@@ -576,7 +576,13 @@ pub(crate) fn expected_nk(prefix: &str, c: &Value) -> Result<(usize, usize), Con
         None | Some(Value::Null) => n_head,
         Some(_) => get("num_key_value_heads")?,
     };
+    let gemma = c
+        .get("model_type")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t.starts_with("gemma3"));
     let hd = match c.get("head_dim") {
+        // Gemma 3's configuration default, as the GGUF metadata is written.
+        None | Some(Value::Null) if gemma => 256,
         None | Some(Value::Null) => hidden / n_head,
         Some(_) => get("head_dim")?,
     };

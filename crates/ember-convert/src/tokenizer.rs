@@ -589,6 +589,15 @@ fn ids(
         max_id = max_id.max(Some(id));
     }
     let n_tok = max_id.map_or(0, |m| m as u64 + 1);
+    // Ids may leave holes (padded with placeholders), but not so many that the vocabulary is
+    // sized by one large id rather than by the tokens the file holds.
+    if n_tok > (by_id.len() as u64).saturating_add(1 << 20) {
+        return Err(bad(format!(
+            "token id {} leaves more than 2^20 ids without a token ({} tokens)",
+            n_tok - 1,
+            by_id.len()
+        )));
+    }
     let vocab_size = model_config
         .get("vocab_size")
         .and_then(Value::as_u64)
@@ -736,7 +745,11 @@ fn import_spm(
         let unmerged = -(first_merge.len() as f32) - 1.0;
         for id in 0..n as u32 {
             let Some((text, _)) = by_id.get(&id) else {
-                break;
+                // A hole in the ids: an unused placeholder, as llama.cpp pads, and go on.
+                tokens.push(format!("[PAD{id}]"));
+                scores.push(-1000.0);
+                types.push(TT_UNUSED);
+                continue;
             };
             let is_byte = text.len() == 6
                 && text.starts_with("<0x")

@@ -94,7 +94,8 @@ pub(crate) struct PackedWeight {
     /// The weight the kernel reads: `source`, except AWQ GEMM, which is repacked once into
     /// GPTQ's layout ([`awq::AwqGemm::to_gptq`]: a word per column holds 8 inputs, which the
     /// word-at-a-time paths read; AWQ's own words hold 8 columns of one input). That costs one
-    /// more copy of the codes (`k·n/2` bytes) and gives the same `(q − z)·s` values.
+    /// more copy of the codes (`k·n/2` bytes) and gives the same `(q − z)·s` values. (A `k`
+    /// that is not a multiple of 8, which GPTQ cannot pack, keeps AWQ's own path.)
     pub(crate) w: PackedLinear,
     pub(crate) desc: GroupQuantized,
     /// Position `p` reads input `order[p]` (`None`: position = input).
@@ -176,7 +177,7 @@ impl PackedWeight {
                 qweight,
                 qzeros,
                 scales,
-            } => {
+            } if k.is_multiple_of(8) => {
                 let t = awq::AwqGemm {
                     k: *k,
                     n: *n,

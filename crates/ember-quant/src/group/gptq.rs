@@ -46,7 +46,9 @@ fn check_bits(bits: u32) -> Result<(), GroupError> {
 
 /// Checks `dim · bits % 32 == 0` (whole words; for 3-bit this is `dim % 32 == 0`).
 fn check_packed_dim(dim: &'static str, value: usize, bits: u32) -> Result<(), GroupError> {
-    if !(value as u128 * bits as u128).is_multiple_of(32) {
+    // `value * bits` is used as a length: it must not overflow either.
+    let fits = value.checked_mul(bits as usize).is_some();
+    if !fits || !(value as u128 * bits as u128).is_multiple_of(32) {
         return Err(GroupError::BadDimension {
             format: GroupFormat::Gptq,
             dim,

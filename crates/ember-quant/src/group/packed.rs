@@ -159,8 +159,25 @@ pub enum PackedLinear {
 impl PackedLinear {
     /// Validates the set once (every length, index and permutation), so that later row
     /// decoding cannot fail on malformed bytes.
+    ///
+    /// An empty matrix (`k` or `n` zero) is refused too: every tensor length then checks out
+    /// at zero bytes whatever the other dimension says, and a kernel planning `k` inputs would
+    /// allocate by a number no byte of the file bounds.
     pub fn new(weight: PackedLinear) -> Result<Self, GroupError> {
-        weight.view().validate()?;
+        let view = weight.view();
+        view.validate()?;
+        let d = view.desc();
+        for (dim, value) in [("k", d.k), ("n", d.n)] {
+            if value == 0 {
+                return Err(GroupError::BadDimension {
+                    format: d.format,
+                    dim,
+                    value,
+                    requirement: "must be at least 1",
+                });
+            }
+        }
+        drop(view);
         Ok(weight)
     }
 
