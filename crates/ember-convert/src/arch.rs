@@ -14,6 +14,9 @@ pub(crate) enum Arch {
     Qwen3,
     /// gemma3 (Hugging Face `gemma3_text`, Gemma3ForCausalLM).
     Gemma3,
+    /// phi3 (Phi-3, Phi-3.5 and Phi-4 mini text models): fused `qkv_proj` and `gate_up_proj`,
+    /// which GGUF keeps fused (`attn_qkv`, `ffn_up` of twice the feed-forward width).
+    Phi3,
 }
 
 impl Arch {
@@ -24,6 +27,7 @@ impl Arch {
             "qwen2" => Ok(Arch::Qwen2),
             "qwen3" => Ok(Arch::Qwen3),
             "gemma3" => Ok(Arch::Gemma3),
+            "phi3" => Ok(Arch::Phi3),
             other => Err(ConvertError::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -35,6 +39,7 @@ impl Arch {
             "qwen2" => Ok(Arch::Qwen2),
             "qwen3" => Ok(Arch::Qwen3),
             "gemma3_text" => Ok(Arch::Gemma3),
+            "phi3" => Ok(Arch::Phi3),
             other => Err(ConvertError::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -46,6 +51,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -64,6 +70,7 @@ impl Arch {
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
         }
     }
 
@@ -83,6 +90,7 @@ impl Arch {
     fn layer_names(self) -> &'static [(&'static str, &'static str)] {
         match self {
             Arch::Gemma3 => GEMMA3_LAYER,
+            Arch::Phi3 => PHI3_LAYER,
             _ => LAYER,
         }
     }
@@ -128,6 +136,17 @@ const GEMMA3_LAYER: &[(&str, &str)] = &[
     ("ffn_down", "mlp.down_proj"),
 ];
 
+/// Phi-3's per-layer names: the fused projections keep their fusion in GGUF (llama.cpp's
+/// `tensor_mapping.py`: `qkv_proj` is `attn_qkv`, `gate_up_proj` is `ffn_up`, gate rows first).
+const PHI3_LAYER: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("attn_qkv", "self_attn.qkv_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_up", "mlp.gate_up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
 /// Whole-model names: GGUF <-> HF.
 const GLOBAL: &[(&str, &str)] = &[
     ("token_embd.weight", "model.embed_tokens.weight"),
@@ -143,6 +162,10 @@ fn unmapped(name: &str, arch: Arch) -> ConvertError {
 }
 
 fn layer_allowed(arch: Arch, gguf_base: &str, suffix: &str) -> bool {
+    if arch == Arch::Phi3 {
+        // Phi-3 has no biases.
+        return suffix == "weight";
+    }
     match gguf_base {
         "attn_q_norm" | "attn_k_norm" => {
             matches!(arch, Arch::Qwen3 | Arch::Gemma3) && suffix == "weight"
@@ -277,5 +300,25 @@ mod tests {
         assert_eq!(Arch::Gemma3.norm_shift("output_norm.weight"), Some(1.0));
         assert_eq!(Arch::Gemma3.norm_shift("blk.0.ffn_up.weight"), None);
         assert_eq!(Arch::Qwen3.norm_shift("output_norm.weight"), None);
+        for (g, h) in [
+            (
+                "blk.1.attn_qkv.weight",
+                "model.layers.1.self_attn.qkv_proj.weight",
+            ),
+            (
+                "blk.1.ffn_up.weight",
+                "model.layers.1.mlp.gate_up_proj.weight",
+            ),
+            (
+                "blk.1.ffn_norm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+            ),
+        ] {
+            assert_eq!(gguf_to_hf_name(Arch::Phi3, g).unwrap(), h);
+            assert_eq!(hf_to_gguf_name(Arch::Phi3, h).unwrap(), g);
+        }
+        assert!(gguf_to_hf_name(Arch::Phi3, "blk.0.attn_q.weight").is_err());
+        assert!(hf_to_gguf_name(Arch::Phi3, "model.layers.0.mlp.up_proj.weight").is_err());
+        assert!(hf_to_gguf_name(Arch::Phi3, "model.layers.0.self_attn.qkv_proj.bias").is_err());
     }
 }

@@ -124,6 +124,9 @@ fn write_hparams(
             rope_params(k).and_then(|p| cfg_f32(p, "rope_theta"))
         })?;
     }
+    if arch == Arch::Phi3 {
+        phi3_hparams(w, c, n_head, n_embd)?;
+    }
     w.add("general.file_type", file_type_for(ty)?);
     if arch == Arch::Llama {
         w.add(format!("{a}.vocab_size"), cfg_u32(c, "vocab_size")?);
@@ -224,6 +227,50 @@ fn gemma3_hparams(
     Ok(())
 }
 
+/// The `phi3.*` keys beyond the common ones (llama.cpp's `Phi3MiniModel.set_gguf_parameters`):
+/// `rope.dimension_count` from `partial_rotary_factor` (`int(factor * n_embd) // n_head`),
+/// `rope.scaling.original_context_length` from `original_max_position_embeddings` when the
+/// config has it, and `attention.sliding_window` (0 when there is none, which tells Phi-4
+/// from Phi-3 in llama.cpp). LongRoPE (`rope_scaling` with `long_factor`) is refused by the
+/// rope-type check before this.
+fn phi3_hparams(
+    w: &mut GgufWriter,
+    c: &Value,
+    n_head: u32,
+    n_embd: u32,
+) -> Result<(), ConvertError> {
+    let rope = c
+        .get("rope_parameters")
+        .or_else(|| c.get("rope_scaling"))
+        .filter(|v| v.is_object());
+    let param = |k: &str| c.get(k).or_else(|| rope.and_then(|r| r.get(k)));
+    let factor = param("partial_rotary_factor")
+        .and_then(Value::as_f64)
+        .unwrap_or(1.0);
+    if !(factor > 0.0 && factor <= 1.0) {
+        return Err(ConvertError::UnsupportedConfig {
+            key: "partial_rotary_factor".into(),
+            reason: format!("{factor} is not in (0, 1]"),
+        });
+    }
+    // Python's `int(rot_pct * n_embd) // n_head`, in f64 as Python computes it.
+    let rope_dims = (factor * f64::from(n_embd)) as u32 / n_head;
+    if let Some(orig) = param("original_max_position_embeddings").and_then(Value::as_u64) {
+        let orig = u32::try_from(orig).map_err(|_| ConvertError::UnsupportedConfig {
+            key: "original_max_position_embeddings".into(),
+            reason: "does not fit in u32".into(),
+        })?;
+        w.add("phi3.rope.scaling.original_context_length", orig);
+    }
+    w.add("phi3.rope.dimension_count", rope_dims);
+    let window = match c.get("sliding_window") {
+        None | Some(Value::Null) => 0,
+        Some(_) => cfg_u32(c, "sliding_window")?,
+    };
+    w.add("phi3.attention.sliding_window", window);
+    Ok(())
+}
+
 /// Sort key of a GGUF tensor name: embeddings, then layers in order, then the head.
 fn order_key(name: &str) -> (u32, u32) {
     match name {
@@ -234,7 +281,8 @@ fn order_key(name: &str) -> (u32, u32) {
     }
 }
 
-/// Converts a Hugging Face checkpoint (llama/mistral, qwen2, qwen3, gemma3_text; F32/F16/BF16
+/// Converts a Hugging Face checkpoint (llama/mistral, qwen2, qwen3, gemma3_text, phi3;
+/// F32/F16/BF16
 /// weights) to a
 /// GGUF file at `output`, written through a temporary file renamed at the end.
 ///

@@ -1,6 +1,7 @@
 //! A checkpoint directory made ready to run without converting it: the metadata and tokenizer
 //! as a small in-memory GGUF, the linear layers left where they lie in the safetensors files.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use ember_formats::GgufFile;
@@ -8,9 +9,10 @@ use ember_formats::checkpoint::Checkpoint;
 use ember_formats::safetensors::StDtype;
 use ember_quant::GgmlType;
 use ember_quant::group::{ByteView, GroupQuantized, PackedLinear};
+use serde_json::Value;
 
 use crate::ConvertError;
-use crate::arch::apply_shift;
+use crate::arch::{Arch, apply_shift};
 use crate::from_hf::{Prepared, prepare};
 use crate::quantized::{QuantScheme, expected_nk, packed_linear};
 use crate::util::st_bytes_to_f32;
@@ -63,6 +65,131 @@ impl LinearWeight {
     }
 }
 
+impl LinearWeight {
+    /// Output rows `rows` as a layer of its own: dense rows are a narrower view of the same
+    /// bytes, packed layers [`PackedLinear::slice_outputs`] (see its alignment rules).
+    fn slice_rows(&self, name: &str, rows: Range<usize>) -> Result<LinearWeight, ConvertError> {
+        match self {
+            LinearWeight::Dense {
+                ty,
+                rows: total,
+                cols,
+                bytes,
+            } => {
+                let row_bytes = ty
+                    .bytes_for(*cols as u64)
+                    .and_then(|b| usize::try_from(b).ok())
+                    .ok_or_else(|| ConvertError::bad_tensor(name, "row size overflows"))?;
+                if rows.start >= rows.end || rows.end > *total {
+                    return Err(ConvertError::bad_tensor(
+                        name,
+                        format!("rows {rows:?} are not inside its {total}"),
+                    ));
+                }
+                let part = bytes
+                    .slice(rows.start * row_bytes..rows.end * row_bytes)
+                    .ok_or_else(|| ConvertError::bad_tensor(name, "rows outside its bytes"))?;
+                Ok(LinearWeight::Dense {
+                    ty: *ty,
+                    rows: rows.len(),
+                    cols: *cols,
+                    bytes: part,
+                })
+            }
+            LinearWeight::Packed(p) => {
+                p.slice_outputs(rows)
+                    .map(LinearWeight::Packed)
+                    .map_err(|source| ConvertError::QuantizedTensor {
+                        tensor: name.to_string(),
+                        source,
+                    })
+            }
+        }
+    }
+}
+
+/// How a fused layer is run as separate ones: Phi-3's `attn_qkv` (Q, K, V rows) and `ffn_up`
+/// (gate rows, then up rows) become `attn_q`/`attn_k`/`attn_v` and `ffn_gate`/`ffn_up`, which
+/// ember-models takes in place of the fused tensors. Splitting here (rather than slicing rows
+/// when the model loads) keeps one copy of each part: a packed layer's load-time tables are
+/// built per part, never for the fused whole.
+struct FusedParts {
+    /// Rows of Q, K and V in `attn_qkv`.
+    qkv: Option<[usize; 3]>,
+    /// Rows of gate (= of up) in Phi-3's `ffn_up`.
+    gate_up: Option<usize>,
+}
+
+impl FusedParts {
+    fn new(arch: Arch, c: &Value, n_head: u64, n_kv: u64) -> Result<Self, ConvertError> {
+        if arch != Arch::Phi3 {
+            return Ok(Self {
+                qkv: None,
+                gate_up: None,
+            });
+        }
+        let get = |k: &str| {
+            c.get(k)
+                .and_then(Value::as_u64)
+                .and_then(|v| usize::try_from(v).ok())
+                .ok_or_else(|| ConvertError::MissingConfig(k.to_string()))
+        };
+        let hidden = get("hidden_size")?;
+        // write_hparams checked n_head > 0.
+        let hd = hidden / n_head.max(1) as usize;
+        let overflow = || ConvertError::UnsupportedConfig {
+            key: "num_attention_heads".into(),
+            reason: "head sizes overflow".into(),
+        };
+        let q = (n_head as usize).checked_mul(hd).ok_or_else(overflow)?;
+        let kv = (n_kv as usize).checked_mul(hd).ok_or_else(overflow)?;
+        Ok(Self {
+            qkv: Some([q, kv, kv]),
+            gate_up: Some(get("intermediate_size")?),
+        })
+    }
+
+    /// Pushes `weight` under `gname`, or its parts under theirs.
+    fn push(
+        &self,
+        out: &mut Vec<(String, LinearWeight)>,
+        gname: &str,
+        hf: &str,
+        weight: LinearWeight,
+    ) -> Result<(), ConvertError> {
+        let layer = gname
+            .strip_suffix(".weight")
+            .and_then(|s| s.rsplit_once('.'));
+        let (blk, sizes): (&str, Vec<(&str, usize)>) = match (layer, self.qkv, self.gate_up) {
+            (Some((blk, "attn_qkv")), Some([q, k, v]), _) => {
+                (blk, vec![("attn_q", q), ("attn_k", k), ("attn_v", v)])
+            }
+            (Some((blk, "ffn_up")), _, Some(ff)) => (blk, vec![("ffn_gate", ff), ("ffn_up", ff)]),
+            _ => {
+                out.push((gname.to_string(), weight));
+                return Ok(());
+            }
+        };
+        let total: usize = sizes.iter().map(|(_, n)| n).sum();
+        if weight.shape().0 != total {
+            return Err(ConvertError::bad_tensor(
+                hf,
+                format!(
+                    "has {} output rows; the config's fused sizes add up to {total}",
+                    weight.shape().0
+                ),
+            ));
+        }
+        let mut start = 0;
+        for (t, n) in sizes {
+            let part = weight.slice_rows(hf, start..start + n)?;
+            out.push((format!("{blk}.{t}.weight"), part));
+            start += n;
+        }
+        Ok(())
+    }
+}
+
 /// What [`checkpoint_image`] gives: enough to build a model without a GGUF file on disk.
 #[derive(Debug)]
 pub struct CheckpointImage {
@@ -79,10 +206,14 @@ pub struct CheckpointImage {
     pub scheme: Option<QuantScheme>,
 }
 
-/// Reads a checkpoint directory (llama/mistral, qwen2, qwen3, gemma3; F32/F16/BF16 or AWQ, GPTQ, EXL2,
-/// compressed-tensors) for running: the same checks and metadata as [`crate::hf_to_gguf`],
-/// but no tensor is converted or copied except the vectors, and quantized layers stay packed
-/// (see [`ImageOptions::dequantize`]).
+/// Reads a checkpoint directory (llama/mistral, qwen2, qwen3, gemma3, phi3; F32/F16/BF16 or
+/// AWQ, GPTQ, EXL2, compressed-tensors) for running: the same checks and metadata as
+/// [`crate::hf_to_gguf`], but no tensor is converted or copied except the vectors, and
+/// quantized layers stay packed (see [`ImageOptions::dequantize`]).
+///
+/// Phi-3's fused projections are listed as their parts (`attn_q`/`attn_k`/`attn_v` from
+/// `qkv_proj`, `ffn_gate`/`ffn_up` from `gate_up_proj`): dense parts view the same bytes,
+/// packed parts are cut at their output rows ([`PackedLinear::slice_outputs`]).
 pub fn checkpoint_image(
     ckpt: &Checkpoint,
     opts: &ImageOptions,
@@ -92,9 +223,12 @@ pub fn checkpoint_image(
         arch,
         scheme,
         names,
+        n_head,
+        n_head_kv,
         ..
     } = prepare(ckpt, GgmlType::F16)?;
     let c = ckpt.config();
+    let fused = FusedParts::new(arch, c, n_head, n_head_kv)?;
     let mut linears = Vec::new();
     for (gname, hf, quantized) in &names {
         if *quantized {
@@ -120,7 +254,7 @@ pub fn checkpoint_image(
             } else {
                 LinearWeight::Packed(packed)
             };
-            linears.push((gname.clone(), weight));
+            fused.push(&mut linears, gname, hf, weight)?;
             continue;
         }
         let (shard, info) = ckpt
@@ -142,15 +276,13 @@ pub fn checkpoint_image(
             let bytes = end
                 .and_then(|end| ByteView::new(owner, info.offset..end))
                 .ok_or_else(|| ConvertError::bad_tensor(hf, "data outside its file"))?;
-            linears.push((
-                gname.clone(),
-                LinearWeight::Dense {
-                    ty,
-                    rows,
-                    cols,
-                    bytes,
-                },
-            ));
+            let weight = LinearWeight::Dense {
+                ty,
+                rows,
+                cols,
+                bytes,
+            };
+            fused.push(&mut linears, gname, hf, weight)?;
             continue;
         }
         // Vectors (and any other dtype) go into the image as F32: exact, and small.

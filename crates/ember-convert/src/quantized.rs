@@ -597,12 +597,21 @@ pub(crate) fn expected_nk(prefix: &str, c: &Value) -> Result<(usize, usize), Con
         "o_proj" => (hidden, ov(n_head, hd)?),
         "gate_proj" | "up_proj" => (get("intermediate_size")?, hidden),
         "down_proj" => (hidden, get("intermediate_size")?),
+        // Phi-3's fused projections: Q, K, V rows; gate rows, then up rows.
+        "qkv_proj" => {
+            let heads = n_kv
+                .checked_mul(2)
+                .and_then(|kv| kv.checked_add(n_head))
+                .ok_or_else(|| ConvertError::bad_tensor(prefix, "config sizes overflow"))?;
+            (ov(heads, hd)?, hidden)
+        }
+        "gate_up_proj" => (ov(2, get("intermediate_size")?)?, hidden),
         "lm_head" => (get("vocab_size")?, hidden),
         _ => {
             return Err(ConvertError::bad_tensor(
                 prefix,
-                "is quantized but is not a known linear layer (q/k/v/o_proj, gate/up/down_proj, \
-                 lm_head)",
+                "is quantized but is not a known linear layer (q/k/v/o_proj, qkv_proj, \
+                 gate/up/down_proj, gate_up_proj, lm_head)",
             ));
         }
     })

@@ -99,15 +99,22 @@ fn build_config(
             reason: format!("{vl} differs from the key length {head_dim}"),
         });
     }
+    // Partial rotary: Phi3Config's `partial_rotary_factor`, which llama.cpp's converter turns
+    // back into `int(factor * n_embd) // n_head` dims (checked to give `rd` again).
+    let mut partial_rotary = None;
     if let Some(rd) = gguf
         .get(&key("rope.dimension_count"))
         .and_then(MetaValue::as_u64)
         && rd != head_dim
     {
-        return Err(ConvertError::UnsupportedMetadata {
-            key: key("rope.dimension_count"),
-            reason: format!("partial rotary ({rd} of {head_dim}) is not converted"),
-        });
+        let factor = rd as f64 / head_dim as f64;
+        if arch != Arch::Phi3 || (factor * n_embd as f64) as u64 / n_head != rd {
+            return Err(ConvertError::UnsupportedMetadata {
+                key: key("rope.dimension_count"),
+                reason: format!("partial rotary ({rd} of {head_dim}) is not converted"),
+            });
+        }
+        partial_rotary = Some(factor);
     }
     let rope_scaling = match gguf.get_str(&key("rope.scaling.type")) {
         None | Some("none") => Value::Null,
@@ -179,6 +186,25 @@ fn build_config(
             c.insert("max_window_layers".into(), json!(n_layer));
         }
         Arch::Gemma3 => gemma3_config(gguf, &mut c, n_layer, n_embd / n_head, head_dim)?,
+        Arch::Phi3 => {
+            // Phi3Config: the pre-extension context (llama.cpp requires it), the window
+            // (0 in GGUF means none), and dropout rates the class reads.
+            let orig = gguf
+                .get("phi3.rope.scaling.original_context_length")
+                .and_then(MetaValue::as_u64)
+                .unwrap_or(n_ctx);
+            c.insert("original_max_position_embeddings".into(), json!(orig));
+            let window = gguf
+                .get("phi3.attention.sliding_window")
+                .and_then(MetaValue::as_u64)
+                .filter(|&w| w > 0);
+            c.insert("sliding_window".into(), json!(window));
+            c.insert("resid_pdrop".into(), json!(0.0));
+            c.insert("embd_pdrop".into(), json!(0.0));
+            if let Some(f) = partial_rotary {
+                c.insert("partial_rotary_factor".into(), json!(f));
+            }
+        }
     }
     c.insert("tie_word_embeddings".into(), json!(tied));
     c.insert("torch_dtype".into(), json!(torch_dtype(dtype)?));
@@ -286,8 +312,10 @@ fn gemma3_config(
 ///   (`chat_template`, special tokens, `add_bos_token`) and `generation_config.json`.
 ///
 /// Architectures: llama (and Mistral), qwen2, qwen3, gemma3 (`gemma3_text`; its `1 + w` norms
-/// are written as HF's `w`). SentencePiece vocabularies (`tokenizer.ggml.model` = `llama`) are
-/// exported for gemma3 (tokenizer.json with byte fallback, plus tokenizer.model with the exact
+/// are written as HF's `w`), phi3 (fused `qkv_proj` / `gate_up_proj` as GGUF keeps them; a
+/// byte-level BPE vocabulary is declared `GPT2Tokenizer`, as Phi-4 mini's, which is how
+/// llama.cpp's converter tells it from Phi-3's SentencePiece one). SentencePiece vocabularies
+/// (`tokenizer.ggml.model` = `llama`) are exported for gemma3 and phi3 (tokenizer.json with byte fallback, plus tokenizer.model with the exact
 /// scores and types) and refused for the other architectures with
 /// [`ConvertError::UnsupportedTokenizerModel`]. Each file is written through a temporary file
 /// and renamed, weights first.
@@ -302,6 +330,7 @@ pub fn gguf_to_hf(
 
 /// GGUF linear weights that [`gguf_to_quantized_hf`] quantizes.
 const LINEAR: &[&str] = &[
+    "attn_qkv",
     "attn_q",
     "attn_k",
     "attn_v",
@@ -356,7 +385,13 @@ fn export(
     let n_ctx = gguf
         .get(&format!("{arch_name}.context_length"))
         .and_then(MetaValue::as_u64);
-    let tok = tokenizer::export(gguf, n_ctx, arch == Arch::Gemma3)?;
+    let mut tok = tokenizer::export(gguf, n_ctx, matches!(arch, Arch::Gemma3 | Arch::Phi3))?;
+    if arch == Arch::Phi3
+        && tok.tokenizer_model.is_none()
+        && let Some(cfg) = tok.tokenizer_config.as_object_mut()
+    {
+        cfg.insert("tokenizer_class".into(), json!("GPT2Tokenizer"));
+    }
     let (mut config, hp) = build_config(gguf, arch, dtype, &tok.special_ids)?;
     if let (Some(q), Some(obj)) = (quant, config.as_object_mut()) {
         obj.insert("quantization_config".into(), q.quantization_config());

@@ -1,6 +1,7 @@
 //! Phi-3 (`phi3`): the llama block with a fused QKV projection (`attn_qkv`: Q rows, then K,
 //! then V) and a fused gate-and-up projection (`ffn_up`: gate rows first, as `ggml_swiglu`
-//! activates the first half), NEOX RoPE over `rope.dimension_count` dims of each head, and Q
+//! activates the first half; separate `attn_q/k/v` and `ffn_gate`/`ffn_up` are taken too, as a
+//! checkpoint directory supplies them), NEOX RoPE over `rope.dimension_count` dims of each head, and Q
 //! scaled before attention. Follows llama.cpp's `phi3` graph (`src/models/phi3.cpp`): it
 //! disables Phi's sliding window (`phi3.attention.sliding_window` is read and dropped, see
 //! llama.cpp PR 13676), and so do we.
@@ -49,13 +50,26 @@ impl Phi3 {
         for i in 0..c.n_layer {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
             let up = name("ffn_up");
+            // GGUF fuses gate and up (`ffn_up`, 2 n_ff rows); a checkpoint directory run
+            // without converting supplies them split (ember-convert's checkpoint image).
+            let (w_gate, w_up) = if w.has(&name("ffn_gate")) {
+                (
+                    w.matrix(&name("ffn_gate"), c.n_ff, d)?,
+                    w.matrix(&up, c.n_ff, d)?,
+                )
+            } else {
+                (
+                    w.matrix_rows(&up, 2 * c.n_ff, d, 0..c.n_ff)?,
+                    w.matrix_rows(&up, 2 * c.n_ff, d, c.n_ff..2 * c.n_ff)?,
+                )
+            };
             blocks.push(Block {
                 attn_norm: w.vector(&name("attn_norm"), d)?,
                 qkv: QkvProj::load(w, i, d, [c.n_head * hd, c.n_head_kv * hd, c.n_head_kv * hd])?,
                 wo: w.matrix(&name("attn_output"), d, c.n_head * hd)?,
                 ffn_norm: w.vector(&name("ffn_norm"), d)?,
-                w_gate: w.matrix_rows(&up, 2 * c.n_ff, d, 0..c.n_ff)?,
-                w_up: w.matrix_rows(&up, 2 * c.n_ff, d, c.n_ff..2 * c.n_ff)?,
+                w_gate,
+                w_up,
                 w_down: w.matrix(&name("ffn_down"), d, c.n_ff)?,
             });
         }

@@ -15,6 +15,16 @@ use serde_json::{Value, json};
 use crate::Shared;
 use crate::error::ApiError;
 
+/// The model's size in bytes: a GGUF file's length, or for a checkpoint directory the bytes
+/// of its weights (its in-memory image holds only metadata and norms).
+pub fn model_bytes(model: &LoadedModel) -> u64 {
+    if model.external.is_some() {
+        model.weight_summary().bytes
+    } else {
+        model.file.bytes().len() as u64
+    }
+}
+
 /// Accepts no name (llama-server style), the served name, an alias, or any of those with
 /// Ollama's `:latest` tag; anything else is a 404, as vLLM does.
 pub fn check_model(state: &Shared, requested: Option<&str>) -> Result<(), ApiError> {

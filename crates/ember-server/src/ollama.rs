@@ -513,20 +513,29 @@ fn file_type_name(ft: u32) -> Option<&'static str> {
 }
 
 fn details(state: &Shared) -> Value {
-    let file = &state.engine.model().file;
+    let loaded = state.engine.model();
+    let file = &loaded.file;
     let arch = file.architecture().unwrap_or("unknown");
-    let quant = file
-        .get_u32("general.file_type")
-        .and_then(file_type_name)
-        .map(str::to_string)
-        .or_else(|| {
-            file.tensor("blk.0.ffn_down.weight")
-                .map(|t| t.ggml_type.name().to_uppercase())
-        })
-        .unwrap_or_else(|| "unknown".into());
+    // A checkpoint directory: its in-memory image carries the metadata, not the weights.
+    let from_dir = loaded.external.is_some();
+    let quant = if from_dir {
+        match &loaded.scheme {
+            Some(scheme) => scheme.to_string(),
+            None => loaded.weight_summary().type_name.to_uppercase(),
+        }
+    } else {
+        file.get_u32("general.file_type")
+            .and_then(file_type_name)
+            .map(str::to_string)
+            .or_else(|| {
+                file.tensor("blk.0.ffn_down.weight")
+                    .map(|t| t.ggml_type.name().to_uppercase())
+            })
+            .unwrap_or_else(|| "unknown".into())
+    };
     json!({
         "parent_model": "",
-        "format": "gguf",
+        "format": if from_dir { "safetensors" } else { "gguf" },
         "family": arch,
         "families": [arch],
         "parameter_size": parameter_size(state),
@@ -535,8 +544,7 @@ fn details(state: &Shared) -> Value {
 }
 
 fn parameter_count(state: &Shared) -> u64 {
-    let file = &state.engine.model().file;
-    file.tensors().iter().map(|t| t.n_elements()).sum()
+    state.engine.model().weight_summary().params
 }
 
 /// `general.size_label` when the file has one, else Ollama's style (`134.52M`, `8.0B`).
@@ -570,7 +578,7 @@ fn listing(state: &Shared) -> Value {
         "name": name,
         "model": name,
         "modified_at": modified_at(state),
-        "size": state.engine.model().file.bytes().len(),
+        "size": crate::common::model_bytes(state.engine.model()),
         "details": details(state),
     });
     if let (Some(d), Some(o)) = (&state.config.model_digest, v.as_object_mut()) {

@@ -743,8 +743,8 @@ impl CompletionLogprobs {
 fn model_object(state: &Shared) -> Value {
     let model = state.engine.model();
     let cfg = model.model.config();
-    let size = model.file.bytes().len();
-    let n_params: u64 = model.file.tensors().iter().map(|t| t.n_elements()).sum();
+    let size = crate::common::model_bytes(model);
+    let n_params = model.weight_summary().params;
     json!({
         "id": state.config.model_name,
         "object": "model",

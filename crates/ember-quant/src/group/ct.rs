@@ -90,11 +90,11 @@ fn check_bits(bits: u32) -> Result<(), GroupError> {
     Ok(())
 }
 
-fn dense_words(len: usize, bits: u32) -> usize {
+pub(crate) fn dense_words(len: usize, bits: u32) -> usize {
     (len.saturating_mul(bits as usize)).div_ceil(32)
 }
 
-fn legacy_words(len: usize, bits: u32) -> usize {
+pub(crate) fn legacy_words(len: usize, bits: u32) -> usize {
     len.div_ceil(32 / bits as usize)
 }
 
@@ -111,7 +111,7 @@ fn get(bytes: &[u8], packing: CtPacking, first: usize, stride: usize, e: usize, 
 /// Tells dense from legacy by the packed width (they agree for 2, 4 and 8 bits). When the two
 /// widths coincide for 3/5/6/7 bits (e.g. 3-bit with k = 40: 4 words either way) the checkpoint
 /// carries no marker and dense is assumed.
-fn detect(
+pub(crate) fn detect(
     tensor: &'static str,
     actual_bytes: usize,
     other: usize,

@@ -167,6 +167,21 @@ pub enum GroupError {
         /// The out-feature count.
         n: usize,
     },
+    /// An output-row range given to [`PackedLinear::slice_outputs`] is empty, runs past `n`, or
+    /// does not fall on the boundaries the format packs its outputs at.
+    #[error("{format:?}: output rows {start}..{end} of 0..{n} cannot be sliced ({requirement})")]
+    BadSlice {
+        /// The format.
+        format: GroupFormat,
+        /// First row asked for.
+        start: usize,
+        /// One past the last row asked for.
+        end: usize,
+        /// The out-feature count.
+        n: usize,
+        /// What the range must satisfy.
+        requirement: &'static str,
+    },
     /// A writer input value is out of the range its field can hold.
     #[error("{what}[{index}] = {value} does not fit (allowed {min}..={max})")]
     ValueOutOfRange {

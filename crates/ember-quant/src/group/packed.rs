@@ -6,11 +6,11 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::awq::{AwqGemm, AwqGemv};
-use super::ct::{CtPacked, ScaleDtype};
-use super::exl2::Exl2;
+use super::awq::{self, AwqGemm, AwqGemv};
+use super::ct::{self, CtPacked, CtPacking, ScaleDtype};
+use super::exl2::{Exl2, padded_n};
 use super::gptq::{Gptq, GptqZeros};
-use super::{GroupError, GroupQuantized, GroupTensors};
+use super::{GroupError, GroupFormat, GroupQuantized, GroupTensors};
 
 /// A byte range of a shared buffer (a memory-mapped file, or a `Vec`): cloning shares it.
 #[derive(Clone)]
@@ -39,6 +39,57 @@ impl ByteView {
     pub fn as_slice(&self) -> &[u8] {
         &(*self.owner).as_ref()[self.range.clone()]
     }
+
+    /// `range` of these bytes (relative to this view) as a view of the same owner, sharing it
+    /// (no copy); `None` when the range is not inside this view.
+    pub fn slice(&self, range: Range<usize>) -> Option<ByteView> {
+        if range.start > range.end || range.end > self.range.len() {
+            return None;
+        }
+        Some(Self {
+            owner: Arc::clone(&self.owner),
+            range: self.range.start + range.start..self.range.start + range.end,
+        })
+    }
+}
+
+/// `range` of `src` as a zero-copy view (the range is always inside a validated tensor; a
+/// length error otherwise).
+fn narrow(
+    tensor: &'static str,
+    src: &ByteView,
+    range: Range<usize>,
+) -> Result<ByteView, GroupError> {
+    let actual = src.as_slice().len();
+    src.slice(range.clone()).ok_or(GroupError::Length {
+        tensor,
+        expected: range.end,
+        actual,
+    })
+}
+
+/// Bytes `cols` of every `row_bytes`-byte row of `src`, copied into a new buffer: a column range
+/// of a row-major tensor.
+fn copy_columns(
+    tensor: &'static str,
+    src: &ByteView,
+    row_bytes: usize,
+    cols: Range<usize>,
+) -> Result<ByteView, GroupError> {
+    let bytes = src.as_slice();
+    let rows = bytes.len().checked_div(row_bytes).unwrap_or(0);
+    if rows * row_bytes != bytes.len() || cols.start > cols.end || cols.end > row_bytes {
+        return Err(GroupError::Length {
+            tensor,
+            expected: rows.saturating_mul(row_bytes),
+            actual: bytes.len(),
+        });
+    }
+    let mut out = Vec::with_capacity(rows * cols.len());
+    for row in bytes.chunks_exact(row_bytes.max(1)).take(rows) {
+        out.extend_from_slice(&row[cols.clone()]);
+    }
+    Ok(ByteView::from_vec(out))
 }
 
 impl AsRef<[u8]> for ByteView {
@@ -280,6 +331,266 @@ impl PackedLinear {
                 weight_g_idx: weight_g_idx.as_ref().map(ByteView::as_slice),
             }),
         }
+    }
+
+    /// Output rows `rows` (a range of `0..n`) of this weight as a weight of its own: one part of
+    /// a fused layer (Phi-3's `qkv_proj` = Q, K, V rows; `gate_up_proj` = gate, up rows). The
+    /// result dequantizes to exactly rows `rows` of this weight's dequantization (the same f32
+    /// bits) and is validated as [`PackedLinear::new`] does.
+    ///
+    /// Tensors whose output rows are contiguous bytes (AWQ GEMV `qweight`/`qzeros`/`scales`;
+    /// compressed-tensors `weight_packed`, `weight_scale` and `weight_zero_point`, whose word
+    /// rows run along `n`) become narrowed views of the same buffer (no copy); tensors holding
+    /// outputs as columns (GPTQ, AWQ GEMM, EXL2 `q_weight`/`q_scale`) have each row's column
+    /// range copied; tensors independent of `n` (`g_idx`, `q_invperm`, `q_groups`,
+    /// `q_scale_max`, `weight_g_idx`) are shared as they are. compressed-tensors `weight_shape`
+    /// is rewritten with the new `n` in its own dtype (I64 or I32). EXL2 tensors hold
+    /// `padded_n(len)` columns: source columns `start..start + padded_n(len)`.
+    ///
+    /// Alignment: formats that pack several outputs into one word (AWQ GEMM, GPTQ, EXL2, and
+    /// compressed-tensors with a zero point) can only be cut at word boundaries, so
+    /// `rows.start` must be a multiple of 32 and `rows.len()` a multiple of 32 unless the range
+    /// ends at `n` (then any length: the packed tail is the source's own). compressed-tensors
+    /// zero points in the legacy packing (`32 / bits` codes per word, 3/5/6/7 bits) also need
+    /// `rows.start` to be a multiple of `32 / bits`, and a tail (`rows.end == n`, length not a
+    /// multiple of 32) whose packed width would read as the dense packing is refused. AWQ GEMV
+    /// and symmetric compressed-tensors take any range.
+    ///
+    /// An empty range, `rows.end > n` or a misaligned range is [`GroupError::BadSlice`]; a
+    /// malformed `self` is the error its validation gives. Nothing is allocated before the
+    /// range is checked against `n` and `self` is validated.
+    pub fn slice_outputs(&self, rows: Range<usize>) -> Result<PackedLinear, GroupError> {
+        let (format, n) = match self {
+            PackedLinear::AwqGemm { n, .. } => (GroupFormat::AwqGemm, *n),
+            PackedLinear::AwqGemv { n, .. } => (GroupFormat::AwqGemv, *n),
+            PackedLinear::Gptq { n, .. } => (GroupFormat::Gptq, *n),
+            PackedLinear::Exl2 { n, .. } => (GroupFormat::Exl2, *n),
+            PackedLinear::Ct { n, .. } => (GroupFormat::CompressedTensors, *n),
+        };
+        let (start, end) = (rows.start, rows.end);
+        let bad = |requirement| GroupError::BadSlice {
+            format,
+            start,
+            end,
+            n,
+            requirement,
+        };
+        if start >= end {
+            return Err(bad("the range must not be empty"));
+        }
+        if end > n {
+            return Err(bad("the range must end at or before n"));
+        }
+        self.view().validate()?;
+        let len = end - start;
+        // Outputs packed into words: cut at multiples of 32, or keep the source's own tail.
+        let word_aligned = || {
+            if !start.is_multiple_of(32) {
+                Err(bad(
+                    "start must be a multiple of 32 (outputs packed into words)",
+                ))
+            } else if !len.is_multiple_of(32) && end != n {
+                Err(bad(
+                    "length must be a multiple of 32 unless the range ends at n",
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let sliced = match self {
+            PackedLinear::AwqGemm {
+                k,
+                n,
+                group_size,
+                bits,
+                qweight,
+                qzeros,
+                scales,
+            } => {
+                word_aligned()?;
+                // 8 columns per word.
+                let (row, cols) = (n / 8 * 4, start / 2..end / 2);
+                PackedLinear::AwqGemm {
+                    k: *k,
+                    n: len,
+                    group_size: *group_size,
+                    bits: *bits,
+                    qweight: copy_columns("qweight", qweight, row, cols.clone())?,
+                    qzeros: copy_columns("qzeros", qzeros, row, cols)?,
+                    scales: copy_columns("scales", scales, n * 2, 2 * start..2 * end)?,
+                }
+            }
+            PackedLinear::AwqGemv {
+                k,
+                n: _,
+                group_size,
+                bits,
+                qweight,
+                qzeros,
+                scales,
+            } => {
+                let zw =
+                    awq::gemv_zeros_width(*k, *group_size).ok_or(GroupError::BadGroupSize {
+                        format,
+                        group_size: *group_size,
+                        k: *k,
+                        requirement: "GEMV needs 32, 64 or >= 128",
+                    })?;
+                // Row bytes: qweight k/8 words, qzeros zw words, scales 8·zw f16.
+                let (qw, qz, sc) = (k / 8 * 4, zw * 4, zw * 16);
+                PackedLinear::AwqGemv {
+                    k: *k,
+                    n: len,
+                    group_size: *group_size,
+                    bits: *bits,
+                    qweight: narrow("qweight", qweight, start * qw..end * qw)?,
+                    qzeros: narrow("qzeros", qzeros, start * qz..end * qz)?,
+                    scales: narrow("scales", scales, start * sc..end * sc)?,
+                }
+            }
+            PackedLinear::Gptq {
+                k,
+                n,
+                bits,
+                group_size,
+                zeros,
+                qweight,
+                qzeros,
+                scales,
+                g_idx,
+            } => {
+                word_aligned()?;
+                let b = *bits as usize;
+                // qzeros rows: n·b/32 words, column c at bit c·b (start·b and end·b are whole
+                // words: start % 32 == 0, and end is n or start + 32·m).
+                PackedLinear::Gptq {
+                    k: *k,
+                    n: len,
+                    bits: *bits,
+                    group_size: *group_size,
+                    zeros: *zeros,
+                    qweight: copy_columns("qweight", qweight, n * 4, 4 * start..4 * end)?,
+                    qzeros: copy_columns("qzeros", qzeros, n * b / 8, start * b / 8..end * b / 8)?,
+                    scales: copy_columns("scales", scales, n * 2, 2 * start..2 * end)?,
+                    g_idx: g_idx.clone(),
+                }
+            }
+            PackedLinear::Exl2 {
+                k,
+                n,
+                q_weight,
+                q_scale,
+                q_scale_max,
+                q_groups,
+                q_invperm,
+            } => {
+                word_aligned()?;
+                // start % 32 == 0, so start + padded_n(len) = padded_n(end) <= padded_n(n).
+                let (np, cols) = (padded_n(*n), start..start + padded_n(len));
+                PackedLinear::Exl2 {
+                    k: *k,
+                    n: len,
+                    q_weight: copy_columns(
+                        "q_weight",
+                        q_weight,
+                        np * 4,
+                        4 * cols.start..4 * cols.end,
+                    )?,
+                    // 8 four-bit codes per word.
+                    q_scale: copy_columns(
+                        "q_scale",
+                        q_scale,
+                        np / 2,
+                        cols.start / 2..cols.end / 2,
+                    )?,
+                    q_scale_max: q_scale_max.clone(),
+                    q_groups: q_groups.clone(),
+                    q_invperm: q_invperm.clone(),
+                }
+            }
+            PackedLinear::Ct {
+                k,
+                n,
+                bits,
+                group_size,
+                scale_dtype,
+                weight_packed,
+                weight_scale,
+                weight_shape,
+                weight_zero_point,
+                weight_g_idx,
+            } => {
+                let (b, g) = (*bits, k.div_ceil(*group_size));
+                let weight_zero_point = match weight_zero_point {
+                    None => None,
+                    Some(zp) => {
+                        word_aligned()?;
+                        // `[words along n, G]`: a range of word rows is contiguous.
+                        let bytes = zp.as_slice().len();
+                        let rows = match ct::detect("weight_zero_point", bytes, g, *n, b)? {
+                            CtPacking::Dense => {
+                                let w0 = start * b as usize / 32;
+                                w0..w0 + ct::dense_words(len, b)
+                            }
+                            CtPacking::Legacy => {
+                                let per_word = 32 / b as usize;
+                                if !start.is_multiple_of(per_word) {
+                                    return Err(bad(
+                                        "legacy zero points: start must also be a multiple of 32 / bits",
+                                    ));
+                                }
+                                if ct::dense_words(len, b) == ct::legacy_words(len, b) {
+                                    return Err(bad(
+                                        "legacy zero points: this tail would read as dense; use a multiple of 32",
+                                    ));
+                                }
+                                let w0 = start / per_word;
+                                w0..w0 + ct::legacy_words(len, b)
+                            }
+                        };
+                        let row = g * 4;
+                        Some(narrow(
+                            "weight_zero_point",
+                            zp,
+                            rows.start * row..rows.end * row,
+                        )?)
+                    }
+                };
+                let packed_row = weight_packed.as_slice().len() / n;
+                let scale_row = g * scale_dtype.size();
+                let shape = match weight_shape.as_slice().len() {
+                    16 => [len as i64, *k as i64]
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect(),
+                    _ => [len as i32, *k as i32]
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect(),
+                };
+                PackedLinear::Ct {
+                    k: *k,
+                    n: len,
+                    bits: b,
+                    group_size: *group_size,
+                    scale_dtype: *scale_dtype,
+                    weight_packed: narrow(
+                        "weight_packed",
+                        weight_packed,
+                        start * packed_row..end * packed_row,
+                    )?,
+                    weight_scale: narrow(
+                        "weight_scale",
+                        weight_scale,
+                        start * scale_row..end * scale_row,
+                    )?,
+                    weight_shape: ByteView::from_vec(shape),
+                    weight_zero_point,
+                    weight_g_idx: weight_g_idx.clone(),
+                }
+            }
+        };
+        PackedLinear::new(sliced)
     }
 
     /// The common description (format, bits, group size, `k`, `n`).
