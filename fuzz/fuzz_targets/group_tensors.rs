@@ -5,7 +5,8 @@
 //! validates must dequantize: `dequantize_into` (`n·k` values) succeeds, every checked
 //! `dequantize_row` and a two-row `dequantize_rows` tile equal the matching rows of it bit for
 //! bit (NaN-aware: raw f16/bf16/f32 scales may be NaN or infinite), the owned `PackedLinear`
-//! decodes the same matrix, and the output holds no NaN when every scale is finite (and no
+//! decodes the same matrix (and any output-row range `slice_outputs` accepts decodes to exactly
+//! those rows), and the output holds no NaN when every scale is finite (and no
 //! infinity either for f16 scales outside EXL2, whose codes are at most 255 steps from the
 //! zero). A set that fails validation fails every `dequantize_*` call with an error. Wrong
 //! output lengths and out-of-range rows are errors.
@@ -529,6 +530,19 @@ fuzz_target!(|data: &[u8]| {
             .dequantize_into(&mut again)
             .expect("the PackedLinear view fails where the borrowed set decoded");
         assert!(same_all(&again, &out), "PackedLinear decodes differently");
+        // Any output-row range: an error, or exactly those rows (a fused layer's part).
+        let (a, b) = (usize::from(c.u16()) % (n + 2), usize::from(c.u16()) % (n + 2));
+        if let Ok(part) = owned.slice_outputs(a..b) {
+            assert!(a < b && b <= n, "slice_outputs accepted {a}..{b} of {n}");
+            let mut rows = vec![0f32; (b - a) * k];
+            part.view()
+                .dequantize_into(&mut rows)
+                .expect("a slice that validated fails to decode");
+            assert!(
+                same_all(&rows, &out[a * k..b * k]),
+                "slice_outputs({a}..{b}) decodes other rows"
+            );
+        }
     }
 
     // Bad shapes of the output and rows past the end are errors.

@@ -12,6 +12,11 @@ Steps (see README.md next to this file):
   4. llama.cpp (refgen: greedy decoding + top-k logits; llama-cli if present) runs on Ember's GGUF and
      on llama.cpp's own, for the same prompt: identical tokens and logits.
 
+With --as-phi3 the exported checkpoint is first re-expressed as a Phi-3 one (q/k/v_proj fused into
+qkv_proj, gate/up_proj into gate_up_proj, model_type phi3: the same network, since HF llama and HF
+Phi-3 rotate the same rows the same way), and step 3 quantizes Ember's Phi-3 GGUF of it, so the fused
+layers are GPTQ-packed whole as upstream Phi-3 checkpoints are.
+
 Exits non-zero on any mismatch. Needs gguf-py (taken from <llama-src>/gguf-py) and numpy in this
 interpreter; convert_hf_to_gguf.py runs under --python (it needs torch, transformers, sentencepiece).
 """
@@ -222,6 +227,49 @@ def cli_generate(bin_dir: Path, model: Path, prompt: str, n: int, threads: int, 
 
 # ---------------------------------------------------------------- main
 
+def llama_dir_as_phi3(src: Path, dst: Path) -> None:
+    """Rewrites an HF llama checkpoint (no biases, full rotary) as the equivalent Phi-3 checkpoint."""
+    from safetensors.numpy import load_file, save_file
+
+    cfg = json.loads((src / "config.json").read_text())
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise Fail("--as-phi3 needs a llama checkpoint without biases")
+    t = load_file(str(src / "model.safetensors"))
+    out = {}
+    for name, v in t.items():
+        if name.endswith((".k_proj.weight", ".v_proj.weight", ".up_proj.weight")):
+            continue
+        if name.endswith(".q_proj.weight"):
+            p = name[: -len("q_proj.weight")]
+            out[p + "qkv_proj.weight"] = np.concatenate([v, t[p + "k_proj.weight"], t[p + "v_proj.weight"]])
+        elif name.endswith(".gate_proj.weight"):
+            p = name[: -len("gate_proj.weight")]
+            out[p + "gate_up_proj.weight"] = np.concatenate([v, t[p + "up_proj.weight"]])
+        else:
+            out[name] = v
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    phi = {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                               "rms_norm_eps", "rope_theta", "tie_word_embeddings", "torch_dtype",
+                               "bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
+    phi.update({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu",
+                "original_max_position_embeddings": cfg["max_position_embeddings"], "rope_scaling": None,
+                "sliding_window": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0,
+                "initializer_range": 0.02, "use_cache": True})
+    if "gguf_metadata" in cfg:
+        phi["gguf_metadata"] = cfg["gguf_metadata"]
+    (dst / "config.json").write_text(json.dumps(phi, indent=2))
+    for f in ("tokenizer.json", "generation_config.json", "tokenizer.model"):
+        if (src / f).exists():
+            shutil.copy(src / f, dst / f)
+    tc = json.loads((src / "tokenizer_config.json").read_text())
+    if not (src / "tokenizer.model").exists():
+        # Phi-4 mini's marker for a byte-level BPE vocabulary (llama.cpp's Phi3MiniModel.set_vocab).
+        tc["tokenizer_class"] = "GPT2Tokenizer"
+    (dst / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--xtask", required=True, type=Path, help="built xtask binary (target/release/xtask)")
@@ -239,6 +287,7 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--logit-tol", type=float, default=0.0, help="max |dlogit| allowed in step 4 (default 0)")
+    ap.add_argument("--as-phi3", action="store_true", help="re-express the checkpoint as Phi-3 (fused layers)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every tensor's max |diff| in step 3")
     a = ap.parse_args()
 
@@ -283,6 +332,15 @@ def main() -> int:
         hf = work / "hf"
         log("\n[1] Ember GGUF -> HF (f16)")
         run([xt, "convert", str(a.model), str(hf), "--to", "hf", "--dtype", "f16"], logs / "export-hf.log", "xtask convert --to hf")
+        gptq_source = a.model
+        if a.as_phi3:
+            llama_hf = work / "hf-llama"
+            hf.rename(llama_hf)
+            llama_dir_as_phi3(llama_hf, hf)
+            drop(llama_hf)
+            log("    re-expressed as Phi-3 (qkv_proj, gate_up_proj)")
+            gptq_source = work / "phi3-f32.gguf"
+            run([xt, "convert", str(hf), str(gptq_source), "--type", "f32"], logs / "phi3-f32.log", "xtask convert --type f32")
         for ty in [t for t in a.types.split(",") if t]:
             log(f"\n[2] HF -> GGUF {ty}: Ember vs llama.cpp convert_hf_to_gguf.py")
             pe, pl = work / f"ember-{ty}.gguf", work / f"llama-{ty}.gguf"
@@ -322,7 +380,7 @@ def main() -> int:
             drop(pe, pl)
         drop(hf)
 
-        # ---- step 3
+        # ---- step 3 (from the Phi-3 GGUF with --as-phi3)
         for spec in [s for s in a.gptq.split(",") if s]:
             parts = spec.split(":")
             bits, group = parts[0], parts[1]
@@ -330,7 +388,7 @@ def main() -> int:
             name = f"gptq-b{bits}-g{'row' if group == '-1' else group}" + "".join(f"-{f}" for f in flags)
             log(f"\n[3] GPTQ {spec}: Ember vs llama.cpp dequantization to F32")
             d = work / name
-            cmd = [xt, "convert", str(a.model), str(d), "--to", "gptq", "--bits", bits, "--group-size", group]
+            cmd = [xt, "convert", str(gptq_source), str(d), "--to", "gptq", "--bits", bits, "--group-size", group]
             cmd += ["--act-order"] if "act" in flags else []
             cmd += ["--asym"] if "asym" in flags else []
             run(cmd, logs / f"{name}-export.log", "xtask convert --to gptq " + " ".join(cmd[6:]))

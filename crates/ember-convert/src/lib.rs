@@ -24,7 +24,7 @@ pub use quantized::{
 pub use to_hf::{gguf_to_hf, gguf_to_quantized_hf};
 
 /// The architectures (`general.architecture`) that [`gguf_to_hf`] and [`hf_to_gguf`] convert.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3", "phi3"];
 
 /// Where a conversion stands, passed to the progress callback after each tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

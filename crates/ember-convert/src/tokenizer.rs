@@ -676,10 +676,16 @@ fn write_special_keys(
             w.add(*key, MetaValue::U32(id));
         }
     }
+    let model_type = src.model_config.get("model_type").and_then(Value::as_str);
     for (gkey, hkey) in ADD_FLAGS {
         let flag = tcfg.get(*hkey).and_then(Value::as_bool);
-        let flag = match (*hkey, spm) {
-            ("add_prefix_space", Some(prepend)) => flag.or(Some(prepend)),
+        let flag = match (*hkey, spm, model_type) {
+            // llama.cpp's Phi-3 converter writes no add_space_prefix (the loader's default is
+            // true for SentencePiece vocabularies): write it only where that default is wrong.
+            ("add_prefix_space", Some(prepend), Some("phi3")) => (!prepend).then_some(false),
+            ("add_prefix_space", Some(prepend), _) => flag.or(Some(prepend)),
+            // For byte-level BPE only LlamaModel.set_vocab copies tokenizer_config's flag.
+            ("add_prefix_space", None, t) if !matches!(t, Some("llama" | "mistral")) => None,
             _ => flag,
         };
         if let Some(b) = flag {

@@ -193,6 +193,7 @@ pub struct Model {
     output_norm: Tensor<1>,
     output: Arc<QuantMatrix>,
     arch: Box<dyn Architecture>,
+    weight_bytes: u64,
 }
 
 impl Model {
@@ -218,7 +219,15 @@ impl Model {
             token_embd,
             output,
             arch,
+            weight_bytes: w.total_bytes(),
         })
+    }
+
+    /// Bytes of every weight it was loaded from (the file's tensors and any supplied
+    /// matrices, each counted once): what one pass streams, the basis of relative costs such
+    /// as a draft model's.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     /// The hyper-parameters the model was loaded with.

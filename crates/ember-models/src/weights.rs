@@ -102,6 +102,26 @@ impl<'a> Weights<'a> {
         self.external
     }
 
+    /// Bytes of every weight: the file's tensors (those no supplied matrix replaces) and the
+    /// supplied matrices' storage.
+    pub fn total_bytes(&self) -> u64 {
+        let supplied = |name: &str| self.external.is_some_and(|e| e.get(name).is_some());
+        let in_file: u64 = self
+            .file
+            .tensors()
+            .iter()
+            .filter(|t| !supplied(&t.name))
+            .map(|t| t.n_bytes)
+            .sum();
+        let external: u64 = self
+            .external
+            .into_iter()
+            .flat_map(|e| e.iter())
+            .map(|(_, m)| m.storage_bytes() as u64)
+            .sum();
+        in_file + external
+    }
+
     /// The shape of tensor `name` in GGUF order (`[cols, rows]` for a matrix), wherever it is.
     pub fn dims(&self, name: &str) -> Option<Vec<u64>> {
         if let Some(m) = self.external.and_then(|e| e.get(name)) {

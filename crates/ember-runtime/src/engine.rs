@@ -597,12 +597,10 @@ impl SchedulerParts {
         // target's budget.
         let draft_budget =
             budget + config.max_running * (config.kv.block_size + crate::spec::MAX_DRAFT);
-        let weights = |file: &ember_formats::GgufFile| -> f64 {
-            file.tensors().iter().map(|t| t.n_bytes as f64).sum()
-        };
-        let draft_cost = match (draft, target_file) {
-            (Some((file, _)), Some(target)) => weights(file) / weights(target).max(1.0),
-            _ => 1.0,
+        // Weight bytes, not file tensors: a checkpoint directory's file is only its metadata.
+        let draft_cost = match draft {
+            Some((_, m)) => m.weight_bytes() as f64 / (model.weight_bytes() as f64).max(1.0),
+            None => 1.0,
         };
         let draft = match draft {
             Some((file, m)) => {
