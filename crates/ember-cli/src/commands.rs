@@ -26,6 +26,14 @@ pub struct Cli {
     command: Command,
 }
 
+impl Cli {
+    /// Whether the command only writes to the terminal or a pipe (everything but `serve`,
+    /// whose sockets must see a closed peer as an error, not a signal).
+    pub fn is_filter(&self) -> bool {
+        !matches!(self.command, Command::Serve(_))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Generate text from a prompt, streamed to stdout.

@@ -10,12 +10,27 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = commands::Cli::parse();
+    if cli.is_filter() {
+        die_quietly_on_closed_pipe();
+    }
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", message(&err));
             ExitCode::from(1)
         }
+    }
+}
+
+/// `ember inspect m.gguf | head`: when the reader goes away, end as Unix filters do (killed by
+/// SIGPIPE) instead of panicking in `println!`, which Rust's runtime makes of the ignored
+/// signal's EPIPE.
+fn die_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: called at the top of `main` before any thread exists; `SIG_DFL` is a valid
+    // disposition for SIGPIPE and no Rust state depends on the previous one.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
