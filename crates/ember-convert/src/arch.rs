@@ -14,7 +14,8 @@ pub(crate) enum Arch {
     Qwen3,
     /// gemma3 (Hugging Face `gemma3_text`, Gemma3ForCausalLM).
     Gemma3,
-    /// phi3 (Phi-3, Phi-3.5 and Phi-4 mini text models): fused `qkv_proj` and `gate_up_proj`,
+    /// phi3 (Phi-3 with plain RoPE, e.g. mini/medium 4k; LongRoPE models such as Phi-3 128k,
+    /// Phi-3.5 and Phi-4 mini are refused by the rope check): fused `qkv_proj` and `gate_up_proj`,
     /// which GGUF keeps fused (`attn_qkv`, `ffn_up` of twice the feed-forward width).
     Phi3,
 }

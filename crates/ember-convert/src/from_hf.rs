@@ -243,7 +243,8 @@ fn phi3_hparams(
         .get("rope_parameters")
         .or_else(|| c.get("rope_scaling"))
         .filter(|v| v.is_object());
-    let param = |k: &str| c.get(k).or_else(|| rope.and_then(|r| r.get(k)));
+    // llama.cpp prefers `rope_parameters` (or `rope_scaling`) over the top-level key.
+    let param = |k: &str| rope.and_then(|r| r.get(k)).or_else(|| c.get(k));
     let factor = param("partial_rotary_factor")
         .and_then(Value::as_f64)
         .unwrap_or(1.0);

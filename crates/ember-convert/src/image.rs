@@ -135,17 +135,34 @@ impl FusedParts {
                 .ok_or_else(|| ConvertError::MissingConfig(k.to_string()))
         };
         let hidden = get("hidden_size")?;
+        // The head size as `expected_nk` reads it (Phi3Config has no `head_dim`; honour one);
         // write_hparams checked n_head > 0.
-        let hd = hidden / n_head.max(1) as usize;
-        let overflow = || ConvertError::UnsupportedConfig {
-            key: "num_attention_heads".into(),
-            reason: "head sizes overflow".into(),
+        let hd = match c.get("head_dim") {
+            None | Some(Value::Null) => hidden / n_head.max(1) as usize,
+            Some(_) => get("head_dim")?,
         };
-        let q = (n_head as usize).checked_mul(hd).ok_or_else(overflow)?;
-        let kv = (n_kv as usize).checked_mul(hd).ok_or_else(overflow)?;
+        let overflow = |key: &str| ConvertError::UnsupportedConfig {
+            key: key.into(),
+            reason: "fused layer sizes overflow".into(),
+        };
+        let q = usize::try_from(n_head)
+            .ok()
+            .and_then(|h| h.checked_mul(hd))
+            .ok_or_else(|| overflow("num_attention_heads"))?;
+        let kv = usize::try_from(n_kv)
+            .ok()
+            .and_then(|h| h.checked_mul(hd))
+            .ok_or_else(|| overflow("num_key_value_heads"))?;
+        // The parts' sums, checked once here so that cutting cannot overflow.
+        q.checked_add(kv)
+            .and_then(|s| s.checked_add(kv))
+            .ok_or_else(|| overflow("num_key_value_heads"))?;
+        let ff = get("intermediate_size")?;
+        ff.checked_mul(2)
+            .ok_or_else(|| overflow("intermediate_size"))?;
         Ok(Self {
             qkv: Some([q, kv, kv]),
-            gate_up: Some(get("intermediate_size")?),
+            gate_up: Some(ff),
         })
     }
 
@@ -170,6 +187,7 @@ impl FusedParts {
                 return Ok(());
             }
         };
+        // `new` checked that these sums fit.
         let total: usize = sizes.iter().map(|(_, n)| n).sum();
         if weight.shape().0 != total {
             return Err(ConvertError::bad_tensor(

@@ -108,7 +108,9 @@ fn build_config(
         && rd != head_dim
     {
         let factor = rd as f64 / head_dim as f64;
-        if arch != Arch::Phi3 || (factor * n_embd as f64) as u64 / n_head != rd {
+        // ember-models' rule too: an even number of rotated dims, fewer than the head's.
+        let valid = rd > 0 && rd < head_dim && rd % 2 == 0;
+        if arch != Arch::Phi3 || !valid || (factor * n_embd as f64) as u64 / n_head != rd {
             return Err(ConvertError::UnsupportedMetadata {
                 key: key("rope.dimension_count"),
                 reason: format!("partial rotary ({rd} of {head_dim}) is not converted"),

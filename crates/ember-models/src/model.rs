@@ -223,9 +223,10 @@ impl Model {
         })
     }
 
-    /// Bytes of every weight it was loaded from (the file's tensors and any supplied
-    /// matrices, each counted once): what one pass streams, the basis of relative costs such
-    /// as a draft model's.
+    /// Bytes of every weight it was loaded from (the file's tensors, less those a supplied
+    /// matrix replaces, plus the supplied matrices' storage): about what one pass streams,
+    /// the basis of relative costs such as a draft model's. Parts cut from one fused packed
+    /// layer each count the small index tensors they share (`g_idx`, EXL2's permutation).
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }

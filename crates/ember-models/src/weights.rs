@@ -103,7 +103,7 @@ impl<'a> Weights<'a> {
     }
 
     /// Bytes of every weight: the file's tensors (those no supplied matrix replaces) and the
-    /// supplied matrices' storage.
+    /// supplied matrices' storage (see [`crate::Model::weight_bytes`]).
     pub fn total_bytes(&self) -> u64 {
         let supplied = |name: &str| self.external.is_some_and(|e| e.get(name).is_some());
         let in_file: u64 = self

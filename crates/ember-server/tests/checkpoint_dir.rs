@@ -72,9 +72,28 @@ async fn a_gptq_directory_serves_concurrent_requests_and_reports_its_weights() {
     let dir = gptq_dir();
     let model = LoadedModel::open(&dir, &ember_models::default_device()).expect("load");
     let summary = model.weight_summary();
+    // Independent counts: the tiny model's parameters from its own GGUF, and the bytes the
+    // directory holds (its safetensors file; norms widened to F32 in the image and the index
+    // tensors shared by fused parts move the sum by a few percent at most).
+    let tiny_params: u64 =
+        GgufFile::from_bytes(tiny::gguf(TinyArch::Phi3, TinyDtype::F32).expect("tiny phi3"))
+            .expect("parse")
+            .tensors()
+            .iter()
+            .map(|t| t.n_elements())
+            .sum();
+    assert_eq!(summary.params, tiny_params, "{summary:?}");
+    let on_disk = std::fs::metadata(dir.join("model.safetensors"))
+        .expect("safetensors")
+        .len() as f64;
+    let ratio = summary.bytes as f64 / on_disk;
+    assert!(
+        (0.9..1.1).contains(&ratio),
+        "{summary:?} vs {on_disk} bytes on disk"
+    );
     let image_bytes = model.file.bytes().len() as u64;
     assert!(
-        summary.bytes > image_bytes,
+        summary.bytes > 2 * image_bytes,
         "{summary:?} vs image {image_bytes}"
     );
     let engine = Engine::start(Arc::new(model), EngineConfig::new(4, 128)).expect("engine");
