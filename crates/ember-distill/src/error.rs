@@ -1,0 +1,31 @@
+//! What can go wrong.
+
+/// Why a student could not be made, run or written.
+#[derive(Debug, thiserror::Error)]
+pub enum DistillError {
+    /// The teacher's architecture has no student here.
+    #[error("a {0} teacher has no student yet (llama-family teachers only)")]
+    UnsupportedArchitecture(String),
+    /// The teacher's hyper-parameters could not be read.
+    #[error("teacher: {0}")]
+    Teacher(#[from] ember_models::ModelError),
+    /// A layer choice that cannot make a student.
+    #[error("layers: {0}")]
+    Layers(String),
+    /// A teacher tensor is missing or has another shape than its config says.
+    #[error("teacher tensor {name}: {why}")]
+    Tensor {
+        /// The GGUF tensor name.
+        name: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Writing the GGUF failed.
+    #[error("writing {path}: {why}")]
+    Write {
+        /// The output path.
+        path: String,
+        /// The cause.
+        why: String,
+    },
+}

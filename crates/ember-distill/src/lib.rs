@@ -1,0 +1,21 @@
+//! Distillation: a small, fast student that learns a teacher's output distribution (issue #17).
+//!
+//! This crate holds the differentiable side of it, written with plain burn ops so that burn's
+//! autodiff can train it (Ember's fused inference kernels have no backward pass):
+//!
+//! - [`Student`]: the llama architecture as a burn [`Module`](burn::module::Module) — token
+//!   embedding, RMSNorm, RoPE attention with GQA, SwiGLU feed-forward, tied or separate
+//!   head — computing what `ember-models`' inference model computes, in f32.
+//! - [`Student::from_teacher`]: a student made of chosen layers of a GGUF teacher (embeddings,
+//!   norms, head and those blocks copied, dequantized to f32).
+//! - [`export_gguf`]: the student as a GGUF that Ember and llama.cpp load: the teacher's
+//!   metadata (tokenizer, chat template) with the student's layer count, its tensors in the
+//!   teacher's names and layout.
+
+mod error;
+mod export;
+mod student;
+
+pub use error::DistillError;
+pub use export::{ExportType, export_gguf};
+pub use student::{Student, StudentConfig};

@@ -1,0 +1,82 @@
+//! The student computes what Ember's inference model computes: SmolLM2 (the real teacher)
+//! made into a student of all its layers, and of a third of them, exported to an F32 GGUF and
+//! run by ember-models; the student's own forward pass gives the same logits to the
+//! rounding of the inference model's f16 KV cache.
+
+use std::path::PathBuf;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use ember_distill::{ExportType, Student, export_gguf};
+use ember_formats::GgufFile;
+use ember_runtime::eval::teacher_forced_logits;
+use ember_runtime::loaded::LoadedModel;
+
+fn teacher() -> GgufFile {
+    let path = ember_hub::resolve("smollm2-135m-instruct-q4_1").expect("SmolLM2");
+    GgufFile::open(path).expect("open SmolLM2")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("distill-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch");
+    dir
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[test]
+fn students_give_the_logits_of_their_exported_gguf() {
+    let teacher = teacher();
+    let device = ember_models::default_device();
+    let loaded_teacher = LoadedModel::open(
+        &ember_hub::resolve("smollm2-135m-instruct-q4_1").expect("SmolLM2"),
+        &device,
+    )
+    .expect("load teacher");
+    let tokens = loaded_teacher
+        .tokenize_prompt("The quick brown fox jumps over the lazy dog, and then it runs away.")
+        .expect("tokenize");
+    let n = tokens.len();
+    for (name, keep) in [
+        ("all", (0..30).collect::<Vec<usize>>()),
+        ("third", (0..30).step_by(3).collect()),
+    ] {
+        let student = Student::from_teacher(&teacher, &keep, &device).expect("student");
+        assert_eq!(student.config().n_layer, keep.len());
+        let dir = scratch(name);
+        let path = dir.join("student.gguf");
+        export_gguf(&student, &teacher, &path, ExportType::F32).expect("export");
+        let exported = LoadedModel::open(&path, &device).expect("Ember loads the export");
+        assert_eq!(exported.model.config().n_layer, keep.len());
+
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+        let logits = student.forward(input);
+        let [_, t, v] = logits.dims();
+        let ours: Vec<f32> = logits.into_data().try_to_vec::<f32>().expect("f32 logits");
+        let theirs = teacher_forced_logits(&exported.model, &tokens, 512).expect("ember logits");
+        assert_eq!((t, theirs.len()), (n, n));
+        let mut worst = 0f32;
+        let mut same = 0;
+        for (pos, row) in theirs.iter().enumerate() {
+            let mine = &ours[pos * v..(pos + 1) * v];
+            let spread = row.iter().fold(0f32, |m, x| m.max(x.abs())).max(1.0);
+            for (a, b) in mine.iter().zip(row) {
+                worst = worst.max((a - b).abs() / spread);
+            }
+            same += usize::from(argmax(mine) == argmax(row));
+        }
+        eprintln!("{name}: worst |dlogit|/max|logit| {worst:.2e}, argmax equal {same}/{n}");
+        assert!(worst < 1e-2, "{name}: {worst}");
+        assert!(same + 1 >= n, "{name}: argmax {same}/{n}");
+    }
+}
