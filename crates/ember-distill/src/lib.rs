@@ -8,14 +8,18 @@
 //!   head — computing what `ember-models`' inference model computes, in f32.
 //! - [`Student::from_teacher`]: a student made of chosen layers of a GGUF teacher (embeddings,
 //!   norms, head and those blocks copied, dequantized to f32).
+//! - [`kl_topk`]: the loss, KL divergence to the teacher's top-k distribution ([`TopK`], what
+//!   is cached so training never runs the teacher) at a temperature.
 //! - [`export_gguf`]: the student as a GGUF that Ember and llama.cpp load: the teacher's
 //!   metadata (tokenizer, chat template) with the student's layer count, its tensors in the
 //!   teacher's names and layout.
 
 mod error;
 mod export;
+mod loss;
 mod student;
 
 pub use error::DistillError;
 pub use export::{ExportType, export_gguf};
+pub use loss::{TopK, kl_topk};
 pub use student::{Student, StudentConfig};
