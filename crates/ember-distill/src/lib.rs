@@ -10,16 +10,23 @@
 //!   norms, head and those blocks copied, dequantized to f32).
 //! - [`kl_topk`]: the loss, KL divergence to the teacher's top-k distribution ([`TopK`], what
 //!   is cached so training never runs the teacher) at a temperature.
+//! - [`WarmupCosine`] (the learning-rate schedule) and [`save_checkpoint`] /
+//!   [`load_checkpoint`] (parameters, AdamW state and step: a resumed run continues bit for
+//!   bit).
 //! - [`export_gguf`]: the student as a GGUF that Ember and llama.cpp load: the teacher's
 //!   metadata (tokenizer, chat template) with the student's layer count, its tensors in the
 //!   teacher's names and layout.
 
+mod checkpoint;
 mod error;
 mod export;
 mod loss;
+mod schedule;
 mod student;
 
+pub use checkpoint::{load_checkpoint, save_checkpoint};
 pub use error::DistillError;
 pub use export::{ExportType, export_gguf};
 pub use loss::{TopK, kl_topk};
+pub use schedule::WarmupCosine;
 pub use student::{Student, StudentConfig};
