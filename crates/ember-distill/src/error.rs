@@ -20,6 +20,9 @@ pub enum DistillError {
         /// What is wrong with it.
         why: String,
     },
+    /// The training data cannot be used.
+    #[error("data: {0}")]
+    Data(String),
     /// Writing the GGUF failed.
     #[error("writing {path}: {why}")]
     Write {

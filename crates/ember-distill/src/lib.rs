@@ -13,20 +13,27 @@
 //! - [`WarmupCosine`] (the learning-rate schedule) and [`save_checkpoint`] /
 //!   [`load_checkpoint`] (parameters, AdamW state and step: a resumed run continues bit for
 //!   bit).
+//! - [`TeacherCache`]: token chunks with the teacher's top-k at every position, computed once
+//!   by Ember's inference model and cached on disk; [`train`]: AdamW on burn's autodiff with
+//!   the schedule, accumulation, a seeded data order, checkpoints and resume.
 //! - [`export_gguf`]: the student as a GGUF that Ember and llama.cpp load: the teacher's
 //!   metadata (tokenizer, chat template) with the student's layer count, its tensors in the
 //!   teacher's names and layout.
 
 mod checkpoint;
+mod data;
 mod error;
 mod export;
 mod loss;
 mod schedule;
 mod student;
+mod trainer;
 
 pub use checkpoint::{load_checkpoint, save_checkpoint};
+pub use data::{TeacherCache, teacher_id};
 pub use error::DistillError;
 pub use export::{ExportType, export_gguf};
 pub use loss::{TopK, kl_topk};
 pub use schedule::WarmupCosine;
 pub use student::{Student, StudentConfig};
+pub use trainer::{StepReport, TrainConfig, train};
