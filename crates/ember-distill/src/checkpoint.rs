@@ -57,7 +57,12 @@ pub fn load_checkpoint(
         .map_err(|e| err(dir, STEP, e))?;
     let record =
         ModuleRecord::load(dir.join(STUDENT)).map_err(|e| err(dir, STUDENT, format!("{e:?}")))?;
-    let student = student.load_record(record).train();
+    // A checkpoint of another student (other layers, another teacher) is an error, not a
+    // panic.
+    let student = student
+        .try_load_record(record)
+        .map_err(|e| err(dir, STUDENT, format!("does not fit this student: {e:?}")))?
+        .train();
     let optim = optim
         .load(dir.join(OPTIMIZER))
         .map_err(|e| err(dir, OPTIMIZER, format!("{e:?}")))?;

@@ -26,8 +26,8 @@ pub struct TeacherCache {
     pub top: Vec<TopK>,
 }
 
-/// An identifier of a teacher file: FNV-1a over its size and its first and last MiB (cheap,
-/// and enough to tell one model file from another).
+/// An identifier of a teacher file: FNV-1a over its size and its first and last MiB. Cheap;
+/// it tells different model files apart, but not two that differ only in their middle.
 pub fn teacher_id(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |b: u8| {
@@ -96,6 +96,12 @@ impl TeacherCache {
         };
         for (i, chunk) in chunks.iter().enumerate() {
             let rows = ember_runtime::eval::teacher_forced_logits(teacher, chunk, 512)?;
+            if rows.len() != seq_len || rows.iter().any(|r| r.len() < k) {
+                return Err(DistillError::Data(format!(
+                    "the teacher gave {} rows for {seq_len} tokens (or rows shorter than {k})",
+                    rows.len()
+                )));
+            }
             out.tokens.push(chunk.to_vec());
             out.top.push(TopK::from_rows(&rows, k));
             progress(i + 1, chunks.len());
@@ -132,7 +138,9 @@ impl TeacherCache {
                 .iter()
                 .for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
         }
-        let tmp = path.with_extension("partial");
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".partial");
+        let tmp = std::path::PathBuf::from(tmp);
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&buf)?;

@@ -92,8 +92,13 @@ pub fn export_gguf(
         w.add_tensor(name.clone(), &dims, target, data)
             .map_err(|e| write_err(format!("{name}: {e}")))?;
     }
-    let tmp = path.with_extension("gguf.partial");
-    w.write_file(&tmp).map_err(|e| write_err(e.to_string()))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp);
+    w.write_file(&tmp).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        write_err(e.to_string())
+    })?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         write_err(e.to_string())

@@ -16,13 +16,18 @@ pub struct TopK {
 }
 
 impl TopK {
-    /// The top `k` of each row of `rows` (ties: the lower id first).
+    /// The top `k` of each row of `rows` (ties: the lower id first). Rows must hold at least
+    /// `k` values for the result to have `k` per position ([`crate::TeacherCache::build`]
+    /// checks this).
     pub fn from_rows(rows: &[Vec<f32>], k: usize) -> Self {
         let mut ids = Vec::with_capacity(rows.len() * k);
         let mut logits = Vec::with_capacity(rows.len() * k);
         for row in rows {
-            let mut order: Vec<u32> = (0..row.len() as u32).collect();
             let k = k.min(row.len());
+            if k == 0 {
+                continue;
+            }
+            let mut order: Vec<u32> = (0..row.len() as u32).collect();
             order.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| {
                 row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b))
             });

@@ -137,6 +137,20 @@ impl Student {
             return Err(DistillError::UnsupportedArchitecture(arch));
         }
         let c = ModelConfig::from_gguf(file)?;
+        // The student rotates with plain RoPE: a teacher that scales it is refused rather
+        // than imitated wrongly.
+        if file.tensor("rope_freqs.weight").is_some() {
+            return Err(DistillError::UnsupportedArchitecture(
+                "llama with rope_freqs.weight (Llama 3.1-style rope scaling)".into(),
+            ));
+        }
+        if let Some(kind) = file.get_str("llama.rope.scaling.type")
+            && kind != "none"
+        {
+            return Err(DistillError::UnsupportedArchitecture(format!(
+                "llama with '{kind}' rope scaling"
+            )));
+        }
         if c.rope_mode != RopeMode::Normal {
             return Err(DistillError::UnsupportedArchitecture(format!(
                 "{arch} with {:?} rope",

@@ -77,9 +77,27 @@ fn permutation(n: usize, seed: u64) -> Vec<usize> {
 /// The chunk indices of micro-batch `m` (counted from the start of the run): epochs of
 /// seeded permutations laid end to end, so a resumed run draws the same chunks.
 fn micro_batch(m: usize, batch: usize, n: usize, seed: u64) -> Vec<usize> {
-    (m * batch..(m + 1) * batch)
-        .map(|i| permutation(n, seed.wrapping_add((i / n) as u64))[i % n])
-        .collect()
+    let mut out = Vec::with_capacity(batch);
+    let mut epoch: Option<(usize, Vec<usize>)> = None;
+    for i in m * batch..(m + 1) * batch {
+        let e = i / n;
+        if epoch.as_ref().is_none_or(|(have, _)| *have != e) {
+            epoch = Some((e, permutation(n, epoch_seed(seed, e as u64))));
+        }
+        if let Some((_, p)) = &epoch {
+            out.push(p[i % n]);
+        }
+    }
+    out
+}
+
+/// The seed of epoch `epoch`: `(seed, epoch)` mixed, so that runs with neighbouring seeds do
+/// not share epochs.
+fn epoch_seed(seed: u64, epoch: u64) -> u64 {
+    let mut z = seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    z = (z ^ (z >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    z ^ (z >> 33)
 }
 
 struct Batch {
@@ -167,6 +185,18 @@ pub fn train(
             "batch and accumulation must be at least 1".into(),
         ));
     }
+    if !(config.temperature.is_finite() && config.temperature > 0.0) {
+        return Err(DistillError::Data(format!(
+            "temperature {} must be a finite number above 0",
+            config.temperature
+        )));
+    }
+    if !(config.hard_weight.is_finite() && config.hard_weight >= 0.0) {
+        return Err(DistillError::Data(format!(
+            "hard-label weight {} must be a finite number, at least 0",
+            config.hard_weight
+        )));
+    }
     check_data(&student, data)?;
     let ad = device.clone().autodiff();
     let mut student = student.train();
@@ -205,7 +235,15 @@ pub fn train(
             }
             let _ = v;
             let loss = loss.div_scalar(config.accumulation as f32);
-            loss_sum += scalar(loss.clone()) * config.accumulation as f32;
+            let value = scalar(loss.clone());
+            if !value.is_finite() {
+                // Never let AdamW apply a NaN: stop with the last checkpoint intact.
+                return Err(DistillError::Data(format!(
+                    "the loss is {value} at step {} (learning rate too high?)",
+                    step + 1
+                )));
+            }
+            loss_sum += value * config.accumulation as f32;
             let t1 = Instant::now();
             let grads = GradientsParams::from_grads(loss.backward(), &student);
             acc.accumulate(&student, grads);
