@@ -90,7 +90,7 @@ pub struct Args {
 
 /// What runs: plain decoding, ember with a proposer, or llama.cpp's llama-lookup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Config {
+pub(crate) enum Config {
     Plain,
     Lookup,
     SelfSpec,
@@ -141,23 +141,23 @@ impl Config {
 
 /// One generation's measurements.
 #[derive(Clone, Debug, Default)]
-struct Run {
+pub(crate) struct Run {
     /// Decode tokens/s.
-    tps: f64,
-    predicted_n: u64,
-    prompt_n: u64,
-    drafted: u64,
-    accepted: u64,
+    pub(crate) tps: f64,
+    pub(crate) predicted_n: u64,
+    pub(crate) prompt_n: u64,
+    pub(crate) drafted: u64,
+    pub(crate) accepted: u64,
     /// Generated token ids (ember only).
-    tokens: Vec<u64>,
+    pub(crate) tokens: Vec<u64>,
     /// Generated text (for llama-lookup, what it printed after the prompt, when it could be
     /// told apart).
-    text: Option<String>,
+    pub(crate) text: Option<String>,
 }
 
 /// How a model's chat turn is written.
 #[derive(Clone, Debug, PartialEq)]
-enum Markup {
+pub(crate) enum Markup {
     /// `<|im_start|>role\n...<|im_end|>\n`, with the system message the template adds when
     /// the conversation has none.
     ChatMl { system: Option<String> },
@@ -168,7 +168,7 @@ enum Markup {
 
 impl Markup {
     /// From the GGUF metadata that `ember inspect --json` prints.
-    fn detect(meta: &Value) -> Option<Markup> {
+    pub(crate) fn detect(meta: &Value) -> Option<Markup> {
         let template = meta["tokenizer.chat_template"].as_str().unwrap_or("");
         let arch = meta["general.architecture"].as_str().unwrap_or("");
         if template.contains("<|im_start|>") {
@@ -184,7 +184,7 @@ impl Markup {
         None
     }
 
-    fn wrap(&self, user: &str) -> String {
+    pub(crate) fn wrap(&self, user: &str) -> String {
         match self {
             Markup::ChatMl { system } => {
                 let mut s = String::new();
@@ -219,14 +219,14 @@ fn default_system(template: &str) -> Option<String> {
     Some(msg.to_string())
 }
 
-struct Workload {
-    name: String,
+pub(crate) struct Workload {
+    pub(crate) name: String,
     /// The file's text: a user message, or (`raw`) the whole prompt.
-    body: String,
-    raw: bool,
+    pub(crate) body: String,
+    pub(crate) raw: bool,
 }
 
-fn load_workload(name: &str) -> Result<Workload> {
+pub(crate) fn load_workload(name: &str) -> Result<Workload> {
     let dir = root().join(WORKLOAD_DIR);
     let chat = dir.join(format!("{name}.txt"));
     let raw = dir.join(format!("{name}.raw.txt"));
@@ -271,14 +271,16 @@ struct Model {
 
 /// What every run needs.
 #[derive(Clone)]
-struct Ctx {
-    ember: PathBuf,
-    llama: Option<PathBuf>,
+pub(crate) struct Ctx {
+    pub(crate) ember: PathBuf,
+    pub(crate) llama: Option<PathBuf>,
     /// llama.cpp without weight repacking (its AMX path crashed on some hosts).
-    no_repack: bool,
-    n: usize,
-    threads: usize,
-    draft_max: usize,
+    pub(crate) no_repack: bool,
+    pub(crate) n: usize,
+    pub(crate) threads: usize,
+    pub(crate) draft_max: usize,
+    /// The draft model of [`Config::Draft`] (`None`: the target itself).
+    pub(crate) draft: Option<PathBuf>,
 }
 
 impl Ctx {
@@ -288,7 +290,7 @@ impl Ctx {
     }
 }
 
-fn last_line(bytes: &[u8]) -> String {
+pub(crate) fn last_line(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes)
         .lines()
         .rev()
@@ -297,7 +299,7 @@ fn last_line(bytes: &[u8]) -> String {
         .to_string()
 }
 
-fn ember_generate(ctx: &Ctx, model: &Path, prompt: &str, cfg: Config) -> Result<Run> {
+pub(crate) fn ember_generate(ctx: &Ctx, model: &Path, prompt: &str, cfg: Config) -> Result<Run> {
     let path = model.to_string_lossy().to_string();
     let mut cmd = Command::new(&ctx.ember);
     cmd.env("RAYON_NUM_THREADS", ctx.threads.to_string())
@@ -310,7 +312,11 @@ fn ember_generate(ctx: &Ctx, model: &Path, prompt: &str, cfg: Config) -> Result<
         .arg("--ctx-size")
         .arg(ctx.ctx_size().to_string());
     if cfg == Config::Draft {
-        cmd.args(["--draft-model", &path]);
+        let draft = ctx
+            .draft
+            .as_ref()
+            .map_or(path.clone(), |d| d.to_string_lossy().to_string());
+        cmd.args(["--draft-model", &draft]);
     }
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -609,6 +615,7 @@ pub fn run(mut a: Args) -> Result<()> {
         n: a.n,
         threads: a.threads,
         draft_max: a.draft_max,
+        draft: None,
     };
     let start_load = loadavg();
     let started = std::time::SystemTime::now();

@@ -39,6 +39,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
+mod bench_distill;
 mod bench_spec;
 mod convert;
 mod serve_bench;
@@ -68,6 +69,9 @@ enum Task {
     /// Speculative decoding (lookup, self, draft) against plain decoding and llama-lookup,
     /// one stream and many.
     BenchSpec(bench_spec::Args),
+    /// Distillation end to end: a trained student against the layer-pruned copy (perplexity,
+    /// training tokens/s, loss curve, acceptance as the teacher's draft).
+    BenchDistill(bench_distill::Args),
     /// Tiny random GGUFs per architecture and llama.cpp's logits for them as fixtures.
     TinyModels(tiny_models::Args),
     /// Many streaming clients, half disconnecting, against a real `ember serve` under KV
@@ -101,6 +105,7 @@ fn main() -> Result<()> {
         Task::BenchVsLlamacpp(a) => bench_vs_llamacpp(a),
         Task::BenchServe(a) => serve_bench::run(a),
         Task::BenchSpec(a) => bench_spec::run(a),
+        Task::BenchDistill(a) => bench_distill::run(a),
         Task::TinyModels(a) => tiny_models::run(a),
         Task::Soak(a) => soak::run(a),
         Task::Convert(a) => convert::run(a),
@@ -594,6 +599,27 @@ mod tests {
                 ("m", 4, 9, 1, 3)
             );
         }
+    }
+
+    #[test]
+    fn bench_distill_flags_and_defaults() {
+        let Task::BenchDistill(a) = parse(&["bench-distill"]).unwrap() else {
+            panic!("wrong task");
+        };
+        assert_eq!(a.model, "smollm2-135m-instruct-q4_1");
+        assert_eq!((a.layers, a.self_generate, a.gen_tokens), (10, 300, 256));
+        assert_eq!((a.seq_len, a.steps, a.batch, a.lr), (128, 200, 8, 1e-3));
+        assert_eq!((a.rounds, a.n, a.threads), (2, 128, 2));
+        assert_eq!(a.out_type, "q8_0");
+        assert_eq!(a.workloads, ["rewrite", "extract", "story", "once"]);
+        let Task::BenchDistill(a) =
+            parse(&["bench-distill", "--layers", "6", "--steps", "50", "-w", "story"]).unwrap()
+        else {
+            panic!("wrong task");
+        };
+        assert_eq!((a.layers, a.steps), (6, 50));
+        assert_eq!(a.workloads, ["story"]);
+        assert!(parse(&["bench-distill", "--stepz", "5"]).is_err());
     }
 
     #[test]

@@ -56,6 +56,9 @@ enum Command {
     Bench(BenchArgs),
     /// Serve the model over HTTP: OpenAI- and Ollama-compatible APIs, continuous batching.
     Serve(ServeArgs),
+    /// Train a smaller student of a teacher model (fewer layers) to match its output
+    /// distribution, and write it as GGUF (e.g. a draft model for --spec draft).
+    Distill(Box<crate::distill::DistillArgs>),
 }
 
 #[derive(Args)]
@@ -600,6 +603,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(a) => cmd_bench(a),
         Command::Serve(a) => cmd_serve(a),
+        Command::Distill(a) => crate::distill::run(*a),
         Command::List => {
             for m in ember_hub::list_models() {
                 let state = if m.present { "cached" } else { "not pulled" };

@@ -1,7 +1,12 @@
 //! Training checkpoints: the student's parameters, the optimizer's state and the step, so a
 //! run resumed from one continues exactly where it stopped.
+//!
+//! A checkpoint is a directory. It is written whole next to its final place
+//! (`DIR.partial`) and swapped in by renames, so a crash or a full disk mid-write leaves the
+//! previous checkpoint readable (as `DIR`, or as `DIR.old` for the instant between the two
+//! renames, which [`load_checkpoint`] also reads).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
@@ -12,6 +17,7 @@ use crate::{DistillError, Student};
 const STUDENT: &str = "student.bpk";
 const OPTIMIZER: &str = "optimizer.bpk";
 const STEP: &str = "step";
+const MANIFEST: &str = "job.json";
 
 fn err(dir: &Path, what: &str, why: impl std::fmt::Display) -> DistillError {
     DistillError::Write {
@@ -20,36 +26,91 @@ fn err(dir: &Path, what: &str, why: impl std::fmt::Display) -> DistillError {
     }
 }
 
-/// Writes `student`, `optim` and `step` into `dir` (created if needed). The step file is
-/// written last, so a directory with one holds a whole checkpoint.
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let mut s = dir.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Writes a checkpoint into `dir` (created if missing): the student's parameters
+/// (`student.bpk`), the optimizer's state (`optimizer.bpk`), the step, and when given the
+/// run's `manifest` (`job.json`: what a resume must agree with).
 pub fn save_checkpoint(
     dir: &Path,
     student: &Student,
     optim: &ModuleOptimizer,
     step: usize,
+    manifest: Option<&str>,
 ) -> Result<(), DistillError> {
-    std::fs::create_dir_all(dir).map_err(|e| err(dir, "", e))?;
-    let _ = std::fs::remove_file(dir.join(STEP));
-    student
-        .valid()
-        .into_record()
-        .save(dir.join(STUDENT))
-        .map_err(|e| err(dir, STUDENT, format!("{e:?}")))?;
-    optim
-        .save(dir.join(OPTIMIZER))
-        .map_err(|e| err(dir, OPTIMIZER, format!("{e:?}")))?;
-    std::fs::write(dir.join(STEP), step.to_string()).map_err(|e| err(dir, STEP, e))
+    let partial = sibling(dir, ".partial");
+    let old = sibling(dir, ".old");
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).map_err(|e| err(&partial, "", e))?;
+    let write = || -> Result<(), DistillError> {
+        student
+            .valid()
+            .into_record()
+            .save(partial.join(STUDENT))
+            .map_err(|e| err(&partial, STUDENT, format!("{e:?}")))?;
+        optim
+            .save(partial.join(OPTIMIZER))
+            .map_err(|e| err(&partial, OPTIMIZER, format!("{e:?}")))?;
+        if let Some(m) = manifest {
+            std::fs::write(partial.join(MANIFEST), m).map_err(|e| err(&partial, MANIFEST, e))?;
+        }
+        // The step is written last: a directory without it is never taken for a checkpoint.
+        std::fs::write(partial.join(STEP), step.to_string()).map_err(|e| err(&partial, STEP, e))
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(e);
+    }
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| err(dir, "", e))?;
+    }
+    std::fs::rename(&partial, dir).map_err(|e| err(dir, "", e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
 }
 
-/// Loads a checkpoint written by [`save_checkpoint`] into `student` (a student of the same
-/// shape, e.g. made again from the teacher) and `optim` (a fresh optimizer of the same
-/// configuration): the student on its device, tracked for training, and the step to go on
-/// from.
+/// The directory holding the checkpoint `dir` names: `dir` itself, or `dir.old` when a save
+/// was interrupted between its two renames.
+fn readable(dir: &Path) -> PathBuf {
+    let old = sibling(dir, ".old");
+    if !dir.join(STEP).exists() && old.join(STEP).exists() {
+        old
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// The manifest saved with the checkpoint in `dir`, if it has one.
+pub fn checkpoint_manifest(dir: &Path) -> Result<Option<String>, DistillError> {
+    let dir = readable(dir);
+    if !dir.join(STEP).exists() {
+        return Err(err(
+            &dir,
+            STEP,
+            "no checkpoint here (its step file is missing)",
+        ));
+    }
+    match std::fs::read_to_string(dir.join(MANIFEST)) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(err(&dir, MANIFEST, e)),
+    }
+}
+
+/// Reads a checkpoint written by [`save_checkpoint`] into `student` (built with the same
+/// configuration) and `optim` (a fresh optimizer of the same kind). Returns them, the student
+/// tracked for training, and the step the checkpoint was written at.
 pub fn load_checkpoint(
     dir: &Path,
     student: Student,
     optim: ModuleOptimizer,
 ) -> Result<(Student, ModuleOptimizer, usize), DistillError> {
+    let dir = &readable(dir);
     let step: usize = std::fs::read_to_string(dir.join(STEP))
         .map_err(|e| err(dir, STEP, e))?
         .trim()
@@ -57,8 +118,6 @@ pub fn load_checkpoint(
         .map_err(|e| err(dir, STEP, e))?;
     let record =
         ModuleRecord::load(dir.join(STUDENT)).map_err(|e| err(dir, STUDENT, format!("{e:?}")))?;
-    // A checkpoint of another student (other layers, another teacher) is an error, not a
-    // panic.
     let student = student
         .try_load_record(record)
         .map_err(|e| err(dir, STUDENT, format!("does not fit this student: {e:?}")))?

@@ -8,14 +8,17 @@ use ember_models::Model;
 
 use crate::{DistillError, TopK};
 
-const MAGIC: &[u8; 8] = b"EMBDTK01";
-const HEADER: usize = 8 + 8 + 4 + 4 + 8;
+const MAGIC: &[u8; 8] = b"EMBDTK02";
+const HEADER: usize = 8 + 8 + 8 + 4 + 4 + 8;
 
 /// Chunks of `seq_len` tokens, each with the teacher's top `k` logits at every position.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TeacherCache {
     /// Identifies the teacher the logits came from ([`teacher_id`]).
     pub teacher: u64,
+    /// Identifies how the tokens were made (the caller's hash of its data sources and
+    /// settings; 0 when unknown), so a cache can be reused without remaking its tokens.
+    pub recipe: u64,
     /// Tokens per chunk.
     pub seq_len: usize,
     /// Entries per position.
@@ -29,22 +32,42 @@ pub struct TeacherCache {
 /// An identifier of a teacher file: FNV-1a over its size and its first and last MiB. Cheap;
 /// it tells different model files apart, but not two that differ only in their middle.
 pub fn teacher_id(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |b: u8| {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    };
-    for b in (bytes.len() as u64).to_le_bytes() {
-        eat(b);
-    }
+    let mut h = Fnv::new();
+    h.eat(&(bytes.len() as u64).to_le_bytes());
     let mib = 1 << 20;
-    for &b in &bytes[..bytes.len().min(mib)] {
-        eat(b);
+    h.eat(&bytes[..bytes.len().min(mib)]);
+    h.eat(&bytes[bytes.len().saturating_sub(mib)..]);
+    h.finish()
+}
+
+/// FNV-1a, 64-bit: a stable hash for identifying files and data (not for security).
+#[derive(Clone, Copy, Debug)]
+pub struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self::new()
     }
-    for &b in &bytes[bytes.len().saturating_sub(mib)..] {
-        eat(b);
+}
+
+impl Fnv {
+    /// The empty hash.
+    pub fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
     }
-    h
+
+    /// Feeds `bytes`.
+    pub fn eat(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    /// The hash so far.
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 fn bad(path: &Path, why: impl std::fmt::Display) -> DistillError {
@@ -89,6 +112,7 @@ impl TeacherCache {
         }
         let mut out = Self {
             teacher: teacher_id,
+            recipe: 0,
             seq_len,
             k,
             tokens: Vec::with_capacity(chunks.len()),
@@ -109,6 +133,25 @@ impl TeacherCache {
         Ok(out)
     }
 
+    /// The first `n` chunks (all of them when there are fewer).
+    pub fn head(&self, n: usize) -> Self {
+        let n = n.min(self.len());
+        Self {
+            tokens: self.tokens[..n].to_vec(),
+            top: self.top[..n].to_vec(),
+            ..*self
+        }
+    }
+
+    /// An FNV-1a hash of every chunk's tokens (what a resumed run checks its data by).
+    pub fn tokens_hash(&self) -> u64 {
+        let mut h = Fnv::new();
+        for t in self.tokens.iter().flatten() {
+            h.eat(&t.to_le_bytes());
+        }
+        h.finish()
+    }
+
     /// Chunks held.
     pub fn len(&self) -> usize {
         self.tokens.len()
@@ -124,6 +167,7 @@ impl TeacherCache {
         let mut buf = Vec::with_capacity(HEADER + self.len() * self.seq_len * (4 + 8 * self.k));
         buf.extend_from_slice(MAGIC);
         buf.extend_from_slice(&self.teacher.to_le_bytes());
+        buf.extend_from_slice(&self.recipe.to_le_bytes());
         buf.extend_from_slice(&(self.seq_len as u32).to_le_bytes());
         buf.extend_from_slice(&(self.k as u32).to_le_bytes());
         buf.extend_from_slice(&(self.len() as u64).to_le_bytes());
@@ -171,9 +215,10 @@ impl TeacherCache {
             u64::from_le_bytes(b)
         };
         let teacher = u64_at(8);
-        let seq_len = u32_at(16) as usize;
-        let k = u32_at(20) as usize;
-        let n = u64_at(24);
+        let recipe = u64_at(16);
+        let seq_len = u32_at(24) as usize;
+        let k = u32_at(28) as usize;
+        let n = u64_at(32);
         let per_chunk = seq_len
             .checked_mul(k)
             .and_then(|sk| sk.checked_mul(8))
@@ -194,6 +239,7 @@ impl TeacherCache {
         let n = n as usize;
         let mut out = Self {
             teacher,
+            recipe,
             seq_len,
             k,
             tokens: Vec::with_capacity(n),

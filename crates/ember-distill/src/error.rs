@@ -23,7 +23,16 @@ pub enum DistillError {
     /// The training data cannot be used.
     #[error("data: {0}")]
     Data(String),
-    /// Writing the GGUF failed.
+    /// A checkpoint that this run cannot continue from.
+    #[error("resume: {0}")]
+    Resume(String),
+    /// The caller stopped the run before training began (nothing to checkpoint yet).
+    #[error("interrupted before training began; nothing was saved but the data made so far")]
+    Interrupted,
+    /// Measuring the report failed.
+    #[error("report: {0}")]
+    Report(String),
+    /// Writing the GGUF (or a checkpoint, cache or log) failed.
     #[error("writing {path}: {why}")]
     Write {
         /// The output path.

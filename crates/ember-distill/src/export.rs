@@ -25,6 +25,34 @@ pub enum ExportType {
 }
 
 impl ExportType {
+    /// Every type, in `--type`'s spelling.
+    pub const NAMES: &[&str] = &["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k"];
+
+    /// The type named as `--type` spells it (`f16`, `q8_0`, `q4_k`, ...; case-insensitive).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "q8_0" => Self::Q8_0,
+            "q4_0" => Self::Q4_0,
+            "q4_1" => Self::Q4_1,
+            "q4_k" => Self::Q4K,
+            _ => return None,
+        })
+    }
+
+    /// `--type`'s spelling of it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
+            Self::Q4K => "q4_k",
+        }
+    }
+
     fn ggml(self) -> GgmlType {
         match self {
             ExportType::F32 => GgmlType::F32,
@@ -50,8 +78,8 @@ impl ExportType {
 }
 
 /// Writes `student` to `path` as a GGUF both Ember and llama.cpp load: every metadata key of
-/// `teacher` (architecture, tokenizer, chat template) except the layer count, which becomes
-/// the student's, and `general.file_type`; then the student's tensors under the teacher's
+/// `teacher` (architecture, tokenizer, chat template) except the layer count and feed-forward
+/// width, which become the student's, and `general.file_type`; then the student's tensors under the teacher's
 /// names, matrices as `ty` (a row whose width is not a multiple of the type's block stays
 /// f32), vectors as f32. The file is written next to `path` and renamed onto it, so a failed
 /// export never leaves a partial file under that name.
@@ -67,12 +95,16 @@ pub fn export_gguf(
     };
     let arch = teacher.architecture().unwrap_or("llama").to_string();
     let block_count = format!("{arch}.block_count");
+    let ffn_length = format!("{arch}.feed_forward_length");
     let mut w = GgufWriter::new();
     for (key, value) in teacher.metadata() {
         match key.as_str() {
             "general.file_type" | "general.alignment" => {}
             k if k == block_count => {
                 w.add(k, MetaValue::U32(student.config().n_layer as u32));
+            }
+            k if k == ffn_length => {
+                w.add(k, MetaValue::U32(student.config().n_ff as u32));
             }
             k => {
                 w.add(k, value.clone());

@@ -16,23 +16,30 @@
 //! - [`TeacherCache`]: token chunks with the teacher's top-k at every position, computed once
 //!   by Ember's inference model and cached on disk; [`train`]: AdamW on burn's autodiff with
 //!   the schedule, accumulation, a seeded data order, checkpoints and resume.
+//! - [`Job`]: a whole run as `ember distill` does it (text files and the teacher's own
+//!   generations from [`corpus`], the cache, the student, training with checkpoints and
+//!   resume, the export and the [`report`]).
 //! - [`export_gguf`]: the student as a GGUF that Ember and llama.cpp load: the teacher's
 //!   metadata (tokenizer, chat template) with the student's layer count, its tensors in the
 //!   teacher's names and layout.
 
 mod checkpoint;
+pub mod corpus;
 mod data;
 mod error;
 mod export;
+mod job;
 mod loss;
+pub mod report;
 mod schedule;
 mod student;
 mod trainer;
 
-pub use checkpoint::{load_checkpoint, save_checkpoint};
-pub use data::{TeacherCache, teacher_id};
+pub use checkpoint::{checkpoint_manifest, load_checkpoint, save_checkpoint};
+pub use data::{Fnv, TeacherCache, teacher_id};
 pub use error::DistillError;
 pub use export::{ExportType, export_gguf};
+pub use job::{Event, Job, Layers, Outcome, TrainSettings};
 pub use loss::{TopK, kl_topk};
 pub use schedule::WarmupCosine;
 pub use student::{Student, StudentConfig};

@@ -34,11 +34,11 @@ pub struct StudentConfig {
 }
 
 impl StudentConfig {
-    fn from_model(c: &ModelConfig, n_layer: usize) -> Self {
+    fn from_model(c: &ModelConfig, n_layer: usize, n_ff: usize) -> Self {
         Self {
             n_layer,
             n_embd: c.n_embd,
-            n_ff: c.n_ff,
+            n_ff,
             n_head: c.n_head,
             n_head_kv: c.n_head_kv,
             head_dim: c.head_dim,
@@ -111,6 +111,46 @@ fn param1(values: Vec<f32>, device: &Device) -> Param<Tensor<1>> {
     Param::from_tensor(Tensor::from_data(TensorData::new(values, [n]), device))
 }
 
+/// The feed-forward cut to `n_ff` of its `ff` units (all of them when `n_ff == ff`): `gate`
+/// and `up` are `[ff, d]`, `down` `[d, ff]`, row-major; the units kept are those with the
+/// largest product of their three norms, in their original order.
+fn narrow_ffn(
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    down: Vec<f32>,
+    d: usize,
+    ff: usize,
+    n_ff: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    if n_ff == ff {
+        return (gate, up, down);
+    }
+    let norm = |xs: &mut dyn Iterator<Item = f32>| xs.map(|x| f64::from(x).powi(2)).sum::<f64>();
+    let mut score: Vec<(f64, usize)> = (0..ff)
+        .map(|j| {
+            let g = norm(&mut gate[j * d..(j + 1) * d].iter().copied());
+            let u = norm(&mut up[j * d..(j + 1) * d].iter().copied());
+            let w = norm(&mut (0..d).map(|r| down[r * ff + j]));
+            ((g * u * w).sqrt(), j)
+        })
+        .collect();
+    // Highest first; ties (and NaN, which sorts last) to the lower unit.
+    score.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut units: Vec<usize> = score[..n_ff].iter().map(|&(_, j)| j).collect();
+    units.sort_unstable();
+    let rows = |m: &[f32]| -> Vec<f32> {
+        units
+            .iter()
+            .flat_map(|&j| m[j * d..(j + 1) * d].iter().copied())
+            .collect()
+    };
+    let down_cols: Vec<f32> = (0..d)
+        .flat_map(|r| units.iter().map(move |&j| (r, j)))
+        .map(|(r, j)| down[r * ff + j])
+        .collect();
+    (rows(&gate), rows(&up), down_cols)
+}
+
 /// `x @ w^T` for `x: [b, t, in]` and `w: [out, in]`.
 fn linear(x: Tensor<3>, w: &Param<Tensor<2>>) -> Tensor<3> {
     x.matmul(w.val().transpose().unsqueeze::<3>())
@@ -130,6 +170,19 @@ impl Student {
     pub fn from_teacher(
         file: &GgufFile,
         keep: &[usize],
+        device: &Device,
+    ) -> Result<Self, DistillError> {
+        Self::from_teacher_narrow(file, keep, None, device)
+    }
+
+    /// [`from_teacher`](Self::from_teacher) with, when `n_ff` is given, a narrower
+    /// feed-forward: each block keeps the `n_ff` hidden units of the teacher's with the
+    /// largest `|gate_j| * |up_j| * |down_j|` (the norms of the unit's gate and up rows and
+    /// its down column: a cheap estimate of what the unit contributes), in their order.
+    pub fn from_teacher_narrow(
+        file: &GgufFile,
+        keep: &[usize],
+        n_ff: Option<usize>,
         device: &Device,
     ) -> Result<Self, DistillError> {
         let arch = file.architecture().unwrap_or("").to_string();
@@ -166,17 +219,33 @@ impl Student {
                 c.n_layer
             )));
         }
-        let config = StudentConfig::from_model(&c, keep.len());
-        let (d, ff, hd) = (c.n_embd, c.n_ff, c.head_dim);
+        let ff = c.n_ff;
+        let n_ff = n_ff.unwrap_or(ff);
+        if n_ff == 0 || n_ff > ff {
+            return Err(DistillError::Layers(format!(
+                "a feed-forward width of {n_ff}: it must be between 1 and the teacher's {ff}"
+            )));
+        }
+        let config = StudentConfig::from_model(&c, keep.len(), n_ff);
+        let (d, hd) = (c.n_embd, c.head_dim);
         let (nq, nkv) = (c.n_head * hd, c.n_head_kv * hd);
         let m = |name: &str, rows: usize, cols: usize| {
             teacher_tensor(file, name, &[cols, rows]).map(|v| param2(v, rows, cols, device))
         };
+        let raw = |name: &str, rows: usize, cols: usize| teacher_tensor(file, name, &[cols, rows]);
         let v =
             |name: &str, len: usize| teacher_tensor(file, name, &[len]).map(|v| param1(v, device));
         let mut blocks = Vec::with_capacity(keep.len());
         for &l in keep {
             let n = |t: &str| format!("blk.{l}.{t}.weight");
+            let (gate, up, down) = narrow_ffn(
+                raw(&n("ffn_gate"), ff, d)?,
+                raw(&n("ffn_up"), ff, d)?,
+                raw(&n("ffn_down"), d, ff)?,
+                d,
+                ff,
+                n_ff,
+            );
             blocks.push(Block {
                 attn_norm: v(&n("attn_norm"), d)?,
                 wq: m(&n("attn_q"), nq, d)?,
@@ -184,9 +253,9 @@ impl Student {
                 wv: m(&n("attn_v"), nkv, d)?,
                 wo: m(&n("attn_output"), d, nq)?,
                 ffn_norm: v(&n("ffn_norm"), d)?,
-                w_gate: m(&n("ffn_gate"), ff, d)?,
-                w_up: m(&n("ffn_up"), ff, d)?,
-                w_down: m(&n("ffn_down"), d, ff)?,
+                w_gate: param2(gate, n_ff, d, device),
+                w_up: param2(up, n_ff, d, device),
+                w_down: param2(down, d, n_ff, device),
             });
         }
         let output = if file.tensor("output.weight").is_some() {

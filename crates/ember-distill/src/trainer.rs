@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -29,12 +29,18 @@ pub struct TrainConfig {
     pub temperature: f32,
     /// Weight of the hard-label cross-entropy (next token) added to the KL; 0 for none.
     pub hard_weight: f32,
+    /// Clip the gradient to this global L2 norm (over every parameter at once, as PyTorch's
+    /// `clip_grad_norm_`) before each step; `None` for no clipping.
+    pub clip: Option<f32>,
     /// Seeds the data order.
     pub seed: u64,
     /// Write a checkpoint every this many steps (and at the end) into `checkpoint_dir`.
     pub save_every: Option<usize>,
     /// Where checkpoints go.
     pub checkpoint_dir: Option<PathBuf>,
+    /// Saved with every checkpoint (`job.json`): what a resumed run must agree with
+    /// ([`crate::checkpoint_manifest`] reads it back).
+    pub manifest: Option<String>,
 }
 
 /// What one optimizer step did.
@@ -48,6 +54,8 @@ pub struct StepReport {
     pub lr: f64,
     /// Tokens it trained on.
     pub tokens: usize,
+    /// The global L2 norm of its gradient, before clipping.
+    pub grad_norm: f32,
     /// Seconds in forward passes (loss included), backward passes and the optimizer.
     pub forward_s: f64,
     /// See `forward_s`.
@@ -128,6 +136,51 @@ fn make_batch(data: &TeacherCache, chunks: &[usize], device: &Device) -> Batch {
     }
 }
 
+/// Sums the squares of every parameter's gradient.
+struct SquaredNorm<'a> {
+    grads: &'a GradientsParams,
+    sum: f64,
+}
+
+impl ModuleVisitor for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            self.sum += f64::from(scalar(g.powf_scalar(2.0).sum()));
+        }
+    }
+}
+
+/// Multiplies every parameter's gradient by `by`.
+struct ScaleGrads<'a> {
+    grads: &'a mut GradientsParams,
+    by: f32,
+}
+
+impl ModuleVisitor for ScaleGrads<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            self.grads.register(param.id, g.mul_scalar(self.by));
+        }
+    }
+}
+
+/// The gradient's global L2 norm; when `max` is given and the norm exceeds it, every
+/// gradient is scaled by `max / norm` (burn's own clipping is per tensor).
+fn clip_global(student: &Student, grads: &mut GradientsParams, max: Option<f32>) -> f32 {
+    let mut norm = SquaredNorm { grads, sum: 0.0 };
+    student.visit(&mut norm);
+    let norm = norm.sum.sqrt() as f32;
+    if let Some(max) = max
+        && norm > max
+    {
+        student.visit(&mut ScaleGrads {
+            grads,
+            by: max / norm,
+        });
+    }
+    norm
+}
+
 fn scalar(t: Tensor<1>) -> f32 {
     t.into_data()
         .try_to_vec::<f32>()
@@ -197,6 +250,13 @@ pub fn train(
             config.hard_weight
         )));
     }
+    if let Some(c) = config.clip
+        && !(c.is_finite() && c > 0.0)
+    {
+        return Err(DistillError::Data(format!(
+            "gradient clipping norm {c} must be a finite number above 0"
+        )));
+    }
     check_data(&student, data)?;
     let ad = device.clone().autodiff();
     let mut student = student.train();
@@ -206,11 +266,12 @@ pub fn train(
             .with_epsilon(1e-8)
             .init()
     });
-    let save =
-        |student: &Student, optim: &ModuleOptimizer, step: usize| match &config.checkpoint_dir {
-            Some(dir) => crate::save_checkpoint(dir, student, optim, step),
-            None => Ok(()),
-        };
+    let save = |student: &Student, optim: &ModuleOptimizer, step: usize| match &config
+        .checkpoint_dir
+    {
+        Some(dir) => crate::save_checkpoint(dir, student, optim, step, config.manifest.as_deref()),
+        None => Ok(()),
+    };
     let mut step = start;
     while step < config.steps {
         let lr = config.schedule.at(step);
@@ -251,7 +312,15 @@ pub fn train(
             bwd += t1.elapsed().as_secs_f64();
         }
         let t2 = Instant::now();
-        student = optim.step(lr, student, acc.grads());
+        let mut grads = acc.grads();
+        let grad_norm = clip_global(&student, &mut grads, config.clip);
+        if !grad_norm.is_finite() {
+            return Err(DistillError::Data(format!(
+                "the gradient norm is {grad_norm} at step {} (learning rate too high?)",
+                step + 1
+            )));
+        }
+        student = optim.step(lr, student, grads);
         let opt = t2.elapsed().as_secs_f64();
         step += 1;
         let report = StepReport {
@@ -259,6 +328,7 @@ pub fn train(
             loss: loss_sum / config.accumulation as f32,
             lr,
             tokens: config.batch * config.accumulation * data.seq_len,
+            grad_norm,
             forward_s: fwd,
             backward_s: bwd,
             optimizer_s: opt,

@@ -32,9 +32,11 @@ fn config(dir: Option<PathBuf>) -> TrainConfig {
         weight_decay: 0.01,
         temperature: 2.0,
         hard_weight: 0.1,
+        clip: Some(1.0),
         seed: 7,
         save_every: Some(3),
         checkpoint_dir: dir,
+        manifest: Some("{}".into()),
     }
 }
 
@@ -68,7 +70,7 @@ fn cache_train_stop_resume() {
     let e = TeacherCache::load(&cut).expect_err("a truncated cache");
     assert!(e.to_string().contains("bytes"), "{e}");
     let mut huge = bytes.clone();
-    huge[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+    huge[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
     std::fs::write(&cut, &huge).expect("write");
     assert!(TeacherCache::load(&cut).is_err());
 

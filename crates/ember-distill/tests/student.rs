@@ -1,5 +1,6 @@
 //! The student computes what Ember's inference model computes: SmolLM2 (the real teacher)
-//! made into a student of all its layers, and of a third of them, exported to an F32 GGUF and
+//! made into a student of all its layers, of a third of them, and of a third with half the
+//! feed-forward units, exported to an F32 GGUF and
 //! run by ember-models; the student's own forward pass gives the same logits to the
 //! rounding of the inference model's f16 KV cache.
 
@@ -46,17 +47,22 @@ fn students_give_the_logits_of_their_exported_gguf() {
         .tokenize_prompt("The quick brown fox jumps over the lazy dog, and then it runs away.")
         .expect("tokenize");
     let n = tokens.len();
-    for (name, keep) in [
-        ("all", (0..30).collect::<Vec<usize>>()),
-        ("third", (0..30).step_by(3).collect()),
+    for (name, keep, n_ff) in [
+        ("all", (0..30).collect::<Vec<usize>>(), None),
+        ("third", (0..30).step_by(3).collect(), None),
+        // A narrower feed-forward (half the units): the export's feed_forward_length says so.
+        ("narrow", (0..30).step_by(3).collect(), Some(768)),
     ] {
-        let student = Student::from_teacher(&teacher, &keep, &device).expect("student");
+        let student =
+            Student::from_teacher_narrow(&teacher, &keep, n_ff, &device).expect("student");
         assert_eq!(student.config().n_layer, keep.len());
+        assert_eq!(student.config().n_ff, n_ff.unwrap_or(1536));
         let dir = scratch(name);
         let path = dir.join("student.gguf");
         export_gguf(&student, &teacher, &path, ExportType::F32).expect("export");
         let exported = LoadedModel::open(&path, &device).expect("Ember loads the export");
         assert_eq!(exported.model.config().n_layer, keep.len());
+        assert_eq!(exported.model.config().n_ff, n_ff.unwrap_or(1536));
 
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
         let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);

@@ -129,7 +129,7 @@ fn a_resumed_run_continues_bit_for_bit() {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("distill-resume");
     let _ = std::fs::remove_dir_all(&dir);
     let (half, optim) = steps(fresh().train(), config.init(), 2);
-    ember_distill::save_checkpoint(&dir, &half, &optim, 2).expect("save");
+    ember_distill::save_checkpoint(&dir, &half, &optim, 2, None).expect("save");
     drop((half, optim));
     let (student, optim, step) =
         ember_distill::load_checkpoint(&dir, fresh(), config.init()).expect("load");
