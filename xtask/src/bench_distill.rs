@@ -7,8 +7,12 @@
 //!    tokens/s per phase) and its per-step log.
 //! 3. Both as draft models for the teacher (`ember generate --spec draft --draft-model`,
 //!    greedy) on the speculative decoding workloads (`xtask/bench-spec/`), in interleaved
-//!    rounds with plain decoding: acceptance rate, decode tokens/s and the speedup, and
-//!    whether the tokens equal plain decoding's (greedy speculation must not change them).
+//!    rounds with plain decoding: the engine's acceptance rate, decode tokens/s and the
+//!    speedup, and whether the tokens equal plain decoding's (greedy speculation must not
+//!    change them). The engine stops drafting while a draft does not pay, so its acceptance
+//!    counts few drafts; the agreement (`ember logits --top-k 1` of each draft on the teacher's
+//!    greedy output: how many of its tokens the draft's argmax predicts) is the per-token
+//!    acceptance rate of greedy speculation at every position.
 //!
 //! Writes into `--out`: the two GGUFs and their reports, `loss.csv` and `loss.png` (the loss
 //! curve) and `summary.json`; prints a markdown summary.
@@ -72,6 +76,76 @@ pub struct Args {
     /// Where everything is written.
     #[arg(short, long, default_value = "target/bench-distill")]
     pub out: PathBuf,
+    /// Keep the pruned copy and the student already in --out (with their reports and loss
+    /// log) and only rerun the draft comparison.
+    #[arg(long)]
+    pub reuse: bool,
+}
+
+/// `ember tokenize` of `text` by `model` (BOS as the model says, special tokens parsed).
+fn tokenize(ember: &Path, model: &Path, text: &str) -> Result<Vec<u64>> {
+    use std::io::Write as _;
+    let mut child = Command::new(ember)
+        .args([
+            "tokenize",
+            "-m",
+            &model.display().to_string(),
+            "--stdin",
+            "--json",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("tokenize's stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("ember tokenize failed: {}", last_line(&out.stderr));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v["tokens"]
+        .as_array()
+        .context("tokens")?
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect())
+}
+
+/// How many of `generated` (which followed `prompt`) the `draft` model's argmax predicts,
+/// teacher-forced on the same prefix (`ember logits --top-k 1`): the per-token acceptance of
+/// greedy speculation, whatever the engine's drafting policy.
+fn agreement(ember: &Path, draft: &Path, prompt: &[u64], generated: &[u64]) -> Result<usize> {
+    let seq: Vec<String> = prompt.iter().chain(generated).map(u64::to_string).collect();
+    let out = Command::new(ember)
+        .args([
+            "logits",
+            "-m",
+            &draft.display().to_string(),
+            "--top-k",
+            "1",
+            "--json",
+        ])
+        .args(["--tokens", &seq.join(",")])
+        .output()?;
+    if !out.status.success() {
+        bail!("ember logits failed: {}", last_line(&out.stderr));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let positions = v["positions"].as_array().context("positions")?;
+    Ok(generated
+        .iter()
+        .enumerate()
+        .filter(|&(i, &want)| {
+            positions
+                .get(prompt.len() - 1 + i)
+                .and_then(|p| p["top"][0][0].as_u64())
+                == Some(want)
+        })
+        .count())
 }
 
 fn distill(a: &Args, ember: &Path, out: &Path, steps: usize) -> Result<f64> {
@@ -115,6 +189,9 @@ struct DraftRuns {
     drafted: u64,
     accepted: u64,
     mismatches: Vec<String>,
+    /// Generated positions where the draft's argmax is the teacher's token, and positions.
+    agree: usize,
+    positions: usize,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -134,10 +211,15 @@ pub fn run(a: Args) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     let started = std::time::SystemTime::now();
 
-    eprintln!("== the layer-pruned copy (and the data, the teacher's top-k)");
-    let pruned_s = distill(&a, &ember, &out, 0)?;
-    eprintln!("== the trained student");
-    let student_s = distill(&a, &ember, &out, a.steps)?;
+    // Wall times; `None` when --reuse kept earlier runs.
+    let (pruned_s, student_s) = if a.reuse {
+        (None, None)
+    } else {
+        eprintln!("== the layer-pruned copy (and the data, the teacher's top-k)");
+        let pruned_s = distill(&a, &ember, &out, 0)?;
+        eprintln!("== the trained student");
+        (Some(pruned_s), Some(distill(&a, &ember, &out, a.steps)?))
+    };
     let pruned = read_json(&out.join("pruned.gguf.report.json"))?;
     let student = read_json(&out.join("student.gguf.report.json"))?;
     std::fs::copy(out.join("student.gguf.train.csv"), out.join("loss.csv"))?;
@@ -209,6 +291,15 @@ pub fn run(a: Args) -> Result<()> {
                 );
             }
         }
+        if let Some(plain) = &plain_tokens {
+            let ids = tokenize(&ember, &teacher, &prompt)?;
+            for (k, (_, draft)) in drafts.iter().enumerate() {
+                if let Some(d) = draft {
+                    runs[k].agree = agreement(&ember, d, &ids, plain)?;
+                    runs[k].positions = plain.len();
+                }
+            }
+        }
         let plain_best = best_median(&mut runs[0].tps.clone()).0;
         for (k, run) in runs.iter().enumerate() {
             let (best, median) = best_median(&mut run.tps.clone());
@@ -221,11 +312,14 @@ pub fn run(a: Args) -> Result<()> {
                 "drafted": run.drafted,
                 "accepted": run.accepted,
                 "acceptance": run.accepted as f64 / run.drafted.max(1) as f64,
+                "agreement": run.agree as f64 / run.positions.max(1) as f64,
                 "mismatches": run.mismatches,
             }));
             let total = &mut all[k];
             total.drafted += run.drafted;
             total.accepted += run.accepted;
+            total.agree += run.agree;
+            total.positions += run.positions;
             total.mismatches.extend(run.mismatches.iter().cloned());
         }
     }
@@ -246,6 +340,10 @@ pub fn run(a: Args) -> Result<()> {
         "acceptance": {
             "pruned": all[1].accepted as f64 / all[1].drafted.max(1) as f64,
             "student": all[2].accepted as f64 / all[2].drafted.max(1) as f64,
+        },
+        "agreement": {
+            "pruned": all[1].agree as f64 / all[1].positions.max(1) as f64,
+            "student": all[2].agree as f64 / all[2].positions.max(1) as f64,
         },
         "mismatches": all.iter().flat_map(|r| r.mismatches.clone()).collect::<Vec<_>>(),
     });
@@ -310,13 +408,16 @@ fn print_summary(s: &Value) {
         f(&t["first_loss"]),
         f(&t["last_loss"])
     );
-    println!("| workload | draft | acceptance | tok/s best | median | speedup (best) |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| workload | draft | agreement (greedy) | engine acceptance | tok/s best | median | speedup (best) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for r in s["draft_rows"].as_array().into_iter().flatten() {
         println!(
-            "| {} | {} | {:.1}% ({}/{}) | {} | {} | {}x |",
+            "| {} | {} | {:.1}% | {:.1}% ({}/{}) | {} | {} | {}x |",
             r["workload"].as_str().unwrap_or(""),
             r["draft"].as_str().unwrap_or(""),
+            100.0 * r["agreement"].as_f64().unwrap_or(0.0),
             100.0 * r["acceptance"].as_f64().unwrap_or(0.0),
             r["accepted"],
             r["drafted"],
@@ -326,7 +427,10 @@ fn print_summary(s: &Value) {
         );
     }
     println!(
-        "\nacceptance over all workloads: pruned {:.1}%, trained {:.1}%",
+        "\nover all workloads: agreement (greedy per-token acceptance) pruned {:.1}%, trained \
+         {:.1}%; engine acceptance pruned {:.1}%, trained {:.1}%",
+        100.0 * s["agreement"]["pruned"].as_f64().unwrap_or(0.0),
+        100.0 * s["agreement"]["student"].as_f64().unwrap_or(0.0),
         100.0 * s["acceptance"]["pruned"].as_f64().unwrap_or(0.0),
         100.0 * s["acceptance"]["student"].as_f64().unwrap_or(0.0)
     );

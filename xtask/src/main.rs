@@ -612,9 +612,16 @@ mod tests {
         assert_eq!((a.rounds, a.n, a.threads), (2, 128, 2));
         assert_eq!(a.out_type, "q8_0");
         assert_eq!(a.workloads, ["rewrite", "extract", "story", "once"]);
-        let Task::BenchDistill(a) =
-            parse(&["bench-distill", "--layers", "6", "--steps", "50", "-w", "story"]).unwrap()
-        else {
+        let Task::BenchDistill(a) = parse(&[
+            "bench-distill",
+            "--layers",
+            "6",
+            "--steps",
+            "50",
+            "-w",
+            "story",
+        ])
+        .unwrap() else {
             panic!("wrong task");
         };
         assert_eq!((a.layers, a.steps), (6, 50));

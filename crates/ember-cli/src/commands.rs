@@ -58,6 +58,7 @@ enum Command {
     Serve(ServeArgs),
     /// Train a smaller student of a teacher model (fewer layers) to match its output
     /// distribution, and write it as GGUF (e.g. a draft model for --spec draft).
+    #[cfg(feature = "distill")]
     Distill(Box<crate::distill::DistillArgs>),
 }
 
@@ -603,6 +604,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(a) => cmd_bench(a),
         Command::Serve(a) => cmd_serve(a),
+        #[cfg(feature = "distill")]
         Command::Distill(a) => crate::distill::run(*a),
         Command::List => {
             for m in ember_hub::list_models() {

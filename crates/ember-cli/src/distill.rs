@@ -236,12 +236,16 @@ pub fn run(a: DistillArgs) -> Result<()> {
     eprintln!("distilling {}", job.teacher.display());
     let mut pb = ProgressBar::hidden();
     let mut phase = String::new();
+    let mut phase_total = 0usize;
+    let mut logged = 0usize;
     let log_every = (a.steps / 50).max(1);
     let outcome = job.run(&device, |event| {
         match event {
             Event::Phase(name, total) => {
                 pb.finish_and_clear();
                 phase = name.to_string();
+                phase_total = total;
+                logged = 0;
                 pb = match name {
                     "train" => bar(total, "train [{bar:30}] {pos}/{len} steps {msg} ETA {eta}"),
                     _ if total > 0 => bar(
@@ -254,7 +258,16 @@ pub fn run(a: DistillArgs) -> Result<()> {
                     }
                 };
             }
-            Event::Progress(done) => pb.set_position(done as u64),
+            Event::Progress(done) => {
+                pb.set_position(done as u64);
+                // Without a terminal, the long data phases log every tenth (training logs
+                // its steps itself).
+                let tenth = done * 10 / phase_total.max(1);
+                if pb.is_hidden() && phase != "train" && phase_total > 0 && tenth > logged {
+                    logged = tenth;
+                    eprintln!("{phase}: {done}/{phase_total}");
+                }
+            }
             Event::Step(r) => {
                 let secs = r.forward_s + r.backward_s + r.optimizer_s;
                 let line = format!(
@@ -324,10 +337,12 @@ fn print_report(r: &ember_distill::report::Report) {
         );
     }
     println!(
-        "held-out tokens: {}; as draft (--spec draft, greedy, {} prompts): acceptance {:.1}% \
-         ({}/{}), {:.1} -> {:.1} tok/s ({:.2}x), same tokens: {}",
+        "held-out tokens: {}; as draft (--spec draft, greedy, {} prompts): agrees with {:.1}% \
+         of the teacher's tokens; the engine accepted {:.1}% ({}/{}), {:.1} -> {:.1} tok/s \
+         ({:.2}x), same tokens: {}",
         r.held_out_tokens,
         r.draft.prompts,
+        100.0 * r.draft.agreement,
         100.0 * r.draft.acceptance,
         r.draft.accepted,
         r.draft.drafted,

@@ -2,6 +2,7 @@
 //! prints. Errors print one clear message and exit with code 1.
 
 mod commands;
+#[cfg(feature = "distill")]
 mod distill;
 mod inspect;
 

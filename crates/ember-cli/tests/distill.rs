@@ -129,13 +129,18 @@ fn runs_export_report_and_resume_bit_for_bit() {
     assert_eq!(report["training"]["steps"], 12);
     assert_eq!(report["draft"]["same_tokens"], true, "{report}");
     assert!(
+        report["draft"]["agreement"]
+            .as_f64()
+            .is_some_and(|a| (0.0..=1.0).contains(&a))
+    );
+    assert!(
         report["student"]["perplexity"]
             .as_f64()
             .is_some_and(f64::is_finite)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("student") && stdout.contains("acceptance"),
+        stdout.contains("student") && stdout.contains("agrees with"),
         "{stdout}"
     );
     // Ember runs the student.

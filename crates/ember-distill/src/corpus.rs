@@ -97,6 +97,20 @@ pub const BUILTIN_PROMPTS: &[&str] = &[
     "What are some good habits for writing clean code?",
 ];
 
+/// Prompts the report measures the student as a draft on: none of them is among
+/// [`BUILTIN_PROMPTS`], so a student trained on the teacher's answers to those is measured on
+/// requests it has not seen.
+pub const EVAL_PROMPTS: &[&str] = &[
+    "Explain how a hash table handles collisions.",
+    "Write a short poem about the sea at night.",
+    "What are the pros and cons of working from home?",
+    "Describe how to change a flat tyre on a car.",
+    "Write a C function that counts the set bits in an integer.",
+    "Why is the sky blue?",
+    "Plan a one-day visit to a museum with children.",
+    "Summarize the causes of the First World War.",
+];
+
 /// The prompts in a file, one per non-empty line.
 pub fn read_prompts(path: &Path) -> Result<Vec<String>, DistillError> {
     let text = std::fs::read_to_string(path)

@@ -10,7 +10,7 @@ use burn::tensor::Device;
 use ember_runtime::loaded::LoadedModel;
 use serde::Serialize;
 
-use crate::corpus::{BUILTIN_PROMPTS, read_prompts, self_generate, text_documents};
+use crate::corpus::{BUILTIN_PROMPTS, EVAL_PROMPTS, read_prompts, self_generate, text_documents};
 use crate::report::{Report, TrainingFigures, evaluate};
 use crate::{
     DistillError, ExportType, Fnv, StepReport, Student, TeacherCache, TrainConfig, WarmupCosine,
@@ -349,12 +349,13 @@ impl Job {
         )));
         let report = if self.report {
             let _ = on(Event::Phase("report", 0));
+            let eval_prompts: Vec<String> = EVAL_PROMPTS.iter().map(|p| p.to_string()).collect();
             let report = evaluate(
                 &teacher,
                 &self.teacher,
                 &self.output,
                 &held,
-                &prompts,
+                &eval_prompts,
                 figures,
                 device,
                 |msg| {

@@ -81,8 +81,13 @@ pub struct DraftFigures {
     pub drafted: u64,
     /// Proposed tokens the teacher accepted.
     pub accepted: u64,
-    /// `accepted / drafted`.
+    /// `accepted / drafted` (the engine drafts adaptively: it pauses while drafting does not
+    /// pay, so this counts few drafts when the student is slow or poor).
     pub acceptance: f64,
+    /// The share of the teacher's greedy tokens the student predicts (its argmax, given the
+    /// same prefix): the per-token acceptance rate of greedy speculation, measured at every
+    /// generated position whatever the engine's drafting policy.
+    pub agreement: f64,
     /// The teacher alone, generated tokens per second.
     pub plain_tokens_per_s: f64,
     /// With the draft.
@@ -154,12 +159,23 @@ fn figures(
     })
 }
 
+/// The index of the largest value, the first on ties.
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
 fn rayon_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// `draft` proposing for `target` (`--spec draft`, the engine's default draft lengths), greedy,
-/// on up to 8 of `prompts` (chat-templated; the last ones, skipping any the context cannot
+/// on up to 8 of `prompts` (chat-templated; the first ones, skipping any the context cannot
 /// hold) for `max_tokens` each, against `target` alone on the same prompts.
 pub fn draft_figures(
     target: &LoadedModel,
@@ -175,13 +191,15 @@ pub fn draft_figures(
         drafted: 0,
         accepted: 0,
         acceptance: 0.0,
+        agreement: 0.0,
         plain_tokens_per_s: 0.0,
         spec_tokens_per_s: 0.0,
         speedup: 0.0,
         same_tokens: true,
     };
     let (mut plain_ms, mut spec_ms, mut plain_n) = (0.0, 0.0, 0usize);
-    for prompt in prompts.iter().rev().take(8) {
+    let (mut agree, mut positions) = (0usize, 0usize);
+    for prompt in prompts.iter().take(8) {
         let prompt_tokens = match &template {
             Some(t) => t
                 .render_tokens(
@@ -226,11 +244,22 @@ pub fn draft_figures(
             f.drafted += s.drafted;
             f.accepted += s.accepted;
         }
+        // The student's argmax after each prefix of the teacher's greedy output.
+        let mut seq = req.prompt_tokens.clone();
+        seq.extend_from_slice(&plain.tokens);
+        let rows = ember_runtime::eval::teacher_forced_logits(&draft.model, &seq, 512)
+            .map_err(report_err)?;
+        let p = req.prompt_tokens.len();
+        for (i, &want) in plain.tokens.iter().enumerate() {
+            agree += usize::from(argmax(&rows[p - 1 + i]) == want as usize);
+            positions += 1;
+        }
         plain_ms += plain.timings.predicted_ms + plain.timings.prompt_ms;
         spec_ms += spec.timings.predicted_ms + spec.timings.prompt_ms;
         plain_n += plain.tokens.len();
     }
     f.acceptance = f.accepted as f64 / (f.drafted.max(1)) as f64;
+    f.agreement = agree as f64 / positions.max(1) as f64;
     f.plain_tokens_per_s = plain_n as f64 * 1e3 / plain_ms.max(1e-9);
     f.spec_tokens_per_s = f.tokens as f64 * 1e3 / spec_ms.max(1e-9);
     f.speedup = f.spec_tokens_per_s / f.plain_tokens_per_s.max(1e-9);
