@@ -195,14 +195,7 @@ struct DraftRuns {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let status = Command::new("cargo")
-        .args(["build", "--release", "-p", "ember-cli"])
-        .current_dir(root())
-        .status()?;
-    if !status.success() {
-        bail!("building ember failed");
-    }
-    let ember = root().join("target/release/ember");
+    let ember = crate::build_ember()?;
     let out = if a.out.is_absolute() {
         a.out.clone()
     } else {

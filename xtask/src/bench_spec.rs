@@ -545,14 +545,7 @@ pub fn run(mut a: Args) -> Result<()> {
         bail!("--rounds, -n, --threads and --draft-max must be at least 1");
     }
     let streams: Vec<usize> = a.streams.iter().copied().filter(|&s| s > 0).collect();
-    let status = Command::new("cargo")
-        .args(["build", "--release", "-p", "ember-cli"])
-        .current_dir(root())
-        .status()?;
-    if !status.success() {
-        bail!("building ember failed");
-    }
-    let ember = root().join("target/release/ember");
+    let ember = crate::build_ember()?;
 
     // Every workload named anywhere, read once.
     let mut names: Vec<String> = Vec::new();

@@ -116,6 +116,18 @@ pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Builds `target/release/ember` (cargo does nothing when it is up to date) and returns it.
+pub(crate) fn build_ember() -> Result<PathBuf> {
+    let status = Command::new("cargo")
+        .args(["build", "--release", "-p", "ember-cli"])
+        .current_dir(root())
+        .status()?;
+    if !status.success() {
+        bail!("building ember failed");
+    }
+    Ok(root().join("target/release/ember"))
+}
+
 pub(crate) fn llama_bin() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("EMBER_LLAMACPP_BIN") {
         return Ok(PathBuf::from(dir));
@@ -203,14 +215,7 @@ fn bench_vs_llamacpp(a: BenchArgs) -> Result<()> {
 
     let path = ember_hub::resolve(&model)?;
     let bin = llama_bin()?;
-    let status = Command::new("cargo")
-        .args(["build", "--release", "-p", "ember-cli"])
-        .current_dir(root())
-        .status()?;
-    if !status.success() {
-        bail!("building ember failed");
-    }
-    let ember = root().join("target/release/ember");
+    let ember = crate::build_ember()?;
     let model_arg = path.to_string_lossy().to_string();
     let llama = |extra: &[&str]| {
         let mut c = Command::new(bin.join("llama-bench"));

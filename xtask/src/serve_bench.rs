@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-use crate::{DEFAULT_MODEL, best_median, llama_bin, root};
+use crate::{DEFAULT_MODEL, best_median, llama_bin};
 
 /// A server process, killed when dropped.
 pub(crate) struct Server {
@@ -206,16 +206,10 @@ pub fn run(a: Args) -> Result<()> {
     let path = ember_hub::resolve(&model)?;
     let model_arg = path.to_string_lossy().to_string();
     let bin = llama_bin()?;
-    let status = Command::new("cargo")
-        .args(["build", "--release", "-p", "ember-cli"])
-        .current_dir(root())
-        .status()?;
-    if !status.success() {
-        bail!("building ember failed");
-    }
+    let ember_bin = crate::build_ember()?;
 
     let ember_port = free_port()?;
-    let mut ember = Command::new(root().join("target/release/ember"));
+    let mut ember = Command::new(ember_bin);
     ember.stdout(Stdio::null()).stderr(Stdio::null());
     ember.env("RAYON_NUM_THREADS", &threads).args([
         "serve",

@@ -159,7 +159,10 @@ fn interrupts() -> Result<Arc<AtomicUsize>> {
         if c.fetch_add(1, Ordering::SeqCst) >= 1 {
             std::process::exit(130);
         }
-        eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+        eprintln!(
+            "\ninterrupted: stopping at the next safe point (after this training step, with a \
+             checkpoint); Ctrl-C again to quit now"
+        );
     })?;
     Ok(count)
 }
@@ -287,18 +290,27 @@ pub fn run(a: DistillArgs) -> Result<()> {
             }
             Event::Note(msg) => pb.suspend(|| eprintln!("{msg}")),
         }
-        if stop.load(Ordering::SeqCst) > 0 && (phase == "train" || phase == "generate") {
+        if stop.load(Ordering::SeqCst) > 0
+            && matches!(phase.as_str(), "train" | "generate" | "teacher")
+        {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
         }
     });
     pb.finish_and_clear();
-    match outcome? {
+    let outcome = match outcome {
+        Err(ember_distill::DistillError::Interrupted) => {
+            eprintln!("error: {}", ember_distill::DistillError::Interrupted);
+            std::process::exit(130);
+        }
+        other => other?,
+    };
+    match outcome {
         Outcome::Stopped { step, by_caller } => {
             eprintln!(
                 "stopped at step {step}: checkpoint in {}; continue with --resume {} and the \
-                 same flags",
+                 other flags unchanged (leave out --checkpoint-dir and --stop-at)",
                 checkpoints.display(),
                 checkpoints.display()
             );

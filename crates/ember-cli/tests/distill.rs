@@ -170,8 +170,14 @@ fn runs_export_report_and_resume_bit_for_bit() {
         std::fs::read_to_string(ckpt.join("step")).expect("step"),
         "5"
     );
+    // A --stop-at the checkpoint has already passed is refused.
+    let ckpt_s = format!("{}/", ckpt.display()); // a trailing slash, as shells complete it
+    let mut early = cache.clone();
+    early.extend(["--resume", &ckpt_s, "--stop-at", "3"]);
+    let out = ember(&args(&teacher, &data, &b, &early));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--stop-at 3 is not after"));
     let mut resume = cache.clone();
-    let ckpt_s = ckpt.display().to_string();
     resume.extend(["--resume", &ckpt_s]);
     ok(&ember(&args(&teacher, &data, &b, &resume)));
     assert!(std::fs::read(&b).expect("b") == std::fs::read(&a).expect("a"));
@@ -266,6 +272,28 @@ fn bad_input_exits_1_clearly_and_leaves_no_output() {
             "feed-forward width of 100000",
         ),
     ];
+    // A directory of other files as --checkpoint-dir, or another file as --cache, would be
+    // replaced: refused, and left as they are.
+    let foreign = dir.join("foreign");
+    std::fs::create_dir_all(&foreign).expect("dir");
+    std::fs::write(foreign.join("notes.txt"), "keep me").expect("write");
+    let notes = dir.join("notes.txt");
+    std::fs::write(&notes, "keep me too").expect("write");
+    let foreign_s = foreign.display().to_string();
+    let notes_s = notes.display().to_string();
+    let cases: Vec<(Vec<String>, &str)> = cases
+        .into_iter()
+        .chain([
+            (
+                args(&teacher, &data, &out, &["--checkpoint-dir", &foreign_s]),
+                "holds other files",
+            ),
+            (
+                args(&teacher, &data, &out, &["--cache", &notes_s]),
+                "is not a teacher cache",
+            ),
+        ])
+        .collect();
     for (mut a, want) in cases {
         // A flag given twice is refused by the parser: the case's own value replaces the
         // default one (the last occurrence is the case's).
@@ -287,4 +315,12 @@ fn bad_input_exits_1_clearly_and_leaves_no_output() {
         assert!(!out.exists() && !partial(&out).exists(), "{a:?}");
         assert!(!missing_dir.exists());
     }
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("notes.txt")).expect("kept"),
+        "keep me"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&notes).expect("kept"),
+        "keep me too"
+    );
 }

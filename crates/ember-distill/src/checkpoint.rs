@@ -26,10 +26,50 @@ fn err(dir: &Path, what: &str, why: impl std::fmt::Display) -> DistillError {
     }
 }
 
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
-    let mut s = dir.as_os_str().to_owned();
+/// `dir`'s sibling named `<dir's name><suffix>` (a trailing slash or `./` in `dir` does not
+/// put it inside `dir`); `None` for a path without a name (`.`, `/`).
+fn sibling(dir: &Path, suffix: &str) -> Option<PathBuf> {
+    let name = dir.file_name()?;
+    if dir.components().next_back() != Some(std::path::Component::Normal(name)) {
+        return None;
+    }
+    let mut s = name.to_owned();
     s.push(suffix);
-    PathBuf::from(s)
+    Some(dir.with_file_name(s))
+}
+
+/// Refuses a checkpoint directory that could not be swapped safely: a path without a name,
+/// or an existing directory with other contents than a checkpoint's (replacing it would
+/// delete them).
+pub fn check_checkpoint_dir(dir: &Path) -> Result<(), DistillError> {
+    let nameless = || {
+        err(
+            dir,
+            "",
+            "a checkpoint directory needs a name of its own (not `.`, `..` or `/`)",
+        )
+    };
+    sibling(dir, "").ok_or_else(nameless)?;
+    if dir.is_file() {
+        return Err(err(dir, "", "it is a file, not a directory"));
+    }
+    let foreign = std::fs::read_dir(dir)
+        .map(|mut entries| entries.next().is_some() && !dir.join(STEP).exists())
+        .unwrap_or(false);
+    if foreign {
+        return Err(err(
+            dir,
+            "",
+            "the directory holds other files and no checkpoint: a checkpoint would replace \
+             it, so give a new or empty directory",
+        ));
+    }
+    Ok(())
+}
+
+/// Flushes a written file (or a directory's entries) to the disk.
+fn sync(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
 }
 
 /// Writes a checkpoint into `dir` (created if missing): the student's parameters
@@ -42,8 +82,16 @@ pub fn save_checkpoint(
     step: usize,
     manifest: Option<&str>,
 ) -> Result<(), DistillError> {
-    let partial = sibling(dir, ".partial");
-    let old = sibling(dir, ".old");
+    check_checkpoint_dir(dir)?;
+    let nameless = || err(dir, "", "a checkpoint directory needs a name of its own");
+    let partial = sibling(dir, ".partial").ok_or_else(nameless)?;
+    let old = sibling(dir, ".old").ok_or_else(nameless)?;
+    // A save interrupted between its renames left the checkpoint as `old`: put it back first,
+    // so that it is never the copy removed below.
+    if !dir.join(STEP).exists() && old.join(STEP).exists() {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::rename(&old, dir).map_err(|e| err(dir, "", e))?;
+    }
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial).map_err(|e| err(&partial, "", e))?;
     let write = || -> Result<(), DistillError> {
@@ -59,7 +107,14 @@ pub fn save_checkpoint(
             std::fs::write(partial.join(MANIFEST), m).map_err(|e| err(&partial, MANIFEST, e))?;
         }
         // The step is written last: a directory without it is never taken for a checkpoint.
-        std::fs::write(partial.join(STEP), step.to_string()).map_err(|e| err(&partial, STEP, e))
+        std::fs::write(partial.join(STEP), step.to_string()).map_err(|e| err(&partial, STEP, e))?;
+        for f in [STUDENT, OPTIMIZER, MANIFEST, STEP] {
+            let path = partial.join(f);
+            if path.exists() {
+                sync(&path).map_err(|e| err(&partial, f, e))?;
+            }
+        }
+        sync(&partial).map_err(|e| err(&partial, "", e))
     };
     if let Err(e) = write() {
         let _ = std::fs::remove_dir_all(&partial);
@@ -70,6 +125,9 @@ pub fn save_checkpoint(
         std::fs::rename(dir, &old).map_err(|e| err(dir, "", e))?;
     }
     std::fs::rename(&partial, dir).map_err(|e| err(dir, "", e))?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let _ = sync(parent);
+    }
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }
@@ -77,11 +135,9 @@ pub fn save_checkpoint(
 /// The directory holding the checkpoint `dir` names: `dir` itself, or `dir.old` when a save
 /// was interrupted between its two renames.
 fn readable(dir: &Path) -> PathBuf {
-    let old = sibling(dir, ".old");
-    if !dir.join(STEP).exists() && old.join(STEP).exists() {
-        old
-    } else {
-        dir.to_path_buf()
+    match sibling(dir, ".old") {
+        Some(old) if !dir.join(STEP).exists() && old.join(STEP).exists() => old,
+        _ => dir.to_path_buf(),
     }
 }
 

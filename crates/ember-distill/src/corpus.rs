@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use ember_runtime::chat::ChatMessage;
+use ember_runtime::chat::{ChatMessage, ChatTemplate};
 use ember_runtime::generate::{GenerateRequest, generate};
 use ember_runtime::loaded::LoadedModel;
 use ember_runtime::sampling::SamplingParams;
@@ -152,6 +152,48 @@ pub fn text_documents(
         .collect()
 }
 
+/// `prompt` as a user turn in `model`'s chat `template` when it has one, else as plain text,
+/// tokenized as a prompt.
+pub(crate) fn chat_prompt(
+    model: &LoadedModel,
+    template: Option<&ChatTemplate>,
+    prompt: &str,
+) -> Result<Vec<u32>, String> {
+    match template {
+        Some(t) => t
+            .render_tokens(
+                &model.tokenizer,
+                &[ChatMessage::user(prompt)],
+                true,
+                true,
+                None,
+            )
+            .map_err(|e| e.to_string()),
+        None => model.tokenize_prompt(prompt).map_err(|e| e.to_string()),
+    }
+}
+
+/// A plain generation request: no stop strings, stopping at end-of-generation, the default KV
+/// cache, no speculation.
+pub(crate) fn request(
+    prompt_tokens: Vec<u32>,
+    max_tokens: usize,
+    ctx_size: usize,
+    sampling: SamplingParams,
+) -> GenerateRequest {
+    GenerateRequest {
+        prompt_tokens,
+        max_tokens,
+        sampling,
+        stop: Vec::new(),
+        ctx_size,
+        stop_at_eog: true,
+        context_shift: None,
+        kv: Default::default(),
+        spec: SpecConfig::default(),
+    }
+}
+
 /// The teacher's own answers: `n` generations of at most `max_tokens` tokens each, from
 /// `prompts` in turn (wrapped in the teacher's chat template where it has one), sampled at
 /// temperature 0.8 with seeds `seed, seed + 1, ...` (so the same settings give the same
@@ -175,34 +217,13 @@ pub fn self_generate(
         let prompt = &prompts[i % prompts.len()];
         let gen_err =
             |why: String| DistillError::Data(format!("generating from {prompt:?}: {why}"));
-        let prompt_tokens = match &template {
-            Some(t) => t
-                .render_tokens(
-                    &teacher.tokenizer,
-                    &[ChatMessage::user(prompt.as_str())],
-                    true,
-                    true,
-                    None,
-                )
-                .map_err(|e| gen_err(e.to_string()))?,
-            None => teacher
-                .tokenize_prompt(prompt)
-                .map_err(|e| gen_err(e.to_string()))?,
+        let prompt_tokens = chat_prompt(teacher, template.as_ref(), prompt).map_err(gen_err)?;
+        let ctx_size = (prompt_tokens.len() + max_tokens).min(ctx);
+        let sampling = SamplingParams {
+            seed: Some(seed.wrapping_add(i as u64)),
+            ..SamplingParams::default()
         };
-        let req = GenerateRequest {
-            ctx_size: (prompt_tokens.len() + max_tokens).min(ctx),
-            prompt_tokens,
-            max_tokens,
-            sampling: SamplingParams {
-                seed: Some(seed.wrapping_add(i as u64)),
-                ..SamplingParams::default()
-            },
-            stop: Vec::new(),
-            stop_at_eog: true,
-            context_shift: None,
-            kv: Default::default(),
-            spec: SpecConfig::default(),
-        };
+        let req = request(prompt_tokens, max_tokens, ctx_size, sampling);
         let out = generate(&teacher.model, &teacher.tokenizer, &req, |_| {})
             .map_err(|e| gen_err(e.to_string()))?;
         let mut doc = req.prompt_tokens;

@@ -27,7 +27,7 @@ pub enum DistillError {
     #[error("resume: {0}")]
     Resume(String),
     /// The caller stopped the run before training began (nothing to checkpoint yet).
-    #[error("interrupted before training began; nothing was saved but the data made so far")]
+    #[error("interrupted before training began; nothing was saved")]
     Interrupted,
     /// Measuring the report failed.
     #[error("report: {0}")]

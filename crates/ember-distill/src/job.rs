@@ -178,16 +178,13 @@ impl Job {
             h.eat(&(bytes.len() as u64).to_le_bytes());
             h.eat(&bytes);
         }
-        for v in [
-            self.self_generate,
-            self.gen_tokens,
-            self.seq_len,
-            self.top_k,
-        ] {
+        for v in [self.seq_len, self.top_k, self.self_generate] {
             h.eat(&(v as u64).to_le_bytes());
         }
-        h.eat(&self.train.seed.to_le_bytes());
+        // What the generations depend on, only when there are any.
         if self.self_generate > 0 {
+            h.eat(&(self.gen_tokens as u64).to_le_bytes());
+            h.eat(&self.train.seed.to_le_bytes());
             for p in prompts {
                 h.eat(p.as_bytes());
                 h.eat(&[0]);
@@ -196,13 +193,39 @@ impl Job {
         Ok(h.finish())
     }
 
-    /// Runs the job: see the module docs. Errors leave no file at `output`.
+    /// Runs the job: see the module docs. An error before the export leaves no file at
+    /// `output` (the file is written whole and renamed).
     pub fn run(
         &self,
         device: &Device,
         mut on: impl FnMut(Event) -> ControlFlow<()>,
     ) -> Result<Outcome, DistillError> {
         check_writable(&self.output)?;
+        if self.resume {
+            checkpoint_manifest(&self.checkpoints)?;
+        } else {
+            crate::check_checkpoint_dir(&self.checkpoints)?;
+        }
+        if self.cache.exists() && !crate::data::is_teacher_cache(&self.cache) {
+            return Err(DistillError::Data(format!(
+                "{} is not a teacher cache: give another --cache path (it would be replaced)",
+                self.cache.display()
+            )));
+        }
+        // Sizes that would be allocated up front.
+        let t = &self.train;
+        let limits = [
+            ("--self-generate", self.self_generate, 1_000_000),
+            ("--batch", t.batch, 65_536),
+            ("--accumulation", t.accumulation, 65_536),
+            ("--steps", t.steps, 100_000_000),
+            ("--top-k", self.top_k, 65_536),
+        ];
+        for (flag, value, max) in limits {
+            if value > max {
+                return Err(DistillError::Data(format!("{flag} {value} is above {max}")));
+            }
+        }
         if self.data.is_empty() && self.self_generate == 0 {
             return Err(DistillError::Data(
                 "no data: give text files (--data) and/or --self-generate N".into(),
@@ -243,8 +266,8 @@ impl Job {
         let student = Student::from_teacher_narrow(&teacher.file, &layers, self.n_ff, device)?;
         let tid = teacher_id(teacher.file.bytes());
         let prompts = match &self.prompts {
-            Some(p) => read_prompts(p)?,
-            None => BUILTIN_PROMPTS.iter().map(|s| s.to_string()).collect(),
+            Some(p) if self.self_generate > 0 => read_prompts(p)?,
+            _ => BUILTIN_PROMPTS.iter().map(|s| s.to_string()).collect(),
         };
         let recipe = self.recipe(tid, &prompts)?;
         let cache = self.teacher_cache(&teacher, tid, recipe, &prompts, &mut on)?;
@@ -278,7 +301,6 @@ impl Job {
             train: &self.train,
         })
         .map_err(|e| DistillError::Data(e.to_string()))?;
-        let t = &self.train;
         let config = TrainConfig {
             steps: t.steps,
             batch: t.batch,
@@ -305,6 +327,13 @@ impl Job {
         let (student, optim, start) = if self.resume {
             check_manifest(&self.checkpoints, &manifest)?;
             let (s, o, step) = load_checkpoint(&self.checkpoints, student, optim)?;
+            if let Some(stop) = self.stop_at
+                && stop <= step
+            {
+                return Err(DistillError::Resume(format!(
+                    "--stop-at {stop} is not after the checkpoint's step {step}"
+                )));
+            }
             let _ = on(Event::Note(format!(
                 "resuming at step {step} from {}",
                 self.checkpoints.display()
@@ -445,9 +474,7 @@ impl Job {
             &tokens,
             self.seq_len,
             self.top_k,
-            |done, _| {
-                let _ = on(Event::Progress(done));
-            },
+            |done, _| on(Event::Progress(done)).is_continue(),
         )?;
         cache.recipe = recipe;
         cache.save(&self.cache)?;

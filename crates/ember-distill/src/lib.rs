@@ -35,7 +35,7 @@ mod schedule;
 mod student;
 mod trainer;
 
-pub use checkpoint::{checkpoint_manifest, load_checkpoint, save_checkpoint};
+pub use checkpoint::{check_checkpoint_dir, checkpoint_manifest, load_checkpoint, save_checkpoint};
 pub use data::{Fnv, TeacherCache, teacher_id};
 pub use error::DistillError;
 pub use export::{ExportType, export_gguf};

@@ -5,8 +5,7 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use ember_models::Model;
-use ember_runtime::chat::ChatMessage;
-use ember_runtime::generate::{GenerateRequest, generate, generate_with_draft};
+use ember_runtime::generate::{generate, generate_with_draft};
 use ember_runtime::loaded::LoadedModel;
 use ember_runtime::sampling::SamplingParams;
 use ember_runtime::spec::{Proposer, SpecConfig};
@@ -88,9 +87,9 @@ pub struct DraftFigures {
     /// same prefix): the per-token acceptance rate of greedy speculation, measured at every
     /// generated position whatever the engine's drafting policy.
     pub agreement: f64,
-    /// The teacher alone, generated tokens per second.
+    /// The teacher alone: generated tokens per second of the whole request (prompt included).
     pub plain_tokens_per_s: f64,
-    /// With the draft.
+    /// With the draft, counted the same way (the draft's prompt pass included).
     pub spec_tokens_per_s: f64,
     /// `spec / plain`.
     pub speedup: f64,
@@ -159,17 +158,6 @@ fn figures(
     })
 }
 
-/// The index of the largest value, the first on ties.
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 fn rayon_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -200,37 +188,19 @@ pub fn draft_figures(
     let (mut plain_ms, mut spec_ms, mut plain_n) = (0.0, 0.0, 0usize);
     let (mut agree, mut positions) = (0usize, 0usize);
     for prompt in prompts.iter().take(8) {
-        let prompt_tokens = match &template {
-            Some(t) => t
-                .render_tokens(
-                    &target.tokenizer,
-                    &[ChatMessage::user(prompt.as_str())],
-                    true,
-                    true,
-                    None,
-                )
-                .map_err(report_err)?,
-            None => target.tokenize_prompt(prompt).map_err(report_err)?,
-        };
+        let prompt_tokens =
+            crate::corpus::chat_prompt(target, template.as_ref(), prompt).map_err(report_err)?;
         // A prompt the context cannot hold with room to generate is skipped.
         if prompt_tokens.len() + 8 > ctx {
             continue;
         }
         let max_tokens = max_tokens.min(ctx - prompt_tokens.len());
-        let mut req = GenerateRequest {
-            ctx_size: prompt_tokens.len() + max_tokens,
-            prompt_tokens,
-            max_tokens,
-            sampling: SamplingParams {
-                temperature: 0.0,
-                ..SamplingParams::default()
-            },
-            stop: Vec::new(),
-            stop_at_eog: true,
-            context_shift: None,
-            kv: Default::default(),
-            spec: SpecConfig::default(),
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
         };
+        let ctx_size = prompt_tokens.len() + max_tokens;
+        let mut req = crate::corpus::request(prompt_tokens, max_tokens, ctx_size, greedy);
         let plain = generate(&target.model, &target.tokenizer, &req, |_| {}).map_err(report_err)?;
         req.spec = SpecConfig {
             proposer: Proposer::Draft,
@@ -251,7 +221,8 @@ pub fn draft_figures(
             .map_err(report_err)?;
         let p = req.prompt_tokens.len();
         for (i, &want) in plain.tokens.iter().enumerate() {
-            agree += usize::from(argmax(&rows[p - 1 + i]) == want as usize);
+            let top = ember_runtime::eval::top_k(&rows[p - 1 + i], 1);
+            agree += usize::from(top.first().map(|t| t.0) == Some(want));
             positions += 1;
         }
         plain_ms += plain.timings.predicted_ms + plain.timings.prompt_ms;

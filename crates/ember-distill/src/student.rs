@@ -131,10 +131,19 @@ fn narrow_ffn(
             let g = norm(&mut gate[j * d..(j + 1) * d].iter().copied());
             let u = norm(&mut up[j * d..(j + 1) * d].iter().copied());
             let w = norm(&mut (0..d).map(|r| down[r * ff + j]));
-            ((g * u * w).sqrt(), j)
+            let score = (g * u * w).sqrt();
+            // A NaN (from a non-finite weight) counts as the least important.
+            (
+                if score.is_nan() {
+                    f64::NEG_INFINITY
+                } else {
+                    score
+                },
+                j,
+            )
         })
         .collect();
-    // Highest first; ties (and NaN, which sorts last) to the lower unit.
+    // Highest first; ties to the lower unit.
     score.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut units: Vec<usize> = score[..n_ff].iter().map(|&(_, j)| j).collect();
     units.sort_unstable();

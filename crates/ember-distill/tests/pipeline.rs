@@ -55,7 +55,8 @@ fn cache_train_stop_resume() {
     let id = teacher_id(file.bytes());
     let mut seen = 0;
     let cache = TeacherCache::build(&teacher.model, id, &tokens[..5 * 40 + 7], 40, 16, |d, _| {
-        seen = d
+        seen = d;
+        true
     })
     .expect("cache");
     assert_eq!((cache.len(), seen), (5, 5));
