@@ -1470,10 +1470,13 @@ impl<'m> Scheduler<'m> {
     fn after_forward(&mut self, plan: &[Planned], logits: burn::tensor::Tensor<2>) {
         let [rows, vocab] = logits.dims();
         let flat = logits.into_data().try_to_vec::<f32>().unwrap_or_default();
+        // 1. In plan order: what each chunk computed, and the logits rows of those that asked
+        //    for some (their first row, and where the sequence's cache stood before).
         let mut row = 0;
-        let mut finished = Vec::new();
-        let mut shifted = Vec::new();
-        for p in plan {
+        let mut sampled: Vec<(usize, usize, usize)> = Vec::new(); // (plan index, first row, start)
+        // The cache operations of step 3, in plan order: a commit, or sampled entry k's.
+        let mut order: Vec<Result<usize, usize>> = Vec::new();
+        for (pi, p) in plan.iter().enumerate() {
             let s = &mut self.running[p.idx];
             let start = s.computed;
             if s.generated == 0 {
@@ -1484,48 +1487,80 @@ impl<'m> Scheduler<'m> {
             }
             s.computed += p.len;
             if !p.logits {
-                if let Some(kv) = s.kv {
-                    let _ = self.cache.commit(kv);
-                }
+                order.push(Err(p.idx));
                 continue;
             }
             let n_rows = 1 + p.drafts.len();
             if row + n_rows > rows {
                 break;
             }
-            let row_of = |r: usize| &flat[(row + r) * vocab..(row + r + 1) * vocab];
-            let mut outcome = Emitted::Continue;
-            let mut accepted = 0;
-            // Row r checks proposal r (the last row, after every proposal, is a plain step):
-            // tokens are taken until one is not the proposal, which is then the target's own.
-            for r in 0..n_rows {
-                let logits = row_of(r);
-                let (next, took_draft) = match p.drafts.get(r) {
-                    None => (s.sampler.sample(logits, &s.history), false),
-                    Some(&x) => match check_draft(s, logits, x, p.q.get(r)) {
-                        Verdict::Accepted => (x, true),
-                        Verdict::Rejected { token } => (token, false),
-                    },
-                };
-                accepted += usize::from(took_draft);
-                outcome = emit(self.tokenizer, s, next, logits, self.config.ctx_size);
-                self.generated_total += 1;
-                if outcome != Emitted::Continue || !took_draft {
-                    break;
-                }
-            }
+            order.push(Ok(sampled.len()));
+            sampled.push((pi, row, start));
             row += n_rows;
+        }
+        // 2. Each sequence picks its tokens from its rows: sampling (penalties, top-k, the
+        //    softmax over the whole vocabulary), draft verification, detokenizing and stop
+        //    strings. Sequences share nothing here, so with several they run on the workers
+        //    the forward pass just left idle (each on its own sampler: the same tokens as in
+        //    any order).
+        let mut slot = vec![usize::MAX; self.running.len()];
+        for (k, &(pi, _, _)) in sampled.iter().enumerate() {
+            slot[plan[pi].idx] = k;
+        }
+        let mut work: Vec<(usize, &mut Sequence)> = self
+            .running
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| slot[*i] != usize::MAX)
+            .map(|(i, s)| (slot[i], s))
+            .collect();
+        let (tokenizer, ctx) = (self.tokenizer, self.config.ctx_size);
+        let pick = |(k, s): &mut (usize, &mut Sequence)| {
+            let (pi, first, _) = sampled[*k];
+            let p = &plan[pi];
+            let rows = &flat[first * vocab..(first + 1 + p.drafts.len()) * vocab];
+            (*k, pick_tokens(tokenizer, s, p, rows, vocab, ctx))
+        };
+        let mut picked: Vec<(usize, Picked)> = if work.len() > 1 {
+            use rayon::prelude::*;
+            work.par_iter_mut().with_max_len(1).map(pick).collect()
+        } else {
+            work.iter_mut().map(pick).collect()
+        };
+        drop(work);
+        picked.sort_unstable_by_key(|x| x.0);
+        let mut picked: Vec<Option<Picked>> = picked.into_iter().map(|(_, g)| Some(g)).collect();
+        // 3. In plan order again: counters, speculation statistics and the caches.
+        let mut finished = Vec::new();
+        let mut shifted = Vec::new();
+        for entry in order {
+            let k = match entry {
+                Err(idx) => {
+                    if let Some(kv) = self.running[idx].kv {
+                        let _ = self.cache.commit(kv);
+                    }
+                    continue;
+                }
+                Ok(k) => k,
+            };
+            let Some(got) = picked[k].take() else {
+                continue;
+            };
+            let (pi, _, start) = sampled[k];
+            let p = &plan[pi];
+            let s = &mut self.running[p.idx];
+            self.generated_total += got.emitted as u64;
             if !p.drafts.is_empty() {
                 self.drafted_total += p.drafts.len() as u64;
-                self.accepted_total += accepted as u64;
+                self.accepted_total += got.accepted as u64;
                 if let Some(sp) = s.spec.as_mut() {
-                    sp.length.record(p.drafts.len(), accepted);
+                    sp.length.record(p.drafts.len(), got.accepted);
                     sp.stats.drafted += p.drafts.len() as u64;
-                    sp.stats.accepted += accepted as u64;
+                    sp.stats.accepted += got.accepted as u64;
                     sp.stats.steps += 1;
                 }
                 // The cache holds the decode token and every proposal: keep the accepted ones.
-                s.computed = start + 1 + accepted;
+                s.computed = start + 1 + got.accepted;
             }
             if let Some(kv) = s.kv {
                 // Rejected positions go before the commit: they never reach the prefix
@@ -1533,7 +1568,7 @@ impl<'m> Scheduler<'m> {
                 let _ = self.cache.truncate(kv, s.computed);
                 let _ = self.cache.commit(kv);
             }
-            match outcome {
+            match got.outcome {
                 Emitted::Continue => {}
                 Emitted::Finished(reason) => finished.push((p.idx, reason)),
                 Emitted::Shifted => shifted.push(p.idx),
@@ -1587,6 +1622,49 @@ fn sub_pending(pending: &AtomicUsize, n: usize) {
             Some(p.saturating_sub(n))
         });
     }
+}
+
+/// What a sequence took from its logits rows in one step.
+struct Picked {
+    outcome: Emitted,
+    /// Proposals accepted.
+    accepted: usize,
+    /// Tokens emitted (accepted proposals and the target's own).
+    emitted: usize,
+}
+
+/// Sequence `s`'s tokens from its `rows` (`vocab` logits each) of a pass planned as `p`: row r
+/// checks proposal r (the last row, after every proposal, is a plain step); tokens are taken
+/// until one is not the proposal, which is then the target's own, or the request ends.
+fn pick_tokens(
+    tokenizer: &GgufTokenizer,
+    s: &mut Sequence,
+    p: &Planned,
+    rows: &[f32],
+    vocab: usize,
+    ctx: usize,
+) -> Picked {
+    let mut got = Picked {
+        outcome: Emitted::Continue,
+        accepted: 0,
+        emitted: 0,
+    };
+    for (r, logits) in rows.chunks_exact(vocab).enumerate() {
+        let (next, took_draft) = match p.drafts.get(r) {
+            None => (s.sampler.sample(logits, &s.history), false),
+            Some(&x) => match check_draft(s, logits, x, p.q.get(r)) {
+                Verdict::Accepted => (x, true),
+                Verdict::Rejected { token } => (token, false),
+            },
+        };
+        got.accepted += usize::from(took_draft);
+        got.outcome = emit(tokenizer, s, next, logits, ctx);
+        got.emitted += 1;
+        if got.outcome != Emitted::Continue || !took_draft {
+            break;
+        }
+    }
+    got
 }
 
 /// The acceptance rule for proposal `x` at a row whose logits are `logits`: greedy requests

@@ -97,6 +97,99 @@ fn select_top(cands: &mut [TokenLogit], k: usize) {
     cands[..k].sort_unstable_by(by_logit_desc);
 }
 
+/// The `k` best of `vals` (ids are positions; NaN counts as -inf when `nan_low`) into `cands`,
+/// sorted by [`by_logit_desc`]: exactly what [`select_top`] leaves over all of them. One pass:
+/// once `k` candidates are known, a value below the k-th best of them (in `total_cmp`'s order)
+/// can never be among the best and is skipped; the buffer is cut back to its `k` best each
+/// time it fills. Most of a vocabulary fails one comparison, where building and selecting over
+/// every candidate moved 8 bytes each (with the chunk test below, the default chain samples
+/// 49152 logits 2.8x faster, 262144 3.2x; see the `sampling` bench). `k` must be `1..=vals.len()`.
+fn stream_top(cands: &mut Vec<TokenLogit>, vals: &[f32], k: usize, nan_low: bool) {
+    cands.clear();
+    let cap = (4 * k).max(512);
+    let mut floor: Option<f32> = None;
+    for (c, chunk) in vals.chunks(LANES).enumerate() {
+        // A whole chunk below the floor is skipped on its maximum (NaN ignored: with
+        // `nan_low` it counts as -inf, which the floor never lets through either).
+        if nan_low && floor.is_some_and(|f| chunk_max(chunk) < f) {
+            continue;
+        }
+        for (j, &l) in chunk.iter().enumerate() {
+            let l = if nan_low && l.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                l
+            };
+            if floor.is_some_and(|f| l.total_cmp(&f) == Ordering::Less) {
+                continue;
+            }
+            cands.push(TokenLogit {
+                id: (c * LANES + j) as u32,
+                logit: l,
+            });
+            if cands.len() == cap {
+                select_top(cands, k);
+                cands.truncate(k);
+                floor = Some(cands[k - 1].logit);
+            }
+        }
+    }
+    let k = k.min(cands.len());
+    select_top(cands, k);
+    cands.truncate(k);
+}
+
+/// Values a chunk of the scans below holds: the lane-wise maxima of 16 floats are one AVX-512
+/// register (two AVX2 ones), which the compiler keeps in registers.
+const LANES: usize = 16;
+
+/// The largest non-NaN value of `chunk` (at most [`LANES`] long), -inf if none: `a > b ? a :
+/// b` lane by lane, which is exactly the vector max instruction.
+#[inline]
+fn chunk_max(chunk: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for (m, &v) in lanes.iter_mut().zip(chunk) {
+        *m = if v > *m { v } else { *m };
+    }
+    lanes
+        .into_iter()
+        .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m })
+}
+
+/// The index of the first maximum of `vals` (NaN never chosen; -0.0 and 0.0 tie, the first
+/// wins), `None` when every value is NaN or -inf: what a strict `>` scan picks. Lane-wise
+/// maxima over blocks of 1024 (vectorized), then a scalar scan of the first block holding the
+/// maximum: 8.5x faster than the scalar scan on 49152 logits, 13x on 262144 (the `sampling`
+/// bench).
+fn first_max(vals: &[f32]) -> Option<usize> {
+    const BLOCK: usize = 1024;
+    let (mut best, mut block) = (f32::NEG_INFINITY, 0);
+    for (b, chunk) in vals.chunks(BLOCK).enumerate() {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut parts = chunk.chunks_exact(LANES);
+        for part in &mut parts {
+            for (m, &v) in lanes.iter_mut().zip(part) {
+                *m = if v > *m { v } else { *m };
+            }
+        }
+        let m = lanes.into_iter().fold(
+            chunk_max(parts.remainder()),
+            |m, v| if v > m { v } else { m },
+        );
+        if m > best {
+            (best, block) = (m, b);
+        }
+    }
+    if best == f32::NEG_INFINITY {
+        return None;
+    }
+    let start = block * BLOCK;
+    vals[start..]
+        .iter()
+        .position(|&v| v == best)
+        .map(|i| start + i)
+}
+
 /// llama.cpp's repetition/frequency/presence penalty for a token seen `count` times.
 fn penalize(logit: f32, count: u32, p: &SamplingParams) -> f32 {
     // Dividing a negative logit would make the token *more* likely, hence the multiply.
@@ -244,23 +337,17 @@ impl Sampler {
         } else {
             logits
         };
-        let mut best = TokenLogit {
-            id: 0,
-            logit: f32::NEG_INFINITY,
-        };
-        for (i, &l) in vals.iter().enumerate() {
-            // Strict `>` keeps the lowest id on ties and never picks NaN.
-            if l > best.logit {
-                best = TokenLogit {
-                    id: i as u32,
-                    logit: l,
-                };
-            }
+        match first_max(vals) {
+            Some(id) => TokenLogit {
+                id: id as u32,
+                logit: vals[id],
+            },
+            // Every logit is NaN or -inf.
+            None => TokenLogit {
+                id: 0,
+                logit: vals[0],
+            },
         }
-        if best.logit == f32::NEG_INFINITY {
-            best.logit = vals[0];
-        }
-        best
     }
 
     /// Runs penalties, top-k, top-p, min-p and temperature, leaving the kept set in `cands`.
@@ -268,30 +355,47 @@ impl Sampler {
         let any_penalty = self.count_history(history);
         let p = &self.params;
         let cands = &mut self.cands;
-        cands.clear();
-        // NaN logits become -inf so the orderings below are meaningful.
-        cands.extend(logits.iter().enumerate().map(|(i, &l)| TokenLogit {
-            id: i as u32,
-            logit: if l.is_nan() { f32::NEG_INFINITY } else { l },
-        }));
-
-        // Penalties (candidates are still indexed by id here).
-        if any_penalty {
+        let mut penalty_nan = false;
+        // NaN logits become -inf so the orderings below are meaningful (before the
+        // penalties, which see -inf for them).
+        let vals: &[f32] = if any_penalty {
+            self.scratch.clear();
+            self.scratch.extend(
+                logits
+                    .iter()
+                    .map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l }),
+            );
             for (&id, &count) in &self.counts {
-                if let Some(c) = cands.get_mut(id as usize) {
-                    c.logit = penalize(c.logit, count, p);
+                if let Some(l) = self.scratch.get_mut(id as usize) {
+                    *l = penalize(*l, count, p);
+                    // Only odd settings (a zero penalty times -inf) make one.
+                    penalty_nan |= l.is_nan();
                 }
             }
-        }
+            &self.scratch
+        } else {
+            logits
+        };
+        // NaN counts as -inf, except one the penalties made (as before they ran on the
+        // candidates); without any, reading NaN as -inf changes nothing.
+        let nan_low = !penalty_nan;
 
         let mut sorted = false;
-
-        // Top-k: partial selection, then sort only the k survivors.
         if p.top_k > 0 {
-            let k = p.top_k.min(cands.len());
-            select_top(cands, k);
-            cands.truncate(k);
+            // Top-k in one pass that keeps only what can still be among the k best: a
+            // vocabulary's worth of candidates is never built.
+            stream_top(cands, vals, p.top_k.min(vals.len()), nan_low);
             sorted = true;
+        } else {
+            cands.clear();
+            cands.extend(vals.iter().enumerate().map(|(i, &l)| TokenLogit {
+                id: i as u32,
+                logit: if nan_low && l.is_nan() {
+                    f32::NEG_INFINITY
+                } else {
+                    l
+                },
+            }));
         }
 
         // Top-p on the (T = 1) softmax of the current candidates.
@@ -685,6 +789,68 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        /// The one-pass top-k keeps exactly what selecting over every candidate keeps, ties,
+        /// -inf and NaN included.
+        fn stream_top_is_select_top(
+            vals in proptest::collection::vec(
+                prop_oneof![
+                    8 => (-4i32..4).prop_map(|x| x as f32 * 0.5),
+                    1 => Just(f32::NEG_INFINITY),
+                    1 => Just(f32::NAN),
+                    1 => Just(-0.0f32),
+                    4 => -100.0f32..100.0,
+                ],
+                1..3000,
+            ),
+            k in 1usize..700,
+            nan_low: bool,
+        ) {
+            let k = k.min(vals.len());
+            let mut all: Vec<TokenLogit> = vals
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| TokenLogit {
+                    id: i as u32,
+                    logit: if nan_low && l.is_nan() { f32::NEG_INFINITY } else { l },
+                })
+                .collect();
+            select_top(&mut all, k);
+            all.truncate(k);
+            let mut got = Vec::new();
+            stream_top(&mut got, &vals, k, nan_low);
+            let key = |c: &TokenLogit| (c.id, c.logit.to_bits());
+            prop_assert_eq!(
+                got.iter().map(key).collect::<Vec<_>>(),
+                all.iter().map(key).collect::<Vec<_>>()
+            );
+        }
+
+        /// The blocked argmax picks what the strict `>` scan picks, ties, zeros of both
+        /// signs, -inf and NaN included.
+        #[test]
+        fn first_max_is_the_strict_scan(
+            vals in proptest::collection::vec(
+                prop_oneof![
+                    8 => (-4i32..4).prop_map(|x| x as f32 * 0.5),
+                    1 => Just(f32::NEG_INFINITY),
+                    1 => Just(f32::NAN),
+                    1 => Just(-0.0f32),
+                    1 => Just(f32::INFINITY),
+                ],
+                1..5000,
+            ),
+        ) {
+            let mut want = None;
+            let mut best = f32::NEG_INFINITY;
+            for (i, &v) in vals.iter().enumerate() {
+                if v > best {
+                    (best, want) = (v, Some(i));
+                }
+            }
+            prop_assert_eq!(first_max(&vals), want);
+        }
+
         #[test]
         fn sampled_id_is_in_kept_set(
             logits in prop::collection::vec(-10.0f32..10.0, 1..80),
