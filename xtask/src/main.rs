@@ -1,11 +1,19 @@
 //! `cargo xtask <task>`: project chores that are programs rather than library code.
 //!
-//! - `bench-vs-llamacpp [--model NAME] [--threads T] [--rounds R] [-p 512] [-n 128]`: builds
-//!   llama.cpp from the llama-cpp-python sdist once (cached, via `../shared/tools/build-llamacpp.sh`
-//!   or `$EMBER_LLAMACPP_BIN`), then runs `llama-bench` and `ember bench` interleaved, one
-//!   repetition each per round, on the same file and thread count, and prints best and median
-//!   tokens/s and the ratio ember / llama.cpp for pp and tg.
-//! - `bench-serve [--model NAME] [--clients N] [--tokens T] [--rounds R] [--threads T]`: starts
+//! - `bench-vs-llamacpp [--model NAME,...|all] [--threads T] [--rounds R] [-p 512] [-n 128]`:
+//!   builds llama.cpp from the llama-cpp-python sdist once (cached, via
+//!   `../shared/tools/build-llamacpp.sh` or `$EMBER_LLAMACPP_BIN`), then per model runs
+//!   `llama-bench` and `ember bench` interleaved, one repetition each per round, on the same file
+//!   and thread count, and prints best and median tokens/s and the ratio ember / llama.cpp for pp
+//!   and tg; for tg also each engine's fraction of the bandwidth limit (a streaming-read probe
+//!   run in the same invocation, over the weight bytes a token reads). A model is a path, a
+//!   manifest name, or a written benchmark model (`llama-1b-q4_0`, see `bench-model`), made on
+//!   first use; `all` is both real models and the 1B and 3B models in Q4_0 and Q4_K_M.
+//! - `bench-model [--shape 1b|3b] [--type q4_0|q4_k_m|q8_0] [-o FILE]`: a llama GGUF with Llama
+//!   3.2 1B or 3B shapes, random weights and SmolLM2's tokenizer, quantized with llama-quantize's
+//!   type rules (see `bench_model`).
+//! - `bench-serve [--model NAME] [--clients N] [--tokens T] [--rounds R] [--threads T]
+//!   [--temperature 0]`: starts
 //!   `ember serve --parallel N` and llama.cpp's `llama-server -np N` (continuous batching) on
 //!   the same file and thread count, and in interleaved rounds runs 1 and then N concurrent
 //!   streaming `/v1/completions` clients (`ignore_eos`, T tokens each) against each; prints
@@ -40,6 +48,7 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 mod bench_distill;
+mod bench_model;
 mod bench_spec;
 mod convert;
 mod serve_bench;
@@ -72,6 +81,8 @@ enum Task {
     /// Distillation end to end: a trained student against the layer-pruned copy (perplexity,
     /// training tokens/s, loss curve, acceptance as the teacher's draft).
     BenchDistill(bench_distill::Args),
+    /// A llama GGUF with real 1B or 3B shapes and random weights, for benchmarks.
+    BenchModel(bench_model::Args),
     /// Tiny random GGUFs per architecture and llama.cpp's logits for them as fixtures.
     TinyModels(tiny_models::Args),
     /// Many streaming clients, half disconnecting, against a real `ember serve` under KV
@@ -83,7 +94,8 @@ enum Task {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
-    /// A GGUF path or a manifest model name.
+    /// Models, comma-separated: GGUF paths, manifest names, benchmark models
+    /// (`llama-1b-q4_0`, `llama-3b-q4_k_m`, ...: written on first use), or `all`.
     #[arg(short, long, default_value = DEFAULT_MODEL)]
     model: String,
     /// Threads for both engines.
@@ -106,6 +118,7 @@ fn main() -> Result<()> {
         Task::BenchServe(a) => serve_bench::run(a),
         Task::BenchSpec(a) => bench_spec::run(a),
         Task::BenchDistill(a) => bench_distill::run(a),
+        Task::BenchModel(a) => bench_model::run(a),
         Task::TinyModels(a) => tiny_models::run(a),
         Task::Soak(a) => soak::run(a),
         Task::Convert(a) => convert::run(a),
@@ -204,8 +217,50 @@ pub(crate) fn best_median(xs: &mut [f64]) -> (f64, f64) {
     (best, median)
 }
 
+/// What `bench-vs-llamacpp --model all` runs: both real models, then the written 1B and 3B.
+const ALL_MODELS: &[&str] = &[
+    DEFAULT_MODEL,
+    "gemma3-270m-q4_k_m",
+    "llama-1b-q4_0",
+    "llama-1b-q4_k_m",
+    "llama-3b-q4_0",
+    "llama-3b-q4_k_m",
+];
+
 fn bench_vs_llamacpp(a: BenchArgs) -> Result<()> {
-    let model = a.model;
+    let models: Vec<String> = if a.model == "all" {
+        ALL_MODELS.iter().map(|s| s.to_string()).collect()
+    } else {
+        a.model.split(',').map(|s| s.trim().to_string()).collect()
+    };
+    // Every file first: a missing model fails before any benchmark runs.
+    let mut paths = Vec::new();
+    for m in &models {
+        paths.push(match bench_model::ensure(m)? {
+            Some(p) => p,
+            None => ember_hub::resolve(m)?,
+        });
+    }
+    let bin = llama_bin()?;
+    let ember = crate::build_ember()?;
+    let threads = a.threads;
+    eprintln!("probing read bandwidth ({threads} threads)");
+    let bandwidth = bench_model::read_bandwidth(threads, 5);
+    for (model, path) in models.iter().zip(&paths) {
+        bench_one(&a, model, path, &bin, &ember, bandwidth)?;
+        println!();
+    }
+    Ok(())
+}
+
+fn bench_one(
+    a: &BenchArgs,
+    model: &str,
+    path: &Path,
+    bin: &Path,
+    ember: &Path,
+    bandwidth: f64,
+) -> Result<()> {
     let rounds = a.rounds;
     let (threads, n_prompt, n_gen) = (
         a.threads.to_string(),
@@ -213,27 +268,39 @@ fn bench_vs_llamacpp(a: BenchArgs) -> Result<()> {
         a.n_gen.to_string(),
     );
 
-    let path = ember_hub::resolve(&model)?;
-    let bin = llama_bin()?;
-    let ember = crate::build_ember()?;
     let model_arg = path.to_string_lossy().to_string();
-    let llama = |extra: &[&str]| {
+    let llama = |p: &str, n: &str, extra: &[&str]| {
         let mut c = Command::new(bin.join("llama-bench"));
         c.args([
-            "-m", &model_arg, "-t", &threads, "-p", &n_prompt, "-n", &n_gen, "-r", "1", "-o",
-            "json",
+            "-m", &model_arg, "-t", &threads, "-p", p, "-n", n, "-r", "1", "-o", "json",
         ])
         .args(extra);
         c
     };
-    // llama.cpp's AMX path crashes on some hosts that report AMX (seen here): fall back to
-    // `--repack 0` (no AMX/repacked weights), and say so in the output.
-    let mut llama_extra: Vec<&str> = Vec::new();
-    // The probe doubles as a warm-up of the page cache for both engines.
-    if run_json(&mut llama(&[]))?.is_none() {
-        eprintln!("llama-bench failed with weight repacking; using --repack 0");
-        llama_extra.push("--repack");
-        llama_extra.push("0");
+    // llama.cpp runs each test on its own, with its weight repacking where that runs: its AMX
+    // prompt path crashes (SIGILL) on some hosts that report AMX (this one), while its
+    // repacked decode runs and is its fastest. A test that crashes falls back to `--repack 0`
+    // (no AMX, no repacked weights), and the output says so.
+    let llama_tests: Vec<(&str, &str)> = [(n_prompt.as_str(), "0"), ("0", n_gen.as_str())]
+        .into_iter()
+        .filter(|(p, n)| (*p, *n) != ("0", "0"))
+        .collect();
+    let mut llama_extra: Vec<&[&str]> = Vec::new();
+    let mut fell_back = Vec::new();
+    // The probes double as a warm-up of the page cache for both engines.
+    for &(p, n) in &llama_tests {
+        if run_json(&mut llama(p, n, &[]))?.is_none() {
+            let test = if p != "0" {
+                format!("pp{p}")
+            } else {
+                format!("tg{n}")
+            };
+            eprintln!("llama-bench {test} failed with weight repacking; using --repack 0");
+            fell_back.push(test);
+            llama_extra.push(&["--repack", "0"]);
+        } else {
+            llama_extra.push(&[]);
+        }
     }
     let mut samples: std::collections::BTreeMap<(String, &str), Vec<f64>> = Default::default();
     for round in 0..rounds {
@@ -245,16 +312,22 @@ fn bench_vs_llamacpp(a: BenchArgs) -> Result<()> {
             ["ember", "llama.cpp"]
         };
         for engine in order {
-            let v = if engine == "ember" {
-                run_json(Command::new(&ember).args([
+            let runs = if engine == "ember" {
+                vec![run_json(Command::new(ember).args([
                     "bench", "-m", &model_arg, "-t", &threads, "-p", &n_prompt, "-n", &n_gen, "-r",
                     "1", "--json",
-                ]))?
+                ]))?]
             } else {
-                run_json(&mut llama(&llama_extra))?
+                let mut runs = Vec::new();
+                for (&(p, n), extra) in llama_tests.iter().zip(&llama_extra) {
+                    runs.push(run_json(&mut llama(p, n, extra))?);
+                }
+                runs
             };
-            for (test, ts) in v.as_ref().map(rates).unwrap_or_default() {
-                samples.entry((test, engine)).or_default().push(ts);
+            for v in runs {
+                for (test, ts) in v.as_ref().map(rates).unwrap_or_default() {
+                    samples.entry((test, engine)).or_default().push(ts);
+                }
             }
         }
     }
@@ -279,10 +352,10 @@ fn bench_vs_llamacpp(a: BenchArgs) -> Result<()> {
     );
     println!(
         "ember {commit}, llama.cpp from llama-cpp-python 0.3.36 {}, {date}, {cpu}",
-        if llama_extra.is_empty() {
-            ""
+        if fell_back.is_empty() {
+            String::new()
         } else {
-            "(--repack 0)"
+            format!("({} with --repack 0)", fell_back.join(", "))
         }
     );
     println!();
@@ -290,6 +363,7 @@ fn bench_vs_llamacpp(a: BenchArgs) -> Result<()> {
         "| test | llama.cpp best | llama.cpp median | ember best | ember median | ratio (median) |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    let mut tg_medians = None;
     let tests: std::collections::BTreeSet<String> =
         samples.keys().map(|(t, _)| t.clone()).collect();
     for test in tests {
@@ -305,6 +379,31 @@ fn bench_vs_llamacpp(a: BenchArgs) -> Result<()> {
         );
         let ratio = if lm > 0.0 { em / lm } else { f64::NAN };
         println!("| {test} | {lb:.1} | {lm:.1} | {eb:.1} | {em:.1} | {ratio:.2}x |");
+        if test.starts_with("tg") {
+            tg_medians = Some((lb, lm, eb, em));
+        }
+    }
+    // The physical anchor of decode: every token reads the weights once from DRAM.
+    let file = ember_formats::GgufFile::open(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let per_token = bench_model::bytes_per_token(&file) as f64;
+    let limit = bandwidth / per_token;
+    println!();
+    println!(
+        "read bandwidth {:.1} GB/s ({} threads, 1 GiB streaming read, best of 5); {:.0} MB of \
+         weights a token: tg limit {limit:.1} t/s",
+        bandwidth / 1e9,
+        a.threads,
+        per_token / 1e6
+    );
+    if let Some((lb, lm, eb, em)) = tg_medians {
+        println!(
+            "fraction of the limit (best / median): llama.cpp {:.0}% / {:.0}%, ember {:.0}% / {:.0}%",
+            100.0 * lb / limit,
+            100.0 * lm / limit,
+            100.0 * eb / limit,
+            100.0 * em / limit
+        );
     }
     Ok(())
 }

@@ -65,14 +65,14 @@ struct Stream {
     tokens: usize,
 }
 
-fn stream_once(port: u16, prompt: &str, tokens: usize) -> Result<Stream> {
+fn stream_once(port: u16, prompt: &str, tokens: usize, temperature: f64) -> Result<Stream> {
     let t0 = Instant::now();
     let resp = ureq::post(&format!("http://127.0.0.1:{port}/v1/completions"))
         .timeout(Duration::from_secs(600))
         .send_json(json!({
             "prompt": prompt,
             "max_tokens": tokens,
-            "temperature": 0.0,
+            "temperature": temperature,
             "ignore_eos": true,
             "stream": true,
         }))
@@ -125,14 +125,14 @@ struct RunResult {
 }
 
 /// `clients` concurrent streams, measured both as wall-clock throughput and as decode rate.
-fn run_clients(port: u16, clients: usize, tokens: usize) -> Result<RunResult> {
+fn run_clients(port: u16, clients: usize, tokens: usize, temperature: f64) -> Result<RunResult> {
     let t0 = Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|i| {
             let prompt = format!(
                 "Client {i} asks: write a long story about a lighthouse keeper and the sea."
             );
-            std::thread::spawn(move || stream_once(port, &prompt, tokens))
+            std::thread::spawn(move || stream_once(port, &prompt, tokens, temperature))
         })
         .collect();
     let mut total = 0;
@@ -187,6 +187,10 @@ pub struct Args {
     /// Threads for both servers.
     #[arg(short, long, default_value_t = 2)]
     pub threads: usize,
+    /// Sampling temperature of every request (0: greedy; above 0 each server samples with
+    /// its default chain, llama.cpp's top-k 40, top-p 0.95, min-p 0.05).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -196,6 +200,7 @@ pub fn run(a: Args) -> Result<()> {
         tokens,
         rounds,
         threads,
+        temperature,
     } = a;
     if clients == 0 {
         bail!("--clients must be at least 1");
@@ -250,7 +255,7 @@ pub fn run(a: Args) -> Result<()> {
     ];
     // Warm up both (page cache, first-call costs).
     for (_, s) in &servers {
-        run_clients(s.port, 1, 8)?;
+        run_clients(s.port, 1, 8, temperature)?;
     }
 
     type Key = (&'static str, usize);
@@ -267,7 +272,7 @@ pub fn run(a: Args) -> Result<()> {
         };
         for (name, s) in order {
             for n in [1, clients] {
-                let r = run_clients(s.port, n, tokens)?;
+                let r = run_clients(s.port, n, tokens, temperature)?;
                 rate.entry((name, n)).or_default().push(r.tokens_per_s);
                 decode.entry((name, n)).or_default().push(r.decode_per_s);
                 ttft.entry((name, n)).or_default().extend(r.ttft);
