@@ -94,7 +94,8 @@ enum Task {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
-    /// Models, comma-separated: GGUF paths, manifest names, benchmark models
+    /// Models, comma-separated (so paths must not contain commas): GGUF paths, manifest names,
+    /// benchmark models
     /// (`llama-1b-q4_0`, `llama-3b-q4_k_m`, ...: written on first use), or `all`.
     #[arg(short, long, default_value = DEFAULT_MODEL)]
     model: String,
@@ -296,6 +297,9 @@ fn bench_one(
                 format!("tg{n}")
             };
             eprintln!("llama-bench {test} failed with weight repacking; using --repack 0");
+            if run_json(&mut llama(p, n, &["--repack", "0"]))?.is_none() {
+                bail!("llama-bench {test} fails with and without weight repacking");
+            }
             fell_back.push(test);
             llama_extra.push(&["--repack", "0"]);
         } else {
@@ -391,7 +395,8 @@ fn bench_one(
     println!();
     println!(
         "read bandwidth {:.1} GB/s ({} threads, 1 GiB streaming read, best of 5); {:.0} MB of \
-         weights a token: tg limit {limit:.1} t/s",
+         weights a token: tg limit {limit:.1} t/s (a model that fits in the last-level cache \
+         can pass it)",
         bandwidth / 1e9,
         a.threads,
         per_token / 1e6

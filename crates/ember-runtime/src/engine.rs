@@ -1528,6 +1528,8 @@ impl<'m> Scheduler<'m> {
             work.iter_mut().map(pick).collect()
         };
         drop(work);
+        // One result per sampled chunk (the plan holds each sequence once).
+        debug_assert_eq!(picked.len(), sampled.len());
         picked.sort_unstable_by_key(|x| x.0);
         let mut picked: Vec<Option<Picked>> = picked.into_iter().map(|(_, g)| Some(g)).collect();
         // 3. In plan order again: counters, speculation statistics and the caches.
