@@ -350,7 +350,10 @@ pub fn dot_rows_with(isa: Isa, ty: GgmlType, rows: &[u8], acts: &Q8K, i: usize, 
                     match ty {
                         GgmlType::Q2_K => x86::avx512::dot_q2k(row(r), qs, d, bsums),
                         GgmlType::Q3_K => x86::avx512::dot_q3k(row(r), qs, d),
-                        GgmlType::Q4_K => x86::avx512::dot_q4k(row(r), qs, d, bsums, q4k_pairs),
+                        GgmlType::Q4_K if q4k_pairs => {
+                            x86::avx512::dot_q4k(row(r), qs, d, bsums, true)
+                        }
+                        GgmlType::Q4_K => x86::avx512::dot_q4k_gemv(row(r), qs, d, bsums),
                         GgmlType::Q5_K => x86::avx512::dot_q45k::<true>(row(r), qs, d, bsums),
                         _ => x86::avx512::dot_q6k(row(r), qs, d, bsums, tiled),
                     }
@@ -616,16 +619,18 @@ mod tests {
             GgmlType::Q5_K,
             GgmlType::Q6_K,
         ] {
-            for k in [256, 512, 2048] {
+            for k in [256, 768, 2048] {
                 let n = 5;
                 let (w, _, _) = case(&mut rng, ty, n, k);
-                // Two activation rows, the second with extreme values.
-                let mut x: Vec<f32> = (0..2 * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
-                for v in x[k..].iter_mut().step_by(3) {
+                // Five activation rows, the second with extreme values: rows 0..4 take
+                // repacked Q4_K's gemm fold, row 4 its gemv fold (decode's kernel).
+                let mut x: Vec<f32> = (0..5 * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
+                for v in x[k..2 * k].iter_mut().step_by(3) {
                     *v *= 1e3;
                 }
                 let acts = quantize_q8k(&x, k);
-                for i in 0..2 {
+                assert!(acts.q4k_pairs(0) && !acts.q4k_pairs(4));
+                for i in 0..5 {
                     let mut want = vec![0.0f32; n];
                     dot_rows_with(Isa::Scalar, ty, &w, &acts, i, &mut want);
                     for isa in ISAS.into_iter().filter(|isa| isa.supported()) {

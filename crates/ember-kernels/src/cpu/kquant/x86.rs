@@ -19,6 +19,25 @@ unsafe fn hsum256(v: __m256i) -> i32 {
     }
 }
 
+/// How far ahead of the block being dotted decode's kernels prefetch weights: the hardware
+/// prefetchers alone leave the two-thread decode well short of the bandwidth limit (measured
+/// as the Q8_0-family kernels' `PREFETCH_BYTES`).
+const PREFETCH_BYTES: usize = 4096;
+
+/// Prefetches the cache lines of the `len`-byte block `PREFETCH_BYTES` past the one at `p`.
+#[inline(always)]
+fn prefetch_ahead(p: *const u8, len: usize) {
+    let mut off = 0;
+    while off < len {
+        // A hint only: the address may lie past the weights (`wrapping_add`, never
+        // dereferenced).
+        let q = p.wrapping_add(PREFETCH_BYTES + off);
+        // SAFETY: prefetching has no architectural effect and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(q.cast()) };
+        off += 64;
+    }
+}
+
 /// The two f16 values at `x[off..off + 4]`, converted exactly (as `half` does).
 #[inline(always)]
 unsafe fn f16x2(x: &[u8], off: usize) -> (f32, f32) {
@@ -157,6 +176,7 @@ unsafe fn q4k_body(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16], pairs: bool)
         let m4 = _mm256_set1_epi8(0xF);
         let mut fold = Q4kFold::new(pairs);
         for (b, x) in row.chunks_exact(q45k_bytes(false)).enumerate() {
+            prefetch_ahead(x.as_ptr(), q45k_bytes(false));
             let (sc, mn) = q4k_scales(&x[4..16]);
             let bs = &bsums[b * 16..(b + 1) * 16];
             let (xd, xmin) = f16x2(x, 0);
@@ -200,6 +220,7 @@ unsafe fn q2k_body(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
         let m4 = _mm_set1_epi8(0xF);
         let mut sum = 0.0f32;
         for (b, x) in row.chunks_exact(Q2K_BYTES).enumerate() {
+            prefetch_ahead(x.as_ptr(), Q2K_BYTES);
             let sc = _mm_loadu_si128(x.as_ptr().cast());
             let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sc), m4));
             let bs = _mm256_loadu_si256(bsums.as_ptr().add(16 * b).cast());
@@ -241,6 +262,7 @@ unsafe fn q3k_body(row: &[u8], qs: &[i8], d: &[f32]) -> f32 {
         let four = _mm256_set1_epi8(4);
         let mut sum = 0.0f32;
         for (b, x) in row.chunks_exact(Q3K_BYTES).enumerate() {
+            prefetch_ahead(x.as_ptr(), Q3K_BYTES);
             let sc = q3k_scales(&x[96..108]);
             let hm = _mm256_loadu_si256(x.as_ptr().cast());
             let mut acc = _mm256_setzero_si256();
@@ -311,6 +333,7 @@ pub mod avx2 {
         let m4 = _mm256_set1_epi8(0xF);
         let (mut sum, mut mins) = (0.0f32, 0.0f32);
         for (b, x) in row.chunks_exact(q45k_bytes(Q5)).enumerate() {
+            prefetch_ahead(x.as_ptr(), q45k_bytes(Q5));
             // SAFETY: Q5_K blocks hold 32 bytes of fifth bits at 16.
             let qh = if Q5 {
                 unsafe { _mm256_loadu_si256(x.as_ptr().add(16).cast()) }
@@ -365,6 +388,7 @@ pub mod avx2 {
         assert!(qs.len() >= nb * QK_K && d.len() >= nb && bsums.len() >= nb * 16);
         let (mut sum, mut acc) = (0.0f32, _mm256_setzero_ps());
         for (b, x) in row.chunks_exact(Q6K_BYTES).enumerate() {
+            prefetch_ahead(x.as_ptr(), Q6K_BYTES);
             let mut lanes = _mm256_setzero_si256();
             for n in 0..2 {
                 // SAFETY: `x` is a whole block; AVX2 is enabled.
@@ -407,6 +431,78 @@ pub mod avx512 {
         unsafe { q4k_body(row, qs, d, bsums, pairs) }
     }
 
+    /// Q4_K with llama.cpp's gemv fold (`pairs == false` in [`dot_q4k`]): one FMA pair per
+    /// block, so a block's integer sums are formed in one 512-bit accumulator and reduced
+    /// once, where the shared body reduces per pair of sub-blocks. Decode's Q4_K kernel.
+    ///
+    /// # Safety
+    /// As [`dot_q4k`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_q4k_gemv(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16]) -> f32 {
+        let nb = row.len() / q45k_bytes(false);
+        assert!(qs.len() >= nb * QK_K && d.len() >= nb && bsums.len() >= nb * 16);
+        // i16 lane `l` takes scale `a` in the low half (lanes 0..16), `b` in the high half.
+        let pick = |a: i16, b: i16| {
+            let mut v = [a; 32];
+            v[16..].fill(b);
+            // SAFETY: 32 i16 are read from `v`.
+            unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
+        };
+        let (i02, i13, i46, i57) = (pick(0, 2), pick(1, 3), pick(4, 6), pick(5, 7));
+        let m4 = _mm512_set1_epi8(0xF);
+        let (mut acc, mut acc_min) = (0.0f32, 0.0f32);
+        for (b, x) in row.chunks_exact(q45k_bytes(false)).enumerate() {
+            prefetch_ahead(x.as_ptr(), q45k_bytes(false));
+            let (sc, mn) = q4k_scales(&x[4..16]);
+            // SAFETY: loads lie in the 144-byte block (nibbles at 16..144) and in the block's
+            // 256 activations (asserted); `sc` holds 8 bytes; AVX2, F16C are enabled here.
+            let (isum, imin, xd, xmin) = unsafe {
+                let scv =
+                    _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(sc.as_ptr().cast())));
+                let y = qs.as_ptr().add(b * QK_K);
+                let ys = |a: usize, b: usize| {
+                    _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_loadu_si256(y.add(a).cast())),
+                        _mm256_loadu_si256(y.add(b).cast()),
+                    )
+                };
+                // Chunk `c` (32 bytes at 16 + 32c): low nibbles are sub-block 2c (values
+                // 64c..64c + 32), high nibbles sub-block 2c + 1.
+                let x01 = _mm512_loadu_si512(x.as_ptr().add(16).cast());
+                let x23 = _mm512_loadu_si512(x.as_ptr().add(80).cast());
+                let part = |q: __m512i, y: __m512i, idx: __m512i| {
+                    // Pairs of products are at most 2 * 15 * 127: exact in i16.
+                    _mm512_madd_epi16(
+                        _mm512_maddubs_epi16(q, y),
+                        _mm512_permutexvar_epi16(idx, scv),
+                    )
+                };
+                let hi = |q: __m512i| _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+                let p = _mm512_add_epi32(
+                    _mm512_add_epi32(
+                        part(_mm512_and_si512(x01, m4), ys(0, 64), i02),
+                        part(hi(x01), ys(32, 96), i13),
+                    ),
+                    _mm512_add_epi32(
+                        part(_mm512_and_si512(x23, m4), ys(128, 192), i46),
+                        part(hi(x23), ys(160, 224), i57),
+                    ),
+                );
+                let (xd, xmin) = f16x2(x, 0);
+                (
+                    _mm512_reduce_add_epi32(p),
+                    mins_dot(&bsums[b * 16..], &mn),
+                    xd,
+                    xmin,
+                )
+            };
+            // `Q4kFold`'s per-block chain, on the same exact integers.
+            acc = (isum as f32).mul_add(xd * d[b], acc);
+            acc_min = (imin as f32).mul_add(xmin * d[b], acc_min);
+        }
+        acc - acc_min
+    }
+
     /// # Safety
     /// As [`super::avx2::dot_q3k`], on a CPU with AVX-512 F/BW/VL/VNNI too.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -433,6 +529,7 @@ pub mod avx512 {
         let m4 = _mm256_set1_epi8(0xF);
         let (mut sum, mut mins) = (0.0f32, 0.0f32);
         for (b, x) in row.chunks_exact(q45k_bytes(Q5)).enumerate() {
+            prefetch_ahead(x.as_ptr(), q45k_bytes(Q5));
             // SAFETY: Q5_K blocks hold 32 bytes of fifth bits at 16.
             let qh = if Q5 {
                 unsafe { _mm256_loadu_si256(x.as_ptr().add(16).cast()) }
@@ -498,6 +595,7 @@ pub mod avx512 {
         }
         let (mut sum, mut acc) = (0.0f32, _mm256_setzero_ps());
         for (b, x) in row.chunks_exact(Q6K_BYTES).enumerate() {
+            prefetch_ahead(x.as_ptr(), Q6K_BYTES);
             // SAFETY: the 16 scale bytes at 192 lie in the block.
             let scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(unsafe {
                 _mm_loadu_si128(x.as_ptr().add(192).cast())
