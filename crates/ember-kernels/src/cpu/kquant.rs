@@ -221,6 +221,17 @@ impl Q4kFold {
         }
     }
 
+    /// A whole block's integer sums at once (the gemv fold only): `isum` its scaled
+    /// products, `imin` its mins' term, as [`Q4kFold::pair`] would sum them.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(super) fn block(&mut self, isum: i32, imin: i32, dd: f32, dmin: f32) {
+        debug_assert!(!self.pairs);
+        self.isum += isum;
+        self.imin += imin;
+        self.end_block(dd, dmin);
+    }
+
     /// After a block's four pairs.
     #[inline(always)]
     pub(super) fn end_block(&mut self, dd: f32, dmin: f32) {

@@ -181,6 +181,7 @@ unsafe fn q4k_body(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16], pairs: bool)
             let bs = &bsums[b * 16..(b + 1) * 16];
             let (xd, xmin) = f16x2(x, 0);
             let (dd, dmin) = (xd * d[b], xmin * d[b]);
+            let mut block = _mm256_setzero_si256();
             for c in 0..4 {
                 let y = qs.as_ptr().add(b * QK_K + 64 * c);
                 let q4 = _mm256_loadu_si256(x.as_ptr().add(16 + 32 * c).cast());
@@ -199,10 +200,18 @@ unsafe fn q4k_body(row: &[u8], qs: &[i8], d: &[f32], bsums: &[i16], pairs: bool)
                     _mm256_maddubs_epi16(hi, y1),
                     _mm256_set1_epi16(sc[2 * c + 1] as i16),
                 );
-                let s = hsum256(_mm256_add_epi32(slo, shi));
-                fold.pair(c, s, &mn, bs, dd, dmin);
+                if pairs {
+                    fold.pair(c, hsum256(_mm256_add_epi32(slo, shi)), &mn, bs, dd, dmin);
+                } else {
+                    // The gemv fold needs only the block's total: one reduction per block.
+                    block = _mm256_add_epi32(block, _mm256_add_epi32(slo, shi));
+                }
             }
-            fold.end_block(dd, dmin);
+            if pairs {
+                fold.end_block(dd, dmin);
+            } else {
+                fold.block(hsum256(block), mins_dot(bs, &mn), dd, dmin);
+            }
         }
         fold.result()
     }
