@@ -5,7 +5,8 @@
 //! (Q4_K) or 16-value (Q6_K) sub-block are exact whatever their order, and the float steps
 //! per row are the same operations in the same order, only done for sixteen rows at once. So
 //! the results equal [`super::dot_rows`]'s bit for bit (tested), at a fraction of the cost:
-//! the per-row kernels decode each packed block again for every activation row.
+//! the per-row kernels decode each packed block again for every activation row. Activation
+//! rows go four at a time ([`ACT_ROWS`]), so each tile vector loaded feeds four `vpdpbusd`s.
 //!
 //! Layout: block `b`'s values for the sixteen rows are stored as groups of four consecutive
 //! values per row, `q[((b * 64 + g) * 16 + l) * 4 + e]` = value `4g + e` of row `l` (unsigned:
@@ -33,7 +34,8 @@ pub struct KTile {
     /// Per block and sub-block, the sixteen rows' scales (`[b][s][16]`): Q4_K 8 sub-blocks,
     /// Q6_K 16 (signed).
     sc: Vec<i32>,
-    /// Q4_K only: the sixteen rows' mins, as `sc`.
+    /// Q4_K only: per block and pair of sub-blocks `c` (`[b][c][16]`), the sixteen rows' mins
+    /// `2c` (low i16) and `2c + 1` (high i16), for one `vpmaddwd` against the activation sums.
     mn: Vec<i32>,
     /// Per block, the sixteen rows' `d` (and Q4_K's `dmin`).
     d: Vec<f32>,
@@ -61,7 +63,7 @@ impl KTile {
         self.ty = Some(ty);
         self.q.resize(nb * QK_K * ROWS, 0);
         self.sc.resize(nb * subs * ROWS, 0);
-        self.mn.resize(nb * subs * ROWS, 0);
+        self.mn.resize(nb * 4 * ROWS, 0);
         self.d.resize(nb * ROWS, 0.0);
         self.dmin.resize(nb * ROWS, 0.0);
         let mut vals = [0u8; QK_K];
@@ -77,9 +79,12 @@ impl KTile {
                         }
                     }
                     let (sc, mn) = q4k_scales(&x[4..16]);
-                    for s in 0..8 {
-                        self.sc[(b * 8 + s) * ROWS + l] = sc[s] as i32;
-                        self.mn[(b * 8 + s) * ROWS + l] = mn[s] as i32;
+                    for (s, &v) in sc.iter().enumerate() {
+                        self.sc[(b * 8 + s) * ROWS + l] = v as i32;
+                    }
+                    for c in 0..4 {
+                        self.mn[(b * 4 + c) * ROWS + l] =
+                            mn[2 * c] as i32 | (mn[2 * c + 1] as i32) << 16;
                     }
                     self.d[b * ROWS + l] = f16_at(x, 0);
                     self.dmin[b * ROWS + l] = f16_at(x, 2);
@@ -133,121 +138,163 @@ pub unsafe fn matmul(tile: &KTile, acts: &Q8K, range: std::ops::Range<usize>, ou
     let subs = if ty == GgmlType::Q4_K { 8 } else { 16 };
     assert!(tile.q.len() >= nb * QK_K * ROWS && tile.sc.len() >= nb * subs * ROWS);
     assert!(
-        tile.d.len() >= nb * ROWS
-            && tile.dmin.len() >= nb * ROWS
-            && tile.mn.len() >= nb * subs * ROWS
+        tile.d.len() >= nb * ROWS && tile.dmin.len() >= nb * ROWS && tile.mn.len() >= nb * 4 * ROWS
     );
-    for (oi, i) in range.enumerate() {
-        let x = &acts.qs[i * acts.k..(i + 1) * acts.k];
-        let da = &acts.d[i * nb..(i + 1) * nb];
-        let bsums = &acts.bsums[i * nb * 16..(i + 1) * nb * 16];
+    // Activation rows in groups of `ACT_ROWS`, so each tile vector loaded serves several
+    // `vpdpbusd`s; a last partial group repeats its last row (results dropped).
+    let (start, len) = (range.start, range.len());
+    for g0 in (0..len).step_by(ACT_ROWS) {
+        let count = ACT_ROWS.min(len - g0);
+        let at = |r: usize| start + g0 + r.min(count - 1);
+        let xs: [*const i8; ACT_ROWS] = std::array::from_fn(|r| acts.qs[at(r) * acts.k..].as_ptr());
+        let da: [*const f32; ACT_ROWS] = std::array::from_fn(|r| acts.d[at(r) * nb..].as_ptr());
+        let bsums: [*const i16; ACT_ROWS] =
+            std::array::from_fn(|r| acts.bsums[at(r) * nb * 16..].as_ptr());
         // SAFETY: the buffers were checked above to cover `nb` blocks of sixteen rows (tile)
-        // and of this activation row; the CPU features are this function's.
+        // and of these activation rows (`at(r) < m`); the CPU features are this function's.
         let v = unsafe {
             if ty == GgmlType::Q4_K {
                 // llama.cpp's repacked Q4_K: gemm (FMA per sub-block pair) for the rows in
                 // whole groups of four, gemv (per block) for the rest.
-                q4k_row(tile, x, da, bsums, acts.q4k_pairs(i))
+                let pairs = std::array::from_fn(|r| acts.q4k_pairs(at(r)));
+                q4k_rows(tile, &xs, &da, &bsums, pairs)
             } else {
-                q6k_row(tile, x, da, bsums)
+                q6k_rows(tile, &xs, &da, &bsums)
             }
         };
-        let mut tmp = [0.0f32; ROWS];
-        // SAFETY: `tmp` holds sixteen floats.
-        unsafe { _mm512_storeu_ps(tmp.as_mut_ptr(), v) };
-        out[oi * tile.rows..(oi + 1) * tile.rows].copy_from_slice(&tmp[..tile.rows]);
+        for (r, vr) in v.iter().enumerate().take(count) {
+            let mut tmp = [0.0f32; ROWS];
+            // SAFETY: `tmp` holds sixteen floats.
+            unsafe { _mm512_storeu_ps(tmp.as_mut_ptr(), *vr) };
+            let oi = g0 + r;
+            out[oi * tile.rows..(oi + 1) * tile.rows].copy_from_slice(&tmp[..tile.rows]);
+        }
     }
 }
 
-/// The lane sums of values `4 * g0 .. 4 * (g0 + groups)` of block `b`, sixteen rows.
+/// Activation rows dotted together with each tile vector loaded: four `vpdpbusd`s per load
+/// instead of one (the tile of a wide matrix lives in L2, not L1), within the 32 vector
+/// registers.
+const ACT_ROWS: usize = 4;
+
+/// The lane sums of values `4 * g0 .. 4 * (g0 + groups)` of block `b`, sixteen rows, for
+/// each of the activation rows `xs`.
 #[inline(always)]
-unsafe fn group_sums(tile: &KTile, b: usize, g0: usize, groups: usize, x: &[i8]) -> __m512i {
-    // SAFETY (caller): AVX-512 VNNI; `b` is a block of the tile and `x` one activation row.
+unsafe fn group_sums<const R: usize>(
+    tile: &KTile,
+    b: usize,
+    g0: usize,
+    groups: usize,
+    xs: &[*const i8; R],
+) -> [__m512i; R] {
+    // SAFETY (caller): AVX-512 VNNI; `b` is a block of the tile and each `xs[r]` an
+    // activation row.
     unsafe {
-        let mut acc = _mm512_setzero_si512();
+        let mut acc = [_mm512_setzero_si512(); R];
         let q = tile.q.as_ptr().add((b * 64 + g0) * ROWS * 4);
-        let xp = x.as_ptr().add(b * QK_K + 4 * g0);
         for g in 0..groups {
             let w = _mm512_loadu_si512(q.add(g * ROWS * 4).cast());
-            let a = std::ptr::read_unaligned(xp.add(4 * g).cast::<i32>());
-            acc = _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(a));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let x = std::ptr::read_unaligned(xs[r].add(b * QK_K + 4 * (g0 + g)).cast::<i32>());
+                *a = _mm512_dpbusd_epi32(*a, w, _mm512_set1_epi32(x));
+            }
         }
         acc
     }
 }
 
-/// One activation row against the tile's sixteen Q4_K rows (see `super::scalar::dot_q4k`).
+/// Activation rows `xs` against the tile's sixteen Q4_K rows (see `super::scalar::dot_q4k`),
+/// each with its own fold (`pairs`).
 #[inline(always)]
-unsafe fn q4k_row(tile: &KTile, x: &[i8], da: &[f32], bsums: &[i16], pairs: bool) -> __m512 {
+unsafe fn q4k_rows<const R: usize>(
+    tile: &KTile,
+    xs: &[*const i8; R],
+    da: &[*const f32; R],
+    bsums: &[*const i16; R],
+    pairs: [bool; R],
+) -> [__m512; R] {
     // SAFETY (caller): AVX-512 F/VNNI and FMA; buffers checked by `matmul`.
     unsafe {
-        let (mut acc, mut acc_min) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut acc, mut acc_min) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
         for b in 0..tile.nb {
-            let dd = _mm512_mul_ps(
-                _mm512_loadu_ps(tile.d.as_ptr().add(b * ROWS)),
-                _mm512_set1_ps(da[b]),
-            );
-            let dmin = _mm512_mul_ps(
-                _mm512_loadu_ps(tile.dmin.as_ptr().add(b * ROWS)),
-                _mm512_set1_ps(da[b]),
-            );
-            let bs = &bsums[b * 16..b * 16 + 16];
-            let (mut isum, mut imin) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            let wd = _mm512_loadu_ps(tile.d.as_ptr().add(b * ROWS));
+            let wmin = _mm512_loadu_ps(tile.dmin.as_ptr().add(b * ROWS));
+            let da: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(*da[r].add(b)));
+            let dd: [__m512; R] = std::array::from_fn(|r| _mm512_mul_ps(wd, da[r]));
+            let dmin: [__m512; R] = std::array::from_fn(|r| _mm512_mul_ps(wmin, da[r]));
+            let (mut isum, mut imin) = ([_mm512_setzero_si512(); R], [_mm512_setzero_si512(); R]);
             for c in 0..4 {
-                let lo = group_sums(tile, b, 16 * c, 8, x);
-                let hi = group_sums(tile, b, 16 * c + 8, 8, x);
                 let sc =
                     |s: usize| _mm512_loadu_si512(tile.sc.as_ptr().add((b * 8 + s) * ROWS).cast());
-                let mn =
-                    |s: usize| _mm512_loadu_si512(tile.mn.as_ptr().add((b * 8 + s) * ROWS).cast());
-                let s = _mm512_add_epi32(
-                    _mm512_mullo_epi32(sc(2 * c), lo),
-                    _mm512_mullo_epi32(sc(2 * c + 1), hi),
-                );
-                let b_lo = bs[4 * c] as i32 + bs[4 * c + 1] as i32;
-                let b_hi = bs[4 * c + 2] as i32 + bs[4 * c + 3] as i32;
-                let mi = _mm512_add_epi32(
-                    _mm512_mullo_epi32(mn(2 * c), _mm512_set1_epi32(b_lo)),
-                    _mm512_mullo_epi32(mn(2 * c + 1), _mm512_set1_epi32(b_hi)),
-                );
-                if pairs {
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc);
-                    acc_min = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mi), dmin, acc_min);
-                } else {
-                    isum = _mm512_add_epi32(isum, s);
-                    imin = _mm512_add_epi32(imin, mi);
+                let mut s = group_sums(tile, b, 16 * c, 8, xs);
+                let (sc_lo, sc_hi) = (sc(2 * c), sc(2 * c + 1));
+                for v in &mut s {
+                    *v = _mm512_mullo_epi32(sc_lo, *v);
+                }
+                let hi = group_sums(tile, b, 16 * c + 8, 8, xs);
+                let mn = _mm512_loadu_si512(tile.mn.as_ptr().add((b * 4 + c) * ROWS).cast());
+                for r in 0..R {
+                    let s = _mm512_add_epi32(s[r], _mm512_mullo_epi32(sc_hi, hi[r]));
+                    let bs = bsums[r].add(b * 16 + 4 * c);
+                    let b_lo = *bs as i32 + *bs.add(1) as i32;
+                    let b_hi = *bs.add(2) as i32 + *bs.add(3) as i32;
+                    // Mins 0..63 and sums of 32 activations (|.| <= 4064) are exact i16
+                    // pairs; `vpmaddwd` adds their products exactly in i32.
+                    let b2 = (b_lo as u16 as u32 | (b_hi as u16 as u32) << 16) as i32;
+                    let mi = _mm512_madd_epi16(mn, _mm512_set1_epi32(b2));
+                    if pairs[r] {
+                        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd[r], acc[r]);
+                        acc_min[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mi), dmin[r], acc_min[r]);
+                    } else {
+                        isum[r] = _mm512_add_epi32(isum[r], s);
+                        imin[r] = _mm512_add_epi32(imin[r], mi);
+                    }
                 }
             }
-            if !pairs {
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dd, acc);
-                acc_min = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin), dmin, acc_min);
+            for r in 0..R {
+                if !pairs[r] {
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), dd[r], acc[r]);
+                    acc_min[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin[r]), dmin[r], acc_min[r]);
+                }
             }
         }
-        _mm512_sub_ps(acc, acc_min)
+        std::array::from_fn(|r| _mm512_sub_ps(acc[r], acc_min[r]))
     }
 }
 
-/// One activation row against the tile's sixteen Q6_K rows, with llama.cpp's tiled-kernel
+/// Activation rows `xs` against the tile's sixteen Q6_K rows, with llama.cpp's tiled-kernel
 /// combination (`fma(isum * dw, da, sum)` per block; see `super::scalar::dot_q6k`).
 #[inline(always)]
-unsafe fn q6k_row(tile: &KTile, x: &[i8], da: &[f32], bsums: &[i16]) -> __m512 {
+unsafe fn q6k_rows<const R: usize>(
+    tile: &KTile,
+    xs: &[*const i8; R],
+    da: &[*const f32; R],
+    bsums: &[*const i16; R],
+) -> [__m512; R] {
     // SAFETY (caller): AVX-512 F/VNNI and FMA; buffers checked by `matmul`.
     unsafe {
-        let mut sum = _mm512_setzero_ps();
+        let mut sum = [_mm512_setzero_ps(); R];
         for b in 0..tile.nb {
-            let mut s = _mm512_setzero_si512();
+            let mut s = [_mm512_setzero_si512(); R];
             for k in 0..16 {
-                let raw = group_sums(tile, b, 4 * k, 4, x);
-                let off = _mm512_set1_epi32(32 * bsums[b * 16 + k] as i32);
+                let raw = group_sums(tile, b, 4 * k, 4, xs);
                 let sc = _mm512_loadu_si512(tile.sc.as_ptr().add((b * 16 + k) * ROWS).cast());
-                s = _mm512_add_epi32(s, _mm512_mullo_epi32(sc, _mm512_sub_epi32(raw, off)));
+                for r in 0..R {
+                    let off = _mm512_set1_epi32(32 * *bsums[r].add(b * 16 + k) as i32);
+                    s[r] = _mm512_add_epi32(
+                        s[r],
+                        _mm512_mullo_epi32(sc, _mm512_sub_epi32(raw[r], off)),
+                    );
+                }
             }
             let dw = _mm512_loadu_ps(tile.d.as_ptr().add(b * ROWS));
-            sum = _mm512_fmadd_ps(
-                _mm512_mul_ps(_mm512_cvtepi32_ps(s), dw),
-                _mm512_set1_ps(da[b]),
-                sum,
-            );
+            for r in 0..R {
+                sum[r] = _mm512_fmadd_ps(
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(s[r]), dw),
+                    _mm512_set1_ps(*da[r].add(b)),
+                    sum[r],
+                );
+            }
         }
         sum
     }
