@@ -6,7 +6,7 @@
 //! per row are the same operations in the same order, only done for sixteen rows at once. So
 //! the results equal [`super::dot_rows`]'s bit for bit (tested), at a fraction of the cost:
 //! the per-row kernels decode each packed block again for every activation row. Activation
-//! rows go four at a time ([`ACT_ROWS`]), so each tile vector loaded feeds four `vpdpbusd`s.
+//! rows go four at a time (`ACT_ROWS`), so each tile vector loaded feeds four `vpdpbusd`s.
 //!
 //! Layout: block `b`'s values for the sixteen rows are stored as groups of four consecutive
 //! values per row, `q[((b * 64 + g) * 16 + l) * 4 + e]` = value `4g + e` of row `l` (unsigned:
