@@ -185,7 +185,7 @@ fn f16_at(b: &[u8], off: usize) -> f32 {
 
 /// How llama.cpp's repacked Q4_K kernels fold one row's exact integer sums into floats: per
 /// pair of sub-blocks (`pairs`, its gemm) or per block (its gemv), the mins kept apart and
-/// subtracted at the end. The scalar and AVX2 dots feed it the same integers.
+/// subtracted at the end. The scalar, AVX2 and AVX-512 dots feed it the same integers.
 pub(super) struct Q4kFold {
     pairs: bool,
     acc: f32,
@@ -633,15 +633,38 @@ mod tests {
             for k in [256, 768, 2048] {
                 let n = 5;
                 let (w, _, _) = case(&mut rng, ty, n, k);
-                // Five activation rows, the second with extreme values: rows 0..4 take
-                // repacked Q4_K's gemm fold, row 4 its gemv fold (decode's kernel).
-                let mut x: Vec<f32> = (0..5 * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
-                for v in x[k..2 * k].iter_mut().step_by(3) {
-                    *v *= 1e3;
+                // Seven activation rows: 0..4 take repacked Q4_K's gemm fold, 4..7 its gemv
+                // fold (decode's kernel). Each fold sees extreme values (rows 1, 4) and the
+                // largest activation sums of both signs (all -127: rows 2, 5; all +127 but
+                // the first: rows 3, 6).
+                let m = 7;
+                let mut x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
+                for i in [1, 4] {
+                    for v in x[i * k..(i + 1) * k].iter_mut().step_by(3) {
+                        *v *= 1e3;
+                    }
+                }
+                for (i, sign) in [(2, 1.0f32), (3, -1.0), (5, 1.0), (6, -1.0)] {
+                    let row = &mut x[i * k..(i + 1) * k];
+                    row.fill(1.0);
+                    // `iscale = -127 / max` per 256-block: a slightly larger -1 first in each
+                    // block flips the rest to +127.
+                    if sign < 0.0 {
+                        for v in row.iter_mut().step_by(QK_K) {
+                            *v = -1.0001;
+                        }
+                    }
                 }
                 let acts = quantize_q8k(&x, k);
-                assert!(acts.q4k_pairs(0) && !acts.q4k_pairs(4));
-                for i in 0..5 {
+                assert!(acts.q4k_pairs(3) && !acts.q4k_pairs(4));
+                assert!(acts.qs[2 * k..3 * k].iter().all(|&q| q == -127));
+                assert!(
+                    acts.qs[3 * k..4 * k]
+                        .iter()
+                        .enumerate()
+                        .all(|(e, &q)| q == if e % QK_K == 0 { -127 } else { 127 })
+                );
+                for i in 0..m {
                     let mut want = vec![0.0f32; n];
                     dot_rows_with(Isa::Scalar, ty, &w, &acts, i, &mut want);
                     for isa in ISAS.into_iter().filter(|isa| isa.supported()) {
