@@ -171,12 +171,18 @@ struct ModelArg {
     /// running the packed AWQ/GPTQ/EXL2 kernels.
     #[arg(long)]
     dequantize: bool,
+    /// Keep every weight a zero-copy view of the mapped file instead of repacking Q4_0, Q4_1
+    /// and Q8_0 matrices for this CPU's kernels at load (AVX-512 VNNI). Same results; repacked
+    /// decode is faster.
+    #[arg(long)]
+    no_repack: bool,
 }
 
 impl ModelArg {
     fn load_options(&self) -> LoadOptions {
         LoadOptions {
             dequantize: self.dequantize,
+            no_repack: self.no_repack,
         }
     }
 }

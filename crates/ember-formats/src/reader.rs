@@ -57,6 +57,33 @@ impl SharedBytes {
     pub(crate) fn new(backing: Backing) -> Self {
         SharedBytes(Arc::new(backing))
     }
+
+    /// Lets the operating system drop the resident pages of `range` of a memory-mapped file
+    /// (pages it shares with bytes outside `range` included): the bytes stay readable and the
+    /// same, read back from the file when next touched. For weights copied elsewhere at load
+    /// (repacked), so that the copy does not double the resident memory. A hint: an owned
+    /// buffer, a range past the end or a refusal by the system leaves everything as it is.
+    pub fn release(&self, range: Range<usize>) {
+        #[cfg(unix)]
+        if let Backing::Mmap(map) = &*self.0
+            && range.start < range.end
+            && range.end <= map.len()
+        {
+            // SAFETY: `map_file` maps the file read-only and shared (`Mmap::map`: no private
+            // copy-on-write pages), so dropping its pages loses nothing: the next read faults
+            // the file's unchanged bytes back in, and references into the mapping stay valid.
+            #[allow(unsafe_code)]
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    range.start,
+                    range.end - range.start,
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = range;
+    }
 }
 
 impl Deref for SharedBytes {

@@ -129,6 +129,9 @@ enum Repr {
         bytes: SharedBytes,
         ty: GgmlType,
         row_bytes: usize,
+        /// The rows repacked for this CPU's matmul kernels ([`QuantMatrix::repack`]); `bytes`
+        /// stay the blocks every other reader uses.
+        repacked: Option<Arc<crate::cpu::q8::Repacked>>,
     },
     Packed(Arc<PackedWeight>),
 }
@@ -182,6 +185,7 @@ impl QuantMatrix {
                 bytes,
                 ty,
                 row_bytes,
+                repacked: None,
             },
             rows,
             cols,
@@ -274,6 +278,45 @@ impl QuantMatrix {
             Repr::Ggml { .. } => None,
             Repr::Packed(p) => Some(p),
         }
+    }
+
+    /// Repacks the rows once for this CPU's matmul kernels, as llama.cpp's CPU_REPACK does
+    /// ([`crate::cpu::q8::Repacked`]: Q4_0, Q4_1 and Q8_0 on AVX-512 VNNI), so that decode
+    /// streams each weight byte once with no in-register shuffling. Results keep their bits.
+    /// Returns whether the matrix is now repacked: false, and nothing held, where the kernels
+    /// read the blocks as they are. The blocks stay the ones [`bytes`](Self::bytes),
+    /// [`row`](Self::row) and dequantization read; a caller that needs them rarely (a mapped
+    /// file's weights) may let their pages go.
+    pub fn repack(&mut self) -> bool {
+        let (rows, cols) = (self.rows, self.cols);
+        match &mut self.repr {
+            Repr::Ggml {
+                bytes,
+                ty,
+                repacked,
+                ..
+            } => {
+                if repacked.is_none() {
+                    *repacked = crate::cpu::q8::Repacked::new(*ty, bytes.as_slice(), rows, cols)
+                        .map(Arc::new);
+                }
+                repacked.is_some()
+            }
+            Repr::Packed(_) => false,
+        }
+    }
+
+    /// The repacked rows, if [`repack`](Self::repack) made them.
+    pub fn repacked(&self) -> Option<&crate::cpu::q8::Repacked> {
+        match &self.repr {
+            Repr::Ggml { repacked, .. } => repacked.as_deref(),
+            Repr::Packed(_) => None,
+        }
+    }
+
+    /// Bytes held in memory beside the blocks: the repacked copy, if any.
+    pub fn repacked_bytes(&self) -> usize {
+        self.repacked().map_or(0, |r| r.bytes())
     }
 
     /// Rows: a linear layer's output width.

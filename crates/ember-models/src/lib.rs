@@ -52,11 +52,37 @@ pub fn load_with(
     external: Option<&ExternalWeights>,
     device: &Device,
 ) -> Result<Model, ModelError> {
+    load_with_options(file, external, device, &ModelOptions::default())
+}
+
+/// How [`load_with_options`] treats the file's weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelOptions {
+    /// Repack the file's matrices for this CPU's kernels at load ([`Weights::with_repack`]):
+    /// on by default; off keeps every weight a zero-copy view of the mapping. Results are the
+    /// same bits either way.
+    pub repack: bool,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self { repack: true }
+    }
+}
+
+/// [`load_with`], with options.
+pub fn load_with_options(
+    file: &GgufFile,
+    external: Option<&ExternalWeights>,
+    device: &Device,
+    options: &ModelOptions,
+) -> Result<Model, ModelError> {
     let config = ModelConfig::from_gguf_with(file, external)?;
     let w = match external {
         Some(e) => Weights::with_external(file, e, device),
         None => Weights::new(file, device),
-    };
+    }
+    .with_repack(options.repack);
     let arch: Box<dyn Architecture> = match config.architecture.as_str() {
         "llama" => Box::new(Llama::load(&w, &config)?),
         "gemma3" => Box::new(Gemma3::load(&w, &config)?),

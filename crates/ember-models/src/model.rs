@@ -194,6 +194,7 @@ pub struct Model {
     output: Arc<QuantMatrix>,
     arch: Box<dyn Architecture>,
     weight_bytes: u64,
+    repacked_bytes: u64,
 }
 
 impl Model {
@@ -210,7 +211,7 @@ impl Model {
         let output = if w.has("output.weight") {
             w.matrix("output.weight", config.n_vocab, d)?
         } else {
-            Arc::clone(&token_embd)
+            w.head_from_embedding(&token_embd)
         };
         Ok(Self {
             output_norm: w.vector("output_norm.weight", d)?,
@@ -220,7 +221,14 @@ impl Model {
             output,
             arch,
             weight_bytes: w.total_bytes(),
+            repacked_bytes: w.repacked_bytes(),
         })
+    }
+
+    /// Bytes of the weights repacked at load for this CPU's kernels (held in memory in place of
+    /// the mapping's pages; 0 with repacking off or where no kernel reads a repacked layout).
+    pub fn repacked_bytes(&self) -> u64 {
+        self.repacked_bytes
     }
 
     /// Bytes of every weight it was loaded from (the file's tensors, less those a supplied

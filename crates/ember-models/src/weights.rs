@@ -17,7 +17,14 @@ pub struct Weights<'a> {
     file: &'a GgufFile,
     external: Option<&'a ExternalWeights>,
     device: Device,
+    repack: bool,
+    /// Bytes of the repacked copies made so far.
+    repacked_bytes: std::cell::Cell<u64>,
 }
+
+/// The embedding: looked up by rows, never multiplied unless tied to the head (which
+/// [`Weights::head_from_embedding`] then makes).
+const EMBEDDING: &str = "token_embd.weight";
 
 /// Weight matrices supplied beside a GGUF file's own tensors, by GGUF tensor name: how a
 /// checkpoint directory runs, its linear layers left where they lie in the safetensors files
@@ -71,6 +78,8 @@ impl<'a> Weights<'a> {
             file,
             external: None,
             device: device.clone(),
+            repack: true,
+            repacked_bytes: Default::default(),
         }
     }
 
@@ -84,6 +93,51 @@ impl<'a> Weights<'a> {
             file,
             external: Some(external),
             device: device.clone(),
+            repack: true,
+            repacked_bytes: Default::default(),
+        }
+    }
+
+    /// Whether the file's matrices are repacked at load for this CPU's kernels
+    /// ([`QuantMatrix::repack`]; on by default, as llama.cpp's CPU_REPACK). Off keeps every
+    /// weight a zero-copy view of the mapping.
+    pub fn with_repack(mut self, repack: bool) -> Self {
+        self.repack = repack;
+        self
+    }
+
+    /// Repacks `m`, the file's tensor `name` at `range`, if repacking is on and this CPU's
+    /// kernels have a layout for its type, then lets the mapping's pages of `range` go: the
+    /// kernels read the copy, and the rare readers of the blocks (dequantization, an
+    /// embedding lookup) fault back in only what they touch.
+    fn repacked(&self, mut m: QuantMatrix, range: Range<usize>) -> QuantMatrix {
+        if self.repack && m.repack() {
+            self.file.shared_bytes().release(range);
+            let total = self.repacked_bytes.get() + m.repacked_bytes() as u64;
+            self.repacked_bytes.set(total);
+        }
+        m
+    }
+
+    /// Bytes of the repacked copies of the matrices loaded so far.
+    pub fn repacked_bytes(&self) -> u64 {
+        self.repacked_bytes.get()
+    }
+
+    /// The output head tied to the embedding `embd` (the file's `token_embd.weight`): the
+    /// same blocks, repacked for the matmul when repacking is on, while the embedding's
+    /// lookups keep reading the blocks.
+    pub fn head_from_embedding(&self, embd: &Arc<QuantMatrix>) -> Arc<QuantMatrix> {
+        let in_file = self.external.is_none_or(|e| e.get(EMBEDDING).is_none());
+        match self
+            .file
+            .tensor(EMBEDDING)
+            .and_then(|t| self.file.tensor_range(t))
+        {
+            Some(range) if in_file && self.repack => {
+                Arc::new(self.repacked((**embd).clone(), range))
+            }
+            _ => Arc::clone(embd),
         }
     }
 
@@ -206,12 +260,15 @@ impl<'a> Weights<'a> {
         let len = part.len() * row_bytes;
         let bytes =
             SharedBytes::new(Arc::new(self.file.shared_bytes()), start, len).ok_or_else(missing)?;
-        QuantMatrix::new(bytes, ty, part.len(), cols)
-            .map(Arc::new)
-            .map_err(|source| ModelError::Weight {
+        let m =
+            QuantMatrix::new(bytes, ty, part.len(), cols).map_err(|source| ModelError::Weight {
                 name: name.to_string(),
                 source,
-            })
+            })?;
+        if name == EMBEDDING {
+            return Ok(Arc::new(m));
+        }
+        Ok(Arc::new(self.repacked(m, start..start + len)))
     }
 
     /// [`vector`](Self::vector) for a tensor the file may leave out (an optional bias).

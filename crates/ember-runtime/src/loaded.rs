@@ -71,6 +71,19 @@ pub struct LoadOptions {
     /// For a quantized checkpoint directory (AWQ, GPTQ, EXL2, compressed-tensors): dequantize
     /// its linear layers to F16 at load instead of running the packed kernels.
     pub dequantize: bool,
+    /// Keep every weight a zero-copy view of the mapped file instead of repacking the
+    /// matrices this CPU's kernels have a layout for (`--no-repack`; see
+    /// [`ember_models::ModelOptions`]). Same results, less memory touched at load, slower
+    /// decode.
+    pub no_repack: bool,
+}
+
+impl LoadOptions {
+    fn model_options(&self) -> ember_models::ModelOptions {
+        ember_models::ModelOptions {
+            repack: !self.no_repack,
+        }
+    }
 }
 
 /// A model ready to run: its metadata (chat template), the model with its weights on a
@@ -117,7 +130,7 @@ impl LoadedModel {
             path: shown.clone(),
             error,
         })?;
-        let model = ember_models::load(&file, device)
+        let model = ember_models::load_with_options(&file, None, device, &opts.model_options())
             .map_err(|error| LoadError::Model { path: shown, error })?;
         Ok(Self {
             file,
@@ -181,8 +194,9 @@ impl LoadedModel {
             path: shown.clone(),
             error,
         })?;
-        let model = ember_models::load_with(&file, Some(&external), device)
-            .map_err(|error| LoadError::Model { path: shown, error })?;
+        let model =
+            ember_models::load_with_options(&file, Some(&external), device, &opts.model_options())
+                .map_err(|error| LoadError::Model { path: shown, error })?;
         Ok(Self {
             file,
             scheme: image.scheme,

@@ -49,7 +49,10 @@ fn open(path: &Path, dequantize: bool) -> LoadedModel {
     LoadedModel::open_with(
         path,
         &ember_models::default_device(),
-        &LoadOptions { dequantize },
+        &LoadOptions {
+            dequantize,
+            ..LoadOptions::default()
+        },
     )
     .unwrap_or_else(|e| panic!("load {}: {e}", path.display()))
 }

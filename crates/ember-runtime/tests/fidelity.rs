@@ -12,9 +12,10 @@ mod common;
 
 use std::sync::OnceLock;
 
+use ember_kernels::cpu::q8::Isa;
 use ember_runtime::eval::{teacher_forced_logits, top_k};
 use ember_runtime::generate::{GenerateRequest, generate};
-use ember_runtime::loaded::LoadedModel;
+use ember_runtime::loaded::{LoadOptions, LoadedModel};
 use ember_runtime::sampling::SamplingParams;
 
 use common::{ids, reference_top5};
@@ -55,6 +56,45 @@ fn batch_sizes_at_kernel_switches_match_llama_cpp() {
 #[test]
 fn greedy_generation_is_llama_cpps() {
     common::check_greedy_tokens(model(), &references());
+}
+
+/// Repacking at load (the default) and `--no-repack` give the same logits bit for bit, one
+/// row at a time (decode), in small batches and in a batch past 64 rows.
+#[test]
+fn repacked_and_mapped_weights_give_the_same_bits() {
+    let m = model();
+    let plain = common::load_with(
+        "EMBER_TEST_SMOLLM2",
+        "smollm2-135m-instruct-q4_1",
+        &LoadOptions {
+            no_repack: true,
+            ..LoadOptions::default()
+        },
+    );
+    assert_eq!(plain.model.repacked_bytes(), 0);
+    if Isa::Avx512Vnni.supported() {
+        // Every Q4_1 matrix and the Q8_0 head: as many bytes as the file's matrices (the
+        // head's 49152 rows are whole groups of sixteen, as are the layers').
+        assert!(
+            m.model.repacked_bytes() > 80 << 20,
+            "{}",
+            m.model.repacked_bytes()
+        );
+    } else {
+        eprintln!("this CPU has no AVX-512 VNNI: nothing is repacked, both loads are the same");
+    }
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(8);
+    let tokens = m.tokenize_prompt(&text).unwrap();
+    assert!(tokens.len() > 64, "{}", tokens.len());
+    for (n, ubatch) in [(12, 1), (23, 5), (tokens.len(), 512)] {
+        let a = teacher_forced_logits(&m.model, &tokens[..n], ubatch).unwrap();
+        let b = teacher_forced_logits(&plain.model, &tokens[..n], ubatch).unwrap();
+        assert_eq!(a.len(), b.len());
+        for (pos, (ra, rb)) in a.iter().zip(&b).enumerate() {
+            let bits = |r: &[f32]| r.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert!(bits(ra) == bits(rb), "ubatch {ubatch} position {pos}");
+        }
+    }
 }
 
 #[test]

@@ -136,6 +136,9 @@ pub fn quant_matmul_rows_solo(
     let Some(fmt) = q8::act_format(ty) else {
         return f32_matmul(w, x, m);
     };
+    if let Some(rep) = w.repacked() {
+        return repacked_matmul(rep, x, m, fmt);
+    }
     let row_bytes = k / q8::BLOCK * ty.type_size();
     let bytes = w.bytes();
     if m == 1 {
@@ -191,6 +194,41 @@ pub fn quant_matmul_rows_solo(
     }
     // SAFETY: the tasks above wrote all `m` rows of every column range `j0..j0 + rows`, and
     // those ranges cover `0..n` (a panic in any task would have unwound past this point).
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// [`quant_matmul_rows`] for repacked rows ([`QuantMatrix::repack`]): one group of sixteen rows
+/// per task, dotted in place for one activation row, loaded into a tile for more (what the
+/// packed path does on this CPU, see [`q8::packed_batch_max`]).
+fn repacked_matmul(rep: &q8::Repacked, x: &[f32], m: usize, fmt: q8::ActFormat) -> Vec<f32> {
+    let (n, k) = (rep.rows(), rep.blocks() * q8::BLOCK);
+    let batch = q8::prepare_batch(x, k, m, fmt);
+    if m == 1 {
+        let mut out = vec![0.0f32; n];
+        out.par_chunks_mut(q8::TILE_ROWS)
+            .enumerate()
+            .for_each(|(g, dst)| rep.dot(g, &batch, dst));
+        return out;
+    }
+    let with_min = fmt == q8::ActFormat::Q8_1;
+    let mut out = Vec::with_capacity(m * n);
+    let dst = Columns::new(&mut out.spare_capacity_mut()[..m * n], m, n);
+    (0..rep.groups()).into_par_iter().for_each(|g| {
+        with_scratch(&Q8_TILE, |(tile, buf)| {
+            let rows = rep.group_rows(g);
+            if buf.len() < m * rows {
+                buf.resize(m * rows, 0.0);
+            }
+            let buf = &mut buf[..m * rows];
+            rep.load_tile(g, tile);
+            // Writes all of `buf`.
+            q8::tile_matmul(tile, &batch, with_min, buf);
+            // SAFETY: task `g` alone writes columns `16g..16g + rows`.
+            unsafe { dst.write(g * q8::TILE_ROWS, buf) };
+        })
+    });
+    // SAFETY: the tasks above wrote all `m` rows of every group's columns, which cover `0..n`.
     unsafe { out.set_len(m * n) };
     out
 }

@@ -29,8 +29,13 @@ use half::f16;
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
+mod repack;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+#[cfg(target_arch = "x86_64")]
+use repack::Line;
+pub use repack::Repacked;
 
 /// Elements per block in every format handled here.
 pub const BLOCK: usize = 32;

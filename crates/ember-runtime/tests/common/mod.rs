@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use ember_runtime::eval::{prompt_then_step_logits, teacher_forced_logits, top_k};
 use ember_runtime::generate::{GenerateRequest, generate};
-use ember_runtime::loaded::LoadedModel;
+use ember_runtime::loaded::{LoadOptions, LoadedModel};
 use ember_runtime::sampling::SamplingParams;
 use serde_json::Value;
 
@@ -16,11 +16,17 @@ pub const MAX_ABS: f32 = 5e-7 + 4e-6;
 
 /// The model a test runs: `env` names a file to use instead of the manifest's `name`.
 pub fn load(env: &str, name: &str) -> LoadedModel {
+    load_with(env, name, &LoadOptions::default())
+}
+
+/// [`load`] with options.
+#[allow(dead_code)]
+pub fn load_with(env: &str, name: &str, opts: &LoadOptions) -> LoadedModel {
     let path = match std::env::var_os(env) {
         Some(p) if !p.is_empty() => PathBuf::from(p),
         _ => ember_hub::resolve(name).unwrap_or_else(|e| panic!("cannot get {name}: {e}")),
     };
-    LoadedModel::open(&path, &ember_models::default_device())
+    LoadedModel::open_with(&path, &ember_models::default_device(), opts)
         .unwrap_or_else(|e| panic!("load {name}: {e}"))
 }
 

@@ -473,6 +473,28 @@ const fn q4_pair_indices(j0: usize) -> [i32; 16] {
 
 static Q4_PAIRS: [[i32; 16]; 2] = [q4_pair_indices(0), q4_pair_indices(2)];
 
+/// The [`Block16`] of Q4_0 or Q4_1 nibbles transposed by [`Rows16::q4_dwords`]: low nibbles
+/// are values `4j..`, high ones `16 + 4j..`; Q4_0's are stored plus 128 as signed weights are.
+#[inline(always)]
+unsafe fn split_q4<const TY: u8>(q: &[__m512i; 4]) -> Block16 {
+    unsafe {
+        let mask = _mm512_set1_epi8(0x0F);
+        let mut t = [_mm512_setzero_si512(); 8];
+        for (j, &qj) in q.iter().enumerate() {
+            t[j] = _mm512_and_si512(qj, mask);
+            t[j + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(qj), mask);
+        }
+        if TY == Q4_0 {
+            // (nibble - 8) + 128.
+            let offset = _mm512_set1_epi8(120);
+            for tj in &mut t {
+                *tj = _mm512_add_epi8(*tj, offset);
+            }
+        }
+        t
+    }
+}
+
 /// How many tiles ahead [`Rows16::prefetch`] reaches.
 const PREFETCH_TILES: usize = 2;
 
@@ -548,6 +570,15 @@ impl<const TY: u8> Rows16<TY> {
     /// gives all eight vectors.
     #[inline(always)]
     unsafe fn block_q4(&self, b: usize) -> Block16 {
+        // SAFETY: forwarded.
+        unsafe { split_q4::<TY>(&self.q4_dwords(b)) }
+    }
+
+    /// Block `b`'s packed nibbles of the sixteen rows transposed: vector `j` holds, in lane
+    /// `l`, packed dword `j` of row `l` (values `4j..4j + 4` in the low nibbles, `16 + 4j..`
+    /// in the high ones). [`split_q4`] makes the [`Block16`] of them.
+    #[inline(always)]
+    unsafe fn q4_dwords(&self, b: usize) -> [__m512i; 4] {
         unsafe {
             let at = b * Packed::<TY>::BS + if TY == Q4_0 { 2 } else { 4 };
             let ld = |l: usize| _mm_loadu_si128(self.w[l].p.add(at).cast());
@@ -570,26 +601,12 @@ impl<const TY: u8> Rows16<TY> {
                 _mm512_permutex2var_epi32(z[2], i01, z[3]),
                 _mm512_permutex2var_epi32(z[2], i23, z[3]),
             );
-            let q = [
+            [
                 _mm512_shuffle_i64x2::<0x44>(a_lo, a_hi),
                 _mm512_shuffle_i64x2::<0xEE>(a_lo, a_hi),
                 _mm512_shuffle_i64x2::<0x44>(b_lo, b_hi),
                 _mm512_shuffle_i64x2::<0xEE>(b_lo, b_hi),
-            ];
-            let mask = _mm512_set1_epi8(0x0F);
-            let mut t = [_mm512_setzero_si512(); 8];
-            for (j, &qj) in q.iter().enumerate() {
-                t[j] = _mm512_and_si512(qj, mask);
-                t[j + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(qj), mask);
-            }
-            if TY == Q4_0 {
-                // (nibble - 8) + 128.
-                let offset = _mm512_set1_epi8(120);
-                for tj in &mut t {
-                    *tj = _mm512_add_epi8(*tj, offset);
-                }
-            }
-            t
+            ]
         }
     }
 
@@ -597,18 +614,30 @@ impl<const TY: u8> Rows16<TY> {
     #[inline(always)]
     unsafe fn scales(&self, b: usize) -> (__m512, __m512) {
         unsafe {
+            let (d, m) = self.scale_bits(b);
+            let m = if <Packed<TY> as Weights>::WITH_MIN {
+                _mm512_cvtph_ps(m)
+            } else {
+                _mm512_setzero_ps()
+            };
+            (_mm512_cvtph_ps(d), m)
+        }
+    }
+
+    /// The f16 scales and offsets (garbage without offsets) of block `b` of the sixteen rows,
+    /// one per 16-bit lane.
+    #[inline(always)]
+    unsafe fn scale_bits(&self, b: usize) -> (__m256i, __m256i) {
+        unsafe {
             // Each block starts with its f16 scale, then (Q4_1, Q5_1) its f16 offset.
             let head = _mm512_i32gather_epi32::<1>(
                 self.offsets,
                 self.base.add(b * Packed::<TY>::BS).cast(),
             );
-            let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
-            let m = if <Packed<TY> as Weights>::WITH_MIN {
-                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(head)))
-            } else {
-                _mm512_setzero_ps()
-            };
-            (d, m)
+            (
+                _mm512_cvtepi32_epi16(head),
+                _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(head)),
+            )
         }
     }
 
@@ -838,6 +867,234 @@ unsafe fn dot_packed_batch_vnni(ty: GgmlType, rows: &[u8], batch: &Batch, out: &
             other => unreachable!("dot_packed_batch called for {other}, which has no integer path"),
         }
     }
+}
+
+// Repacked weights (`super::Repacked`): what `Rows16` computes per block of sixteen rows,
+// computed once at load and stored in a group's `q` lines and `s` scales, so that decode
+// streams each weight byte once with no shuffle and no gather. Q8_0 stores the `Block16`
+// itself (its 32 bytes a row stay 32); Q4_0 and Q4_1 store `Rows16::q4_dwords`, still
+// nibbles (16 bytes a row), split per use by `split_q4`: the same vectors as `Rows16::block`.
+
+/// `q` lines per block of a repacked group.
+const fn repacked_lines(ty: u8) -> usize {
+    if ty == Q8_0 { 8 } else { 4 }
+}
+
+/// `s` entries per block of a repacked group: sixteen f16 scales, then (Q4_1) sixteen f16
+/// offsets.
+const fn repacked_scales(ty: u8) -> usize {
+    if ty == Q4_1 { 32 } else { 16 }
+}
+
+/// The `q` lines and `s` entries per block of a repacked `ty` group, or `None` for a type
+/// with no repacked kernels.
+pub(super) fn repacked_layout(ty: GgmlType) -> Option<(usize, usize)> {
+    let tag = repacked_tag(ty)?;
+    Some((repacked_lines(tag), repacked_scales(tag)))
+}
+
+fn repacked_tag(ty: GgmlType) -> Option<u8> {
+    match ty {
+        GgmlType::Q4_0 => Some(Q4_0),
+        GgmlType::Q4_1 => Some(Q4_1),
+        GgmlType::Q8_0 => Some(Q8_0),
+        _ => None,
+    }
+}
+
+/// Repacks up to sixteen packed rows (`row_bytes` each) into `q` and `s` (one group: `nb`
+/// blocks of [`repacked_lines`] and [`repacked_scales`]).
+#[inline(always)]
+unsafe fn repack_group_typed<const TY: u8>(
+    rows: &[u8],
+    row_bytes: usize,
+    q: &mut [super::Line],
+    s: &mut [u16],
+) {
+    // SAFETY: AVX-512 F is the caller's; `Rows16::new` checks the rows.
+    let w = unsafe { Rows16::<TY>::new(rows, row_bytes) };
+    let nb = row_bytes / Packed::<TY>::BS;
+    let (ql, sl) = (repacked_lines(TY), repacked_scales(TY));
+    assert!(
+        q.len() == nb * ql && s.len() == nb * sl,
+        "repacked group size"
+    );
+    let (qp, sp) = (q.as_mut_ptr(), s.as_mut_ptr());
+    for b in 0..nb {
+        // SAFETY: `b < nb`, the rows' block count; `q` and `s` hold `nb` blocks (asserted);
+        // CPU features are the caller's.
+        unsafe {
+            let qb = qp.add(b * ql).cast::<__m512i>();
+            if TY == Q8_0 {
+                let t = w.block(b);
+                for (j, tj) in t.iter().enumerate() {
+                    _mm512_storeu_si512(qb.add(j), *tj);
+                }
+            } else {
+                for (j, qj) in w.q4_dwords(b).iter().enumerate() {
+                    _mm512_storeu_si512(qb.add(j), *qj);
+                }
+            }
+            let (d, m) = w.scale_bits(b);
+            let sb = sp.add(b * sl).cast::<__m256i>();
+            _mm256_storeu_si256(sb, d);
+            if TY == Q4_1 {
+                _mm256_storeu_si256(sb.add(1), m);
+            }
+        }
+    }
+}
+
+/// One repacked group's blocks, read back.
+struct RepackedGroup<const TY: u8> {
+    q: *const __m512i,
+    s: *const u16,
+    nb: usize,
+}
+
+/// How far ahead of the block being dotted [`RepackedGroup::prefetch`] reaches: a group's
+/// blocks, and the groups after it, lie one after another.
+const REPACKED_PREFETCH_BYTES: usize = 4096;
+
+impl<const TY: u8> RepackedGroup<TY> {
+    /// Group `g` of `rep`, whose type must be `TY`.
+    fn new(rep: &super::Repacked, g: usize) -> Self {
+        let (q, s) = rep.group(g);
+        assert_eq!(repacked_tag(rep.ty()), Some(TY), "repacked type");
+        RepackedGroup {
+            q: q.as_ptr().cast(),
+            s: s.as_ptr(),
+            nb: rep.blocks(),
+        }
+    }
+
+    /// Block `b` (below `nb`) in [`Block16`] layout.
+    #[inline(always)]
+    unsafe fn block(&self, b: usize) -> Block16 {
+        unsafe {
+            let qb = self.q.add(b * repacked_lines(TY));
+            if TY == Q8_0 {
+                let mut t = [_mm512_setzero_si512(); 8];
+                for (j, tj) in t.iter_mut().enumerate() {
+                    *tj = _mm512_loadu_si512(qb.add(j));
+                }
+                t
+            } else {
+                let mut q = [_mm512_setzero_si512(); 4];
+                for (j, qj) in q.iter_mut().enumerate() {
+                    *qj = _mm512_loadu_si512(qb.add(j));
+                }
+                split_q4::<TY>(&q)
+            }
+        }
+    }
+
+    /// Block `b`'s scales and offsets (zeros without offsets), as f32.
+    #[inline(always)]
+    unsafe fn scales(&self, b: usize) -> (__m512, __m512) {
+        unsafe {
+            let sb = self.s.add(b * repacked_scales(TY)).cast::<__m256i>();
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(sb));
+            let m = if TY == Q4_1 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(sb.add(1)))
+            } else {
+                _mm512_setzero_ps()
+            };
+            (d, m)
+        }
+    }
+
+    /// Hints that the lines [`REPACKED_PREFETCH_BYTES`] past block `b` will be read soon.
+    #[inline(always)]
+    fn prefetch(&self, b: usize) {
+        let ql = repacked_lines(TY);
+        for line in 0..ql {
+            // A hint only: the address may lie past the buffer (`wrapping_add`, never
+            // dereferenced).
+            let p = self
+                .q
+                .wrapping_add(b * ql + line + REPACKED_PREFETCH_BYTES / 64)
+                .cast::<i8>();
+            // SAFETY: prefetching has no architectural effect and cannot fault.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
+        }
+        // The scales are an eighth to a sixteenth of the bytes: a line a block reaches as far
+        // ahead as the lines above (a repeated line costs next to nothing).
+        let p = self
+            .s
+            .wrapping_add(b * repacked_scales(TY) + REPACKED_PREFETCH_BYTES / 16)
+            .cast::<i8>();
+        // SAFETY: as above.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
+    }
+}
+
+/// Group `g` of `rep` against activation row 0 of `batch` (one row) into `out` (the group's
+/// rows: sixteen, fewer in the last group).
+#[inline(always)]
+unsafe fn repacked_dot_typed<const TY: u8>(
+    rep: &super::Repacked,
+    g: usize,
+    batch: &Batch,
+    out: &mut [f32],
+) {
+    let w = RepackedGroup::<TY>::new(rep, g);
+    assert_eq!(batch.m, 1, "one activation row");
+    assert_eq!(w.nb * BLOCK, batch.acts.k, "activations differ in width");
+    assert_eq!(out.len(), rep.group_rows(g), "out does not match the group");
+    batch.check(<Packed<TY> as Weights>::SIGNED);
+    let a = ActRows::<1>::new(batch, 0, <Packed<TY> as Weights>::SIGNED);
+    // SAFETY: `b < nb`, the group's block count (`Repacked::group` sized them); the
+    // activation pointers cover `nb` blocks (`ActRows::new`); CPU features are the caller's.
+    unsafe {
+        let mut sums = Sums::<1>::new();
+        for b in 0..w.nb {
+            w.prefetch(b);
+            let t = w.block(b);
+            let (dw, mw) = w.scales(b);
+            sums.add_block::<Packed<TY>>(&t, dw, mw, b, &a);
+        }
+        sums.store::<Packed<TY>>(1, 0, out.len(), out, 0, 0);
+    }
+}
+
+/// Loads group `g` of `rep` into `tile`, as [`tile_load_typed`] loads the packed rows.
+#[inline(always)]
+unsafe fn tile_load_repacked_typed<const TY: u8>(rep: &super::Repacked, g: usize, tile: &mut Tile) {
+    let w = RepackedGroup::<TY>::new(rep, g);
+    let nb = w.nb;
+    let (qn, sn) = (nb * BLOCK * TILE_ROWS, nb * TILE_ROWS);
+    if tile.q.len() < qn {
+        tile.q.resize(qn, 0);
+    }
+    if tile.d.len() < sn {
+        tile.d.resize(sn, 0.0);
+    }
+    if tile.m.len() < sn {
+        tile.m.resize(sn, 0.0);
+    }
+    let (q, d, m) = (
+        tile.q.as_mut_ptr(),
+        tile.d.as_mut_ptr(),
+        tile.m.as_mut_ptr(),
+    );
+    for b in 0..nb {
+        // SAFETY: `b < nb`; `q`, `d` and `m` hold `nb` blocks of 16 rows (resized above); CPU
+        // features are the caller's.
+        unsafe {
+            let t = w.block(b);
+            for (j, tj) in t.iter().enumerate() {
+                _mm512_storeu_si512(q.add((b * 8 + j) * 4 * TILE_ROWS).cast(), *tj);
+            }
+            let (dw, mw) = w.scales(b);
+            _mm512_storeu_ps(d.add(b * TILE_ROWS), dw);
+            _mm512_storeu_ps(m.add(b * TILE_ROWS), mw);
+        }
+    }
+    tile.rows = rep.group_rows(g);
+    tile.nb = nb;
+    tile.signed = <Packed<TY> as Weights>::SIGNED;
+    tile.interleaved = true;
 }
 
 /// Unpacks up to sixteen packed rows into `tile` ([`Block16`] layout per block, scales and
@@ -1178,4 +1435,60 @@ pub(super) unsafe fn avx512_tile_matmul(
 ) {
     // SAFETY: the features the body needs are enabled on this function.
     unsafe { tile_matmul(tile, batch, with_min, out) }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI (and AVX2, FMA, F16C).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn avx512_repack_group(
+    ty: GgmlType,
+    rows: &[u8],
+    row_bytes: usize,
+    q: &mut [super::Line],
+    s: &mut [u16],
+) {
+    // SAFETY: the features the body needs are enabled on this function.
+    unsafe {
+        match repacked_tag(ty) {
+            Some(Q4_0) => repack_group_typed::<Q4_0>(rows, row_bytes, q, s),
+            Some(Q4_1) => repack_group_typed::<Q4_1>(rows, row_bytes, q, s),
+            Some(Q8_0) => repack_group_typed::<Q8_0>(rows, row_bytes, q, s),
+            _ => unreachable!("{ty} is not repacked"),
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI (and AVX2, FMA, F16C).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn avx512_repacked_dot(
+    rep: &super::Repacked,
+    g: usize,
+    batch: &Batch,
+    out: &mut [f32],
+) {
+    // SAFETY: the features the body needs are enabled on this function.
+    unsafe {
+        match repacked_tag(rep.ty()) {
+            Some(Q4_0) => repacked_dot_typed::<Q4_0>(rep, g, batch, out),
+            Some(Q4_1) => repacked_dot_typed::<Q4_1>(rep, g, batch, out),
+            Some(Q8_0) => repacked_dot_typed::<Q8_0>(rep, g, batch, out),
+            _ => unreachable!("{} is not repacked", rep.ty()),
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI (and AVX2, FMA, F16C).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn avx512_tile_load_repacked(rep: &super::Repacked, g: usize, tile: &mut Tile) {
+    // SAFETY: the features the body needs are enabled on this function.
+    unsafe {
+        match repacked_tag(rep.ty()) {
+            Some(Q4_0) => tile_load_repacked_typed::<Q4_0>(rep, g, tile),
+            Some(Q4_1) => tile_load_repacked_typed::<Q4_1>(rep, g, tile),
+            Some(Q8_0) => tile_load_repacked_typed::<Q8_0>(rep, g, tile),
+            _ => unreachable!("{} is not repacked", rep.ty()),
+        }
+    }
 }

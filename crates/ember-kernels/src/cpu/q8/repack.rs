@@ -1,0 +1,312 @@
+//! Weights repacked once, at load, into the layout the AVX-512 VNNI kernels compute per call
+//! from the packed blocks (as llama.cpp's CPU_REPACK buffers do for its kernels).
+//!
+//! The packed-block kernel lays sixteen weight rows across a vector's lanes by transposing
+//! each block in registers (24 `vpermt2d` for Q8_0, a quarter of that for Q4_0 and Q4_1) and
+//! gathering the sixteen scales: on one activation row that shuffling, not memory, bounded
+//! decode. Here it is done once: per group of sixteen rows and per block, the transposed
+//! vectors (Q8_0) or transposed nibbles (Q4_0, Q4_1: still half a byte a value), then the
+//! sixteen f16 scales (and offsets) side by side. The arithmetic is the packed kernel's, on
+//! the same vectors, so every result keeps its bits (tested against the packed and the
+//! portable kernels).
+//!
+//! It costs a copy: the repacked bytes equal the packed ones, and the caller may let the
+//! mapping's pages go (`ember_formats::SharedBytes::release`).
+
+use ember_quant::GgmlType;
+#[cfg(target_arch = "x86_64")]
+use rayon::prelude::*;
+
+use super::{BLOCK, Batch, Isa, TILE_ROWS, Tile, isa};
+
+/// A 64-byte-aligned line of repacked values: one vector load each, never split across
+/// cache lines.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(super) struct Line(pub(super) [u8; 64]);
+
+/// A matrix's rows repacked for this CPU's kernels (see the module docs): groups of
+/// [`TILE_ROWS`] rows, the last one padded by repeating its last row (those lanes' results are
+/// never stored).
+pub struct Repacked {
+    ty: GgmlType,
+    rows: usize,
+    nb: usize,
+    /// Lines and scale entries per block.
+    ql: usize,
+    sl: usize,
+    q: Vec<Line>,
+    s: Vec<u16>,
+}
+
+impl std::fmt::Debug for Repacked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Repacked({} {}x{}, {} bytes)",
+            self.ty,
+            self.rows,
+            self.nb * BLOCK,
+            self.bytes()
+        )
+    }
+}
+
+impl Repacked {
+    /// Repacks `rows` rows of `ty` blocks (`bytes`, row-major, `k` values a row) for this
+    /// CPU's kernels; `None` where the packed blocks are what the kernels read best: a CPU
+    /// without AVX-512 VNNI, a type other than Q4_0, Q4_1 and Q8_0, or an empty matrix.
+    ///
+    /// Panics if `bytes` is not `rows` whole rows of `k` values (a [`crate::QuantMatrix`]
+    /// has checked that).
+    pub fn new(ty: GgmlType, bytes: &[u8], rows: usize, k: usize) -> Option<Self> {
+        Self::new_with(isa(), ty, bytes, rows, k)
+    }
+
+    /// [`Repacked::new`] for kernels compiled for `isa` (`None` unless it is a supported
+    /// AVX-512 VNNI).
+    pub fn new_with(isa: Isa, ty: GgmlType, bytes: &[u8], rows: usize, k: usize) -> Option<Self> {
+        if isa != Isa::Avx512Vnni || !isa.supported() || rows == 0 || k == 0 {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (ql, sl) = super::x86::repacked_layout(ty)?;
+            assert!(k.is_multiple_of(BLOCK), "partial block");
+            let nb = k / BLOCK;
+            let row_bytes = nb * ty.type_size();
+            assert_eq!(
+                Some(bytes.len()),
+                row_bytes.checked_mul(rows),
+                "not whole rows"
+            );
+            let groups = rows.div_ceil(TILE_ROWS);
+            let mut q = vec![Line([0; 64]); groups * nb * ql];
+            let mut s = vec![0u16; groups * nb * sl];
+            q.par_chunks_mut(nb * ql)
+                .zip(s.par_chunks_mut(nb * sl))
+                .enumerate()
+                .for_each(|(g, (qg, sg))| {
+                    let end = ((g + 1) * TILE_ROWS).min(rows);
+                    let group = &bytes[g * TILE_ROWS * row_bytes..end * row_bytes];
+                    // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI
+                    // (checked above); the kernel checks the group's sizes.
+                    unsafe { super::x86::avx512_repack_group(ty, group, row_bytes, qg, sg) };
+                });
+            Some(Repacked {
+                ty,
+                rows,
+                nb,
+                ql,
+                sl,
+                q,
+                s,
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (ty, bytes);
+            None
+        }
+    }
+
+    /// The block type the rows came from.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Blocks of [`BLOCK`] values a row.
+    pub fn blocks(&self) -> usize {
+        self.nb
+    }
+
+    /// Groups of [`TILE_ROWS`] rows (the last may hold fewer).
+    pub fn groups(&self) -> usize {
+        self.rows.div_ceil(TILE_ROWS)
+    }
+
+    /// Rows of group `g`.
+    pub fn group_rows(&self, g: usize) -> usize {
+        assert!(g < self.groups(), "group {g} past the matrix");
+        TILE_ROWS.min(self.rows - g * TILE_ROWS)
+    }
+
+    /// Bytes the repacked copy holds in memory.
+    pub fn bytes(&self) -> usize {
+        self.q.len() * size_of::<Line>() + self.s.len() * size_of::<u16>()
+    }
+
+    /// Group `g`'s lines and scale entries. Panics if `g` is past the last group.
+    pub(super) fn group(&self, g: usize) -> (&[Line], &[u16]) {
+        let (qn, sn) = (self.nb * self.ql, self.nb * self.sl);
+        (&self.q[g * qn..(g + 1) * qn], &self.s[g * sn..(g + 1) * sn])
+    }
+
+    /// `out[l]` = dot of row `16g + l` with the one activation row of `batch` (prepared by
+    /// [`super::prepare_batch`] for this CPU), for the group's rows: bit for bit what
+    /// [`super::dot_packed_batch`] gives on the packed rows.
+    pub fn dot(&self, g: usize, batch: &Batch, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a `Repacked` exists only where the CPU supports AVX2, FMA, F16C and
+        // AVX-512 F/BW/VL/VNNI (`new_with`); the kernel checks every size it relies on.
+        unsafe {
+            super::x86::avx512_repacked_dot(self, g, batch, out)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!(
+            "no repacked weights off x86-64 ({g}, {}, {})",
+            batch.m,
+            out.len()
+        )
+    }
+
+    /// Loads group `g` into `tile`, as [`Tile::load`] loads its packed rows.
+    pub fn load_tile(&self, g: usize, tile: &mut Tile) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot`.
+        unsafe {
+            super::x86::avx512_tile_load_repacked(self, g, tile)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no repacked weights off x86-64 ({g}, {})", tile.rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{
+        ActFormat, act_format, dot_packed_batch_with, prepare_batch_with, tile_matmul_with,
+    };
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+
+    fn avx512() -> bool {
+        let ok = Isa::Avx512Vnni.supported();
+        if !ok {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI, so nothing is repacked");
+        }
+        ok
+    }
+
+    /// `rows` random rows of `k` values quantized to `ty`; every fourth row is extreme (all
+    /// at the format's largest magnitude, mixed signs) so the sign offset and the nibble
+    /// ends are covered.
+    fn weights(rng: &mut StdRng, ty: GgmlType, rows: usize, k: usize) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for r in 0..rows {
+            let w: Vec<f32> = if r % 4 == 3 {
+                (0..k)
+                    .map(|j| if j % 3 == 0 { -1.0 } else { 1.0 })
+                    .collect()
+            } else {
+                let scale = rng.random_range(0.01..4.0f32);
+                (0..k).map(|_| rng.random_range(-scale..scale)).collect()
+            };
+            bytes.extend(ember_quant::quantize(ty, &w).unwrap());
+        }
+        bytes
+    }
+
+    /// `m` activation rows of `k`; the last is constant (every quantized value +-127).
+    fn acts(rng: &mut StdRng, m: usize, k: usize) -> Vec<f32> {
+        let mut x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
+        let sign = if rng.random_bool(0.5) { 1.0 } else { -1.0 };
+        x[(m - 1) * k..].fill(sign * 2.5);
+        x
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn repacked_kernels_equal_the_packed_ones_bit_for_bit() {
+        if !avx512() {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(0x5e9a_c4ed);
+        let isa = Isa::Avx512Vnni;
+        for ty in TYPES {
+            let fmt = act_format(ty).unwrap();
+            // One block; a partial group alone; whole groups; whole plus a partial group of
+            // one row and of fifteen; odd block counts.
+            for (rows, k) in [
+                (1, 32),
+                (15, 96),
+                (16, 64),
+                (17, 32 * 7),
+                (33, 768),
+                (47, 2080),
+                (64, 160),
+            ] {
+                let bytes = weights(&mut rng, ty, rows, k);
+                let rep = Repacked::new_with(isa, ty, &bytes, rows, k).expect("repacked");
+                let row_bytes = k / BLOCK * ty.type_size();
+                // As many bytes as the packed rows, the last group padded to sixteen.
+                assert_eq!(rep.bytes(), row_bytes * rep.groups() * TILE_ROWS);
+                for m in [1usize, 2, 3, 9] {
+                    let x = acts(&mut rng, m, k);
+                    let batch = prepare_batch_with(isa, &x, k, m, fmt);
+                    let scalar_batch = prepare_batch_with(Isa::Scalar, &x, k, m, fmt);
+                    let mut want = vec![0.0f32; m * rows];
+                    dot_packed_batch_with(Isa::Scalar, ty, &bytes, &scalar_batch, &mut want);
+                    let mut packed = vec![0.0f32; m * rows];
+                    dot_packed_batch_with(isa, ty, &bytes, &batch, &mut packed);
+                    assert_eq!(bits(&packed), bits(&want), "{ty} packed {rows}x{k} m={m}");
+                    let (mut tile, mut tile_packed) = (Tile::default(), Tile::default());
+                    for g in 0..rep.groups() {
+                        let n = rep.group_rows(g);
+                        let col = |out: &[f32], i: usize| out[i * rows + g * 16..][..n].to_vec();
+                        if m == 1 {
+                            let mut got = vec![0.0f32; n];
+                            rep.dot(g, &batch, &mut got);
+                            assert_eq!(bits(&got), bits(&col(&want, 0)), "{ty} {rows}x{k} g{g}");
+                        }
+                        // The tile of the repacked group equals the packed rows' tile.
+                        rep.load_tile(g, &mut tile);
+                        let group = &bytes[g * 16 * row_bytes..(g * 16 + n) * row_bytes];
+                        tile_packed.load_with(isa, ty, group, row_bytes);
+                        assert_eq!((tile.rows, tile.nb), (tile_packed.rows, tile_packed.nb));
+                        let mut got = vec![0.0f32; m * n];
+                        let with_min = fmt == ActFormat::Q8_1;
+                        tile_matmul_with(isa, &tile, &batch, with_min, &mut got);
+                        for i in 0..m {
+                            assert_eq!(
+                                bits(&got[i * n..(i + 1) * n]),
+                                bits(&col(&want, i)),
+                                "{ty} tile {rows}x{k} g{g} row {i} of {m}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_avx512_and_the_repacked_types_repack() {
+        let bytes = vec![0u8; 18 * 2];
+        assert!(Repacked::new_with(Isa::Scalar, GgmlType::Q4_0, &bytes, 2, 32).is_none());
+        if Isa::Avx2.supported() {
+            assert!(Repacked::new_with(Isa::Avx2, GgmlType::Q4_0, &bytes, 2, 32).is_none());
+        }
+        if !avx512() {
+            return;
+        }
+        let isa = Isa::Avx512Vnni;
+        assert!(Repacked::new_with(isa, GgmlType::Q4_0, &bytes, 2, 32).is_some());
+        assert!(Repacked::new_with(isa, GgmlType::Q4_0, &[], 0, 32).is_none());
+        assert!(Repacked::new_with(isa, GgmlType::Q4_0, &[], 4, 0).is_none());
+        let q5 = vec![0u8; 22 * 2];
+        assert!(Repacked::new_with(isa, GgmlType::Q5_0, &q5, 2, 32).is_none());
+        let q4k = vec![0u8; 144 * 2];
+        assert!(Repacked::new_with(isa, GgmlType::Q4_K, &q4k, 2, 256).is_none());
+    }
+}
