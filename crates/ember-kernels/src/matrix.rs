@@ -288,6 +288,12 @@ impl QuantMatrix {
     /// [`row`](Self::row) and dequantization read; a caller that needs them rarely (a mapped
     /// file's weights) may let their pages go.
     pub fn repack(&mut self) -> bool {
+        self.repack_releasing(&|_| {})
+    }
+
+    /// [`repack`](Self::repack), calling `release` with each range of [`bytes`](Self::bytes)
+    /// once it is copied (see [`Repacked::new_releasing`](crate::cpu::q8::Repacked::new_releasing)).
+    pub fn repack_releasing(&mut self, release: &(dyn Fn(std::ops::Range<usize>) + Sync)) -> bool {
         let (rows, cols) = (self.rows, self.cols);
         match &mut self.repr {
             Repr::Ggml {
@@ -297,8 +303,14 @@ impl QuantMatrix {
                 ..
             } => {
                 if repacked.is_none() {
-                    *repacked = crate::cpu::q8::Repacked::new(*ty, bytes.as_slice(), rows, cols)
-                        .map(Arc::new);
+                    *repacked = crate::cpu::q8::Repacked::new_releasing(
+                        *ty,
+                        bytes.as_slice(),
+                        rows,
+                        cols,
+                        release,
+                    )
+                    .map(Arc::new);
                 }
                 repacked.is_some()
             }

@@ -106,13 +106,15 @@ impl<'a> Weights<'a> {
         self
     }
 
-    /// Repacks `m`, the file's tensor `name` at `range`, if repacking is on and this CPU's
-    /// kernels have a layout for its type, then lets the mapping's pages of `range` go: the
-    /// kernels read the copy, and the rare readers of the blocks (dequantization, an
-    /// embedding lookup) fault back in only what they touch.
+    /// Repacks `m`, the file's bytes at `range`, if repacking is on and this CPU's kernels
+    /// have a layout for its type, letting the mapping's pages of `range` go as they are
+    /// copied (so memory peaks near the final size): the kernels read the copy, and the rare
+    /// readers of the blocks (dequantization, an embedding lookup) fault back in only what
+    /// they touch.
     fn repacked(&self, mut m: QuantMatrix, range: Range<usize>) -> QuantMatrix {
-        if self.repack && m.repack() {
-            self.file.shared_bytes().release(range);
+        let file = self.file.shared_bytes();
+        let release = |r: Range<usize>| file.release(range.start + r.start..range.start + r.end);
+        if self.repack && m.repack_releasing(&release) {
             let total = self.repacked_bytes.get() + m.repacked_bytes() as u64;
             self.repacked_bytes.set(total);
         }

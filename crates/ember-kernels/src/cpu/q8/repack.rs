@@ -19,6 +19,10 @@ use rayon::prelude::*;
 
 use super::{BLOCK, Batch, Isa, TILE_ROWS, Tile, isa};
 
+/// Source bytes repacked between two calls of [`Repacked::new_releasing`]'s `release`.
+#[cfg(target_arch = "x86_64")]
+const RELEASE_STEP: usize = 4 << 20;
+
 /// A 64-byte-aligned line of repacked values: one vector load each, never split across
 /// cache lines.
 #[derive(Clone, Copy)]
@@ -66,6 +70,31 @@ impl Repacked {
     /// [`Repacked::new`] for kernels compiled for `isa` (`None` unless it is a supported
     /// AVX-512 VNNI).
     pub fn new_with(isa: Isa, ty: GgmlType, bytes: &[u8], rows: usize, k: usize) -> Option<Self> {
+        Self::build(isa, ty, bytes, rows, k, &|_| {})
+    }
+
+    /// [`Repacked::new`], calling `release` with each range of `bytes` once it is repacked
+    /// (a few MiB at a time, in order), so that a caller can let a mapping's pages go while
+    /// the copy grows: memory then peaks near the copy's size, not the copy's plus the
+    /// source's. Not called where nothing is repacked.
+    pub fn new_releasing(
+        ty: GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        k: usize,
+        release: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) -> Option<Self> {
+        Self::build(isa(), ty, bytes, rows, k, release)
+    }
+
+    fn build(
+        isa: Isa,
+        ty: GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        k: usize,
+        release: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) -> Option<Self> {
         if isa != Isa::Avx512Vnni || !isa.supported() || rows == 0 || k == 0 {
             return None;
         }
@@ -83,16 +112,28 @@ impl Repacked {
             let groups = rows.div_ceil(TILE_ROWS);
             let mut q = vec![Line([0; 64]); groups * nb * ql];
             let mut s = vec![0u16; groups * nb * sl];
-            q.par_chunks_mut(nb * ql)
-                .zip(s.par_chunks_mut(nb * sl))
+            // Groups a step: about RELEASE_STEP bytes of the source.
+            let step = (RELEASE_STEP / (TILE_ROWS * row_bytes)).max(1);
+            for (c, (qc, sc)) in q
+                .chunks_mut(step * nb * ql)
+                .zip(s.chunks_mut(step * nb * sl))
                 .enumerate()
-                .for_each(|(g, (qg, sg))| {
-                    let end = ((g + 1) * TILE_ROWS).min(rows);
-                    let group = &bytes[g * TILE_ROWS * row_bytes..end * row_bytes];
-                    // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI
-                    // (checked above); the kernel checks the group's sizes.
-                    unsafe { super::x86::avx512_repack_group(ty, group, row_bytes, qg, sg) };
-                });
+            {
+                let g0 = c * step;
+                qc.par_chunks_mut(nb * ql)
+                    .zip(sc.par_chunks_mut(nb * sl))
+                    .enumerate()
+                    .for_each(|(i, (qg, sg))| {
+                        let g = g0 + i;
+                        let end = ((g + 1) * TILE_ROWS).min(rows);
+                        let group = &bytes[g * TILE_ROWS * row_bytes..end * row_bytes];
+                        // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI
+                        // (checked above); the kernel checks the group's sizes.
+                        unsafe { super::x86::avx512_repack_group(ty, group, row_bytes, qg, sg) };
+                    });
+                let end = ((g0 + step) * TILE_ROWS).min(rows);
+                release(g0 * TILE_ROWS * row_bytes..end * row_bytes);
+            }
             Some(Repacked {
                 ty,
                 rows,
@@ -105,7 +146,7 @@ impl Repacked {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (ty, bytes);
+            let _ = (ty, bytes, release);
             None
         }
     }
@@ -286,6 +327,39 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn release_covers_the_source_once_in_order() {
+        if !avx512() {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(11);
+        // Q8_0 rows of 8192 values are 8704 bytes: 300 rows are under one step; 2100 rows
+        // (132 groups) are five steps of 30 groups, the last of 12 and a partial group.
+        for rows in [300usize, 2100] {
+            let k = 8192;
+            let bytes = weights(&mut rng, GgmlType::Q8_0, rows, k);
+            let seen = std::sync::Mutex::new(Vec::new());
+            let rep = Repacked::new_releasing(GgmlType::Q8_0, &bytes, rows, k, &|r| {
+                seen.lock().unwrap().push(r)
+            })
+            .unwrap();
+            let seen = seen.into_inner().unwrap();
+            let mut at = 0;
+            for r in &seen {
+                assert_eq!(r.start, at, "{seen:?}");
+                assert!(r.end > r.start && r.end - r.start <= RELEASE_STEP);
+                at = r.end;
+            }
+            assert_eq!(at, bytes.len());
+            // The copy is the same as one made without releasing.
+            let plain = Repacked::new(GgmlType::Q8_0, &bytes, rows, k).unwrap();
+            for g in 0..rep.groups() {
+                let (a, b) = (rep.group(g), plain.group(g));
+                assert!(a.0.iter().zip(b.0).all(|(x, y)| x.0 == y.0) && a.1 == b.1);
             }
         }
     }
