@@ -32,6 +32,8 @@ const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 4 + 8;
 
 /// The bytes behind a [`GgufFile`]: a read-only memory map or an owned buffer.
 pub(crate) enum Backing {
+    /// A read-only shared mapping of a file (`map_file`), never written through: dropping its
+    /// pages (`SharedBytes::release`) loses nothing.
     Mmap(memmap2::Mmap),
     Owned(Vec<u8>),
 }
@@ -396,7 +398,8 @@ impl GgufFile {
 
 #[allow(unsafe_code)]
 pub(crate) fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
-    // SAFETY: the mapping is read-only and private to this process. memmap2 requires that the
+    // SAFETY: the mapping is read-only (`Mmap::map`: shared, never written through, so
+    // `SharedBytes::release` only drops pages the file gives back). memmap2 requires that the
     // file is not modified or truncated while mapped; a model file being rewritten under a
     // running engine is outside our contract (the same contract llama.cpp's mmap loader has).
     // All parsing is bounds-checked against the mapping's length, so any content is safe.

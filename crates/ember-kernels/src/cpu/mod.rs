@@ -378,11 +378,26 @@ mod tests {
                 (9, 33, 64),
                 (3, 17, 32),
                 (16, 20, 96),
+                (1, 37, 96),
+                (1, 3, 32),
+                (1, 64, 160),
+                (70, 18, 64),
             ] {
                 let wf: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
-                let w = QuantMatrix::quantize(ty, n, k, &wf).unwrap();
+                let mut w = QuantMatrix::quantize(ty, n, k, &wf).unwrap();
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
                 let got = quant_matmul_rows(&w, &x, m);
+                // The same matmul on the repacked rows (Q4_0, Q4_1, Q8_0 on AVX-512 VNNI):
+                // groups of sixteen with a partial last one, in decode and batches.
+                let expect_repack = q8::isa() == q8::Isa::Avx512Vnni
+                    && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
+                assert_eq!(w.repack(), expect_repack, "{ty}");
+                let repacked = quant_matmul_rows(&w, &x, m);
+                assert_eq!(
+                    repacked.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{ty} repacked m={m} n={n} k={k}"
+                );
                 let fmt = q8::act_format(ty).unwrap();
                 let acts = q8::quantize_acts_with(q8::Isa::Scalar, &x, k, fmt);
                 let mut un = q8::UnpackedRow::default();

@@ -581,14 +581,15 @@ impl<const TY: u8> Rows16<TY> {
     unsafe fn q4_dwords(&self, b: usize) -> [__m512i; 4] {
         unsafe {
             let at = b * Packed::<TY>::BS + if TY == Q4_0 { 2 } else { 4 };
-            let ld = |l: usize| _mm_loadu_si128(self.w[l].p.add(at).cast());
-            // Rows 4g..4g + 4, one per 128-bit lane.
+            // Rows 4g..4g + 4, one per 128-bit lane (loads written out, not in a closure: see
+            // the module docs).
+            let row = |l: usize| self.w[l].p.add(at).cast::<__m128i>();
             let mut z = [_mm512_setzero_si512(); 4];
             for (g, zg) in z.iter_mut().enumerate() {
-                let v = _mm512_castsi128_si512(ld(4 * g));
-                let v = _mm512_inserti32x4::<1>(v, ld(4 * g + 1));
-                let v = _mm512_inserti32x4::<2>(v, ld(4 * g + 2));
-                *zg = _mm512_inserti32x4::<3>(v, ld(4 * g + 3));
+                let v = _mm512_castsi128_si512(_mm_loadu_si128(row(4 * g)));
+                let v = _mm512_inserti32x4::<1>(v, _mm_loadu_si128(row(4 * g + 1)));
+                let v = _mm512_inserti32x4::<2>(v, _mm_loadu_si128(row(4 * g + 2)));
+                *zg = _mm512_inserti32x4::<3>(v, _mm_loadu_si128(row(4 * g + 3)));
             }
             // Dwords (0, 1) and (2, 3) of rows 0..8, then of rows 8..16; then whole columns.
             let i01 = _mm512_loadu_si512(Q4_PAIRS[0].as_ptr().cast());
@@ -960,11 +961,17 @@ impl<const TY: u8> RepackedGroup<TY> {
     /// Group `g` of `rep`, whose type must be `TY`.
     fn new(rep: &super::Repacked, g: usize) -> Self {
         let (q, s) = rep.group(g);
+        let nb = rep.blocks();
         assert_eq!(repacked_tag(rep.ty()), Some(TY), "repacked type");
+        // What every read below relies on.
+        assert!(
+            q.len() == nb * repacked_lines(TY) && s.len() == nb * repacked_scales(TY),
+            "repacked group size"
+        );
         RepackedGroup {
             q: q.as_ptr().cast(),
             s: s.as_ptr(),
-            nb: rep.blocks(),
+            nb,
         }
     }
 
@@ -1018,11 +1025,12 @@ impl<const TY: u8> RepackedGroup<TY> {
             // SAFETY: prefetching has no architectural effect and cannot fault.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
         }
-        // The scales are an eighth to a sixteenth of the bytes: a line a block reaches as far
-        // ahead as the lines above (a repeated line costs next to nothing).
+        // The scales' line as many blocks ahead as the values' (a line prefetched twice costs
+        // next to nothing).
+        let ahead = REPACKED_PREFETCH_BYTES / (64 * ql);
         let p = self
             .s
-            .wrapping_add(b * repacked_scales(TY) + REPACKED_PREFETCH_BYTES / 16)
+            .wrapping_add((b + ahead) * repacked_scales(TY))
             .cast::<i8>();
         // SAFETY: as above.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
