@@ -1071,32 +1071,13 @@ unsafe fn repacked_dot_typed<const TY: u8>(
 unsafe fn tile_load_repacked_typed<const TY: u8>(rep: &super::Repacked, g: usize, tile: &mut Tile) {
     let w = RepackedGroup::<TY>::new(rep, g);
     let nb = w.nb;
-    let (qn, sn) = (nb * BLOCK * TILE_ROWS, nb * TILE_ROWS);
-    if tile.q.len() < qn {
-        tile.q.resize(qn, 0);
-    }
-    if tile.d.len() < sn {
-        tile.d.resize(sn, 0.0);
-    }
-    if tile.m.len() < sn {
-        tile.m.resize(sn, 0.0);
-    }
-    let (q, d, m) = (
-        tile.q.as_mut_ptr(),
-        tile.d.as_mut_ptr(),
-        tile.m.as_mut_ptr(),
-    );
+    let bufs = TileBuffers::new(tile, nb);
     for b in 0..nb {
-        // SAFETY: `b < nb`; `q`, `d` and `m` hold `nb` blocks of 16 rows (resized above); CPU
-        // features are the caller's.
+        // SAFETY: `b < nb`, the group's block count and the buffers'; CPU features are the
+        // caller's.
         unsafe {
-            let t = w.block(b);
-            for (j, tj) in t.iter().enumerate() {
-                _mm512_storeu_si512(q.add((b * 8 + j) * 4 * TILE_ROWS).cast(), *tj);
-            }
             let (dw, mw) = w.scales(b);
-            _mm512_storeu_ps(d.add(b * TILE_ROWS), dw);
-            _mm512_storeu_ps(m.add(b * TILE_ROWS), mw);
+            bufs.store(b, &w.block(b), dw, mw);
         }
     }
     tile.rows = rep.group_rows(g);
@@ -1112,34 +1093,61 @@ unsafe fn tile_load_typed<const TY: u8>(rows: &[u8], row_bytes: usize, tile: &mu
     // SAFETY: AVX-512 F is the caller's.
     let w = unsafe { Rows16::<TY>::new(rows, row_bytes) };
     let nb = row_bytes / Packed::<TY>::BS;
-    // Every byte below these lengths is written below: grow, never clear.
-    let (qn, sn) = (nb * BLOCK * TILE_ROWS, nb * TILE_ROWS);
-    if tile.q.len() < qn {
-        tile.q.resize(qn, 0);
-    }
-    if tile.d.len() < sn {
-        tile.d.resize(sn, 0.0);
-    }
-    if tile.m.len() < sn {
-        tile.m.resize(sn, 0.0);
-    }
-    let (q, d, m) = (
-        tile.q.as_mut_ptr(),
-        tile.d.as_mut_ptr(),
-        tile.m.as_mut_ptr(),
-    );
+    let bufs = TileBuffers::new(tile, nb);
     for b in 0..nb {
-        // SAFETY: `b < nb`, the rows' block count; `q`, `d` and `m` hold `nb` blocks of 16
-        // rows (resized above); CPU features are the caller's.
+        // SAFETY: `b < nb`, the rows' block count and the buffers'; CPU features are the
+        // caller's.
         unsafe {
             w.prefetch(b);
             let t = w.block(b);
-            for (j, tj) in t.iter().enumerate() {
-                _mm512_storeu_si512(q.add((b * 8 + j) * 4 * TILE_ROWS).cast(), *tj);
-            }
             let (dw, mw) = w.scales(b);
-            _mm512_storeu_ps(d.add(b * TILE_ROWS), dw);
-            _mm512_storeu_ps(m.add(b * TILE_ROWS), mw);
+            bufs.store(b, &t, dw, mw);
+        }
+    }
+}
+
+/// A [`Tile`]'s interleaved buffers, grown to `nb` blocks of sixteen rows.
+struct TileBuffers {
+    q: *mut i8,
+    d: *mut f32,
+    m: *mut f32,
+    nb: usize,
+}
+
+impl TileBuffers {
+    /// Grows (never clears: every byte below `nb` blocks is stored before it is read) the
+    /// tile's buffers to `nb` blocks.
+    #[inline(always)]
+    fn new(tile: &mut Tile, nb: usize) -> Self {
+        let (qn, sn) = (nb * BLOCK * TILE_ROWS, nb * TILE_ROWS);
+        if tile.q.len() < qn {
+            tile.q.resize(qn, 0);
+        }
+        if tile.d.len() < sn {
+            tile.d.resize(sn, 0.0);
+        }
+        if tile.m.len() < sn {
+            tile.m.resize(sn, 0.0);
+        }
+        TileBuffers {
+            q: tile.q.as_mut_ptr(),
+            d: tile.d.as_mut_ptr(),
+            m: tile.m.as_mut_ptr(),
+            nb,
+        }
+    }
+
+    /// Stores block `b` (below `nb`): its vectors, scales and offsets.
+    #[inline(always)]
+    unsafe fn store(&self, b: usize, t: &Block16, dw: __m512, mw: __m512) {
+        assert!(b < self.nb, "block past the tile");
+        // SAFETY: the buffers hold `nb` blocks (`new`); AVX-512 F is the caller's.
+        unsafe {
+            for (j, tj) in t.iter().enumerate() {
+                _mm512_storeu_si512(self.q.add((b * 8 + j) * 4 * TILE_ROWS).cast(), *tj);
+            }
+            _mm512_storeu_ps(self.d.add(b * TILE_ROWS), dw);
+            _mm512_storeu_ps(self.m.add(b * TILE_ROWS), mw);
         }
     }
 }
