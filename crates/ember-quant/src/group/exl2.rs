@@ -503,8 +503,9 @@ pub struct Exl2OwnedParts {
 /// `qs[n] = clamp(ceil(16·sqrt(base[n] / q_scale_max)), 1, 16)`,
 /// `s = f16(f16(qs²)·f16(q_scale_max/256))`, `q = clamp(rint(w / s) + 2^(b−1), 0, 2^b − 1)`.
 /// Deviations from exllamav2 (no calibration data here): no error feedback, no grid search of
-/// `q_scale_max` (p = 1), and `qs` rounds **up** (upstream rounds to nearest) so the scale never
-/// undershoots a column's range.
+/// `q_scale_max` (p = 1), and both scales round **up** (upstream rounds to nearest):
+/// `m = f16(q_scale_max/256)` is the smallest f16 ≥ `max_n base / 256` and `qs` the smallest
+/// code with `f16(qs²·m) ≥ base[n]`, so the rebuilt scale never undershoots a row's range.
 pub fn quantize_parts(
     weight: &[f32],
     n: usize,
@@ -539,8 +540,14 @@ pub fn quantize_parts(
                     / half_range
             })
             .collect();
-        let qsm = f16::from_f32(base.iter().fold(0.0f32, |m, &v| m.max(v)));
-        if !qsm.is_finite() {
+        // The reader's scale step is `m = f16(q_scale_max / 256)`, subnormal for small weights
+        // (max |w| below about 0.5 at 8 bits), where rounding to nearest can lose a tenth of
+        // it. Round `m` up and store `q_scale_max = 256·m` (exact in f16), so every scale the
+        // reader rebuilds covers its row and the code clamp never cuts a value short.
+        let max_base = base.iter().fold(0.0f32, |m, &v| m.max(v));
+        let m = f16_at_least(max_base / 256.0);
+        let qsm = f16::from_f32(m.to_f32() * 256.0);
+        if !max_base.is_finite() || !qsm.is_finite() {
             return Err(GroupError::NonFinite {
                 index: rows[0] as usize,
             });
@@ -550,13 +557,11 @@ pub fn quantize_parts(
         let zero = (1u32 << (b - 1)) as f32;
         let maxq = ((1u32 << b) - 1) as f32;
         for r in 0..n {
-            let qs = if qsm.to_f32() > 0.0 {
-                (16.0 * (base[r] / qsm.to_f32()).sqrt())
-                    .ceil()
-                    .clamp(1.0, 16.0)
-            } else {
-                1.0
-            };
+            // The smallest code whose rebuilt scale covers the row (16 always does).
+            let qs = (1..=16u32)
+                .map(|q| q as f32)
+                .find(|&q| f16::from_f32(q * q * m).to_f32() >= base[r])
+                .unwrap_or(16.0);
             qscale[r * g + i] = qs as u8;
             let s = f16::from_f32(qs * qs * m).to_f32();
             for (t, &c) in rows.iter().enumerate() {
@@ -576,6 +581,16 @@ pub fn quantize_parts(
         qscale_max,
         invperm,
     })
+}
+
+/// The smallest finite f16 not below `x` (`x` ≥ 0); infinity past f16's range.
+fn f16_at_least(x: f32) -> f16 {
+    let h = f16::from_f32(x);
+    if h.to_f32() >= x || !h.is_finite() {
+        h
+    } else {
+        f16::from_bits(h.to_bits() + 1)
+    }
 }
 
 /// Quantizes `weight` (`[n][k]`) with [`quantize_parts`] and packs it.
