@@ -212,8 +212,7 @@ impl Conv for F16c {
     #[inline(always)]
     fn task<R: Rows<Self>>(self, c: &Call<'_, R, Self>, t: Task<'_>, sc: &mut Scratch) {
         if self.avx512 {
-            if c.d == one_row_x86::D
-                && one_row_x86::supports(c.group)
+            if one_row_x86::supports(c.d, c.group)
                 && let (Some(k), Some(v)) = (c.k.f16_arena(), c.v.f16_arena())
             {
                 // SAFETY: `self` proves AVX2, FMA, F16C and AVX-512 F; shape checked above.
@@ -1883,14 +1882,13 @@ mod tests {
         }
     }
 
-    /// The AVX-512 one-row kernel for 64-wide f16 heads gives the generic builds' bits for
-    /// every group size it has a build for, windows, ragged tiles, and scores spread far
-    /// enough (scale up to 40) that many softmax weights take libm's underflow path.
+    /// The AVX-512 one-row kernel for 64-, 128- and 256-wide f16 heads gives the generic
+    /// builds' bits for every group size it has a build for, windows, ragged tiles, and scores
+    /// spread far enough (scale up to 40) that many softmax weights take libm's underflow path.
     #[test]
-    fn one_row_d64_kernel_matches_generic_builds() {
+    fn one_row_x86_kernel_matches_generic_builds() {
         let mut rng = StdRng::seed_from_u64(0xD64);
-        let d = 64;
-        for case in 0..24 {
+        for (case, d) in (0..24).flat_map(|c| [64, 128, 256].map(|d| (c, d))) {
             let group = 1 + case % 8;
             let n_kv = rng.random_range(1..=2);
             let n_head = n_kv * group;
@@ -1911,7 +1909,7 @@ mod tests {
             };
             let n_rows: usize = data.iter().map(|s| s.n_q).sum();
             let got = run_all_builds(&concat_q(&data), n_rows, n_head, d, &attn);
-            assert!(got.iter().all(|x| x.is_finite()), "case {case}");
+            assert!(got.iter().all(|x| x.is_finite()), "case {case} d {d}");
         }
     }
 

@@ -1,4 +1,5 @@
-//! The one-row path ([`super::one_row`]) for an f16 cache with 64-wide heads, on AVX-512:
+//! The one-row path ([`super::one_row`]) for an f16 cache with 64-, 128- or 256-wide heads
+//! (SmolLM2 and Llama 3.2 1B; Llama 3B-8B and Qwen; Gemma 3), on AVX-512:
 //! the same operations in the same order, so the same bits (tested against the generic
 //! builds), with the work laid out for the vector unit instead of around slices:
 //!
@@ -17,26 +18,24 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{Call, F16c, Rows, Scratch, TILE_KV, Task, fill_rows};
+use super::{Call, F16c, Rows, Scratch, TILE_KV, Task, f16_round, fill_rows};
 use crate::cpu::expf::expf16;
 
-/// The head dimension this kernel is written for.
-pub(super) const D: usize = 64;
-/// 16-lane vectors per head row.
-const NV: usize = D / 16;
-/// The largest GQA group (query heads per kv head) with a register-resident build.
+/// The largest GQA group (query heads per kv head) with a build. Each build keeps its heads'
+/// Q and V sums as `G x NV` vectors: registers at head dim 64, spilled to the stack (L1) past
+/// that, which still beats the slice passes of the generic build.
 const MAX_GROUP: usize = 8;
 
-/// Whether [`run`] has a build for `group` query heads per kv head.
-pub(super) fn supports(group: usize) -> bool {
-    (1..=MAX_GROUP).contains(&group)
+/// Whether [`run`] has a build for heads `d` wide with `group` query heads per kv head.
+pub(super) fn supports(d: usize, group: usize) -> bool {
+    matches!(d, 64 | 128 | 256) && (1..=MAX_GROUP).contains(&group)
 }
 
 /// Runs task `t` with `k`, `v` the f16 arenas behind `c`.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, AVX2, FMA and F16C (an `F16c` with `avx512` proves it);
-/// `c.d` must be [`D`] and `supports(c.group)` must hold.
+/// `supports(c.d, c.group)` must hold.
 pub(super) unsafe fn run<R: Rows<F16c>>(
     c: &Call<'_, R, F16c>,
     k: &[f16],
@@ -44,21 +43,40 @@ pub(super) unsafe fn run<R: Rows<F16c>>(
     t: Task<'_>,
     sc: &mut Scratch,
 ) {
-    assert!(
-        c.d == D && supports(c.group),
-        "one_row_x86: unsupported shape"
-    );
+    assert!(supports(c.d, c.group), "one_row_x86: unsupported shape");
     // SAFETY: the CPU features are the caller's; the shape was checked above.
     unsafe {
+        match c.d {
+            64 => width::<R, 4>(c, k, v, t, sc),
+            128 => width::<R, 8>(c, k, v, t, sc),
+            _ => width::<R, 16>(c, k, v, t, sc),
+        }
+    }
+}
+
+/// [`run`] for heads of `NV` vectors (`16 * NV` values).
+///
+/// # Safety
+/// As [`run`], with `c.d == 16 * NV`.
+#[inline(always)]
+unsafe fn width<R: Rows<F16c>, const NV: usize>(
+    c: &Call<'_, R, F16c>,
+    k: &[f16],
+    v: &[f16],
+    t: Task<'_>,
+    sc: &mut Scratch,
+) {
+    // SAFETY: forwarded.
+    unsafe {
         match c.group {
-            1 => group::<R, 1>(c, k, v, t, sc),
-            2 => group::<R, 2>(c, k, v, t, sc),
-            3 => group::<R, 3>(c, k, v, t, sc),
-            4 => group::<R, 4>(c, k, v, t, sc),
-            5 => group::<R, 5>(c, k, v, t, sc),
-            6 => group::<R, 6>(c, k, v, t, sc),
-            7 => group::<R, 7>(c, k, v, t, sc),
-            _ => group::<R, 8>(c, k, v, t, sc),
+            1 => group::<R, 1, NV>(c, k, v, t, sc),
+            2 => group::<R, 2, NV>(c, k, v, t, sc),
+            3 => group::<R, 3, NV>(c, k, v, t, sc),
+            4 => group::<R, 4, NV>(c, k, v, t, sc),
+            5 => group::<R, 5, NV>(c, k, v, t, sc),
+            6 => group::<R, 6, NV>(c, k, v, t, sc),
+            7 => group::<R, 7, NV>(c, k, v, t, sc),
+            _ => group::<R, 8, NV>(c, k, v, t, sc),
         }
     }
 }
@@ -74,45 +92,77 @@ unsafe fn round16(x: __m512) -> __m512 {
     }
 }
 
-/// Row `r` of an f16 arena of 64-wide rows, widened to f32 (exact).
+/// `x * v + a` rounded once to f16 for f16-valued inputs, sixteen lanes: the scalar
+/// [`super::f16_fma`] (llama.cpp's `_mm512_fmadd_ph` on AVX512-FP16), done as the AVX2
+/// build's `f16_fma` does it eight at a time: the FMA in f64 (the product is exact, the sum
+/// rounds once), rounded to odd at f32 precision with integer ops (exact in f32), then to
+/// nearest f16. Round-to-odd with more than two spare bits makes the second rounding correct.
 #[inline(always)]
-unsafe fn load_row(a: &[f16], r: usize) -> [__m512; NV] {
-    let row = &a[r * D..(r + 1) * D];
-    // SAFETY: `row` is 64 f16 (128 bytes), read as four unaligned 32-byte halves of it;
-    // AVX-512 F is the caller's.
+unsafe fn fma16(x: __m512, v: __m512d, a: __m512) -> __m512 {
+    // SAFETY: AVX-512 F is the caller's.
     unsafe {
-        let p = row.as_ptr().cast::<__m256i>();
-        [
-            _mm512_cvtph_ps(_mm256_loadu_si256(p)),
-            _mm512_cvtph_ps(_mm256_loadu_si256(p.add(1))),
-            _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2))),
-            _mm512_cvtph_ps(_mm256_loadu_si256(p.add(3))),
-        ]
+        // The 29 f64 mantissa bits below f32 precision, and the lowest f32 one.
+        let low = _mm512_set1_epi64((1 << 29) - 1);
+        let odd = _mm512_set1_epi64(1 << 29);
+        let half = |x: __m256, a: __m256| -> __m256 {
+            let y = _mm512_fmadd_pd(_mm512_cvtps_pd(x), v, _mm512_cvtps_pd(a));
+            let bits = _mm512_castpd_si512(y);
+            let inexact = _mm512_test_epi64_mask(bits, low);
+            let cut = _mm512_andnot_si512(low, bits);
+            _mm512_cvtpd_ps(_mm512_castsi512_pd(_mm512_mask_or_epi64(
+                cut, inexact, cut, odd,
+            )))
+        };
+        let upper = |z: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(z)));
+        let lo = half(_mm512_castps512_ps256(x), _mm512_castps512_ps256(a));
+        let hi = half(upper(x), upper(a));
+        let y = _mm512_insertf64x4::<1>(
+            _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+            _mm256_castps_pd(hi),
+        );
+        round16(_mm512_castpd_ps(y))
     }
 }
 
-/// Hints that row `r` of an f16 arena of 64-wide rows (two cache lines) is read soon.
+/// Row `r` of an f16 arena of `16 * NV`-wide rows, widened to f32 (exact).
 #[inline(always)]
-fn prefetch_row(a: &[f16], r: usize) {
-    if let Some(row) = a.get(r * D..(r + 1) * D) {
+unsafe fn load_row<const NV: usize>(a: &[f16], r: usize) -> [__m512; NV] {
+    let row = &a[r * 16 * NV..(r + 1) * 16 * NV];
+    // SAFETY: `row` is `16 * NV` f16, read as `NV` unaligned 32-byte pieces of it; AVX-512 F
+    // is the caller's.
+    unsafe {
+        let p = row.as_ptr().cast::<__m256i>();
+        std::array::from_fn(|i| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(i))))
+    }
+}
+
+/// Hints that row `r` of an f16 arena of `16 * NV`-wide rows (`NV / 2` cache lines) is read
+/// soon.
+#[inline(always)]
+fn prefetch_row<const NV: usize>(a: &[f16], r: usize) {
+    if let Some(row) = a.get(r * 16 * NV..(r + 1) * 16 * NV) {
         let p = row.as_ptr().cast::<i8>();
-        // SAFETY: prefetching has no architectural effect and cannot fault; both addresses
-        // lie inside `row` (128 bytes).
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(p);
-            _mm_prefetch::<_MM_HINT_T0>(p.add(64));
+        for line in 0..NV / 2 {
+            // SAFETY: prefetching has no architectural effect and cannot fault; every
+            // address lies inside `row` (`32 * NV` bytes).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(64 * line)) };
         }
     }
 }
 
-/// [`super::ggml_dot`] of two 64-value rows: four FMA accumulators, folded pairwise, then
-/// as `_mm512_reduce_add_ps` folds sixteen lanes.
+/// [`super::ggml_dot`] of two `16 * NV`-value rows (`NV` a multiple of 4): four FMA
+/// accumulators, each taking every fourth vector in order, folded pairwise, then as
+/// `_mm512_reduce_add_ps` folds sixteen lanes.
 #[inline(always)]
-unsafe fn dot(k: &[__m512; NV], q: &[__m512; NV]) -> f32 {
+unsafe fn dot<const NV: usize>(k: &[__m512; NV], q: &[__m512; NV]) -> f32 {
     // SAFETY: AVX-512 F is the caller's.
     unsafe {
-        let z = _mm512_setzero_ps();
-        let a: [__m512; NV] = std::array::from_fn(|i| _mm512_fmadd_ps(k[i], q[i], z));
+        let mut a = [_mm512_setzero_ps(); 4];
+        for c in 0..NV / 4 {
+            for (j, a) in a.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(k[4 * c + j], q[4 * c + j], *a);
+            }
+        }
         let v = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
         let t = _mm256_add_ps(hi, _mm512_castps512_ps256(v));
@@ -123,7 +173,7 @@ unsafe fn dot(k: &[__m512; NV], q: &[__m512; NV]) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-unsafe fn group<R: Rows<F16c>, const G: usize>(
+unsafe fn group<R: Rows<F16c>, const G: usize, const NV: usize>(
     c: &Call<'_, R, F16c>,
     k: &[f16],
     v: &[f16],
@@ -138,15 +188,16 @@ unsafe fn group<R: Rows<F16c>, const G: usize>(
         dst,
         partial,
     } = t;
-    assert!(qrows.len() == G * D && dst.len() == G * D && sc.p.len() >= G * TILE_KV);
+    let d = 16 * NV;
+    assert!(qrows.len() == G * d && dst.len() == G * d && sc.p.len() >= G * TILE_KV);
     let Scratch { p, rows, .. } = sc;
     // SAFETY (whole body): AVX-512 F, AVX2, FMA and F16C are the caller's; every pointer
     // below comes from a slice of the length it is read or written at (`qrows`, `dst`: `G`
-    // rows of 64 f32, asserted; `p`: `G` tiles of `TILE_KV`; chunks of at most 16 floats
+    // rows of `d` f32, asserted; `p`: `G` tiles of `TILE_KV`; chunks of at most 16 floats
     // with the load/store mask covering exactly the chunk).
     unsafe {
         let q: [[__m512; NV]; G] = std::array::from_fn(|g| {
-            std::array::from_fn(|i| round16(_mm512_loadu_ps(qrows.as_ptr().add(g * D + 16 * i))))
+            std::array::from_fn(|i| round16(_mm512_loadu_ps(qrows.as_ptr().add(g * d + 16 * i))))
         });
         let mut acc = [[_mm512_setzero_ps(); NV]; G];
         let mut m = [f32::NEG_INFINITY; G];
@@ -158,12 +209,12 @@ unsafe fn group<R: Rows<F16c>, const G: usize>(
             // not foresee: ask for all of them now, K first (read next), then V.
             for a in [k, v] {
                 for &r in &rows[..len] {
-                    prefetch_row(a, r);
+                    prefetch_row::<NV>(a, r);
                 }
             }
             // Scores, each K row converted once for the group's heads.
             for (j, &r) in rows[..len].iter().enumerate() {
-                let kr = load_row(k, r);
+                let kr = load_row::<NV>(k, r);
                 for (g, qg) in q.iter().enumerate() {
                     p[g * TILE_KV + j] = dot(&kr, qg) * c.scale;
                 }
@@ -192,13 +243,16 @@ unsafe fn group<R: Rows<F16c>, const G: usize>(
                     _mm512_mask_storeu_ps(ch.as_mut_ptr(), mask, expf16(x));
                 }
             }
-            // The V sums, one key at a time (each update rounds to f16).
+            // The V sums, one key at a time (each update rounds to f16). From 128 values a
+            // head, llama.cpp's AVX512-FP16 build updates them in f16 arithmetic
+            // ([`super::one_row`]): factors rounded to f16, the FMA rounded once.
+            let f16_arith = d >= 128;
             for (j, &r) in rows[..len].iter().enumerate() {
-                let vr = load_row(v, r);
+                let vr = load_row::<NV>(v, r);
                 for g in 0..G {
                     let e = p[g * TILE_KV + j];
                     let (ms, vs) = if grew[g] >> j & 1 != 0 {
-                        let msv = _mm512_set1_ps(e);
+                        let msv = _mm512_set1_ps(if f16_arith { f16_round(e) } else { e });
                         for a in &mut acc[g] {
                             *a = round16(_mm512_mul_ps(*a, msv));
                         }
@@ -206,9 +260,16 @@ unsafe fn group<R: Rows<F16c>, const G: usize>(
                     } else {
                         (1.0, e)
                     };
-                    let vsv = _mm512_set1_ps(vs);
-                    for (a, &x) in acc[g].iter_mut().zip(&vr) {
-                        *a = round16(_mm512_fmadd_ps(x, vsv, *a));
+                    if f16_arith {
+                        let vsv = _mm512_set1_pd(f16_round(vs) as f64);
+                        for (a, &x) in acc[g].iter_mut().zip(&vr) {
+                            *a = fma16(x, vsv, *a);
+                        }
+                    } else {
+                        let vsv = _mm512_set1_ps(vs);
+                        for (a, &x) in acc[g].iter_mut().zip(&vr) {
+                            *a = round16(_mm512_fmadd_ps(x, vsv, *a));
+                        }
                     }
                     sum[g] = sum[g].mul_add(ms, vs);
                 }
@@ -219,7 +280,7 @@ unsafe fn group<R: Rows<F16c>, const G: usize>(
             assert!(stats.len() == 2 * G);
             for g in 0..G {
                 for (i, &a) in acc[g].iter().enumerate() {
-                    _mm512_storeu_ps(dst.as_mut_ptr().add(g * D + 16 * i), a);
+                    _mm512_storeu_ps(dst.as_mut_ptr().add(g * d + 16 * i), a);
                 }
                 stats[2 * g..2 * g + 2].copy_from_slice(&[m[g], sum[g]]);
             }
@@ -229,7 +290,7 @@ unsafe fn group<R: Rows<F16c>, const G: usize>(
             let s = sum[g];
             let inv = _mm512_set1_ps(if s == 0.0 { 0.0 } else { 1.0 / s });
             for (i, &a) in acc[g].iter().enumerate() {
-                _mm512_storeu_ps(dst.as_mut_ptr().add(g * D + 16 * i), _mm512_mul_ps(a, inv));
+                _mm512_storeu_ps(dst.as_mut_ptr().add(g * d + 16 * i), _mm512_mul_ps(a, inv));
             }
         }
     }
