@@ -387,10 +387,18 @@ mod tests {
                 let mut w = QuantMatrix::quantize(ty, n, k, &wf).unwrap();
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
                 let got = quant_matmul_rows(&w, &x, m);
-                // The same matmul on the repacked rows (Q4_0, Q4_1, Q8_0 on AVX-512 VNNI):
+                // The same matmul on the repacked rows (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 on
+                // AVX-512 VNNI):
                 // groups of sixteen with a partial last one, in decode and batches.
                 let expect_repack = q8::isa() == q8::Isa::Avx512Vnni
-                    && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
+                    && matches!(
+                        ty,
+                        GgmlType::Q4_0
+                            | GgmlType::Q4_1
+                            | GgmlType::Q5_0
+                            | GgmlType::Q5_1
+                            | GgmlType::Q8_0
+                    );
                 assert_eq!(w.repack(), expect_repack, "{ty}");
                 let repacked = quant_matmul_rows(&w, &x, m);
                 assert_eq!(

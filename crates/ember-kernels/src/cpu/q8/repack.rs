@@ -2,11 +2,12 @@
 //! from the packed blocks (as llama.cpp's CPU_REPACK buffers do for its kernels).
 //!
 //! The packed-block kernel lays sixteen weight rows across a vector's lanes by transposing
-//! each block in registers (24 `vpermt2d` for Q8_0, a quarter of that for Q4_0 and Q4_1) and
-//! gathering the sixteen scales: on one activation row that shuffling, not memory, bounded
-//! decode. Here it is done once: per group of sixteen rows and per block, the transposed
-//! vectors (Q8_0) or transposed nibbles (Q4_0, Q4_1: still half a byte a value), then the
-//! sixteen f16 scales (and offsets) side by side. The arithmetic is the packed kernel's, on
+//! each block in registers (24 `vpermt2d` for Q8_0 and Q5_x, a quarter of that for Q4_0 and
+//! Q4_1) and gathering the sixteen scales: on one activation row that shuffling, not memory,
+//! bounded decode. Here it is done once: per group of sixteen rows and per block, the
+//! transposed vectors (Q8_0) or transposed nibbles (Q4_x, Q5_x: still half a byte a value),
+//! then (Q5_x) the sixteen rows' 32-bit high-bit masks side by side, then the sixteen f16
+//! scales (and offsets). The arithmetic is the packed kernel's, on
 //! the same vectors, so every result keeps its bits (tested against the packed and the
 //! portable kernels).
 //!
@@ -59,7 +60,8 @@ impl std::fmt::Debug for Repacked {
 impl Repacked {
     /// Repacks `rows` rows of `ty` blocks (`bytes`, row-major, `k` values a row) for this
     /// CPU's kernels; `None` where the packed blocks are what the kernels read best: a CPU
-    /// without AVX-512 VNNI, a type other than Q4_0, Q4_1 and Q8_0, or an empty matrix.
+    /// without AVX-512 VNNI, a type other than Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, or an empty
+    /// matrix.
     ///
     /// Panics if `bytes` is not `rows` whole rows of `k` values (a [`crate::QuantMatrix`]
     /// has checked that).
@@ -226,7 +228,13 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
-    const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+    const TYPES: [GgmlType; 5] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ];
 
     fn avx512() -> bool {
         let ok = Isa::Avx512Vnni.supported();
@@ -379,7 +387,7 @@ mod tests {
         assert!(Repacked::new_with(isa, GgmlType::Q4_0, &[], 0, 32).is_none());
         assert!(Repacked::new_with(isa, GgmlType::Q4_0, &[], 4, 0).is_none());
         let q5 = vec![0u8; 22 * 2];
-        assert!(Repacked::new_with(isa, GgmlType::Q5_0, &q5, 2, 32).is_none());
+        assert!(Repacked::new_with(isa, GgmlType::Q5_0, &q5, 2, 32).is_some());
         let q4k = vec![0u8; 144 * 2];
         assert!(Repacked::new_with(isa, GgmlType::Q4_K, &q4k, 2, 256).is_none());
     }

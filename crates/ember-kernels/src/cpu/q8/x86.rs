@@ -495,6 +495,41 @@ unsafe fn split_q4<const TY: u8>(q: &[__m512i; 4]) -> Block16 {
     }
 }
 
+/// Q5_0/Q5_1: the nibbles of [`split_q4`] (vector `j` holds values `4j..4j + 4` of each
+/// lane's row) with each value's high bit from `qh` (lane `l`: row `l`'s 32 high bits) added
+/// as bit 4, and Q5_0's `- 16` and `+ 128` as `+ 112`: the bytes [`Rows16::block`] makes.
+#[inline(always)]
+unsafe fn with_high_bits<const TY: u8>(mut t: Block16, qh: __m512i) -> Block16 {
+    // SAFETY: AVX-512 F/BW is the caller's.
+    unsafe {
+        let bit4 = _mm512_set1_epi8(0x10);
+        for (j, tj) in t.iter_mut().enumerate() {
+            // Byte `j / 2` of each lane's high bits in all four bytes of the lane (`vpshufb`
+            // indexes within 128-bit lanes), then byte `k` tests bit `4 (j % 2) + k`.
+            let spread = _mm512_shuffle_epi8(qh, lane_bytes(j / 2));
+            let bits = _mm512_set1_epi32((0x0804_0201u32 << (4 * (j % 2))) as i32);
+            let set = _mm512_test_epi8_mask(spread, bits);
+            *tj = _mm512_or_si512(*tj, _mm512_maskz_mov_epi8(set, bit4));
+        }
+        if TY == Q5_0 {
+            let offset = _mm512_set1_epi8(112);
+            for tj in &mut t {
+                *tj = _mm512_add_epi8(*tj, offset);
+            }
+        }
+        t
+    }
+}
+
+/// A `vpshufb` control that fills each 32-bit lane with byte `byte` of that lane.
+#[inline(always)]
+unsafe fn lane_bytes(byte: usize) -> __m512i {
+    // Lane `p` of a 128-bit block starts at byte 4p.
+    let c = |p: i32| (4 * p + byte as i32) * 0x0101_0101;
+    // SAFETY: AVX-512 F is the caller's.
+    unsafe { _mm512_set4_epi32(c(3), c(2), c(1), c(0)) }
+}
+
 /// How many tiles ahead [`Rows16::prefetch`] reaches.
 const PREFETCH_TILES: usize = 2;
 
@@ -580,7 +615,15 @@ impl<const TY: u8> Rows16<TY> {
     #[inline(always)]
     unsafe fn q4_dwords(&self, b: usize) -> [__m512i; 4] {
         unsafe {
-            let at = b * Packed::<TY>::BS + if TY == Q4_0 { 2 } else { 4 };
+            // The nibbles follow the scale (Q4_0), scale and offset (Q4_1), then (Q5_x) the
+            // high bits.
+            let at = b * Packed::<TY>::BS
+                + match TY {
+                    Q4_0 => 2,
+                    Q4_1 => 4,
+                    Q5_0 => 6,
+                    _ => 8,
+                };
             // Rows 4g..4g + 4, one per 128-bit lane (loads written out, not in a closure: see
             // the module docs).
             let row = |l: usize| self.w[l].p.add(at).cast::<__m128i>();
@@ -622,6 +665,21 @@ impl<const TY: u8> Rows16<TY> {
                 _mm512_setzero_ps()
             };
             (_mm512_cvtph_ps(d), m)
+        }
+    }
+
+    /// Q5_0/Q5_1: block `b`'s 32 high bits (bit `i` for value `i`) of the sixteen rows, one
+    /// row per 32-bit lane.
+    #[inline(always)]
+    unsafe fn high_bits(&self, b: usize) -> __m512i {
+        let at = if TY == Q5_0 { 2 } else { 4 };
+        // SAFETY: the gather reads 4 bytes at `at` in block `b` of each lane's row, inside the
+        // rows (`b` is below the block count, the caller's); AVX-512 F is the caller's.
+        unsafe {
+            _mm512_i32gather_epi32::<1>(
+                self.offsets,
+                self.base.add(b * Packed::<TY>::BS + at).cast(),
+            )
         }
     }
 
@@ -878,13 +936,18 @@ unsafe fn dot_packed_batch_vnni(ty: GgmlType, rows: &[u8], batch: &Batch, out: &
 
 /// `q` lines per block of a repacked group.
 const fn repacked_lines(ty: u8) -> usize {
-    if ty == Q8_0 { 8 } else { 4 }
+    match ty {
+        Q8_0 => 8,
+        // The nibbles' four lines, then the high bits' one.
+        Q5_0 | Q5_1 => 5,
+        _ => 4,
+    }
 }
 
 /// `s` entries per block of a repacked group: sixteen f16 scales, then (Q4_1) sixteen f16
 /// offsets.
 const fn repacked_scales(ty: u8) -> usize {
-    if ty == Q4_1 { 32 } else { 16 }
+    if matches!(ty, Q4_1 | Q5_1) { 32 } else { 16 }
 }
 
 /// The `q` lines and `s` entries per block of a repacked `ty` group, or `None` for a type
@@ -898,6 +961,8 @@ fn repacked_tag(ty: GgmlType) -> Option<u8> {
     match ty {
         GgmlType::Q4_0 => Some(Q4_0),
         GgmlType::Q4_1 => Some(Q4_1),
+        GgmlType::Q5_0 => Some(Q5_0),
+        GgmlType::Q5_1 => Some(Q5_1),
         GgmlType::Q8_0 => Some(Q8_0),
         _ => None,
     }
@@ -935,11 +1000,14 @@ unsafe fn repack_group_typed<const TY: u8>(
                 for (j, qj) in w.q4_dwords(b).iter().enumerate() {
                     _mm512_storeu_si512(qb.add(j), *qj);
                 }
+                if matches!(TY, Q5_0 | Q5_1) {
+                    _mm512_storeu_si512(qb.add(4), w.high_bits(b));
+                }
             }
             let (d, m) = w.scale_bits(b);
             let sb = sp.add(b * sl).cast::<__m256i>();
             _mm256_storeu_si256(sb, d);
-            if TY == Q4_1 {
+            if <Packed<TY> as Weights>::WITH_MIN {
                 _mm256_storeu_si256(sb.add(1), m);
             }
         }
@@ -991,7 +1059,12 @@ impl<const TY: u8> RepackedGroup<TY> {
                 for (j, qj) in q.iter_mut().enumerate() {
                     *qj = _mm512_loadu_si512(qb.add(j));
                 }
-                split_q4::<TY>(&q)
+                let t = split_q4::<TY>(&q);
+                if matches!(TY, Q5_0 | Q5_1) {
+                    with_high_bits::<TY>(t, _mm512_loadu_si512(qb.add(4)))
+                } else {
+                    t
+                }
             }
         }
     }
@@ -1002,7 +1075,7 @@ impl<const TY: u8> RepackedGroup<TY> {
         unsafe {
             let sb = self.s.add(b * repacked_scales(TY)).cast::<__m256i>();
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(sb));
-            let m = if TY == Q4_1 {
+            let m = if <Packed<TY> as Weights>::WITH_MIN {
                 _mm512_cvtph_ps(_mm256_loadu_si256(sb.add(1)))
             } else {
                 _mm512_setzero_ps()
@@ -1468,6 +1541,8 @@ pub(super) unsafe fn avx512_repack_group(
         match repacked_tag(ty) {
             Some(Q4_0) => repack_group_typed::<Q4_0>(rows, row_bytes, q, s),
             Some(Q4_1) => repack_group_typed::<Q4_1>(rows, row_bytes, q, s),
+            Some(Q5_0) => repack_group_typed::<Q5_0>(rows, row_bytes, q, s),
+            Some(Q5_1) => repack_group_typed::<Q5_1>(rows, row_bytes, q, s),
             Some(Q8_0) => repack_group_typed::<Q8_0>(rows, row_bytes, q, s),
             _ => unreachable!("{ty} is not repacked"),
         }
@@ -1488,6 +1563,8 @@ pub(super) unsafe fn avx512_repacked_dot(
         match repacked_tag(rep.ty()) {
             Some(Q4_0) => repacked_dot_typed::<Q4_0>(rep, g, batch, out),
             Some(Q4_1) => repacked_dot_typed::<Q4_1>(rep, g, batch, out),
+            Some(Q5_0) => repacked_dot_typed::<Q5_0>(rep, g, batch, out),
+            Some(Q5_1) => repacked_dot_typed::<Q5_1>(rep, g, batch, out),
             Some(Q8_0) => repacked_dot_typed::<Q8_0>(rep, g, batch, out),
             _ => unreachable!("{} is not repacked", rep.ty()),
         }
@@ -1503,6 +1580,8 @@ pub(super) unsafe fn avx512_tile_load_repacked(rep: &super::Repacked, g: usize, 
         match repacked_tag(rep.ty()) {
             Some(Q4_0) => tile_load_repacked_typed::<Q4_0>(rep, g, tile),
             Some(Q4_1) => tile_load_repacked_typed::<Q4_1>(rep, g, tile),
+            Some(Q5_0) => tile_load_repacked_typed::<Q5_0>(rep, g, tile),
+            Some(Q5_1) => tile_load_repacked_typed::<Q5_1>(rep, g, tile),
             Some(Q8_0) => tile_load_repacked_typed::<Q8_0>(rep, g, tile),
             _ => unreachable!("{} is not repacked", rep.ty()),
         }
