@@ -1,11 +1,13 @@
 //! Decode's weight stream from DRAM: one activation row against every matrix of a 1B-class
 //! llama (Llama 3.2 1B's layer shapes, 16 layers: 7 matmuls of 0.6-9.4 MB a layer, about
 //! 550 MB at Q4_0, more than the caches hold), in model order, as `quant_matmul_rows` runs them in a
-//! decode step, and inside the rayon pool as `Model::forward_batch_with` runs its pass.
-//! `Throughput::Bytes` is the weight bytes, so criterion's GB/s reads against the machine's
-//! DRAM bandwidth. The `one` variant streams the same bytes as a single matrix: the
-//! gap between the two is what the per-call cost (task spawn and join, activation
-//! quantization, a cold start of each stream) takes.
+//! decode step, from a rayon worker (`rayon::scope`) as `Model::forward_batch_with` runs its
+//! pass. Unlike the model, it does not keep the other workers polling between calls
+//! (`keep_awake`), so a worker may fall asleep between two matmuls. `Throughput::Bytes` is the
+//! weight bytes, so criterion's GB/s reads against the machine's DRAM bandwidth. The `one`
+//! variant streams the same bytes as a single matrix: the gap between the two is what the
+//! per-call cost (task spawn and join, any worker wake-up, activation quantization, a cold
+//! start of each stream) takes.
 //!
 //! `cargo bench -p ember-kernels --bench decode_stream`; ids read
 //! `decode_stream/<type>/<layers|one>/<packed|repacked>`. Quantizing the weights takes a few

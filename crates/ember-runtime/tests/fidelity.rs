@@ -73,15 +73,17 @@ fn repacked_and_mapped_weights_give_the_same_bits() {
     );
     assert_eq!(plain.model.repacked_bytes(), 0);
     if Isa::Avx512Vnni.supported() {
-        // Every Q4_0/Q4_1/Q8_0 matrix, the embedding counted as the tied head: as many bytes
-        // as the file's (every row count here is a multiple of sixteen).
-        use ember_quant::GgmlType::{Q4_0, Q4_1, Q8_0};
+        // Every Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrix, the embedding counted as the tied head: as
+        // many bytes as the file's (every row count here is a multiple of sixteen).
+        use ember_quant::GgmlType::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
         let tied = m.file.tensor("output.weight").is_none();
         let want: u64 = m
             .file
             .tensors()
             .iter()
-            .filter(|t| matches!(t.ggml_type, Q4_0 | Q4_1 | Q8_0) && t.dims.len() == 2)
+            .filter(|t| {
+                matches!(t.ggml_type, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0) && t.dims.len() == 2
+            })
             .filter(|t| tied || t.name != "token_embd.weight")
             .map(|t| t.n_bytes)
             .sum();

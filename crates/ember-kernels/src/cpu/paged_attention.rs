@@ -1577,7 +1577,7 @@ mod tests {
             let n_kv = rng.random_range(1..=2);
             let group = rng.random_range(1..=4);
             let n_head = n_kv * group;
-            let d = [64, 256, 8, 96][case % 4];
+            let d = [64, 256, 8, 96, 128][case % 5];
             let block_size = [16, 32, 7][case % 3];
             let past = [255, 256, 300, 511, 512, 700][case % 6];
             let shapes = [(1, past), (3, 20), (1, rng.random_range(257..600))];
@@ -1894,12 +1894,15 @@ mod tests {
             let n_head = n_kv * group;
             let block_size = [1, 16, 32][case % 3];
             let scale = [0.125, 3.0, 40.0][(case / 8) % 3];
+            // The last is one query over more than 256 cells: the split-KV path, whose chunks
+            // store unnormalized sums (`partial`).
             let shapes = [
                 (1, rng.random_range(0..200)),
                 (rng.random_range(2..12), rng.random_range(0..70)),
                 (1, rng.random_range(60..140)),
+                (1, rng.random_range(300..700)),
             ];
-            let windows = [None, None, Some(rng.random_range(1..80))];
+            let windows = [None, None, Some(rng.random_range(1..80)), None];
             let data = random_seqs(&mut rng, &shapes, n_head, n_kv, d);
             let (store, seqs) = build(&mut rng, KvDtype::F16, block_size, n_kv, d, &data, &windows);
             let attn = PagedAttention {

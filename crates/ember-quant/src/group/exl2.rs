@@ -541,8 +541,8 @@ pub fn quantize_parts(
             })
             .collect();
         // The reader's scale step is `m = f16(q_scale_max / 256)`, subnormal for small weights
-        // (max |w| below about 0.5 at 8 bits), where rounding to nearest can lose a tenth of
-        // it. Round `m` up and store `q_scale_max = 256·m` (exact in f16), so every scale the
+        // (max |w| below about 2 at 8 bits, 0.02 at 2 bits), where rounding to nearest loses
+        // up to a tenth of it near max |w| = 0.01 at 8 bits. Round `m` up and store `q_scale_max = 256·m` (exact in f16), so every scale the
         // reader rebuilds covers its row and the code clamp never cuts a value short.
         let max_base = base.iter().fold(0.0f32, |m, &v| m.max(v));
         let m = f16_at_least(max_base / 256.0);

@@ -3,8 +3,9 @@
 //! the same operations in the same order, so the same bits (tested against the generic
 //! builds), with the work laid out for the vector unit instead of around slices:
 //!
-//! - each head's Q (rounded to f16) and its f16-valued V sum live in registers for the whole
-//!   task, and K and V rows are converted straight into registers, never to scratch memory;
+//! - each head's Q (rounded to f16) and its f16-valued V sum are vectors for the whole task
+//!   (in registers for small groups at head dim 64, spilled to the stack, in L1, past that),
+//!   and K and V rows are converted straight into vectors, never through scratch slices;
 //! - the softmax weights of a tile of keys are computed sixteen at a time: the running max
 //!   after each key depends on the scores alone, so a scalar scan first fixes each key's
 //!   exponent argument (and whether the max grew), then [`expf16`] (glibc's `expf`, bit for
@@ -22,8 +23,9 @@ use super::{Call, F16c, Rows, Scratch, TILE_KV, Task, f16_round, fill_rows};
 use crate::cpu::expf::expf16;
 
 /// The largest GQA group (query heads per kv head) with a build. Each build keeps its heads'
-/// Q and V sums as `G x NV` vectors: registers at head dim 64, spilled to the stack (L1) past
-/// that, which still beats the slice passes of the generic build.
+/// Q and V sums as `2 G NV` vectors: registers only while they fit (head dim 64, up to three
+/// heads), on the stack (L1) past that, which still beats the slice passes of the generic
+/// build.
 const MAX_GROUP: usize = 8;
 
 /// Whether [`run`] has a build for heads `d` wide with `group` query heads per kv head.
@@ -104,24 +106,44 @@ unsafe fn fma16(x: __m512, v: __m512d, a: __m512) -> __m512 {
         // The 29 f64 mantissa bits below f32 precision, and the lowest f32 one.
         let low = _mm512_set1_epi64((1 << 29) - 1);
         let odd = _mm512_set1_epi64(1 << 29);
-        let half = |x: __m256, a: __m256| -> __m256 {
-            let y = _mm512_fmadd_pd(_mm512_cvtps_pd(x), v, _mm512_cvtps_pd(a));
-            let bits = _mm512_castpd_si512(y);
-            let inexact = _mm512_test_epi64_mask(bits, low);
-            let cut = _mm512_andnot_si512(low, bits);
-            _mm512_cvtpd_ps(_mm512_castsi512_pd(_mm512_mask_or_epi64(
-                cut, inexact, cut, odd,
-            )))
-        };
-        let upper = |z: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(z)));
-        let lo = half(_mm512_castps512_ps256(x), _mm512_castps512_ps256(a));
-        let hi = half(upper(x), upper(a));
+        let lo = fma8(
+            _mm512_castps512_ps256(x),
+            v,
+            _mm512_castps512_ps256(a),
+            low,
+            odd,
+        );
+        let hi = fma8(upper(x), v, upper(a), low, odd);
         let y = _mm512_insertf64x4::<1>(
             _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
             _mm256_castps_pd(hi),
         );
         round16(_mm512_castpd_ps(y))
     }
+}
+
+/// Eight lanes of [`fma16`] (plain functions, not closures: a closure does not inherit the
+/// caller's target features, so its intrinsics would not inline).
+#[inline(always)]
+unsafe fn fma8(x: __m256, v: __m512d, a: __m256, low: __m512i, odd: __m512i) -> __m256 {
+    // SAFETY: AVX-512 F is the caller's.
+    unsafe {
+        let y = _mm512_fmadd_pd(_mm512_cvtps_pd(x), v, _mm512_cvtps_pd(a));
+        let bits = _mm512_castpd_si512(y);
+        let inexact = _mm512_test_epi64_mask(bits, low);
+        let cut = _mm512_andnot_si512(low, bits);
+        // Exact: the result is representable in f32.
+        _mm512_cvtpd_ps(_mm512_castsi512_pd(_mm512_mask_or_epi64(
+            cut, inexact, cut, odd,
+        )))
+    }
+}
+
+/// The upper eight lanes of `z`.
+#[inline(always)]
+unsafe fn upper(z: __m512) -> __m256 {
+    // SAFETY: AVX-512 F is the caller's.
+    unsafe { _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(z))) }
 }
 
 /// Row `r` of an f16 arena of `16 * NV`-wide rows, widened to f32 (exact).
@@ -132,7 +154,11 @@ unsafe fn load_row<const NV: usize>(a: &[f16], r: usize) -> [__m512; NV] {
     // is the caller's.
     unsafe {
         let p = row.as_ptr().cast::<__m256i>();
-        std::array::from_fn(|i| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(i))))
+        let mut out = [_mm512_setzero_ps(); NV];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(i)));
+        }
+        out
     }
 }
 

@@ -930,9 +930,11 @@ unsafe fn dot_packed_batch_vnni(ty: GgmlType, rows: &[u8], batch: &Batch, out: &
 
 // Repacked weights (`super::Repacked`): what `Rows16` computes per block of sixteen rows,
 // computed once at load and stored in a group's `q` lines and `s` scales, so that decode
-// streams each weight byte once with no shuffle and no gather. Q8_0 stores the `Block16`
-// itself (its 32 bytes a row stay 32); Q4_0 and Q4_1 store `Rows16::q4_dwords`, still
-// nibbles (16 bytes a row), split per use by `split_q4`: the same vectors as `Rows16::block`.
+// streams each weight byte once with no transpose and no gather. Q8_0 stores the `Block16`
+// itself (its 32 bytes a row stay 32); Q4_x and Q5_x store `Rows16::q4_dwords`, still
+// nibbles (16 bytes a row), split per use by `split_q4`, and Q5_x one more line of the rows'
+// high bits (`Rows16::high_bits`, 4 bytes a row), added per use by `with_high_bits` (a
+// `vpshufb` and a byte test a vector): the same vectors as `Rows16::block`.
 
 /// `q` lines per block of a repacked group.
 const fn repacked_lines(ty: u8) -> usize {
@@ -944,8 +946,8 @@ const fn repacked_lines(ty: u8) -> usize {
     }
 }
 
-/// `s` entries per block of a repacked group: sixteen f16 scales, then (Q4_1) sixteen f16
-/// offsets.
+/// `s` entries per block of a repacked group: sixteen f16 scales, then (Q4_1, Q5_1) sixteen
+/// f16 offsets.
 const fn repacked_scales(ty: u8) -> usize {
     if matches!(ty, Q4_1 | Q5_1) { 32 } else { 16 }
 }
