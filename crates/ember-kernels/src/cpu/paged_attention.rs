@@ -97,6 +97,9 @@ impl Conv for Portable {
 #[derive(Clone, Copy)]
 struct F16c {
     avx512: bool,
+    /// AVX512-FP16 (with BW and VL): f16 arithmetic in hardware, as llama.cpp's reference
+    /// build uses it.
+    fp16: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -107,6 +110,10 @@ impl F16c {
             && is_x86_feature_detected!("f16c"))
         .then_some(F16c {
             avx512: is_x86_feature_detected!("avx512f"),
+            fp16: is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512fp16"),
         })
     }
 }
@@ -430,6 +437,9 @@ enum Path {
     /// AVX2 + F16C, even where AVX-512 is available.
     #[cfg_attr(any(not(test), not(target_arch = "x86_64")), allow(dead_code))]
     Avx2,
+    /// AVX-512 without AVX512-FP16, even where the CPU has it.
+    #[cfg_attr(any(not(test), not(target_arch = "x86_64")), allow(dead_code))]
+    Avx512,
     /// The widest this CPU runs.
     Best,
 }
@@ -459,7 +469,8 @@ fn paged_attention_with(
     if path != Path::Portable
         && let Some(mut conv) = F16c::detect()
     {
-        conv.avx512 &= path == Path::Best;
+        conv.avx512 &= matches!(path, Path::Best | Path::Avx512);
+        conv.fp16 &= conv.avx512 && path == Path::Best;
         return Ok(dispatch(q, n_rows, n_head, attn, conv));
     }
     let _ = path;
@@ -1204,7 +1215,7 @@ mod tests {
         attn: &PagedAttention,
     ) -> Vec<f32> {
         let got = paged_attention(q, n_rows, n_head, d, attn).unwrap();
-        for path in [Path::Portable, Path::Avx2] {
+        for path in [Path::Portable, Path::Avx2, Path::Avx512] {
             let other = paged_attention_with(q, n_rows, n_head, d, attn, path).unwrap();
             assert!(
                 got.iter()

@@ -36,8 +36,8 @@ pub(super) fn supports(d: usize, group: usize) -> bool {
 /// Runs task `t` with `k`, `v` the f16 arenas behind `c`.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, AVX2, FMA and F16C (an `F16c` with `avx512` proves it);
-/// `supports(c.d, c.group)` must hold.
+/// The CPU must support AVX-512 F, AVX2, FMA and F16C (an `F16c` with `avx512` proves it),
+/// and AVX512-FP16, BW and VL where `c.conv.fp16` says so; `supports(c.d, c.group)` must hold.
 pub(super) unsafe fn run<R: Rows<F16c>>(
     c: &Call<'_, R, F16c>,
     k: &[f16],
@@ -48,20 +48,23 @@ pub(super) unsafe fn run<R: Rows<F16c>>(
     assert!(supports(c.d, c.group), "one_row_x86: unsupported shape");
     // SAFETY: the CPU features are the caller's; the shape was checked above.
     unsafe {
-        match c.d {
-            64 => width::<R, 4>(c, k, v, t, sc),
-            128 => width::<R, 8>(c, k, v, t, sc),
-            _ => width::<R, 16>(c, k, v, t, sc),
+        // From 128 values a head the V sums are f16 arithmetic: native where the CPU has it.
+        match (c.d, c.conv.fp16) {
+            (64, _) => width::<R, 4, false>(c, k, v, t, sc),
+            (128, false) => width::<R, 8, false>(c, k, v, t, sc),
+            (128, true) => width::<R, 8, true>(c, k, v, t, sc),
+            (_, false) => width::<R, 16, false>(c, k, v, t, sc),
+            (_, true) => width::<R, 16, true>(c, k, v, t, sc),
         }
     }
 }
 
-/// [`run`] for heads of `NV` vectors (`16 * NV` values).
+/// [`run`] for heads of `NV` vectors (`16 * NV` values), with AVX512-FP16 V updates if `FP16`.
 ///
 /// # Safety
-/// As [`run`], with `c.d == 16 * NV`.
+/// As [`run`], with `c.d == 16 * NV`, and AVX512-FP16, BW and VL if `FP16`.
 #[inline(always)]
-unsafe fn width<R: Rows<F16c>, const NV: usize>(
+unsafe fn width<R: Rows<F16c>, const NV: usize, const FP16: bool>(
     c: &Call<'_, R, F16c>,
     k: &[f16],
     v: &[f16],
@@ -71,14 +74,14 @@ unsafe fn width<R: Rows<F16c>, const NV: usize>(
     // SAFETY: forwarded.
     unsafe {
         match c.group {
-            1 => group::<R, 1, NV>(c, k, v, t, sc),
-            2 => group::<R, 2, NV>(c, k, v, t, sc),
-            3 => group::<R, 3, NV>(c, k, v, t, sc),
-            4 => group::<R, 4, NV>(c, k, v, t, sc),
-            5 => group::<R, 5, NV>(c, k, v, t, sc),
-            6 => group::<R, 6, NV>(c, k, v, t, sc),
-            7 => group::<R, 7, NV>(c, k, v, t, sc),
-            _ => group::<R, 8, NV>(c, k, v, t, sc),
+            1 => group::<R, 1, NV, FP16>(c, k, v, t, sc),
+            2 => group::<R, 2, NV, FP16>(c, k, v, t, sc),
+            3 => group::<R, 3, NV, FP16>(c, k, v, t, sc),
+            4 => group::<R, 4, NV, FP16>(c, k, v, t, sc),
+            5 => group::<R, 5, NV, FP16>(c, k, v, t, sc),
+            6 => group::<R, 6, NV, FP16>(c, k, v, t, sc),
+            7 => group::<R, 7, NV, FP16>(c, k, v, t, sc),
+            _ => group::<R, 8, NV, FP16>(c, k, v, t, sc),
         }
     }
 }
@@ -198,8 +201,65 @@ unsafe fn dot<const NV: usize>(k: &[__m512; NV], q: &[__m512; NV]) -> f32 {
     }
 }
 
+/// [`group_body`] compiled for AVX-512 F, or (`FP16`) with AVX512-FP16 too.
+///
+/// # Safety
+/// The CPU must support the features [`run`] names for this build.
+#[inline(always)]
+unsafe fn group<R: Rows<F16c>, const G: usize, const NV: usize, const FP16: bool>(
+    c: &Call<'_, R, F16c>,
+    k: &[f16],
+    v: &[f16],
+    t: Task<'_>,
+    sc: &mut Scratch,
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        if FP16 {
+            group_fp16::<R, G, NV>(c, k, v, t, sc)
+        } else {
+            group_avx512::<R, G, NV>(c, k, v, t, sc)
+        }
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-unsafe fn group<R: Rows<F16c>, const G: usize, const NV: usize>(
+unsafe fn group_avx512<R: Rows<F16c>, const G: usize, const NV: usize>(
+    c: &Call<'_, R, F16c>,
+    k: &[f16],
+    v: &[f16],
+    t: Task<'_>,
+    sc: &mut Scratch,
+) {
+    // SAFETY: the features the body needs are enabled on this function.
+    unsafe { group_body::<R, G, NV, false>(c, k, v, t, sc) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512fp16")]
+unsafe fn group_fp16<R: Rows<F16c>, const G: usize, const NV: usize>(
+    c: &Call<'_, R, F16c>,
+    k: &[f16],
+    v: &[f16],
+    t: Task<'_>,
+    sc: &mut Scratch,
+) {
+    // SAFETY: the features the body needs are enabled on this function.
+    unsafe { group_body::<R, G, NV, true>(c, k, v, t, sc) }
+}
+
+/// Sixteen `bits` (an f16) broadcast to the 32 lanes of an f16 vector.
+#[inline(always)]
+unsafe fn splat_ph(bits: u16) -> __m512h {
+    // SAFETY: AVX-512 F is the caller's; the cast reinterprets 64 bytes as 64 bytes.
+    unsafe { std::mem::transmute::<__m512i, __m512h>(_mm512_set1_epi16(bits as i16)) }
+}
+
+/// One task: `G` heads of `16 * NV` values over the task's keys. With `FP16` (head dim 128
+/// or more only) each head's V sum is 32-lane f16 vectors updated by `vfmadd*ph`/`vmulph`,
+/// llama.cpp's own instructions on the reference machine, instead of the f64 emulation of
+/// [`fma16`]: the same single roundings, so the same bits.
+#[inline(always)]
+unsafe fn group_body<R: Rows<F16c>, const G: usize, const NV: usize, const FP16: bool>(
     c: &Call<'_, R, F16c>,
     k: &[f16],
     v: &[f16],
@@ -226,6 +286,13 @@ unsafe fn group<R: Rows<F16c>, const G: usize, const NV: usize>(
             std::array::from_fn(|i| round16(_mm512_loadu_ps(qrows.as_ptr().add(g * d + 16 * i))))
         });
         let mut acc = [[_mm512_setzero_ps(); NV]; G];
+        // `FP16`: the V sums as f16 vectors (the first `NV / 2` of each head's), as bits.
+        let mut acc16 = [[_mm512_setzero_si512(); 8]; G];
+        let nh = NV / 2;
+        assert!(
+            !FP16 || (NV >= 8 && nh <= 8),
+            "f16 arithmetic is for head dims 128-256"
+        );
         let mut m = [f32::NEG_INFINITY; G];
         let mut sum = [0.0f32; G];
         for start in keys.clone().step_by(TILE_KV) {
@@ -274,6 +341,40 @@ unsafe fn group<R: Rows<F16c>, const G: usize, const NV: usize>(
             // ([`super::one_row`]): factors rounded to f16, the FMA rounded once.
             let f16_arith = d >= 128;
             for (j, &r) in rows[..len].iter().enumerate() {
+                if FP16 {
+                    let row = &v[r * d..(r + 1) * d];
+                    let vp = row.as_ptr().cast::<__m512i>();
+                    let mut vr = [_mm512_setzero_si512(); 8];
+                    for (h, x) in vr.iter_mut().enumerate().take(nh) {
+                        // `row` is `d` = 32 `nh` f16: piece `h` is inside it.
+                        *x = _mm512_loadu_si512(vp.add(h));
+                    }
+                    for g in 0..G {
+                        let e = p[g * TILE_KV + j];
+                        let (ms, vs) = if grew[g] >> j & 1 != 0 {
+                            let f = splat_ph(f16::from_f32(e).to_bits());
+                            for a in acc16[g].iter_mut().take(nh) {
+                                let x = std::mem::transmute::<__m512i, __m512h>(*a);
+                                *a = std::mem::transmute::<__m512h, __m512i>(_mm512_mul_ph(x, f));
+                            }
+                            (e, 1.0)
+                        } else {
+                            (1.0, e)
+                        };
+                        let f = splat_ph(f16::from_f32(vs).to_bits());
+                        for (a, &x) in acc16[g].iter_mut().zip(&vr).take(nh) {
+                            let (a16, x16) = (
+                                std::mem::transmute::<__m512i, __m512h>(*a),
+                                std::mem::transmute::<__m512i, __m512h>(x),
+                            );
+                            *a = std::mem::transmute::<__m512h, __m512i>(_mm512_fmadd_ph(
+                                x16, f, a16,
+                            ));
+                        }
+                        sum[g] = sum[g].mul_add(ms, vs);
+                    }
+                    continue;
+                }
                 let vr = load_row::<NV>(v, r);
                 for g in 0..G {
                     let e = p[g * TILE_KV + j];
@@ -298,6 +399,15 @@ unsafe fn group<R: Rows<F16c>, const G: usize, const NV: usize>(
                         }
                     }
                     sum[g] = sum[g].mul_add(ms, vs);
+                }
+            }
+        }
+        if FP16 {
+            // Widen the f16 sums (exact): piece `h` holds values `32h..32h + 32`.
+            for (a, a16) in acc.iter_mut().zip(&acc16) {
+                for h in 0..nh {
+                    a[2 * h] = _mm512_cvtph_ps(_mm512_castsi512_si256(a16[h]));
+                    a[2 * h + 1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(a16[h]));
                 }
             }
         }
