@@ -92,7 +92,8 @@ impl Conv for Portable {
 }
 
 /// Proof that the CPU has AVX2, FMA and F16C: the private field means only [`F16c::detect`]
-/// makes one. It also records whether AVX-512 F is there, for the wider kernel.
+/// makes one. It also records whether AVX-512 F is there, for the wider kernel, and whether
+/// AVX512-FP16 with BW and VL is (`fp16` is only set together with `avx512`).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct F16c {
@@ -222,7 +223,8 @@ impl Conv for F16c {
             if one_row_x86::supports(c.d, c.group)
                 && let (Some(k), Some(v)) = (c.k.f16_arena(), c.v.f16_arena())
             {
-                // SAFETY: `self` proves AVX2, FMA, F16C and AVX-512 F; shape checked above.
+                // SAFETY: `self` proves AVX2, FMA, F16C and AVX-512 F, and AVX512-FP16, BW
+                // and VL where `self.fp16` says so (what `run` reads); shape checked above.
                 return unsafe { one_row_x86::run(c, k, v, t, sc) };
             }
             // SAFETY: `self` proves AVX2, FMA, F16C and (`avx512`) AVX-512 F.
@@ -1205,8 +1207,8 @@ mod tests {
         (Arc::new(store), seqs)
     }
 
-    /// The best build's result, after checking that the AVX2 and portable builds give the
-    /// same bits.
+    /// The best build's result, after checking that the AVX-512 build without AVX512-FP16,
+    /// the AVX2 build and the portable one give the same bits.
     fn run_all_builds(
         q: &[f32],
         n_rows: usize,

@@ -23,9 +23,9 @@ use super::{Call, F16c, Rows, Scratch, TILE_KV, Task, f16_round, fill_rows};
 use crate::cpu::expf::expf16;
 
 /// The largest GQA group (query heads per kv head) with a build. Each build keeps its heads'
-/// Q and V sums as `2 G NV` vectors: registers only while they fit (head dim 64, up to three
-/// heads), on the stack (L1) past that, which still beats the slice passes of the generic
-/// build.
+/// Q and V sums as `2 G NV` vectors (`1.5 G NV` with f16 V sums): registers only while they
+/// fit (head dim 64, up to three heads), on the stack (L1) past that, which still beats the
+/// slice passes of the generic build.
 const MAX_GROUP: usize = 8;
 
 /// Whether [`run`] has a build for heads `d` wide with `group` query heads per kv head.
@@ -277,10 +277,11 @@ unsafe fn group_body<R: Rows<F16c>, const G: usize, const NV: usize, const FP16:
     let d = 16 * NV;
     assert!(qrows.len() == G * d && dst.len() == G * d && sc.p.len() >= G * TILE_KV);
     let Scratch { p, rows, .. } = sc;
-    // SAFETY (whole body): AVX-512 F, AVX2, FMA and F16C are the caller's; every pointer
-    // below comes from a slice of the length it is read or written at (`qrows`, `dst`: `G`
-    // rows of `d` f32, asserted; `p`: `G` tiles of `TILE_KV`; chunks of at most 16 floats
-    // with the load/store mask covering exactly the chunk).
+    // SAFETY (whole body): AVX-512 F, AVX2, FMA and F16C are the caller's, and with `FP16`
+    // AVX512-FP16, BW and VL (`group_fp16`); every pointer below comes from a slice of the
+    // length it is read or written at (`qrows`, `dst`: `G` rows of `d` f32, asserted; `p`:
+    // `G` tiles of `TILE_KV`; chunks of at most 16 floats with the load/store mask covering
+    // exactly the chunk; `FP16`'s V rows: `d` f16 each, read as `NV / 2` pieces of 64 bytes).
     unsafe {
         let q: [[__m512; NV]; G] = std::array::from_fn(|g| {
             std::array::from_fn(|i| round16(_mm512_loadu_ps(qrows.as_ptr().add(g * d + 16 * i))))
@@ -427,6 +428,128 @@ unsafe fn group_body<R: Rows<F16c>, const G: usize, const NV: usize, const FP16:
             let inv = _mm512_set1_ps(if s == 0.0 { 0.0 } else { 1.0 / s });
             for (i, &a) in acc[g].iter().enumerate() {
                 _mm512_storeu_ps(dst.as_mut_ptr().add(g * d + 16 * i), _mm512_mul_ps(a, inv));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{F16c, f16_fma, f16_round};
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// [`fma16`] on sixteen lanes.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    unsafe fn emulated(x: &[f32; 16], v: f32, a: &[f32; 16]) -> [f32; 16] {
+        let mut out = [0.0f32; 16];
+        // SAFETY: the arrays are sixteen f32; the features are enabled on this function.
+        unsafe {
+            let r = fma16(
+                _mm512_loadu_ps(x.as_ptr()),
+                _mm512_set1_pd(v as f64),
+                _mm512_loadu_ps(a.as_ptr()),
+            );
+            _mm512_storeu_ps(out.as_mut_ptr(), r);
+        }
+        out
+    }
+
+    /// `vfmadd…ph` and `vmulph` on 32 lanes of f16 values: `x * v + a` and `a * v`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512fp16")]
+    unsafe fn native(x: &[f32; 32], v: f32, a: &[f32; 32]) -> ([f32; 32], [f32; 32]) {
+        let bits = |z: &[f32; 32]| z.map(|f| f16::from_f32(f).to_bits());
+        let (xb, ab) = (bits(x), bits(a));
+        let (mut fma, mut mul) = ([0u16; 32], [0u16; 32]);
+        // SAFETY: each array is 32 f16 (64 bytes); the features are enabled on this function.
+        unsafe {
+            let load = |p: &[u16; 32]| {
+                std::mem::transmute::<__m512i, __m512h>(_mm512_loadu_si512(p.as_ptr().cast()))
+            };
+            let f = splat_ph(f16::from_f32(v).to_bits());
+            let store = |p: &mut [u16; 32], r: __m512h| {
+                _mm512_storeu_si512(
+                    p.as_mut_ptr().cast(),
+                    std::mem::transmute::<__m512h, __m512i>(r),
+                )
+            };
+            store(&mut fma, _mm512_fmadd_ph(load(&xb), f, load(&ab)));
+            store(&mut mul, _mm512_mul_ph(load(&ab), f));
+        }
+        let f32s = |z: [u16; 32]| z.map(|b| f16::from_bits(b).to_f32());
+        (f32s(fma), f32s(mul))
+    }
+
+    /// The AVX-512 V-update primitives against the scalar single roundings, on random f16
+    /// values, exact ties between two f16 values, and the edges: a sum just below a midpoint
+    /// that f32 would round onto, overflow to infinity, zeros of both signs, subnormals.
+    #[test]
+    fn f16_updates_match_the_scalar_roundings() {
+        let Some(conv) = F16c::detect().filter(|c| c.avx512) else {
+            eprintln!("skipped: no AVX-512");
+            return;
+        };
+        if !conv.fp16 {
+            eprintln!("no AVX512-FP16: the native f16 instructions are not checked");
+        }
+        let edges_x = [
+            1.0 + 2f32.powi(-10),
+            65504.0,
+            -65504.0,
+            0.0,
+            -0.0,
+            2f32.powi(-24),
+            -1.0,
+            -(1.0 + 2f32.powi(-10)),
+        ];
+        let edges_a = [
+            1025.0,
+            65504.0,
+            -65504.0,
+            0.0,
+            -0.0,
+            2f32.powi(-24),
+            1.0,
+            -1025.0,
+        ];
+        let mut rng = StdRng::seed_from_u64(0xF16B);
+        for round in 0..4000 {
+            let v = match round % 4 {
+                0 => 0.5,
+                1 => 1023.0 / 2048.0,
+                _ => f16_round(rng.random_range(0.0..1.0f32)),
+            };
+            let a: [f32; 32] = std::array::from_fn(|i| match (round % 5, i) {
+                (0, 0..8) => edges_a[i],
+                _ => f16_round(rng.random_range(-3000.0..3000.0f32)),
+            });
+            let x: [f32; 32] = std::array::from_fn(|i| match (round % 5, i) {
+                (0, 0..8) => edges_x[i],
+                // The quantum of `a`, so that `x * 0.5 + a` is a tie.
+                _ if round % 4 == 0 => {
+                    let e = (a[i].abs().max(6.1e-5).log2().floor() as i32).max(-14);
+                    2f32.powi(e - 10) * if rng.random_bool(0.5) { 1.0 } else { -1.0 }
+                }
+                _ => f16_round(rng.random_range(-300.0..300.0f32)),
+            });
+            let want: [f32; 32] = std::array::from_fn(|i| f16_fma(x[i], v, a[i]));
+            let bits = |z: &[f32]| z.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            for half in 0..2 {
+                let (xs, as_) = (&x[16 * half..][..16], &a[16 * half..][..16]);
+                // SAFETY: `conv.avx512` proves AVX-512 F (with AVX2, FMA, F16C).
+                let got = unsafe { emulated(xs.try_into().unwrap(), v, as_.try_into().unwrap()) };
+                assert_eq!(
+                    bits(&got),
+                    bits(&want[16 * half..][..16]),
+                    "emulated, v = {v}"
+                );
+            }
+            if conv.fp16 {
+                // SAFETY: `conv.fp16` proves AVX512-FP16, BW and VL.
+                let (fma, mul) = unsafe { native(&x, v, &a) };
+                assert_eq!(bits(&fma), bits(&want), "vfmadd ph, v = {v}");
+                let want_mul: [f32; 32] = std::array::from_fn(|i| f16_round(a[i] * v));
+                assert_eq!(bits(&mul), bits(&want_mul), "vmulph, v = {v}");
             }
         }
     }
