@@ -2,11 +2,13 @@
 #![deny(missing_docs)]
 
 pub mod cpu;
+#[cfg(feature = "cube")]
+mod cube;
 mod matrix;
 // Built with no backend feature (as ember-kv uses this crate), the `Dispatch` impl that
 // `#[backend_extension]` generates has no backend arm left and never reads its arguments.
 #[cfg_attr(
-    not(any(feature = "flex", feature = "ndarray")),
+    not(any(feature = "flex", feature = "ndarray", feature = "cube")),
     allow(unused_variables)
 )]
 mod ops;

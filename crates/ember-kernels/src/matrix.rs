@@ -151,6 +151,9 @@ pub struct QuantMatrix {
     repr: Repr,
     rows: usize,
     cols: usize,
+    /// Copies of the values on GPU devices, made on first use or by `upload`.
+    #[cfg(feature = "cube")]
+    pub(crate) device_copies: crate::cube::DeviceCopies,
 }
 
 impl QuantMatrix {
@@ -189,6 +192,8 @@ impl QuantMatrix {
             },
             rows,
             cols,
+            #[cfg(feature = "cube")]
+            device_copies: Default::default(),
         })
     }
 
@@ -204,6 +209,8 @@ impl QuantMatrix {
             repr: Repr::Packed(Arc::new(pw)),
             rows,
             cols,
+            #[cfg(feature = "cube")]
+            device_copies: Default::default(),
         })
     }
 

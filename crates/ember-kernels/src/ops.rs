@@ -21,7 +21,11 @@ use crate::paged::{PagedAttention, PagedError};
 /// ([`quant_matmul`], [`paged_attention`], ...), which check shapes and go through `Dispatch`.
 ///
 /// [`cpu`]: crate::cpu
-#[backend_extension(Flex: cfg(feature = "flex"), NdArray: cfg(feature = "ndarray"))]
+#[backend_extension(
+    Flex: cfg(feature = "flex"),
+    NdArray: cfg(feature = "ndarray"),
+    Cube: cfg(feature = "cube")
+)]
 pub trait EmberBackend: Backend {
     /// `x @ w^T` for `x: [m, w.cols()]`, giving `[m, w.rows()]`, with `w` left quantized.
     fn quant_matmul(x: FloatTensor<Self>, w: Arc<QuantMatrix>) -> FloatTensor<Self> {

@@ -1,0 +1,119 @@
+//! The CubeCL kernels behind [`super`]'s ops.
+
+use cubecl::prelude::*;
+
+use super::blocks::{chunk_dot, round_f32_to_f16};
+
+/// The cube's index in a [`super::grid`].
+#[cube]
+fn cube_index() -> usize {
+    CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize
+}
+
+/// `out[r, row] = x[r, :] . w[row, :]` for every `r < m`: one cube per weight row, its threads
+/// taking the row's 32-value chunks in turn, then summing across the cube.
+#[cube(launch_unchecked)]
+pub(crate) fn quant_matmul(
+    w: &[u32],
+    x: &[f32],
+    out: &mut [f32],
+    rows: usize,
+    cols: usize,
+    m: usize,
+    row_bytes: usize,
+    #[comptime] layout: u32,
+    #[comptime] block_bytes: usize,
+    #[comptime] chunks_per_block: usize,
+    #[comptime] threads: u32,
+) {
+    let row = cube_index();
+    if row >= rows {
+        terminate!();
+    }
+    let tid = UNIT_POS_X as usize;
+    let chunks = cols / 32;
+    let mut partial = Shared::new_slice(threads as usize);
+    let threads = CUBE_DIM_X as usize;
+    for r in 0..m {
+        let mut acc = 0.0f32;
+        let mut c = tid;
+        while c < chunks {
+            let base = row * row_bytes + (c / chunks_per_block) * block_bytes;
+            acc += chunk_dot(w, base, c % chunks_per_block, x, r * cols + c * 32, layout);
+            c += threads;
+        }
+        partial[tid] = acc;
+        sync_cube();
+        // Tree sum of the threads' partials into `partial[0]` (`threads` is a power of two).
+        let mut stride = threads / 2;
+        while stride > 0 {
+            if tid < stride {
+                // (Written out: cubecl 0.11 fails to compile `+=` on shared memory.)
+                let sum = partial[tid] + partial[tid + stride];
+                partial[tid] = sum;
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        if tid == 0 {
+            out[r * rows + row] = partial[0];
+        }
+        sync_cube();
+    }
+}
+
+/// Every value rounded to the nearest f16, kept as f32.
+#[cube(launch_unchecked)]
+pub(crate) fn round_to_f16(x: &[f32], out: &mut [f32], n: usize) {
+    let i = cube_index() * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    if i < n {
+        out[i] = round_f32_to_f16(x[i]);
+    }
+}
+
+/// `out[r] = x[r] * w / sqrt(mean(x[r]^2) + eps)`: one cube per row.
+#[cube(launch_unchecked)]
+pub(crate) fn rms_norm(
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    rows: usize,
+    d: usize,
+    eps: f32,
+    #[comptime] threads: u32,
+) {
+    let row = cube_index();
+    if row >= rows {
+        terminate!();
+    }
+    let tid = UNIT_POS_X as usize;
+    let base = row * d;
+    let mut partial = Shared::new_slice(threads as usize);
+    let threads = CUBE_DIM_X as usize;
+    let mut acc = 0.0f32;
+    let mut i = tid;
+    while i < d {
+        let v = x[base + i];
+        acc += v * v;
+        i += threads;
+    }
+    partial[tid] = acc;
+    sync_cube();
+    // Tree sum of the threads' partials into `partial[0]` (`threads` is a power of two).
+    let mut stride = threads / 2;
+    while stride > 0 {
+        if tid < stride {
+            // (Written out: cubecl 0.11 fails to compile `+=` on shared memory.)
+            let sum = partial[tid] + partial[tid + stride];
+            partial[tid] = sum;
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let scale = 1.0f32 / f32::sqrt(partial[0] / f32::cast_from(d) + eps);
+    let mut j = tid;
+    while j < d {
+        out[base + j] = x[base + j] * scale * w[j];
+        j += threads;
+    }
+}
