@@ -176,6 +176,10 @@ struct ModelArg {
     /// decode is faster.
     #[arg(long)]
     no_repack: bool,
+    /// Where the model runs: cpu, or with a GPU build (`--features wgpu`) wgpu (the best
+    /// adapter: Vulkan, Metal or DX12), vulkan or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 impl ModelArg {
@@ -290,6 +294,7 @@ fn load_model(
     spec: &SpecArgs,
 ) -> Result<ember::Model> {
     let mut builder = ember::Model::builder(&model.model)
+        .device(ember_models::device_by_name(&model.device)?)
         .dequantize(model.dequantize)
         .kv_type(kv.kv_type)
         .kv_block_size(kv.kv_block_size)
@@ -629,10 +634,12 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn open(model: &ModelArg) -> Result<LoadedModel> {
+    // The device first: an unknown name or a build without it fails before any download.
+    let device = ember_models::device_by_name(&model.device)?;
     let path = ember_hub::resolve(&model.model)?;
     Ok(LoadedModel::open_with(
         &path,
-        &ember_models::default_device(),
+        &device,
         &model.load_options(),
     )?)
 }

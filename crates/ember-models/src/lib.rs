@@ -40,6 +40,53 @@ pub fn default_device() -> Device {
     }
 }
 
+/// The names [`device_by_name`] takes, whether or not this build has them.
+pub const DEVICE_NAMES: &[&str] = &["cpu", "wgpu", "vulkan", "metal"];
+
+/// A device named as `--device` takes it: `cpu` ([`default_device`]); with feature `wgpu`,
+/// `wgpu` (the best GPU adapter on whichever API the machine offers: Vulkan, Metal, DX12, or
+/// Mesa's lavapipe on a machine with none); with `vulkan` or `metal`, that API only. GPU
+/// devices are lazy: one that does not exist fails at its first use.
+pub fn device_by_name(name: &str) -> Result<Device, UnknownDevice> {
+    let unbuilt = |feature: &'static str| {
+        Err(UnknownDevice {
+            name: name.to_string(),
+            why: format!(
+                "this build has no `{feature}` feature (cargo build --release -p ember-cli --features {feature})"
+            ),
+        })
+    };
+    match name {
+        "cpu" => Ok(default_device()),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+        #[cfg(not(feature = "wgpu"))]
+        "wgpu" => unbuilt("wgpu"),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => Ok(Device::vulkan(burn::tensor::DeviceKind::DefaultDevice)),
+        #[cfg(not(feature = "vulkan"))]
+        "vulkan" => unbuilt("vulkan"),
+        #[cfg(feature = "metal")]
+        "metal" => Ok(Device::metal(burn::tensor::DeviceKind::DefaultDevice)),
+        #[cfg(not(feature = "metal"))]
+        "metal" => unbuilt("metal"),
+        _ => Err(UnknownDevice {
+            name: name.to_string(),
+            why: format!("expected one of {}", DEVICE_NAMES.join(", ")),
+        }),
+    }
+}
+
+/// Why [`device_by_name`] refused a name.
+#[derive(Debug, thiserror::Error)]
+#[error("device `{name}`: {why}")]
+pub struct UnknownDevice {
+    /// The name asked for.
+    pub name: String,
+    /// What is wrong with it.
+    pub why: String,
+}
+
 /// Loads the model a GGUF file describes, on `device`.
 pub fn load(file: &GgufFile, device: &Device) -> Result<Model, ModelError> {
     load_with(file, None, device)

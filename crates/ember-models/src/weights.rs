@@ -111,7 +111,14 @@ impl<'a> Weights<'a> {
     /// copied (so memory peaks near the final size): the kernels read the copy, and the rare
     /// readers of the blocks (dequantization, an embedding lookup) fault back in only what
     /// they touch.
+    ///
+    /// On a GPU device nothing is repacked: the blocks go to the device as they are, now
+    /// rather than at the first pass.
     fn repacked(&self, mut m: QuantMatrix, range: Range<usize>) -> QuantMatrix {
+        #[cfg(feature = "wgpu")]
+        if m.upload(&self.device) {
+            return m;
+        }
         let file = self.file.shared_bytes();
         let release = |r: Range<usize>| file.release(range.start + r.start..range.start + r.end);
         if self.repack && m.repack_releasing(&release) {
@@ -136,7 +143,7 @@ impl<'a> Weights<'a> {
             .tensor(EMBEDDING)
             .and_then(|t| self.file.tensor_range(t))
         {
-            Some(range) if in_file && self.repack => {
+            Some(range) if in_file && (self.repack || !is_cpu(&self.device)) => {
                 Arc::new(self.repacked((**embd).clone(), range))
             }
             _ => Arc::clone(embd),
@@ -304,4 +311,14 @@ impl<'a> Weights<'a> {
             &self.device,
         ))
     }
+}
+
+/// Whether `device` is a CPU backend (where weights stay in the mapping or are repacked).
+fn is_cpu(device: &Device) -> bool {
+    #[cfg(feature = "wgpu")]
+    if let burn::backend::DispatchDevice::Cube(_) = device.as_dispatch() {
+        return false;
+    }
+    let _ = device;
+    true
 }

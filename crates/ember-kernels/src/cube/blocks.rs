@@ -293,3 +293,99 @@ pub(crate) fn chunk_dot(
         d * (signed_byte(byte_at(w, sc)) * acc_lo + signed_byte(byte_at(w, sc + 1)) * acc_hi)
     }
 }
+
+/// Chunk `sub` of the block at byte `base` as 32 f32 values, written to `out[o..o + 32]`: the
+/// same decoding as [`chunk_dot`], for the dequantize-then-GEMM path of large batches.
+#[cube]
+pub(crate) fn chunk_values(
+    w: &[u32],
+    base: usize,
+    sub: usize,
+    out: &mut [f32],
+    o: usize,
+    #[comptime] layout: u32,
+) {
+    if comptime!(layout == F32) {
+        let word = base / 4;
+        for i in 0..32usize {
+            out[o + i] = f32::reinterpret(w[word + i]);
+        }
+    } else if comptime!(layout == Q4_0) {
+        let d = half_at(w, base);
+        for i in 0..16usize {
+            let q = byte_at(w, base + 2 + i);
+            out[o + i] = d * (f32::cast_from(q & 0xFu32) - 8.0f32);
+            out[o + i + 16] = d * (f32::cast_from(q >> 4) - 8.0f32);
+        }
+    } else if comptime!(layout == Q4_1) {
+        let (d, m) = (half_at(w, base), half_at(w, base + 2));
+        for i in 0..16usize {
+            let q = byte_at(w, base + 4 + i);
+            out[o + i] = d * f32::cast_from(q & 0xFu32) + m;
+            out[o + i + 16] = d * f32::cast_from(q >> 4) + m;
+        }
+    } else if comptime!(layout == Q5_0) {
+        let d = half_at(w, base);
+        let qh = u32_at(w, base + 2);
+        for i in 0..16usize {
+            let q = byte_at(w, base + 6 + i);
+            let lo = (q & 0xFu32) | (((qh >> (i as u32)) & 1u32) << 4);
+            let hi = (q >> 4) | (((qh >> (i as u32 + 16u32)) & 1u32) << 4);
+            out[o + i] = d * (f32::cast_from(lo) - 16.0f32);
+            out[o + i + 16] = d * (f32::cast_from(hi) - 16.0f32);
+        }
+    } else if comptime!(layout == Q5_1) {
+        let (d, m) = (half_at(w, base), half_at(w, base + 2));
+        let qh = u32_at(w, base + 4);
+        for i in 0..16usize {
+            let q = byte_at(w, base + 8 + i);
+            let lo = (q & 0xFu32) | (((qh >> (i as u32)) & 1u32) << 4);
+            let hi = (q >> 4) | (((qh >> (i as u32 + 16u32)) & 1u32) << 4);
+            out[o + i] = d * f32::cast_from(lo) + m;
+            out[o + i + 16] = d * f32::cast_from(hi) + m;
+        }
+    } else if comptime!(layout == Q8_0) {
+        let d = half_at(w, base);
+        for i in 0..32usize {
+            out[o + i] = d * signed_byte(byte_at(w, base + 2 + i));
+        }
+    } else if comptime!(layout == Q4K) {
+        let (sc, mn) = scale_min_k4(w, base + 4, sub);
+        let d = half_at(w, base) * sc;
+        let m = half_at(w, base + 2) * mn;
+        let qs = base + 16 + (sub / 2) * 32;
+        let shift = ((sub % 2) * 4) as u32;
+        for i in 0..32usize {
+            out[o + i] = d * f32::cast_from((byte_at(w, qs + i) >> shift) & 0xFu32) - m;
+        }
+    } else if comptime!(layout == Q5K) {
+        let (sc, mn) = scale_min_k4(w, base + 4, sub);
+        let d = half_at(w, base) * sc;
+        let m = half_at(w, base + 2) * mn;
+        let qs = base + 48 + (sub / 2) * 32;
+        let shift = ((sub % 2) * 4) as u32;
+        for i in 0..32usize {
+            let high = (byte_at(w, base + 16 + i) >> (sub as u32)) & 1u32;
+            let q = ((byte_at(w, qs + i) >> shift) & 0xFu32) | (high << 4);
+            out[o + i] = d * f32::cast_from(q) - m;
+        }
+    } else {
+        // Q6_K, laid out as in `chunk_dot`.
+        let half_index = sub / 4;
+        let r = sub % 4;
+        let ql = base + 64 * half_index + (r % 2) * 32;
+        let qh = base + 128 + 32 * half_index;
+        let sc = base + 192 + 8 * half_index + 2 * r;
+        let nib = ((r / 2) * 4) as u32;
+        let hs = (2 * r) as u32;
+        let d = half_at(w, base + 208);
+        let d_lo = d * signed_byte(byte_at(w, sc));
+        let d_hi = d * signed_byte(byte_at(w, sc + 1));
+        for i in 0..32usize {
+            let q =
+                ((byte_at(w, ql + i) >> nib) & 0xFu32) | (((byte_at(w, qh + i) >> hs) & 3u32) << 4);
+            let scale = if i < 16 { d_lo } else { d_hi };
+            out[o + i] = scale * (f32::cast_from(q) - 32.0f32);
+        }
+    }
+}

@@ -2,7 +2,7 @@
 
 use cubecl::prelude::*;
 
-use super::blocks::{chunk_dot, round_f32_to_f16};
+use super::blocks::{chunk_dot, chunk_values, round_f32_to_f16};
 
 /// The cube's index in a [`super::grid`].
 #[cube]
@@ -116,4 +116,35 @@ pub(crate) fn rms_norm(
         out[base + j] = x[base + j] * scale * w[j];
         j += threads;
     }
+}
+
+/// Rows `first..first + n_rows` of a weight as f32, row-major in `out`: one thread per 32-value
+/// chunk.
+#[cube(launch_unchecked)]
+pub(crate) fn dequantize_rows(
+    w: &[u32],
+    out: &mut [f32],
+    first: usize,
+    n_rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    #[comptime] layout: u32,
+    #[comptime] block_bytes: usize,
+    #[comptime] chunks_per_block: usize,
+) {
+    let g = cube_index() * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    let chunks = cols / 32;
+    if g >= n_rows * chunks {
+        terminate!();
+    }
+    let (r, c) = (g / chunks, g % chunks);
+    let base = (first + r) * row_bytes + (c / chunks_per_block) * block_bytes;
+    chunk_values(
+        w,
+        base,
+        c % chunks_per_block,
+        out,
+        r * cols + c * 32,
+        layout,
+    );
 }

@@ -14,6 +14,8 @@ mod kernels;
 
 use std::sync::{Arc, Mutex};
 
+use burn::backend::DispatchDevice;
+use burn::backend::ops::FloatTensorOps;
 use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeDevice;
 use burn_cubecl::cubecl::prelude::*;
@@ -189,6 +191,58 @@ fn grid(n: usize) -> CubeCount {
     CubeCount::Static(x as u32, y as u32, 1)
 }
 
+/// From this many activation rows a matmul dequantizes the weight (a tile of rows at a time)
+/// and hands it to burn's tiled GEMM, instead of decoding every block once per row.
+const GEMM_MIN_ROWS: usize = 8;
+/// f32 values of weight dequantized per GEMM tile (64 MiB).
+const GEMM_TILE_VALUES: usize = 16 << 20;
+
+/// `x @ w^T` for many rows: each tile of weight rows dequantized on the device, then burn's
+/// matmul.
+fn dequantized_gemm(
+    x: CubeTensor,
+    dw: &DeviceWeight,
+    n: usize,
+    k: usize,
+    tile_values: usize,
+) -> CubeTensor {
+    type B = burn_cubecl::CubeBackend;
+    let tile = (tile_values / k).clamp(1, n);
+    let mut parts = Vec::with_capacity(n.div_ceil(tile));
+    let mut first = 0;
+    while first < n {
+        let rows = tile.min(n - first);
+        let w = empty_like(&x.client, &x.device, Shape::new([rows, k]));
+        let chunks = rows * (k / 32);
+        let threads = 256u32;
+        // SAFETY: thread `g < rows * k / 32` decodes chunk `g` of rows `first..first + rows`
+        // (inside the weight's `dw.words` words) into its 32 values of `w` (`rows * k`).
+        unsafe {
+            kernels::dequantize_rows::launch_unchecked(
+                &x.client,
+                grid(chunks.div_ceil(threads as usize)),
+                CubeDim::new_1d(threads),
+                BufferArg::from_raw_parts(dw.handle.clone(), dw.words),
+                buffer(&w),
+                first,
+                rows,
+                k,
+                dw.row_bytes,
+                dw.layout.code(),
+                dw.layout.block_bytes(),
+                dw.layout.chunks_per_block(),
+            );
+        }
+        parts.push(B::float_matmul(x.clone(), B::float_transpose(w)));
+        first += rows;
+    }
+    if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        B::float_cat(parts, 1)
+    }
+}
+
 /// Threads per cube of the row-reduction kernels.
 const ROW_THREADS: u32 = 64;
 
@@ -208,6 +262,9 @@ impl EmberBackend for burn_cubecl::CubeBackend {
             return out;
         }
         let dw = w.on_device(&x.client, &x.device);
+        if m >= GEMM_MIN_ROWS {
+            return dequantized_gemm(x, &dw, n, k, GEMM_TILE_VALUES);
+        }
         // SAFETY: the kernel reads `dw.words` words of the weight (rows * row_bytes bytes,
         // padded), `m * k` values of `x`, and writes `m * n` values of `out`, each index below
         // those bounds (rows past `n` are skipped).
@@ -280,5 +337,56 @@ impl EmberBackend for burn_cubecl::CubeBackend {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
+
+    /// The GEMM path in several weight tiles (the last one partial) gives what one tile gives.
+    #[test]
+    fn gemm_tiles_join_up() {
+        let device = Device::wgpu(DeviceKind::DefaultDevice);
+        let probe = device.clone();
+        let up = std::panic::catch_unwind(move || {
+            Tensor::<1>::from_data(TensorData::new(vec![1.0f32], [1]), &probe)
+                .into_data()
+                .try_to_vec::<f32>()
+                .is_ok()
+        });
+        if up.ok() != Some(true) {
+            println!("skipped: no wgpu device");
+            return;
+        }
+        let (n, k, m) = (10, 256, 9);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 251) as f32 / 125.0 - 1.0)
+            .collect();
+        let qm = QuantMatrix::quantize(GgmlType::Q4_K, n, k, &w).expect("quantize");
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 104_729) % 97) as f32 / 48.0 - 1.0)
+            .collect();
+        let run = |tile_values: usize| {
+            let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
+            let DispatchDevice::Cube(cube) = device.as_dispatch() else {
+                unreachable!("a wgpu device is a cube device")
+            };
+            let dw = qm.on_device(&cube.client(), cube);
+            let xt = match xt.into_dispatch().kind {
+                burn::backend::DispatchTensorKind::Cube(t) => t.float(),
+                _ => unreachable!("a tensor on a wgpu device is a cube tensor"),
+            };
+            let out = dequantized_gemm(xt, &dw, n, k, tile_values);
+            let data = burn_cubecl::ops::into_data_sync(out);
+            data.try_to_vec::<f32>().expect("f32")
+        };
+        let whole = run(n * k);
+        let tiled = run(3 * k);
+        assert_eq!(whole.len(), m * n);
+        for (a, b) in whole.iter().zip(&tiled) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
+        }
     }
 }
