@@ -4,6 +4,8 @@
 //! Where no wgpu adapter exists the test prints why and passes.
 #![cfg(feature = "wgpu")]
 
+// Only the reference readers are used here.
+#[allow(dead_code)]
 mod common;
 
 use burn::tensor::{Device, DeviceKind, Tensor, TensorData};

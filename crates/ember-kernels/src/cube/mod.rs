@@ -14,7 +14,6 @@ mod kernels;
 
 use std::sync::{Arc, Mutex};
 
-use burn::backend::DispatchDevice;
 use burn::backend::ops::FloatTensorOps;
 use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeDevice;
@@ -343,6 +342,7 @@ impl EmberBackend for burn_cubecl::CubeBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::backend::DispatchDevice;
     use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
 
     /// The GEMM path in several weight tiles (the last one partial) gives what one tile gives.
