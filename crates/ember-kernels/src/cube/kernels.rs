@@ -10,6 +10,27 @@ fn cube_index() -> usize {
     CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize
 }
 
+/// The sum of every thread's `value`, in every thread: a tree sum in `partial` (one slot per
+/// thread; the cube's size a power of two). Every thread of the cube must call it.
+#[cube]
+fn cube_sum(partial: &mut [f32], value: f32) -> f32 {
+    let tid = UNIT_POS_X as usize;
+    partial[tid] = value;
+    sync_cube();
+    let mut stride = CUBE_DIM_X as usize / 2;
+    while stride > 0 {
+        if tid < stride {
+            partial[tid] += partial[tid + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let total = partial[0];
+    // Nobody writes `partial` again until everyone has read the total.
+    sync_cube();
+    total
+}
+
 /// `out[r, row] = x[r, :] . w[row, :]` for every `r < m`: one cube per weight row, its threads
 /// taking the row's 32-value chunks in turn, then summing across the cube.
 #[cube(launch_unchecked)]
@@ -42,23 +63,10 @@ pub(crate) fn quant_matmul(
             acc += chunk_dot(w, base, c % chunks_per_block, x, r * cols + c * 32, layout);
             c += threads;
         }
-        partial[tid] = acc;
-        sync_cube();
-        // Tree sum of the threads' partials into `partial[0]` (`threads` is a power of two).
-        let mut stride = threads / 2;
-        while stride > 0 {
-            if tid < stride {
-                // (Written out: cubecl 0.11 fails to compile `+=` on shared memory.)
-                let sum = partial[tid] + partial[tid + stride];
-                partial[tid] = sum;
-            }
-            sync_cube();
-            stride /= 2;
-        }
+        let total = cube_sum(&mut partial, acc);
         if tid == 0 {
-            out[r * rows + row] = partial[0];
+            out[r * rows + row] = total;
         }
-        sync_cube();
     }
 }
 
@@ -97,20 +105,8 @@ pub(crate) fn rms_norm(
         acc += v * v;
         i += threads;
     }
-    partial[tid] = acc;
-    sync_cube();
-    // Tree sum of the threads' partials into `partial[0]` (`threads` is a power of two).
-    let mut stride = threads / 2;
-    while stride > 0 {
-        if tid < stride {
-            // (Written out: cubecl 0.11 fails to compile `+=` on shared memory.)
-            let sum = partial[tid] + partial[tid + stride];
-            partial[tid] = sum;
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let scale = 1.0f32 / f32::sqrt(partial[0] / f32::cast_from(d) + eps);
+    let total = cube_sum(&mut partial, acc);
+    let scale = 1.0f32 / f32::sqrt(total / f32::cast_from(d) + eps);
     let mut j = tid;
     while j < d {
         out[base + j] = x[base + j] * scale * w[j];
