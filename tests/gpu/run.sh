@@ -9,4 +9,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo test -p ember-kernels --features wgpu --test cube
+cargo test -p ember-kernels --features wgpu --lib cube::
 cargo test -p ember-runtime --features wgpu --test cube -- --nocapture

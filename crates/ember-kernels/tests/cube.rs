@@ -136,6 +136,68 @@ fn quant_matmul_matches_f64_reference_and_cpu() {
     }
 }
 
+/// `out[i, j] = x[i] . w[j]` in f64 off the dequantized weight, and how far an f32 result may
+/// be from it (a few ulps of the products' magnitude per sqrt(k) terms).
+fn reference(x: &[f32], wd: &[f32], m: usize, n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut want = Vec::with_capacity(m * n);
+    let mut tol = Vec::with_capacity(m * n);
+    for i in 0..m {
+        for j in 0..n {
+            let (xr, wr) = (&x[i * k..(i + 1) * k], &wd[j * k..(j + 1) * k]);
+            want.push(xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum());
+            let mag: f64 = xr
+                .iter()
+                .zip(wr)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
+            tol.push(1e-6 * mag * (k as f64).sqrt() + 1e-30);
+        }
+    }
+    (want, tol)
+}
+
+/// Edges of the grid and of the blocks: more weight rows than one dimension of cubes holds
+/// (65535), block scales that are f16 subnormals, and row widths that are not whole 32-value
+/// chunks (F32/F16 only; the generic path).
+#[test]
+fn quant_matmul_edges() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(65537);
+    let cases: &[(GgmlType, usize, usize, f32)] = &[
+        (GgmlType::Q8_0, 65537, 32, 1.0),
+        (GgmlType::Q4_0, 3, 64, 1e-4),
+        (GgmlType::Q4_1, 3, 64, 1e-4),
+        (GgmlType::Q5_0, 3, 64, 1e-4),
+        (GgmlType::Q5_1, 3, 64, 1e-4),
+        (GgmlType::Q8_0, 3, 64, 1e-4),
+        (GgmlType::Q4_K, 3, 256, 1e-4),
+        (GgmlType::Q5_K, 3, 256, 1e-4),
+        (GgmlType::Q6_K, 3, 256, 1e-2),
+        (GgmlType::F32, 5, 33, 1.0),
+        (GgmlType::F16, 5, 33, 1.0),
+    ];
+    for &(ty, n, k, amp) in cases {
+        let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-amp..amp)).collect();
+        let qm = Arc::new(QuantMatrix::quantize(ty, n, k, &w).expect("quantize"));
+        let wd = qm.dequantize_all();
+        assert!(
+            wd.iter().any(|v| *v != 0.0),
+            "{ty}: some weight survives quantization"
+        );
+        for m in [1usize, 9] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0f32)).collect();
+            let got = to_vec(quant_matmul(upload(&x, [m, k], &gpu), &qm));
+            let (want, tol) = reference(&x, &wd, m, n, k);
+            for (i, ((g, w), t)) in got.iter().zip(&want).zip(&tol).enumerate() {
+                assert!(
+                    (*g as f64 - w).abs() <= *t,
+                    "{ty} {n}x{k} m={m} [{i}]: gpu {g} vs f64 {w} (tol {t})"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn a_weight_is_uploaded_once_and_reused() {
     let Some(gpu) = gpu() else { return };

@@ -25,6 +25,8 @@ pub use qwen3::Qwen3;
 pub use weights::{ExternalWeights, Weights};
 
 use burn::tensor::Device;
+#[cfg(feature = "wgpu")]
+use burn::tensor::TensorData;
 use ember_formats::GgufFile;
 
 /// The CPU device used by default: burn-flex when built, else burn-ndarray.
@@ -45,8 +47,9 @@ pub const DEVICE_NAMES: &[&str] = &["cpu", "wgpu", "vulkan", "metal"];
 
 /// A device named as `--device` takes it: `cpu` ([`default_device`]); with feature `wgpu`,
 /// `wgpu` (the best GPU adapter on whichever API the machine offers: Vulkan, Metal, DX12, or
-/// Mesa's lavapipe on a machine with none); with `vulkan` or `metal`, that API only. GPU
-/// devices are lazy: one that does not exist fails at its first use.
+/// Mesa's lavapipe on a machine with none); with `vulkan` or `metal`, that API only. A GPU
+/// device is started here, with one small round trip, so that a machine without one gets an
+/// error now rather than a panic in the middle of loading.
 pub fn device_by_name(name: &str) -> Result<Device, UnknownDevice> {
     let unbuilt = |feature: &'static str| {
         Err(UnknownDevice {
@@ -59,15 +62,18 @@ pub fn device_by_name(name: &str) -> Result<Device, UnknownDevice> {
     match name {
         "cpu" => Ok(default_device()),
         #[cfg(feature = "wgpu")]
-        "wgpu" => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+        "wgpu" => gpu_up(name, Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
         #[cfg(not(feature = "wgpu"))]
         "wgpu" => unbuilt("wgpu"),
         #[cfg(feature = "vulkan")]
-        "vulkan" => Ok(Device::vulkan(burn::tensor::DeviceKind::DefaultDevice)),
+        "vulkan" => gpu_up(
+            name,
+            Device::vulkan(burn::tensor::DeviceKind::DefaultDevice),
+        ),
         #[cfg(not(feature = "vulkan"))]
         "vulkan" => unbuilt("vulkan"),
         #[cfg(feature = "metal")]
-        "metal" => Ok(Device::metal(burn::tensor::DeviceKind::DefaultDevice)),
+        "metal" => gpu_up(name, Device::metal(burn::tensor::DeviceKind::DefaultDevice)),
         #[cfg(not(feature = "metal"))]
         "metal" => unbuilt("metal"),
         _ => Err(UnknownDevice {
@@ -75,6 +81,33 @@ pub fn device_by_name(name: &str) -> Result<Device, UnknownDevice> {
             why: format!("expected one of {}", DEVICE_NAMES.join(", ")),
         }),
     }
+}
+
+/// `device` once a value has made a round trip through it. burn's wgpu runtime panics when no
+/// adapter exists; that panic becomes the error here.
+#[cfg(feature = "wgpu")]
+fn gpu_up(name: &str, device: Device) -> Result<Device, UnknownDevice> {
+    let probe = device.clone();
+    let round_trip = std::panic::catch_unwind(move || {
+        burn::tensor::Tensor::<1>::from_data(TensorData::new(vec![1.0f32], [1]), &probe)
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| format!("{e:?}"))
+    });
+    let why = match round_trip {
+        Ok(Ok(v)) if v == [1.0] => return Ok(device),
+        Ok(Ok(v)) => format!("a round trip through the device gave {v:?}"),
+        Ok(Err(e)) => e,
+        Err(panic) => panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "it failed to start".into()),
+    };
+    Err(UnknownDevice {
+        name: name.to_string(),
+        why: format!("no usable GPU adapter: {why}"),
+    })
 }
 
 /// Why [`device_by_name`] refused a name.

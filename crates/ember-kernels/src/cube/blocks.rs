@@ -53,16 +53,16 @@ impl Layout {
     }
 }
 
-// The layout codes as the kernels compare them (`Layout as u32`).
-const F32: u32 = 0;
-const Q4_0: u32 = 1;
-const Q4_1: u32 = 2;
-const Q5_0: u32 = 3;
-const Q5_1: u32 = 4;
-const Q8_0: u32 = 5;
-const Q4K: u32 = 6;
-const Q5K: u32 = 7;
-// Q6K (8) is `chunk_dot`'s last branch.
+// The layout codes as the kernels compare them.
+const F32: u32 = Layout::F32 as u32;
+const Q4_0: u32 = Layout::Q4_0 as u32;
+const Q4_1: u32 = Layout::Q4_1 as u32;
+const Q5_0: u32 = Layout::Q5_0 as u32;
+const Q5_1: u32 = Layout::Q5_1 as u32;
+const Q8_0: u32 = Layout::Q8_0 as u32;
+const Q4K: u32 = Layout::Q4K as u32;
+const Q5K: u32 = Layout::Q5K as u32;
+// Q6_K is `chunk_dot`'s and `chunk_values`' last branch.
 
 /// Byte `at` of a little-endian `u32` buffer.
 #[cube]

@@ -1,5 +1,5 @@
-//! Ember's ops on burn's CubeCL backend (wgpu: Vulkan, Metal, DX12; CUDA), as CubeCL kernels
-//! compiled for whichever runtime a tensor's device names.
+//! Ember's ops on burn's CubeCL backend, as CubeCL kernels compiled for whichever runtime a
+//! tensor's device names (built and tested here: wgpu, on Vulkan).
 //!
 //! Quantized weights go to the device once, on first use or by [`QuantMatrix::upload`], and stay
 //! there in their GGUF blocks: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K are read in
@@ -107,6 +107,14 @@ impl QuantMatrix {
             return found.clone();
         }
         let (layout, row_bytes, bytes) = self.device_bytes();
+        // The kernels index bytes with 32-bit arithmetic.
+        assert!(
+            u32::try_from(bytes.len()).is_ok(),
+            "a {}x{} weight takes {} bytes on the device, more than the 4 GiB its kernels address",
+            self.rows(),
+            self.cols(),
+            bytes.len()
+        );
         let handle = client.create_from_slice(&bytes);
         let copy = DeviceWeight {
             device: device.clone(),
@@ -175,7 +183,7 @@ fn buffer(t: &CubeTensor) -> BufferArg {
     unsafe { BufferArg::from_raw_parts(t.handle.clone(), n) }
 }
 
-fn empty_like(client: &ComputeClient, device: &CubeDevice, shape: Shape) -> CubeTensor {
+fn empty_f32(client: &ComputeClient, device: &CubeDevice, shape: Shape) -> CubeTensor {
     empty_device_contiguous_dtype(client.clone(), device.clone(), shape, DType::F32)
 }
 
@@ -185,8 +193,8 @@ const MAX_CUBES: usize = 65535;
 /// A grid of at least `n` cubes, as `(x, y)` with `x <= MAX_CUBES`; kernels index
 /// `CUBE_POS_X + CUBE_POS_Y * CUBE_COUNT_X` and skip the overhang.
 fn grid(n: usize) -> CubeCount {
-    let x = n.clamp(1, MAX_CUBES);
-    let y = n.div_ceil(x).max(1);
+    let y = n.div_ceil(MAX_CUBES).max(1);
+    let x = n.div_ceil(y).max(1);
     CubeCount::Static(x as u32, y as u32, 1)
 }
 
@@ -211,7 +219,7 @@ fn dequantized_gemm(
     let mut first = 0;
     while first < n {
         let rows = tile.min(n - first);
-        let w = empty_like(&x.client, &x.device, Shape::new([rows, k]));
+        let w = empty_f32(&x.client, &x.device, Shape::new([rows, k]));
         let chunks = rows * (k / 32);
         let threads = 256u32;
         // SAFETY: thread `g < rows * k / 32` decodes chunk `g` of rows `first..first + rows`
@@ -244,6 +252,8 @@ fn dequantized_gemm(
 
 /// Threads per cube of the row-reduction kernels.
 const ROW_THREADS: u32 = 64;
+// The kernels' tree sums halve the cube.
+const _: () = assert!(ROW_THREADS.is_power_of_two());
 
 impl EmberBackend for burn_cubecl::CubeBackend {
     fn quant_matmul(x: CubeTensor, w: Arc<QuantMatrix>) -> CubeTensor {
@@ -256,14 +266,19 @@ impl EmberBackend for burn_cubecl::CubeBackend {
             "quant_matmul: input width must equal the weight's columns"
         );
         let n = w.rows();
-        let out = empty_like(&x.client, &x.device, Shape::new([m, n]));
         if m == 0 || n == 0 {
-            return out;
+            return empty_f32(&x.client, &x.device, Shape::new([m, n]));
+        }
+        if !k.is_multiple_of(32) {
+            // The kernels read whole 32-value chunks; only F32/F16/BF16 rows can be other
+            // widths. Such a matrix takes the generic path (dequantized per call).
+            return crate::quant_matmul_fallback::<Self>(x, &w);
         }
         let dw = w.on_device(&x.client, &x.device);
         if m >= GEMM_MIN_ROWS {
             return dequantized_gemm(x, &dw, n, k, GEMM_TILE_VALUES);
         }
+        let out = empty_f32(&x.client, &x.device, Shape::new([m, n]));
         // SAFETY: the kernel reads `dw.words` words of the weight (rows * row_bytes bytes,
         // padded), `m * k` values of `x`, and writes `m * n` values of `out`, each index below
         // those bounds (rows past `n` are skipped).
@@ -291,7 +306,7 @@ impl EmberBackend for burn_cubecl::CubeBackend {
     fn round_to_f16(x: CubeTensor) -> CubeTensor {
         let x = contiguous_f32(x, "round_to_f16");
         let n = x.meta.shape().num_elements();
-        let out = empty_like(&x.client, &x.device, x.meta.shape().clone());
+        let out = empty_f32(&x.client, &x.device, x.meta.shape().clone());
         if n == 0 {
             return out;
         }
@@ -315,7 +330,7 @@ impl EmberBackend for burn_cubecl::CubeBackend {
         let weight = contiguous_f32(weight, "rms_norm");
         let dims = x.meta.shape().clone();
         let (rows, d) = (dims[0], dims[1]);
-        let out = empty_like(&x.client, &x.device, dims);
+        let out = empty_f32(&x.client, &x.device, dims);
         if rows == 0 || d == 0 {
             return out;
         }
