@@ -177,9 +177,19 @@ struct ModelArg {
     #[arg(long)]
     no_repack: bool,
     /// Where the model runs: cpu, or with a GPU build (`--features wgpu`) wgpu (the best
-    /// adapter: Vulkan, Metal or DX12), vulkan or metal.
+    /// adapter: Vulkan, Metal or DX12), vulkan or metal; cuda with `--features cuda`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// With a GPU --device: run only the last N blocks there, with the output head, and the
+    /// others on the CPU (llama.cpp's -ngl). Default: every block on the GPU.
+    #[arg(long, value_name = "N")]
+    gpu_layers: Option<usize>,
+    /// With a GPU --device: the memory it has for the model, in MiB. A model whose GPU part
+    /// (weights, working memory, attention at the context size) needs more is refused before
+    /// loading, naming the sizes and the --gpu-layers that fits. Default: the memory the device
+    /// states (CUDA, Metal; Vulkan with --features vulkan), else not checked.
+    #[arg(long, value_name = "MiB", value_parser = positive_mib, allow_negative_numbers = true)]
+    gpu_memory_mib: Option<f64>,
 }
 
 impl ModelArg {
@@ -187,7 +197,17 @@ impl ModelArg {
         LoadOptions {
             dequantize: self.dequantize,
             no_repack: self.no_repack,
+            gpu_layers: self.gpu_layers,
+            gpu_memory: self.gpu_memory_bytes(),
+            max_context: None,
+            kv_budget: None,
         }
+    }
+
+    fn gpu_memory_bytes(&self) -> Option<u64> {
+        // `positive_mib` checked it is finite and more than 0; the cast saturates.
+        self.gpu_memory_mib
+            .map(|mib| (mib * (1u64 << 20) as f64) as u64)
     }
 }
 
@@ -296,12 +316,19 @@ fn load_model(
     let mut builder = ember::Model::builder(&model.model)
         .device(ember_models::device_by_name(&model.device)?)
         .dequantize(model.dequantize)
+        .no_repack(model.no_repack)
         .kv_type(kv.kv_type)
         .kv_block_size(kv.kv_block_size)
         .kv_budget_mib(kv.kv_budget_mib)
         .spec(spec.config()?);
     if let Some(n) = ctx_size {
         builder = builder.ctx_size(n);
+    }
+    if let Some(n) = model.gpu_layers {
+        builder = builder.gpu_layers(n);
+    }
+    if let Some(bytes) = model.gpu_memory_bytes() {
+        builder = builder.gpu_memory_bytes(bytes);
     }
     if let Some(draft) = &spec.draft_model {
         builder = builder.draft_model(draft);

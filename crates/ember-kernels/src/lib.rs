@@ -4,6 +4,7 @@
 pub mod cpu;
 #[cfg(feature = "cube")]
 mod cube;
+mod gpu_size;
 mod matrix;
 // Built with no backend feature (as ember-kv uses this crate), the `Dispatch` impl that
 // `#[backend_extension]` generates has no backend arm left and never reads its arguments.
@@ -15,6 +16,9 @@ mod ops;
 pub mod paged;
 
 pub use cpu::kquant::SoloRow;
+#[cfg(feature = "cube")]
+pub use cube::{GpuMemoryLimits, gpu_memory_limits};
+pub use gpu_size::{GPU_IN_PLACE_TYPES, gpu_matrix_bytes};
 pub use matrix::{QuantMatrix, QuantMatrixError, SharedBytes, Storage};
 pub use ops::{
     EmberBackend, causal_attention, causal_attention_fallback, geglu, geglu_fallback,

@@ -115,4 +115,38 @@ pub enum ModelError {
     /// A sequence appears twice in one batch, where each may appear once.
     #[error("{0} appears more than once in one batch")]
     DuplicateSequence(ember_kv::SeqId),
+    /// `--gpu-layers` or a GPU memory limit given for a CPU device.
+    #[error(
+        "--gpu-layers and --gpu-memory-mib place blocks on a GPU: give a GPU --device (wgpu, \
+         vulkan, metal, cuda) with them"
+    )]
+    GpuOptionsOnCpu,
+    /// The GPU's part of the model needs more memory than the stated limit
+    /// ([`ModelOptions::gpu_memory`](crate::ModelOptions::gpu_memory)).
+    #[error(
+        "the model's GPU part needs {} (weights {} for {} blocks and the head, working memory \
+         {}, attention at {} positions {}) but the GPU has {} for it: {}",
+        mib(need.total()), mib(need.weights), need.layers, mib(need.scratch), need.context,
+        mib(need.attention), mib(*limit),
+        match fits {
+            Some(n) => format!(
+                "--gpu-layers {n} fits, the other blocks running on the CPU (a smaller \
+                 --ctx-size shrinks the attention term)"
+            ),
+            None => "not even the head alone fits; run it on the CPU (--device cpu)".into(),
+        }
+    )]
+    DeviceMemory {
+        /// What the asked placement needs.
+        need: crate::DeviceMemory,
+        /// The memory stated.
+        limit: u64,
+        /// The most blocks that fit with the head, if any number does.
+        fits: Option<usize>,
+    },
+}
+
+/// Bytes in MiB, for messages.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }

@@ -72,6 +72,7 @@ impl Architecture for Llama {
         // their true layer so per-layer windows, RoPE and cache layers stay theirs.
         let last = pass.layers().min(self.blocks.len());
         for (layer, b) in self.blocks.iter().enumerate().take(last) {
+            x = pass.enter(layer, x);
             let l = Some(layer);
             let h = rms_norm(x.clone(), &b.attn_norm, c.rms_eps);
             trace::tensor("attn_norm", l, &h);

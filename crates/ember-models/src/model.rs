@@ -13,7 +13,7 @@ use ember_kernels::{
 use ember_kv::{KvBudget, KvCacheConfig, KvOptions, PagedKvCache, SeqId, SequenceCache};
 
 use crate::layers::rms_norm;
-use crate::{ModelConfig, ModelError, Weights};
+use crate::{ModelConfig, ModelError, Placement, Weights};
 
 /// Which positions of a batch to compute logits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +101,8 @@ pub struct Pass<'a> {
     selected: bool,
     /// Blocks to run (the first ones); checked against the model and the cache.
     layers: usize,
+    /// Which device each block runs on.
+    placement: &'a Placement,
 }
 
 impl Pass<'_> {
@@ -109,6 +111,17 @@ impl Pass<'_> {
     /// [`select_outputs`](Self::select_outputs).
     pub fn layers(&self) -> usize {
         self.layers
+    }
+
+    /// The hidden states `x` on the device block `layer` runs on: architectures call it at the
+    /// top of every block, and it moves `x` only where a `--gpu-layers` split crosses devices.
+    pub fn enter(&self, layer: usize, x: Tensor<2>) -> Tensor<2> {
+        let device = self.placement.layer(layer);
+        if &x.device() == device {
+            x
+        } else {
+            x.to_device(device)
+        }
     }
 
     /// `x @ w^T` for this pass's rows (before or after [`select_outputs`](Self::select_outputs)),
@@ -193,6 +206,7 @@ pub struct Model {
     output_norm: Tensor<1>,
     output: Arc<QuantMatrix>,
     arch: Box<dyn Architecture>,
+    placement: Placement,
     weight_bytes: u64,
     repacked_bytes: u64,
 }
@@ -220,6 +234,7 @@ impl Model {
             token_embd,
             output,
             arch,
+            placement: w.placement().clone(),
             weight_bytes: w.total_bytes(),
             repacked_bytes: w.repacked_bytes(),
         })
@@ -244,9 +259,15 @@ impl Model {
         &self.config
     }
 
-    /// The burn device its tensors live on.
+    /// The burn device it was loaded for (with a `--gpu-layers` split, the GPU; see
+    /// [`placement`](Self::placement)).
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Which device each block, the embedding rows and the head are on.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// The KV cache layout this model needs for sequences of at most `max_seq_len` positions.
@@ -482,7 +503,8 @@ impl Model {
         if let Some(s) = self.arch.embedding_scale() {
             embd.iter_mut().for_each(|x| *x *= s);
         }
-        let x = Tensor::<2>::from_data(TensorData::new(embd, [n, c.n_embd]), &self.device);
+        let x =
+            Tensor::<2>::from_data(TensorData::new(embd, [n, c.n_embd]), self.placement.input());
         crate::trace::tensor("embd", None, &x);
         let mut rows = Vec::with_capacity(batch.len());
         let mut first = 0;
@@ -522,22 +544,61 @@ impl Model {
             solo_in,
             solo_out,
             layers,
+            placement: &self.placement,
         };
         let x = self.arch.blocks(x, &mut pass)?;
+        let head = self.placement.head();
+        let x = if &x.device() == head {
+            x
+        } else {
+            x.to_device(head)
+        };
         let x = match (&pass.out_rows, pass.selected) {
             (Some(rows), false) => select_rows(x, rows),
             _ => x,
         };
         pass.selected = true;
         if x.dims()[0] == 0 {
-            return Ok(Tensor::<2>::empty([0, c.n_vocab], &self.device));
+            return Ok(Tensor::<2>::empty([0, c.n_vocab], head));
         }
         let x = rms_norm(x, &self.output_norm, c.rms_eps);
         crate::trace::tensor("result_norm", None, &x);
-        let logits = pass.matmul(x, &self.output);
+        let logits = self.head(&pass, x);
         crate::trace::tensor("result_output", None, &logits);
         crate::trace::next_pass();
         Ok(logits)
+    }
+}
+
+impl Model {
+    /// The head's logits `[rows, n_vocab]` for the normed hidden states `x`. On a GPU whose
+    /// largest buffer cannot hold them all (Gemma's rows are 1 MiB: 128 of them fill
+    /// lavapipe's 128 MiB), they are computed a buffer's worth of rows at a time and come back
+    /// to the host as one tensor there, since every caller reads logits on the host.
+    fn head(&self, pass: &Pass<'_>, x: Tensor<2>) -> Tensor<2> {
+        #[cfg(feature = "cube")]
+        if let Some(limits) = ember_kernels::gpu_memory_limits(&x.device()) {
+            let [rows, d] = x.dims();
+            let row_bytes = (self.config.n_vocab as u64 * 4).max(1);
+            // Tensors index with 32 bits too: no buffer past 4 GiB.
+            let max_buffer = limits.max_buffer.min(u32::MAX as u64);
+            let per = usize::try_from(max_buffer / row_bytes)
+                .unwrap_or(usize::MAX)
+                .max(1);
+            if rows > per {
+                let host = crate::default_device();
+                let parts = (0..rows)
+                    .step_by(per)
+                    .map(|first| {
+                        let part = x.clone().slice([first..(first + per).min(rows), 0..d]);
+                        let logits = quant_matmul(part, &self.output);
+                        Tensor::<2>::from_data(logits.into_data(), &host)
+                    })
+                    .collect();
+                return Tensor::cat(parts, 0);
+            }
+        }
+        pass.matmul(x, &self.output)
     }
 }
 

@@ -71,6 +71,7 @@ impl Architecture for Qwen2 {
         // their true layer so per-layer windows, RoPE and cache layers stay theirs.
         let last = pass.layers().min(self.blocks.len());
         for (layer, b) in self.blocks.iter().enumerate().take(last) {
+            x = pass.enter(layer, x);
             let h = rms_norm(x.clone(), &b.attn_norm, c.rms_eps);
             let (q, k, v) = b.qkv.forward(h, pass);
             let q = q.reshape([n, c.n_head, c.head_dim]);

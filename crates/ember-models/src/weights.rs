@@ -9,14 +9,15 @@ use burn::tensor::{Device, Tensor, TensorData};
 use ember_formats::{GgufFile, TensorInfo};
 use ember_kernels::{QuantMatrix, QuantMatrixError, SharedBytes};
 
-use crate::ModelError;
+use crate::placement::is_cpu;
+use crate::{ModelError, Placement};
 
 /// Shape-checked access to a GGUF file's tensors, for architecture loaders: a missing tensor
 /// or a shape other than the one asked for is an error naming the tensor.
 pub struct Weights<'a> {
     file: &'a GgufFile,
     external: Option<&'a ExternalWeights>,
-    device: Device,
+    placement: Placement,
     repack: bool,
     /// Bytes of the repacked copies made so far.
     repacked_bytes: std::cell::Cell<u64>,
@@ -77,7 +78,7 @@ impl<'a> Weights<'a> {
         Self {
             file,
             external: None,
-            device: device.clone(),
+            placement: Placement::single(device),
             repack: true,
             repacked_bytes: Default::default(),
         }
@@ -92,7 +93,7 @@ impl<'a> Weights<'a> {
         Self {
             file,
             external: Some(external),
-            device: device.clone(),
+            placement: Placement::single(device),
             repack: true,
             repacked_bytes: Default::default(),
         }
@@ -106,19 +107,32 @@ impl<'a> Weights<'a> {
         self
     }
 
+    /// Puts each tensor on the device `placement` gives it (see [`Placement::tensor`]) instead
+    /// of every one on the device given at construction.
+    pub fn with_placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// Where the tensors go.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
     /// Repacks `m`, the file's bytes at `range`, if repacking is on and this CPU's kernels
     /// have a layout for its type, letting the mapping's pages of `range` go as they are
     /// copied (so memory peaks near the final size): the kernels read the copy, and the rare
     /// readers of the blocks (dequantization, an embedding lookup) fault back in only what
     /// they touch.
     ///
-    /// On a GPU device nothing is repacked: the blocks go to the device as they are, now
+    /// On a GPU `device` nothing is repacked: the blocks go to the device as they are, now
     /// rather than at the first pass.
-    fn repacked(&self, mut m: QuantMatrix, range: Range<usize>) -> QuantMatrix {
-        #[cfg(feature = "wgpu")]
-        if m.upload(&self.device) {
+    fn repacked(&self, mut m: QuantMatrix, range: Range<usize>, device: &Device) -> QuantMatrix {
+        #[cfg(feature = "cube")]
+        if m.upload(device) {
             return m;
         }
+        let _ = device;
         let file = self.file.shared_bytes();
         let release = |r: Range<usize>| file.release(range.start + r.start..range.start + r.end);
         if self.repack && m.repack_releasing(&release) {
@@ -143,8 +157,8 @@ impl<'a> Weights<'a> {
             .tensor(EMBEDDING)
             .and_then(|t| self.file.tensor_range(t))
         {
-            Some(range) if in_file && (self.repack || !is_cpu(&self.device)) => {
-                Arc::new(self.repacked((**embd).clone(), range))
+            Some(range) if in_file && (self.repack || !is_cpu(self.placement.head())) => {
+                Arc::new(self.repacked((**embd).clone(), range, self.placement.head()))
             }
             _ => Arc::clone(embd),
         }
@@ -155,9 +169,9 @@ impl<'a> Weights<'a> {
         self.file
     }
 
-    /// The device vectors are created on.
-    pub fn device(&self) -> &Device {
-        &self.device
+    /// The device tensor `name` is created on.
+    pub fn device(&self, name: &str) -> &Device {
+        self.placement.tensor(name)
     }
 
     /// The supplied matrices, if any.
@@ -277,7 +291,11 @@ impl<'a> Weights<'a> {
         if name == EMBEDDING {
             return Ok(Arc::new(m));
         }
-        Ok(Arc::new(self.repacked(m, start..start + len)))
+        Ok(Arc::new(self.repacked(
+            m,
+            start..start + len,
+            self.placement.tensor(name),
+        )))
     }
 
     /// [`vector`](Self::vector) for a tensor the file may leave out (an optional bias).
@@ -308,17 +326,7 @@ impl<'a> Weights<'a> {
         )?;
         Ok(Tensor::from_data(
             TensorData::new(values, [len]),
-            &self.device,
+            self.placement.tensor(name),
         ))
     }
-}
-
-/// Whether `device` is a CPU backend (where weights stay in the mapping or are repacked).
-fn is_cpu(device: &Device) -> bool {
-    #[cfg(feature = "wgpu")]
-    if let burn::backend::DispatchDevice::Cube(_) = device.as_dispatch() {
-        return false;
-    }
-    let _ = device;
-    true
 }

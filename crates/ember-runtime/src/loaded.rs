@@ -76,12 +76,28 @@ pub struct LoadOptions {
     /// [`ember_models::ModelOptions`]). Same results, less memory touched at load, slower
     /// decode.
     pub no_repack: bool,
+    /// On a GPU device, how many blocks (the last ones) run there with the head, the rest on
+    /// the CPU (`--gpu-layers`; see [`ember_models::ModelOptions::gpu_layers`]). `None`: all.
+    pub gpu_layers: Option<usize>,
+    /// On a GPU device, the memory it has for the model in bytes: a model that needs more is
+    /// refused before loading (see [`ember_models::ModelOptions::gpu_memory`]).
+    pub gpu_memory: Option<u64>,
+    /// The longest sequence the model will run, for the GPU memory check (default: the
+    /// trained context length, capped by `kv_budget`).
+    pub max_context: Option<usize>,
+    /// The KV budget in bytes and its element type, for the GPU memory check's default
+    /// context (see [`ember_models::ModelOptions::kv_budget`]).
+    pub kv_budget: Option<(u64, ember_kernels::KvDtype)>,
 }
 
 impl LoadOptions {
     fn model_options(&self) -> ember_models::ModelOptions {
         ember_models::ModelOptions {
             repack: !self.no_repack,
+            gpu_layers: self.gpu_layers,
+            gpu_memory: self.gpu_memory,
+            max_context: self.max_context,
+            kv_budget: self.kv_budget,
         }
     }
 }

@@ -99,14 +99,44 @@ impl ModelBuilder {
         self
     }
 
+    /// On a GPU [`device`](Self::device), run only the last `layers` blocks there, with the
+    /// output head, and the others on the CPU (llama.cpp's `-ngl`). Default: every block on
+    /// the device. Refused on a CPU device.
+    pub fn gpu_layers(mut self, layers: usize) -> Self {
+        self.load.gpu_layers = Some(layers);
+        self
+    }
+
+    /// On a GPU [`device`](Self::device), the memory it has for the model: a model whose GPU
+    /// part (weights, working memory, attention at the context size) needs more is refused at
+    /// load, before anything is uploaded, with the number of blocks that would fit. Default:
+    /// the memory the device states (CUDA, Metal; Vulkan with the `vulkan` feature), else not
+    /// checked (wgpu's portable path states none). Refused on a CPU device.
+    pub fn gpu_memory_bytes(mut self, bytes: u64) -> Self {
+        self.load.gpu_memory = Some(bytes);
+        self
+    }
+
+    /// Keep every weight a zero-copy view of the mapped file instead of repacking matrices
+    /// for this CPU's kernels at load. Same results; repacked decode is faster.
+    pub fn no_repack(mut self, yes: bool) -> Self {
+        self.load.no_repack = yes;
+        self
+    }
+
     /// Resolves the model (a path, or a manifest name pulled and verified on first use),
     /// maps and loads it, and checks every option against it.
-    pub fn load(self) -> Result<Model> {
+    pub fn load(mut self) -> Result<Model> {
         let path = ember_hub::resolve(&self.source)?;
         let device = self
             .device
             .clone()
             .unwrap_or_else(ember_models::default_device);
+        self.load.max_context = self.ctx_size;
+        if self.kv_budget_mib.is_finite() && self.kv_budget_mib > 0.0 {
+            let bytes = (self.kv_budget_mib * (1u64 << 20) as f64).min(u64::MAX as f64) as u64;
+            self.load.kv_budget = Some((bytes, self.kv.dtype));
+        }
         let loaded = LoadedModel::open_with(&path, &device, &self.load)?;
         self.finish(loaded, path, &device)
     }
@@ -174,7 +204,14 @@ impl ModelBuilder {
         spec.validate(loaded.model.config().n_layer, self.draft_model.is_some())?;
         let draft = match &self.draft_model {
             Some(name) => {
-                let draft = open_draft(name, device).map_err(|error| Error::Draft {
+                // The draft runs wholly on the device (it is the small model); it keeps the
+                // target's repacking choice and context.
+                let opts = LoadOptions {
+                    no_repack: self.load.no_repack,
+                    max_context: Some(ctx_size),
+                    ..Default::default()
+                };
+                let draft = open_draft(name, device, &opts).map_err(|error| Error::Draft {
                     name: name.clone(),
                     error: Box::new(error),
                 })?;
@@ -204,9 +241,9 @@ impl ModelBuilder {
     }
 }
 
-fn open_draft(name: &str, device: &Device) -> Result<LoadedModel> {
+fn open_draft(name: &str, device: &Device, opts: &LoadOptions) -> Result<LoadedModel> {
     let path = ember_hub::resolve(name)?;
-    Ok(LoadedModel::open(&path, device)?)
+    Ok(LoadedModel::open_with(&path, device, opts)?)
 }
 
 /// A model ready to generate: the mapped GGUF file, its weights on a device, its tokenizer,

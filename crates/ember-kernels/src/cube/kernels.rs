@@ -31,14 +31,17 @@ fn cube_sum(partial: &mut [f32], value: f32) -> f32 {
     total
 }
 
-/// `out[r, row] = x[r, :] . w[row, :]` for every `r < m`: one cube per weight row, its threads
-/// taking the row's 32-value chunks in turn, then summing across the cube.
+/// `out[r, col0 + row] = x[r, :] . w[row, :]` for every `r < m` (`out` is `out_cols` wide; `w`
+/// holds `rows` weight rows, one part of a weight split across buffers): one cube per weight
+/// row, its threads taking the row's 32-value chunks in turn, then summing across the cube.
 #[cube(launch_unchecked)]
 pub(crate) fn quant_matmul(
     w: &[u32],
     x: &[f32],
     out: &mut [f32],
     rows: usize,
+    out_cols: usize,
+    col0: usize,
     cols: usize,
     m: usize,
     row_bytes: usize,
@@ -65,7 +68,7 @@ pub(crate) fn quant_matmul(
         }
         let total = cube_sum(&mut partial, acc);
         if tid == 0 {
-            out[r * rows + row] = total;
+            out[r * out_cols + col0 + row] = total;
         }
     }
 }

@@ -12,6 +12,7 @@
 mod blocks;
 mod kernels;
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use burn::backend::ops::FloatTensorOps;
@@ -28,16 +29,25 @@ pub(crate) use blocks::Layout;
 
 use crate::{EmberBackend, QuantMatrix, Storage};
 
-/// A weight's bytes on one device, with the layout the matmul kernel reads them in.
+/// A weight's bytes on one device, with the layout the matmul kernel reads them in: one buffer,
+/// or several of consecutive rows where the weight is larger than the device's largest buffer.
 #[derive(Clone)]
 struct DeviceWeight {
     device: CubeDevice,
-    handle: Handle,
-    /// Length of `handle` in 32-bit words.
-    words: usize,
     layout: Layout,
     /// Bytes from one row's start to the next's.
     row_bytes: usize,
+    parts: Vec<WeightPart>,
+}
+
+/// Rows `first_row..first_row + rows` of a weight in one device buffer.
+#[derive(Clone)]
+struct WeightPart {
+    handle: Handle,
+    /// Length of `handle` in 32-bit words.
+    words: usize,
+    first_row: usize,
+    rows: usize,
 }
 
 /// The device copies of one [`QuantMatrix`]'s values, shared by its clones.
@@ -76,13 +86,14 @@ fn padded(bytes: &[u8]) -> Vec<u8> {
 }
 
 impl QuantMatrix {
-    /// The layout this matrix takes on a GPU, and the bytes a device copy holds.
-    fn device_bytes(&self) -> (Layout, usize, Vec<u8>) {
+    /// The layout this matrix takes on a GPU, its bytes per row there, and its bytes (split
+    /// into buffers of whole rows, each padded to whole words, at upload).
+    fn device_bytes(&self) -> (Layout, usize, Cow<'_, [u8]>) {
         match self.storage() {
             Storage::Ggml { ty, bytes } => match in_place_layout(ty) {
                 Some(layout) => {
                     let row_bytes = self.cols() / ty.block_size() * ty.type_size();
-                    (layout, row_bytes, padded(bytes))
+                    (layout, row_bytes, Cow::Borrowed(bytes))
                 }
                 None => self.f32_bytes(),
             },
@@ -90,10 +101,10 @@ impl QuantMatrix {
         }
     }
 
-    fn f32_bytes(&self) -> (Layout, usize, Vec<u8>) {
+    fn f32_bytes(&self) -> (Layout, usize, Cow<'_, [u8]>) {
         let values = self.dequantize_all();
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        (Layout::F32, self.cols() * 4, bytes)
+        (Layout::F32, self.cols() * 4, Cow::Owned(bytes))
     }
 
     /// This matrix's copy on `client`'s device, uploaded now if it is not there yet.
@@ -106,25 +117,52 @@ impl QuantMatrix {
         if let Some(found) = copies.iter().find(|c| &c.device == device) {
             return found.clone();
         }
-        let (layout, row_bytes, bytes) = self.device_bytes();
-        // The kernels index bytes with 32-bit arithmetic.
-        assert!(
-            u32::try_from(bytes.len()).is_ok(),
-            "a {}x{} weight takes {} bytes on the device, more than the 4 GiB its kernels address",
-            self.rows(),
-            self.cols(),
-            bytes.len()
-        );
-        let handle = client.create_from_slice(&bytes);
-        let copy = DeviceWeight {
-            device: device.clone(),
-            handle,
-            words: bytes.len() / 4,
-            layout,
-            row_bytes,
-        };
+        let max_buffer = client.properties().memory.max_page_size;
+        let copy = self.upload_parts(client, device, max_buffer);
         copies.push(copy.clone());
         copy
+    }
+
+    /// Uploads the values in buffers of at most `max_buffer` bytes (the device's largest
+    /// allocation), whole rows each.
+    fn upload_parts(
+        &self,
+        client: &ComputeClient,
+        device: &CubeDevice,
+        max_buffer: u64,
+    ) -> DeviceWeight {
+        let (layout, row_bytes, bytes) = self.device_bytes();
+        // Whole rows, with room for the padding to a 32-bit word; the kernels index bytes with
+        // 32-bit arithmetic, so a part never passes 4 GiB either.
+        let cap = usize::try_from(max_buffer.min(u32::MAX as u64))
+            .unwrap_or(u32::MAX as usize)
+            .saturating_sub(3);
+        assert!(
+            row_bytes <= cap,
+            "one {}-value row of this weight takes {row_bytes} bytes on the device, more than \
+             its largest buffer ({max_buffer} bytes)",
+            self.cols()
+        );
+        let rows_per_part = (cap / row_bytes).clamp(1, self.rows().max(1));
+        let mut parts = Vec::with_capacity(self.rows().div_ceil(rows_per_part));
+        let mut first_row = 0;
+        while first_row < self.rows() {
+            let rows = rows_per_part.min(self.rows() - first_row);
+            let part = padded(&bytes[first_row * row_bytes..(first_row + rows) * row_bytes]);
+            parts.push(WeightPart {
+                handle: client.create_from_slice(&part),
+                words: part.len() / 4,
+                first_row,
+                rows,
+            });
+            first_row += rows;
+        }
+        DeviceWeight {
+            device: device.clone(),
+            layout,
+            row_bytes,
+            parts,
+        }
     }
 
     /// Copies the values to `device` now, if it is a GPU device and they are not there yet (as
@@ -149,16 +187,33 @@ impl QuantMatrix {
             .map(|v| v.len())
             .unwrap_or_else(|poisoned| poisoned.into_inner().len())
     }
+}
 
-    /// Bytes this matrix takes on a GPU ([`QuantMatrix::upload`]): its blocks where the kernels
-    /// read them in place, else 4 per value.
-    pub fn device_size(&self) -> usize {
-        match self.storage() {
-            Storage::Ggml { ty, bytes } if in_place_layout(ty).is_some() => {
-                bytes.len().next_multiple_of(4)
-            }
-            _ => self.rows() * self.cols() * 4,
+/// What a GPU device states about its memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuMemoryLimits {
+    /// The largest single buffer, in bytes: a weight larger than this is split across buffers
+    /// of whole rows; a tensor (an activation, a pass's logits) must fit in one.
+    pub max_buffer: u64,
+    /// The memory the runtime says the device may be asked to hold, in bytes, where it says
+    /// (cubecl 0.11 reads it from CUDA, from Metal's recommended working set, and from
+    /// Vulkan's largest device-local heap with the `vulkan` feature; wgpu's portable path
+    /// states none).
+    pub capacity: Option<u64>,
+}
+
+/// The memory limits of `device`, or `None` for a device that is not a GPU.
+pub fn gpu_memory_limits(device: &burn::tensor::Device) -> Option<GpuMemoryLimits> {
+    match device.as_dispatch() {
+        burn::backend::DispatchDevice::Cube(cube) => {
+            let client = cube.client();
+            let memory = &client.properties().memory;
+            Some(GpuMemoryLimits {
+                max_buffer: memory.max_page_size,
+                capacity: memory.max_memory(),
+            })
         }
+        _ => None,
     }
 }
 
@@ -205,49 +260,83 @@ const GEMM_MIN_ROWS: usize = 8;
 const GEMM_TILE_VALUES: usize = 16 << 20;
 
 /// `x @ w^T` for many rows: each tile of weight rows dequantized on the device, then burn's
-/// matmul.
-fn dequantized_gemm(
-    x: CubeTensor,
-    dw: &DeviceWeight,
-    n: usize,
-    k: usize,
-    tile_values: usize,
-) -> CubeTensor {
+/// matmul; tiles stay inside one of the weight's buffers.
+fn dequantized_gemm(x: CubeTensor, dw: &DeviceWeight, k: usize, tile_values: usize) -> CubeTensor {
     type B = burn_cubecl::CubeBackend;
-    let tile = (tile_values / k).clamp(1, n);
-    let mut parts = Vec::with_capacity(n.div_ceil(tile));
-    let mut first = 0;
-    while first < n {
-        let rows = tile.min(n - first);
-        let w = empty_f32(&x.client, &x.device, Shape::new([rows, k]));
-        let chunks = rows * (k / 32);
-        let threads = 256u32;
-        // SAFETY: thread `g < rows * k / 32` decodes chunk `g` of rows `first..first + rows`
-        // (inside the weight's `dw.words` words) into its 32 values of `w` (`rows * k`).
+    let tile = (tile_values / k).max(1);
+    let mut outs = Vec::new();
+    for part in &dw.parts {
+        let mut first = 0;
+        while first < part.rows {
+            let rows = tile.min(part.rows - first);
+            let w = empty_f32(&x.client, &x.device, Shape::new([rows, k]));
+            let chunks = rows * (k / 32);
+            let threads = 256u32;
+            // SAFETY: thread `g < rows * k / 32` decodes chunk `g` of rows `first..first + rows`
+            // of this part (inside its `part.words` words) into its 32 values of `w`
+            // (`rows * k`).
+            unsafe {
+                kernels::dequantize_rows::launch_unchecked(
+                    &x.client,
+                    grid(chunks.div_ceil(threads as usize)),
+                    CubeDim::new_1d(threads),
+                    BufferArg::from_raw_parts(part.handle.clone(), part.words),
+                    buffer(&w),
+                    first,
+                    rows,
+                    k,
+                    dw.row_bytes,
+                    dw.layout.code(),
+                    dw.layout.block_bytes(),
+                    dw.layout.chunks_per_block(),
+                );
+            }
+            outs.push(B::float_matmul(x.clone(), B::float_transpose(w)));
+            first += rows;
+        }
+    }
+    if outs.len() == 1 {
+        outs.remove(0)
+    } else {
+        B::float_cat(outs, 1)
+    }
+}
+
+/// `x @ w^T` (`x: [m, k]`, `w: [n, k]` on the device): one cube per weight row for a few
+/// activation rows, the dequantize-then-GEMM path from [`GEMM_MIN_ROWS`].
+fn matmul_on_device(x: CubeTensor, dw: &DeviceWeight, n: usize, k: usize) -> CubeTensor {
+    let m = x.meta.shape()[0];
+    if m >= GEMM_MIN_ROWS {
+        return dequantized_gemm(x, dw, k, GEMM_TILE_VALUES);
+    }
+    let out = empty_f32(&x.client, &x.device, Shape::new([m, n]));
+    for part in &dw.parts {
+        // SAFETY: the kernel reads `part.words` words of the weight (its rows * row_bytes
+        // bytes, padded), `m * k` values of `x`, and writes columns `part.first_row..` (`+
+        // part.rows <= n`) of the `m` rows of `out` (`m * n` values); rows past `part.rows`
+        // are skipped.
         unsafe {
-            kernels::dequantize_rows::launch_unchecked(
+            kernels::quant_matmul::launch_unchecked(
                 &x.client,
-                grid(chunks.div_ceil(threads as usize)),
-                CubeDim::new_1d(threads),
-                BufferArg::from_raw_parts(dw.handle.clone(), dw.words),
-                buffer(&w),
-                first,
-                rows,
+                grid(part.rows),
+                CubeDim::new_1d(ROW_THREADS),
+                BufferArg::from_raw_parts(part.handle.clone(), part.words),
+                buffer(&x),
+                buffer(&out),
+                part.rows,
+                n,
+                part.first_row,
                 k,
+                m,
                 dw.row_bytes,
                 dw.layout.code(),
                 dw.layout.block_bytes(),
                 dw.layout.chunks_per_block(),
+                ROW_THREADS,
             );
         }
-        parts.push(B::float_matmul(x.clone(), B::float_transpose(w)));
-        first += rows;
     }
-    if parts.len() == 1 {
-        parts.remove(0)
-    } else {
-        B::float_cat(parts, 1)
-    }
+    out
 }
 
 /// Threads per cube of the row-reduction kernels.
@@ -269,38 +358,13 @@ impl EmberBackend for burn_cubecl::CubeBackend {
         if m == 0 || n == 0 {
             return empty_f32(&x.client, &x.device, Shape::new([m, n]));
         }
-        if !k.is_multiple_of(32) {
+        if k == 0 || !k.is_multiple_of(32) {
             // The kernels read whole 32-value chunks; only F32/F16/BF16 rows can be other
-            // widths. Such a matrix takes the generic path (dequantized per call).
+            // widths (or empty). Such a matrix takes the generic path (dequantized per call).
             return crate::quant_matmul_fallback::<Self>(x, &w);
         }
         let dw = w.on_device(&x.client, &x.device);
-        if m >= GEMM_MIN_ROWS {
-            return dequantized_gemm(x, &dw, n, k, GEMM_TILE_VALUES);
-        }
-        let out = empty_f32(&x.client, &x.device, Shape::new([m, n]));
-        // SAFETY: the kernel reads `dw.words` words of the weight (rows * row_bytes bytes,
-        // padded), `m * k` values of `x`, and writes `m * n` values of `out`, each index below
-        // those bounds (rows past `n` are skipped).
-        unsafe {
-            kernels::quant_matmul::launch_unchecked(
-                &x.client,
-                grid(n),
-                CubeDim::new_1d(ROW_THREADS),
-                BufferArg::from_raw_parts(dw.handle.clone(), dw.words),
-                buffer(&x),
-                buffer(&out),
-                n,
-                k,
-                m,
-                dw.row_bytes,
-                dw.layout.code(),
-                dw.layout.block_bytes(),
-                dw.layout.chunks_per_block(),
-                ROW_THREADS,
-            );
-        }
-        out
+        matmul_on_device(x, &dw, n, k)
     }
 
     fn round_to_f16(x: CubeTensor) -> CubeTensor {
@@ -354,16 +418,113 @@ impl EmberBackend for burn_cubecl::CubeBackend {
     }
 }
 
-#[cfg(test)]
+// The tests start wgpu devices (`Device::wgpu` exists with burn's `wgpu` feature only).
+#[cfg(all(test, feature = "wgpu"))]
 mod tests {
     use super::*;
     use burn::backend::DispatchDevice;
     use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
 
-    /// The GEMM path in several weight tiles (the last one partial) gives what one tile gives.
+    /// The accounting the loader does before uploading ([`crate::gpu_matrix_bytes`]) names
+    /// exactly the types the kernels read in place, and the bytes an upload holds.
     #[test]
-    fn gemm_tiles_join_up() {
-        let device = Device::wgpu(DeviceKind::DefaultDevice);
+    fn accounting_matches_uploads() {
+        for &ty in ember_quant::ALL_TYPES {
+            assert_eq!(
+                in_place_layout(ty).is_some(),
+                crate::GPU_IN_PLACE_TYPES.contains(&ty),
+                "{ty}"
+            );
+        }
+        for ty in [GgmlType::Q4_0, GgmlType::Q6_K, GgmlType::F32, GgmlType::F16] {
+            let (rows, cols) = (3, 256);
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| (i % 17) as f32 / 8.0 - 1.0)
+                .collect();
+            let m = QuantMatrix::quantize(ty, rows, cols, &w).expect("quantize");
+            // One buffer: the bytes padded to a whole word.
+            let (_, _, bytes) = m.device_bytes();
+            let padded = bytes.len().next_multiple_of(4);
+            assert_eq!(padded, m.device_size(), "{ty}");
+            assert_eq!(
+                crate::gpu_matrix_bytes(ty, rows as u64, cols as u64),
+                Some(padded as u64),
+                "{ty}"
+            );
+        }
+    }
+
+    /// A weight split across buffers (a device whose largest buffer is smaller than the
+    /// weight) gives what one buffer gives, on both paths: bit for bit one cube per row, and
+    /// within float order on the GEMM path.
+    #[test]
+    fn weights_split_across_buffers_join_up() {
+        let Some(device) = wgpu_device() else { return };
+        let DispatchDevice::Cube(cube) = device.as_dispatch() else {
+            unreachable!("a wgpu device is a cube device")
+        };
+        let client = cube.client();
+        let (n, k) = (11, 256);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 251) as f32 / 125.0 - 1.0)
+            .collect();
+        for ty in [GgmlType::Q4_0, GgmlType::Q6_K, GgmlType::F16] {
+            let qm = QuantMatrix::quantize(ty, n, k, &w).expect("quantize");
+            let whole = qm.upload_parts(&client, cube, u64::MAX);
+            // Three rows a buffer, so 4 parts, the last one of 2 rows. Q6_K's 210-byte rows
+            // make parts whose bytes are not whole words (each part padded on its own).
+            let split = qm.upload_parts(&client, cube, 3 * whole.row_bytes as u64 + 3);
+            assert_eq!(whole.parts.len(), 1);
+            assert_eq!(split.parts.len(), 4, "{ty}");
+            assert_eq!(split.parts[3].rows, 2);
+            for m in [1, 9] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 104_729) % 97) as f32 / 48.0 - 1.0)
+                    .collect();
+                let run = |dw: &DeviceWeight| {
+                    let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
+                    let xt = match xt.into_dispatch().kind {
+                        burn::backend::DispatchTensorKind::Cube(t) => t.float(),
+                        _ => unreachable!("a tensor on a wgpu device is a cube tensor"),
+                    };
+                    let out = matmul_on_device(xt, dw, n, k);
+                    let data = burn_cubecl::ops::into_data_sync(out);
+                    data.try_to_vec::<f32>().expect("f32")
+                };
+                let (a, b) = (run(&whole), run(&split));
+                assert_eq!(a.len(), m * n);
+                for (a, b) in a.iter().zip(&b) {
+                    if m == 1 {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{ty}: {a} vs {b}");
+                    } else {
+                        assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{ty}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Through Vulkan (SPIR-V), cubecl reads the device's largest device-local heap: the
+    /// capacity the loader checks a model against when no limit is given.
+    #[cfg(feature = "vulkan")]
+    #[test]
+    fn vulkan_states_its_memory() {
+        let Some(device) = started(Device::vulkan(DeviceKind::DefaultDevice), "vulkan") else {
+            return;
+        };
+        let limits = crate::gpu_memory_limits(&device).expect("a GPU device");
+        println!("vulkan: {limits:?}");
+        assert!(limits.max_buffer > 0);
+        assert!(limits.capacity.is_some_and(|c| c >= limits.max_buffer));
+    }
+
+    fn wgpu_device() -> Option<Device> {
+        started(Device::wgpu(DeviceKind::DefaultDevice), "wgpu")
+    }
+
+    /// `device` once a value made a round trip through it; `None` (saying so) where it cannot
+    /// start.
+    fn started(device: Device, name: &str) -> Option<Device> {
         let probe = device.clone();
         let up = std::panic::catch_unwind(move || {
             Tensor::<1>::from_data(TensorData::new(vec![1.0f32], [1]), &probe)
@@ -372,9 +533,16 @@ mod tests {
                 .is_ok()
         });
         if up.ok() != Some(true) {
-            println!("skipped: no wgpu device");
-            return;
+            println!("skipped: no {name} device");
+            return None;
         }
+        Some(device)
+    }
+
+    /// The GEMM path in several weight tiles (the last one partial) gives what one tile gives.
+    #[test]
+    fn gemm_tiles_join_up() {
+        let Some(device) = wgpu_device() else { return };
         let (n, k, m) = (10, 256, 9);
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i * 7919) % 251) as f32 / 125.0 - 1.0)
@@ -393,7 +561,7 @@ mod tests {
                 burn::backend::DispatchTensorKind::Cube(t) => t.float(),
                 _ => unreachable!("a tensor on a wgpu device is a cube tensor"),
             };
-            let out = dequantized_gemm(xt, &dw, n, k, tile_values);
+            let out = dequantized_gemm(xt, &dw, k, tile_values);
             let data = burn_cubecl::ops::into_data_sync(out);
             data.try_to_vec::<f32>().expect("f32")
         };
