@@ -32,7 +32,7 @@ pub fn gpu_matrix_bytes(ty: GgmlType, rows: u64, cols: u64) -> Option<u64> {
 }
 
 impl QuantMatrix {
-    /// Bytes this matrix takes on a GPU ([`QuantMatrix::upload`] with a GPU build): its
+    /// Bytes this matrix takes on a GPU (`QuantMatrix::upload` with a GPU build): its
     /// blocks where the kernels read them in place ([`GPU_IN_PLACE_TYPES`]), else 4 per value.
     pub fn device_size(&self) -> usize {
         match self.storage() {
