@@ -231,13 +231,23 @@ fn place(
     if let Some(limit) = options.gpu_memory.or(capacity) {
         let context = options.max_context.unwrap_or_else(|| {
             let trained = config.context_length;
-            let per_token = options.kv_budget.and_then(|(_, dtype)| {
-                let row = dtype.row_bytes(config.head_dim)? as u64;
-                Some(row * config.n_head_kv as u64 * 2 * config.n_layer as u64)
-            });
-            match (options.kv_budget, per_token) {
-                (Some((bytes, _)), Some(per)) if per > 0 => {
-                    trained.min(usize::try_from(bytes / per).unwrap_or(usize::MAX))
+            // The cache's own per-token size (the shape fields alone decide it).
+            let per_token = |dtype| {
+                ember_kv::KvCacheConfig {
+                    block_size: 1,
+                    dtype,
+                    n_kv_heads: config.n_head_kv,
+                    head_dim: config.head_dim,
+                    layer_windows: vec![None; config.n_layer],
+                    budget: ember_kv::KvBudget::Tokens(1),
+                    max_seq_len: 1,
+                    prefix_caching: false,
+                }
+                .bytes_per_token()
+            };
+            match options.kv_budget {
+                Some((bytes, dtype)) if per_token(dtype) > 0 => {
+                    trained.min(usize::try_from(bytes / per_token(dtype)).unwrap_or(usize::MAX))
                 }
                 _ => trained,
             }
