@@ -733,8 +733,8 @@ fn bad_speculation_settings_exit_1_with_a_clear_error() {
 #[test]
 fn checkpoint_directories_run_and_fail_clearly() {
     use ember_convert::{GroupSize, QuantWriteFormat, QuantWriteOptions};
-    let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-checkpoint");
-    let _ = std::fs::remove_dir_all(&root);
+    let root =
+        ember_models::testing::ScratchDir::new(env!("CARGO_TARGET_TMPDIR"), "cli-checkpoint");
     let dir = root.join("gptq");
     let gguf_path = ember_hub::resolve(MODEL).expect("model");
     let gguf = ember_formats::GgufFile::open(&gguf_path).expect("open");

@@ -9,13 +9,11 @@ use ember_distill::{
     Student, TeacherCache, TrainConfig, WarmupCosine, load_checkpoint, teacher_id, train,
 };
 use ember_formats::GgufFile;
+use ember_models::testing::ScratchDir;
 use ember_runtime::loaded::LoadedModel;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("distill-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch");
-    dir
+fn scratch(name: &str) -> ScratchDir {
+    ScratchDir::new(env!("CARGO_TARGET_TMPDIR"), &format!("distill-{name}"))
 }
 
 fn config(dir: Option<PathBuf>) -> TrainConfig {

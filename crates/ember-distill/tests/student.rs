@@ -4,11 +4,10 @@
 //! run by ember-models; the student's own forward pass gives the same logits to the
 //! rounding of the inference model's f16 KV cache.
 
-use std::path::PathBuf;
-
 use burn::tensor::{Int, Tensor, TensorData};
 use ember_distill::{ExportType, Student, export_gguf};
 use ember_formats::GgufFile;
+use ember_models::testing::ScratchDir;
 use ember_runtime::eval::teacher_forced_logits;
 use ember_runtime::loaded::LoadedModel;
 
@@ -17,11 +16,8 @@ fn teacher() -> GgufFile {
     GgufFile::open(path).expect("open SmolLM2")
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("distill-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch");
-    dir
+fn scratch(name: &str) -> ScratchDir {
+    ScratchDir::new(env!("CARGO_TARGET_TMPDIR"), &format!("distill-{name}"))
 }
 
 fn argmax(row: &[f32]) -> usize {

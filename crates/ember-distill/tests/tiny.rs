@@ -12,15 +12,13 @@ use ember_distill::{
     teacher_id, train,
 };
 use ember_formats::GgufFile;
+use ember_models::testing::ScratchDir;
 use ember_models::testing::tiny::{TinyArch, TinyDtype, gguf};
 use ember_runtime::eval::teacher_forced_logits;
 use ember_runtime::loaded::LoadedModel;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("distill-tiny-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch");
-    dir
+fn scratch(name: &str) -> ScratchDir {
+    ScratchDir::new(env!("CARGO_TARGET_TMPDIR"), &format!("distill-tiny-{name}"))
 }
 
 fn config(steps: usize, dir: Option<PathBuf>) -> TrainConfig {

@@ -126,8 +126,9 @@ fn a_resumed_run_continues_bit_for_bit() {
     let config = AdamWConfig::new().with_weight_decay(0.01);
     let (straight, _) = steps(fresh().train(), config.init(), 4);
 
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("distill-resume");
-    let _ = std::fs::remove_dir_all(&dir);
+    let root =
+        ember_models::testing::ScratchDir::new(env!("CARGO_TARGET_TMPDIR"), "distill-resume");
+    let dir = root.join("ck");
     let (half, optim) = steps(fresh().train(), config.init(), 2);
     ember_distill::save_checkpoint(&dir, &half, &optim, 2, None).expect("save");
     drop((half, optim));

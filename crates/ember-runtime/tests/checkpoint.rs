@@ -11,6 +11,7 @@ use ember_convert::{GroupSize, QuantWriteFormat, QuantWriteOptions, QuantizeOpti
 use ember_formats::GgufFile;
 use ember_formats::checkpoint::Checkpoint;
 use ember_formats::safetensors::StDtype;
+use ember_models::testing::ScratchDir;
 use ember_quant::GgmlType;
 use ember_runtime::eval::{perplexity, prompt_then_step_logits, teacher_forced_logits};
 use ember_runtime::loaded::{LoadOptions, LoadedModel};
@@ -19,30 +20,32 @@ fn smollm2() -> PathBuf {
     ember_hub::resolve("smollm2-135m-instruct-q4_1").expect("SmolLM2 from the manifest")
 }
 
-/// A fresh directory under the target dir's tmp (kept small: removed before use).
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("checkpoint-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+/// A fresh directory under the target dir's tmp, removed after the test.
+fn scratch(name: &str) -> ScratchDir {
+    ScratchDir::new(env!("CARGO_TARGET_TMPDIR"), &format!("checkpoint-{name}"))
 }
 
-/// SmolLM2's weights as an F16 checkpoint directory (made once per test binary).
+/// SmolLM2's weights as an F16 checkpoint directory (made once per test binary, shared by its
+/// tests, so it stays: statics are never dropped).
 fn f16_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
+    static DIR: OnceLock<(ScratchDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
         let gguf = GgufFile::open(smollm2()).expect("open SmolLM2");
-        let dir = scratch("f16").join("hf");
+        let root = scratch("f16");
+        let dir = root.join("hf");
         ember_convert::gguf_to_hf(&gguf, &dir, StDtype::F16, &mut |_| {}).expect("export");
-        dir
+        (root, dir)
     })
+    .1
 }
 
-fn quantized_dir(name: &str, opts: QuantWriteOptions) -> PathBuf {
+/// The quantized export and its scratch root, which removes it when dropped.
+fn quantized_dir(name: &str, opts: QuantWriteOptions) -> (ScratchDir, PathBuf) {
     let gguf = GgufFile::open(smollm2()).expect("open SmolLM2");
-    let dir = scratch(name).join("hf");
+    let root = scratch(name);
+    let dir = root.join("hf");
     ember_convert::gguf_to_quantized_hf(&gguf, &dir, &opts, &mut |_| {}).expect("export");
-    dir
+    (root, dir)
 }
 
 fn open(path: &Path, dequantize: bool) -> LoadedModel {
@@ -93,7 +96,8 @@ fn f16_directory_matches_its_gguf_conversion() {
     let dir = f16_dir();
     let from_dir = open(dir, false);
     assert!(from_dir.scheme.is_none());
-    let gguf_path = scratch("f16-gguf").join("model.gguf");
+    let scratch_dir = scratch("f16-gguf");
+    let gguf_path = scratch_dir.join("model.gguf");
     let ckpt = Checkpoint::open(dir).expect("checkpoint");
     ember_convert::hf_to_gguf(
         &ckpt,
@@ -196,7 +200,7 @@ fn quantized_directories_run_packed_within_their_bounds() {
     let (baseline, _) = compare(&q4_1, &f16, prompt, continuation);
     eprintln!("Q4_1 GGUF vs its F16 export: worst |dlogit|/max|logit| {baseline:.2e}");
     for (name, opts, bits) in cases {
-        let dir = quantized_dir(name, opts);
+        let (_scratch, dir) = quantized_dir(name, opts);
         let packed = open(&dir, false);
         assert!(packed.scheme.is_some(), "{name}: no scheme detected");
         let dense = open(&dir, true);

@@ -2,22 +2,23 @@
 //! (norms stored as `w`, not GGUF's `1 + w`) loads with `LoadedModel::open` and gives the
 //! logits of the same directory converted back to GGUF.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ember_convert::QuantizeOptions;
 use ember_formats::GgufFile;
 use ember_formats::checkpoint::Checkpoint;
 use ember_formats::safetensors::StDtype;
+use ember_models::testing::ScratchDir;
 use ember_quant::GgmlType;
 use ember_runtime::eval::teacher_forced_logits;
 use ember_runtime::loaded::LoadedModel;
 
-/// A fresh directory under the target dir's tmp (removed before use).
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("checkpoint-gemma3-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+/// A fresh directory under the target dir's tmp, removed after the test.
+fn scratch(name: &str) -> ScratchDir {
+    ScratchDir::new(
+        env!("CARGO_TARGET_TMPDIR"),
+        &format!("checkpoint-gemma3-{name}"),
+    )
 }
 
 fn open(path: &Path) -> LoadedModel {
@@ -106,5 +107,4 @@ fn gemma3_f16_directory_matches_its_gguf_conversion() {
         agree * 10 >= n * 9,
         "argmax agrees with the original at {agree}/{n}"
     );
-    let _ = std::fs::remove_dir_all(&root);
 }

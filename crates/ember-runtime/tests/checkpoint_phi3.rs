@@ -10,17 +10,18 @@ use ember_convert::{GroupSize, QuantWriteFormat, QuantWriteOptions, QuantizeOpti
 use ember_formats::GgufFile;
 use ember_formats::checkpoint::Checkpoint;
 use ember_formats::safetensors::StDtype;
+use ember_models::testing::ScratchDir;
 use ember_models::testing::tiny::{self, TinyArch, TinyDtype};
 use ember_quant::GgmlType;
 use ember_runtime::eval::teacher_forced_logits;
 use ember_runtime::loaded::{LoadOptions, LoadedModel};
 
-/// A fresh directory under the target dir's tmp (removed before use).
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("checkpoint-phi3-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+/// A fresh directory under the target dir's tmp, removed after the test.
+fn scratch(name: &str) -> ScratchDir {
+    ScratchDir::new(
+        env!("CARGO_TARGET_TMPDIR"),
+        &format!("checkpoint-phi3-{name}"),
+    )
 }
 
 fn open(path: &Path, dequantize: bool) -> LoadedModel {

@@ -12,6 +12,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use ember_convert::{GroupSize, QuantWriteFormat, QuantWriteOptions};
 use ember_formats::GgufFile;
+use ember_models::testing::ScratchDir;
 use ember_models::testing::tiny::{self, TinyArch, TinyDtype};
 use ember_runtime::engine::{Engine, EngineConfig};
 use ember_runtime::loaded::LoadedModel;
@@ -21,10 +22,9 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 /// The tiny Phi-3 as a 4-bit GPTQ directory (act-order, groups of 32).
-fn gptq_dir() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serve-checkpoint-dir");
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("scratch");
+/// Returns the directory and its scratch root, which removes both when dropped.
+fn gptq_dir() -> (ScratchDir, PathBuf) {
+    let root = ScratchDir::new(env!("CARGO_TARGET_TMPDIR"), "serve-checkpoint-dir");
     let gguf_path = root.join("tiny.gguf");
     std::fs::write(
         &gguf_path,
@@ -43,7 +43,7 @@ fn gptq_dir() -> PathBuf {
         group_size: GroupSize::Size(32),
     };
     ember_convert::gguf_to_quantized_hf(&gguf, &dir, &opts, &mut |_| {}).expect("export");
-    dir
+    (root, dir)
 }
 
 async fn send(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
@@ -69,7 +69,7 @@ fn get(uri: &str) -> Request<Body> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gptq_directory_serves_concurrent_requests_and_reports_its_weights() {
-    let dir = gptq_dir();
+    let (_scratch, dir) = gptq_dir();
     let model = LoadedModel::open(&dir, &ember_models::default_device()).expect("load");
     let summary = model.weight_summary();
     // Independent counts: the tiny model's parameters from its own GGUF, and the bytes the
