@@ -11,7 +11,8 @@
 //!
 //! `cargo bench -p ember-kernels --bench decode_stream`; ids read
 //! `decode_stream/<type>/<layers|one>/<packed|repacked>`. Quantizing the weights takes a few
-//! seconds a type.
+//! seconds a type (K-quants most of a minute); `DECODE_STREAM_TYPES=Q4_K,Q5_K` picks types
+//! (default: Q4_0, Q8_0, Q4_K and Q5_K).
 
 use std::time::Duration;
 
@@ -48,7 +49,14 @@ fn matrix(ty: GgmlType, n: usize, k: usize, seed: u64) -> QuantMatrix {
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_stream");
-    for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+    let types =
+        std::env::var("DECODE_STREAM_TYPES").unwrap_or_else(|_| "Q4_0,Q8_0,Q4_K,Q5_K".into());
+    for name in types.split(',') {
+        use GgmlType::*;
+        let known = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K];
+        let Some(ty) = known.into_iter().find(|t| t.to_string() == name.trim()) else {
+            panic!("DECODE_STREAM_TYPES: unknown type {name:?}");
+        };
         let mut layers: Vec<QuantMatrix> = (0..LAYERS)
             .flat_map(|l| LAYER.iter().enumerate().map(move |(i, &s)| (l * 7 + i, s)))
             .map(|(seed, (k, n))| matrix(ty, n, k, seed as u64))

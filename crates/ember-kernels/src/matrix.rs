@@ -131,7 +131,7 @@ enum Repr {
         row_bytes: usize,
         /// The rows repacked for this CPU's matmul kernels ([`QuantMatrix::repack`]); `bytes`
         /// stay the blocks every other reader uses.
-        repacked: Option<Arc<crate::cpu::q8::Repacked>>,
+        repacked: Option<Arc<crate::cpu::Repacked>>,
     },
     Packed(Arc<PackedWeight>),
 }
@@ -288,7 +288,7 @@ impl QuantMatrix {
     }
 
     /// Repacks the rows once for this CPU's matmul kernels, as llama.cpp's CPU_REPACK does
-    /// ([`crate::cpu::q8::Repacked`]: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 on AVX-512 VNNI), so that decode
+    /// ([`crate::cpu::Repacked`]: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K on AVX-512 VNNI), so that decode
     /// streams each weight byte once with no in-register shuffling. Results keep their bits.
     /// Returns whether the matrix is now repacked: false, and nothing held, where the kernels
     /// read the blocks as they are. The blocks stay the ones [`bytes`](Self::bytes),
@@ -299,7 +299,7 @@ impl QuantMatrix {
     }
 
     /// [`repack`](Self::repack), calling `release` with each range of [`bytes`](Self::bytes)
-    /// once it is copied (see [`Repacked::new_releasing`](crate::cpu::q8::Repacked::new_releasing)).
+    /// once it is copied (see [`Repacked::new_releasing`](crate::cpu::Repacked::new_releasing)).
     pub fn repack_releasing(&mut self, release: &(dyn Fn(std::ops::Range<usize>) + Sync)) -> bool {
         let (rows, cols) = (self.rows, self.cols);
         match &mut self.repr {
@@ -310,7 +310,7 @@ impl QuantMatrix {
                 ..
             } => {
                 if repacked.is_none() {
-                    *repacked = crate::cpu::q8::Repacked::new_releasing(
+                    *repacked = crate::cpu::Repacked::new_releasing(
                         *ty,
                         bytes.as_slice(),
                         rows,
@@ -326,7 +326,7 @@ impl QuantMatrix {
     }
 
     /// The repacked rows, if [`repack`](Self::repack) made them.
-    pub fn repacked(&self) -> Option<&crate::cpu::q8::Repacked> {
+    pub fn repacked(&self) -> Option<&crate::cpu::Repacked> {
         match &self.repr {
             Repr::Ggml { repacked, .. } => repacked.as_deref(),
             Repr::Packed(_) => None,

@@ -28,7 +28,9 @@ use ember_quant::{GgmlType, QK_K};
 use half::f16;
 
 use super::q8::Isa;
+pub use repack::Repacked;
 
+pub mod repack;
 #[cfg(target_arch = "x86_64")]
 pub mod tile;
 #[cfg(target_arch = "x86_64")]

@@ -36,7 +36,45 @@ thread_local! {
     /// splits off, several per call, and a fresh tile allocates and zero-fills up to 30 KB
     /// each time: on 8-stream decode that was about a tenth of the matmul's time.
     static Q8_TILE: RefCell<(q8::Tile, Vec<f32>)> = RefCell::default();
-    static K_TILE: RefCell<(kquant::tile::KTile, Vec<f32>)> = RefCell::default();
+    #[cfg(target_arch = "x86_64")]
+    static K_TILE: RefCell<kquant::tile::KTile> = RefCell::default();
+    /// Packed rows unpacked from a repacked K-quant group, and the output buffer.
+    static K_ROWS: RefCell<(Vec<u8>, Vec<f32>)> = RefCell::default();
+}
+
+/// A matrix's rows repacked once, at load, for this CPU's kernels ([`QuantMatrix::repack`]).
+#[derive(Debug)]
+pub enum Repacked {
+    /// Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0.
+    Blocks(q8::Repacked),
+    /// Q4_K and Q5_K.
+    KQuant(kquant::Repacked),
+}
+
+impl Repacked {
+    /// The layout of [`q8::Repacked::new_releasing`] or [`kquant::Repacked::new_releasing`],
+    /// whichever serves `ty`; `None` where neither does on this CPU.
+    pub fn new_releasing(
+        ty: ember_quant::GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        k: usize,
+        release: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) -> Option<Self> {
+        if kquant::supported(ty) {
+            kquant::Repacked::new_releasing(ty, bytes, rows, k, release).map(Repacked::KQuant)
+        } else {
+            q8::Repacked::new_releasing(ty, bytes, rows, k, release).map(Repacked::Blocks)
+        }
+    }
+
+    /// Bytes the repacked copy holds in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Repacked::Blocks(r) => r.bytes(),
+            Repacked::KQuant(r) => r.bytes(),
+        }
+    }
 }
 
 /// Runs `f` on this thread's scratch in `key` (a fresh one if it is already in use, which the
@@ -136,7 +174,7 @@ pub fn quant_matmul_rows_solo(
     let Some(fmt) = q8::act_format(ty) else {
         return f32_matmul(w, x, m);
     };
-    if let Some(rep) = w.repacked() {
+    if let Some(Repacked::Blocks(rep)) = w.repacked() {
         return repacked_matmul(rep, x, m, fmt);
     }
     let row_bytes = k / q8::BLOCK * ty.type_size();
@@ -242,10 +280,13 @@ fn kquant_matmul(
 ) -> Vec<f32> {
     let (n, k) = (w.rows(), w.cols());
     let ty = w.ggml_type();
-    let row_bytes = k / ember_quant::QK_K * ty.type_size();
-    let bytes = w.bytes();
     let mut acts = kquant::quantize_q8k(x, k);
     acts.solo = solo;
+    if let Some(Repacked::KQuant(rep)) = w.repacked() {
+        return kquant_repacked_matmul(rep, &acts, m);
+    }
+    let row_bytes = k / ember_quant::QK_K * ty.type_size();
+    let bytes = w.bytes();
     if m == 1 {
         let mut out = vec![0.0f32; n];
         out.par_chunks_mut(ROWS_PER_TASK)
@@ -258,61 +299,104 @@ fn kquant_matmul(
         return out;
     }
     // A tile of weight rows stays in cache while every activation row is dotted with it.
+    let tiled = kquant_tiled(ty, &acts);
     let mut out = Vec::with_capacity(m * n);
     let dst = Columns::new(&mut out.spare_capacity_mut()[..m * n], m, n);
-    #[cfg(target_arch = "x86_64")]
-    if q8::isa() == q8::Isa::Avx512Vnni
-        && (ty == ember_quant::GgmlType::Q4_K
-            || (ty == ember_quant::GgmlType::Q6_K && (0..m).all(|i| acts.q6k_tiled(i))))
-    {
-        // Sixteen rows unpacked once per task, one row per vector lane, every activation
-        // row against them; llama.cpp's arithmetic, as `dot_rows` (tested).
-        (0..n.div_ceil(kquant::tile::ROWS))
-            .into_par_iter()
-            .for_each(|t| {
-                with_scratch(&K_TILE, |(tile, buf)| {
-                    let j0 = t * kquant::tile::ROWS;
-                    let rows = kquant::tile::ROWS.min(n - j0);
-                    tile.load(
-                        ty,
-                        &bytes[j0 * row_bytes..(j0 + rows) * row_bytes],
-                        row_bytes,
-                    );
-                    if buf.len() < m * rows {
-                        buf.resize(m * rows, 0.0);
-                    }
-                    let buf = &mut buf[..m * rows];
-                    // SAFETY: the CPU supports AVX-512 F/BW/VL/VNNI and FMA (checked by
-                    // `q8::isa`). It writes all of `buf`.
-                    unsafe { kquant::tile::matmul(tile, &acts, 0..m, buf) };
-                    // SAFETY: task `t` alone writes columns `j0..j0 + rows`.
-                    unsafe { dst.write(j0, buf) };
-                })
-            });
-        // SAFETY: the tasks wrote all `m` rows of every column range, covering `0..n`.
-        unsafe { out.set_len(m * n) };
-        return out;
-    }
     (0..n.div_ceil(q8::TILE_ROWS))
         .into_par_iter()
-        .for_each_init(
-            || vec![0.0f32; m * q8::TILE_ROWS],
-            |buf, t| {
+        .for_each(|t| {
+            with_scratch(&K_ROWS, |(_, buf)| {
                 let j0 = t * q8::TILE_ROWS;
                 let rows = q8::TILE_ROWS.min(n - j0);
-                let w_rows = &bytes[j0 * row_bytes..(j0 + rows) * row_bytes];
-                let buf = &mut buf[..m * rows];
-                for (i, dst_row) in buf.chunks_exact_mut(rows).enumerate() {
-                    kquant::dot_rows(ty, w_rows, &acts, i, dst_row);
+                if buf.len() < m * rows {
+                    buf.resize(m * rows, 0.0);
                 }
+                let buf = &mut buf[..m * rows];
+                let w_rows = &bytes[j0 * row_bytes..(j0 + rows) * row_bytes];
+                kquant_tile(ty, w_rows, row_bytes, &acts, tiled, buf);
                 // SAFETY: task `t` alone writes columns `j0..j0 + rows`.
                 unsafe { dst.write(j0, buf) };
-            },
-        );
+            })
+        });
     // SAFETY: the tasks above wrote all `m` rows of every column range `j0..j0 + rows`, and
     // those ranges cover `0..n` (a panic in any task would have unwound past this point).
     unsafe { out.set_len(m * n) };
     out
+}
+
+/// [`kquant_matmul`] for repacked rows ([`QuantMatrix::repack`]): decode dots a group of
+/// sixteen rows a task in place; a batch (or a decode row that takes Q4_K's gemm fold) has
+/// each task unpack its group's packed rows into scratch and run the packed kernels on them,
+/// so the file's pages are not read again.
+fn kquant_repacked_matmul(rep: &kquant::Repacked, acts: &kquant::Q8K, m: usize) -> Vec<f32> {
+    let n = rep.rows();
+    if m == 1 && rep.dots(acts, 0) {
+        let mut out = vec![0.0f32; n];
+        out.par_chunks_mut(kquant::repack::GROUP_ROWS)
+            .enumerate()
+            .for_each(|(g, dst)| rep.dot(g, acts, 0, dst));
+        return out;
+    }
+    let ty = rep.ty();
+    let row_bytes = rep.cols() / ember_quant::QK_K * ty.type_size();
+    let tiled = kquant_tiled(ty, acts);
+    let mut out = Vec::with_capacity(m * n);
+    let dst = Columns::new(&mut out.spare_capacity_mut()[..m * n], m, n);
+    (0..rep.groups()).into_par_iter().for_each(|g| {
+        with_scratch(&K_ROWS, |(w_rows, buf)| {
+            let rows = rep.group_rows(g);
+            w_rows.resize(rows * row_bytes, 0);
+            rep.unpack_group(g, w_rows);
+            if buf.len() < m * rows {
+                buf.resize(m * rows, 0.0);
+            }
+            let buf = &mut buf[..m * rows];
+            kquant_tile(ty, w_rows, row_bytes, acts, tiled, buf);
+            // SAFETY: task `g` alone writes columns `16g..16g + rows`.
+            unsafe { dst.write(g * kquant::repack::GROUP_ROWS, buf) };
+        })
+    });
+    // SAFETY: the tasks above wrote all `m` rows of every group's columns, which cover `0..n`.
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// Whether a batch of `ty` rows takes the sixteen-row tile kernel ([`kquant::tile`]): Q4_K,
+/// and Q6_K where every row takes llama.cpp's tiled arithmetic, on AVX-512 VNNI.
+fn kquant_tiled(ty: ember_quant::GgmlType, acts: &kquant::Q8K) -> bool {
+    use ember_quant::GgmlType::{Q4_K, Q6_K};
+    q8::isa() == q8::Isa::Avx512Vnni
+        && (ty == Q4_K || (ty == Q6_K && (0..acts.rows()).all(|i| acts.q6k_tiled(i))))
+}
+
+/// `buf[i * rows + r]` = dot of row `r` of the packed `w_rows` (1 to 16 rows of `row_bytes`)
+/// with activation row `i` of `acts`, for every row of `acts`: sixteen rows unpacked once, one
+/// per vector lane, where `tiled` ([`kquant_tiled`]), else per-row dots; llama.cpp's
+/// arithmetic either way (tested).
+fn kquant_tile(
+    ty: ember_quant::GgmlType,
+    w_rows: &[u8],
+    row_bytes: usize,
+    acts: &kquant::Q8K,
+    tiled: bool,
+    buf: &mut [f32],
+) {
+    let (rows, m) = (w_rows.len() / row_bytes, acts.rows());
+    debug_assert_eq!(buf.len(), m * rows);
+    #[cfg(target_arch = "x86_64")]
+    if tiled {
+        with_scratch(&K_TILE, |tile| {
+            tile.load(ty, w_rows, row_bytes);
+            // SAFETY: `tiled` holds only where the CPU supports AVX-512 F/BW/VL/VNNI and FMA
+            // (`q8::isa`). It writes all of `buf`.
+            unsafe { kquant::tile::matmul(tile, acts, 0..m, buf) };
+        });
+        return;
+    }
+    let _ = tiled;
+    for (i, dst_row) in buf.chunks_exact_mut(rows).enumerate() {
+        kquant::dot_rows(ty, w_rows, acts, i, dst_row);
+    }
 }
 
 /// [`quant_matmul_rows`] for types without an integer path: f32 dot products off the blocks.
@@ -526,6 +610,49 @@ mod tests {
                         "{ty} row {r} as ({sm}, {si}), column {j}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Repacked Q4_K and Q5_K rows (AVX-512 VNNI) give the packed rows' bits in decode, in
+    /// batches and for rows that keep their solo batch's arithmetic (Q4_K's gemm fold), with a
+    /// partial last group; Q6_K is not repacked.
+    #[test]
+    fn repacked_kquant_matmul_equals_the_packed_one_bit_for_bit() {
+        use kquant::SoloRow;
+        let mut rng = StdRng::seed_from_u64(0x4b_91);
+        let avx512 = q8::isa() == q8::Isa::Avx512Vnni;
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+            for (m, n, k) in [
+                (1, 37, 256),
+                (1, 16, 768),
+                (2, 33, 512),
+                (5, 20, 256),
+                (9, 47, 256),
+            ] {
+                let wf: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+                let packed = QuantMatrix::quantize(ty, n, k, &wf).unwrap();
+                let mut repacked = packed.clone();
+                assert_eq!(repacked.repack(), avx512 && ty != GgmlType::Q6_K, "{ty}");
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
+                let bits = |v: Vec<f32>| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(quant_matmul_rows(&repacked, &x, m)),
+                    bits(quant_matmul_rows(&packed, &x, m)),
+                    "{ty} m={m} n={n} k={k}"
+                );
+                // Rows from solo batches of 4 and 5: gemm and gemv folds mixed.
+                let solo: std::sync::Arc<[SoloRow]> = (0..m)
+                    .map(|i| SoloRow {
+                        m: 4 + (i % 2) as u32,
+                        i: (i % 4) as u32,
+                    })
+                    .collect();
+                assert_eq!(
+                    bits(quant_matmul_rows_solo(&repacked, &x, m, Some(&solo))),
+                    bits(quant_matmul_rows_solo(&packed, &x, m, Some(&solo))),
+                    "{ty} solo m={m} n={n} k={k}"
+                );
             }
         }
     }

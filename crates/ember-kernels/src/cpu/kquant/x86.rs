@@ -644,4 +644,161 @@ pub mod avx512 {
         // SAFETY: AVX is enabled here.
         unsafe { q6k_result(tiled, sum, acc) }
     }
+
+    /// Sixteen repacked Q4_K rows (or Q5_K with `Q5`) dotted with one activation row at once
+    /// (`super::super::repack`): `lines` holds the group's `nb` blocks of 36 (44) lines, word
+    /// `t` of row `l`'s block in lane `l` of line `t`. Every row's integer sums are exact, and
+    /// its float steps are [`dot_q4k_gemv`]'s (Q4_K) or [`dot_q45k`]'s (Q5_K), lane by lane.
+    ///
+    /// # Safety
+    /// As [`dot_q4k`]. `qs` holds `QK_K` values, `d` one scale and `bsums` 16 sums per block.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn repacked_dot<const Q5: bool>(
+        lines: &[super::super::repack::Line],
+        nb: usize,
+        qs: &[i8],
+        d: &[f32],
+        bsums: &[i16],
+    ) -> [f32; 16] {
+        let words = q45k_bytes(Q5) / 4;
+        assert!(lines.len() == nb * words, "not the group's lines");
+        assert!(qs.len() >= nb * QK_K && d.len() >= nb && bsums.len() >= nb * 16);
+        // Line offsets in a block: d/dmin, the three scale words, Q5_K's eight words of fifth
+        // bits, then the 32 words of nibbles.
+        let nib = if Q5 { 12 } else { 4 };
+        let byte = _mm512_set1_epi32(0xFF);
+        let m4 = _mm512_set1_epi8(0xF);
+        let one = _mm512_set1_epi8(1);
+        let (m1, m2, m3) = (
+            _mm512_set1_epi32(0x3f3f_3f3f),
+            _mm512_set1_epi32(0x0f0f_0f0f),
+            _mm512_set1_epi32(0x0303_0303),
+        );
+        let mut acc = _mm512_setzero_ps();
+        let mut acc_min = _mm512_setzero_ps();
+        for b in 0..nb {
+            // SAFETY: `b * words + words <= lines.len()` (asserted); the lines are 64-byte
+            // aligned. The activation loads lie in the block's 256 values (asserted).
+            let (isum, imin, dm) = unsafe {
+                let l: *const __m512i = lines.as_ptr().add(b * words).cast();
+                for t in 0..words {
+                    // A hint only: the address may lie past the lines (never dereferenced).
+                    let ahead = l.add(t).cast::<u8>().wrapping_add(PREFETCH_BYTES);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                }
+                let dm = _mm512_load_si512(l.cast());
+                let (u0, u1, u2) = (
+                    _mm512_load_si512(l.add(1).cast()),
+                    _mm512_load_si512(l.add(2).cast()),
+                    _mm512_load_si512(l.add(3).cast()),
+                );
+                // `q4k_scales` per lane: scales and mins 0..4 in `*_lo`, 4..8 in `*_hi`.
+                let sc_lo = _mm512_and_si512(u0, m1);
+                let sc_hi = _mm512_or_si512(
+                    _mm512_and_si512(u2, m2),
+                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u0), m3)),
+                );
+                let mn_lo = _mm512_and_si512(u1, m1);
+                let mn_hi = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi32::<4>(u2), m2),
+                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u1), m3)),
+                );
+                // Scale `s` of every row as an i32 lane.
+                let scale = |s: usize| {
+                    let v = if s < 4 { sc_lo } else { sc_hi };
+                    _mm512_and_si512(
+                        _mm512_srl_epi32(v, _mm_cvtsi32_si128(8 * (s % 4) as i32)),
+                        byte,
+                    )
+                };
+                let y = qs.as_ptr().add(b * QK_K);
+                let yw = |off: usize| {
+                    _mm512_set1_epi32(std::ptr::read_unaligned(y.add(off).cast::<i32>()))
+                };
+                let mut isum = _mm512_setzero_si512();
+                for c in 0..4 {
+                    let (mut lo_acc, mut hi_acc) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    for j in 0..8 {
+                        let q = _mm512_load_si512(l.add(nib + 8 * c + j).cast());
+                        let mut lo = _mm512_and_si512(q, m4);
+                        let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+                        if Q5 {
+                            // Bit `2c` (`2c + 1`) of each byte of the fifth bits, as 16.
+                            let qh = _mm512_load_si512(l.add(4 + j).cast());
+                            let bit = |s: usize| {
+                                let v = _mm512_srl_epi32(qh, _mm_cvtsi32_si128(s as i32));
+                                _mm512_slli_epi16::<4>(_mm512_and_si512(v, one))
+                            };
+                            lo = _mm512_or_si512(lo, bit(2 * c));
+                            hi = _mm512_or_si512(hi, bit(2 * c + 1));
+                        }
+                        // Unsigned weights (at most 31) times signed activations: four products
+                        // a lane, exact in i32.
+                        lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, yw(64 * c + 4 * j));
+                        hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, yw(64 * c + 32 + 4 * j));
+                    }
+                    isum = _mm512_add_epi32(
+                        isum,
+                        _mm512_add_epi32(
+                            _mm512_mullo_epi32(lo_acc, scale(2 * c)),
+                            _mm512_mullo_epi32(hi_acc, scale(2 * c + 1)),
+                        ),
+                    );
+                }
+                // The mins' term: mins `2k`, `2k + 1` of every row as i16 pairs against the
+                // activation sums of their 32 values each (at most 32 * 127: exact in i16).
+                let bs = &bsums[b * 16..(b + 1) * 16];
+                let mut imin = _mm512_setzero_si512();
+                for k in 0..4 {
+                    let v = if k < 2 { mn_lo } else { mn_hi };
+                    let pair = if k % 2 == 0 {
+                        _mm512_or_si512(
+                            _mm512_and_si512(v, byte),
+                            _mm512_and_si512(
+                                _mm512_slli_epi32::<8>(v),
+                                _mm512_set1_epi32(0xFF_0000),
+                            ),
+                        )
+                    } else {
+                        _mm512_or_si512(
+                            _mm512_and_si512(_mm512_srli_epi32::<16>(v), byte),
+                            _mm512_and_si512(
+                                _mm512_srli_epi32::<8>(v),
+                                _mm512_set1_epi32(0xFF_0000),
+                            ),
+                        )
+                    };
+                    let s0 = (bs[4 * k] + bs[4 * k + 1]) as u16 as u32;
+                    let s1 = (bs[4 * k + 2] + bs[4 * k + 3]) as u16 as u32;
+                    let sums = _mm512_set1_epi32((s0 | s1 << 16) as i32);
+                    imin = _mm512_add_epi32(imin, _mm512_madd_epi16(pair, sums));
+                }
+                (isum, imin, dm)
+            };
+            // The rows' `d` (low half of each lane) and `dmin` (high half), converted exactly.
+            let xd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+            let xmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)));
+            let db = _mm512_set1_ps(d[b]);
+            let (dd, dmin) = (_mm512_mul_ps(xd, db), _mm512_mul_ps(xmin, db));
+            let (isum, imin) = (_mm512_cvtepi32_ps(isum), _mm512_cvtepi32_ps(imin));
+            if Q5 {
+                // `dot_q45k`: `sum += xd * d * isum`, `mins -= xmin * d * summins`.
+                acc = _mm512_add_ps(acc, _mm512_mul_ps(dd, isum));
+                acc_min = _mm512_sub_ps(acc_min, _mm512_mul_ps(dmin, imin));
+            } else {
+                // `dot_q4k_gemv`: `acc = fma(isum, xd * d, acc)`, the same for the mins.
+                acc = _mm512_fmadd_ps(isum, dd, acc);
+                acc_min = _mm512_fmadd_ps(imin, dmin, acc_min);
+            }
+        }
+        let result = if Q5 {
+            _mm512_add_ps(acc_min, acc)
+        } else {
+            _mm512_sub_ps(acc, acc_min)
+        };
+        let mut out = [0.0f32; 16];
+        // SAFETY: `out` holds 16 floats.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), result) };
+        out
+    }
 }

@@ -1,0 +1,401 @@
+//! Q4_K and Q5_K weights repacked once, at load, for decode's one-row kernel on AVX-512 VNNI
+//! (as llama.cpp's CPU_REPACK does for its Q4_K kernels).
+//!
+//! The per-row dots (`super::x86`) decode every block's 6-bit scales and mins in scalar code
+//! and reduce each block's products across a vector, row after row: at decode that work, not
+//! memory, kept them at 82-86% of the bandwidth limit. Here, per group of sixteen rows and per
+//! 256-value block, the blocks' 4-byte words are transposed: word `t` of the sixteen rows fills
+//! line `t` of the block (lane `l` = row `l`). Every row then has its `d`/`dmin`, its scale
+//! words and its nibbles in its own 32-bit lane, so sixteen rows are decoded and summed at once
+//! (`vpdpbusd` against four broadcast activations) with no horizontal reduction. The bytes are
+//! the packed ones, moved: the copy is exactly as large (the last group padded to sixteen
+//! rows), and [`Repacked::unpack_group`] gives the packed rows back for the batched kernels,
+//! so the mapping's pages are not read again after the copy. The arithmetic is the per-row
+//! kernels' (exact integer sums, then the same float steps per row), so every result keeps
+//! its bits (tested against them).
+
+use ember_quant::{GgmlType, QK_K};
+use rayon::prelude::*;
+
+use super::Q8K;
+use crate::cpu::q8::{Isa, isa};
+
+/// Rows per group: one per 32-bit lane of a 512-bit vector.
+pub const GROUP_ROWS: usize = 16;
+
+/// Source bytes repacked between two calls of [`Repacked::new_releasing`]'s `release`.
+const RELEASE_STEP: usize = 4 << 20;
+
+/// A 64-byte-aligned line: word `t` of a block of sixteen rows.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(super) struct Line(pub(super) [u8; 64]);
+
+/// A Q4_K or Q5_K matrix's rows repacked for this CPU's decode kernel (see the module docs).
+pub struct Repacked {
+    ty: GgmlType,
+    rows: usize,
+    /// 256-value blocks a row.
+    nb: usize,
+    /// 4-byte words (lines) a block: Q4_K 36, Q5_K 44.
+    words: usize,
+    q: Vec<Line>,
+}
+
+impl std::fmt::Debug for Repacked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Repacked({} {}x{}, {} bytes)",
+            self.ty,
+            self.rows,
+            self.nb * QK_K,
+            self.bytes()
+        )
+    }
+}
+
+impl Repacked {
+    /// Repacks `rows` rows of `ty` blocks (`bytes`, row-major, `k` values a row) for this CPU's
+    /// decode kernel; `None` where the per-row kernels read the packed blocks best: a CPU
+    /// without AVX-512 VNNI, a type other than Q4_K and Q5_K, or an empty matrix.
+    ///
+    /// Panics if `bytes` is not `rows` whole rows of `k` values (a [`crate::QuantMatrix`] has
+    /// checked that).
+    pub fn new(ty: GgmlType, bytes: &[u8], rows: usize, k: usize) -> Option<Self> {
+        Self::build(isa(), ty, bytes, rows, k, &|_| {})
+    }
+
+    /// [`Repacked::new`] for kernels compiled for `isa` (`None` unless it is a supported
+    /// AVX-512 VNNI).
+    pub fn new_with(isa: Isa, ty: GgmlType, bytes: &[u8], rows: usize, k: usize) -> Option<Self> {
+        Self::build(isa, ty, bytes, rows, k, &|_| {})
+    }
+
+    /// [`Repacked::new`], calling `release` with each range of `bytes` once it is repacked (a
+    /// few MiB at a time, in order), so that a caller can let a mapping's pages go while the
+    /// copy grows. Not called where nothing is repacked.
+    pub fn new_releasing(
+        ty: GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        k: usize,
+        release: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) -> Option<Self> {
+        Self::build(isa(), ty, bytes, rows, k, release)
+    }
+
+    fn build(
+        isa: Isa,
+        ty: GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        k: usize,
+        release: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) -> Option<Self> {
+        if isa != Isa::Avx512Vnni || !isa.supported() || rows == 0 || k == 0 {
+            return None;
+        }
+        if !matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
+            return None;
+        }
+        assert!(k.is_multiple_of(QK_K), "partial block");
+        let (nb, block) = (k / QK_K, ty.type_size());
+        let row_bytes = nb * block;
+        assert_eq!(
+            Some(bytes.len()),
+            row_bytes.checked_mul(rows),
+            "not whole rows"
+        );
+        let words = block / 4;
+        let per_group = nb * words;
+        let groups = rows.div_ceil(GROUP_ROWS);
+        let mut q = vec![Line([0; 64]); groups * per_group];
+        // Groups a step: about RELEASE_STEP bytes of the source.
+        let step = (RELEASE_STEP / (GROUP_ROWS * row_bytes)).max(1);
+        for (c, qc) in q.chunks_mut(step * per_group).enumerate() {
+            let g0 = c * step;
+            qc.par_chunks_mut(per_group)
+                .enumerate()
+                .for_each(|(i, lines)| {
+                    let first = (g0 + i) * GROUP_ROWS;
+                    let last = rows - 1;
+                    for (bt, line) in lines.iter_mut().enumerate() {
+                        let (b, t) = (bt / words, bt % words);
+                        for (l, lane) in line.0.chunks_exact_mut(4).enumerate() {
+                            // Lanes past the last row repeat it (their results are never
+                            // stored).
+                            let at = (first + l).min(last) * row_bytes + b * block + 4 * t;
+                            lane.copy_from_slice(&bytes[at..at + 4]);
+                        }
+                    }
+                });
+            let end = ((g0 + step) * GROUP_ROWS).min(rows);
+            release(g0 * GROUP_ROWS * row_bytes..end * row_bytes);
+        }
+        Some(Repacked {
+            ty,
+            rows,
+            nb,
+            words,
+            q,
+        })
+    }
+
+    /// The block type the rows came from.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Values a row.
+    pub fn cols(&self) -> usize {
+        self.nb * QK_K
+    }
+
+    /// Groups of [`GROUP_ROWS`] rows (the last may hold fewer).
+    pub fn groups(&self) -> usize {
+        self.rows.div_ceil(GROUP_ROWS)
+    }
+
+    /// Rows of group `g`.
+    pub fn group_rows(&self, g: usize) -> usize {
+        assert!(g < self.groups(), "group {g} past the matrix");
+        GROUP_ROWS.min(self.rows - g * GROUP_ROWS)
+    }
+
+    /// Bytes the repacked copy holds in memory.
+    pub fn bytes(&self) -> usize {
+        self.q.len() * size_of::<Line>()
+    }
+
+    fn group(&self, g: usize) -> &[Line] {
+        let n = self.nb * self.words;
+        &self.q[g * n..(g + 1) * n]
+    }
+
+    /// Writes group `g`'s rows, as packed blocks, to `out` (exactly [`group_rows`] rows):
+    /// what the batched kernels read.
+    ///
+    /// [`group_rows`]: Self::group_rows
+    pub fn unpack_group(&self, g: usize, out: &mut [u8]) {
+        let n = self.group_rows(g);
+        let row_bytes = self.nb * self.words * 4;
+        assert_eq!(out.len(), n * row_bytes, "not the group's rows");
+        for (bt, line) in self.group(g).iter().enumerate() {
+            let (b, t) = (bt / self.words, bt % self.words);
+            for (l, lane) in line.0.chunks_exact(4).take(n).enumerate() {
+                let at = l * row_bytes + (b * self.words + t) * 4;
+                out[at..at + 4].copy_from_slice(lane);
+            }
+        }
+    }
+
+    /// Whether [`Repacked::dot`] computes activation row `i` of `acts`: Q5_K always; Q4_K
+    /// where llama.cpp takes its gemv (see [`Q8K::q4k_pairs`]).
+    pub fn dots(&self, acts: &Q8K, i: usize) -> bool {
+        self.ty == GgmlType::Q5_K || !acts.q4k_pairs(i)
+    }
+
+    /// `out[l]` = dot of row `16g + l` with activation row `i` of `acts`, for the group's rows:
+    /// bit for bit what [`super::dot_rows`] gives on the packed rows. Panics unless
+    /// [`Repacked::dots`] says it computes that row, or if the sizes disagree.
+    pub fn dot(&self, g: usize, acts: &Q8K, i: usize, out: &mut [f32]) {
+        assert!(
+            self.dots(acts, i),
+            "Q4_K's gemm fold takes the packed kernels"
+        );
+        let n = self.group_rows(g);
+        assert!(
+            out.len() == n && acts.k == self.cols() && i < acts.rows(),
+            "bad sizes"
+        );
+        let nb = self.nb;
+        let qs = &acts.qs[i * acts.k..(i + 1) * acts.k];
+        let d = &acts.d[i * nb..(i + 1) * nb];
+        let bsums = &acts.bsums[i * nb * 16..(i + 1) * nb * 16];
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: a `Repacked` exists only where the CPU supports AVX2, FMA, F16C and
+            // AVX-512 F/BW/VL/VNNI (`build`); the kernel checks the sizes it relies on.
+            let all = unsafe {
+                if self.ty == GgmlType::Q5_K {
+                    super::x86::avx512::repacked_dot::<true>(self.group(g), nb, qs, d, bsums)
+                } else {
+                    super::x86::avx512::repacked_dot::<false>(self.group(g), nb, qs, d, bsums)
+                }
+            };
+            out.copy_from_slice(&all[..n]);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no repacked K-quants off x86-64 ({qs:?}, {d:?}, {bsums:?})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{SoloRow, dot_rows_with, quantize_q8k};
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    fn avx512() -> bool {
+        let ok = Isa::Avx512Vnni.supported();
+        if !ok {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI, so nothing is repacked");
+        }
+        ok
+    }
+
+    /// `rows` rows of `k` values quantized to `ty`: random scales per row, every fourth row
+    /// extreme (the format's largest magnitudes, mixed signs), every fifth all zero.
+    fn weights(rng: &mut StdRng, ty: GgmlType, rows: usize, k: usize) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for r in 0..rows {
+            let w: Vec<f32> = match r % 5 {
+                4 => vec![0.0; k],
+                3 => (0..k)
+                    .map(|j| if j % 3 == 0 { -60.0 } else { 1.0 })
+                    .collect(),
+                _ => {
+                    let scale = rng.random_range(0.001..8.0f32);
+                    (0..k).map(|_| rng.random_range(-scale..scale)).collect()
+                }
+            };
+            bytes.extend(ember_quant::quantize(ty, &w).unwrap());
+        }
+        bytes
+    }
+
+    /// `m` activation rows of `k`; the last is constant (every quantized value +-127).
+    fn acts(rng: &mut StdRng, m: usize, k: usize) -> Vec<f32> {
+        let mut x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
+        let sign = if rng.random_bool(0.5) { 1.0 } else { -1.0 };
+        x[(m - 1) * k..].fill(sign * 2.5);
+        x
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn repacked_dots_equal_the_per_row_kernels_bit_for_bit() {
+        if !avx512() {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(0x4b_2e9a);
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K] {
+            // A partial group alone; whole groups; whole plus a partial group of one row and
+            // of fifteen; one, two, three and ten blocks a row.
+            for (rows, k) in [
+                (1, 256),
+                (15, 512),
+                (16, 256),
+                (17, 768),
+                (33, 2560),
+                (47, 256),
+            ] {
+                let bytes = weights(&mut rng, ty, rows, k);
+                let rep = Repacked::new_with(Isa::Avx512Vnni, ty, &bytes, rows, k).expect("rep");
+                let row_bytes = k / QK_K * ty.type_size();
+                assert_eq!(rep.bytes(), row_bytes * rep.groups() * GROUP_ROWS);
+                for m in [1usize, 3] {
+                    let a = quantize_q8k(&acts(&mut rng, m, k), k);
+                    for i in 0..m {
+                        let mut want = vec![0.0f32; rows];
+                        dot_rows_with(Isa::Scalar, ty, &bytes, &a, i, &mut want);
+                        let mut simd = vec![0.0f32; rows];
+                        dot_rows_with(Isa::Avx512Vnni, ty, &bytes, &a, i, &mut simd);
+                        assert_eq!(bits(&simd), bits(&want), "{ty} {rows}x{k} row {i}");
+                        for g in 0..rep.groups() {
+                            let n = rep.group_rows(g);
+                            let mut got = vec![0.0f32; n];
+                            rep.dot(g, &a, i, &mut got);
+                            let want = &want[g * GROUP_ROWS..g * GROUP_ROWS + n];
+                            assert_eq!(bits(&got), bits(want), "{ty} {rows}x{k} g{g} row {i}");
+                        }
+                    }
+                }
+                // The packed rows come back.
+                for g in 0..rep.groups() {
+                    let n = rep.group_rows(g);
+                    let mut out = vec![0u8; n * row_bytes];
+                    rep.unpack_group(g, &mut out);
+                    let start = g * GROUP_ROWS * row_bytes;
+                    assert!(
+                        out == bytes[start..start + n * row_bytes],
+                        "{ty} unpack g{g}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q4k_gemm_rows_are_left_to_the_packed_kernels() {
+        if !avx512() {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(3);
+        let bytes = weights(&mut rng, GgmlType::Q4_K, 16, 256);
+        let rep = Repacked::new(GgmlType::Q4_K, &bytes, 16, 256).unwrap();
+        let mut a = quantize_q8k(&acts(&mut rng, 1, 256), 256);
+        assert!(rep.dots(&a, 0));
+        // A row whose solo batch had four rows takes llama.cpp's gemm fold.
+        a.solo = Some(vec![SoloRow { m: 4, i: 0 }].into());
+        assert!(!rep.dots(&a, 0));
+        let q5 = weights(&mut rng, GgmlType::Q5_K, 16, 256);
+        let rep5 = Repacked::new(GgmlType::Q5_K, &q5, 16, 256).unwrap();
+        assert!(rep5.dots(&a, 0));
+    }
+
+    #[test]
+    fn only_avx512_and_q4k_q5k_repack() {
+        let bytes = vec![0u8; 144 * 2];
+        assert!(Repacked::new_with(Isa::Scalar, GgmlType::Q4_K, &bytes, 2, 256).is_none());
+        if Isa::Avx2.supported() {
+            assert!(Repacked::new_with(Isa::Avx2, GgmlType::Q4_K, &bytes, 2, 256).is_none());
+        }
+        if !avx512() {
+            return;
+        }
+        let isa = Isa::Avx512Vnni;
+        assert!(Repacked::new_with(isa, GgmlType::Q4_K, &bytes, 2, 256).is_some());
+        assert!(Repacked::new_with(isa, GgmlType::Q4_K, &[], 0, 256).is_none());
+        let q6k = vec![0u8; 210 * 2];
+        assert!(Repacked::new_with(isa, GgmlType::Q6_K, &q6k, 2, 256).is_none());
+    }
+
+    #[test]
+    fn release_covers_the_source_once_in_order() {
+        if !avx512() {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(12);
+        // Q4_K rows of 8192 values are 4608 bytes: 16 rows are 72 KiB, 56 groups a step.
+        let (rows, k) = (1000usize, 8192);
+        let bytes = weights(&mut rng, GgmlType::Q4_K, rows, k);
+        let seen = std::sync::Mutex::new(Vec::new());
+        let rep = Repacked::new_releasing(GgmlType::Q4_K, &bytes, rows, k, &|r| {
+            seen.lock().unwrap().push(r)
+        })
+        .unwrap();
+        let seen = seen.into_inner().unwrap();
+        assert!(seen.len() > 1, "{seen:?}");
+        let mut at = 0;
+        for r in &seen {
+            assert_eq!(r.start, at, "{seen:?}");
+            assert!(r.end > r.start && r.end - r.start <= RELEASE_STEP);
+            at = r.end;
+        }
+        assert_eq!(at, bytes.len());
+        let row_bytes = k / QK_K * 144;
+        let mut out = vec![0u8; 8 * row_bytes];
+        rep.unpack_group(rep.groups() - 1, &mut out);
+        assert!(out == bytes[(rows - 8) * row_bytes..]);
+    }
+}
