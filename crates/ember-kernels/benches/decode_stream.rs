@@ -54,7 +54,10 @@ fn bench(c: &mut Criterion) {
     for name in types.split(',') {
         use GgmlType::*;
         let known = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K];
-        let Some(ty) = known.into_iter().find(|t| t.to_string() == name.trim()) else {
+        let Some(ty) = known
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(name.trim()))
+        else {
             panic!("DECODE_STREAM_TYPES: unknown type {name:?}");
         };
         let mut layers: Vec<QuantMatrix> = (0..LAYERS)

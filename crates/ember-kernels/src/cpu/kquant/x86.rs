@@ -681,10 +681,15 @@ pub mod avx512 {
             // aligned. The activation loads lie in the block's 256 values (asserted).
             let (isum, imin, dm) = unsafe {
                 let l: *const __m512i = lines.as_ptr().add(b * words).cast();
-                for t in 0..words {
-                    // A hint only: the address may lie past the lines (never dereferenced).
-                    let ahead = l.add(t).cast::<u8>().wrapping_add(PREFETCH_BYTES);
+                // Hints only: the addresses may lie past the lines (never dereferenced). One
+                // line at a time between the dots below: all of a block's at once filled the
+                // core's miss buffers and stalled it on the prefetches.
+                let prefetch = |t: usize| {
+                    let ahead = l.wrapping_add(t).cast::<u8>().wrapping_add(PREFETCH_BYTES);
                     _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                };
+                for t in 0..nib {
+                    prefetch(t);
                 }
                 let dm = _mm512_load_si512(l.cast());
                 let (u0, u1, u2) = (
@@ -719,6 +724,7 @@ pub mod avx512 {
                 for c in 0..4 {
                     let (mut lo_acc, mut hi_acc) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                     for j in 0..8 {
+                        prefetch(nib + 8 * c + j);
                         let q = _mm512_load_si512(l.add(nib + 8 * c + j).cast());
                         let mut lo = _mm512_and_si512(q, m4);
                         let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
