@@ -324,10 +324,12 @@ fn kquant_matmul(
     out
 }
 
-/// [`kquant_matmul`] for repacked rows ([`QuantMatrix::repack`]): decode dots a group of
-/// sixteen rows a task in place; a batch (or a decode row that takes Q4_K's gemm fold) has
-/// each task unpack its group's packed rows into scratch and run the packed kernels on them,
-/// so the file's pages are not read again.
+/// [`kquant_matmul`] for repacked rows ([`QuantMatrix::repack`]): decode, and batches whose
+/// every row takes the per-row arithmetic (several sequences' decode rows), dot a group of
+/// sixteen rows a task in place, one activation row after another while the group is in
+/// cache; other batches (prompts, whose rows keep their solo batch's folds) have each task
+/// unpack its group's packed rows into scratch and run the packed kernels on them, so the
+/// file's pages are not read again.
 fn kquant_repacked_matmul(rep: &kquant::Repacked, acts: &kquant::Q8K, m: usize) -> Vec<f32> {
     let n = rep.rows();
     if m == 1 && rep.dots(acts, 0) {
@@ -339,19 +341,26 @@ fn kquant_repacked_matmul(rep: &kquant::Repacked, acts: &kquant::Q8K, m: usize) 
     }
     let ty = rep.ty();
     let row_bytes = rep.cols() / ember_quant::QK_K * ty.type_size();
+    let in_place = (0..m).all(|i| rep.dots(acts, i));
     let tiled = kquant_tiled(ty, acts);
     let mut out = Vec::with_capacity(m * n);
     let dst = Columns::new(&mut out.spare_capacity_mut()[..m * n], m, n);
     (0..rep.groups()).into_par_iter().for_each(|g| {
         with_scratch(&K_ROWS, |(w_rows, buf)| {
             let rows = rep.group_rows(g);
-            w_rows.resize(rows * row_bytes, 0);
-            rep.unpack_group(g, w_rows);
             if buf.len() < m * rows {
                 buf.resize(m * rows, 0.0);
             }
             let buf = &mut buf[..m * rows];
-            kquant_tile(ty, w_rows, row_bytes, acts, tiled, buf);
+            if in_place {
+                for (i, dst_row) in buf.chunks_exact_mut(rows).enumerate() {
+                    rep.dot(g, acts, i, dst_row);
+                }
+            } else {
+                w_rows.resize(rows * row_bytes, 0);
+                rep.unpack_group(g, w_rows);
+                kquant_tile(ty, w_rows, row_bytes, acts, tiled, buf);
+            }
             // SAFETY: task `g` alone writes columns `16g..16g + rows`.
             unsafe { dst.write(g * kquant::repack::GROUP_ROWS, buf) };
         })
@@ -614,9 +623,9 @@ mod tests {
         }
     }
 
-    /// Repacked Q4_K and Q5_K rows (AVX-512 VNNI) give the packed rows' bits in decode, in
-    /// batches and for rows that keep their solo batch's arithmetic (Q4_K's gemm fold), with a
-    /// partial last group; Q6_K is not repacked.
+    /// Repacked Q4_K, Q5_K and Q6_K rows (AVX-512 VNNI) give the packed rows' bits in decode,
+    /// in batches and for rows that keep their solo batch's arithmetic (Q4_K's gemm fold,
+    /// Q6_K's tiled kernel), with a partial last group.
     #[test]
     fn repacked_kquant_matmul_equals_the_packed_one_bit_for_bit() {
         use kquant::SoloRow;
@@ -633,7 +642,7 @@ mod tests {
                 let wf: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
                 let packed = QuantMatrix::quantize(ty, n, k, &wf).unwrap();
                 let mut repacked = packed.clone();
-                assert_eq!(repacked.repack(), avx512 && ty != GgmlType::Q6_K, "{ty}");
+                assert_eq!(repacked.repack(), avx512, "{ty}");
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
                 let bits = |v: Vec<f32>| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(
@@ -641,10 +650,11 @@ mod tests {
                     bits(quant_matmul_rows(&packed, &x, m)),
                     "{ty} m={m} n={n} k={k}"
                 );
-                // Rows from solo batches of 4 and 5: gemm and gemv folds mixed.
+                // Rows from solo batches of 4, 5 and 9: Q4_K's gemm and gemv folds, Q6_K's
+                // tiled and per-row arithmetic, mixed.
                 let solo: std::sync::Arc<[SoloRow]> = (0..m)
                     .map(|i| SoloRow {
-                        m: 4 + (i % 2) as u32,
+                        m: [4, 5, 9][i % 3],
                         i: (i % 4) as u32,
                     })
                     .collect();

@@ -33,9 +33,8 @@ mod repack;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-#[cfg(target_arch = "x86_64")]
-use repack::Line;
 pub use repack::Repacked;
+pub(crate) use repack::{Line, zeroed_lines};
 
 /// Elements per block in every format handled here.
 pub const BLOCK: usize = 32;

@@ -1,15 +1,16 @@
-//! Q4_K and Q5_K weights repacked once, at load, for decode's one-row kernel on AVX-512 VNNI
-//! (as llama.cpp's CPU_REPACK does for its Q4_K kernels).
+//! Q4_K, Q5_K and Q6_K weights repacked once, at load, for decode's one-row kernels on
+//! AVX-512 VNNI (as llama.cpp's CPU_REPACK does for its Q4_K kernels).
 //!
 //! The per-row dots (`super::x86`) decode every block's 6-bit scales and mins in scalar code
 //! and reduce each block's products across a vector, row after row: at decode that work, not
 //! memory, kept them at 82-86% of the bandwidth limit. Here, per group of sixteen rows and per
 //! 256-value block, the blocks' 4-byte words are transposed: word `t` of the sixteen rows fills
 //! line `t` of the block (lane `l` = row `l`). Every row then has its `d`/`dmin`, its scale
-//! words and its nibbles in its own 32-bit lane, so sixteen rows are decoded and summed at once
-//! (`vpdpbusd` against four broadcast activations) with no horizontal reduction. The bytes are
-//! the packed ones, moved: the copy is exactly as large (the last group padded to sixteen
-//! rows), and [`Repacked::unpack_group`] gives the packed rows back for the batched kernels,
+//! words and its quants in its own 32-bit lane, so sixteen rows are decoded and summed at once
+//! (four products per lane and instruction against four broadcast activations) with no
+//! horizontal reduction. The bytes are the packed ones, moved: the copy is as large (the last
+//! group padded to sixteen rows; Q6_K's 210-byte blocks to 53 words, 1% more), and
+//! [`Repacked::unpack_group`] gives the packed rows back for the batched kernels,
 //! so the mapping's pages are not read again after the copy. The arithmetic is the per-row
 //! kernels' (exact integer sums, then the same float steps per row), so every result keeps
 //! its bits (tested against them).
@@ -18,7 +19,8 @@ use ember_quant::{GgmlType, QK_K};
 use rayon::prelude::*;
 
 use super::Q8K;
-use crate::cpu::q8::{Isa, isa};
+pub(super) use crate::cpu::q8::Line;
+use crate::cpu::q8::{Isa, isa, zeroed_lines};
 
 /// Rows per group: one per 32-bit lane of a 512-bit vector.
 pub const GROUP_ROWS: usize = 16;
@@ -26,18 +28,13 @@ pub const GROUP_ROWS: usize = 16;
 /// Source bytes repacked between two calls of [`Repacked::new_releasing`]'s `release`.
 const RELEASE_STEP: usize = 4 << 20;
 
-/// A 64-byte-aligned line: word `t` of a block of sixteen rows.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-pub(super) struct Line(pub(super) [u8; 64]);
-
-/// A Q4_K or Q5_K matrix's rows repacked for this CPU's decode kernel (see the module docs).
+/// A Q4_K, Q5_K or Q6_K matrix's rows repacked for this CPU's decode kernel (see the module docs).
 pub struct Repacked {
     ty: GgmlType,
     rows: usize,
     /// 256-value blocks a row.
     nb: usize,
-    /// 4-byte words (lines) a block: Q4_K 36, Q5_K 44.
+    /// 4-byte words (lines) a block: Q4_K 36, Q5_K 44, Q6_K 53 (the last half padding).
     words: usize,
     q: Vec<Line>,
 }
@@ -58,7 +55,7 @@ impl std::fmt::Debug for Repacked {
 impl Repacked {
     /// Repacks `rows` rows of `ty` blocks (`bytes`, row-major, `k` values a row) for this CPU's
     /// decode kernel; `None` where the per-row kernels read the packed blocks best: a CPU
-    /// without AVX-512 VNNI, a type other than Q4_K and Q5_K, or an empty matrix.
+    /// without AVX-512 VNNI, a type other than Q4_K, Q5_K and Q6_K, or an empty matrix.
     ///
     /// Panics if `bytes` is not `rows` whole rows of `k` values (a [`crate::QuantMatrix`] has
     /// checked that).
@@ -96,7 +93,7 @@ impl Repacked {
         if isa != Isa::Avx512Vnni || !isa.supported() || rows == 0 || k == 0 {
             return None;
         }
-        if !matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
+        if !matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K) {
             return None;
         }
         assert!(k.is_multiple_of(QK_K), "partial block");
@@ -107,10 +104,11 @@ impl Repacked {
             row_bytes.checked_mul(rows),
             "not whole rows"
         );
-        let words = block / 4;
+        let words = block.div_ceil(4);
         let per_group = nb * words;
         let groups = rows.div_ceil(GROUP_ROWS);
-        let mut q = vec![Line([0; 64]); groups * per_group];
+        // Line `t` of a block: word `t` of its sixteen rows.
+        let mut q = zeroed_lines(groups * per_group);
         // Groups a step: about RELEASE_STEP bytes of the source.
         let step = (RELEASE_STEP / (GROUP_ROWS * row_bytes)).max(1);
         for (c, qc) in q.chunks_mut(step * per_group).enumerate() {
@@ -119,14 +117,25 @@ impl Repacked {
                 .enumerate()
                 .for_each(|(i, lines)| {
                     let first = (g0 + i) * GROUP_ROWS;
-                    let last = rows - 1;
-                    for (bt, line) in lines.iter_mut().enumerate() {
-                        let (b, t) = (bt / words, bt % words);
-                        for (l, lane) in line.0.chunks_exact_mut(4).enumerate() {
-                            // Lanes past the last row repeat it (their results are never
-                            // stored).
-                            let at = (first + l).min(last) * row_bytes + b * block + 4 * t;
-                            lane.copy_from_slice(&bytes[at..at + 4]);
+                    // Each lane's row (lanes past the last row repeat it; their results are
+                    // never stored).
+                    let rows16: [&[u8]; GROUP_ROWS] = std::array::from_fn(|l| {
+                        let r = (first + l).min(rows - 1);
+                        &bytes[r * row_bytes..(r + 1) * row_bytes]
+                    });
+                    // Line by line, each written whole once (sixteen short source streams).
+                    for (b, block_lines) in lines.chunks_exact_mut(words).enumerate() {
+                        for (t, line) in block_lines.iter_mut().enumerate() {
+                            let at = b * block + 4 * t;
+                            for (lane, row) in line.0.chunks_exact_mut(4).zip(&rows16) {
+                                if at + 4 <= block * (b + 1) {
+                                    lane.copy_from_slice(&row[at..at + 4]);
+                                } else {
+                                    // Q6_K's last word: two bytes and two of padding.
+                                    let tail = &row[at..(b + 1) * block];
+                                    lane[..tail.len()].copy_from_slice(tail);
+                                }
+                            }
                         }
                     }
                 });
@@ -184,21 +193,28 @@ impl Repacked {
     /// [`group_rows`]: Self::group_rows
     pub fn unpack_group(&self, g: usize, out: &mut [u8]) {
         let n = self.group_rows(g);
-        let row_bytes = self.nb * self.words * 4;
+        let block = self.ty.type_size();
+        let row_bytes = self.nb * block;
         assert_eq!(out.len(), n * row_bytes, "not the group's rows");
         for (bt, line) in self.group(g).iter().enumerate() {
             let (b, t) = (bt / self.words, bt % self.words);
+            let len = 4.min(block - 4 * t);
             for (l, lane) in line.0.chunks_exact(4).take(n).enumerate() {
-                let at = l * row_bytes + (b * self.words + t) * 4;
-                out[at..at + 4].copy_from_slice(lane);
+                let at = l * row_bytes + b * block + 4 * t;
+                out[at..at + len].copy_from_slice(&lane[..len]);
             }
         }
     }
 
     /// Whether [`Repacked::dot`] computes activation row `i` of `acts`: Q5_K always; Q4_K
-    /// where llama.cpp takes its gemv (see [`Q8K::q4k_pairs`]).
+    /// where llama.cpp takes its gemv (see [`Q8K::q4k_pairs`]); Q6_K where it takes its per-row
+    /// dot (see [`Q8K::q6k_tiled`]).
     pub fn dots(&self, acts: &Q8K, i: usize) -> bool {
-        self.ty == GgmlType::Q5_K || !acts.q4k_pairs(i)
+        match self.ty {
+            GgmlType::Q4_K => !acts.q4k_pairs(i),
+            GgmlType::Q6_K => !acts.q6k_tiled(i),
+            _ => true,
+        }
     }
 
     /// `out[l]` = dot of row `16g + l` with activation row `i` of `acts`, for the group's rows:
@@ -207,7 +223,7 @@ impl Repacked {
     pub fn dot(&self, g: usize, acts: &Q8K, i: usize, out: &mut [f32]) {
         assert!(
             self.dots(acts, i),
-            "Q4_K's gemm fold takes the packed kernels"
+            "batch-shaped folds take the packed kernels"
         );
         let n = self.group_rows(g);
         assert!(
@@ -223,10 +239,15 @@ impl Repacked {
             // SAFETY: a `Repacked` exists only where the CPU supports AVX2, FMA, F16C and
             // AVX-512 F/BW/VL/VNNI (`build`); the kernel checks the sizes it relies on.
             let all = unsafe {
-                if self.ty == GgmlType::Q5_K {
-                    super::x86::avx512::repacked_dot::<true>(self.group(g), nb, qs, d, bsums)
-                } else {
-                    super::x86::avx512::repacked_dot::<false>(self.group(g), nb, qs, d, bsums)
+                let lines = self.group(g);
+                match self.ty {
+                    GgmlType::Q4_K => {
+                        super::x86::avx512::repacked_dot::<false>(lines, nb, qs, d, bsums)
+                    }
+                    GgmlType::Q5_K => {
+                        super::x86::avx512::repacked_dot::<true>(lines, nb, qs, d, bsums)
+                    }
+                    _ => super::x86::avx512::repacked_dot_q6k(lines, nb, qs, d, bsums),
                 }
             };
             out.copy_from_slice(&all[..n]);
@@ -288,7 +309,7 @@ mod tests {
             return;
         }
         let mut rng = StdRng::seed_from_u64(0x4b_2e9a);
-        for ty in [GgmlType::Q4_K, GgmlType::Q5_K] {
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
             // A partial group alone; whole groups; whole plus a partial group of one row and
             // of fifteen; one, two, three and ten blocks a row.
             for (rows, k) in [
@@ -302,7 +323,8 @@ mod tests {
                 let bytes = weights(&mut rng, ty, rows, k);
                 let rep = Repacked::new_with(Isa::Avx512Vnni, ty, &bytes, rows, k).expect("rep");
                 let row_bytes = k / QK_K * ty.type_size();
-                assert_eq!(rep.bytes(), row_bytes * rep.groups() * GROUP_ROWS);
+                let padded = k / QK_K * ty.type_size().div_ceil(4) * 4;
+                assert_eq!(rep.bytes(), padded * rep.groups() * GROUP_ROWS);
                 for m in [1usize, 3] {
                     let a = quantize_q8k(&acts(&mut rng, m, k), k);
                     for i in 0..m {
@@ -336,7 +358,7 @@ mod tests {
     }
 
     #[test]
-    fn q4k_gemm_rows_are_left_to_the_packed_kernels() {
+    fn batch_shaped_rows_are_left_to_the_packed_kernels() {
         if !avx512() {
             return;
         }
@@ -351,10 +373,16 @@ mod tests {
         let q5 = weights(&mut rng, GgmlType::Q5_K, 16, 256);
         let rep5 = Repacked::new(GgmlType::Q5_K, &q5, 16, 256).unwrap();
         assert!(rep5.dots(&a, 0));
+        // Q6_K: a row of a solo batch of 8 or more takes llama.cpp's tiled kernel.
+        let q6 = weights(&mut rng, GgmlType::Q6_K, 16, 256);
+        let rep6 = Repacked::new(GgmlType::Q6_K, &q6, 16, 256).unwrap();
+        assert!(rep6.dots(&a, 0));
+        a.solo = Some(vec![SoloRow { m: 8, i: 7 }].into());
+        assert!(!rep6.dots(&a, 0) && !rep.dots(&a, 0) && rep5.dots(&a, 0));
     }
 
     #[test]
-    fn only_avx512_and_q4k_q5k_repack() {
+    fn only_avx512_and_q4k_q5k_q6k_repack() {
         let bytes = vec![0u8; 144 * 2];
         assert!(Repacked::new_with(Isa::Scalar, GgmlType::Q4_K, &bytes, 2, 256).is_none());
         if Isa::Avx2.supported() {
@@ -367,7 +395,9 @@ mod tests {
         assert!(Repacked::new_with(isa, GgmlType::Q4_K, &bytes, 2, 256).is_some());
         assert!(Repacked::new_with(isa, GgmlType::Q4_K, &[], 0, 256).is_none());
         let q6k = vec![0u8; 210 * 2];
-        assert!(Repacked::new_with(isa, GgmlType::Q6_K, &q6k, 2, 256).is_none());
+        assert!(Repacked::new_with(isa, GgmlType::Q6_K, &q6k, 2, 256).is_some());
+        let q3k = vec![0u8; 110 * 2];
+        assert!(Repacked::new_with(isa, GgmlType::Q3_K, &q3k, 2, 256).is_none());
     }
 
     #[test]

@@ -807,4 +807,123 @@ pub mod avx512 {
         unsafe { _mm512_storeu_ps(out.as_mut_ptr(), result) };
         out
     }
+
+    /// Sixteen repacked Q6_K rows dotted with one activation row at once
+    /// (`super::super::repack`): `lines` holds the group's `nb` blocks of 53 lines (the 210-byte
+    /// block's words, the last one half padding), word `t` of row `l`'s block in lane `l` of
+    /// line `t`. Each of ggml's eight lanes `L` per row (see `super::scalar::dot_q6k`) is
+    /// formed exactly as a vector of the sixteen rows', then folded into its own float
+    /// accumulator as [`dot_q6k`] does with fewer than 8 rows, and the eight are summed as
+    /// `hsum_float_8`.
+    ///
+    /// # Safety
+    /// As [`dot_q6k`]. `qs` holds `QK_K` values, `d` one scale and `bsums` 16 sums per block.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn repacked_dot_q6k(
+        lines: &[super::super::repack::Line],
+        nb: usize,
+        qs: &[i8],
+        d: &[f32],
+        bsums: &[i16],
+    ) -> [f32; 16] {
+        let words = Q6K_BYTES.div_ceil(4);
+        assert!(lines.len() == nb * words, "not the group's lines");
+        assert!(qs.len() >= nb * QK_K && d.len() >= nb && bsums.len() >= nb * 16);
+        let m4 = _mm512_set1_epi8(0xF);
+        let m3 = _mm512_set1_epi8(3);
+        let low16 = _mm512_set1_epi32(0xFFFF);
+        let mut acc = [_mm512_setzero_ps(); 8];
+        for b in 0..nb {
+            // SAFETY: `b * words + words <= lines.len()` (asserted); the lines are 64-byte
+            // aligned. The activation loads lie in the block's 256 values (asserted).
+            let (lanes, dw) = unsafe {
+                let l: *const __m512i = lines.as_ptr().add(b * words).cast();
+                // Hints only (never dereferenced), one line per step as in `repacked_dot`.
+                let prefetch = |t: usize| {
+                    let ahead = l.wrapping_add(t).cast::<u8>().wrapping_add(PREFETCH_BYTES);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                };
+                let line = |t: usize| _mm512_load_si512(l.add(t).cast());
+                // Scale `j` (signed byte `j % 4` of word `48 + j / 4`) of every row, as an i32
+                // lane; `dup` puts it in both i16 halves.
+                let scale = |j: usize| {
+                    let w = line(48 + j / 4);
+                    let up = _mm512_sll_epi32(w, _mm_cvtsi32_si128(24 - 8 * (j % 4) as i32));
+                    _mm512_srai_epi32::<24>(up)
+                };
+                let dup = |s: __m512i| {
+                    _mm512_or_si512(_mm512_and_si512(s, low16), _mm512_slli_epi32::<16>(s))
+                };
+                let y = qs.as_ptr().add(b * QK_K);
+                let yw = |off: usize| {
+                    _mm512_set1_epi32(std::ptr::read_unaligned(y.add(off).cast::<i32>()))
+                };
+                let bs = &bsums[b * 16..(b + 1) * 16];
+                let mut lanes = [_mm512_setzero_si512(); 8];
+                for (lane, out) in lanes.iter_mut().enumerate() {
+                    for n in 0..2 {
+                        for t in [16 * n + lane, 16 * n + 8 + lane, 32 + 8 * n + lane] {
+                            prefetch(t);
+                        }
+                        // Words `L` of the half's first and second 32 bytes of nibbles, and of
+                        // its high bits: values `4L..4L + 4` of its four 32-value chunks.
+                        let (ql0, ql1, qh) = (
+                            line(16 * n + lane),
+                            line(16 * n + 8 + lane),
+                            line(32 + 8 * n + lane),
+                        );
+                        for q in 0..4 {
+                            let ql = if q % 2 == 0 { ql0 } else { ql1 };
+                            let nib = if q < 2 {
+                                _mm512_and_si512(ql, m4)
+                            } else {
+                                _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4)
+                            };
+                            let high = _mm512_and_si512(
+                                _mm512_srl_epi16(qh, _mm_cvtsi32_si128(2 * q as i32)),
+                                m3,
+                            );
+                            let v = _mm512_or_si512(nib, _mm512_slli_epi16::<4>(high));
+                            let t = 4 * n + q;
+                            // Unsigned 6-bit values: pairs of products at most 2 * 63 * 127,
+                            // exact in i16; then scaled pairs into i32.
+                            let p = _mm512_maddubs_epi16(v, yw(32 * t + 4 * lane));
+                            let s = dup(scale(2 * t + lane / 4));
+                            *out = _mm512_add_epi32(*out, _mm512_madd_epi16(p, s));
+                        }
+                    }
+                    // The offset's share: 32 * (bs[2L] * sc[2L] + bs[2L + 1] * sc[2L + 1]).
+                    let pair = _mm512_or_si512(
+                        _mm512_and_si512(scale(2 * lane), low16),
+                        _mm512_slli_epi32::<16>(scale(2 * lane + 1)),
+                    );
+                    let sums =
+                        (bs[2 * lane] as u16 as u32) | ((bs[2 * lane + 1] as u16 as u32) << 16);
+                    let off = _mm512_madd_epi16(pair, _mm512_set1_epi32(sums as i32));
+                    *out = _mm512_sub_epi32(*out, _mm512_slli_epi32::<5>(off));
+                }
+                for t in 48..words {
+                    prefetch(t);
+                }
+                // `d`: the low half of word 52.
+                let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(line(52)));
+                (lanes, dw)
+            };
+            // `dot_q6k`'s per-row fold: `acc[L] = fma(d * dw, lane L, acc[L])`.
+            let dd = _mm512_mul_ps(_mm512_set1_ps(d[b]), dw);
+            for (a, lane) in acc.iter_mut().zip(lanes) {
+                *a = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(lane), *a);
+            }
+        }
+        // `hsum_float_8`, lane by lane.
+        let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
+        let sum = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(a4, a0), _mm512_add_ps(a6, a2)),
+            _mm512_add_ps(_mm512_add_ps(a5, a1), _mm512_add_ps(a7, a3)),
+        );
+        let mut out = [0.0f32; 16];
+        // SAFETY: `out` holds 16 floats.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), sum) };
+        out
+    }
 }

@@ -28,7 +28,16 @@ const RELEASE_STEP: usize = 4 << 20;
 /// cache lines.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-pub(super) struct Line(pub(super) [u8; 64]);
+pub(crate) struct Line(pub(crate) [u8; 64]);
+
+// SAFETY: a line is 64 bytes; all zeros is a valid value.
+unsafe impl bytemuck::Zeroable for Line {}
+
+/// `n` zeroed lines, allocated zeroed: a large copy's pages are faulted in by the threads that
+/// fill them, not by one serial memset (which `vec![Line([0; 64]); n]` does) first.
+pub(crate) fn zeroed_lines(n: usize) -> Vec<Line> {
+    bytemuck::zeroed_vec(n)
+}
 
 /// A matrix's rows repacked for this CPU's kernels (see the module docs): groups of
 /// [`TILE_ROWS`] rows, the last one padded by repeating its last row (those lanes' results are
@@ -112,7 +121,7 @@ impl Repacked {
                 "not whole rows"
             );
             let groups = rows.div_ceil(TILE_ROWS);
-            let mut q = vec![Line([0; 64]); groups * nb * ql];
+            let mut q = zeroed_lines(groups * nb * ql);
             let mut s = vec![0u16; groups * nb * sl];
             // Groups a step: about RELEASE_STEP bytes of the source.
             let step = (RELEASE_STEP / (TILE_ROWS * row_bytes)).max(1);
