@@ -12,7 +12,7 @@
 //! `cargo bench -p ember-kernels --bench decode_stream`; ids read
 //! `decode_stream/<type>/<layers|one>/<packed|repacked>`. Quantizing the weights takes a few
 //! seconds a type (K-quants most of a minute); `DECODE_STREAM_TYPES=Q4_K,Q5_K` picks types
-//! (default: Q4_0, Q8_0, Q4_K and Q5_K).
+//! (default: Q4_0, Q8_0, Q4_K and Q5_K; Q6_K and the others by name).
 
 use std::time::Duration;
 

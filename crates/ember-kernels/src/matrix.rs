@@ -288,7 +288,7 @@ impl QuantMatrix {
     }
 
     /// Repacks the rows once for this CPU's matmul kernels, as llama.cpp's CPU_REPACK does
-    /// ([`crate::cpu::Repacked`]: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K on AVX-512 VNNI), so that decode
+    /// ([`crate::cpu::Repacked`]: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K on AVX-512 VNNI), so that decode
     /// streams each weight byte once with no in-register shuffling. Results keep their bits.
     /// Returns whether the matrix is now repacked: false, and nothing held, where the kernels
     /// read the blocks as they are. The blocks stay the ones [`bytes`](Self::bytes),

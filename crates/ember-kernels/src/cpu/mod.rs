@@ -47,7 +47,7 @@ thread_local! {
 pub enum Repacked {
     /// Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0.
     Blocks(q8::Repacked),
-    /// Q4_K and Q5_K.
+    /// Q4_K, Q5_K and Q6_K.
     KQuant(kquant::Repacked),
 }
 
