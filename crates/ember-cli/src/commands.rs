@@ -171,9 +171,9 @@ struct ModelArg {
     /// running the packed AWQ/GPTQ/EXL2 kernels.
     #[arg(long)]
     dequantize: bool,
-    /// Keep every weight a zero-copy view of the mapped file instead of repacking Q4_0, Q4_1
-    /// and Q8_0 matrices for this CPU's kernels at load (AVX-512 VNNI). Same results; repacked
-    /// decode is faster.
+    /// Keep every weight a zero-copy view of the mapped file instead of repacking Q4_0, Q4_1,
+    /// Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K matrices for this CPU's kernels at load (AVX-512
+    /// VNNI). Same results; repacked decode is faster, loading slower.
     #[arg(long)]
     no_repack: bool,
     /// Where the model runs: cpu, or with a GPU build (`--features wgpu`) wgpu (the best

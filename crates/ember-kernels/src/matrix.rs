@@ -405,6 +405,12 @@ impl QuantMatrix {
 
     /// Dequantizes rows `start..start + n` in parallel into `out` (`n * cols` values).
     pub fn dequantize_rows_into(&self, start: usize, out: &mut [f32]) {
+        if let Some(crate::cpu::Repacked::KQuant(k)) = self.repacked() {
+            // The mapped pages of repacked rows may have been let go (`repack_releasing`):
+            // reading them here would fault them back in beside the copy (the GEMM path of
+            // Q5_K prompts). The copy holds the same blocks.
+            return k.dequantize_rows_into(start, out);
+        }
         match &self.repr {
             Repr::Ggml { ty, .. } => {
                 out.par_chunks_mut(self.cols.max(1))

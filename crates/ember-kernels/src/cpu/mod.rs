@@ -325,11 +325,12 @@ fn kquant_matmul(
 }
 
 /// [`kquant_matmul`] for repacked rows ([`QuantMatrix::repack`]): decode, and batches whose
-/// every row takes the per-row arithmetic (several sequences' decode rows), dot a group of
-/// sixteen rows a task in place, one activation row after another while the group is in
-/// cache; other batches (prompts, whose rows keep their solo batch's folds) have each task
-/// unpack its group's packed rows into scratch and run the packed kernels on them, so the
-/// file's pages are not read again.
+/// every row takes the per-row arithmetic (several sequences' decode rows; any Q5_K batch),
+/// dot a group of sixteen rows a task in place, one activation row after another while the
+/// group is in cache; other batches (Q4_K and Q6_K prompts, whose rows keep their solo
+/// batch's folds) have each task unpack its group's packed rows into scratch and run the
+/// packed kernels on them, so the file's pages are not read again. (Q5_K prompts of 64 rows
+/// and more take the float GEMM, which dequantizes from the copy too.)
 fn kquant_repacked_matmul(rep: &kquant::Repacked, acts: &kquant::Q8K, m: usize) -> Vec<f32> {
     let n = rep.rows();
     if m == 1 && rep.dots(acts, 0) {
@@ -402,7 +403,8 @@ fn kquant_tile(
         });
         return;
     }
-    let _ = tiled;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = tiled; // The tile kernel is x86-only.
     for (i, dst_row) in buf.chunks_exact_mut(rows).enumerate() {
         kquant::dot_rows(ty, w_rows, acts, i, dst_row);
     }
@@ -650,6 +652,14 @@ mod tests {
                     bits(quant_matmul_rows(&packed, &x, m)),
                     "{ty} m={m} n={n} k={k}"
                 );
+                // The GEMM path's dequantization reads the copy: the same values, from a
+                // start inside a group to the end.
+                let start = 5.min(n - 1);
+                let mut a = vec![0.0f32; (n - start) * k];
+                let mut b = a.clone();
+                repacked.dequantize_rows_into(start, &mut a);
+                packed.dequantize_rows_into(start, &mut b);
+                assert_eq!(bits(a), bits(b), "{ty} dequantize from {start}");
                 // Rows from solo batches of 4, 5 and 9: Q4_K's gemm and gemv folds, Q6_K's
                 // tiled and per-row arithmetic, mixed.
                 let solo: std::sync::Arc<[SoloRow]> = (0..m)

@@ -206,6 +206,41 @@ impl Repacked {
         }
     }
 
+    /// Rows `start..start + out.len() / cols` dequantized into `out` (whole rows), read from
+    /// this copy: the blocks' mapped pages may have been let go when it was made. Panics if
+    /// `out` is not whole rows inside the matrix.
+    pub fn dequantize_rows_into(&self, start: usize, out: &mut [f32]) {
+        let k = self.cols();
+        let n = out.len() / k;
+        assert!(
+            n * k == out.len() && start + n <= self.rows,
+            "rows past the matrix"
+        );
+        let row_bytes = self.nb * self.ty.type_size();
+        // `out` split at group boundaries: (group, its first row here, those rows' values).
+        let mut parts = Vec::new();
+        let (mut rest, mut r) = (out, start);
+        while !rest.is_empty() {
+            let g = r / GROUP_ROWS;
+            let end = ((g + 1) * GROUP_ROWS).min(start + n);
+            let (here, after) = rest.split_at_mut((end - r) * k);
+            parts.push((g, r, here));
+            (rest, r) = (after, end);
+        }
+        parts.into_par_iter().for_each(|(g, r0, dst)| {
+            let mut rows = vec![0u8; self.group_rows(g) * row_bytes];
+            self.unpack_group(g, &mut rows);
+            let first = r0 - g * GROUP_ROWS;
+            for (row, d) in rows[first * row_bytes..]
+                .chunks_exact(row_bytes)
+                .zip(dst.chunks_exact_mut(k))
+            {
+                // Whole rows of a type ember-quant dequantizes: this cannot fail.
+                let _ = ember_quant::dequantize(self.ty, row, d);
+            }
+        });
+    }
+
     /// Whether [`Repacked::dot`] computes activation row `i` of `acts`: Q5_K always; Q4_K
     /// where llama.cpp takes its gemv (see [`Q8K::q4k_pairs`]); Q6_K where it takes its per-row
     /// dot (see [`Q8K::q6k_tiled`]).
@@ -253,7 +288,10 @@ impl Repacked {
             out.copy_from_slice(&all[..n]);
         }
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("no repacked K-quants off x86-64 ({qs:?}, {d:?}, {bsums:?})")
+        {
+            let _ = (qs, d, bsums);
+            unreachable!("no repacked K-quants off x86-64")
+        }
     }
 }
 
