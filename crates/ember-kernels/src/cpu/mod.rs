@@ -328,8 +328,10 @@ fn kquant_matmul(
 /// every row takes the per-row arithmetic (several sequences' decode rows; any Q5_K batch),
 /// dot a group of sixteen rows a task in place, one activation row after another while the
 /// group is in cache; other batches (Q4_K and Q6_K prompts, whose rows keep their solo
-/// batch's folds) have each task unpack its group's packed rows into scratch and run the
-/// packed kernels on them, so the file's pages are not read again. (Q5_K prompts of 64 rows
+/// batch's folds) load the group's tile for the batched kernel straight from its lines
+/// ([`kquant::tile::KTile::load_repacked`]), or, for a Q6_K batch that mixes folds, unpack
+/// the packed rows into scratch for the per-row kernels: the file's pages are not read
+/// again. (Q5_K prompts of 64 rows
 /// and more take the float GEMM, which dequantizes from the copy too.)
 fn kquant_repacked_matmul(rep: &kquant::Repacked, acts: &kquant::Q8K, m: usize) -> Vec<f32> {
     let n = rep.rows();
@@ -357,10 +359,18 @@ fn kquant_repacked_matmul(rep: &kquant::Repacked, acts: &kquant::Q8K, m: usize) 
                 for (i, dst_row) in buf.chunks_exact_mut(rows).enumerate() {
                     rep.dot(g, acts, i, dst_row);
                 }
+            } else if tiled {
+                #[cfg(target_arch = "x86_64")]
+                with_scratch(&K_TILE, |tile| {
+                    tile.load_repacked(rep, g);
+                    // SAFETY: `tiled` holds only where the CPU supports AVX-512 F/BW/VL/VNNI
+                    // and FMA (`q8::isa`). It writes all of `buf`.
+                    unsafe { kquant::tile::matmul(tile, acts, 0..m, buf) };
+                });
             } else {
                 w_rows.resize(rows * row_bytes, 0);
                 rep.unpack_group(g, w_rows);
-                kquant_tile(ty, w_rows, row_bytes, acts, tiled, buf);
+                kquant_tile(ty, w_rows, row_bytes, acts, false, buf);
             }
             // SAFETY: task `g` alone writes columns `16g..16g + rows`.
             unsafe { dst.write(g * kquant::repack::GROUP_ROWS, buf) };

@@ -34,7 +34,7 @@ mod repack;
 mod x86;
 
 pub use repack::Repacked;
-pub(crate) use repack::{Line, zeroed_lines};
+pub(crate) use repack::{Line, Lines, zeroed_lines};
 
 /// Elements per block in every format handled here.
 pub const BLOCK: usize = 32;

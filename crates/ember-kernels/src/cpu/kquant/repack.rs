@@ -36,7 +36,7 @@ pub struct Repacked {
     nb: usize,
     /// 4-byte words (lines) a block: Q4_K 36, Q5_K 44, Q6_K 53 (the last half padding).
     words: usize,
-    q: Vec<Line>,
+    q: crate::cpu::q8::Lines,
 }
 
 impl std::fmt::Debug for Repacked {
@@ -123,21 +123,15 @@ impl Repacked {
                         let r = (first + l).min(rows - 1);
                         &bytes[r * row_bytes..(r + 1) * row_bytes]
                     });
-                    // Line by line, each written whole once (sixteen short source streams).
-                    for (b, block_lines) in lines.chunks_exact_mut(words).enumerate() {
-                        for (t, line) in block_lines.iter_mut().enumerate() {
-                            let at = b * block + 4 * t;
-                            for (lane, row) in line.0.chunks_exact_mut(4).zip(&rows16) {
-                                if at + 4 <= block * (b + 1) {
-                                    lane.copy_from_slice(&row[at..at + 4]);
-                                } else {
-                                    // Q6_K's last word: two bytes and two of padding.
-                                    let tail = &row[at..(b + 1) * block];
-                                    lane[..tail.len()].copy_from_slice(tail);
-                                }
-                            }
-                        }
-                    }
+                    // SAFETY: a supported AVX-512 VNNI ISA was checked above (it implies F/BW);
+                    // `lines` holds the group's `nb` blocks of `words` lines and every row
+                    // `nb` blocks of `block` bytes.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        avx512::transpose_in(&rows16, nb, block, lines)
+                    };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let _ = (rows16, lines);
                 });
             let end = ((g0 + step) * GROUP_ROWS).min(rows);
             release(g0 * GROUP_ROWS * row_bytes..end * row_bytes);
@@ -182,7 +176,8 @@ impl Repacked {
         self.q.len() * size_of::<Line>()
     }
 
-    fn group(&self, g: usize) -> &[Line] {
+    /// Group `g`'s lines: its blocks' words, one row a lane (see the module docs).
+    pub(super) fn group(&self, g: usize) -> &[Line] {
         let n = self.nb * self.words;
         &self.q[g * n..(g + 1) * n]
     }
@@ -196,14 +191,15 @@ impl Repacked {
         let block = self.ty.type_size();
         let row_bytes = self.nb * block;
         assert_eq!(out.len(), n * row_bytes, "not the group's rows");
-        for (bt, line) in self.group(g).iter().enumerate() {
-            let (b, t) = (bt / self.words, bt % self.words);
-            let len = 4.min(block - 4 * t);
-            for (l, lane) in line.0.chunks_exact(4).take(n).enumerate() {
-                let at = l * row_bytes + b * block + 4 * t;
-                out[at..at + len].copy_from_slice(&lane[..len]);
-            }
-        }
+        let mut rows: Vec<&mut [u8]> = out.chunks_exact_mut(row_bytes).collect();
+        // SAFETY: a `Repacked` exists only where the CPU supports AVX-512 F/BW (`build`); the
+        // group holds `nb` blocks of `words` lines and each of the `n` rows `nb` blocks.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx512::transpose_out(self.group(g), self.nb, block, &mut rows)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = rows;
     }
 
     /// Rows `start..start + out.len() / cols` dequantized into `out` (whole rows), read from
@@ -291,6 +287,132 @@ impl Repacked {
         {
             let _ = (qs, d, bsums);
             unreachable!("no repacked K-quants off x86-64")
+        }
+    }
+}
+
+/// The 4-byte-word transposition between sixteen rows' blocks and a group's lines, sixteen
+/// words of sixteen rows at a time in registers. By hand because no crate transposes across
+/// vector lanes; the scalar copy it replaced (sixteen 4-byte moves a line) was part of the
+/// repack's cost at load and of every prompt batch's unpack.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{GROUP_ROWS, Line};
+
+    /// `o[j]` lane `i` = `r[i]` lane `j`: a 16 x 16 transpose of 32-bit words (stage one
+    /// interleaves words, stage two pairs of words, stages three and four move 128-bit lanes).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for p in 0..8 {
+            t[2 * p] = _mm512_unpacklo_epi32(r[2 * p], r[2 * p + 1]);
+            t[2 * p + 1] = _mm512_unpackhi_epi32(r[2 * p], r[2 * p + 1]);
+        }
+        // `u[4a + e]`, 128-bit lane `k`: rows `4a..4a + 4` of word `4k + e`.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for a in 0..4 {
+            let (t0, t1, t2, t3) = (t[4 * a], t[4 * a + 1], t[4 * a + 2], t[4 * a + 3]);
+            u[4 * a] = _mm512_unpacklo_epi64(t0, t2);
+            u[4 * a + 1] = _mm512_unpackhi_epi64(t0, t2);
+            u[4 * a + 2] = _mm512_unpacklo_epi64(t1, t3);
+            u[4 * a + 3] = _mm512_unpackhi_epi64(t1, t3);
+        }
+        // Word `4k + e` takes lane `k` of `u[e]`, `u[4 + e]`, `u[8 + e]`, `u[12 + e]`.
+        let mut o = [_mm512_setzero_si512(); 16];
+        for e in 0..4 {
+            let (a, b, c, d) = (u[e], u[4 + e], u[8 + e], u[12 + e]);
+            let v0 = _mm512_shuffle_i32x4::<0x44>(a, b);
+            let v1 = _mm512_shuffle_i32x4::<0xEE>(a, b);
+            let v2 = _mm512_shuffle_i32x4::<0x44>(c, d);
+            let v3 = _mm512_shuffle_i32x4::<0xEE>(c, d);
+            o[e] = _mm512_shuffle_i32x4::<0x88>(v0, v2);
+            o[4 + e] = _mm512_shuffle_i32x4::<0xDD>(v0, v2);
+            o[8 + e] = _mm512_shuffle_i32x4::<0x88>(v1, v3);
+            o[12 + e] = _mm512_shuffle_i32x4::<0xDD>(v1, v3);
+        }
+        o
+    }
+
+    /// The byte mask of the `len` (at most 64) first bytes.
+    fn first_bytes(len: usize) -> u64 {
+        if len >= 64 { !0 } else { (1u64 << len) - 1 }
+    }
+
+    /// Fills a group's `lines` (`nb` blocks of `block.div_ceil(4)` lines) from its sixteen
+    /// rows: word `t` of block `b` of row `l` to lane `l` of line `t` of block `b`; a last
+    /// partial word is zero-padded.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW; each row holds `nb` blocks of `block` bytes and
+    /// `lines` `nb` blocks of lines.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn transpose_in(
+        rows: &[&[u8]; GROUP_ROWS],
+        nb: usize,
+        block: usize,
+        lines: &mut [Line],
+    ) {
+        let words = block.div_ceil(4);
+        assert!(lines.len() == nb * words && rows.iter().all(|r| r.len() >= nb * block));
+        for b in 0..nb {
+            for t0 in (0..words).step_by(16) {
+                let mask = first_bytes(block - 4 * t0);
+                // SAFETY: the masked loads read only bytes `4 * t0..block` of block `b`.
+                let r = std::array::from_fn(|l| unsafe {
+                    _mm512_maskz_loadu_epi8(mask, rows[l][b * block + 4 * t0..].as_ptr().cast())
+                });
+                // SAFETY: AVX-512 F is enabled here.
+                let o = unsafe { transpose(r) };
+                for (j, v) in o.iter().enumerate().take(words - t0) {
+                    let line = &mut lines[b * words + t0 + j];
+                    // SAFETY: a line is 64 bytes, 64-byte aligned.
+                    unsafe { _mm512_store_si512(line.0.as_mut_ptr().cast(), *v) };
+                }
+            }
+        }
+    }
+
+    /// [`transpose_in`] backwards, for the group's first `rows.len()` rows (1 to 16): each
+    /// row's `nb` blocks of `block` bytes from the `lines`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW; `lines` holds `nb` blocks of lines and each row
+    /// `nb` blocks of `block` bytes.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn transpose_out(
+        lines: &[Line],
+        nb: usize,
+        block: usize,
+        rows: &mut [&mut [u8]],
+    ) {
+        let words = block.div_ceil(4);
+        assert!(lines.len() == nb * words && rows.len() <= GROUP_ROWS);
+        assert!(rows.iter().all(|r| r.len() >= nb * block));
+        for b in 0..nb {
+            for t0 in (0..words).step_by(16) {
+                let mask = first_bytes(block - 4 * t0);
+                // SAFETY: lines `t0..t0 + 16` of block `b` where they exist (64-byte aligned);
+                // the rest, zeros, are masked off below.
+                let r = std::array::from_fn(|j| match lines.get(b * words + t0 + j) {
+                    Some(line) if t0 + j < words => unsafe {
+                        _mm512_load_si512(line.0.as_ptr().cast())
+                    },
+                    _ => _mm512_setzero_si512(),
+                });
+                // SAFETY: AVX-512 F is enabled here.
+                let o = unsafe { transpose(r) };
+                for (row, v) in rows.iter_mut().zip(o) {
+                    let at = row[b * block + 4 * t0..].as_mut_ptr();
+                    // SAFETY: the masked store writes only bytes `4 * t0..block` of block `b`.
+                    unsafe { _mm512_mask_storeu_epi8(at.cast(), mask, v) };
+                }
+            }
         }
     }
 }

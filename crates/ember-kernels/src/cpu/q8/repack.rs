@@ -30,13 +30,57 @@ const RELEASE_STEP: usize = 4 << 20;
 #[repr(C, align(64))]
 pub(crate) struct Line(pub(crate) [u8; 64]);
 
-// SAFETY: a line is 64 bytes; all zeros is a valid value.
+// SAFETY: a line is 64 bytes with no padding; all zeros (any bytes) is a valid value.
 unsafe impl bytemuck::Zeroable for Line {}
+// SAFETY: as above; `Copy`, `repr(C)`, no padding, every bit pattern valid.
+unsafe impl bytemuck::Pod for Line {}
 
-/// `n` zeroed lines, allocated zeroed: a large copy's pages are faulted in by the threads that
-/// fill them, not by one serial memset (which `vec![Line([0; 64]); n]` does) first.
-pub(crate) fn zeroed_lines(n: usize) -> Vec<Line> {
-    bytemuck::zeroed_vec(n)
+/// A repacked copy's lines: their own anonymous mapping where the system gives one, else a
+/// heap vector.
+///
+/// Not a `Vec<Line>`: a zeroed allocation aligned to 64 bytes is `posix_memalign` plus a serial
+/// memset in Rust's system allocator (only alignments up to 16 take `calloc`), which faulted
+/// the whole copy in on one thread before the repack began. A fresh mapping's zero pages are
+/// faulted in by the threads that fill them, and the mapping is advised to use transparent
+/// huge pages (where the kernel allows, `madvise` mode): 512 times fewer faults at load and
+/// fewer TLB misses when decode streams the copy.
+pub(crate) enum Lines {
+    Mapped(memmap2::MmapMut),
+    Heap(Vec<Line>),
+}
+
+impl std::ops::Deref for Lines {
+    type Target = [Line];
+    fn deref(&self) -> &[Line] {
+        match self {
+            // A mapping is page aligned and was made `n` lines long.
+            Lines::Mapped(map) => bytemuck::cast_slice(&map[..]),
+            Lines::Heap(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Lines {
+    fn deref_mut(&mut self) -> &mut [Line] {
+        match self {
+            Lines::Mapped(map) => bytemuck::cast_slice_mut(&mut map[..]),
+            Lines::Heap(v) => v,
+        }
+    }
+}
+
+/// `n` zeroed lines (see [`Lines`]).
+pub(crate) fn zeroed_lines(n: usize) -> Lines {
+    let bytes = n * size_of::<Line>();
+    if bytes > 0
+        && let Ok(map) = memmap2::MmapMut::map_anon(bytes)
+    {
+        // Advice only: without transparent huge pages the copy takes small pages.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        return Lines::Mapped(map);
+    }
+    Lines::Heap(bytemuck::zeroed_vec(n))
 }
 
 /// A matrix's rows repacked for this CPU's kernels (see the module docs): groups of
@@ -49,7 +93,7 @@ pub struct Repacked {
     /// Lines and scale entries per block.
     ql: usize,
     sl: usize,
-    q: Vec<Line>,
+    q: Lines,
     s: Vec<u16>,
 }
 
@@ -378,6 +422,20 @@ mod tests {
                 let (a, b) = (rep.group(g), plain.group(g));
                 assert!(a.0.iter().zip(b.0).all(|(x, y)| x.0 == y.0) && a.1 == b.1);
             }
+        }
+    }
+
+    /// Fresh lines are zero, as long as asked, writable and aligned, empty or not.
+    #[test]
+    fn zeroed_lines_are_zero_and_aligned() {
+        assert!(zeroed_lines(0).is_empty());
+        for n in [1usize, 3, 40_000] {
+            let mut lines = zeroed_lines(n);
+            assert_eq!(lines.len(), n);
+            assert!(lines.iter().all(|l| l.0 == [0; 64]));
+            assert_eq!(lines.as_ptr() as usize % 64, 0);
+            lines[n - 1].0[63] = 7;
+            assert_eq!(lines[n - 1].0[63], 7);
         }
     }
 
