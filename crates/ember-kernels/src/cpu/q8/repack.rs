@@ -41,9 +41,9 @@ unsafe impl bytemuck::Pod for Line {}
 /// Not a `Vec<Line>`: a zeroed allocation aligned to 64 bytes is `posix_memalign` plus a serial
 /// memset in Rust's system allocator (only alignments up to 16 take `calloc`), which faulted
 /// the whole copy in on one thread before the repack began. A fresh mapping's zero pages are
-/// faulted in by the threads that fill them, and the mapping is advised to use transparent
-/// huge pages (where the kernel allows, `madvise` mode): 512 times fewer faults at load and
-/// fewer TLB misses when decode streams the copy.
+/// faulted in by the threads that fill them. Not advised to use transparent huge pages: on
+/// the 1B benchmark model that made loading 0.2-0.5 s slower (the kernel compacts memory for
+/// them at fault time) and decode no faster (docs/performance.md).
 pub(crate) enum Lines {
     Mapped(memmap2::MmapMut),
     Heap(Vec<Line>),
@@ -75,9 +75,6 @@ pub(crate) fn zeroed_lines(n: usize) -> Lines {
     if bytes > 0
         && let Ok(map) = memmap2::MmapMut::map_anon(bytes)
     {
-        // Advice only: without transparent huge pages the copy takes small pages.
-        #[cfg(target_os = "linux")]
-        let _ = map.advise(memmap2::Advice::HugePage);
         return Lines::Mapped(map);
     }
     Lines::Heap(bytemuck::zeroed_vec(n))
