@@ -95,6 +95,11 @@ fn nearest_int(x: f32) -> i32 {
     (bits & 0x007f_ffff) - 0x0040_0000
 }
 
+/// Blocks a task of [`quantize_q8k`] takes once an input is large enough to split: a prompt's
+/// activations go to every worker (each block is quantized alone, so the result is the same);
+/// a decode row (8 to 32 blocks) stays on the calling thread.
+const Q8K_BLOCKS_PER_TASK: usize = 32;
+
 /// Quantizes row-major `x: [m, k]` (`k` a multiple of 256) as `quantize_row_q8_K_ref`.
 pub fn quantize_q8k(x: &[f32], k: usize) -> Q8K {
     assert!(k.is_multiple_of(QK_K), "k is not a multiple of 256");
@@ -106,31 +111,46 @@ pub fn quantize_q8k(x: &[f32], k: usize) -> Q8K {
         bsums: vec![0; nb * 16],
         solo: None,
     };
-    for (b, xb) in x.chunks_exact(QK_K).enumerate() {
-        let (mut max, mut amax) = (0.0f32, 0.0f32);
-        for &v in xb {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
-        if amax == 0.0 {
-            continue;
-        }
-        let iscale = -127.0f32 / max;
-        let qs = &mut out.qs[b * QK_K..(b + 1) * QK_K];
-        for (q, &v) in qs.iter_mut().zip(xb) {
-            *q = nearest_int(iscale * v).min(127) as i8;
-        }
-        for (s, g) in out.bsums[b * 16..(b + 1) * 16]
-            .iter_mut()
-            .zip(qs.chunks_exact(16))
-        {
-            *s = g.iter().map(|&v| v as i16).sum();
-        }
-        out.d[b] = 1.0 / iscale;
+    let blocks = x
+        .chunks_exact(QK_K)
+        .zip(out.qs.chunks_exact_mut(QK_K))
+        .zip(out.d.iter_mut())
+        .zip(out.bsums.chunks_exact_mut(16));
+    if nb < 2 * Q8K_BLOCKS_PER_TASK {
+        blocks.for_each(|(((xb, qs), d), bsums)| quantize_q8k_block(xb, qs, d, bsums));
+    } else {
+        use rayon::prelude::*;
+        x.par_chunks_exact(QK_K)
+            .zip(out.qs.par_chunks_exact_mut(QK_K))
+            .zip(out.d.par_iter_mut())
+            .zip(out.bsums.par_chunks_exact_mut(16))
+            .with_min_len(Q8K_BLOCKS_PER_TASK)
+            .for_each(|(((xb, qs), d), bsums)| quantize_q8k_block(xb, qs, d, bsums));
     }
     out
+}
+
+/// One 256-value block of [`quantize_q8k`]: its values, scale and sixteen sums (left zero for
+/// an all-zero block, as ggml does).
+fn quantize_q8k_block(xb: &[f32], qs: &mut [i8], d: &mut f32, bsums: &mut [i16]) {
+    let (mut max, mut amax) = (0.0f32, 0.0f32);
+    for &v in xb {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        return;
+    }
+    let iscale = -127.0f32 / max;
+    for (q, &v) in qs.iter_mut().zip(xb) {
+        *q = nearest_int(iscale * v).min(127) as i8;
+    }
+    for (s, g) in bsums.iter_mut().zip(qs.chunks_exact(16)) {
+        *s = g.iter().map(|&v| v as i16).sum();
+    }
+    *d = 1.0 / iscale;
 }
 
 impl Q8K {
@@ -567,6 +587,35 @@ mod tests {
         for j in 0..32 {
             let s: i16 = q.qs[16 * j..16 * j + 16].iter().map(|&v| v as i16).sum();
             assert_eq!(q.bsums[j], s);
+        }
+    }
+
+    /// Inputs split across the workers (from `2 * Q8K_BLOCKS_PER_TASK` blocks) give each
+    /// block what quantizing it alone gives, at the split's edge and past it, zero blocks too.
+    #[test]
+    fn q8k_split_across_workers_equals_block_by_block() {
+        let mut rng = StdRng::seed_from_u64(0x98);
+        let edge = 2 * Q8K_BLOCKS_PER_TASK;
+        for nb in [edge - 1, edge, edge + 1, 517] {
+            let mut x: Vec<f32> = (0..nb * QK_K)
+                .map(|_| rng.random_range(-4.0..4.0f32))
+                .collect();
+            x[3 * QK_K..4 * QK_K].fill(0.0);
+            let all = quantize_q8k(&x, QK_K);
+            for (b, xb) in x.chunks_exact(QK_K).enumerate() {
+                let one = quantize_q8k(xb, QK_K);
+                assert_eq!(
+                    all.qs[b * QK_K..(b + 1) * QK_K],
+                    one.qs[..],
+                    "{nb}: block {b}"
+                );
+                assert_eq!(all.d[b].to_bits(), one.d[0].to_bits(), "{nb}: block {b}");
+                assert_eq!(
+                    all.bsums[b * 16..(b + 1) * 16],
+                    one.bsums[..],
+                    "{nb}: block {b}"
+                );
+            }
         }
     }
 
