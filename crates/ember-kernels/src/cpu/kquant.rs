@@ -95,9 +95,10 @@ fn nearest_int(x: f32) -> i32 {
     (bits & 0x007f_ffff) - 0x0040_0000
 }
 
-/// Blocks a task of [`quantize_q8k`] takes once an input is large enough to split: a prompt's
-/// activations go to every worker (each block is quantized alone, so the result is the same);
-/// a decode row (8 to 32 blocks) stays on the calling thread.
+/// Blocks a task of [`quantize_q8k`] takes once an input holds at least twice as many (all rows
+/// together): a prompt's activations go to every worker (each block is quantized alone, so the
+/// result is the same), while a decode row of a 1-8B model (8 to 56 blocks) stays on the
+/// calling thread.
 const Q8K_BLOCKS_PER_TASK: usize = 32;
 
 /// Quantizes row-major `x: [m, k]` (`k` a multiple of 256) as `quantize_row_q8_K_ref`.
@@ -111,13 +112,12 @@ pub fn quantize_q8k(x: &[f32], k: usize) -> Q8K {
         bsums: vec![0; nb * 16],
         solo: None,
     };
-    let blocks = x
-        .chunks_exact(QK_K)
-        .zip(out.qs.chunks_exact_mut(QK_K))
-        .zip(out.d.iter_mut())
-        .zip(out.bsums.chunks_exact_mut(16));
     if nb < 2 * Q8K_BLOCKS_PER_TASK {
-        blocks.for_each(|(((xb, qs), d), bsums)| quantize_q8k_block(xb, qs, d, bsums));
+        x.chunks_exact(QK_K)
+            .zip(out.qs.chunks_exact_mut(QK_K))
+            .zip(out.d.iter_mut())
+            .zip(out.bsums.chunks_exact_mut(16))
+            .for_each(|(((xb, qs), d), bsums)| quantize_q8k_block(xb, qs, d, bsums));
     } else {
         use rayon::prelude::*;
         x.par_chunks_exact(QK_K)

@@ -331,8 +331,8 @@ fn kquant_matmul(
 /// batch's folds) load the group's tile for the batched kernel straight from its lines
 /// ([`kquant::tile::KTile::load_repacked`]), or, for a Q6_K batch that mixes folds, unpack
 /// the packed rows into scratch for the per-row kernels: the file's pages are not read
-/// again. (Q5_K prompts of 64 rows
-/// and more take the float GEMM, which dequantizes from the copy too.)
+/// again. (Q5_K prompts of 64 rows and more take the float GEMM, which dequantizes from the
+/// copy too.)
 fn kquant_repacked_matmul(rep: &kquant::Repacked, acts: &kquant::Q8K, m: usize) -> Vec<f32> {
     let n = rep.rows();
     if m == 1 && rep.dots(acts, 0) {

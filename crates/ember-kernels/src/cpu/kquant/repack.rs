@@ -9,9 +9,11 @@
 //! words and its quants in its own 32-bit lane, so sixteen rows are decoded and summed at once
 //! (four products per lane and instruction against four broadcast activations) with no
 //! horizontal reduction. The bytes are the packed ones, moved: the copy is as large (the last
-//! group padded to sixteen rows; Q6_K's 210-byte blocks to 53 words, 1% more), and
-//! [`Repacked::unpack_group`] gives the packed rows back for the batched kernels,
-//! so the mapping's pages are not read again after the copy. The arithmetic is the per-row
+//! group padded to sixteen rows; Q6_K's 210-byte blocks to 53 words, 1% more). Prompt
+//! batches build their tiles from the lines (`super::tile::KTile::load_repacked`), and
+//! [`Repacked::unpack_group`] gives the packed rows back where a kernel needs them (Q6_K
+//! batches that mix folds, dequantization), so the mapping's pages are not read again after
+//! the copy. The arithmetic is the per-row
 //! kernels' (exact integer sums, then the same float steps per row), so every result keeps
 //! its bits (tested against them).
 
@@ -131,7 +133,10 @@ impl Repacked {
                         avx512::transpose_in(&rows16, nb, block, lines)
                     };
                     #[cfg(not(target_arch = "x86_64"))]
-                    let _ = (rows16, lines);
+                    {
+                        let _ = (rows16, lines);
+                        unreachable!("no repacked K-quants off x86-64")
+                    }
                 });
             let end = ((g0 + step) * GROUP_ROWS).min(rows);
             release(g0 * GROUP_ROWS * row_bytes..end * row_bytes);
@@ -182,8 +187,8 @@ impl Repacked {
         &self.q[g * n..(g + 1) * n]
     }
 
-    /// Writes group `g`'s rows, as packed blocks, to `out` (exactly [`group_rows`] rows):
-    /// what the batched kernels read.
+    /// Writes group `g`'s rows, as packed blocks, to `out` (exactly [`group_rows`] rows): for
+    /// the kernels that read packed rows.
     ///
     /// [`group_rows`]: Self::group_rows
     pub fn unpack_group(&self, g: usize, out: &mut [u8]) {
@@ -199,7 +204,10 @@ impl Repacked {
             avx512::transpose_out(self.group(g), self.nb, block, &mut rows)
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = rows;
+        {
+            let _ = rows;
+            unreachable!("no repacked K-quants off x86-64")
+        }
     }
 
     /// Rows `start..start + out.len() / cols` dequantized into `out` (whole rows), read from
@@ -294,7 +302,7 @@ impl Repacked {
 /// The 4-byte-word transposition between sixteen rows' blocks and a group's lines, sixteen
 /// words of sixteen rows at a time in registers. By hand because no crate transposes across
 /// vector lanes; the scalar copy it replaced (sixteen 4-byte moves a line) was part of the
-/// repack's cost at load and of every prompt batch's unpack.
+/// repack's cost at load.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -339,7 +347,7 @@ mod avx512 {
         o
     }
 
-    /// The byte mask of the `len` (at most 64) first bytes.
+    /// The byte mask of the first `len` bytes (all 64 from 64 up).
     fn first_bytes(len: usize) -> u64 {
         if len >= 64 { !0 } else { (1u64 << len) - 1 }
     }

@@ -146,7 +146,8 @@ impl KTile {
 /// [`KTile::load_repacked`]'s body: `lines` holds `nb` blocks of one group's lines.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F/BW and F16C; `tile`'s buffers must hold `nb` blocks.
+/// The CPU must support the features enabled below (AVX2, FMA, F16C, AVX-512 F/BW/VL/VNNI);
+/// `tile`'s buffers must hold `nb` blocks.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn load_lines(tile: &mut KTile, ty: GgmlType, lines: &[Line], nb: usize) {
     let words = ty.type_size().div_ceil(4);

@@ -71,7 +71,9 @@ impl std::ops::DerefMut for Lines {
 
 /// `n` zeroed lines (see [`Lines`]).
 pub(crate) fn zeroed_lines(n: usize) -> Lines {
-    let bytes = n * size_of::<Line>();
+    let bytes = n
+        .checked_mul(size_of::<Line>())
+        .expect("repacked copy larger than memory");
     if bytes > 0
         && let Ok(map) = memmap2::MmapMut::map_anon(bytes)
     {
