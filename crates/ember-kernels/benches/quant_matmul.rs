@@ -28,6 +28,10 @@
 //! through burn-flex's GEMM on dequantized weights rather than this function, so the K-quant
 //! m = 64 numbers here are not the model's prefill path.
 //!
+//! Types the loader repacks on this CPU (`QuantMatrix::repack`: on AVX-512 VNNI, Q4_0..Q8_0
+//! and Q4_K..Q6_K) run a second time from the repacked copy, as a loaded model does, with ids
+//! `<type>/<k>x<n>/repacked/m<m>`.
+//!
 //! Matrices are quantized lazily, only for the benches the filter selects (quantizing a
 //! 4096x4096 K-quant matrix takes a while). Defaults: 10 samples, 0.5 s warm-up, 2 s measurement;
 //! `--warm-up-time` / `--measurement-time` on the command line override them.
@@ -83,6 +87,12 @@ fn random(len: usize, range: f32, seed: u64) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-range..range)).collect()
 }
 
+/// Whether `QuantMatrix::repack` repacks `ty` on this CPU (tried on one small row).
+fn repackable(ty: GgmlType) -> bool {
+    let k = ty.block_size().max(256);
+    QuantMatrix::quantize(ty, 1, k, &random(k, 1.0, 1)).is_ok_and(|mut m| m.repack())
+}
+
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("quant_matmul");
     let cases = SHAPES
@@ -99,6 +109,16 @@ fn bench(c: &mut Criterion) {
                 QuantMatrix::quantize(ty, n, k, &values).unwrap()
             })
         };
+        // The repacked copy, or `None` where this CPU's kernels read the blocks as they are.
+        let r: OnceCell<Option<QuantMatrix>> = OnceCell::new();
+        let repacked = || {
+            r.get_or_init(|| {
+                let mut m = weights().clone();
+                m.repack().then_some(m)
+            })
+            .as_ref()
+        };
+        let repackable = repackable(ty);
         for m in BATCHES {
             let x = random(m * k, 3.0, m as u64);
             group.throughput(if m == 1 {
@@ -114,6 +134,15 @@ fn bench(c: &mut Criterion) {
                     b.iter(|| quant_matmul_rows(w, &x, m))
                 },
             );
+            if repackable {
+                group.bench_function(
+                    BenchmarkId::new(format!("{ty}/{k}x{n}/repacked"), format!("m{m}")),
+                    |b| {
+                        let w = repacked().expect("repackable on this CPU");
+                        b.iter(|| quant_matmul_rows(w, &x, m))
+                    },
+                );
+            }
         }
     }
     group.finish();
