@@ -33,8 +33,10 @@ mod repack;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+#[cfg(test)]
+pub(crate) use repack::RELEASE_STEP;
 pub use repack::Repacked;
-pub(crate) use repack::{Line, Lines, zeroed_lines};
+pub(crate) use repack::{GroupLayout, Line, Lines, repack_groups};
 
 /// Elements per block in every format handled here.
 pub const BLOCK: usize = 32;

@@ -22,13 +22,10 @@ use rayon::prelude::*;
 
 use super::Q8K;
 pub(super) use crate::cpu::q8::Line;
-use crate::cpu::q8::{Isa, isa, zeroed_lines};
+use crate::cpu::q8::{GroupLayout, Isa, isa, repack_groups};
 
 /// Rows per group: one per 32-bit lane of a 512-bit vector.
 pub const GROUP_ROWS: usize = 16;
-
-/// Source bytes repacked between two calls of [`Repacked::new_releasing`]'s `release`.
-const RELEASE_STEP: usize = 4 << 20;
 
 /// A Q4_K, Q5_K or Q6_K matrix's rows repacked for this CPU's decode kernel (see the module docs).
 pub struct Repacked {
@@ -107,40 +104,35 @@ impl Repacked {
             "not whole rows"
         );
         let words = block.div_ceil(4);
-        let per_group = nb * words;
-        let groups = rows.div_ceil(GROUP_ROWS);
-        // Line `t` of a block: word `t` of its sixteen rows.
-        let mut q = zeroed_lines(groups * per_group);
-        // Groups a step: about RELEASE_STEP bytes of the source.
-        let step = (RELEASE_STEP / (GROUP_ROWS * row_bytes)).max(1);
-        for (c, qc) in q.chunks_mut(step * per_group).enumerate() {
-            let g0 = c * step;
-            qc.par_chunks_mut(per_group)
-                .enumerate()
-                .for_each(|(i, lines)| {
-                    let first = (g0 + i) * GROUP_ROWS;
-                    // Each lane's row (lanes past the last row repeat it; their results are
-                    // never stored).
-                    let rows16: [&[u8]; GROUP_ROWS] = std::array::from_fn(|l| {
-                        let r = (first + l).min(rows - 1);
-                        &bytes[r * row_bytes..(r + 1) * row_bytes]
-                    });
-                    // SAFETY: a supported AVX-512 VNNI ISA was checked above (it implies F/BW);
-                    // `lines` holds the group's `nb` blocks of `words` lines and every row
-                    // `nb` blocks of `block` bytes.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        avx512::transpose_in(&rows16, nb, block, lines)
-                    };
-                    #[cfg(not(target_arch = "x86_64"))]
-                    {
-                        let _ = (rows16, lines);
-                        unreachable!("no repacked K-quants off x86-64")
-                    }
-                });
-            let end = ((g0 + step) * GROUP_ROWS).min(rows);
-            release(g0 * GROUP_ROWS * row_bytes..end * row_bytes);
-        }
+        let layout = GroupLayout {
+            groups: rows.div_ceil(GROUP_ROWS),
+            rows_per_group: GROUP_ROWS,
+            row_bytes,
+            // Line `t` of a block: word `t` of its sixteen rows.
+            q: nb * words,
+            s: 0,
+        };
+        let (q, _) = repack_groups(&layout, rows, release, |g: usize, lines, _| {
+            let first = g * GROUP_ROWS;
+            // Each lane's row (lanes past the last row repeat it; their results are never
+            // stored).
+            let rows16: [&[u8]; GROUP_ROWS] = std::array::from_fn(|l| {
+                let r = (first + l).min(rows - 1);
+                &bytes[r * row_bytes..(r + 1) * row_bytes]
+            });
+            // SAFETY: a supported AVX-512 VNNI ISA was checked above (it implies F/BW);
+            // `lines` holds the group's `nb` blocks of `words` lines and every row `nb`
+            // blocks of `block` bytes.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                avx512::transpose_in(&rows16, nb, block, lines)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = (rows16, lines);
+                unreachable!("no repacked K-quants off x86-64")
+            }
+        });
         Some(Repacked {
             ty,
             rows,
@@ -426,9 +418,10 @@ mod avx512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::{SoloRow, dot_rows_with, quantize_q8k};
     use super::*;
+    use crate::cpu::q8::RELEASE_STEP;
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
     fn avx512() -> bool {
@@ -440,8 +433,14 @@ mod tests {
     }
 
     /// `rows` rows of `k` values quantized to `ty`: random scales per row, every fourth row
-    /// extreme (the format's largest magnitudes, mixed signs), every fifth all zero.
-    fn weights(rng: &mut StdRng, ty: GgmlType, rows: usize, k: usize) -> Vec<u8> {
+    /// extreme (the format's largest magnitudes, mixed signs), every fifth all zero. The
+    /// repack and tile tests' weights.
+    pub(in crate::cpu::kquant) fn weights(
+        rng: &mut StdRng,
+        ty: GgmlType,
+        rows: usize,
+        k: usize,
+    ) -> Vec<u8> {
         let mut bytes = Vec::new();
         for r in 0..rows {
             let w: Vec<f32> = match r % 5 {

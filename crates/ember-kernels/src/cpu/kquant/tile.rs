@@ -18,6 +18,7 @@ use std::arch::x86_64::*;
 use ember_quant::{GgmlType, QK_K};
 
 use super::repack::{Line, Repacked};
+use super::x86::avx512::{lane_byte, lane_signed_byte, q4k_lane_scales, q6k_lane_values};
 use super::{Q6K_BYTES, Q8K, f16_at, q4k_scales, q45k_bytes};
 
 /// Weight rows per tile (vector lanes).
@@ -189,27 +190,9 @@ unsafe fn load_lines(tile: &mut KTile, ty: GgmlType, lines: &[Line], nb: usize) 
                         );
                     }
                 }
-                // `q4k_scales` per lane, as in `x86::avx512::repacked_dot`.
-                let (m1, m2, m3) = (
-                    _mm512_set1_epi32(0x3f3f_3f3f),
-                    _mm512_set1_epi32(0x0f0f_0f0f),
-                    _mm512_set1_epi32(0x0303_0303),
-                );
-                let (u0, u1, u2) = (line(1), line(2), line(3));
-                let sc_lo = _mm512_and_si512(u0, m1);
-                let sc_hi = _mm512_or_si512(
-                    _mm512_and_si512(u2, m2),
-                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u0), m3)),
-                );
-                let mn_lo = _mm512_and_si512(u1, m1);
-                let mn_hi = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi32::<4>(u2), m2),
-                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u1), m3)),
-                );
+                let [sc_lo, sc_hi, mn_lo, mn_hi] = q4k_lane_scales(line(1), line(2), line(3));
                 for s in 0..8 {
-                    let v = if s < 4 { sc_lo } else { sc_hi };
-                    let shifted = _mm512_srl_epi32(v, _mm_cvtsi32_si128(8 * (s % 4) as i32));
-                    put_sc(s, _mm512_and_si512(shifted, byte));
+                    put_sc(s, lane_byte(if s < 4 { sc_lo } else { sc_hi }, s % 4));
                 }
                 // Mins `2c` (low i16) and `2c + 1` (high i16): bytes `2c % 4`, `2c % 4 + 1`.
                 let mn = tile.mn.as_mut_ptr().add(b * 4 * ROWS);
@@ -224,37 +207,21 @@ unsafe fn load_lines(tile: &mut KTile, ty: GgmlType, lines: &[Line], nb: usize) 
                 }
             } else {
                 debug_assert_eq!(words, 53);
-                let m3 = _mm512_set1_epi8(3);
-                // Value group `32h + 8q + j`: nibbles of word `16h + j` (q even) or
-                // `16h + 8 + j` (q odd), low for q < 2 and high after, with bits `2q, 2q + 1`
-                // of high-bit word `32 + 8h + j` above them.
+                // Value group `32h + 8q + j`: chunk `q`'s values `4j..4j + 4` of half `h`,
+                // from its words `16h + j`, `16h + 8 + j` (nibbles) and `32 + 8h + j` (high
+                // bits).
                 for h in 0..2 {
                     for j in 0..8 {
                         let (ql0, ql1, qh) =
                             (line(16 * h + j), line(16 * h + 8 + j), line(32 + 8 * h + j));
-                        for q4 in 0..4 {
-                            let ql = if q4 % 2 == 0 { ql0 } else { ql1 };
-                            let nib = if q4 < 2 {
-                                _mm512_and_si512(ql, m4)
-                            } else {
-                                _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4)
-                            };
-                            let high = _mm512_and_si512(
-                                _mm512_srl_epi16(qh, _mm_cvtsi32_si128(2 * q4 as i32)),
-                                m3,
-                            );
-                            put_q(
-                                32 * h + 8 * q4 + j,
-                                _mm512_or_si512(nib, _mm512_slli_epi16::<4>(high)),
-                            );
+                        for q in 0..4 {
+                            put_q(32 * h + 8 * q + j, q6k_lane_values(ql0, ql1, qh, q));
                         }
                     }
                 }
                 // Scale `s`: signed byte `s % 4` of word `48 + s / 4`.
                 for s in 0..16 {
-                    let w = line(48 + s / 4);
-                    let up = _mm512_sll_epi32(w, _mm_cvtsi32_si128(24 - 8 * (s % 4) as i32));
-                    put_sc(s, _mm512_srai_epi32::<24>(up));
+                    put_sc(s, lane_signed_byte(line(48 + s / 4), s % 4));
                 }
             }
         }
@@ -458,6 +425,7 @@ unsafe fn q6k_rows<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::kquant::repack::tests::weights;
     use crate::cpu::kquant::{dot_rows_with, quantize_q8k};
     use crate::cpu::q8::Isa;
     use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -474,20 +442,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(0x7e_11);
         for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
             for (rows, k) in [(1, 256), (15, 512), (16, 256), (17, 768), (47, 2560)] {
-                let mut bytes = Vec::new();
-                for r in 0..rows {
-                    let w: Vec<f32> = match r % 5 {
-                        4 => vec![0.0; k],
-                        3 => (0..k)
-                            .map(|j| if j % 3 == 0 { -60.0 } else { 1.0 })
-                            .collect(),
-                        _ => {
-                            let scale = rng.random_range(0.001..8.0f32);
-                            (0..k).map(|_| rng.random_range(-scale..scale)).collect()
-                        }
-                    };
-                    bytes.extend(ember_quant::quantize(ty, &w).unwrap());
-                }
+                let bytes = weights(&mut rng, ty, rows, k);
                 let rep = Repacked::new_with(Isa::Avx512Vnni, ty, &bytes, rows, k).unwrap();
                 let row_bytes = k / QK_K * ty.type_size();
                 let (mut want, mut got) = (KTile::default(), KTile::default());

@@ -433,6 +433,99 @@ pub mod avx2 {
 pub mod avx512 {
     use super::*;
 
+    /// `q4k_scales` of sixteen repacked Q4_K/Q5_K rows at once, one row a lane, from the
+    /// block's three scale words `u0, u1, u2` (its lines 1-3): `[scales 0..4, scales 4..8,
+    /// mins 0..4, mins 4..8]`, value `s` in byte `s % 4` of its vector ([`lane_byte`]).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW, inlined into a function that enables them.
+    #[inline(always)]
+    pub(in crate::cpu::kquant) unsafe fn q4k_lane_scales(
+        u0: __m512i,
+        u1: __m512i,
+        u2: __m512i,
+    ) -> [__m512i; 4] {
+        // SAFETY: the caller enables the features (this is inlined into it).
+        unsafe {
+            let (m1, m2, m3) = (
+                _mm512_set1_epi32(0x3f3f_3f3f),
+                _mm512_set1_epi32(0x0f0f_0f0f),
+                _mm512_set1_epi32(0x0303_0303),
+            );
+            // The high two bits of scales (mins) 4..8 sit above scales (mins) 0..4.
+            let high = |u: __m512i| {
+                _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u), m3))
+            };
+            [
+                _mm512_and_si512(u0, m1),
+                _mm512_or_si512(_mm512_and_si512(u2, m2), high(u0)),
+                _mm512_and_si512(u1, m1),
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32::<4>(u2), m2), high(u1)),
+            ]
+        }
+    }
+
+    /// Byte `i` (0..4) of every lane of `v`, zero-extended.
+    ///
+    /// # Safety
+    /// AVX-512 F, inlined into a function that enables it.
+    #[inline(always)]
+    pub(in crate::cpu::kquant) unsafe fn lane_byte(v: __m512i, i: usize) -> __m512i {
+        // SAFETY: the caller enables the features (this is inlined into it).
+        unsafe {
+            _mm512_and_si512(
+                _mm512_srl_epi32(v, _mm_cvtsi32_si128(8 * i as i32)),
+                _mm512_set1_epi32(0xFF),
+            )
+        }
+    }
+
+    /// Signed byte `i` (0..4) of every lane of `v`, sign-extended: Q6_K's scale `4w + i` from
+    /// its scale word `w`.
+    ///
+    /// # Safety
+    /// AVX-512 F, inlined into a function that enables it.
+    #[inline(always)]
+    pub(in crate::cpu::kquant) unsafe fn lane_signed_byte(v: __m512i, i: usize) -> __m512i {
+        // SAFETY: the caller enables the features (this is inlined into it).
+        unsafe {
+            let up = _mm512_sll_epi32(v, _mm_cvtsi32_si128(24 - 8 * i as i32));
+            _mm512_srai_epi32::<24>(up)
+        }
+    }
+
+    /// Sixteen repacked Q6_K rows' values `4j..4j + 4` of 32-value chunk `q` (0..4) of a half
+    /// block, one row a lane, unsigned (0..63): the nibbles of `ql0` (q even) or `ql1` (q
+    /// odd), low for q < 2 and high after, with bits `2q, 2q + 1` of the high-bit word `qh`
+    /// above them. `ql0`, `ql1` and `qh` are the half's words `j` of its first and second 32
+    /// bytes of nibbles and of its high bits.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW, inlined into a function that enables them.
+    #[inline(always)]
+    pub(in crate::cpu::kquant) unsafe fn q6k_lane_values(
+        ql0: __m512i,
+        ql1: __m512i,
+        qh: __m512i,
+        q: usize,
+    ) -> __m512i {
+        // SAFETY: the caller enables the features (this is inlined into it).
+        unsafe {
+            let m4 = _mm512_set1_epi8(0xF);
+            let ql = if q.is_multiple_of(2) { ql0 } else { ql1 };
+            let nib = if q < 2 {
+                _mm512_and_si512(ql, m4)
+            } else {
+                _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4)
+            };
+            let high = _mm512_and_si512(
+                _mm512_srl_epi16(qh, _mm_cvtsi32_si128(2 * q as i32)),
+                _mm512_set1_epi8(3),
+            );
+            _mm512_or_si512(nib, _mm512_slli_epi16::<4>(high))
+        }
+    }
+
     /// # Safety
     /// As [`super::avx2::dot_q4k`], on a CPU with AVX-512 F/BW/VL/VNNI too.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -666,14 +759,8 @@ pub mod avx512 {
         // Line offsets in a block: d/dmin, the three scale words, Q5_K's eight words of fifth
         // bits, then the 32 words of nibbles.
         let nib = if Q5 { 12 } else { 4 };
-        let byte = _mm512_set1_epi32(0xFF);
         let m4 = _mm512_set1_epi8(0xF);
         let one = _mm512_set1_epi8(1);
-        let (m1, m2, m3) = (
-            _mm512_set1_epi32(0x3f3f_3f3f),
-            _mm512_set1_epi32(0x0f0f_0f0f),
-            _mm512_set1_epi32(0x0303_0303),
-        );
         let mut acc = _mm512_setzero_ps();
         let mut acc_min = _mm512_setzero_ps();
         for b in 0..nb {
@@ -697,25 +784,10 @@ pub mod avx512 {
                     _mm512_load_si512(l.add(2).cast()),
                     _mm512_load_si512(l.add(3).cast()),
                 );
-                // `q4k_scales` per lane: scales and mins 0..4 in `*_lo`, 4..8 in `*_hi`.
-                let sc_lo = _mm512_and_si512(u0, m1);
-                let sc_hi = _mm512_or_si512(
-                    _mm512_and_si512(u2, m2),
-                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u0), m3)),
-                );
-                let mn_lo = _mm512_and_si512(u1, m1);
-                let mn_hi = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi32::<4>(u2), m2),
-                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u1), m3)),
-                );
+                // Scales and mins 0..4 in `*_lo`, 4..8 in `*_hi`.
+                let [sc_lo, sc_hi, mn_lo, mn_hi] = q4k_lane_scales(u0, u1, u2);
                 // Scale `s` of every row as an i32 lane.
-                let scale = |s: usize| {
-                    let v = if s < 4 { sc_lo } else { sc_hi };
-                    _mm512_and_si512(
-                        _mm512_srl_epi32(v, _mm_cvtsi32_si128(8 * (s % 4) as i32)),
-                        byte,
-                    )
-                };
+                let scale = |s: usize| lane_byte(if s < 4 { sc_lo } else { sc_hi }, s % 4);
                 let y = qs.as_ptr().add(b * QK_K);
                 let yw = |off: usize| {
                     _mm512_set1_epi32(std::ptr::read_unaligned(y.add(off).cast::<i32>()))
@@ -755,6 +827,7 @@ pub mod avx512 {
                 // activation sums of their 32 values each (at most 32 * 127: exact in i16).
                 let bs = &bsums[b * 16..(b + 1) * 16];
                 let mut imin = _mm512_setzero_si512();
+                let byte = _mm512_set1_epi32(0xFF);
                 for k in 0..4 {
                     let v = if k < 2 { mn_lo } else { mn_hi };
                     let pair = if k % 2 == 0 {
@@ -829,8 +902,6 @@ pub mod avx512 {
         let words = Q6K_BYTES.div_ceil(4);
         assert!(lines.len() == nb * words, "not the group's lines");
         assert!(qs.len() >= nb * QK_K && d.len() >= nb && bsums.len() >= nb * 16);
-        let m4 = _mm512_set1_epi8(0xF);
-        let m3 = _mm512_set1_epi8(3);
         let low16 = _mm512_set1_epi32(0xFFFF);
         let mut acc = [_mm512_setzero_ps(); 8];
         for b in 0..nb {
@@ -846,11 +917,7 @@ pub mod avx512 {
                 let line = |t: usize| _mm512_load_si512(l.add(t).cast());
                 // Scale `j` (signed byte `j % 4` of word `48 + j / 4`) of every row, as an i32
                 // lane; `dup` puts it in both i16 halves.
-                let scale = |j: usize| {
-                    let w = line(48 + j / 4);
-                    let up = _mm512_sll_epi32(w, _mm_cvtsi32_si128(24 - 8 * (j % 4) as i32));
-                    _mm512_srai_epi32::<24>(up)
-                };
+                let scale = |j: usize| lane_signed_byte(line(48 + j / 4), j % 4);
                 let dup = |s: __m512i| {
                     _mm512_or_si512(_mm512_and_si512(s, low16), _mm512_slli_epi32::<16>(s))
                 };
@@ -873,17 +940,7 @@ pub mod avx512 {
                             line(32 + 8 * n + lane),
                         );
                         for q in 0..4 {
-                            let ql = if q % 2 == 0 { ql0 } else { ql1 };
-                            let nib = if q < 2 {
-                                _mm512_and_si512(ql, m4)
-                            } else {
-                                _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4)
-                            };
-                            let high = _mm512_and_si512(
-                                _mm512_srl_epi16(qh, _mm_cvtsi32_si128(2 * q as i32)),
-                                m3,
-                            );
-                            let v = _mm512_or_si512(nib, _mm512_slli_epi16::<4>(high));
+                            let v = q6k_lane_values(ql0, ql1, qh, q);
                             let t = 4 * n + q;
                             // Unsigned 6-bit values: pairs of products at most 2 * 63 * 127,
                             // exact in i16; then scaled pairs into i32.

@@ -15,14 +15,13 @@
 //! mapping's pages go (`ember_formats::SharedBytes::release`).
 
 use ember_quant::GgmlType;
-#[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
 
 use super::{BLOCK, Batch, Isa, TILE_ROWS, Tile, isa};
 
-/// Source bytes repacked between two calls of [`Repacked::new_releasing`]'s `release`.
-#[cfg(target_arch = "x86_64")]
-const RELEASE_STEP: usize = 4 << 20;
+/// Source bytes repacked between two calls of a `new_releasing`'s `release` (this module's
+/// and `kquant::Repacked`'s).
+pub(crate) const RELEASE_STEP: usize = 4 << 20;
 
 /// A 64-byte-aligned line of repacked values: one vector load each, never split across
 /// cache lines.
@@ -80,6 +79,58 @@ pub(crate) fn zeroed_lines(n: usize) -> Lines {
         return Lines::Mapped(map);
     }
     Lines::Heap(bytemuck::zeroed_vec(n))
+}
+
+/// A repacked copy's buffers: `q` lines and `s` scale entries a group.
+pub(crate) struct GroupLayout {
+    pub groups: usize,
+    pub rows_per_group: usize,
+    /// Bytes a source row.
+    pub row_bytes: usize,
+    /// Lines and (possibly no) scale entries a group.
+    pub q: usize,
+    pub s: usize,
+}
+
+/// The repacking loop both repacked layouts share: fills every group of a fresh copy with
+/// `fill(g, lines, scales)` on the workers, about [`RELEASE_STEP`] source bytes at a time,
+/// calling `release` with each step's source byte range once its groups are copied.
+pub(crate) fn repack_groups(
+    layout: &GroupLayout,
+    rows: usize,
+    release: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    fill: impl Fn(usize, &mut [Line], &mut [u16]) + Sync,
+) -> (Lines, Vec<u16>) {
+    let GroupLayout {
+        groups,
+        rows_per_group,
+        row_bytes,
+        q: qn,
+        s: sn,
+    } = *layout;
+    assert!(qn > 0, "a group holds lines");
+    let overflow = "repacked copy larger than memory";
+    let mut q = zeroed_lines(groups.checked_mul(qn).expect(overflow));
+    let mut s = vec![0u16; groups.checked_mul(sn).expect(overflow)];
+    let step = (RELEASE_STEP / (rows_per_group * row_bytes).max(1)).max(1);
+    for (c, qc) in q.chunks_mut(step * qn).enumerate() {
+        let g0 = c * step;
+        let n = qc.len() / qn;
+        let sc = &mut s[g0 * sn..(g0 + n) * sn];
+        // Scale entries a group, or one empty slice each where a layout has none.
+        let scales: Vec<&mut [u16]> = if sn == 0 {
+            (0..n).map(|_| <&mut [u16]>::default()).collect()
+        } else {
+            sc.chunks_mut(sn).collect()
+        };
+        qc.par_chunks_mut(qn)
+            .zip(scales)
+            .enumerate()
+            .for_each(|(i, (qg, sg))| fill(g0 + i, qg, sg));
+        let end = ((g0 + n) * rows_per_group).min(rows);
+        release(g0 * rows_per_group * row_bytes..end * row_bytes);
+    }
+    (q, s)
 }
 
 /// A matrix's rows repacked for this CPU's kernels (see the module docs): groups of
@@ -163,31 +214,20 @@ impl Repacked {
                 row_bytes.checked_mul(rows),
                 "not whole rows"
             );
-            let groups = rows.div_ceil(TILE_ROWS);
-            let mut q = zeroed_lines(groups * nb * ql);
-            let mut s = vec![0u16; groups * nb * sl];
-            // Groups a step: about RELEASE_STEP bytes of the source.
-            let step = (RELEASE_STEP / (TILE_ROWS * row_bytes)).max(1);
-            for (c, (qc, sc)) in q
-                .chunks_mut(step * nb * ql)
-                .zip(s.chunks_mut(step * nb * sl))
-                .enumerate()
-            {
-                let g0 = c * step;
-                qc.par_chunks_mut(nb * ql)
-                    .zip(sc.par_chunks_mut(nb * sl))
-                    .enumerate()
-                    .for_each(|(i, (qg, sg))| {
-                        let g = g0 + i;
-                        let end = ((g + 1) * TILE_ROWS).min(rows);
-                        let group = &bytes[g * TILE_ROWS * row_bytes..end * row_bytes];
-                        // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI
-                        // (checked above); the kernel checks the group's sizes.
-                        unsafe { super::x86::avx512_repack_group(ty, group, row_bytes, qg, sg) };
-                    });
-                let end = ((g0 + step) * TILE_ROWS).min(rows);
-                release(g0 * TILE_ROWS * row_bytes..end * row_bytes);
-            }
+            let layout = GroupLayout {
+                groups: rows.div_ceil(TILE_ROWS),
+                rows_per_group: TILE_ROWS,
+                row_bytes,
+                q: nb * ql,
+                s: nb * sl,
+            };
+            let (q, s) = repack_groups(&layout, rows, release, |g: usize, qg, sg| {
+                let end = ((g + 1) * TILE_ROWS).min(rows);
+                let group = &bytes[g * TILE_ROWS * row_bytes..end * row_bytes];
+                // SAFETY: the CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked
+                // above); the kernel checks the group's sizes.
+                unsafe { super::x86::avx512_repack_group(ty, group, row_bytes, qg, sg) };
+            });
             Some(Repacked {
                 ty,
                 rows,
