@@ -24,9 +24,10 @@
 //! What runs is exactly `quant_matmul_rows`: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 take the 8-bit
 //! activation path (packed dots for m = 1 and for m up to 8, unpacked tiles above); K-quants
 //! quantize activations to Q8_K and take integer dots per (row, activation row) (`cpu::kquant`);
-//! F16 takes `ember_quant::dot_row`. In the model (burn-flex), K-quant matmuls with m >= 64 go
-//! through burn-flex's GEMM on dequantized weights rather than this function, so the K-quant
-//! m = 64 numbers here are not the model's prefill path.
+//! F16 takes `ember_quant::dot_row`. In the model (burn-flex), Q4_K and Q6_K take this function
+//! at every batch size (llama.cpp's integer arithmetic, bit for bit); the other K-quants go
+//! through burn-flex's GEMM on dequantized weights from 64 rows, so their m = 64 numbers here
+//! are not the model's prefill path.
 //!
 //! Types the loader repacks on this CPU (`QuantMatrix::repack`: on AVX-512 VNNI, Q4_0..Q8_0
 //! and Q4_K..Q6_K) run a second time from the repacked copy, as a loaded model does, with ids
