@@ -65,6 +65,12 @@ trait Conv: Copy + Send + Sync {
             *a = f16_fma(x, v, *a);
         }
     }
+    /// `dst[j][i] = src[i][j]` for `src: [TILE_KV][d]`, `dst: [d][TILE_KV]` (the tiled path's
+    /// K tile, moved as it is).
+    #[inline(always)]
+    fn transpose_tile(self, src: &[f32], d: usize, dst: &mut [f32]) {
+        transpose_tile(src, d, dst);
+    }
     /// Runs one task of the kernel, compiled for this converter's instruction set.
     #[inline(always)]
     fn task<R: Rows<Self>>(self, c: &Call<'_, R, Self>, t: Task<'_>, sc: &mut Scratch) {
@@ -218,6 +224,15 @@ impl Conv for F16c {
     }
 
     #[inline(always)]
+    fn transpose_tile(self, src: &[f32], d: usize, dst: &mut [f32]) {
+        if self.avx512 && d.is_multiple_of(16) {
+            // SAFETY: `self` proves AVX-512 F; `d` is a multiple of 16 (checked).
+            return unsafe { transpose_tile_avx512(src, d, dst) };
+        }
+        transpose_tile(src, d, dst);
+    }
+
+    #[inline(always)]
     fn task<R: Rows<Self>>(self, c: &Call<'_, R, Self>, t: Task<'_>, sc: &mut Scratch) {
         if self.avx512 {
             if one_row_x86::supports(c.d, c.group)
@@ -258,6 +273,44 @@ fn task_avx2<R: Rows<F16c>>(c: &Call<'_, R, F16c>, t: Task<'_>, sc: &mut Scratch
 #[target_feature(enable = "avx2,fma,f16c")]
 fn tiled_avx2<R: Rows<F16c>>(c: &Call<'_, R, F16c>, b: &Block, sc: &mut TiledScratch) {
     tiled(c, b, sc)
+}
+
+/// [`Conv::transpose_tile`], one element at a time.
+#[inline(always)]
+fn transpose_tile(src: &[f32], d: usize, dst: &mut [f32]) {
+    let (src, dst) = (&src[..TILE_KV * d], &mut dst[..d * TILE_KV]);
+    for (i, row) in src.chunks_exact(d).enumerate() {
+        for (j, &x) in row.iter().enumerate() {
+            dst[j * TILE_KV + i] = x;
+        }
+    }
+}
+
+/// [`transpose_tile`] sixteen by sixteen in registers: the scalar scatter, four bytes a
+/// store, was about a fifth of the tiled path's time at head dim 256 (`perf annotate`).
+///
+/// # Safety
+/// The CPU must support AVX-512 F; `d` must be a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_tile_avx512(src: &[f32], d: usize, dst: &mut [f32]) {
+    assert!(d.is_multiple_of(16) && TILE_KV.is_multiple_of(16));
+    let (src, dst) = (&src[..TILE_KV * d], &mut dst[..d * TILE_KV]);
+    for i0 in (0..TILE_KV).step_by(16) {
+        for j0 in (0..d).step_by(16) {
+            // SAFETY: rows `i0..i0 + 16` and columns `j0..j0 + 16` lie in `src` ([TILE_KV][d])
+            // and their transposes in `dst` ([d][TILE_KV]); unaligned loads and stores.
+            unsafe {
+                let r: [__m512i; 16] = std::array::from_fn(|i| {
+                    _mm512_loadu_si512(src.as_ptr().add((i0 + i) * d + j0).cast())
+                });
+                let o = super::kquant::repack::avx512::transpose(r);
+                for (j, v) in o.iter().enumerate() {
+                    _mm512_storeu_si512(dst.as_mut_ptr().add((j0 + j) * TILE_KV + i0).cast(), *v);
+                }
+            }
+        }
+    }
 }
 
 /// [`tiled`] compiled for AVX-512 F as well (same operations, wider vectors).
@@ -926,8 +979,8 @@ struct TiledScratch {
     /// Running max and softmax denominator per query vector.
     m: Vec<f32>,
     s: Vec<f32>,
-    /// One converted K row.
-    krow: Vec<f32>,
+    /// The current tile's K rows as read, `[TILE_KV][d]` (keys past the sequence zero).
+    krows: Vec<f32>,
     rows: [usize; TILE_KV],
 }
 
@@ -942,7 +995,7 @@ impl TiledScratch {
             v: vec![0.0; TILE_KV * d],
             m: vec![0.0; mq],
             s: vec![0.0; mq],
-            krow: vec![0.0; d],
+            krows: vec![0.0; TILE_KV * d],
             rows: [0; TILE_KV],
         }
     }
@@ -1030,7 +1083,7 @@ fn tiled<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, b: &Block<'_>, sc: &mut TiledS
         v,
         m,
         s,
-        krow,
+        krows,
         rows,
     } = sc;
     for i in 0..n {
@@ -1051,18 +1104,14 @@ fn tiled<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, b: &Block<'_>, sc: &mut TiledS
         fill_rows(c, seq, kvh, lo..end, &mut rows[skip..len]);
         for (tk, &r) in rows[skip..len].iter().enumerate() {
             let tk = skip + tk;
-            c.k.read(conv, r, krow);
-            for (dk, &x) in krow.iter().enumerate() {
-                kt[dk * TILE_KV + tk] = x;
-            }
+            c.k.read(conv, r, &mut krows[tk * d..(tk + 1) * d]);
             c.v.read(conv, r, &mut v[tk * d..(tk + 1) * d]);
         }
-        for dk in 0..d {
-            kt[dk * TILE_KV..dk * TILE_KV + skip].fill(0.0);
-            kt[dk * TILE_KV + len..(dk + 1) * TILE_KV].fill(0.0);
+        for buf in [&mut *krows, &mut *v] {
+            buf[..skip * d].fill(0.0);
+            buf[len * d..].fill(0.0);
         }
-        v[..skip * d].fill(0.0);
-        v[len * d..].fill(0.0);
+        conv.transpose_tile(krows, d, kt);
         kq[..mq * TILE_KV].fill(0.0);
         gemm_acc(kq, q, kt, mq, d, TILE_KV);
         for (qi, row) in kq[..mq * TILE_KV].chunks_exact_mut(TILE_KV).enumerate() {

@@ -296,7 +296,7 @@ impl Repacked {
 /// vector lanes; the scalar copy it replaced (sixteen 4-byte moves a line) was part of the
 /// repack's cost at load.
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{GROUP_ROWS, Line};
@@ -308,7 +308,7 @@ mod avx512 {
     /// The CPU must support AVX-512 F.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
+    pub(crate) unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
         let mut t = [_mm512_setzero_si512(); 16];
         for p in 0..8 {
             t[2 * p] = _mm512_unpacklo_epi32(r[2 * p], r[2 * p + 1]);
