@@ -131,8 +131,19 @@ pub fn quantize_q8k(x: &[f32], k: usize) -> Q8K {
 }
 
 /// One 256-value block of [`quantize_q8k`]: its values, scale and sixteen sums (left zero for
-/// an all-zero block, as ggml does).
+/// an all-zero block, as ggml does). AVX-512 where the CPU has it (the same bytes, tested).
 fn quantize_q8k_block(xb: &[f32], qs: &mut [i8], d: &mut f32, bsums: &mut [i16]) {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx512Vnni.supported() {
+        // SAFETY: the CPU has AVX-512 F/BW (implied by the ISA checked); the slices are one
+        // block's, as the function asserts.
+        return unsafe { x86::avx512::quantize_q8k_block(xb, qs, d, bsums) };
+    }
+    quantize_q8k_block_scalar(xb, qs, d, bsums)
+}
+
+/// [`quantize_q8k_block`] in scalar code: `quantize_row_q8_K_ref`'s block, transcribed.
+fn quantize_q8k_block_scalar(xb: &[f32], qs: &mut [i8], d: &mut f32, bsums: &mut [i16]) {
     let (mut max, mut amax) = (0.0f32, 0.0f32);
     for &v in xb {
         if v.abs() > amax {
@@ -592,6 +603,47 @@ mod tests {
 
     /// Inputs split across the workers (from `2 * Q8K_BLOCKS_PER_TASK` blocks) give each
     /// block what quantizing it alone gives, at the split's edge and past it, zero blocks too.
+    #[test]
+    fn q8k_vector_blocks_equal_the_scalar_ones() {
+        let mut rng = StdRng::seed_from_u64(0x9b);
+        for case in 0..400 {
+            let scale = [1e-30f32, 1e-3, 1.0, 7.5, 3e4][case % 5];
+            let mut x: Vec<f32> = (0..QK_K).map(|_| rng.random_range(-scale..scale)).collect();
+            match case % 7 {
+                // The largest magnitude twice with both signs: the first one sets the sign.
+                1 => {
+                    let (i, j) = (rng.random_range(0..QK_K), rng.random_range(0..QK_K));
+                    x[i] = 2.0 * scale;
+                    x[j] = -2.0 * scale;
+                }
+                2 => x.fill(0.0),
+                3 => x.iter_mut().for_each(|v| *v = v.abs()),
+                4 => {
+                    x.fill(0.0);
+                    x[rng.random_range(0..QK_K)] = -scale;
+                }
+                5 => x.iter_mut().step_by(3).for_each(|v| *v = -0.0),
+                // Values that are not finite: NaN is skipped by the maximum, infinity is it.
+                6 => {
+                    let i = rng.random_range(0..QK_K);
+                    x[i] = if case % 2 == 0 {
+                        f32::NAN
+                    } else {
+                        f32::INFINITY
+                    };
+                }
+                _ => {}
+            }
+            let mut want = (vec![0i8; QK_K], 0.0f32, vec![0i16; 16]);
+            let mut got = (vec![0i8; QK_K], 0.0f32, vec![0i16; 16]);
+            quantize_q8k_block_scalar(&x, &mut want.0, &mut want.1, &mut want.2);
+            quantize_q8k_block(&x, &mut got.0, &mut got.1, &mut got.2);
+            assert_eq!(got.0, want.0, "case {case}: values");
+            assert_eq!(got.1.to_bits(), want.1.to_bits(), "case {case}: d");
+            assert_eq!(got.2, want.2, "case {case}: sums");
+        }
+    }
+
     #[test]
     fn q8k_split_across_workers_equals_block_by_block() {
         let mut rng = StdRng::seed_from_u64(0x98);

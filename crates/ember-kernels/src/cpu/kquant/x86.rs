@@ -433,6 +433,56 @@ pub mod avx2 {
 pub mod avx512 {
     use super::*;
 
+    /// `super::super::quantize_q8k_block_scalar` sixteen values at a time, the same bytes:
+    /// the largest magnitude by a lane-wise maximum, then the first value that has it (its
+    /// sign sets the scale's, as the scalar scan's first strict maximum does); each value's
+    /// product and `nearest_int` as the scalar code's; the sums of sixteen exact in i32.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F and BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn quantize_q8k_block(xb: &[f32], qs: &mut [i8], d: &mut f32, bsums: &mut [i16]) {
+        assert!(xb.len() == QK_K && qs.len() == QK_K && bsums.len() == 16);
+        // SAFETY (all below): `16 * g + 16 <= QK_K` for every vector `g` of the block.
+        unsafe {
+            let at = |g: usize| _mm512_loadu_ps(xb.as_ptr().add(16 * g));
+            let mut vmax = _mm512_setzero_ps();
+            for g in 0..16 {
+                // NaN magnitudes are skipped, as the scalar `>` skips them: `max_ps` returns
+                // its second operand when either is NaN.
+                vmax = _mm512_max_ps(_mm512_abs_ps(at(g)), vmax);
+            }
+            let amax = _mm512_reduce_max_ps(vmax);
+            if amax == 0.0 {
+                return;
+            }
+            let mut max = 0.0f32;
+            for g in 0..16 {
+                let hit =
+                    _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(at(g)), _mm512_set1_ps(amax));
+                if hit != 0 {
+                    max = xb[16 * g + hit.trailing_zeros() as usize];
+                    break;
+                }
+            }
+            let iscale = -127.0f32 / max;
+            let (iv, shift) = (_mm512_set1_ps(iscale), _mm512_set1_ps(12_582_912.0));
+            let (low, half) = (
+                _mm512_set1_epi32(0x007f_ffff),
+                _mm512_set1_epi32(0x0040_0000),
+            );
+            for (g, sum) in bsums.iter_mut().enumerate() {
+                // `nearest_int(iscale * v).min(127)`: the product rounds once, as in scalar code.
+                let bits = _mm512_castps_si512(_mm512_add_ps(_mm512_mul_ps(iv, at(g)), shift));
+                let q = _mm512_sub_epi32(_mm512_and_si512(bits, low), half);
+                let q = _mm512_min_epi32(q, _mm512_set1_epi32(127));
+                _mm_storeu_si128(qs.as_mut_ptr().add(16 * g).cast(), _mm512_cvtepi32_epi8(q));
+                *sum = _mm512_reduce_add_epi32(q) as i16;
+            }
+            *d = 1.0 / iscale;
+        }
+    }
+
     /// `q4k_scales` of sixteen repacked Q4_K/Q5_K rows at once, one row a lane, from the
     /// block's three scale words `u0, u1, u2` (its lines 1-3): `[scales 0..4, scales 4..8,
     /// mins 0..4, mins 4..8]`, value `s` in byte `s % 4` of its vector ([`lane_byte`]).
