@@ -333,7 +333,9 @@ fn load_model(
     if let Some(draft) = &spec.draft_model {
         builder = builder.draft_model(draft);
     }
-    builder.load().map_err(|e| flag_error(e, "--ctx-size"))
+    let model = builder.load().map_err(|e| flag_error(e, "--ctx-size"))?;
+    crate::memory::tune_for_inference();
+    Ok(model)
 }
 
 /// The facade's KV errors in the command line's terms (`ctx_flag`: the flag that set the
@@ -664,11 +666,9 @@ fn open(model: &ModelArg) -> Result<LoadedModel> {
     // The device first: an unknown name or a build without it fails before any download.
     let device = ember_models::device_by_name(&model.device)?;
     let path = ember_hub::resolve(&model.model)?;
-    Ok(LoadedModel::open_with(
-        &path,
-        &device,
-        &model.load_options(),
-    )?)
+    let loaded = LoadedModel::open_with(&path, &device, &model.load_options())?;
+    crate::memory::tune_for_inference();
+    Ok(loaded)
 }
 
 impl GenerateArgs {

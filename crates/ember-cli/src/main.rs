@@ -5,6 +5,7 @@ mod commands;
 #[cfg(feature = "distill")]
 mod distill;
 mod inspect;
+mod memory;
 
 use std::process::ExitCode;
 
