@@ -26,6 +26,7 @@ use std::sync::OnceLock;
 
 use ember_quant::GgmlType;
 use half::f16;
+use rayon::prelude::*;
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -149,12 +150,39 @@ pub fn quantize_acts_with(isa: Isa, x: &[f32], k: usize, fmt: ActFormat) -> Quan
         Isa::Neon if isa.supported() => scalar::quantize_acts(x, k, fmt),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni if isa.supported() => {
-            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
-            unsafe { x86::avx2::quantize_acts(x, k, fmt) }
+            assert!(k.is_multiple_of(BLOCK), "k is not a multiple of {BLOCK}");
+            let nb = x.len() / BLOCK;
+            let mut acts = QuantizedActs {
+                k,
+                qs: vec![0; nb * BLOCK],
+                d: vec![0.0; nb],
+                s: vec![0.0; nb],
+            };
+            let x = &x[..nb * BLOCK];
+            // SAFETY (every call): the CPU supports AVX2, FMA and F16C (checked at run time).
+            let run = |x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]| unsafe {
+                x86::avx2::quantize_acts_into(x, qs, d, s, fmt)
+            };
+            if nb < 2 * ACT_BLOCKS_PER_TASK {
+                run(x, &mut acts.qs, &mut acts.d, &mut acts.s);
+            } else {
+                // Each block is quantized alone, so the split gives the same bytes.
+                x.par_chunks(ACT_BLOCKS_PER_TASK * BLOCK)
+                    .zip(acts.qs.par_chunks_mut(ACT_BLOCKS_PER_TASK * BLOCK))
+                    .zip(acts.d.par_chunks_mut(ACT_BLOCKS_PER_TASK))
+                    .zip(acts.s.par_chunks_mut(ACT_BLOCKS_PER_TASK))
+                    .for_each(|(((x, qs), d), s)| run(x, qs, d, s));
+            }
+            acts
         }
         _ => panic!("{isa:?} is not supported by this CPU"),
     }
 }
+
+/// Blocks a task of [`quantize_acts`] takes once an input holds at least twice as many: a
+/// prompt's activations are quantized on every worker, a decode row (SmolLM2: 18 to 48
+/// blocks) on the calling thread.
+const ACT_BLOCKS_PER_TASK: usize = 256;
 
 /// One weight row unpacked to `i8` values with per-block scale `d` and offset `m`.
 #[derive(Default)]
@@ -260,10 +288,16 @@ pub fn prepare_batch_with(isa: Isa, x: &[f32], k: usize, m: usize, fmt: ActForma
     assert_eq!(x.len(), m * k, "x is not m rows of k");
     let acts = quantize_acts_with(isa, x, k, fmt);
     let corr = if isa == Isa::Avx512Vnni && fmt == ActFormat::Q8_0 {
-        acts.qs
-            .chunks_exact(4)
-            .map(|g| -128 * g.iter().map(|&v| v as i32).sum::<i32>())
-            .collect()
+        let group = |g: &[i8]| -128 * g.iter().map(|&v| v as i32).sum::<i32>();
+        if acts.qs.len() < 2 * ACT_BLOCKS_PER_TASK * BLOCK {
+            acts.qs.chunks_exact(4).map(group).collect()
+        } else {
+            acts.qs
+                .par_chunks_exact(4)
+                .with_min_len(ACT_BLOCKS_PER_TASK * BLOCK / 4)
+                .map(group)
+                .collect()
+        }
     } else {
         Vec::new()
     };
@@ -597,6 +631,41 @@ mod scalar {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// Prompt-sized inputs are quantized on every worker: the same bytes as block by block,
+    /// at the split's edge and past it, for both formats (with the Q8_0 corrections).
+    #[test]
+    fn split_activation_quantization_equals_block_by_block() {
+        let mut rng = StdRng::seed_from_u64(0xac7);
+        let edge = 2 * ACT_BLOCKS_PER_TASK;
+        for nb in [edge - 1, edge, edge + 1, 3 * edge + 7] {
+            let mut x: Vec<f32> = (0..nb * BLOCK)
+                .map(|_| rng.random_range(-6.0..6.0f32))
+                .collect();
+            x[5 * BLOCK..6 * BLOCK].fill(0.0);
+            for fmt in [ActFormat::Q8_0, ActFormat::Q8_1] {
+                let all = prepare_batch(&x, BLOCK, nb, fmt);
+                for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
+                    let one = prepare_batch(xb, BLOCK, 1, fmt);
+                    let at = format!("{fmt:?} {nb}: block {b}");
+                    assert_eq!(
+                        all.acts.qs[b * BLOCK..(b + 1) * BLOCK],
+                        one.acts.qs[..],
+                        "{at}"
+                    );
+                    assert_eq!(all.acts.d[b].to_bits(), one.acts.d[0].to_bits(), "{at}");
+                    assert_eq!(all.acts.s[b].to_bits(), one.acts.s[0].to_bits(), "{at}");
+                    if !one.corr.is_empty() {
+                        assert_eq!(
+                            all.corr[b * BLOCK / 4..(b + 1) * BLOCK / 4],
+                            one.corr[..],
+                            "{at}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     /// f64 reference: dequantize the weight row, dequantize the quantized activations, dot.
     fn reference(ty: GgmlType, row: &[u8], acts: &QuantizedActs, i: usize) -> f64 {

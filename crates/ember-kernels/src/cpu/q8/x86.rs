@@ -1358,12 +1358,18 @@ unsafe fn unpack_row(ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
 /// or an `amax` so small that `127 / amax` overflows) take the scalar code, whose float to
 /// integer conversion saturates where `vcvtps2dq` would not.
 #[inline(always)]
-unsafe fn quantize_acts(x: &[f32], k: usize, fmt: ActFormat) -> QuantizedActs {
-    debug_assert_eq!(k % BLOCK, 0);
+unsafe fn quantize_acts_into(
+    x: &[f32],
+    qs: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+    fmt: ActFormat,
+) {
     let nb = x.len() / BLOCK;
-    let mut qs = vec![0i8; x.len()];
-    let mut d = vec![0.0f32; nb];
-    let mut s = vec![0.0f32; nb];
+    assert!(
+        qs.len() == nb * BLOCK && d.len() == nb && s.len() == nb,
+        "not whole blocks"
+    );
     for b in 0..nb {
         // SAFETY: block `b < nb` is inside `x` and `qs` (both `nb * BLOCK` long at least).
         unsafe {
@@ -1426,7 +1432,6 @@ unsafe fn quantize_acts(x: &[f32], k: usize, fmt: ActFormat) -> QuantizedActs {
             }
         }
     }
-    QuantizedActs { k, qs, d, s }
 }
 
 /// Entry points compiled for AVX2 + FMA + F16C. Callers must have checked that the CPU
@@ -1437,13 +1442,15 @@ pub(super) mod avx2 {
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in super::super) unsafe fn quantize_acts(
+    pub(in super::super) unsafe fn quantize_acts_into(
         x: &[f32],
-        k: usize,
+        qs: &mut [i8],
+        d: &mut [f32],
+        s: &mut [f32],
         fmt: ActFormat,
-    ) -> QuantizedActs {
+    ) {
         // SAFETY: the features the body needs are enabled on this function.
-        unsafe { super::quantize_acts(x, k, fmt) }
+        unsafe { super::quantize_acts_into(x, qs, d, s, fmt) }
     }
 
     /// # Safety
