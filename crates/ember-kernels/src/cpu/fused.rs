@@ -343,21 +343,82 @@ fn gelu_table() -> &'static [half::f16] {
 /// above 10, and in between the f16 table entry of `gate` rounded to f16.
 pub fn geglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     assert_eq!(gate.len(), up.len(), "geglu: shape mismatch");
+    let mut out = vec![0.0f32; gate.len()];
+    let chunk = |((o, g), u): ((&mut [f32], &[f32]), &[f32])| geglu_chunk(g, u, o);
+    const CHUNK: usize = 4096;
+    if gate.len() >= PAR_MIN_ELEMS {
+        out.par_chunks_mut(CHUNK)
+            .zip(gate.par_chunks(CHUNK))
+            .zip(up.par_chunks(CHUNK))
+            .for_each(chunk);
+    } else {
+        chunk(((&mut out, gate), up));
+    }
+    out
+}
+
+/// [`geglu`] over one chunk, sixteen at a time where the CPU has AVX-512.
+fn geglu_chunk(g: &[f32], u: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has AVX-512 F and F16C (checked at run time).
+        return unsafe { geglu_chunk_avx512(g, u, out) };
+    }
+    geglu_chunk_body(g, u, out)
+}
+
+#[inline(always)]
+fn geglu_chunk_body(g: &[f32], u: &[f32], out: &mut [f32]) {
     let table = gelu_table();
-    let f = |(&g, &u): (&f32, &f32)| {
-        if g <= -10.0 {
+    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+        *o = if g <= -10.0 {
             0.0
         } else if g >= 10.0 {
             g * u
         } else {
             table[half::f16::from_f32(g).to_bits() as usize].to_f32() * u
-        }
-    };
-    if gate.len() >= PAR_MIN_ELEMS {
-        gate.par_iter().zip(up).map(f).collect()
-    } else {
-        gate.iter().zip(up).map(f).collect()
+        };
     }
+}
+
+/// [`gelu_table`] widened to f32 (exact), for gathering sixteen entries at once.
+fn gelu_table_f32() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| gelu_table().iter().map(|v| v.to_f32()).collect())
+}
+
+/// [`geglu_chunk_body`] sixteen lanes at a time: the gate rounded to f16 by `vcvtps2ph` (what
+/// `half` itself runs on a CPU with F16C, so the same index, NaN included), the entry gathered
+/// from the f32 table, the same product; the scalar code, one conversion call and one lookup
+/// at a time, was 2.8% of Gemma 3's prompt processing.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+fn geglu_chunk_avx512(g: &[f32], u: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let table = gelu_table_f32();
+    assert_eq!(table.len(), 1 << 16, "one entry per f16");
+    let n = out.len().min(g.len()).min(u.len());
+    let body = n / 16 * 16;
+    let (lo, hi) = (_mm512_set1_ps(-10.0), _mm512_set1_ps(10.0));
+    for i in (0..body).step_by(16) {
+        // SAFETY: `i + 16 <= n`, within all three slices (unaligned loads and stores); every
+        // gathered index is a 16-bit value, inside the 65536-entry table.
+        unsafe {
+            let x = _mm512_loadu_ps(g.as_ptr().add(i));
+            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+            let idx = _mm512_cvtepu16_epi32(h);
+            let t = _mm512_i32gather_ps::<4>(idx, table.as_ptr().cast());
+            let high = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, hi);
+            let low = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, lo);
+            let y = _mm512_mul_ps(
+                _mm512_mask_blend_ps(high, t, x),
+                _mm512_loadu_ps(u.as_ptr().add(i)),
+            );
+            let y = _mm512_mask_blend_ps(low, y, _mm512_setzero_ps());
+            _mm512_storeu_ps(out.as_mut_ptr().add(i), y);
+        }
+    }
+    geglu_chunk_body(&g[body..n], &u[body..n], &mut out[body..n]);
 }
 
 /// `a + b` element-wise.
@@ -369,6 +430,47 @@ pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX-512 GEGLU gives the scalar code's bits: ordinary gates, the +-10 cut-offs and
+    /// values next to them, zeros, infinities and NaN, ragged lengths.
+    #[test]
+    fn geglu_builds_agree() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let mut rng = StdRng::seed_from_u64(0x6e61);
+        for len in [0usize, 1, 15, 16, 17, 2048, 4099] {
+            let g: Vec<f32> = (0..len)
+                .map(|i| match i % 9 {
+                    0 => 10.0,
+                    1 => -10.0,
+                    2 => f32::from_bits(10.0f32.to_bits() - 1),
+                    3 => -f32::from_bits(10.0f32.to_bits() - 1),
+                    4 => [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0][i % 5],
+                    5 => rng.random_range(-30.0..30.0),
+                    _ => rng.random_range(-4.0..4.0),
+                })
+                .collect();
+            let u: Vec<f32> = (0..len)
+                .map(|i| {
+                    if i % 11 == 0 {
+                        f32::INFINITY
+                    } else {
+                        rng.random_range(-3.0..3.0)
+                    }
+                })
+                .collect();
+            let mut want = vec![0.0f32; len];
+            geglu_chunk_body(&g, &u, &mut want);
+            let got = geglu(&g, &u);
+            for i in 0..len {
+                assert_eq!(
+                    got[i].to_bits(),
+                    want[i].to_bits(),
+                    "len {len} at {i}: g {}",
+                    g[i]
+                );
+            }
+        }
+    }
 
     /// The AVX-512 SwiGLU gives the scalar code's bits, over ordinary and extreme gates (past
     /// ggml's |n| > 192 cut-off both ways) and ragged lengths.
