@@ -79,7 +79,7 @@ trait Conv: Copy + Send + Sync {
     /// [`scale_mask_max`], compiled for this converter's instruction set.
     #[inline(always)]
     fn scale_mask_max(self, row: &mut [f32], scale: f32, t0: usize, seen: (usize, usize)) -> f32 {
-        scale_mask_max(row, scale, t0, seen)
+        scale_mask_max(row, scale, t0, seen, f32::NEG_INFINITY)
     }
     /// Runs one task of the kernel, compiled for this converter's instruction set.
     #[inline(always)]
@@ -248,7 +248,7 @@ impl Conv for F16c {
             // SAFETY: `self` proves AVX-512 F.
             return unsafe { scale_mask_max_avx512(row, scale, t0, seen) };
         }
-        scale_mask_max(row, scale, t0, seen)
+        scale_mask_max(row, scale, t0, seen, f32::NEG_INFINITY)
     }
 
     #[inline(always)]
@@ -343,10 +343,16 @@ unsafe fn transpose_tile_avx512(src: &[f32], d: usize, dst: &mut [f32]) {
 
 /// One row of a key tile's scores: `x = x * scale + mask` (mask 0 for keys `t0 + j` in
 /// `seen.0..=seen.1`, else `-inf`), returning the row's maximum as `ggml_vec_max_f32` folds
-/// it (`MAX(max, x)` from `-inf`).
+/// it (`MAX(max, x)` from `start`: `-inf` for a whole row).
 #[inline(always)]
-fn scale_mask_max(row: &mut [f32], scale: f32, t0: usize, (fv, qp): (usize, usize)) -> f32 {
-    let mut tile_max = f32::NEG_INFINITY;
+fn scale_mask_max(
+    row: &mut [f32],
+    scale: f32,
+    t0: usize,
+    (fv, qp): (usize, usize),
+    start: f32,
+) -> f32 {
+    let mut tile_max = start;
     for (j, x) in row.iter_mut().enumerate() {
         let key = t0 + j;
         let mask = if key >= fv && key <= qp {
@@ -381,9 +387,8 @@ unsafe fn scale_mask_max_avx512(
     let (sv, ninf) = (_mm512_set1_ps(scale), _mm512_set1_ps(f32::NEG_INFINITY));
     let mut vmax = ninf;
     for j0 in (0..body).step_by(16) {
-        // Keys `t0 + j0 + lane` in `fv..=qp`, as `j` in `fv - t0 - j0 ..= qp - t0 - j0`
-        // (saturating: an empty range when `qp < t0 + j0`); positions fit i32 (checked by
-        // the caller's cache sizes, far below 2^31).
+        // Keys `t0 + j0 + lane` in `fv..=qp`, as lanes `lo..=hi` (an empty range when
+        // `qp < t0 + j0` or `fv >= t0 + j0 + 16`); both are clamped to -1..=16 before the cast.
         let base = t0 + j0;
         let lo = fv.saturating_sub(base).min(16) as i32;
         let hi = if qp < base {
@@ -408,8 +413,9 @@ unsafe fn scale_mask_max_avx512(
     let head = lanes
         .iter()
         .fold(f32::NEG_INFINITY, |m, &x| if m > x { m } else { x });
-    let tail = scale_mask_max(&mut row[body..], scale, t0 + body, (fv, qp));
-    if head > tail { head } else { tail }
+    // The tail continues the fold from the lanes' maximum, as the scalar fold would continue
+    // (a NaN there stays NaN to the caller instead of being compared away).
+    scale_mask_max(&mut row[body..], scale, t0 + body, (fv, qp), head)
 }
 
 /// [`gemm_acc`] in AVX-512 registers: eight rows by 32 columns at a time (16 accumulators),
@@ -1517,6 +1523,37 @@ mod tests {
         }
         let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
         vkq.iter().map(|a| a * inv).collect()
+    }
+
+    /// The AVX-512 scale, mask and maximum give the scalar fold's scores and maximum at every
+    /// row length from 1 to 70 (whole vectors and tails), with visible ranges that start,
+    /// end or vanish anywhere in a vector.
+    #[test]
+    fn scale_mask_max_builds_agree() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !is_x86_feature_detected!("avx512f") {
+                eprintln!("skipped: no AVX-512 F");
+                return;
+            }
+            let mut rng = StdRng::seed_from_u64(0x3a5c);
+            for len in 1..=70 {
+                for _ in 0..20 {
+                    let row: Vec<f32> = (0..len).map(|_| rng.random_range(-50.0..50.0)).collect();
+                    let t0 = rng.random_range(0..200);
+                    let fv = rng.random_range(0..t0 + len + 20);
+                    let qp = rng.random_range(0..t0 + len + 20);
+                    let scale = rng.random_range(0.01..1.0f32);
+                    let (mut want, mut got) = (row.clone(), row.clone());
+                    let m0 = scale_mask_max(&mut want, scale, t0, (fv, qp), f32::NEG_INFINITY);
+                    // SAFETY: the CPU has AVX-512 F (checked above).
+                    let m1 = unsafe { scale_mask_max_avx512(&mut got, scale, t0, (fv, qp)) };
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "len {len} t0 {t0} fv {fv} qp {qp}");
+                    assert_eq!(m1, m0, "len {len} t0 {t0} fv {fv} qp {qp}");
+                }
+            }
+        }
     }
 
     /// `TILE_Q` queries or more (f16 and f32 caches, windows or not, several sequences in one
