@@ -229,16 +229,21 @@ fn silu(x: f32) -> f32 {
 /// `silu(gate) * up` element-wise, as ggml's CPU SwiGLU computes it (AVX-512 path).
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     assert_eq!(gate.len(), up.len(), "swiglu: shape mismatch");
-    let mut out = vec![0.0f32; gate.len()];
-    let chunk = |((o, g), u): ((&mut [f32], &[f32]), &[f32])| swiglu_chunk(g, u, o);
+    gated(gate, up, swiglu_chunk)
+}
+
+/// `chunk(gate, up, out)` over 4096-element chunks, on every worker from [`PAR_MIN_ELEMS`]
+/// elements: the gated activations' shared driver (`gate` and `up` of equal length).
+fn gated(gate: &[f32], up: &[f32], chunk: fn(&[f32], &[f32], &mut [f32])) -> Vec<f32> {
     const CHUNK: usize = 4096;
+    let mut out = vec![0.0f32; gate.len()];
     if gate.len() >= PAR_MIN_ELEMS {
         out.par_chunks_mut(CHUNK)
             .zip(gate.par_chunks(CHUNK))
             .zip(up.par_chunks(CHUNK))
-            .for_each(chunk);
+            .for_each(|((o, g), u)| chunk(g, u, o));
     } else {
-        chunk(((&mut out, gate), up));
+        chunk(gate, up, &mut out);
     }
     out
 }
@@ -343,18 +348,7 @@ fn gelu_table() -> &'static [half::f16] {
 /// above 10, and in between the f16 table entry of `gate` rounded to f16.
 pub fn geglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     assert_eq!(gate.len(), up.len(), "geglu: shape mismatch");
-    let mut out = vec![0.0f32; gate.len()];
-    let chunk = |((o, g), u): ((&mut [f32], &[f32]), &[f32])| geglu_chunk(g, u, o);
-    const CHUNK: usize = 4096;
-    if gate.len() >= PAR_MIN_ELEMS {
-        out.par_chunks_mut(CHUNK)
-            .zip(gate.par_chunks(CHUNK))
-            .zip(up.par_chunks(CHUNK))
-            .for_each(chunk);
-    } else {
-        chunk(((&mut out, gate), up));
-    }
-    out
+    gated(gate, up, geglu_chunk)
 }
 
 /// [`geglu`] over one chunk, sixteen at a time where the CPU has AVX-512.
