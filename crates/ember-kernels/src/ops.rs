@@ -9,7 +9,7 @@ use burn::tensor::{Shape, Slice, Tensor, TensorData};
 
 use crate::QuantMatrix;
 use crate::cpu::kquant::SoloRow;
-use crate::paged::{PagedAttention, PagedError};
+use crate::paged::{PagedAttention, PagedError, PagedLayerStore};
 
 /// Ember's operations as a burn backend extension, on backend primitives (`FloatTensor<Self>`).
 ///
@@ -122,7 +122,7 @@ pub fn rms_norm_fallback<B: Backend>(
 }
 
 /// ggml's rotary angles for `positions`: `(cos, sin)`, each `[n * rope_dim / 2]`.
-fn rope_angles(positions: &[u32], rope_dim: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn rope_angles(positions: &[u32], rope_dim: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
     let half = rope_dim / 2;
     let theta_scale = base.powf(-2.0 / rope_dim as f32);
     let mut cos = Vec::with_capacity(positions.len() * half);
@@ -379,9 +379,66 @@ pub fn paged_attention(q: Tensor<3>, attn: PagedAttention) -> Tensor<2> {
 pub fn try_paged_attention(q: Tensor<3>, attn: PagedAttention) -> Result<Tensor<2>, PagedError> {
     let [n_rows, n_head, d] = q.dims();
     attn.validate(n_rows, n_head, d)?;
+    attn.store.check_device(&q.device())?;
     Ok(Tensor::from_dispatch(
         <Dispatch as EmberBackend>::paged_attention(q.into_dispatch(), attn),
     ))
+}
+
+/// Stores rows of `k` and `v` (`[n_rows, n_kv, head_dim]`, after RoPE) in `store`: row `i` at
+/// block `slots[i] / block_size`, slot `slots[i] % block_size`, converted to the store's type
+/// as [`PagedLayerStore::write`] does. A store whose arenas are on a GPU device
+/// ([`PagedLayerStore::new_on`]) is written there by a kernel, the tensors staying on the
+/// device (they must be on that device); a host store takes the values read back.
+pub fn paged_write(
+    store: &mut PagedLayerStore,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    slots: &[u32],
+) -> Result<(), PagedError> {
+    let dims = k.dims();
+    let expected = [slots.len(), store.n_kv(), store.head_dim()];
+    for (what, got) in [("k", dims), ("v", v.dims())] {
+        if got != expected {
+            return Err(PagedError::Length {
+                what,
+                expected: expected.iter().product(),
+                got: got.iter().product(),
+            });
+        }
+    }
+    let bs = store.block_size();
+    if let Some(&bad) = slots.iter().find(|&&s| s as usize / bs >= store.n_blocks()) {
+        return Err(PagedError::Block {
+            block: bad as usize / bs,
+            n_blocks: store.n_blocks(),
+        });
+    }
+    store.check_device(&k.device())?;
+    #[cfg(feature = "cube")]
+    if let crate::paged::Arenas::Device(arenas) = &store.arenas {
+        let (Some(k), Some(v)) = (crate::cube::cube_tensor(k), crate::cube::cube_tensor(v)) else {
+            return Err(PagedError::Placement(
+                "this layer's K and V live on a GPU device: write them from tensors there",
+            ));
+        };
+        arenas.write(k, v, slots, store.n_kv(), bs);
+        return Ok(());
+    }
+    let row = store.n_kv() * store.head_dim();
+    let host = |t: Tensor<3>| t.into_data().try_to_vec::<f32>();
+    let (k, v) = (
+        host(k).map_err(|_| PagedError::Placement("k could not be read as f32"))?,
+        host(v).map_err(|_| PagedError::Placement("v could not be read as f32"))?,
+    );
+    for ((&at, k), v) in slots
+        .iter()
+        .zip(k.chunks_exact(row))
+        .zip(v.chunks_exact(row))
+    {
+        store.write(at as usize / bs, at as usize % bs, k, v)?;
+    }
+    Ok(())
 }
 
 /// The generic path: dequantize the whole weight and use the backend's own matmul. Correct on

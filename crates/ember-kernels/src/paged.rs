@@ -264,6 +264,25 @@ pub enum PagedError {
         /// Entries in the table.
         len: usize,
     },
+    /// A host operation (a host write, a row read, the CPU kernel) on a store whose arenas
+    /// live on a GPU device, or a GPU operation on a host store.
+    #[error("{0}")]
+    Placement(&'static str),
+    /// The GPU runtime failed (reading a store back).
+    #[error("GPU: {0}")]
+    Device(String),
+    /// A GPU arena larger than the device's largest buffer.
+    #[error(
+        "one layer's K (or V) cache takes {bytes} bytes, more than the GPU's largest buffer \
+         ({max_buffer} bytes): lower the context size or the KV budget, or run fewer layers \
+         on the GPU (--gpu-layers)"
+    )]
+    DeviceBuffer {
+        /// Bytes of one arena.
+        bytes: usize,
+        /// The device's largest buffer.
+        max_buffer: u64,
+    },
     /// A block table entry that a query can see names no block of the store.
     #[error(
         "sequence {seq}: table entry {index} (block {block}) is out of range for {n_blocks} blocks but visible to a query"
@@ -283,12 +302,22 @@ pub enum PagedError {
 /// The K and V arenas (`[0]` is K, `[1]` is V), one variant so they always share a type. f16
 /// is kept as raw bits so the allocation is zeroed lazily by the OS (`vec![0u16; n]` is a
 /// calloc; `vec![f16::ZERO; n]` would write every value).
+///
+/// `Device`: both arenas in buffers of a GPU device, with the same layout (f16 two values to a
+/// 32-bit word, f32 one); a clone shares the buffers.
 #[derive(Clone)]
 pub(crate) enum Arenas {
     F32([Vec<f32>; 2]),
     F16([Vec<u16>; 2]),
     Q8_0([Vec<u8>; 2]),
+    #[cfg(feature = "cube")]
+    Device(crate::cube::kv::DeviceArenas),
 }
+
+/// What a host operation says about a store on a GPU device.
+#[cfg(feature = "cube")]
+const ON_DEVICE: &str = "this layer's K and V live on a GPU device: write them with \
+                         `paged_write` and attend on that device";
 
 /// Element types whose all-zero bit pattern is a valid value.
 trait ZeroIsValid: Copy {}
@@ -339,6 +368,8 @@ impl Arenas {
             Arenas::F32([k, v]) => (k.len() + v.len()) * 4,
             Arenas::F16([k, v]) => (k.len() + v.len()) * 2,
             Arenas::Q8_0([k, v]) => k.len() + v.len(),
+            #[cfg(feature = "cube")]
+            Arenas::Device(d) => d.bytes(),
         }
     }
 }
@@ -414,6 +445,96 @@ impl PagedLayerStore {
             row_units,
             arenas: Arenas::zeroed(dtype, values, bytes)?,
         })
+    }
+
+    /// [`new`](Self::new) on `device`: a GPU device (built with `wgpu` or `cuda`) gets both
+    /// arenas in its memory for the f32 and f16 types, written by [`crate::paged_write`] and
+    /// read there by [`crate::paged_attention`], so K and V never cross to the host. The CPU,
+    /// and `q8_0` on any device (no GPU kernel reads it yet), get host arenas.
+    pub fn new_on(
+        dtype: KvDtype,
+        n_blocks: usize,
+        block_size: usize,
+        n_kv: usize,
+        head_dim: usize,
+        device: &burn::tensor::Device,
+    ) -> Result<Self, PagedError> {
+        #[cfg(feature = "cube")]
+        if dtype != KvDtype::Q8_0
+            && let burn::backend::DispatchDevice::Cube(cube) = device.as_dispatch()
+        {
+            // Checks the shape and sizes as `new` does, with no arenas yet.
+            let mut store = Self::new(dtype, 0, block_size, n_kv, head_dim)?;
+            let rows = n_blocks
+                .checked_mul(block_size)
+                .and_then(|r| r.checked_mul(n_kv))
+                .ok_or(PagedError::TooLarge {
+                    n_blocks,
+                    block_size,
+                    n_kv,
+                    head_dim,
+                })?;
+            store.n_blocks = n_blocks;
+            store.arenas = Arenas::Device(crate::cube::kv::DeviceArenas::new(
+                cube, dtype, rows, head_dim,
+            )?);
+            return Ok(store);
+        }
+        let _ = device;
+        Self::new(dtype, n_blocks, block_size, n_kv, head_dim)
+    }
+
+    /// A copy of this store with its arenas on the host: read back from the device for a store
+    /// on a GPU (the same bytes: f16 values pack two to a little-endian word there), else a
+    /// clone. For checks and fallbacks; a pass never needs it.
+    pub fn to_host(&self) -> Result<Self, PagedError> {
+        #[cfg(feature = "cube")]
+        if let Arenas::Device(arenas) = &self.arenas {
+            let [k, v] = arenas.read()?;
+            let mut host = self.clone();
+            host.arenas = match self.dtype {
+                KvDtype::F16 => Arenas::F16([k, v].map(|b| {
+                    b.chunks_exact(2)
+                        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                        .collect()
+                })),
+                _ => Arenas::F32([k, v].map(|b| {
+                    b.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect()
+                })),
+            };
+            return Ok(host);
+        }
+        Ok(self.clone())
+    }
+
+    /// Whether the arenas live on a GPU device ([`new_on`](Self::new_on)).
+    pub fn is_on_device(&self) -> bool {
+        #[cfg(feature = "cube")]
+        if let Arenas::Device(_) = self.arenas {
+            return true;
+        }
+        false
+    }
+
+    /// Refuses `device` for this store's arenas: a store on a GPU device is read and written
+    /// only with tensors on that device (a host store serves any device).
+    pub fn check_device(&self, device: &burn::tensor::Device) -> Result<(), PagedError> {
+        #[cfg(feature = "cube")]
+        if let Arenas::Device(arenas) = &self.arenas {
+            let same = match device.as_dispatch() {
+                burn::backend::DispatchDevice::Cube(cube) => arenas.is_on(cube),
+                _ => false,
+            };
+            if !same {
+                return Err(PagedError::Placement(
+                    "this layer's K and V live on another device than the tensors given",
+                ));
+            }
+        }
+        let _ = device;
+        Ok(())
     }
 
     /// Blocks in the pool (valid block ids are `0..n_blocks`).
@@ -534,6 +655,8 @@ impl PagedLayerStore {
                     }
                 }
             }
+            #[cfg(feature = "cube")]
+            Arenas::Device(_) => return Err(PagedError::Placement(ON_DEVICE)),
         }
         Ok(())
     }
@@ -565,20 +688,32 @@ impl PagedLayerStore {
         }
         let units = self.row_units;
         let len = slots * units;
-        for h in 0..self.n_kv {
-            let src = self.row_index(src_block, h, 0) * units;
-            let dst = self.row_index(dst_block, h, 0) * units;
-            match &mut self.arenas {
-                Arenas::F32(a) => a
-                    .iter_mut()
-                    .for_each(|a| a.copy_within(src..src + len, dst)),
-                Arenas::F16(a) => a
-                    .iter_mut()
-                    .for_each(|a| a.copy_within(src..src + len, dst)),
-                Arenas::Q8_0(a) => a
-                    .iter_mut()
-                    .for_each(|a| a.copy_within(src..src + len, dst)),
+        // Head h's rows of a block start `h * block_size` rows after its first.
+        let (src, dst) = (
+            self.row_index(src_block, 0, 0),
+            self.row_index(dst_block, 0, 0),
+        );
+        let (n_kv, bs) = (self.n_kv, self.block_size);
+        let heads = (0..n_kv).map(|h| {
+            let at = |first: usize| (first + h * bs) * units;
+            (at(src), at(dst))
+        });
+        fn copy<T: Copy>(
+            a: &mut [Vec<T>; 2],
+            heads: impl Iterator<Item = (usize, usize)>,
+            len: usize,
+        ) {
+            for (src, dst) in heads {
+                a.iter_mut()
+                    .for_each(|a| a.copy_within(src..src + len, dst));
             }
+        }
+        match &mut self.arenas {
+            Arenas::F32(a) => copy(a, heads, len),
+            Arenas::F16(a) => copy(a, heads, len),
+            Arenas::Q8_0(a) => copy(a, heads, len),
+            #[cfg(feature = "cube")]
+            Arenas::Device(d) => d.copy_rows(src, dst, n_kv, bs, slots),
         }
         Ok(())
     }
@@ -636,6 +771,8 @@ impl PagedLayerStore {
                 .reinterpret_cast::<f16>()
                 .convert_to_f32_slice(out),
             Arenas::Q8_0(a) => dequantize_q8_0_row(&a[which][at], out),
+            #[cfg(feature = "cube")]
+            Arenas::Device(_) => return Err(PagedError::Placement(ON_DEVICE)),
         }
         Ok(())
     }
@@ -645,6 +782,9 @@ impl PagedLayerStore {
     /// K and V of the keys `seq`'s queries see ([`SeqAttn::visible_keys`]), dequantized into
     /// dense `[n_kv, t, head_dim]` arrays (for the generic fallback and tests).
     pub fn gather_f32(&self, seq: &SeqAttn) -> Result<(Vec<f32>, Vec<f32>), PagedError> {
+        if self.is_on_device() {
+            return self.to_host()?.gather_f32(seq);
+        }
         let keys = seq.visible_keys();
         let (t, d, bs) = (keys.len(), self.head_dim, self.block_size);
         let mut k = vec![0.0f32; self.n_kv * t * d];

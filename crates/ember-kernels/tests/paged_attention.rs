@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use ember_kernels::{
-    KvDtype, PagedAttention, PagedError, PagedLayerStore, SeqAttn, paged_attention,
+    KvDtype, PagedAttention, PagedError, PagedLayerStore, SeqAttn, paged_attention, paged_write,
     try_paged_attention,
 };
 use rand::seq::SliceRandom;
@@ -286,6 +286,76 @@ mod against_fallback {
                 // Gap rows: zero in both.
                 assert!(a[..w].iter().chain(&b[..w]).all(|&x| x == 0.0));
             }
+        }
+    }
+}
+
+/// `paged_write` into a host store stores what `write` stores, row by row in any slot order,
+/// and refuses a wrong shape or a block out of range before writing anything.
+#[test]
+fn paged_write_on_a_host_store_equals_write() {
+    let dev = device();
+    let mut rng = StdRng::seed_from_u64(41);
+    for dtype in KvDtype::ALL {
+        let (n_blocks, bs, n_kv, d) = (4, 3, 2, 32);
+        let mut a = PagedLayerStore::new(dtype, n_blocks, bs, n_kv, d).unwrap();
+        let mut b = a.clone();
+        let slots = [5u32, 0, 11, 7];
+        let n = slots.len() * n_kv * d;
+        let k: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
+        let row = n_kv * d;
+        for (i, &at) in slots.iter().enumerate() {
+            let (blk, slot) = (at as usize / bs, at as usize % bs);
+            a.write(
+                blk,
+                slot,
+                &k[i * row..(i + 1) * row],
+                &v[i * row..(i + 1) * row],
+            )
+            .unwrap();
+        }
+        let t = |x: &[f32], rows: usize| {
+            Tensor::<3>::from_data(
+                TensorData::new(x[..rows * row].to_vec(), [rows, n_kv, d]),
+                &dev,
+            )
+        };
+        paged_write(&mut b, t(&k, 4), t(&v, 4), &slots).unwrap();
+        let (mut x, mut y) = (vec![0.0f32; d], vec![0.0f32; d]);
+        for blk in 0..n_blocks {
+            for h in 0..n_kv {
+                for slot in 0..bs {
+                    a.k_row_f32(blk, h, slot, &mut x).unwrap();
+                    b.k_row_f32(blk, h, slot, &mut y).unwrap();
+                    assert_eq!(x, y, "{dtype} k {blk}/{h}/{slot}");
+                    a.v_row_f32(blk, h, slot, &mut x).unwrap();
+                    b.v_row_f32(blk, h, slot, &mut y).unwrap();
+                    assert_eq!(x, y, "{dtype} v {blk}/{h}/{slot}");
+                }
+            }
+        }
+        let before = b.clone();
+        let short = paged_write(&mut b, t(&k, 3), t(&v, 3), &slots);
+        assert!(
+            matches!(short, Err(PagedError::Length { what: "k", .. })),
+            "{short:?}"
+        );
+        let far = paged_write(&mut b, t(&k, 4), t(&v, 4), &[1, 2, 12, 3]);
+        assert!(
+            matches!(
+                far,
+                Err(PagedError::Block {
+                    block: 4,
+                    n_blocks: 4
+                })
+            ),
+            "{far:?}"
+        );
+        for blk in 0..n_blocks {
+            before.k_row_f32(blk, 0, 0, &mut x).unwrap();
+            b.k_row_f32(blk, 0, 0, &mut y).unwrap();
+            assert_eq!(x, y, "a refused call wrote block {blk}");
         }
     }
 }

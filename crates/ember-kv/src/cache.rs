@@ -9,7 +9,8 @@
 
 use std::sync::Arc;
 
-use ember_kernels::{KvDtype, PagedAttention, PagedError, PagedLayerStore, SeqAttn};
+use burn::tensor::{Device, Tensor};
+use ember_kernels::{KvDtype, PagedAttention, PagedError, PagedLayerStore, SeqAttn, paged_write};
 
 use crate::KvError;
 use crate::allocator::{
@@ -46,6 +47,10 @@ pub struct KvCacheConfig {
     pub max_seq_len: usize,
     /// Reuse the KV of cached full blocks for a prompt that starts the same way.
     pub prefix_caching: bool,
+    /// The device each layer runs on, where its K and V are kept
+    /// ([`PagedLayerStore::new_on`]: a GPU device gets them in its memory); empty: every layer
+    /// on the host. Otherwise one per layer.
+    pub layer_devices: Vec<Device>,
 }
 
 impl KvCacheConfig {
@@ -149,16 +154,20 @@ impl PagedKvCache {
             groups,
             prefix_caching: config.prefix_caching,
         })?;
-        let stores = layer_group
-            .iter()
-            .map(|_| {
-                PagedLayerStore::new(
-                    config.dtype,
-                    n_blocks,
-                    bs,
-                    config.n_kv_heads,
-                    config.head_dim,
-                )
+        if !config.layer_devices.is_empty() && config.layer_devices.len() != layer_group.len() {
+            return Err(KvError::Storage(format!(
+                "{} layer devices for {} layers",
+                config.layer_devices.len(),
+                layer_group.len()
+            )));
+        }
+        let stores = (0..layer_group.len())
+            .map(|layer| {
+                let (dtype, kv, d) = (config.dtype, config.n_kv_heads, config.head_dim);
+                match config.layer_devices.get(layer) {
+                    Some(device) => PagedLayerStore::new_on(dtype, n_blocks, bs, kv, d, device),
+                    None => PagedLayerStore::new(dtype, n_blocks, bs, kv, d),
+                }
                 .map(Arc::new)
                 .map_err(storage)
             })
@@ -294,6 +303,63 @@ impl PagedKvCache {
         Ok(())
     }
 
+    /// Whether `layer`'s K and V live on a GPU device (written with
+    /// [`write_tensors`](Self::write_tensors), never crossing to the host).
+    pub fn layer_on_device(&self, layer: usize) -> bool {
+        self.stores.get(layer).is_some_and(|s| s.is_on_device())
+    }
+
+    /// [`write`](Self::write) for a batch, from tensors: `k` and `v` are `[rows, n_kv_heads,
+    /// head_dim]` holding, for each `(seq, first_row, len)` of `batch` with its cached length
+    /// `starts[i]` before the pass, positions `starts[i]..starts[i] + len` at rows
+    /// `first_row..first_row + len`. On a layer kept on a GPU device the values stay there
+    /// ([`paged_write`]); rows of no item are not stored.
+    pub fn write_tensors(
+        &mut self,
+        layer: usize,
+        batch: &[(SeqId, usize, usize)],
+        starts: &[usize],
+        k: Tensor<3>,
+        v: Tensor<3>,
+    ) -> Result<(), KvError> {
+        let layers = self.stores.len();
+        let group = *self
+            .layer_group
+            .get(layer)
+            .ok_or(KvError::NoSuchLayer { layer, layers })?;
+        let bs = self.stores[layer].block_size();
+        let rows = k.dims()[0];
+        let mut slots = Vec::with_capacity(rows);
+        let mut kept = Vec::with_capacity(rows);
+        for (&(seq, first, len), &start) in batch.iter().zip(starts) {
+            let table = self.alloc.block_table(seq, group)?;
+            for i in 0..len {
+                let pos = start + i;
+                let block = match table.get(pos / bs) {
+                    Some(&b) if b != RELEASED => b,
+                    _ => {
+                        return Err(KvError::Storage(format!(
+                            "position {pos} of {seq} has no block (append it first)"
+                        )));
+                    }
+                };
+                slots.push(block * bs as u32 + (pos % bs) as u32);
+                kept.push((first + i) as i64);
+            }
+        }
+        let (k, v) = if kept.len() == rows && kept.iter().enumerate().all(|(i, &r)| r == i as i64) {
+            (k, v)
+        } else {
+            let index = Tensor::<1, burn::tensor::Int>::from_data(
+                burn::tensor::TensorData::new(kept, [slots.len()]),
+                &k.device(),
+            );
+            (k.select(0, index.clone()), v.select(0, index))
+        };
+        let store = Arc::make_mut(&mut self.stores[layer]);
+        paged_write(store, k, v, &slots).map_err(storage)
+    }
+
     /// The attention kernel's view of `layer` for a batch: each entry is a sequence with its
     /// query rows `q_start..q_start + n_q`, the last `n_q` of its appended positions.
     pub fn attention(
@@ -420,6 +486,7 @@ mod tests {
             budget: KvBudget::Tokens(tokens),
             max_seq_len,
             prefix_caching: true,
+            layer_devices: Vec::new(),
         }
     }
 
@@ -447,6 +514,77 @@ mod tests {
         let mut row = [0.0f32; 8];
         view.store.k_row_f32(block, 1, pos % 4, &mut row).unwrap();
         row[0]
+    }
+
+    /// `write_tensors` for a batch of two sequences (rows not in order of the sequences, and
+    /// one row of no sequence) stores what `write` stores per sequence, in both layer groups.
+    #[test]
+    fn write_tensors_stores_what_write_stores() {
+        let device = burn::tensor::Device::flex();
+        let mut a = PagedKvCache::new(&config(vec![None, Some(8)], 64, 64)).unwrap();
+        let mut b = PagedKvCache::new(&config(vec![None, Some(8)], 64, 64)).unwrap();
+        let (s0, _) = a.add_sequence(&[]).unwrap();
+        let (t0, _) = b.add_sequence(&[]).unwrap();
+        let (s1, _) = a.add_sequence(&[]).unwrap();
+        let (t1, _) = b.add_sequence(&[]).unwrap();
+        // Sequence 0 gets 6 positions, then 3 more with sequence 1's 5 in one batch.
+        for (cache, seq) in [(&mut a, s0), (&mut b, t0)] {
+            cache.append(seq, &[1; 6]).unwrap();
+        }
+        let rows: Vec<Vec<f32>> = (0..15).map(kv_of).collect();
+        for layer in 0..2 {
+            a.write(layer, s0, 0, &rows[..6].concat(), &rows[..6].concat())
+                .unwrap();
+            let t = |r: &[Vec<f32>]| {
+                burn::tensor::Tensor::<3>::from_data(
+                    burn::tensor::TensorData::new(r.concat(), [r.len(), 2, 8]),
+                    &device,
+                )
+            };
+            b.write_tensors(layer, &[(t0, 0, 6)], &[0], t(&rows[..6]), t(&rows[..6]))
+                .unwrap();
+        }
+        for (seq, n) in [(s0, 3), (s1, 5)] {
+            a.append(seq, &vec![2; n]).unwrap();
+        }
+        for (seq, n) in [(t0, 3), (t1, 5)] {
+            b.append(seq, &vec![2; n]).unwrap();
+        }
+        // The batch: rows 0..5 are sequence 1, row 5 no one's, rows 6..9 sequence 0.
+        let batch = [(t1, 0, 5), (t0, 6, 3)];
+        let data: Vec<Vec<f32>> = rows[6..11]
+            .iter()
+            .chain([&vec![-1.0; 16]])
+            .chain(&rows[11..14])
+            .cloned()
+            .collect();
+        for layer in 0..2 {
+            a.write(layer, s1, 0, &rows[6..11].concat(), &rows[6..11].concat())
+                .unwrap();
+            a.write(layer, s0, 6, &rows[11..14].concat(), &rows[11..14].concat())
+                .unwrap();
+            let t = burn::tensor::Tensor::<3>::from_data(
+                burn::tensor::TensorData::new(data.concat(), [data.len(), 2, 8]),
+                &device,
+            );
+            b.write_tensors(layer, &batch, &[0, 6], t.clone(), t)
+                .unwrap();
+        }
+        for layer in 0..2 {
+            for (sa, sb, n) in [(s0, t0, 9), (s1, t1, 5)] {
+                let va = a.attention(layer, &[(sa, 0, n)], 1.0).unwrap();
+                let vb = b.attention(layer, &[(sb, 0, n)], 1.0).unwrap();
+                let ga = va.store.gather_f32(&va.seqs[0]).unwrap();
+                let gb = vb.store.gather_f32(&vb.seqs[0]).unwrap();
+                assert_eq!(ga, gb, "layer {layer}");
+            }
+        }
+        // A position in no block of the sequence is refused (t1 has 5 positions: 2 blocks).
+        let t = burn::tensor::Tensor::<3>::zeros([1, 2, 8], &device);
+        assert!(
+            b.write_tensors(0, &[(t1, 0, 1)], &[8], t.clone(), t)
+                .is_err()
+        );
     }
 
     #[test]

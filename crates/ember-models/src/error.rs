@@ -125,13 +125,13 @@ pub enum ModelError {
     /// ([`ModelOptions::gpu_memory`](crate::ModelOptions::gpu_memory)).
     #[error(
         "the model's GPU part needs {} (weights {} for {} blocks and the head, working memory \
-         {}, attention at {} positions {}) but the GPU has {} for it: {}",
+         {}, KV cache at {} positions {}) but the GPU has {} for it: {}",
         mib(need.total()), mib(need.weights), need.layers, mib(need.scratch), need.context,
-        mib(need.attention), mib(*limit),
+        mib(need.kv_cache), mib(*limit),
         match fits {
             Some(n) => format!(
                 "--gpu-layers {n} fits, the other blocks running on the CPU (a smaller \
-                 --ctx-size shrinks the attention term)"
+                 --ctx-size shrinks the KV cache)"
             ),
             None => "not even the head alone fits; run it on the CPU (--device cpu)".into(),
         }

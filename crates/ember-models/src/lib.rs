@@ -242,6 +242,7 @@ fn place(
                     budget: ember_kv::KvBudget::Tokens(1),
                     max_seq_len: 1,
                     prefix_caching: false,
+                    layer_devices: Vec::new(),
                 }
                 .bytes_per_token()
             };
@@ -252,7 +253,10 @@ fn place(
                 _ => trained,
             }
         });
-        placement::check_fits(file, external, config, gpu_layers, limit, context)?;
+        let kv = options
+            .kv_budget
+            .map_or(ember_kernels::KvDtype::F16, |(_, dtype)| dtype);
+        placement::check_fits(file, external, config, gpu_layers, limit, context, kv)?;
     }
     Ok(if gpu_layers == n_layer {
         Placement::single(device)

@@ -169,13 +169,19 @@ impl Pass<'_> {
     ) -> Result<Tensor<2>, ModelError> {
         // Q goes in as f32: llama.cpp's one-row path rounds it to f16 for an f16 cache, its
         // tiled path (64+ queries) does not, and the kernel picks the path per sequence.
-        let [_, n_kv, head_dim] = k.dims();
-        let kv_row = n_kv * head_dim;
-        let (k, v) = (host(k), host(v));
-        for (&(seq, first, len), &start) in self.rows.iter().zip(&self.starts) {
-            let span = first * kv_row..(first + len) * kv_row;
+        if self.cache.layer_on_device(layer) {
+            // Kept on the GPU: written there, never read back.
             self.cache
-                .write(layer, seq, start, &k[span.clone()], &v[span])?;
+                .write_tensors(layer, &self.rows, &self.starts, k, v)?;
+        } else {
+            let [_, n_kv, head_dim] = k.dims();
+            let kv_row = n_kv * head_dim;
+            let (k, v) = (host(k), host(v));
+            for (&(seq, first, len), &start) in self.rows.iter().zip(&self.starts) {
+                let span = first * kv_row..(first + len) * kv_row;
+                self.cache
+                    .write(layer, seq, start, &k[span.clone()], &v[span])?;
+            }
         }
         let mut attn = self.cache.attention(layer, &self.rows, scale)?;
         if attn
@@ -282,6 +288,10 @@ impl Model {
             budget: opts.budget.unwrap_or(KvBudget::Tokens(max_seq_len)),
             max_seq_len,
             prefix_caching: opts.prefix_caching,
+            // Each layer's K and V where the layer runs (the host arenas unless a GPU).
+            layer_devices: (0..self.arch.layer_windows().len())
+                .map(|l| self.placement.layer(l).clone())
+                .collect(),
         }
     }
 
@@ -296,6 +306,7 @@ impl Model {
     ) -> KvCacheConfig {
         let mut config = self.kv_config(opts, max_seq_len);
         config.layer_windows.truncate(layers);
+        config.layer_devices.truncate(layers);
         config
     }
 

@@ -5,6 +5,7 @@
 
 use burn::tensor::Device;
 use ember_formats::GgufFile;
+use ember_kernels::KvDtype;
 
 use crate::{ExternalWeights, ModelConfig, ModelError, UBATCH};
 
@@ -102,11 +103,12 @@ pub struct DeviceMemory {
     /// What one pass holds at once beside them: a ubatch's activations and logits, and the
     /// f32 weight tile of the many-row matmul.
     pub scratch: u64,
-    /// Attention's working set at `context` positions: until the KV cache lives on the GPU,
-    /// each layer's keys and values of the longest sequence go to the device in f32, and a
-    /// ubatch's scores against them are held three times over.
-    pub attention: u64,
-    /// The positions `attention` was counted for.
+    /// The offloaded blocks' KV cache at `context` positions, kept on the GPU (f16 or f32).
+    /// For a q8_0 cache, which stays on the host, attention's working set instead: each
+    /// layer's keys and values of the longest sequence uploaded in f32, and a ubatch's scores
+    /// against them held three times over.
+    pub kv_cache: u64,
+    /// The positions `kv_cache` was counted for.
     pub context: usize,
     /// Blocks counted.
     pub layers: usize,
@@ -117,7 +119,7 @@ impl DeviceMemory {
     pub fn total(&self) -> u64 {
         self.weights
             .saturating_add(self.scratch)
-            .saturating_add(self.attention)
+            .saturating_add(self.kv_cache)
     }
 }
 
@@ -126,14 +128,16 @@ impl DeviceMemory {
 const GEMM_TILE_BYTES: u64 = 64 << 20;
 
 /// What a model's blocks from `first_offloaded` on and its head take on a GPU, for sequences
-/// of up to `context` positions, from `file`'s tensor table (and `external`'s matrices, which
-/// replace the file's of the same name): nothing is read or uploaded.
+/// of up to `context` positions with a `kv` cache, from `file`'s tensor table (and
+/// `external`'s matrices, which replace the file's of the same name): nothing is read or
+/// uploaded.
 pub fn device_memory(
     file: &GgufFile,
     external: Option<&ExternalWeights>,
     config: &ModelConfig,
     first_offloaded: usize,
     context: usize,
+    kv: KvDtype,
 ) -> Result<DeviceMemory, ModelError> {
     let c = config;
     let offloaded = |name: &str| match block_of(name) {
@@ -195,20 +199,21 @@ pub fn device_memory(
     // V and the attention output), and one ubatch of logits.
     let activations = ub * (f(c.n_embd) * 2 + f(widest) * 3) + ub * f(c.n_vocab);
     let scratch = activations + GEMM_TILE_BYTES.min(largest);
-    // Until the KV cache is on the device, attention uploads one layer's keys and values of a
-    // sequence in f32 and holds its scores three times (the scaled products, the masked ones,
-    // the softmax) for a ubatch of queries: `ember_kernels`' paged attention default body.
-    // Only blocks attend: the head alone needs none.
-    let ctx = if first_offloaded < c.n_layer {
-        context as u64
-    } else {
-        0
+    // Only blocks attend: the head alone needs no cache.
+    let layers = c.n_layer.saturating_sub(first_offloaded) as u64;
+    let ctx = if layers > 0 { context as u64 } else { 0 };
+    let kv_cache = match kv.row_bytes(c.head_dim) {
+        // An f16 or f32 cache lives on the device: K and V of every offloaded block.
+        Some(row) if kv != KvDtype::Q8_0 => layers * ctx * (row * c.n_head_kv) as u64 * 2,
+        // A q8_0 cache stays on the host: attention uploads one layer's keys and values of a
+        // sequence in f32 and holds its scores three times (the scaled products, the masked
+        // ones, the softmax) for a ubatch of queries (`ember_kernels`' generic paged attention).
+        _ => ctx * f(kv_width) * 2 + 3 * ub * ctx * f(c.n_head),
     };
-    let attention = ctx * f(kv_width) * 2 + 3 * ub * ctx * f(c.n_head);
     Ok(DeviceMemory {
         weights,
         scratch,
-        attention,
+        kv_cache,
         context,
         layers: c.n_layer.saturating_sub(first_offloaded),
     })
@@ -224,9 +229,19 @@ pub(crate) fn check_fits(
     gpu_layers: usize,
     limit: u64,
     context: usize,
+    kv: KvDtype,
 ) -> Result<(), ModelError> {
     let n_layer = config.n_layer;
-    let need = |n: usize| device_memory(file, external, config, n_layer - n.min(n_layer), context);
+    let need = |n: usize| {
+        device_memory(
+            file,
+            external,
+            config,
+            n_layer - n.min(n_layer),
+            context,
+            kv,
+        )
+    };
     let asked = need(gpu_layers)?;
     if asked.total() <= limit {
         return Ok(());
@@ -274,7 +289,7 @@ mod tests {
                     .map(|t| t.n_elements() * 4)
                     .sum()
             };
-            let all = device_memory(&file, None, &c, 0, 64).expect("plan");
+            let all = device_memory(&file, None, &c, 0, 64, KvDtype::F16).expect("plan");
             assert_eq!(
                 all.weights,
                 bytes(&|n: &str| n != "token_embd.weight" || tied),
@@ -282,18 +297,34 @@ mod tests {
             );
             assert_eq!(all.layers, c.n_layer);
             for first in 0..=c.n_layer {
-                let part = device_memory(&file, None, &c, first, 64).expect("plan");
+                let part = device_memory(&file, None, &c, first, 64, KvDtype::F16).expect("plan");
                 let on_cpu = bytes(&|n: &str| block_of(n).is_some_and(|l| l < first));
                 assert_eq!(part.weights, all.weights - on_cpu, "{arch:?} from {first}");
                 assert_eq!(part.layers, c.n_layer - first);
                 assert_eq!(part.scratch, all.scratch);
             }
-            // Attention grows with the context, and the head alone needs none.
-            let long = device_memory(&file, None, &c, 0, 4096).expect("plan");
-            assert!(long.attention > all.attention);
+            // The cache grows with the context: f16 K and V of every offloaded block (twice that
+            // in f32); q8_0 stays on the host, counted as attention's uploads. The head alone
+            // needs none.
+            let long = device_memory(&file, None, &c, 0, 4096, KvDtype::F16).expect("plan");
+            let per_token = (c.n_head_kv * c.head_dim * 2 * 2) as u64;
+            assert_eq!(
+                long.kv_cache,
+                c.n_layer as u64 * 4096 * per_token,
+                "{arch:?}"
+            );
+            assert_eq!(all.kv_cache, c.n_layer as u64 * 64 * per_token, "{arch:?}");
             assert_eq!(long.context, 4096);
-            let head = device_memory(&file, None, &c, c.n_layer, 4096).expect("plan");
-            assert_eq!(head.attention, 0);
+            let half =
+                device_memory(&file, None, &c, c.n_layer / 2, 4096, KvDtype::F32).expect("plan");
+            let offloaded = (c.n_layer - c.n_layer / 2) as u64;
+            assert_eq!(half.kv_cache, offloaded * 4096 * per_token * 2, "{arch:?}");
+            let q8 = device_memory(&file, None, &c, 0, 4096, KvDtype::Q8_0).expect("plan");
+            assert!(q8.kv_cache > 0, "{arch:?}");
+            for kv in KvDtype::ALL {
+                let head = device_memory(&file, None, &c, c.n_layer, 4096, kv).expect("plan");
+                assert_eq!(head.kv_cache, 0, "{arch:?} {kv}");
+            }
         }
     }
 
@@ -303,15 +334,15 @@ mod tests {
     fn refusal_names_the_blocks_that_fit() {
         let (file, c) = tiny_model(TinyArch::Qwen2);
         let n = c.n_layer;
-        let all = device_memory(&file, None, &c, 0, 64).expect("plan");
-        assert!(check_fits(&file, None, &c, n, all.total(), 64).is_ok());
-        let head_only = device_memory(&file, None, &c, n, 64).expect("plan");
+        let all = device_memory(&file, None, &c, 0, 64, KvDtype::F16).expect("plan");
+        assert!(check_fits(&file, None, &c, n, all.total(), 64, KvDtype::F16).is_ok());
+        let head_only = device_memory(&file, None, &c, n, 64, KvDtype::F16).expect("plan");
         for limit in [all.total() - 1, head_only.total() + 1, head_only.total()] {
-            match check_fits(&file, None, &c, n, limit, 64) {
+            match check_fits(&file, None, &c, n, limit, 64, KvDtype::F16) {
                 Err(e @ ModelError::DeviceMemory { fits: Some(k), .. }) => {
                     assert!(k < n);
-                    assert!(check_fits(&file, None, &c, k, limit, 64).is_ok());
-                    assert!(check_fits(&file, None, &c, k + 1, limit, 64).is_err());
+                    assert!(check_fits(&file, None, &c, k, limit, 64, KvDtype::F16).is_ok());
+                    assert!(check_fits(&file, None, &c, k + 1, limit, 64, KvDtype::F16).is_err());
                     assert!(
                         e.to_string().contains(&format!("--gpu-layers {k} fits")),
                         "{e}"
@@ -320,7 +351,7 @@ mod tests {
                 other => panic!("limit {limit}: {other:?}"),
             }
         }
-        match check_fits(&file, None, &c, n, head_only.total() - 1, 64) {
+        match check_fits(&file, None, &c, n, head_only.total() - 1, 64, KvDtype::F16) {
             Err(e @ ModelError::DeviceMemory { fits: None, .. }) => {
                 assert!(e.to_string().contains("--device cpu"), "{e}")
             }

@@ -272,6 +272,23 @@ fn smollm2_split_between_cpu_and_wgpu_gives_the_cpu_paths_tokens() {
         assert_eq!(placement.first_offloaded(), n_layer - gpu_layers);
         assert!(placement.input() == &ember_models::default_device());
         assert!(placement.head() == &gpu);
+        // The GPU blocks' K and V live on the GPU (f16, f32); a q8_0 cache stays on the host.
+        for (dtype, on_gpu) in [
+            (ember_kernels::KvDtype::F16, true),
+            (ember_kernels::KvDtype::F32, true),
+            (ember_kernels::KvDtype::Q8_0, false),
+        ] {
+            let kv = ember_kv::KvOptions {
+                dtype,
+                ..Default::default()
+            };
+            let cache =
+                ember_kv::PagedKvCache::new(&split.model.kv_config(&kv, 64)).expect("cache");
+            for l in 0..n_layer {
+                let want = on_gpu && l >= n_layer - gpu_layers;
+                assert_eq!(cache.layer_on_device(l), want, "{dtype} layer {l}");
+            }
+        }
         let g = teacher_forced_logits(&split.model, &tokens, 512).expect("split logits");
         assert_eq!(g.len(), c.len());
         let max = top5_gap_with_equal_argmax(&g, &c);
@@ -298,7 +315,15 @@ fn a_model_over_the_stated_gpu_memory_is_refused_before_loading() {
     let file = ember_formats::GgufFile::open(&path).expect("open");
     let config = ember_models::ModelConfig::from_gguf(&file).expect("config");
     let context = 2048;
-    let all = ember_models::device_memory(&file, None, &config, 0, context).expect("plan");
+    let all = ember_models::device_memory(
+        &file,
+        None,
+        &config,
+        0,
+        context,
+        ember_kernels::KvDtype::F16,
+    )
+    .expect("plan");
     // The Q4_1 blocks as they are, padded to whole words; norms in f32.
     let file_bytes: u64 = file
         .tensors()

@@ -715,20 +715,21 @@ fn paged_attention_with(
     {
         conv.avx512 &= matches!(path, Path::Best | Path::Avx512);
         conv.fp16 &= conv.avx512 && path == Path::Best;
-        return Ok(dispatch(q, n_rows, n_head, attn, conv));
+        return dispatch(q, n_rows, n_head, attn, conv);
     }
     let _ = path;
-    Ok(dispatch(q, n_rows, n_head, attn, Portable))
+    dispatch(q, n_rows, n_head, attn, Portable)
 }
 
-/// Picks the row reader for the store's dtype, once per call.
+/// Picks the row reader for the store's dtype, once per call; a store on a GPU device is not
+/// the CPU kernel's to read.
 fn dispatch<C: Conv>(
     q: &[f32],
     n_rows: usize,
     n_head: usize,
     attn: &PagedAttention,
     conv: C,
-) -> Vec<f32> {
+) -> Result<Vec<f32>, PagedError> {
     let store = &*attn.store;
     let d = store.head_dim();
     let split_kv = !matches!(store.arenas, Arenas::Q8_0(_));
@@ -752,7 +753,7 @@ fn dispatch<C: Conv>(
             )
         };
     }
-    match &store.arenas {
+    Ok(match &store.arenas {
         Arenas::F32([k, v]) => call!(F32Rows { a: k, d }, F32Rows { a: v, d }),
         Arenas::F16([k, v]) => call!(
             F16Rows {
@@ -768,7 +769,13 @@ fn dispatch<C: Conv>(
             let row_bytes = store.row_units();
             call!(Q8Rows { a: k, row_bytes }, Q8Rows { a: v, row_bytes })
         }
-    }
+        #[cfg(feature = "cube")]
+        Arenas::Device(_) => {
+            return Err(PagedError::Placement(
+                "this layer's K and V live on a GPU device: the CPU kernel cannot read them",
+            ));
+        }
+    })
 }
 
 fn run<R: Rows<C>, C: Conv>(c: &Call<'_, R, C>, n_rows: usize) -> Vec<f32> {

@@ -6,7 +6,7 @@ use super::blocks::{chunk_dot, chunk_values, round_f32_to_f16};
 
 /// The cube's index in a [`super::grid`].
 #[cube]
-fn cube_index() -> usize {
+pub(super) fn cube_index() -> usize {
     CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize
 }
 
@@ -146,4 +146,88 @@ pub(crate) fn dequantize_rows(
         r * cols + c * 32,
         layout,
     );
+}
+
+/// Rotary embedding of `x: [rows, heads, d]`, one thread per value: the first `rope_dim` values
+/// of each head rotate by the row's angles (`cos`, `sin`: `[rows, rope_dim / 2]`, ggml's f32
+/// recurrence computed on the host, where the trigonometry is glibc's), in pairs `(2i, 2i + 1)`
+/// or, `neox`, `(i, i + rope_dim / 2)`; the rest pass through.
+#[cube(launch_unchecked)]
+// `is_multiple_of` has no CubeCL expansion.
+#[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)]
+pub(crate) fn rope(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    out: &mut [f32],
+    n: usize,
+    heads: usize,
+    d: usize,
+    rope_dim: usize,
+    #[comptime] neox: bool,
+) {
+    let g = cube_index() * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    if g >= n {
+        terminate!();
+    }
+    let e = g % d;
+    if e >= rope_dim {
+        out[g] = x[g];
+    } else {
+        let half = rope_dim / 2;
+        let head = g - e;
+        let row = g / (d * heads);
+        // Pair `i`: its two values at `head + a` and `head + b`; this thread writes the first
+        // or the second.
+        let i = if neox { e % half } else { e / 2 };
+        let first = if neox { e < half } else { e % 2 == 0 };
+        let a = if neox { i } else { 2 * i };
+        let b = if neox { i + half } else { 2 * i + 1 };
+        let (x0, x1) = (x[head + a], x[head + b]);
+        let c = cos[row * half + i];
+        let s = sin[row * half + i];
+        out[g] = if first {
+            x0 * c - x1 * s
+        } else {
+            x0 * s + x1 * c
+        };
+    }
+}
+
+/// `out = silu(gate) * up` element-wise (`silu(x) = x / (1 + e^-x)`, as ggml).
+#[cube(launch_unchecked)]
+pub(crate) fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32], n: usize) {
+    let i = cube_index() * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    if i < n {
+        let g = gate[i];
+        out[i] = g / (1.0f32 + f32::exp(0.0f32 - g)) * up[i];
+    }
+}
+
+/// `out = gelu(gate) * up` element-wise: ggml's tanh approximation, 0 below -10 and the
+/// identity above 10 as its CPU kernel (which also rounds through an f16 table; this does not).
+#[cube(launch_unchecked)]
+pub(crate) fn geglu(gate: &[f32], up: &[f32], out: &mut [f32], n: usize) {
+    let i = cube_index() * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    if i < n {
+        let g = gate[i];
+        let gelu = if g > 10.0f32 {
+            g
+        } else if g < -10.0f32 {
+            0.0f32
+        } else {
+            let inner = 1.0f32 + 0.044715f32 * g * g;
+            0.5f32 * g * (1.0f32 + f32::tanh(0.797_884_6f32 * g * inner))
+        };
+        out[i] = gelu * up[i];
+    }
+}
+
+/// `out = a + b` element-wise.
+#[cube(launch_unchecked)]
+pub(crate) fn add(a: &[f32], b: &[f32], out: &mut [f32], n: usize) {
+    let i = cube_index() * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    if i < n {
+        out[i] = a[i] + b[i];
+    }
 }

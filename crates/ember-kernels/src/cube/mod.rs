@@ -11,6 +11,7 @@
 
 mod blocks;
 mod kernels;
+pub(crate) mod kv;
 
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,7 @@ use ember_quant::GgmlType;
 
 pub(crate) use blocks::Layout;
 
+use crate::paged::{Arenas, PagedAttention};
 use crate::{EmberBackend, QuantMatrix, Storage};
 
 /// A weight's bytes on one device, with the layout the matmul kernel reads them in: one buffer,
@@ -217,6 +219,14 @@ pub fn gpu_memory_limits(device: &burn::tensor::Device) -> Option<GpuMemoryLimit
     }
 }
 
+/// `t`'s primitive, if it is a tensor on a cube device.
+pub(crate) fn cube_tensor<const D: usize>(t: burn::tensor::Tensor<D>) -> Option<CubeTensor> {
+    match t.into_dispatch().kind {
+        burn::backend::DispatchTensorKind::Cube(t) => Some(t.float()),
+        _ => None,
+    }
+}
+
 /// The compute client of a cube device.
 type ComputeClient = burn_cubecl::cubecl::client::Client;
 
@@ -339,6 +349,58 @@ fn matmul_on_device(x: CubeTensor, dw: &DeviceWeight, n: usize, k: usize) -> Cub
     out
 }
 
+/// The element-wise kernels of two same-shaped tensors.
+enum Elementwise {
+    Swiglu,
+    Geglu,
+    Add,
+}
+
+fn elementwise(a: CubeTensor, b: CubeTensor, op: &str, which: Elementwise) -> CubeTensor {
+    let (a, b) = (contiguous_f32(a, op), contiguous_f32(b, op));
+    let dims = a.meta.shape().clone();
+    assert_eq!(&dims, b.meta.shape(), "{op}: shapes must match");
+    let n = dims.num_elements();
+    let out = empty_f32(&a.client, &a.device, dims);
+    if n == 0 {
+        return out;
+    }
+    let (client, count, dim) = (&a.client, grid(n.div_ceil(256)), CubeDim::new_1d(256));
+    // SAFETY: thread `i < n` reads `a[i]`, `b[i]` and writes `out[i]`, all `n` long.
+    unsafe {
+        match which {
+            Elementwise::Swiglu => kernels::swiglu::launch_unchecked(
+                client,
+                count,
+                dim,
+                buffer(&a),
+                buffer(&b),
+                buffer(&out),
+                n,
+            ),
+            Elementwise::Geglu => kernels::geglu::launch_unchecked(
+                client,
+                count,
+                dim,
+                buffer(&a),
+                buffer(&b),
+                buffer(&out),
+                n,
+            ),
+            Elementwise::Add => kernels::add::launch_unchecked(
+                client,
+                count,
+                dim,
+                buffer(&a),
+                buffer(&b),
+                buffer(&out),
+                n,
+            ),
+        }
+    }
+    out
+}
+
 /// Threads per cube of the row-reduction kernels.
 const ROW_THREADS: u32 = 64;
 // The kernels' tree sums halve the cube.
@@ -365,6 +427,80 @@ impl EmberBackend for burn_cubecl::CubeBackend {
         }
         let dw = w.on_device(&x.client, &x.device);
         matmul_on_device(x, &dw, n, k)
+    }
+
+    /// On a store whose arenas are on this device, the flash-attention kernel over them;
+    /// on a host store, the generic path (each sequence's keys gathered and uploaded).
+    fn paged_attention(q: CubeTensor, attn: PagedAttention) -> CubeTensor {
+        let shape = q.meta.shape().clone();
+        attn.validate(shape[0], shape[1], shape[2])
+            .unwrap_or_else(|e| panic!("paged_attention: {e}"));
+        match &attn.store.arenas {
+            Arenas::Device(arenas) => {
+                assert!(
+                    arenas.is_on(&q.device),
+                    "paged_attention: q is not on the device holding the layer's K and V"
+                );
+                kv::attention(q, &attn, arenas)
+            }
+            _ => crate::paged_attention_fallback::<Self>(q, &attn),
+        }
+    }
+
+    fn rope(
+        x: CubeTensor,
+        positions: Arc<[u32]>,
+        rope_dim: usize,
+        base: f32,
+        neox: bool,
+    ) -> CubeTensor {
+        let x = contiguous_f32(x, "rope");
+        let dims = x.meta.shape().clone();
+        let (rows, heads, d) = (dims[0], dims[1], dims[2]);
+        let n = rows * heads * d;
+        let out = empty_f32(&x.client, &x.device, dims);
+        if n == 0 || rope_dim == 0 {
+            return if n == 0 { out } else { x };
+        }
+        let (cos, sin) = crate::ops::rope_angles(&positions, rope_dim, base);
+        let upload = |v: &[f32]| {
+            let handle = x.client.create_from_slice(bytemuck::cast_slice(v));
+            // SAFETY: the buffer holds `v.len()` f32 values (`rows * rope_dim / 2`).
+            unsafe { BufferArg::from_raw_parts(handle, v.len()) }
+        };
+        let threads = 256u32;
+        // SAFETY: thread `g < n` reads values of its own head in `x` (`n` values) and its
+        // row's angles (`rows * rope_dim / 2`, `rope_dim <= d` checked by the caller), and
+        // writes `out[g]`.
+        unsafe {
+            kernels::rope::launch_unchecked(
+                &x.client,
+                grid(n.div_ceil(threads as usize)),
+                CubeDim::new_1d(threads),
+                buffer(&x),
+                upload(&cos),
+                upload(&sin),
+                buffer(&out),
+                n,
+                heads,
+                d,
+                rope_dim,
+                neox,
+            );
+        }
+        out
+    }
+
+    fn swiglu(gate: CubeTensor, up: CubeTensor) -> CubeTensor {
+        elementwise(gate, up, "swiglu", Elementwise::Swiglu)
+    }
+
+    fn geglu(gate: CubeTensor, up: CubeTensor) -> CubeTensor {
+        elementwise(gate, up, "geglu", Elementwise::Geglu)
+    }
+
+    fn residual_add(a: CubeTensor, b: CubeTensor) -> CubeTensor {
+        elementwise(a, b, "residual_add", Elementwise::Add)
     }
 
     fn round_to_f16(x: CubeTensor) -> CubeTensor {
