@@ -81,15 +81,18 @@ pub trait EmberBackend: Backend {
     /// Rotary embedding of `x: [n, heads, head_dim]` at positions `start..start + n`: the
     /// first `rope_dim` dimensions of each head rotate in pairs `(2i, 2i + 1)`, or
     /// `(i, i + rope_dim / 2)` when `neox`; the rest pass through. Angles follow ggml's f32
-    /// recurrence: `theta = pos`, times `base^(-2 / rope_dim)` per pair.
+    /// recurrence: `theta = pos`, times `base^(-2 / rope_dim)` per pair, and pair `i`'s angle
+    /// divided by `factors[i]` where there are factors (`rope_dim / 2` of them: ggml's
+    /// `freq_factors`, Llama 3's `rope_freqs`).
     fn rope(
         x: FloatTensor<Self>,
         positions: Arc<[u32]>,
         rope_dim: usize,
         base: f32,
+        factors: Option<Arc<[f32]>>,
         neox: bool,
     ) -> FloatTensor<Self> {
-        rope_fallback::<Self>(x, &positions, rope_dim, base, neox)
+        rope_fallback::<Self>(x, &positions, rope_dim, base, factors.as_deref(), neox)
     }
 
     /// `silu(gate) * up`, element-wise over same-shaped tensors.
@@ -121,17 +124,24 @@ pub fn rms_norm_fallback<B: Backend>(
     B::float_mul(B::float_mul(x, inv), w)
 }
 
-/// ggml's rotary angles for `positions`: `(cos, sin)`, each `[n * rope_dim / 2]`.
-pub(crate) fn rope_angles(positions: &[u32], rope_dim: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
+/// ggml's rotary angles for `positions`: `(cos, sin)`, each `[n * rope_dim / 2]`, pair `i`'s
+/// angle divided by `factors[i]` where there are factors.
+pub(crate) fn rope_angles(
+    positions: &[u32],
+    rope_dim: usize,
+    base: f32,
+    factors: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
     let half = rope_dim / 2;
     let theta_scale = base.powf(-2.0 / rope_dim as f32);
     let mut cos = Vec::with_capacity(positions.len() * half);
     let mut sin = Vec::with_capacity(positions.len() * half);
     for &p in positions {
         let mut theta = p as f32;
-        for _ in 0..half {
-            cos.push(theta.cos());
-            sin.push(theta.sin());
+        for i in 0..half {
+            let t = factors.map_or(theta, |f| theta / f[i]);
+            cos.push(t.cos());
+            sin.push(t.sin());
             theta *= theta_scale;
         }
     }
@@ -144,6 +154,7 @@ pub fn rope_fallback<B: Backend>(
     positions: &[u32],
     rope_dim: usize,
     base: f32,
+    factors: Option<&[f32]>,
     neox: bool,
 ) -> FloatTensor<B> {
     let device = x.device();
@@ -151,7 +162,7 @@ pub fn rope_fallback<B: Backend>(
     let (n, h, d) = (xs[0], xs[1], xs[2]);
     let half = rope_dim / 2;
     assert_eq!(positions.len(), n, "rope: one position per row");
-    let (cos, sin) = rope_angles(positions, rope_dim, base);
+    let (cos, sin) = rope_angles(positions, rope_dim, base, factors);
     let (rot, pass) = if rope_dim < d {
         (
             B::float_slice(
@@ -508,12 +519,14 @@ pub fn positions_from(start: usize, n: usize) -> Arc<[u32]> {
 
 /// Rotary embedding on any backend (see [`EmberBackend::rope`]).
 /// Row `i` of `x: [n, heads, head_dim]` sits at `positions[i]` (a ragged batch mixes
-/// sequences; [`positions_from`] gives `start..start + n`).
+/// sequences; [`positions_from`] gives `start..start + n`). `factors`, one per rotated pair,
+/// divide the pairs' angles (Llama 3's `rope_freqs`; `None`: all 1).
 pub fn rope(
     x: Tensor<3>,
     positions: Arc<[u32]>,
     rope_dim: usize,
     base: f32,
+    factors: Option<Arc<[f32]>>,
     neox: bool,
 ) -> Tensor<3> {
     let [n, _, d] = x.dims();
@@ -522,11 +535,16 @@ pub fn rope(
         "rope: rope_dim must be even and at most the head size"
     );
     assert_eq!(positions.len(), n, "rope: one position per row");
+    assert!(
+        factors.as_ref().is_none_or(|f| f.len() == rope_dim / 2),
+        "rope: one frequency factor per rotated pair"
+    );
     Tensor::from_dispatch(<Dispatch as EmberBackend>::rope(
         x.into_dispatch(),
         positions,
         rope_dim,
         base,
+        factors,
         neox,
     ))
 }
@@ -669,6 +687,7 @@ mod flex {
             positions: Arc<[u32]>,
             rope_dim: usize,
             base: f32,
+            factors: Option<Arc<[f32]>>,
             neox: bool,
         ) -> FlexTensor {
             let shape = x.shape();
@@ -680,6 +699,7 @@ mod flex {
                 &positions,
                 rope_dim,
                 base,
+                factors.as_deref(),
                 neox,
             );
             FlexTensor::from_data(TensorData::new(out, shape))

@@ -567,6 +567,7 @@ fn rope_and_elementwise_ops_match_cpu() {
                 positions.clone(),
                 rope_dim,
                 10000.0,
+                None,
                 neox,
             ))
         };

@@ -97,6 +97,58 @@ fn rms_norm_matches_f64() {
     }
 }
 
+/// Frequency factors divide each pair's angle, as ggml's `freq_factors`: with factors of
+/// `2^-j` (exact divisors), pair `i` at position `p` rotates exactly as pair `i` does at
+/// position `p * 2^j` without factors, bit for bit (doubling `theta` commutes with ggml's
+/// f32 recurrence). Both pairings, partial rotation, short and parallel batches.
+#[test]
+fn rope_factors_divide_each_pairs_angle() {
+    let mut rng = StdRng::seed_from_u64(12);
+    for neox in [false, true] {
+        for (n, heads, head_dim, rope_dim) in [(3, 2, 64, 64), (40, 3, 32, 16), (5, 1, 128, 96)] {
+            let half = rope_dim / 2;
+            let x = random(&mut rng, n * heads * head_dim, 2.0);
+            let shifts: Vec<u32> = (0..half).map(|_| rng.random_range(0..4u32)).collect();
+            let factors: Vec<f32> = shifts.iter().map(|&j| 0.5f32.powi(j as i32)).collect();
+            let positions: Vec<u32> = (0..n).map(|_| rng.random_range(0..5000u32)).collect();
+            let run = |positions: Vec<u32>, factors: Option<Vec<f32>>| {
+                to_vec(rope(
+                    Tensor::from_data(TensorData::new(x.clone(), [n, heads, head_dim]), &device()),
+                    positions.into(),
+                    rope_dim,
+                    10_000.0,
+                    factors.map(Into::into),
+                    neox,
+                ))
+            };
+            let got = run(positions.clone(), Some(factors));
+            let plain: Vec<Vec<f32>> = (0..4)
+                .map(|j| run(positions.iter().map(|p| p << j).collect(), None))
+                .collect();
+            for (i, &g) in got.iter().enumerate() {
+                let dim = i % head_dim;
+                let pair = match (dim < rope_dim, neox) {
+                    (false, _) => None,
+                    (true, true) => Some(dim % half),
+                    (true, false) => Some(dim / 2),
+                };
+                let want = match pair {
+                    Some(pair) => plain[shifts[pair] as usize][i],
+                    None => x[i],
+                };
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "rope {n}x{heads}x{head_dim} (rope_dim {rope_dim}, neox {neox}) [{i}]"
+                );
+            }
+            // All-ones factors are no factors.
+            let ones = run(positions.clone(), Some(vec![1.0; half]));
+            assert_eq!(ones, plain[0], "factors of 1");
+        }
+    }
+}
+
 #[test]
 fn rope_matches_f64() {
     let mut rng = StdRng::seed_from_u64(2);
@@ -114,6 +166,7 @@ fn rope_matches_f64() {
                 positions_from(start, n),
                 rope_dim,
                 base,
+                None,
                 neox,
             ));
             // ggml's f32 angle recurrence drifts from the exact angle by a few ulps of theta.
@@ -236,14 +289,21 @@ mod against_fallback {
         assert_same(&a, &b, 1e-5, "rms_norm");
 
         for neox in [false, true] {
-            for rope_dim in [32, 64] {
+            for (rope_dim, scaled) in [(32, false), (64, false), (64, true)] {
                 let (h, hd) = (3, 64);
                 let x = random(&mut rng, n * h * hd, 2.0);
+                // Llama 3.1-like frequency factors, 1 to 8.
+                let factors: Option<std::sync::Arc<[f32]>> = scaled.then(|| {
+                    (0..rope_dim / 2)
+                        .map(|_| rng.random_range(1.0..8.0f32))
+                        .collect()
+                });
                 let a = host(<Flex as EmberBackend>::rope(
                     flex(&x, [n, h, hd]),
                     positions_from(41, n),
                     rope_dim,
                     10_000.0,
+                    factors.clone(),
                     neox,
                 ));
                 let b = host(rope_fallback::<Flex>(
@@ -251,6 +311,7 @@ mod against_fallback {
                     &positions_from(41, n),
                     rope_dim,
                     10_000.0,
+                    factors.as_deref(),
                     neox,
                 ));
                 // Same angles, same products: only the fused multiply-add order may differ.

@@ -1,14 +1,19 @@
-//! Building blocks shared by architectures. The arithmetic lives in `ember_kernels`, fused on
-//! burn-flex and built from plain burn ops on other backends.
+//! Building blocks shared by architectures, as llama.cpp's graph builders share `build_qkv`,
+//! `build_attn` and `build_ffn`: the attention sub-layer with its projections, RoPE and cache
+//! write ([`Attention`]), the gated feed-forward ([`GatedFfn`]), and the pre-norm decoder that
+//! runs them ([`Decoder`]). An architecture is what it loads into them ([`DecoderSpec`]). The
+//! arithmetic lives in `ember_kernels`, fused on burn-flex, in CubeCL on a GPU, and built from
+//! plain burn ops on other backends.
 
 use std::sync::Arc;
 
 use burn::tensor::Tensor;
-use ember_kernels::QuantMatrix;
+use ember_kernels::{QuantMatrix, geglu, residual_add, swiglu};
 
 use crate::model::Pass;
+use crate::trace;
 
-use crate::{ModelError, RopeMode, Weights};
+use crate::{ModelConfig, ModelError, RopeMode, Weights};
 
 /// `x * w / sqrt(mean(x^2) + eps)` over the last dimension of `x: [n, d]`.
 pub fn rms_norm(x: Tensor<2>, weight: &Tensor<1>, eps: f32) -> Tensor<2> {
@@ -20,11 +25,13 @@ pub fn rms_norm(x: Tensor<2>, weight: &Tensor<1>, eps: f32) -> Tensor<2> {
 ///
 /// Angles are computed in f32 with the same recurrence as ggml (`theta *= theta_scale` per
 /// pair) so our rounding follows llama.cpp's rather than an exact f64 value.
+/// `factors` (one per rotated pair) divide the pairs' angles, as ggml's `freq_factors`.
 pub fn rope(
     x: Tensor<3>,
     positions: &Arc<[u32]>,
     rope_dim: usize,
     base: f32,
+    factors: Option<&Arc<[f32]>>,
     mode: RopeMode,
 ) -> Tensor<3> {
     ember_kernels::rope(
@@ -32,6 +39,7 @@ pub fn rope(
         Arc::clone(positions),
         rope_dim,
         base,
+        factors.cloned(),
         mode == RopeMode::Neox,
     )
 }
@@ -43,6 +51,25 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The `rows x cols` weight `{name}.weight`, and its `{name}.bias` when `bias` allows one
+    /// and the file has it.
+    pub fn load(
+        w: &Weights<'_>,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        bias: bool,
+    ) -> Result<Self, ModelError> {
+        Ok(Self {
+            w: w.matrix(&format!("{name}.weight"), rows, cols)?,
+            b: if bias {
+                w.optional_vector(&format!("{name}.bias"), rows)?
+            } else {
+                None
+            },
+        })
+    }
+
     /// `x: [n, w.cols()]` to `[n, w.rows()]`, with the arithmetic `pass` keeps for its rows.
     pub fn forward(&self, x: Tensor<2>, pass: &Pass<'_>) -> Tensor<2> {
         let y = pass.matmul(x, &self.w);
@@ -139,4 +166,300 @@ pub fn head_rms_norm(x: Tensor<2>, heads: usize, weight: &Tensor<1>, eps: f32) -
     let [n, _] = x.dims();
     let hd = weight.dims()[0];
     rms_norm(x.reshape([n * heads, hd]), weight, eps).reshape([n, heads, hd])
+}
+
+/// The activation of a gated feed-forward, `act(gate) * up`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// SiLU: llama.cpp's `ggml_swiglu` (llama, qwen2, qwen3, phi3).
+    Silu,
+    /// GELU, tanh form: llama.cpp's `ggml_geglu` (gemma3).
+    Gelu,
+}
+
+/// Where attention's `1 / sqrt(head_dim)` (or the model's own scale) is applied.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum QueryScale {
+    /// Inside attention, on the scores: llama.cpp's `kq_scale` (llama, qwen2, qwen3).
+    InAttention(f32),
+    /// On Q after RoPE, attention then at scale 1, as llama.cpp's phi3 and gemma3 graphs do:
+    /// the f16 rounding of Q sees the scaled values, so the two are not the same bits.
+    OnQuery(f32),
+}
+
+/// A block's self-attention: pre-norm, Q/K/V projections, optional per-head Q/K norms, RoPE,
+/// the cache write and paged attention ([`Pass::attend`]), the output projection, and an
+/// optional norm of its output (Gemma's post-attention norm).
+pub struct Attention {
+    pub norm: Tensor<1>,
+    pub qkv: QkvProj,
+    /// Per-head RMS norms of Q and K before RoPE (QK-norm: qwen3, gemma3).
+    pub qk_norm: Option<(Tensor<1>, Tensor<1>)>,
+    pub wo: Linear,
+    pub post_norm: Option<Tensor<1>>,
+    /// RoPE's base frequency for this layer (Gemma's window layers have their own).
+    pub rope_base: f32,
+    /// Per-pair divisors of RoPE's angles (`rope_freqs.weight`: Llama 3.1-style scaling, which
+    /// the converter writes as this tensor and no metadata key).
+    pub rope_factors: Option<Arc<[f32]>>,
+    /// `Some(window)` on a sliding-window layer.
+    pub window: Option<usize>,
+}
+
+/// A block's gated feed-forward: pre-norm, `down(act(gate(h)) * up(h))`, and an optional norm
+/// of its output (Gemma's post-feed-forward norm).
+pub struct GatedFfn {
+    pub norm: Tensor<1>,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+    pub post_norm: Option<Tensor<1>>,
+}
+
+/// One pre-norm decoder block: `x + attn(x)`, then `x + ffn(x)`.
+pub struct Block {
+    pub attn: Attention,
+    pub ffn: GatedFfn,
+}
+
+/// What distinguishes one architecture's blocks from another's: which optional weights it
+/// loads and how it scales and activates. Everything else is [`Decoder`]'s, shared.
+#[derive(Clone, Copy, Debug)]
+pub struct DecoderSpec {
+    /// Per-head Q and K norms (`attn_q_norm`, `attn_k_norm`).
+    pub qk_norm: bool,
+    /// Norms of the attention and feed-forward outputs (`post_attention_norm`,
+    /// `post_ffw_norm`).
+    pub post_norms: bool,
+    /// Optional biases on the output and feed-forward projections (`attn_output.bias`,
+    /// `ffn_{gate,up,down}.bias`), as llama.cpp's `llama` loader takes them. Q/K/V biases are
+    /// [`QkvProj`]'s, optional for every architecture as in llama.cpp's `create_tensor_qkv`.
+    pub projection_biases: bool,
+    /// RoPE frequency factors from `rope_freqs.weight` when the file has it (llama.cpp's
+    /// `llama` loader; one tensor shared by every layer).
+    pub rope_factors: bool,
+    /// A feed-forward whose `ffn_up` holds the gate rows and then the up rows when the file has
+    /// no `ffn_gate` (Phi-3).
+    pub fused_gate_up: bool,
+    pub gate: Gate,
+    pub query_scale: QueryScale,
+}
+
+/// The blocks of a pre-norm decoder-only transformer, shared by every architecture here.
+pub struct Decoder {
+    config: ModelConfig,
+    spec: DecoderSpec,
+    blocks: Vec<Block>,
+}
+
+impl Decoder {
+    /// Loads every block's weights (`blk.N.*`), checking each tensor's shape against `config`;
+    /// `layer_rope(i)` gives layer `i`'s window (`None`: full causal attention) and RoPE base.
+    pub fn load(
+        w: &Weights<'_>,
+        config: &ModelConfig,
+        spec: DecoderSpec,
+        layer_rope: impl Fn(usize) -> (Option<usize>, f32),
+    ) -> Result<Self, ModelError> {
+        let c = config;
+        let (d, hd, n_ff) = (c.n_embd, c.head_dim, c.n_ff);
+        const ROPE_FREQS: &str = "rope_freqs.weight";
+        let rope_factors: Option<Arc<[f32]>> = if spec.rope_factors && w.has(ROPE_FREQS) {
+            let factors = w.host_vector(ROPE_FREQS, c.rope_dim / 2)?;
+            // ggml divides by them: a zero, negative or non-finite factor is a broken file.
+            if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+                return Err(ModelError::BadMetadata {
+                    key: ROPE_FREQS.into(),
+                    value: bad.to_string(),
+                    expected: "positive and finite (each divides a RoPE angle)".into(),
+                });
+            }
+            Some(factors.into())
+        } else {
+            None
+        };
+        let mut blocks = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let name = |t: &str| format!("blk.{i}.{t}");
+            let linear = |t: &str, rows: usize, cols: usize| -> Result<Linear, ModelError> {
+                Linear::load(w, &name(t), rows, cols, spec.projection_biases)
+            };
+            let norm = |t: &str, len: usize| w.vector(&name(&format!("{t}.weight")), len);
+            let (window, rope_base) = layer_rope(i);
+            let qk_norm = if spec.qk_norm {
+                Some((norm("attn_q_norm", hd)?, norm("attn_k_norm", hd)?))
+            } else {
+                None
+            };
+            let attn = Attention {
+                norm: norm("attn_norm", d)?,
+                qkv: QkvProj::load(w, i, d, [c.n_head * hd, c.n_head_kv * hd, c.n_head_kv * hd])?,
+                qk_norm,
+                wo: linear("attn_output", d, c.n_head * hd)?,
+                post_norm: if spec.post_norms {
+                    Some(norm("post_attention_norm", d)?)
+                } else {
+                    None
+                },
+                rope_base,
+                rope_factors: rope_factors.clone(),
+                window,
+            };
+            let up = name("ffn_up.weight");
+            // GGUF fuses Phi-3's gate and up (`ffn_up`, 2 n_ff rows); a checkpoint directory
+            // run without converting supplies them split (ember-convert's checkpoint image).
+            let (gate, up) = if spec.fused_gate_up && !w.has(&name("ffn_gate.weight")) {
+                let half = |rows| -> Result<Linear, ModelError> {
+                    Ok(Linear {
+                        w: w.matrix_rows(&up, 2 * n_ff, d, rows)?,
+                        b: None,
+                    })
+                };
+                (half(0..n_ff)?, half(n_ff..2 * n_ff)?)
+            } else {
+                (linear("ffn_gate", n_ff, d)?, linear("ffn_up", n_ff, d)?)
+            };
+            let ffn = GatedFfn {
+                norm: norm("ffn_norm", d)?,
+                gate,
+                up,
+                down: linear("ffn_down", d, n_ff)?,
+                post_norm: if spec.post_norms {
+                    Some(norm("post_ffw_norm", d)?)
+                } else {
+                    None
+                },
+            };
+            blocks.push(Block { attn, ffn });
+        }
+        Ok(Self {
+            config: config.clone(),
+            spec,
+            blocks,
+        })
+    }
+
+    /// Each layer's attention window (`None`: full causal attention).
+    pub fn layer_windows(&self) -> Vec<Option<usize>> {
+        self.blocks.iter().map(|b| b.attn.window).collect()
+    }
+
+    /// Runs `x: [rows, n_embd]` through the first [`Pass::layers`] blocks, indexed by their
+    /// true layer so per-layer windows, RoPE and cache layers stay theirs (a self-speculative
+    /// draft runs only the first ones), calling [`Pass::select_outputs`] in the last.
+    pub fn forward(&self, mut x: Tensor<2>, pass: &mut Pass<'_>) -> Result<Tensor<2>, ModelError> {
+        let last = pass.layers().min(self.blocks.len());
+        for (layer, b) in self.blocks.iter().enumerate().take(last) {
+            let l = Some(layer);
+            x = pass.enter(layer, x);
+            let mut attn = self.attention(layer, &b.attn, x.clone(), pass)?;
+            if layer + 1 == last {
+                (attn, x) = pass.select_outputs(attn, x);
+            }
+            x = match &b.attn.post_norm {
+                Some(post) => {
+                    let attn = rms_norm(attn, post, self.config.rms_eps);
+                    trace::tensor("attn_post_norm", l, &attn);
+                    let x = residual_add(attn, x);
+                    trace::tensor("sa_out", l, &x);
+                    x
+                }
+                None => {
+                    let x = residual_add(attn, x);
+                    trace::tensor("ffn_inp", l, &x);
+                    x
+                }
+            };
+            let ffn = self.feed_forward(layer, &b.ffn, x.clone(), pass);
+            x = residual_add(ffn, x);
+            trace::tensor("l_out", l, &x);
+        }
+        Ok(x)
+    }
+
+    /// The attention sub-layer's output (before its post-norm, if any) for residual `x`.
+    fn attention(
+        &self,
+        layer: usize,
+        a: &Attention,
+        x: Tensor<2>,
+        pass: &mut Pass<'_>,
+    ) -> Result<Tensor<2>, ModelError> {
+        let c = &self.config;
+        let (n, hd, l) = (pass.n_rows, c.head_dim, Some(layer));
+        let h = rms_norm(x, &a.norm, c.rms_eps);
+        trace::tensor("attn_norm", l, &h);
+        let (q, k, v) = a.qkv.forward(h, pass);
+        let (q, k) = match &a.qk_norm {
+            Some((q_norm, k_norm)) => {
+                let q = head_rms_norm(q, c.n_head, q_norm, c.rms_eps);
+                let k = head_rms_norm(k, c.n_head_kv, k_norm, c.rms_eps);
+                trace::tensor("Qcur_normed", l, &q);
+                trace::tensor("Kcur_normed", l, &k);
+                (q, k)
+            }
+            None => (
+                q.reshape([n, c.n_head, hd]),
+                k.reshape([n, c.n_head_kv, hd]),
+            ),
+        };
+        let v = v.reshape([n, c.n_head_kv, hd]);
+        trace::tensor("Vcur", l, &v);
+        let factors = a.rope_factors.as_ref();
+        let rope = |t| {
+            rope(
+                t,
+                &pass.positions,
+                c.rope_dim,
+                a.rope_base,
+                factors,
+                c.rope_mode,
+            )
+        };
+        let (q, k) = (rope(q), rope(k));
+        trace::tensor("Qcur", l, &q);
+        trace::tensor("Kcur", l, &k);
+        let out = match self.spec.query_scale {
+            QueryScale::InAttention(scale) => pass.attend(layer, q, k, v, scale)?,
+            QueryScale::OnQuery(scale) => pass.attend(layer, q.mul_scalar(scale), k, v, 1.0)?,
+        };
+        trace::tensor("kqv_out", l, &out);
+        let out = a.wo.forward(out, pass);
+        trace::tensor("attn_out", l, &out);
+        Ok(out)
+    }
+
+    /// The feed-forward sub-layer's output (after its post-norm, if any) for residual `x`.
+    fn feed_forward(&self, layer: usize, f: &GatedFfn, x: Tensor<2>, pass: &Pass<'_>) -> Tensor<2> {
+        let (eps, l) = (self.config.rms_eps, Some(layer));
+        let h = rms_norm(x, &f.norm, eps);
+        trace::tensor("ffn_norm", l, &h);
+        let gate = f.gate.forward(h.clone(), pass);
+        let up = f.up.forward(h, pass);
+        trace::tensor("ffn_gate", l, &gate);
+        trace::tensor("ffn_up", l, &up);
+        // Named as llama.cpp's `build_ffn` names them.
+        let act = match self.spec.gate {
+            Gate::Silu => {
+                let act = swiglu(gate, up);
+                trace::tensor("ffn_swiglu", l, &act);
+                act
+            }
+            Gate::Gelu => {
+                let act = geglu(gate, up);
+                trace::tensor("ffn_geglu", l, &act);
+                act
+            }
+        };
+        let out = f.down.forward(act, pass);
+        trace::tensor("ffn_out", l, &out);
+        match &f.post_norm {
+            Some(post) => {
+                let out = rms_norm(out, post, eps);
+                trace::tensor("ffn_post_norm", l, &out);
+                out
+            }
+            None => out,
+        }
+    }
 }

@@ -309,6 +309,16 @@ impl<'a> Weights<'a> {
 
     /// A 1-D vector of `len` values (norm weights), dequantized into a burn tensor.
     pub fn vector(&self, name: &str, len: usize) -> Result<Tensor<1>, ModelError> {
+        let values = self.host_vector(name, len)?;
+        Ok(Tensor::from_data(
+            TensorData::new(values, [len]),
+            self.placement.tensor(name),
+        ))
+    }
+
+    /// A 1-D vector of `len` values, dequantized to f32 on the host (parameters a kernel takes
+    /// as numbers, such as RoPE's frequency factors).
+    pub fn host_vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
         let info = self.info(name)?;
         if info.dims != [len as u64] {
             return Err(ModelError::BadShape {
@@ -324,9 +334,6 @@ impl<'a> Weights<'a> {
                 ty: info.ggml_type,
             },
         )?;
-        Ok(Tensor::from_data(
-            TensorData::new(values, [len]),
-            self.placement.tensor(name),
-        ))
+        Ok(values)
     }
 }

@@ -1,5 +1,5 @@
-//! Tiny random qwen2, qwen3, phi3 and Mistral-style llama models (f32 and f16 weights),
-//! regenerated in code byte for byte, against llama.cpp's teacher-forced logits for them
+//! Tiny random qwen2, qwen3, phi3, Mistral-style and Llama 3-style llama models (f32 and f16
+//! weights), regenerated in code byte for byte, against llama.cpp's teacher-forced logits for them
 //! (`tests/fixtures/tiny/*.json`, written by `cargo xtask tiny-models`).
 //!
 //! Agreement: every logit within `1e-3 * m` of llama.cpp's, `m` the largest |logit| of
@@ -155,6 +155,83 @@ fn phi3_matches_llama_cpp() {
 #[test]
 fn mistral_style_llama_matches_llama_cpp() {
     check(TinyArch::Mistral);
+}
+
+#[test]
+fn llama3_rope_factors_and_biases_match_llama_cpp() {
+    check(TinyArch::Llama3);
+}
+
+/// The tiny Llama 3 file without the tensors `keep` rejects, rewritten.
+fn without(bytes: Vec<u8>, keep: impl Fn(&str) -> bool) -> GgufFile {
+    let file = GgufFile::from_bytes(bytes).expect("gguf");
+    let mut w = GgufWriter::new();
+    for (k, v) in file.metadata() {
+        w.add(k.clone(), v.clone());
+    }
+    for t in file.tensors().iter().filter(|t| keep(&t.name)) {
+        w.add_tensor(&t.name, &t.dims, t.ggml_type, file.tensor_data(t))
+            .expect("copy");
+    }
+    GgufFile::from_bytes(w.to_bytes().expect("write")).expect("gguf")
+}
+
+/// The fixture pins down both of llama3's additions: the same file without its RoPE
+/// frequency factors, or without its output and feed-forward biases, lands far outside the
+/// tolerance (so a loader that dropped either would fail the test above).
+#[test]
+fn dropping_rope_factors_or_projection_biases_would_fail() {
+    let arch = TinyArch::Llama3;
+    let bytes = tiny::gguf(arch, TinyDtype::F32).expect("tiny model");
+    let want = fixture(arch, TinyDtype::F32, &bytes);
+    let biases = |n: &str| n.ends_with("attn_output.bias") || n.contains(".ffn_");
+    for (what, file) in [
+        (
+            "rope_freqs",
+            without(bytes.clone(), |n| n != "rope_freqs.weight"),
+        ),
+        (
+            "projection biases",
+            without(bytes.clone(), |n| !(biases(n) && n.ends_with(".bias"))),
+        ),
+    ] {
+        let model = load(&file, &default_device()).expect("load");
+        let got = ember_logits(&model, &want.tokens, None);
+        let (rel, _, _) = worst(&got, &want.logits);
+        assert!(
+            rel > 10.0 * TOLERANCE,
+            "without {what} the logits moved by only {rel:.2e}"
+        );
+    }
+}
+
+/// A frequency factor is a divisor: zero, negative or non-finite ones are refused at load.
+#[test]
+fn broken_rope_factors_are_refused() {
+    let bytes = tiny::gguf(TinyArch::Llama3, TinyDtype::F32).expect("tiny model");
+    let file = GgufFile::from_bytes(bytes).expect("gguf");
+    for bad in [0.0f32, -1.0, f32::NAN, f32::INFINITY] {
+        let mut w = GgufWriter::new();
+        for (k, v) in file.metadata() {
+            w.add(k.clone(), v.clone());
+        }
+        for t in file.tensors() {
+            let mut data = file.tensor_data(t).to_vec();
+            if t.name == "rope_freqs.weight" {
+                data[4..8].copy_from_slice(&bad.to_le_bytes());
+            }
+            w.add_tensor(&t.name, &t.dims, t.ggml_type, data)
+                .expect("copy");
+        }
+        let broken = GgufFile::from_bytes(w.to_bytes().expect("write")).expect("gguf");
+        let err = load(&broken, &default_device())
+            .err()
+            .unwrap_or_else(|| panic!("a factor of {bad} was accepted"));
+        assert!(
+            err.to_string().contains("rope_freqs.weight"),
+            "unexpected error: {err}"
+        );
+    }
 }
 
 /// The phi3 and mistral files carry a sliding window of 4 that llama.cpp ignores; attending

@@ -37,19 +37,30 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 }
 
 /// Cosines and sines for one position, `rope_dim / 2` each, with ggml's f32 recurrence
-/// (`theta` starts at the position and is multiplied by `theta_scale` per pair).
-fn rope_cache(pos: usize, theta_scale: f32, cos: &mut [f32], sin: &mut [f32]) {
+/// (`theta` starts at the position and is multiplied by `theta_scale` per pair), each pair's
+/// angle divided by its frequency factor where there are factors (ggml's `freq_factors`,
+/// Llama 3's `rope_freqs`).
+fn rope_cache(
+    pos: usize,
+    theta_scale: f32,
+    factors: Option<&[f32]>,
+    cos: &mut [f32],
+    sin: &mut [f32],
+) {
     let mut theta = pos as f32;
-    for (c, s) in cos.iter_mut().zip(sin.iter_mut()) {
-        *c = theta.cos();
-        *s = theta.sin();
+    for (i, (c, s)) in cos.iter_mut().zip(sin.iter_mut()).enumerate() {
+        let t = factors.map_or(theta, |f| theta / f[i]);
+        *c = t.cos();
+        *s = t.sin();
         theta *= theta_scale;
     }
 }
 
 /// Rotary embedding of row-major `x: [n, heads, head_dim]`, row `i` at `positions[i]`,
 /// rotating the first `rope_dim` dimensions of every head and passing the rest through.
-/// Normal mode rotates pairs `(2i, 2i + 1)`, neox mode `(i, i + rope_dim / 2)`.
+/// Normal mode rotates pairs `(2i, 2i + 1)`, neox mode `(i, i + rope_dim / 2)`. Pair `i`'s
+/// angle is divided by `factors[i]` when given (`rope_dim / 2` of them).
+#[allow(clippy::too_many_arguments)] // the op's parameters, as ggml_rope_ext takes them
 pub fn rope(
     x: &[f32],
     heads: usize,
@@ -57,11 +68,16 @@ pub fn rope(
     positions: &[u32],
     rope_dim: usize,
     base: f32,
+    factors: Option<&[f32]>,
     neox: bool,
 ) -> Vec<f32> {
     assert!(
         rope_dim <= head_dim && rope_dim.is_multiple_of(2),
         "rope: rope_dim must be even and at most head_dim"
+    );
+    assert!(
+        factors.is_none_or(|f| f.len() == rope_dim / 2),
+        "rope: one frequency factor per rotated pair"
     );
     let stride = heads * head_dim;
     assert!(
@@ -74,7 +90,13 @@ pub fn rope(
     let pos_rows = |(i, row): (usize, &mut [f32])| {
         let mut cos = vec![0.0f32; half];
         let mut sin = vec![0.0f32; half];
-        rope_cache(positions[i] as usize, theta_scale, &mut cos, &mut sin);
+        rope_cache(
+            positions[i] as usize,
+            theta_scale,
+            factors,
+            &mut cos,
+            &mut sin,
+        );
         rope_row(row, head_dim, rope_dim, &cos, &sin, neox);
     };
     if x.len() / stride >= PAR_MIN_ROWS {

@@ -39,6 +39,10 @@ pub enum TinyArch {
     /// Mistral as GGUF stores it: `llama` with `llama.attention.sliding_window` (which
     /// llama.cpp ignores).
     Mistral,
+    /// Llama 3.1-style `llama`: RoPE frequency factors (`rope_freqs.weight`, which the
+    /// converter writes for `rope_type: llama3` instead of any metadata key), plus every
+    /// optional bias llama.cpp's `llama` loader takes (Q/K/V, output, feed-forward).
+    Llama3,
 }
 
 /// The type of the matrices (norm weights and biases are always f32, as converters write them).
@@ -51,7 +55,7 @@ pub enum TinyDtype {
 }
 
 /// Every tiny model the fixtures cover.
-pub const ALL: [(TinyArch, TinyDtype); 8] = [
+pub const ALL: [(TinyArch, TinyDtype); 10] = [
     (TinyArch::Qwen2, TinyDtype::F32),
     (TinyArch::Qwen2, TinyDtype::F16),
     (TinyArch::Qwen3, TinyDtype::F32),
@@ -60,6 +64,8 @@ pub const ALL: [(TinyArch, TinyDtype); 8] = [
     (TinyArch::Phi3, TinyDtype::F16),
     (TinyArch::Mistral, TinyDtype::F32),
     (TinyArch::Mistral, TinyDtype::F16),
+    (TinyArch::Llama3, TinyDtype::F32),
+    (TinyArch::Llama3, TinyDtype::F16),
 ];
 
 /// 256 byte tokens, 28 merged pairs and 4 special tokens.
@@ -108,13 +114,14 @@ impl TinyArch {
             TinyArch::Qwen2 => "qwen2",
             TinyArch::Qwen3 => "qwen3",
             TinyArch::Phi3 => "phi3",
-            TinyArch::Mistral => "llama",
+            TinyArch::Mistral | TinyArch::Llama3 => "llama",
         }
     }
 
     fn label(self) -> &'static str {
         match self {
             TinyArch::Mistral => "mistral",
+            TinyArch::Llama3 => "llama3",
             other => other.gguf_name(),
         }
     }
@@ -125,6 +132,7 @@ impl TinyArch {
             TinyArch::Qwen3 => 3,
             TinyArch::Phi3 => 33,
             TinyArch::Mistral => 7,
+            TinyArch::Llama3 => 31,
         }
     }
 }
@@ -340,6 +348,11 @@ pub fn gguf(arch: TinyArch, dtype: TinyDtype) -> Result<Vec<u8>, TinyError> {
                 .add(key("attention.sliding_window"), WINDOW)
                 .add(key("vocab_size"), VOCAB as u32);
         }
+        TinyArch::Llama3 => {
+            b.w.add(key("rope.freq_base"), 10_000.0f32)
+                .add(key("rope.dimension_count"), head_dim as u32)
+                .add(key("attention.layer_norm_rms_epsilon"), 1e-5f32);
+        }
     }
     add_tokenizer(&mut b.w);
 
@@ -347,6 +360,11 @@ pub fn gguf(arch: TinyArch, dtype: TinyDtype) -> Result<Vec<u8>, TinyError> {
     b.norm("output_norm.weight", d.n_embd)?;
     if arch != TinyArch::Qwen3 {
         b.matrix("output.weight", VOCAB, d.n_embd, 0.5)?;
+    }
+    if arch == TinyArch::Llama3 {
+        // One divisor per rotated pair; Llama 3.1's run from 1 (fast pairs) to 8 (slow ones),
+        // these anywhere from 0.5 to 8 so that every pair's angle moves at 12 positions.
+        b.vector("rope_freqs.weight", head_dim / 2, 0.5, 8.0)?;
     }
     for i in 0..d.n_layer {
         let n = |t: &str| format!("blk.{i}.{t}");
@@ -358,7 +376,7 @@ pub fn gguf(arch: TinyArch, dtype: TinyDtype) -> Result<Vec<u8>, TinyError> {
             b.linear(&n("attn_k.weight"), n_kv, d.n_embd)?;
             b.linear(&n("attn_v.weight"), n_kv, d.n_embd)?;
         }
-        if arch == TinyArch::Qwen2 {
+        if arch == TinyArch::Qwen2 || arch == TinyArch::Llama3 {
             // Qwen's K biases are large in real checkpoints; make all three matter here.
             b.vector(&n("attn_q.bias"), n_q, -1.0, 1.0)?;
             b.vector(&n("attn_k.bias"), n_kv, -1.0, 1.0)?;
@@ -369,6 +387,9 @@ pub fn gguf(arch: TinyArch, dtype: TinyDtype) -> Result<Vec<u8>, TinyError> {
             b.norm(&n("attn_k_norm.weight"), head_dim)?;
         }
         b.linear(&n("attn_output.weight"), d.n_embd, n_q)?;
+        if arch == TinyArch::Llama3 {
+            b.vector(&n("attn_output.bias"), d.n_embd, -0.5, 0.5)?;
+        }
         b.norm(&n("ffn_norm.weight"), d.n_embd)?;
         if arch == TinyArch::Phi3 {
             // Gate rows first, then up rows (ggml_swiglu activates the first half).
@@ -378,6 +399,11 @@ pub fn gguf(arch: TinyArch, dtype: TinyDtype) -> Result<Vec<u8>, TinyError> {
             b.linear(&n("ffn_up.weight"), d.n_ff, d.n_embd)?;
         }
         b.linear(&n("ffn_down.weight"), d.n_embd, d.n_ff)?;
+        if arch == TinyArch::Llama3 {
+            b.vector(&n("ffn_gate.bias"), d.n_ff, -0.5, 0.5)?;
+            b.vector(&n("ffn_up.bias"), d.n_ff, -0.5, 0.5)?;
+            b.vector(&n("ffn_down.bias"), d.n_embd, -0.5, 0.5)?;
+        }
     }
     Ok(b.w.to_bytes()?)
 }
