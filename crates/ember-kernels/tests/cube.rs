@@ -561,13 +561,19 @@ fn rope_and_elementwise_ops_match_cpu() {
             .map(|_| rng.random_range(-3.0..3.0f32))
             .collect();
         let positions: Arc<[u32]> = (0..rows).map(|_| rng.random_range(0..9000)).collect();
+        // Llama 3.1-like frequency factors on the partial-rotation cases.
+        let factors: Option<Arc<[f32]>> = (rope_dim < d).then(|| {
+            (0..rope_dim / 2)
+                .map(|_| rng.random_range(1.0..8.0f32))
+                .collect()
+        });
         let run = |dev: &Device| {
             to_vec(rope(
                 upload(&x, [rows, heads, d], dev),
                 positions.clone(),
                 rope_dim,
                 10000.0,
-                None,
+                factors.clone(),
                 neox,
             ))
         };
