@@ -34,6 +34,52 @@ fn cfg_f32(c: &Value, k: &str) -> Option<f32> {
     c.get(k).and_then(Value::as_f64).map(|v| v as f32)
 }
 
+/// What [`write_hparams`] found beyond the keys it wrote.
+struct Hparams {
+    n_head: u64,
+    n_head_kv: u64,
+    /// Llama 3.1's RoPE scaling as per-pair divisors of the angles: `rope_freqs.weight`.
+    rope_freqs: Option<Vec<f32>>,
+}
+
+/// Llama 3.1's RoPE scaling (`rope_type: llama3`) as the per-pair divisors llama.cpp's
+/// converter writes to `rope_freqs.weight` (`LlamaModel.generate_extra_tensors`): 1 for pairs
+/// whose wavelength is under `original_max_position_embeddings / high_freq_factor`, `factor`
+/// for those over `.. / low_freq_factor`, a smooth blend between. Computed in f64 and rounded
+/// once (the converter's torch arithmetic is f32: a blended factor may differ by an ulp).
+fn llama3_rope_factors(s: &Value, base: f32, dim: u32) -> Result<Vec<f32>, ConvertError> {
+    let get = |k: &str, default: f64| s.get(k).and_then(Value::as_f64).unwrap_or(default);
+    let factor = get("factor", 8.0);
+    let low = get("low_freq_factor", 1.0);
+    let high = get("high_freq_factor", 4.0);
+    let old = get("original_max_position_embeddings", 8192.0);
+    let base = f64::from(base);
+    if !(factor > 0.0 && low > 0.0 && high > low && old > 0.0 && base > 1.0 && dim >= 2) {
+        return Err(ConvertError::UnsupportedConfig {
+            key: "rope_scaling".into(),
+            reason: format!(
+                "llama3 scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor,                  original_max_position_embeddings > 0 and rope_theta > 1 (got {factor}, {low},                  {high}, {old}, {base})"
+            ),
+        });
+    }
+    let (low_wavelen, high_wavelen) = (old / low, old / high);
+    Ok((0..dim / 2)
+        .map(|i| {
+            let freq = base.powf(-f64::from(2 * i) / f64::from(dim));
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let f = if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            f as f32
+        })
+        .collect())
+}
+
 /// Writes the `{arch}.*` hyperparameters llama.cpp's converter writes (formats spec §5.4), and
 /// `general.file_type`, in its order.
 fn write_hparams(
@@ -41,7 +87,7 @@ fn write_hparams(
     c: &Value,
     arch: Arch,
     ty: GgmlType,
-) -> Result<(u64, u64), ConvertError> {
+) -> Result<Hparams, ConvertError> {
     let a = arch.gguf_name();
     let n_head = cfg_u32(c, "num_attention_heads")?;
     let n_embd = cfg_u32(c, "hidden_size")?;
@@ -75,6 +121,7 @@ fn write_hparams(
         .or_else(|| rope_params("full_attention"))
         .or_else(|| c.get("rope_parameters"))
         .filter(|v| !v.is_null());
+    let mut llama3_scaling = None;
     if let Some(s) = scaling {
         let kind = s
             .get("rope_type")
@@ -89,6 +136,9 @@ fn write_hparams(
                 w.add(format!("{a}.rope.scaling.type"), "linear");
                 w.add(format!("{a}.rope.scaling.factor"), f);
             }
+            // No metadata key: a tensor of per-pair factors, written once the base and the
+            // head size are known.
+            "llama3" if arch == Arch::Llama => llama3_scaling = Some(s),
             other => {
                 return Err(ConvertError::UnsupportedConfig {
                     key: "rope_scaling".into(),
@@ -128,14 +178,21 @@ fn write_hparams(
         phi3_hparams(w, c, n_head, n_embd)?;
     }
     w.add("general.file_type", file_type_for(ty)?);
+    let rope_dim = head_dim.unwrap_or(n_embd / n_head);
     if arch == Arch::Llama {
         w.add(format!("{a}.vocab_size"), cfg_u32(c, "vocab_size")?);
-        w.add(
-            format!("{a}.rope.dimension_count"),
-            head_dim.unwrap_or(n_embd / n_head),
-        );
+        w.add(format!("{a}.rope.dimension_count"), rope_dim);
     }
-    Ok((u64::from(n_head), u64::from(n_head_kv)))
+    let rope_freqs = match llama3_scaling {
+        // llama.cpp's loader defaults the base to 10000 as transformers does.
+        Some(s) => Some(llama3_rope_factors(s, theta.unwrap_or(10_000.0), rope_dim)?),
+        None => None,
+    };
+    Ok(Hparams {
+        n_head: u64::from(n_head),
+        n_head_kv: u64::from(n_head_kv),
+        rope_freqs,
+    })
 }
 
 /// The `gemma3.*` keys beyond the common ones (llama.cpp's `Gemma3Model.set_gguf_parameters`):
@@ -324,8 +381,12 @@ pub fn hf_to_gguf(
         scheme,
         names,
         has_output,
+        rope_freqs,
     } = prepare(ckpt, opts.ty)?;
     let c = ckpt.config();
+    if let Some(f) = rope_freqs {
+        add_rope_freqs(&mut w, &f)?;
+    }
     let total = names.len();
     for (i, (gname, hf, quantized)) in names.iter().enumerate() {
         let (shape, mut f) = if *quantized {
@@ -392,6 +453,22 @@ pub(crate) struct Prepared {
     /// (GGUF name, HF tensor name or quantized layer prefix, quantized?), in GGUF order.
     pub names: Vec<(String, String, bool)>,
     pub has_output: bool,
+    /// `rope_freqs.weight`, computed from the config (Llama 3.1's scaling), not in the
+    /// checkpoint.
+    pub rope_freqs: Option<Vec<f32>>,
+}
+
+/// Adds `rope_freqs.weight` (F32, one factor per rotated pair), as llama.cpp's converter does
+/// before the checkpoint's tensors.
+pub(crate) fn add_rope_freqs(w: &mut GgufWriter, factors: &[f32]) -> Result<(), ConvertError> {
+    let data: Vec<u8> = factors.iter().flat_map(|v| v.to_le_bytes()).collect();
+    w.add_tensor(
+        "rope_freqs.weight",
+        &[factors.len() as u64],
+        GgmlType::F32,
+        data,
+    )?;
+    Ok(())
 }
 
 /// Reads the config and tokenizer into GGUF metadata (`general.file_type` from `file_type`)
@@ -439,7 +516,11 @@ pub(crate) fn prepare(ckpt: &Checkpoint, file_type: GgmlType) -> Result<Prepared
             }
         }
     }
-    let (n_head, n_head_kv) = write_hparams(&mut w, c, arch, file_type)?;
+    let Hparams {
+        n_head,
+        n_head_kv,
+        rope_freqs,
+    } = write_hparams(&mut w, c, arch, file_type)?;
 
     let tj_path = ckpt.tokenizer_json().ok_or_else(|| {
         ConvertError::BadTokenizerJson("the checkpoint has no tokenizer.json".into())
@@ -524,5 +605,6 @@ pub(crate) fn prepare(ckpt: &Checkpoint, file_type: GgmlType) -> Result<Prepared
         scheme,
         names,
         has_output,
+        rope_freqs,
     })
 }

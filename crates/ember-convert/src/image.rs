@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::ConvertError;
 use crate::arch::{Arch, apply_shift};
-use crate::from_hf::{Prepared, prepare};
+use crate::from_hf::{Prepared, add_rope_freqs, prepare};
 use crate::quantized::{QuantScheme, expected_nk, packed_linear};
 use crate::util::st_bytes_to_f32;
 
@@ -243,8 +243,12 @@ pub fn checkpoint_image(
         names,
         n_head,
         n_head_kv,
+        rope_freqs,
         ..
     } = prepare(ckpt, GgmlType::F16)?;
+    if let Some(f) = rope_freqs {
+        add_rope_freqs(&mut w, &f)?;
+    }
     let c = ckpt.config();
     let fused = FusedParts::new(arch, c, n_head, n_head_kv)?;
     let mut linears = Vec::new();

@@ -390,3 +390,64 @@ fn refusals_are_typed() {
         "{e}"
     );
 }
+
+/// A Llama 3.1-style `rope_scaling` (`rope_type: llama3`) becomes the per-pair factors llama.cpp's
+/// converter writes as `rope_freqs.weight`, in the converted file and in the image a checkpoint
+/// directory runs from. SmolLM2's 32 pairs at base 100000: wavelengths under 8192 / 4 keep 1
+/// (pairs 0-16), those over 8192 / 1 take the factor 8 (pairs 20-31), pairs 17-19 blend.
+#[test]
+fn llama3_rope_scaling_becomes_rope_freqs() {
+    let orig = model();
+    let dir = Scratch::new("llama3");
+    let hf = dir.0.join("hf");
+    gguf_to_hf(&orig, &hf, StDtype::F16, &mut |_| {}).unwrap();
+    let cfg_path = hf.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["rope_scaling"] = serde_json::json!({
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192
+    });
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let ckpt = Checkpoint::open(&hf).unwrap();
+    let out = dir.0.join("llama3.gguf");
+    hf_to_gguf(
+        &ckpt,
+        &out,
+        &QuantizeOptions::new(GgmlType::F16),
+        &mut |_| {},
+    )
+    .unwrap();
+    let converted = GgufFile::open(&out).unwrap();
+    let image = ember_convert::checkpoint_image(&ckpt, &Default::default())
+        .unwrap()
+        .gguf;
+    for g in [&converted, &image] {
+        let f = dequant(g, "rope_freqs.weight");
+        assert_eq!(f.len(), 32);
+        assert!(f[..17].iter().all(|&x| x == 1.0), "{f:?}");
+        assert!(f[20..].iter().all(|&x| x == 8.0), "{f:?}");
+        assert!(
+            f[16..21].windows(2).all(|w| w[0] < w[1]),
+            "blended factors rise from 1 to 8: {f:?}"
+        );
+        assert_eq!(g.get_str("llama.rope.scaling.type"), None);
+    }
+    check_with_gguf_py(&[&out]);
+
+    // An unknown scaling type is still refused, naming it.
+    cfg["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let ckpt = Checkpoint::open(&hf).unwrap();
+    let e = hf_to_gguf(
+        &ckpt,
+        &dir.0.join("yarn.gguf"),
+        &QuantizeOptions::new(GgmlType::F16),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("yarn"), "{e}");
+}

@@ -99,6 +99,16 @@ impl KvOptions {
     }
 }
 
+/// The block of `table` (blocks of `bs` positions) holding `pos`, which must be allocated.
+fn block_at(table: &[u32], pos: usize, bs: usize, seq: SeqId) -> Result<u32, KvError> {
+    match table.get(pos / bs) {
+        Some(&b) if b != RELEASED => Ok(b),
+        _ => Err(KvError::Storage(format!(
+            "position {pos} of {seq} has no block (append it first)"
+        ))),
+    }
+}
+
 /// A store-level failure (a bad block id or row length) is a bug in the caller or in the
 /// allocator, never a user error; keep its message.
 fn storage(e: PagedError) -> KvError {
@@ -270,11 +280,7 @@ impl PagedKvCache {
         k: &[f32],
         v: &[f32],
     ) -> Result<(), KvError> {
-        let layers = self.stores.len();
-        let group = *self
-            .layer_group
-            .get(layer)
-            .ok_or(KvError::NoSuchLayer { layer, layers })?;
+        let group = self.group_of(layer)?;
         let table = self.alloc.block_table(seq, group)?;
         let store = &mut self.stores[layer];
         // Unique unless a lazy backend still holds the previous pass's view; then copy.
@@ -290,17 +296,21 @@ impl PagedKvCache {
         }
         for (i, (kr, vr)) in k.chunks_exact(row).zip(v.chunks_exact(row)).enumerate() {
             let pos = start + i;
-            let block = match table.get(pos / bs) {
-                Some(&b) if b != RELEASED => b as usize,
-                _ => {
-                    return Err(KvError::Storage(format!(
-                        "position {pos} of {seq} has no block (append it first)"
-                    )));
-                }
-            };
-            store.write(block, pos % bs, kr, vr).map_err(storage)?;
+            let block = block_at(table, pos, bs, seq)?;
+            store
+                .write(block as usize, pos % bs, kr, vr)
+                .map_err(storage)?;
         }
         Ok(())
+    }
+
+    /// The window group whose block tables `layer` reads.
+    fn group_of(&self, layer: usize) -> Result<usize, KvError> {
+        let layers = self.stores.len();
+        self.layer_group
+            .get(layer)
+            .copied()
+            .ok_or(KvError::NoSuchLayer { layer, layers })
     }
 
     /// Whether `layer`'s K and V live on a GPU device (written with
@@ -322,11 +332,7 @@ impl PagedKvCache {
         k: Tensor<3>,
         v: Tensor<3>,
     ) -> Result<(), KvError> {
-        let layers = self.stores.len();
-        let group = *self
-            .layer_group
-            .get(layer)
-            .ok_or(KvError::NoSuchLayer { layer, layers })?;
+        let group = self.group_of(layer)?;
         let bs = self.stores[layer].block_size();
         let rows = k.dims()[0];
         let mut slots = Vec::with_capacity(rows);
@@ -335,14 +341,7 @@ impl PagedKvCache {
             let table = self.alloc.block_table(seq, group)?;
             for i in 0..len {
                 let pos = start + i;
-                let block = match table.get(pos / bs) {
-                    Some(&b) if b != RELEASED => b,
-                    _ => {
-                        return Err(KvError::Storage(format!(
-                            "position {pos} of {seq} has no block (append it first)"
-                        )));
-                    }
-                };
+                let block = block_at(table, pos, bs, seq)?;
                 slots.push(block * bs as u32 + (pos % bs) as u32);
                 kept.push((first + i) as i64);
             }
