@@ -45,37 +45,53 @@ struct Hparams {
 /// Llama 3.1's RoPE scaling (`rope_type: llama3`) as the per-pair divisors llama.cpp's
 /// converter writes to `rope_freqs.weight` (`LlamaModel.generate_extra_tensors`): 1 for pairs
 /// whose wavelength is under `original_max_position_embeddings / high_freq_factor`, `factor`
-/// for those over `.. / low_freq_factor`, a smooth blend between. Computed in f64 and rounded
-/// once (the converter's torch arithmetic is f32: a blended factor may differ by an ulp).
-fn llama3_rope_factors(s: &Value, base: f32, dim: u32) -> Result<Vec<f32>, ConvertError> {
+/// for those over `.. / low_freq_factor`, a smooth blend between. Computed in f32 in the
+/// converter's order, as its torch code does (`a / t` on a tensor is `t.reciprocal() * a`);
+/// torch's vectorized `pow` may still differ from this `powf` by an ulp.
+fn llama3_rope_factors(
+    s: &Value,
+    config: &Value,
+    base: f32,
+    dim: u32,
+) -> Result<Vec<f32>, ConvertError> {
     let get = |k: &str, default: f64| s.get(k).and_then(Value::as_f64).unwrap_or(default);
     let factor = get("factor", 8.0);
     let low = get("low_freq_factor", 1.0);
     let high = get("high_freq_factor", 4.0);
-    let old = get("original_max_position_embeddings", 8192.0);
-    let base = f64::from(base);
-    if !(factor > 0.0 && low > 0.0 && high > low && old > 0.0 && base > 1.0 && dim >= 2) {
+    // llama.cpp's converter takes a top-level `original_max_position_embeddings` when the
+    // scaling dict has none.
+    let old = s
+        .get("original_max_position_embeddings")
+        .or_else(|| config.get("original_max_position_embeddings"))
+        .and_then(Value::as_f64)
+        .unwrap_or(8192.0);
+    if !(factor > 0.0 && low > 0.0 && high >= low && old > 0.0 && base > 1.0 && dim >= 2) {
         return Err(ConvertError::UnsupportedConfig {
             key: "rope_scaling".into(),
             reason: format!(
-                "llama3 scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor,                  original_max_position_embeddings > 0 and rope_theta > 1 (got {factor}, {low},                  {high}, {old}, {base})"
+                "llama3 scaling needs factor > 0, 0 < low_freq_factor <= high_freq_factor, \
+                 original_max_position_embeddings > 0 and rope_theta > 1 (got {factor}, {low}, \
+                 {high}, {old}, {base})"
             ),
         });
     }
-    let (low_wavelen, high_wavelen) = (old / low, old / high);
+    // Python's float operands meet f32 tensors as f32.
+    let (low_wavelen, high_wavelen) = ((old / low) as f32, (old / high) as f32);
+    let (factor, low, span, old) = (factor as f32, low as f32, (high - low) as f32, old as f32);
+    let two_pi = (2.0 * std::f64::consts::PI) as f32;
     Ok((0..dim / 2)
         .map(|i| {
-            let freq = base.powf(-f64::from(2 * i) / f64::from(dim));
-            let wavelen = 2.0 * std::f64::consts::PI / freq;
-            let f = if wavelen < high_wavelen {
+            let exponent = (2 * i) as f32 / dim as f32;
+            let freq = 1.0 / base.powf(exponent);
+            let wavelen = (1.0 / freq) * two_pi;
+            if wavelen < high_wavelen {
                 1.0
             } else if wavelen > low_wavelen {
                 factor
             } else {
-                let smooth = (old / wavelen - low) / (high - low);
+                let smooth = ((1.0 / wavelen) * old - low) / span;
                 1.0 / ((1.0 - smooth) / factor + smooth)
-            };
-            f as f32
+            }
         })
         .collect())
 }
@@ -127,8 +143,9 @@ fn write_hparams(
             .get("rope_type")
             .or_else(|| s.get("type"))
             .and_then(Value::as_str)
-            .unwrap_or("default");
-        match kind {
+            .unwrap_or("default")
+            .to_ascii_lowercase();
+        match kind.as_str() {
             "default" => {}
             "linear" => {
                 let f = cfg_f32(s, "factor")
@@ -185,7 +202,12 @@ fn write_hparams(
     }
     let rope_freqs = match llama3_scaling {
         // llama.cpp's loader defaults the base to 10000 as transformers does.
-        Some(s) => Some(llama3_rope_factors(s, theta.unwrap_or(10_000.0), rope_dim)?),
+        Some(s) => Some(llama3_rope_factors(
+            s,
+            c,
+            theta.unwrap_or(10_000.0),
+            rope_dim,
+        )?),
         None => None,
     };
     Ok(Hparams {

@@ -213,6 +213,24 @@ impl Student {
                 "llama with '{kind}' rope scaling"
             )));
         }
+        if c.rope_freq_scale != 1.0 {
+            return Err(DistillError::UnsupportedArchitecture(format!(
+                "llama with linear rope scaling (freq_scale {})",
+                c.rope_freq_scale
+            )));
+        }
+        // The student's blocks have no biases and no fused Q/K/V: a teacher with them (which
+        // llama.cpp's loader and ember-models take) is refused rather than copied without them.
+        if let Some(t) = file
+            .tensors()
+            .iter()
+            .find(|t| t.name.ends_with(".bias") || t.name.contains(".attn_qkv."))
+        {
+            return Err(DistillError::UnsupportedArchitecture(format!(
+                "llama with {} (the student has no biases or fused Q/K/V)",
+                t.name
+            )));
+        }
         if c.rope_mode != RopeMode::Normal {
             return Err(DistillError::UnsupportedArchitecture(format!(
                 "{arch} with {:?} rope",

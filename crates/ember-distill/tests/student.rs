@@ -82,3 +82,54 @@ fn students_give_the_logits_of_their_exported_gguf() {
         assert!(same + 1 >= n, "{name}: argmax {same}/{n}");
     }
 }
+
+/// A teacher whose blocks the student cannot copy (a bias, linear RoPE scaling, RoPE frequency
+/// factors, all of which ember-models runs for llama) is refused by name, not copied without
+/// them.
+#[test]
+fn a_teacher_with_parts_the_student_lacks_is_refused() {
+    use ember_formats::{GgufWriter, MetaValue};
+    use ember_models::testing::tiny::{self, TinyArch, TinyDtype};
+    use ember_quant::GgmlType;
+    let file =
+        GgufFile::from_bytes(tiny::gguf(TinyArch::Mistral, TinyDtype::F32).unwrap()).expect("gguf");
+    let device = ember_models::default_device();
+    assert!(Student::from_teacher(&file, &[0], &device).is_ok());
+    let with = |key: Option<(&str, MetaValue)>, tensor: Option<(&str, usize)>| {
+        let mut w = GgufWriter::new();
+        for (k, v) in file.metadata() {
+            w.add(k.clone(), v.clone());
+        }
+        if let Some((k, v)) = key {
+            w.add(k, v);
+        }
+        for t in file.tensors() {
+            w.add_tensor(&t.name, &t.dims, t.ggml_type, file.tensor_data(t))
+                .expect("copy");
+        }
+        if let Some((name, len)) = tensor {
+            w.add_tensor(name, &[len as u64], GgmlType::F32, vec![0u8; 4 * len])
+                .expect("tensor");
+        }
+        GgufFile::from_bytes(w.to_bytes().expect("write")).expect("gguf")
+    };
+    for (what, teacher) in [
+        ("bias", with(None, Some(("blk.0.attn_output.bias", 64)))),
+        (
+            "scaling",
+            with(
+                Some(("llama.rope.scaling.factor", MetaValue::F32(4.0))),
+                None,
+            ),
+        ),
+        ("rope_freqs", with(None, Some(("rope_freqs.weight", 8)))),
+    ] {
+        let err = Student::from_teacher(&teacher, &[0], &device)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains(what)),
+            "{what}: {err:?}"
+        );
+    }
+}

@@ -81,18 +81,17 @@ pub trait EmberBackend: Backend {
     /// Rotary embedding of `x: [n, heads, head_dim]` at positions `start..start + n`: the
     /// first `rope_dim` dimensions of each head rotate in pairs `(2i, 2i + 1)`, or
     /// `(i, i + rope_dim / 2)` when `neox`; the rest pass through. Angles follow ggml's f32
-    /// recurrence: `theta = pos`, times `base^(-2 / rope_dim)` per pair, and pair `i`'s angle
-    /// divided by `factors[i]` where there are factors (`rope_dim / 2` of them: ggml's
-    /// `freq_factors`, Llama 3's `rope_freqs`).
+    /// recurrence: `theta = pos`, times `base^(-2 / rope_dim)` per pair, then scaled as
+    /// `scaling` says ([`RopeScaling::angle`]).
     fn rope(
         x: FloatTensor<Self>,
         positions: Arc<[u32]>,
         rope_dim: usize,
         base: f32,
-        factors: Option<Arc<[f32]>>,
+        scaling: RopeScaling,
         neox: bool,
     ) -> FloatTensor<Self> {
-        rope_fallback::<Self>(x, &positions, rope_dim, base, factors.as_deref(), neox)
+        rope_fallback::<Self>(x, &positions, rope_dim, base, &scaling, neox)
     }
 
     /// `silu(gate) * up`, element-wise over same-shaped tensors.
@@ -124,13 +123,64 @@ pub fn rms_norm_fallback<B: Backend>(
     B::float_mul(B::float_mul(x, inv), w)
 }
 
-/// ggml's rotary angles for `positions`: `(cos, sin)`, each `[n * rope_dim / 2]`, pair `i`'s
-/// angle divided by `factors[i]` where there are factors.
+/// How RoPE's angles are scaled, as ggml's `ggml_rope_ext` takes it (without YaRN's
+/// extrapolation mix, `ext_factor = 0`): pair `i`'s angle `theta_i` becomes
+/// `freq_scale * (theta_i / factors[i])`, in f32, as ggml's `rope_yarn` computes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeScaling {
+    /// Per-pair divisors, one per rotated pair (ggml's `freq_factors`: Llama 3.1's
+    /// `rope_freqs.weight`); `None`: all 1.
+    pub factors: Option<Arc<[f32]>>,
+    /// Linear scaling's `1 / factor` (ggml's `freq_scale`); 1: none.
+    pub freq_scale: f32,
+}
+
+impl Default for RopeScaling {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+impl RopeScaling {
+    /// No scaling: ggml's plain rotation.
+    pub const NONE: RopeScaling = RopeScaling {
+        factors: None,
+        freq_scale: 1.0,
+    };
+
+    /// Pair `pair`'s angle from ggml's running `theta`. Dividing by a factor of 1 and
+    /// multiplying by a scale of 1 are exact, so leaving them out keeps ggml's bits.
+    #[inline(always)]
+    pub fn angle(&self, theta: f32, pair: usize) -> f32 {
+        let t = match &self.factors {
+            Some(f) => theta / f[pair],
+            None => theta,
+        };
+        if self.freq_scale == 1.0 {
+            t
+        } else {
+            self.freq_scale * t
+        }
+    }
+
+    /// Whether the scaling fits `rope_dim` rotated dimensions (one factor per pair, a finite
+    /// positive scale).
+    pub fn fits(&self, rope_dim: usize) -> bool {
+        self.factors
+            .as_ref()
+            .is_none_or(|f| f.len() == rope_dim / 2)
+            && self.freq_scale.is_finite()
+            && self.freq_scale > 0.0
+    }
+}
+
+/// ggml's rotary angles for `positions`: `(cos, sin)`, each `[n * rope_dim / 2]`, scaled as
+/// `scaling` says.
 pub(crate) fn rope_angles(
     positions: &[u32],
     rope_dim: usize,
     base: f32,
-    factors: Option<&[f32]>,
+    scaling: &RopeScaling,
 ) -> (Vec<f32>, Vec<f32>) {
     let half = rope_dim / 2;
     let theta_scale = base.powf(-2.0 / rope_dim as f32);
@@ -139,7 +189,7 @@ pub(crate) fn rope_angles(
     for &p in positions {
         let mut theta = p as f32;
         for i in 0..half {
-            let t = factors.map_or(theta, |f| theta / f[i]);
+            let t = scaling.angle(theta, i);
             cos.push(t.cos());
             sin.push(t.sin());
             theta *= theta_scale;
@@ -154,7 +204,7 @@ pub fn rope_fallback<B: Backend>(
     positions: &[u32],
     rope_dim: usize,
     base: f32,
-    factors: Option<&[f32]>,
+    scaling: &RopeScaling,
     neox: bool,
 ) -> FloatTensor<B> {
     let device = x.device();
@@ -162,7 +212,7 @@ pub fn rope_fallback<B: Backend>(
     let (n, h, d) = (xs[0], xs[1], xs[2]);
     let half = rope_dim / 2;
     assert_eq!(positions.len(), n, "rope: one position per row");
-    let (cos, sin) = rope_angles(positions, rope_dim, base, factors);
+    let (cos, sin) = rope_angles(positions, rope_dim, base, scaling);
     let (rot, pass) = if rope_dim < d {
         (
             B::float_slice(
@@ -519,14 +569,14 @@ pub fn positions_from(start: usize, n: usize) -> Arc<[u32]> {
 
 /// Rotary embedding on any backend (see [`EmberBackend::rope`]).
 /// Row `i` of `x: [n, heads, head_dim]` sits at `positions[i]` (a ragged batch mixes
-/// sequences; [`positions_from`] gives `start..start + n`). `factors`, one per rotated pair,
-/// divide the pairs' angles (Llama 3's `rope_freqs`; `None`: all 1).
+/// sequences; [`positions_from`] gives `start..start + n`). `scaling` scales the angles
+/// (frequency factors, linear scaling; [`RopeScaling::NONE`] for neither).
 pub fn rope(
     x: Tensor<3>,
     positions: Arc<[u32]>,
     rope_dim: usize,
     base: f32,
-    factors: Option<Arc<[f32]>>,
+    scaling: RopeScaling,
     neox: bool,
 ) -> Tensor<3> {
     let [n, _, d] = x.dims();
@@ -536,15 +586,15 @@ pub fn rope(
     );
     assert_eq!(positions.len(), n, "rope: one position per row");
     assert!(
-        factors.as_ref().is_none_or(|f| f.len() == rope_dim / 2),
-        "rope: one frequency factor per rotated pair"
+        scaling.fits(rope_dim),
+        "rope: one frequency factor per rotated pair and a positive scale"
     );
     Tensor::from_dispatch(<Dispatch as EmberBackend>::rope(
         x.into_dispatch(),
         positions,
         rope_dim,
         base,
-        factors,
+        scaling,
         neox,
     ))
 }
@@ -687,7 +737,7 @@ mod flex {
             positions: Arc<[u32]>,
             rope_dim: usize,
             base: f32,
-            factors: Option<Arc<[f32]>>,
+            scaling: RopeScaling,
             neox: bool,
         ) -> FlexTensor {
             let shape = x.shape();
@@ -699,7 +749,7 @@ mod flex {
                 &positions,
                 rope_dim,
                 base,
-                factors.as_deref(),
+                &scaling,
                 neox,
             );
             FlexTensor::from_data(TensorData::new(out, shape))

@@ -10,8 +10,8 @@ use std::sync::{Arc, OnceLock};
 
 use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
 use ember_kernels::{
-    KvDtype, PagedAttention, PagedLayerStore, QuantMatrix, SeqAttn, geglu, paged_attention,
-    paged_write, quant_matmul, residual_add, rms_norm, rope, round_to_f16, swiglu,
+    KvDtype, PagedAttention, PagedLayerStore, QuantMatrix, RopeScaling, SeqAttn, geglu,
+    paged_attention, paged_write, quant_matmul, residual_add, rms_norm, rope, round_to_f16, swiglu,
 };
 use ember_quant::GgmlType;
 use rand::seq::SliceRandom;
@@ -561,19 +561,25 @@ fn rope_and_elementwise_ops_match_cpu() {
             .map(|_| rng.random_range(-3.0..3.0f32))
             .collect();
         let positions: Arc<[u32]> = (0..rows).map(|_| rng.random_range(0..9000)).collect();
-        // Llama 3.1-like frequency factors on the partial-rotation cases.
-        let factors: Option<Arc<[f32]>> = (rope_dim < d).then(|| {
-            (0..rope_dim / 2)
-                .map(|_| rng.random_range(1.0..8.0f32))
-                .collect()
-        });
+        // Llama 3.1-like frequency factors and linear scaling on the partial-rotation cases.
+        let scaling = match rope_dim < d {
+            false => RopeScaling::NONE,
+            true => RopeScaling {
+                factors: Some(
+                    (0..rope_dim / 2)
+                        .map(|_| rng.random_range(1.0..8.0f32))
+                        .collect(),
+                ),
+                freq_scale: 0.25,
+            },
+        };
         let run = |dev: &Device| {
             to_vec(rope(
                 upload(&x, [rows, heads, d], dev),
                 positions.clone(),
                 rope_dim,
                 10000.0,
-                factors.clone(),
+                scaling.clone(),
                 neox,
             ))
         };

@@ -2,7 +2,7 @@
 //! dispatch against f64 references, and on burn-flex against the generic burn-op fallbacks.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use ember_kernels::{geglu, positions_from, residual_add, rms_norm, rope, swiglu};
+use ember_kernels::{RopeScaling, geglu, positions_from, residual_add, rms_norm, rope, swiglu};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 fn device() -> Device {
@@ -117,7 +117,10 @@ fn rope_factors_divide_each_pairs_angle() {
                     positions.into(),
                     rope_dim,
                     10_000.0,
-                    factors.map(Into::into),
+                    RopeScaling {
+                        factors: factors.map(Into::into),
+                        freq_scale: 1.0,
+                    },
                     neox,
                 ))
             };
@@ -149,6 +152,66 @@ fn rope_factors_divide_each_pairs_angle() {
     }
 }
 
+/// The scaled angles themselves, bit for bit, against a scalar copy of ggml's
+/// `ggml_rope_cache_init` and `rope_yarn` (`ext_factor = 0`, `mscale = 1`): each pair holds
+/// `(1, 0)`, which any rotation, fused or not, turns into exactly `(cos t, sin t)`. Factors
+/// that are not powers of two (so `theta / f` and `theta * (1 / f)` differ) and linear scales.
+#[test]
+fn rope_scaled_angles_are_ggmls() {
+    let mut rng = StdRng::seed_from_u64(13);
+    for neox in [false, true] {
+        for (n, heads, head_dim, rope_dim, freq_scale) in [
+            (4, 2, 64, 64, 1.0f32),
+            (33, 1, 32, 24, 0.125),
+            (6, 3, 128, 128, 0.3),
+        ] {
+            let half = rope_dim / 2;
+            let base = 500_000.0f32;
+            let factors: Vec<f32> = (0..half).map(|_| rng.random_range(1.0..8.0f32)).collect();
+            let mut x = vec![0.0f32; n * heads * head_dim];
+            for head in x.chunks_mut(head_dim) {
+                for p in 0..half {
+                    head[if neox { p } else { 2 * p }] = 1.0;
+                }
+            }
+            let positions: Vec<u32> = (0..n).map(|_| rng.random_range(1..9000u32)).collect();
+            let got = to_vec(rope(
+                Tensor::from_data(TensorData::new(x.clone(), [n, heads, head_dim]), &device()),
+                positions.clone().into(),
+                rope_dim,
+                base,
+                RopeScaling {
+                    factors: Some(factors.clone().into()),
+                    freq_scale,
+                },
+                neox,
+            ));
+            let theta_scale = base.powf(-2.0 / rope_dim as f32);
+            for (r, &pos) in positions.iter().enumerate() {
+                let mut theta = pos as f32;
+                for (p, &f) in factors.iter().enumerate() {
+                    let t = freq_scale * (theta / f);
+                    let (c, s) = (t.cos(), t.sin());
+                    for h in 0..heads {
+                        let at = |dim: usize| got[(r * heads + h) * head_dim + dim];
+                        let (i0, i1) = if neox {
+                            (p, p + half)
+                        } else {
+                            (2 * p, 2 * p + 1)
+                        };
+                        assert_eq!(
+                            (at(i0).to_bits(), at(i1).to_bits()),
+                            (c.to_bits(), s.to_bits()),
+                            "rope_dim {rope_dim}, neox {neox}, row {r}, pair {p}"
+                        );
+                    }
+                    theta *= theta_scale;
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn rope_matches_f64() {
     let mut rng = StdRng::seed_from_u64(2);
@@ -166,7 +229,7 @@ fn rope_matches_f64() {
                 positions_from(start, n),
                 rope_dim,
                 base,
-                None,
+                RopeScaling::NONE,
                 neox,
             ));
             // ggml's f32 angle recurrence drifts from the exact angle by a few ulps of theta.
@@ -292,18 +355,24 @@ mod against_fallback {
             for (rope_dim, scaled) in [(32, false), (64, false), (64, true)] {
                 let (h, hd) = (3, 64);
                 let x = random(&mut rng, n * h * hd, 2.0);
-                // Llama 3.1-like frequency factors, 1 to 8.
-                let factors: Option<std::sync::Arc<[f32]>> = scaled.then(|| {
-                    (0..rope_dim / 2)
-                        .map(|_| rng.random_range(1.0..8.0f32))
-                        .collect()
-                });
+                // Llama 3.1-like frequency factors, 1 to 8, and linear scaling by 4.
+                let scaling = match scaled {
+                    false => RopeScaling::NONE,
+                    true => RopeScaling {
+                        factors: Some(
+                            (0..rope_dim / 2)
+                                .map(|_| rng.random_range(1.0..8.0f32))
+                                .collect(),
+                        ),
+                        freq_scale: 0.25,
+                    },
+                };
                 let a = host(<Flex as EmberBackend>::rope(
                     flex(&x, [n, h, hd]),
                     positions_from(41, n),
                     rope_dim,
                     10_000.0,
-                    factors.clone(),
+                    scaling.clone(),
                     neox,
                 ));
                 let b = host(rope_fallback::<Flex>(
@@ -311,7 +380,7 @@ mod against_fallback {
                     &positions_from(41, n),
                     rope_dim,
                     10_000.0,
-                    factors.as_deref(),
+                    &scaling,
                     neox,
                 ));
                 // Same angles, same products: only the fused multiply-add order may differ.

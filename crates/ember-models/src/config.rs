@@ -73,6 +73,11 @@ pub struct ModelConfig {
     pub rope_dim: usize,
     /// How RoPE pairs dimensions (fixed by the architecture).
     pub rope_mode: RopeMode,
+    /// Linear RoPE scaling's `1 / factor` (ggml's `freq_scale`: every angle is multiplied by
+    /// it), 1 when the file scales nothing: `rope.scaling.type` linear (llama.cpp's default
+    /// when absent) with `rope.scaling.factor` or `rope.scale_linear`. Gemma 3 applies it to
+    /// its global layers only, as llama.cpp does.
+    pub rope_freq_scale: f32,
     /// Epsilon of the RMS norms (`attention.layer_norm_rms_epsilon`, default 1e-5).
     pub rms_eps: f32,
     /// Gemma 3's window layers, when the file gives a window (`None` for every other
@@ -160,9 +165,15 @@ impl ModelConfig {
                 format!("it must be even and at most the head size {head_dim}"),
             ));
         }
-        if matches!(arch.as_str(), "qwen2" | "qwen3" | "phi3") {
-            check_plain_attention(file, &arch, head_dim, rope_dim)?;
+        if matches!(arch.as_str(), "qwen2" | "qwen3") && rope_dim != head_dim {
+            // llama.cpp's qwen2 and qwen3 graphs assert `n_rot == n_embd_head`.
+            return Err(bad(
+                meta.key("rope.dimension_count"),
+                rope_dim,
+                format!("{arch} rotates whole heads: it must equal the head size {head_dim}"),
+            ));
         }
+        let rope_freq_scale = rope_freq_scale(file, &arch)?;
         let n_ff = meta.count("feed_forward_length")?;
         let name = "blk.0.ffn_down.weight";
         if let Some(d) = tensors.get(name)
@@ -211,6 +222,7 @@ impl ModelConfig {
             n_vocab,
             rope_dim,
             rope_mode,
+            rope_freq_scale,
             sliding_window,
             architecture: arch,
         })
@@ -474,41 +486,18 @@ fn vocab_size(tensors: &Dims<'_>, meta: &Meta<'_>, n_embd: usize) -> Result<usiz
     Ok(n_vocab)
 }
 
-/// What the newer architectures' blocks assume and llama.cpp would otherwise do differently:
-/// rotary dims covering the head where llama.cpp asserts so, and no RoPE frequency scaling
-/// (our rope kernel has no scale or YaRN terms).
-fn check_plain_attention(
-    file: &GgufFile,
-    arch: &str,
-    head_dim: usize,
-    rope_dim: usize,
-) -> Result<(), ModelError> {
+/// RoPE's linear scaling as llama.cpp reads it (`llama_model::load_hparams`):
+/// `rope.scaling.type` (absent: linear) with `rope.scaling.factor`, or the older
+/// `rope.scale_linear` (0 or absent: none), gives `freq_scale = 1 / factor` in f32; type `none`
+/// ignores the factor. What the blocks do not implement is refused rather than run unscaled:
+/// other types (YaRN, LongRoPE, ...) and an attention factor other than 1.
+fn rope_freq_scale(file: &GgufFile, arch: &str) -> Result<f32, ModelError> {
     let key = |k: &str| format!("{arch}.{k}");
-    // llama.cpp's qwen2 and qwen3 graphs assert `n_rot == n_embd_head`.
-    if arch != "phi3" && rope_dim != head_dim {
-        return Err(bad(
-            key("rope.dimension_count"),
-            rope_dim,
-            format!("{arch} rotates whole heads: it must equal the head size {head_dim}"),
-        ));
-    }
-    if let Some(t) = file.get_str(&key("rope.scaling.type"))
-        && t != "none"
-        && t != "linear"
-    {
-        return Err(ModelError::Unsupported(format!("RoPE scaling type '{t}'")));
-    }
-    for k in ["rope.scaling.factor", "rope.scale_linear"] {
-        // llama.cpp reads 0 as "no scaling".
-        if let Some(f) = file.get_f32(&key(k))
-            && f != 0.0
-            && f != 1.0
-        {
-            return Err(ModelError::Unsupported(format!(
-                "RoPE scaling factor {f} ({})",
-                key(k)
-            )));
-        }
+    let kind = file.get_str(&key("rope.scaling.type")).unwrap_or("linear");
+    if kind != "none" && kind != "linear" {
+        return Err(ModelError::Unsupported(format!(
+            "RoPE scaling type '{kind}'"
+        )));
     }
     // Written with LongRoPE (Phi-3 128k, Phi-3.5) and YaRN; scales cos and sin.
     let attn_factor = key("rope.scaling.attn_factor");
@@ -519,7 +508,26 @@ fn check_plain_attention(
             "RoPE attention factor {f} ({attn_factor})"
         )));
     }
-    Ok(())
+    let factor_key = ["rope.scaling.factor", "rope.scale_linear"]
+        .map(key)
+        .into_iter()
+        .find(|k| file.get_f32(k).is_some());
+    let Some(factor_key) = factor_key else {
+        return Ok(1.0);
+    };
+    let factor = file.get_f32(&factor_key).unwrap_or(0.0);
+    // llama.cpp reads 0 as "no scaling".
+    if kind == "none" || factor == 0.0 {
+        return Ok(1.0);
+    }
+    if !(factor.is_finite() && factor > 0.0) {
+        return Err(bad(
+            factor_key,
+            factor,
+            "a positive RoPE scaling factor (or 0 for none)".into(),
+        ));
+    }
+    Ok(1.0 / factor)
 }
 
 /// Tensor shapes from the file, or from the matrices supplied beside it.

@@ -7,7 +7,7 @@
 
 use burn::tensor::Tensor;
 
-use crate::layers::{Decoder, DecoderSpec, Gate, QueryScale};
+use crate::layers::{Decoder, DecoderSpec, Gate, LayerRope, QueryScale};
 use crate::model::{Architecture, Pass};
 use crate::{ModelConfig, ModelError, Weights};
 
@@ -24,6 +24,16 @@ impl Gemma3 {
     /// Loads every block's weights (`blk.N.*`), checking each tensor's shape against `config`.
     pub fn load(w: &Weights<'_>, config: &ModelConfig) -> Result<Self, ModelError> {
         let c = config;
+        // llama.cpp soft-caps the logits when the file asks (no Gemma 3 release does); our
+        // shared head does not.
+        let softcap = "gemma3.final_logit_softcapping";
+        if let Some(cap) = w.file().get_f32(softcap)
+            && cap != 0.0
+        {
+            return Err(ModelError::Unsupported(format!(
+                "final logit soft-capping {cap} ({softcap})"
+            )));
+        }
         // gemma_pytorch: the 27B model scales by the query_pre_attn_scalar n_embd / n_head.
         let attn_scale = if c.n_layer == 62 {
             1.0 / ((c.n_embd / c.n_head) as f32).sqrt()
@@ -46,10 +56,19 @@ impl Gemma3 {
             let swa = c
                 .sliding_window
                 .filter(|s| s.pattern == 0 || i % s.pattern < s.pattern - 1);
-            (
-                swa.map(|s| s.window),
-                swa.map_or(c.rope_base, |s| s.rope_base),
-            )
+            match swa {
+                // llama.cpp scales only the global layers (`rope_freq_scale_train_swa` is 1).
+                Some(s) => LayerRope {
+                    window: Some(s.window),
+                    base: s.rope_base,
+                    freq_scale: 1.0,
+                },
+                None => LayerRope {
+                    window: None,
+                    base: c.rope_base,
+                    freq_scale: c.rope_freq_scale,
+                },
+            }
         };
         Ok(Self {
             decoder: Decoder::load(w, config, spec, layer)?,

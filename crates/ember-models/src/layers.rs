@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use burn::tensor::Tensor;
-use ember_kernels::{QuantMatrix, geglu, residual_add, swiglu};
+use ember_kernels::{QuantMatrix, RopeScaling, geglu, residual_add, swiglu};
 
 use crate::model::Pass;
 use crate::trace;
@@ -25,13 +25,14 @@ pub fn rms_norm(x: Tensor<2>, weight: &Tensor<1>, eps: f32) -> Tensor<2> {
 ///
 /// Angles are computed in f32 with the same recurrence as ggml (`theta *= theta_scale` per
 /// pair) so our rounding follows llama.cpp's rather than an exact f64 value.
-/// `factors` (one per rotated pair) divide the pairs' angles, as ggml's `freq_factors`.
+/// `scaling` scales the angles as ggml's `ggml_rope_ext` does (frequency factors, linear
+/// scaling).
 pub fn rope(
     x: Tensor<3>,
     positions: &Arc<[u32]>,
     rope_dim: usize,
     base: f32,
-    factors: Option<&Arc<[f32]>>,
+    scaling: &RopeScaling,
     mode: RopeMode,
 ) -> Tensor<3> {
     ember_kernels::rope(
@@ -39,7 +40,7 @@ pub fn rope(
         Arc::clone(positions),
         rope_dim,
         base,
-        factors.cloned(),
+        scaling.clone(),
         mode == RopeMode::Neox,
     )
 }
@@ -199,9 +200,10 @@ pub struct Attention {
     pub post_norm: Option<Tensor<1>>,
     /// RoPE's base frequency for this layer (Gemma's window layers have their own).
     pub rope_base: f32,
-    /// Per-pair divisors of RoPE's angles (`rope_freqs.weight`: Llama 3.1-style scaling, which
-    /// the converter writes as this tensor and no metadata key).
-    pub rope_factors: Option<Arc<[f32]>>,
+    /// How this layer's RoPE angles are scaled: per-pair divisors (`rope_freqs.weight`: Llama
+    /// 3.1-style scaling, which the converter writes as this tensor and no metadata key) and
+    /// linear scaling.
+    pub rope_scaling: RopeScaling,
     /// `Some(window)` on a sliding-window layer.
     pub window: Option<usize>,
 }
@@ -245,6 +247,29 @@ pub struct DecoderSpec {
     pub query_scale: QueryScale,
 }
 
+/// One layer's attention window and RoPE parameters, as an architecture places them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerRope {
+    /// `Some(window)` on a sliding-window layer.
+    pub window: Option<usize>,
+    /// RoPE's base frequency.
+    pub base: f32,
+    /// Linear scaling's `1 / factor` ([`ModelConfig::rope_freq_scale`], or 1 where the
+    /// architecture does not scale this layer).
+    pub freq_scale: f32,
+}
+
+impl LayerRope {
+    /// Every layer alike: full attention, the file's base and linear scaling.
+    pub fn uniform(config: &ModelConfig) -> impl Fn(usize) -> LayerRope + '_ {
+        |_| LayerRope {
+            window: None,
+            base: config.rope_base,
+            freq_scale: config.rope_freq_scale,
+        }
+    }
+}
+
 /// The blocks of a pre-norm decoder-only transformer, shared by every architecture here.
 pub struct Decoder {
     config: ModelConfig,
@@ -254,12 +279,12 @@ pub struct Decoder {
 
 impl Decoder {
     /// Loads every block's weights (`blk.N.*`), checking each tensor's shape against `config`;
-    /// `layer_rope(i)` gives layer `i`'s window (`None`: full causal attention) and RoPE base.
+    /// `layer_rope(i)` gives layer `i`'s window and RoPE parameters.
     pub fn load(
         w: &Weights<'_>,
         config: &ModelConfig,
         spec: DecoderSpec,
-        layer_rope: impl Fn(usize) -> (Option<usize>, f32),
+        layer_rope: impl Fn(usize) -> LayerRope,
     ) -> Result<Self, ModelError> {
         let c = config;
         let (d, hd, n_ff) = (c.n_embd, c.head_dim, c.n_ff);
@@ -285,7 +310,11 @@ impl Decoder {
                 Linear::load(w, &name(t), rows, cols, spec.projection_biases)
             };
             let norm = |t: &str, len: usize| w.vector(&name(&format!("{t}.weight")), len);
-            let (window, rope_base) = layer_rope(i);
+            let LayerRope {
+                window,
+                base: rope_base,
+                freq_scale,
+            } = layer_rope(i);
             let qk_norm = if spec.qk_norm {
                 Some((norm("attn_q_norm", hd)?, norm("attn_k_norm", hd)?))
             } else {
@@ -302,7 +331,10 @@ impl Decoder {
                     None
                 },
                 rope_base,
-                rope_factors: rope_factors.clone(),
+                rope_scaling: RopeScaling {
+                    factors: rope_factors.clone(),
+                    freq_scale,
+                },
                 window,
             };
             let up = name("ffn_up.weight");
@@ -405,14 +437,14 @@ impl Decoder {
         };
         let v = v.reshape([n, c.n_head_kv, hd]);
         trace::tensor("Vcur", l, &v);
-        let factors = a.rope_factors.as_ref();
+        let scaling = &a.rope_scaling;
         let rope = |t| {
             rope(
                 t,
                 &pass.positions,
                 c.rope_dim,
                 a.rope_base,
-                factors,
+                scaling,
                 c.rope_mode,
             )
         };

@@ -8,7 +8,7 @@
 
 use burn::tensor::Tensor;
 
-use crate::layers::{Decoder, DecoderSpec, Gate, QueryScale};
+use crate::layers::{Decoder, DecoderSpec, Gate, LayerRope, QueryScale};
 use crate::model::{Architecture, Pass};
 use crate::{ModelConfig, ModelError, Weights};
 
@@ -38,7 +38,7 @@ impl Phi3 {
             query_scale: QueryScale::OnQuery(1.0 / (config.head_dim as f32).sqrt()),
         };
         // llama.cpp: "Phi SWA is currently disabled"; every layer attends to all positions.
-        let layer = |_| (None, config.rope_base);
+        let layer = LayerRope::uniform(config);
         Ok(Self(Decoder::load(w, config, spec, layer)?))
     }
 }

@@ -4,7 +4,7 @@
 
 use burn::tensor::Tensor;
 
-use crate::layers::{Decoder, DecoderSpec, Gate, QueryScale};
+use crate::layers::{Decoder, DecoderSpec, Gate, LayerRope, QueryScale};
 use crate::model::{Architecture, Pass};
 use crate::{ModelConfig, ModelError, Weights};
 
@@ -29,7 +29,7 @@ impl Qwen2 {
             query_scale: QueryScale::InAttention(1.0 / (config.head_dim as f32).sqrt()),
         };
         // llama.cpp's qwen2 has no sliding window (it never reads `sliding_window`).
-        let layer = |_| (None, config.rope_base);
+        let layer = LayerRope::uniform(config);
         Ok(Self(Decoder::load(w, config, spec, layer)?))
     }
 }

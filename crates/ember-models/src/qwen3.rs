@@ -5,7 +5,7 @@
 
 use burn::tensor::Tensor;
 
-use crate::layers::{Decoder, DecoderSpec, Gate, QueryScale};
+use crate::layers::{Decoder, DecoderSpec, Gate, LayerRope, QueryScale};
 use crate::model::{Architecture, Pass};
 use crate::{ModelConfig, ModelError, Weights};
 
@@ -26,7 +26,7 @@ impl Qwen3 {
             gate: Gate::Silu,
             query_scale: QueryScale::InAttention(1.0 / (config.head_dim as f32).sqrt()),
         };
-        let layer = |_| (None, config.rope_base);
+        let layer = LayerRope::uniform(config);
         Ok(Self(Decoder::load(w, config, spec, layer)?))
     }
 }

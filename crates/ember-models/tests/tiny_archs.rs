@@ -157,16 +157,23 @@ fn mistral_style_llama_matches_llama_cpp() {
     check(TinyArch::Mistral);
 }
 
+/// Gemma 3's blocks, and linear RoPE scaling on its global layer only (llama.cpp's
+/// `rope_freq_scale_train_swa` is 1).
 #[test]
-fn llama3_rope_factors_and_biases_match_llama_cpp() {
+fn gemma3_matches_llama_cpp() {
+    check(TinyArch::Gemma3);
+}
+
+#[test]
+fn llama3_rope_scaling_and_biases_match_llama_cpp() {
     check(TinyArch::Llama3);
 }
 
-/// The tiny Llama 3 file without the tensors `keep` rejects, rewritten.
+/// The tiny Llama 3 file without the metadata keys and tensors `keep` rejects, rewritten.
 fn without(bytes: Vec<u8>, keep: impl Fn(&str) -> bool) -> GgufFile {
     let file = GgufFile::from_bytes(bytes).expect("gguf");
     let mut w = GgufWriter::new();
-    for (k, v) in file.metadata() {
+    for (k, v) in file.metadata().iter().filter(|(k, _)| keep(k)) {
         w.add(k.clone(), v.clone());
     }
     for t in file.tensors().iter().filter(|t| keep(&t.name)) {
@@ -176,9 +183,10 @@ fn without(bytes: Vec<u8>, keep: impl Fn(&str) -> bool) -> GgufFile {
     GgufFile::from_bytes(w.to_bytes().expect("write")).expect("gguf")
 }
 
-/// The fixture pins down both of llama3's additions: the same file without its RoPE
-/// frequency factors, or without its output and feed-forward biases, lands far outside the
-/// tolerance (so a loader that dropped either would fail the test above).
+/// The fixture pins down each of llama3's additions: the same file without its RoPE
+/// frequency factors, without its linear RoPE scaling, or without its output and feed-forward
+/// biases, lands far outside the tolerance (so a loader that dropped one would fail the test
+/// above).
 #[test]
 fn dropping_rope_factors_or_projection_biases_would_fail() {
     let arch = TinyArch::Llama3;
@@ -189,6 +197,10 @@ fn dropping_rope_factors_or_projection_biases_would_fail() {
         (
             "rope_freqs",
             without(bytes.clone(), |n| n != "rope_freqs.weight"),
+        ),
+        (
+            "linear scaling",
+            without(bytes.clone(), |n| !n.starts_with("llama.rope.scaling.")),
         ),
         (
             "projection biases",
@@ -341,14 +353,45 @@ fn unsupported_variants_are_refused() {
     let yarn = rewrite(&|w| {
         w.add("phi3.rope.scaling.type", "yarn");
     });
-    let scaled = rewrite(&|w| {
-        w.add("phi3.rope.scaling.factor", 4.0f32);
+    let attn_factor = rewrite(&|w| {
+        w.add("phi3.rope.scaling.attn_factor", 1.2f32);
     });
-    for (what, f) in [("LongRoPE", longrope), ("yarn", yarn), ("factor", scaled)] {
+    for (what, f) in [
+        ("LongRoPE", longrope),
+        ("yarn", yarn),
+        ("attention factor", attn_factor),
+    ] {
         let err = load(&f, &default_device()).err().map(|e| e.to_string());
         assert!(
             err.as_deref().is_some_and(|e| e.contains("not supported")),
             "{what}: {err:?}"
         );
     }
+    // Linear scaling is taken (as llama.cpp, for every architecture here); YaRN on llama is
+    // refused as on the others (it used to run unscaled).
+    let linear = rewrite(&|w| {
+        w.add("phi3.rope.scaling.factor", 4.0f32);
+    });
+    let config = load(&linear, &default_device())
+        .expect("linear")
+        .config()
+        .clone();
+    assert_eq!(config.rope_freq_scale, 0.25);
+    let bytes = tiny::gguf(TinyArch::Mistral, TinyDtype::F32).expect("tiny model");
+    let mistral = GgufFile::from_bytes(bytes).expect("gguf");
+    let mut w = GgufWriter::new();
+    for (k, v) in mistral.metadata() {
+        w.add(k.clone(), v.clone());
+    }
+    w.add("llama.rope.scaling.type", "yarn");
+    for t in mistral.tensors() {
+        w.add_tensor(&t.name, &t.dims, t.ggml_type, mistral.tensor_data(t))
+            .expect("copy");
+    }
+    let yarn = GgufFile::from_bytes(w.to_bytes().expect("write")).expect("gguf");
+    let err = load(&yarn, &default_device()).err().map(|e| e.to_string());
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("'yarn'")),
+        "llama yarn: {err:?}"
+    );
 }

@@ -3,6 +3,8 @@
 
 use rayon::prelude::*;
 
+use crate::ops::RopeScaling;
+
 /// Rows at which the row-wise kernels split across threads; below this a call is decode-sized
 /// and the scheduling costs more than the work.
 const PAR_MIN_ROWS: usize = 32;
@@ -38,18 +40,17 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 
 /// Cosines and sines for one position, `rope_dim / 2` each, with ggml's f32 recurrence
 /// (`theta` starts at the position and is multiplied by `theta_scale` per pair), each pair's
-/// angle divided by its frequency factor where there are factors (ggml's `freq_factors`,
-/// Llama 3's `rope_freqs`).
+/// angle scaled as `scaling` says (ggml's `ggml_rope_cache_init`).
 fn rope_cache(
     pos: usize,
     theta_scale: f32,
-    factors: Option<&[f32]>,
+    scaling: &RopeScaling,
     cos: &mut [f32],
     sin: &mut [f32],
 ) {
     let mut theta = pos as f32;
     for (i, (c, s)) in cos.iter_mut().zip(sin.iter_mut()).enumerate() {
-        let t = factors.map_or(theta, |f| theta / f[i]);
+        let t = scaling.angle(theta, i);
         *c = t.cos();
         *s = t.sin();
         theta *= theta_scale;
@@ -58,8 +59,8 @@ fn rope_cache(
 
 /// Rotary embedding of row-major `x: [n, heads, head_dim]`, row `i` at `positions[i]`,
 /// rotating the first `rope_dim` dimensions of every head and passing the rest through.
-/// Normal mode rotates pairs `(2i, 2i + 1)`, neox mode `(i, i + rope_dim / 2)`. Pair `i`'s
-/// angle is divided by `factors[i]` when given (`rope_dim / 2` of them).
+/// Normal mode rotates pairs `(2i, 2i + 1)`, neox mode `(i, i + rope_dim / 2)`; the angles
+/// are scaled as `scaling` says.
 #[allow(clippy::too_many_arguments)] // the op's parameters, as ggml_rope_ext takes them
 pub fn rope(
     x: &[f32],
@@ -68,7 +69,7 @@ pub fn rope(
     positions: &[u32],
     rope_dim: usize,
     base: f32,
-    factors: Option<&[f32]>,
+    scaling: &RopeScaling,
     neox: bool,
 ) -> Vec<f32> {
     assert!(
@@ -76,8 +77,8 @@ pub fn rope(
         "rope: rope_dim must be even and at most head_dim"
     );
     assert!(
-        factors.is_none_or(|f| f.len() == rope_dim / 2),
-        "rope: one frequency factor per rotated pair"
+        scaling.fits(rope_dim),
+        "rope: one frequency factor per rotated pair and a positive scale"
     );
     let stride = heads * head_dim;
     assert!(
@@ -93,7 +94,7 @@ pub fn rope(
         rope_cache(
             positions[i] as usize,
             theta_scale,
-            factors,
+            scaling,
             &mut cos,
             &mut sin,
         );

@@ -452,7 +452,7 @@ impl EmberBackend for burn_cubecl::CubeBackend {
         positions: Arc<[u32]>,
         rope_dim: usize,
         base: f32,
-        factors: Option<Arc<[f32]>>,
+        scaling: crate::ops::RopeScaling,
         neox: bool,
     ) -> CubeTensor {
         let x = contiguous_f32(x, "rope");
@@ -463,7 +463,7 @@ impl EmberBackend for burn_cubecl::CubeBackend {
         if n == 0 || rope_dim == 0 {
             return if n == 0 { out } else { x };
         }
-        let (cos, sin) = crate::ops::rope_angles(&positions, rope_dim, base, factors.as_deref());
+        let (cos, sin) = crate::ops::rope_angles(&positions, rope_dim, base, &scaling);
         let upload = |v: &[f32]| {
             let handle = x.client.create_from_slice(bytemuck::cast_slice(v));
             // SAFETY: the buffer holds `v.len()` f32 values (`rows * rope_dim / 2`).

@@ -39,10 +39,15 @@ pub enum TinyArch {
     /// Mistral as GGUF stores it: `llama` with `llama.attention.sliding_window` (which
     /// llama.cpp ignores).
     Mistral,
-    /// Llama 3.1-style `llama`: RoPE frequency factors (`rope_freqs.weight`, which the
-    /// converter writes for `rope_type: llama3` instead of any metadata key), plus every
-    /// optional bias llama.cpp's `llama` loader takes (Q/K/V, output, feed-forward).
+    /// Llama 3.1-style `llama` with every optional part llama.cpp's `llama` loader takes: RoPE
+    /// frequency factors (`rope_freqs.weight`, which the converter writes for `rope_type:
+    /// llama3` instead of any metadata key), linear RoPE scaling (`rope.scaling.factor` 4), and
+    /// biases on Q/K/V, the output and the feed-forward.
     Llama3,
+    /// Gemma 3: QK-norm, post-norms, GELU gate, tied and scaled embeddings, a window layer
+    /// (window [`WINDOW`], its own RoPE base) then a global one (`sliding_window_pattern` 2),
+    /// and linear RoPE scaling, which llama.cpp applies to the global layers only.
+    Gemma3,
 }
 
 /// The type of the matrices (norm weights and biases are always f32, as converters write them).
@@ -55,7 +60,7 @@ pub enum TinyDtype {
 }
 
 /// Every tiny model the fixtures cover.
-pub const ALL: [(TinyArch, TinyDtype); 10] = [
+pub const ALL: [(TinyArch, TinyDtype); 12] = [
     (TinyArch::Qwen2, TinyDtype::F32),
     (TinyArch::Qwen2, TinyDtype::F16),
     (TinyArch::Qwen3, TinyDtype::F32),
@@ -66,6 +71,8 @@ pub const ALL: [(TinyArch, TinyDtype); 10] = [
     (TinyArch::Mistral, TinyDtype::F16),
     (TinyArch::Llama3, TinyDtype::F32),
     (TinyArch::Llama3, TinyDtype::F16),
+    (TinyArch::Gemma3, TinyDtype::F32),
+    (TinyArch::Gemma3, TinyDtype::F16),
 ];
 
 /// 256 byte tokens, 28 merged pairs and 4 special tokens.
@@ -115,6 +122,7 @@ impl TinyArch {
             TinyArch::Qwen3 => "qwen3",
             TinyArch::Phi3 => "phi3",
             TinyArch::Mistral | TinyArch::Llama3 => "llama",
+            TinyArch::Gemma3 => "gemma3",
         }
     }
 
@@ -133,6 +141,7 @@ impl TinyArch {
             TinyArch::Phi3 => 33,
             TinyArch::Mistral => 7,
             TinyArch::Llama3 => 31,
+            TinyArch::Gemma3 => 43,
         }
     }
 }
@@ -351,14 +360,27 @@ pub fn gguf(arch: TinyArch, dtype: TinyDtype) -> Result<Vec<u8>, TinyError> {
         TinyArch::Llama3 => {
             b.w.add(key("rope.freq_base"), 10_000.0f32)
                 .add(key("rope.dimension_count"), head_dim as u32)
+                .add(key("rope.scaling.type"), "linear")
+                .add(key("rope.scaling.factor"), 4.0f32)
                 .add(key("attention.layer_norm_rms_epsilon"), 1e-5f32);
+        }
+        TinyArch::Gemma3 => {
+            b.w.add(key("rope.freq_base"), 1_000_000.0f32)
+                .add(key("rope.freq_base_swa"), 10_000.0f32)
+                .add(key("rope.scaling.type"), "linear")
+                .add(key("rope.scaling.factor"), 8.0f32)
+                .add(key("attention.key_length"), head_dim as u32)
+                .add(key("attention.value_length"), head_dim as u32)
+                .add(key("attention.sliding_window"), WINDOW)
+                .add(key("attention.sliding_window_pattern"), 2u32)
+                .add(key("attention.layer_norm_rms_epsilon"), 1e-6f32);
         }
     }
     add_tokenizer(&mut b.w);
 
     b.matrix("token_embd.weight", VOCAB, d.n_embd, 1.0)?;
     b.norm("output_norm.weight", d.n_embd)?;
-    if arch != TinyArch::Qwen3 {
+    if !matches!(arch, TinyArch::Qwen3 | TinyArch::Gemma3) {
         b.matrix("output.weight", VOCAB, d.n_embd, 0.5)?;
     }
     if arch == TinyArch::Llama3 {
@@ -382,13 +404,16 @@ pub fn gguf(arch: TinyArch, dtype: TinyDtype) -> Result<Vec<u8>, TinyError> {
             b.vector(&n("attn_k.bias"), n_kv, -1.0, 1.0)?;
             b.vector(&n("attn_v.bias"), n_kv, -1.0, 1.0)?;
         }
-        if arch == TinyArch::Qwen3 {
+        if matches!(arch, TinyArch::Qwen3 | TinyArch::Gemma3) {
             b.norm(&n("attn_q_norm.weight"), head_dim)?;
             b.norm(&n("attn_k_norm.weight"), head_dim)?;
         }
         b.linear(&n("attn_output.weight"), d.n_embd, n_q)?;
         if arch == TinyArch::Llama3 {
             b.vector(&n("attn_output.bias"), d.n_embd, -0.5, 0.5)?;
+        }
+        if arch == TinyArch::Gemma3 {
+            b.norm(&n("post_attention_norm.weight"), d.n_embd)?;
         }
         b.norm(&n("ffn_norm.weight"), d.n_embd)?;
         if arch == TinyArch::Phi3 {
@@ -399,6 +424,9 @@ pub fn gguf(arch: TinyArch, dtype: TinyDtype) -> Result<Vec<u8>, TinyError> {
             b.linear(&n("ffn_up.weight"), d.n_ff, d.n_embd)?;
         }
         b.linear(&n("ffn_down.weight"), d.n_embd, d.n_ff)?;
+        if arch == TinyArch::Gemma3 {
+            b.norm(&n("post_ffw_norm.weight"), d.n_embd)?;
+        }
         if arch == TinyArch::Llama3 {
             b.vector(&n("ffn_gate.bias"), d.n_ff, -0.5, 0.5)?;
             b.vector(&n("ffn_up.bias"), d.n_ff, -0.5, 0.5)?;
