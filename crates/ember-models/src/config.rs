@@ -174,6 +174,16 @@ impl ModelConfig {
             ));
         }
         let rope_freq_scale = rope_freq_scale(file, &arch)?;
+        // Mixtral-style files are `llama` with routed experts (`ffn_gate_inp`, `ffn_*_exps`):
+        // say so rather than report a missing `ffn_gate`.
+        if let Some(n) = meta.opt_uint("expert_count")?
+            && n > 0
+        {
+            return Err(ModelError::Unsupported(format!(
+                "a mixture-of-experts feed-forward ({} = {n})",
+                meta.key("expert_count")
+            )));
+        }
         let n_ff = meta.count("feed_forward_length")?;
         let name = "blk.0.ffn_down.weight";
         if let Some(d) = tensors.get(name)

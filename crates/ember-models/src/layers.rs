@@ -71,6 +71,29 @@ impl Linear {
         })
     }
 
+    /// [`forward`](Self::forward), writing the product as `name` and, with a bias, the sum as
+    /// `{name}_b` for [`trace`] (llama.cpp's `build_ffn` names them so).
+    pub fn forward_traced(
+        &self,
+        x: Tensor<2>,
+        pass: &Pass<'_>,
+        name: &str,
+        layer: Option<usize>,
+    ) -> Tensor<2> {
+        let y = pass.matmul(x, &self.w);
+        trace::tensor(name, layer, &y);
+        match &self.b {
+            Some(b) => {
+                let y = y + b.clone().unsqueeze::<2>();
+                if trace::enabled() {
+                    trace::tensor(&format!("{name}_b"), layer, &y);
+                }
+                y
+            }
+            None => y,
+        }
+    }
+
     /// `x: [n, w.cols()]` to `[n, w.rows()]`, with the arithmetic `pass` keeps for its rows.
     pub fn forward(&self, x: Tensor<2>, pass: &Pass<'_>) -> Tensor<2> {
         let y = pass.matmul(x, &self.w);
@@ -466,10 +489,8 @@ impl Decoder {
         let (eps, l) = (self.config.rms_eps, Some(layer));
         let h = rms_norm(x, &f.norm, eps);
         trace::tensor("ffn_norm", l, &h);
-        let gate = f.gate.forward(h.clone(), pass);
-        let up = f.up.forward(h, pass);
-        trace::tensor("ffn_gate", l, &gate);
-        trace::tensor("ffn_up", l, &up);
+        let gate = f.gate.forward_traced(h.clone(), pass, "ffn_gate", l);
+        let up = f.up.forward_traced(h, pass, "ffn_up", l);
         // Named as llama.cpp's `build_ffn` names them.
         let act = match self.spec.gate {
             Gate::Silu => {

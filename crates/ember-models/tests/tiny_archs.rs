@@ -394,4 +394,22 @@ fn unsupported_variants_are_refused() {
         err.as_deref().is_some_and(|e| e.contains("'yarn'")),
         "llama yarn: {err:?}"
     );
+    // A Mixtral-style llama (routed experts) is named as such.
+    let mut w = GgufWriter::new();
+    for (k, v) in mistral.metadata() {
+        w.add(k.clone(), v.clone());
+    }
+    w.add("llama.expert_count", 8u32);
+    w.add("llama.expert_used_count", 2u32);
+    for t in mistral.tensors() {
+        w.add_tensor(&t.name, &t.dims, t.ggml_type, mistral.tensor_data(t))
+            .expect("copy");
+    }
+    let moe = GgufFile::from_bytes(w.to_bytes().expect("write")).expect("gguf");
+    let err = load(&moe, &default_device()).err().map(|e| e.to_string());
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("mixture-of-experts") && e.contains("llama.expert_count")),
+        "llama experts: {err:?}"
+    );
 }
