@@ -43,12 +43,10 @@ impl Gemma3 {
         let spec = DecoderSpec {
             qk_norm: true,
             post_norms: true,
-            projection_biases: false,
-            rope_factors: false,
-            fused_gate_up: false,
             gate: Gate::Gelu,
             // Q is multiplied by the scale before attention, which then uses 1, as llama.cpp.
             query_scale: QueryScale::OnQuery(attn_scale),
+            ..DecoderSpec::plain(config)
         };
         // Read and checked with the rest of the metadata (`ModelConfig::from_gguf`).
         let layer = |i: usize| {

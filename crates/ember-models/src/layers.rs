@@ -293,6 +293,23 @@ impl LayerRope {
     }
 }
 
+impl DecoderSpec {
+    /// The plain llama block (qwen2's too): no QK-norm or post-norms, Q/K/V biases only if the
+    /// file has them, SiLU gate, attention scaled by `1 / sqrt(head_dim)` on the scores. Other
+    /// architectures say how they differ with struct update syntax.
+    pub fn plain(config: &ModelConfig) -> Self {
+        Self {
+            qk_norm: false,
+            post_norms: false,
+            projection_biases: false,
+            rope_factors: false,
+            fused_gate_up: false,
+            gate: Gate::Silu,
+            query_scale: QueryScale::InAttention(1.0 / (config.head_dim as f32).sqrt()),
+        }
+    }
+}
+
 /// The blocks of a pre-norm decoder-only transformer, shared by every architecture here.
 pub struct Decoder {
     config: ModelConfig,

@@ -4,7 +4,7 @@
 
 use burn::tensor::Tensor;
 
-use crate::layers::{Decoder, DecoderSpec, Gate, LayerRope, QueryScale};
+use crate::layers::{Decoder, DecoderSpec, LayerRope};
 use crate::model::{Architecture, Pass};
 use crate::{ModelConfig, ModelError, Weights};
 
@@ -17,13 +17,9 @@ impl Llama {
     /// Loads every block's weights (`blk.N.*`), checking each tensor's shape against `config`.
     pub fn load(w: &Weights<'_>, config: &ModelConfig) -> Result<Self, ModelError> {
         let spec = DecoderSpec {
-            qk_norm: false,
-            post_norms: false,
             projection_biases: true,
             rope_factors: true,
-            fused_gate_up: false,
-            gate: Gate::Silu,
-            query_scale: QueryScale::InAttention(1.0 / (config.head_dim as f32).sqrt()),
+            ..DecoderSpec::plain(config)
         };
         // llama.cpp ignores `sliding_window` for this architecture; so do we, to agree with it.
         let layer = LayerRope::uniform(config);

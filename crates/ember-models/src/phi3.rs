@@ -8,7 +8,7 @@
 
 use burn::tensor::Tensor;
 
-use crate::layers::{Decoder, DecoderSpec, Gate, LayerRope, QueryScale};
+use crate::layers::{Decoder, DecoderSpec, LayerRope, QueryScale};
 use crate::model::{Architecture, Pass};
 use crate::{ModelConfig, ModelError, Weights};
 
@@ -28,14 +28,10 @@ impl Phi3 {
             }
         }
         let spec = DecoderSpec {
-            qk_norm: false,
-            post_norms: false,
-            projection_biases: false,
-            rope_factors: false,
             fused_gate_up: true,
-            gate: Gate::Silu,
             // llama.cpp scales Q itself and attends with a scale of 1.
             query_scale: QueryScale::OnQuery(1.0 / (config.head_dim as f32).sqrt()),
+            ..DecoderSpec::plain(config)
         };
         // llama.cpp: "Phi SWA is currently disabled"; every layer attends to all positions.
         let layer = LayerRope::uniform(config);

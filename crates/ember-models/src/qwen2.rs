@@ -4,7 +4,7 @@
 
 use burn::tensor::Tensor;
 
-use crate::layers::{Decoder, DecoderSpec, Gate, LayerRope, QueryScale};
+use crate::layers::{Decoder, DecoderSpec, LayerRope};
 use crate::model::{Architecture, Pass};
 use crate::{ModelConfig, ModelError, Weights};
 
@@ -19,15 +19,7 @@ impl Qwen2 {
         if w.has("output.bias") {
             return Err(ModelError::Unsupported("qwen2 output.bias".into()));
         }
-        let spec = DecoderSpec {
-            qk_norm: false,
-            post_norms: false,
-            projection_biases: false,
-            rope_factors: false,
-            fused_gate_up: false,
-            gate: Gate::Silu,
-            query_scale: QueryScale::InAttention(1.0 / (config.head_dim as f32).sqrt()),
-        };
+        let spec = DecoderSpec::plain(config);
         // llama.cpp's qwen2 has no sliding window (it never reads `sliding_window`).
         let layer = LayerRope::uniform(config);
         Ok(Self(Decoder::load(w, config, spec, layer)?))

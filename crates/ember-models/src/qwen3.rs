@@ -5,7 +5,7 @@
 
 use burn::tensor::Tensor;
 
-use crate::layers::{Decoder, DecoderSpec, Gate, LayerRope, QueryScale};
+use crate::layers::{Decoder, DecoderSpec, LayerRope};
 use crate::model::{Architecture, Pass};
 use crate::{ModelConfig, ModelError, Weights};
 
@@ -19,12 +19,7 @@ impl Qwen3 {
     pub fn load(w: &Weights<'_>, config: &ModelConfig) -> Result<Self, ModelError> {
         let spec = DecoderSpec {
             qk_norm: true,
-            post_norms: false,
-            projection_biases: false,
-            rope_factors: false,
-            fused_gate_up: false,
-            gate: Gate::Silu,
-            query_scale: QueryScale::InAttention(1.0 / (config.head_dim as f32).sqrt()),
+            ..DecoderSpec::plain(config)
         };
         let layer = LayerRope::uniform(config);
         Ok(Self(Decoder::load(w, config, spec, layer)?))
