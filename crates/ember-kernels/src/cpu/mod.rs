@@ -238,7 +238,8 @@ pub fn quant_matmul_rows_solo(
 
 /// [`quant_matmul_rows`] for repacked rows ([`QuantMatrix::repack`]): one group of sixteen rows
 /// per task, dotted in place for one activation row, loaded into a tile for more (what the
-/// packed path does on this CPU, see [`q8::packed_batch_max`]).
+/// packed path does on this CPU, see [`q8::packed_batch_max`]), the first two rows dotted
+/// while the group streams in ([`q8::Repacked::tile_matmul`]).
 fn repacked_matmul(rep: &q8::Repacked, x: &[f32], m: usize, fmt: q8::ActFormat) -> Vec<f32> {
     let (n, k) = (rep.rows(), rep.blocks() * q8::BLOCK);
     let batch = q8::prepare_batch(x, k, m, fmt);
@@ -249,7 +250,6 @@ fn repacked_matmul(rep: &q8::Repacked, x: &[f32], m: usize, fmt: q8::ActFormat) 
             .for_each(|(g, dst)| rep.dot(g, &batch, dst));
         return out;
     }
-    let with_min = fmt == q8::ActFormat::Q8_1;
     let mut out = Vec::with_capacity(m * n);
     let dst = Columns::new(&mut out.spare_capacity_mut()[..m * n], m, n);
     (0..rep.groups()).into_par_iter().for_each(|g| {
@@ -259,9 +259,8 @@ fn repacked_matmul(rep: &q8::Repacked, x: &[f32], m: usize, fmt: q8::ActFormat) 
                 buf.resize(m * rows, 0.0);
             }
             let buf = &mut buf[..m * rows];
-            rep.load_tile(g, tile);
             // Writes all of `buf`.
-            q8::tile_matmul(tile, &batch, with_min, buf);
+            rep.tile_matmul(g, &batch, tile, buf);
             // SAFETY: task `g` alone writes columns `16g..16g + rows`.
             unsafe { dst.write(g * q8::TILE_ROWS, buf) };
         })

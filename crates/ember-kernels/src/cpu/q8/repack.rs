@@ -300,6 +300,25 @@ impl Repacked {
         )
     }
 
+    /// `out[i * rows + l]` = dot of row `16g + l` with activation row `i` of `batch`, every
+    /// row `i` (`rows` = [`Repacked::group_rows`]): [`Repacked::load_tile`] then
+    /// [`super::tile_matmul`] in one pass over the group, bit for bit the same results; `tile`
+    /// is left holding the group.
+    pub fn tile_matmul(&self, g: usize, batch: &Batch, tile: &mut Tile, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot`.
+        unsafe {
+            super::x86::avx512_repacked_tile_matmul(self, g, batch, tile, out)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!(
+            "no repacked weights off x86-64 ({g}, {}, {}, {})",
+            batch.m,
+            tile.rows,
+            out.len()
+        )
+    }
+
     /// Loads group `g` into `tile`, as [`Tile::load`] loads its packed rows.
     pub fn load_tile(&self, g: usize, tile: &mut Tile) {
         #[cfg(target_arch = "x86_64")]
@@ -392,7 +411,7 @@ mod tests {
                 let row_bytes = k / BLOCK * ty.type_size();
                 // As many bytes as the packed rows, the last group padded to sixteen.
                 assert_eq!(rep.bytes(), row_bytes * rep.groups() * TILE_ROWS);
-                for m in [1usize, 2, 3, 9] {
+                for m in [1usize, 2, 3, 4, 9] {
                     let x = acts(&mut rng, m, k);
                     let batch = prepare_batch_with(isa, &x, k, m, fmt);
                     let scalar_batch = prepare_batch_with(Isa::Scalar, &x, k, m, fmt);
@@ -402,6 +421,8 @@ mod tests {
                     dot_packed_batch_with(isa, ty, &bytes, &batch, &mut packed);
                     assert_eq!(bits(&packed), bits(&want), "{ty} packed {rows}x{k} m={m}");
                     let (mut tile, mut tile_packed) = (Tile::default(), Tile::default());
+                    // Reused across groups and sizes, as the matmul's thread-local tile is.
+                    let mut fused_tile = Tile::default();
                     for g in 0..rep.groups() {
                         let n = rep.group_rows(g);
                         let col = |out: &[f32], i: usize| out[i * rows + g * 16..][..n].to_vec();
@@ -425,6 +446,14 @@ mod tests {
                                 "{ty} tile {rows}x{k} g{g} row {i} of {m}"
                             );
                         }
+                        // Loading while the first two rows are dotted changes no bit, and
+                        // leaves the same tile behind.
+                        let mut fused = vec![f32::NAN; m * n];
+                        rep.tile_matmul(g, &batch, &mut fused_tile, &mut fused);
+                        assert_eq!(bits(&fused), bits(&got), "{ty} fused {rows}x{k} g{g} m={m}");
+                        let mut again = vec![0.0f32; m * n];
+                        tile_matmul_with(isa, &fused_tile, &batch, with_min, &mut again);
+                        assert_eq!(bits(&again), bits(&got), "{ty} fused tile {rows}x{k} g{g}");
                     }
                 }
             }

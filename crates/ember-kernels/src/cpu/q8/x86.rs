@@ -1151,6 +1151,7 @@ unsafe fn tile_load_repacked_typed<const TY: u8>(rep: &super::Repacked, g: usize
         // SAFETY: `b < nb`, the group's block count and the buffers'; CPU features are the
         // caller's.
         unsafe {
+            w.prefetch(b);
             let (dw, mw) = w.scales(b);
             bufs.store(b, &w.block(b), dw, mw);
         }
@@ -1159,6 +1160,58 @@ unsafe fn tile_load_repacked_typed<const TY: u8>(rep: &super::Repacked, g: usize
     tile.nb = nb;
     tile.signed = <Packed<TY> as Weights>::SIGNED;
     tile.interleaved = true;
+}
+
+/// Group `g` of `rep` against every activation row of `batch` (two or more) into `out`
+/// (`m` rows of the group's rows): the first two activation rows are dotted as each block is
+/// read and stored into `tile`, so the arithmetic overlaps the group's stream from memory;
+/// the other rows read the tile back, as [`tile_matmul`] does.
+#[inline(always)]
+unsafe fn repacked_tile_matmul_typed<const TY: u8>(
+    rep: &super::Repacked,
+    g: usize,
+    batch: &Batch,
+    tile: &mut Tile,
+    out: &mut [f32],
+) {
+    type W<const TY: u8> = Packed<TY>;
+    let w = RepackedGroup::<TY>::new(rep, g);
+    let (nb, rows, m) = (w.nb, rep.group_rows(g), batch.m);
+    assert!(m >= 1, "no activation rows");
+    assert_eq!(nb * BLOCK, batch.acts.k, "activations differ in width");
+    assert_eq!(out.len(), m * rows, "out does not match the group");
+    batch.check(<W<TY> as Weights>::SIGNED);
+    let bufs = TileBuffers::new(tile, nb);
+    let a = ActRows::<2>::new(batch, 0, <W<TY> as Weights>::SIGNED);
+    // SAFETY: `b < nb`, the group's and the buffers' block count; the activation pointers
+    // cover `nb` blocks (`ActRows::new`); CPU features are the caller's.
+    unsafe {
+        let mut sums = Sums::<2>::new();
+        for b in 0..nb {
+            w.prefetch(b);
+            let t = w.block(b);
+            let (dw, mw) = w.scales(b);
+            bufs.store(b, &t, dw, mw);
+            sums.add_block::<W<TY>>(&t, dw, mw, b, &a);
+        }
+        sums.store::<W<TY>>(m.min(2), 0, rows, out, rows, 0);
+    }
+    tile.rows = rows;
+    tile.nb = nb;
+    tile.signed = <W<TY> as Weights>::SIGNED;
+    tile.interleaved = true;
+    if m > 2 {
+        // SAFETY: forwarded; `tile_rows` checks every bound.
+        unsafe {
+            tile_rows(
+                tile,
+                batch,
+                <W<TY> as Weights>::WITH_MIN,
+                2..m,
+                &mut out[2 * rows..],
+            )
+        };
+    }
 }
 
 /// Unpacks up to sixteen packed rows into `tile` ([`Block16`] layout per block, scales and
@@ -1592,6 +1645,29 @@ pub(super) unsafe fn avx512_tile_load_repacked(rep: &super::Repacked, g: usize, 
             Some(Q5_0) => tile_load_repacked_typed::<Q5_0>(rep, g, tile),
             Some(Q5_1) => tile_load_repacked_typed::<Q5_1>(rep, g, tile),
             Some(Q8_0) => tile_load_repacked_typed::<Q8_0>(rep, g, tile),
+            _ => unreachable!("{} is not repacked", rep.ty()),
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI (and AVX2, FMA, F16C).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn avx512_repacked_tile_matmul(
+    rep: &super::Repacked,
+    g: usize,
+    batch: &Batch,
+    tile: &mut Tile,
+    out: &mut [f32],
+) {
+    // SAFETY: the features the body needs are enabled on this function.
+    unsafe {
+        match repacked_tag(rep.ty()) {
+            Some(Q4_0) => repacked_tile_matmul_typed::<Q4_0>(rep, g, batch, tile, out),
+            Some(Q4_1) => repacked_tile_matmul_typed::<Q4_1>(rep, g, batch, tile, out),
+            Some(Q5_0) => repacked_tile_matmul_typed::<Q5_0>(rep, g, batch, tile, out),
+            Some(Q5_1) => repacked_tile_matmul_typed::<Q5_1>(rep, g, batch, tile, out),
+            Some(Q8_0) => repacked_tile_matmul_typed::<Q8_0>(rep, g, batch, tile, out),
             _ => unreachable!("{} is not repacked", rep.ty()),
         }
     }
