@@ -672,6 +672,11 @@ mod tests {
             (a.model.as_str(), a.clients, a.tokens, a.rounds, a.threads),
             (DEFAULT_MODEL, 8, 128, 3, 2)
         );
+        assert_eq!((a.temperature, a.ember.as_deref()), (0.0, None));
+        let Task::BenchServe(a) = parse(&["bench-serve", "--ember", "/x/ember"]).unwrap() else {
+            panic!("wrong task");
+        };
+        assert_eq!(a.ember.as_deref(), Some(std::path::Path::new("/x/ember")));
         for args in [
             &[
                 "bench-serve",

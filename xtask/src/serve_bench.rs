@@ -191,6 +191,10 @@ pub struct Args {
     /// its default chain, llama.cpp's top-k 40, top-p 0.95, min-p 0.05).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// An ember binary to run instead of building target/release/ember (to compare builds
+    /// in turn, as `cargo xtask soak --ember` does).
+    #[arg(long)]
+    pub ember: Option<std::path::PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -201,6 +205,7 @@ pub fn run(a: Args) -> Result<()> {
         rounds,
         threads,
         temperature,
+        ember: ember_path,
     } = a;
     if clients == 0 {
         bail!("--clients must be at least 1");
@@ -211,7 +216,11 @@ pub fn run(a: Args) -> Result<()> {
     let path = ember_hub::resolve(&model)?;
     let model_arg = path.to_string_lossy().to_string();
     let bin = llama_bin()?;
-    let ember_bin = crate::build_ember()?;
+    let ember_bin = match ember_path {
+        Some(p) if p.exists() => p,
+        Some(p) => bail!("--ember {}: no such file", p.display()),
+        None => crate::build_ember()?,
+    };
 
     let ember_port = free_port()?;
     let mut ember = Command::new(ember_bin);
