@@ -23,7 +23,8 @@ pub use matrix::{QuantMatrix, QuantMatrixError, SharedBytes, Storage};
 pub use ops::{
     EmberBackend, RopeScaling, causal_attention, causal_attention_fallback, geglu, geglu_fallback,
     paged_attention, paged_attention_fallback, paged_write, positions_from, quant_matmul,
-    quant_matmul_fallback, quant_matmul_solo, residual_add, rms_norm, rms_norm_fallback, rope,
-    rope_fallback, round_to_f16, swiglu, swiglu_fallback, try_paged_attention,
+    quant_matmul_fallback, quant_matmul_many, quant_matmul_solo, residual_add, rms_norm,
+    rms_norm_fallback, rope, rope_fallback, round_to_f16, swiglu, swiglu_fallback,
+    try_paged_attention,
 };
 pub use paged::{KvDtype, PagedAttention, PagedError, PagedLayerStore, SeqAttn};

@@ -45,6 +45,23 @@ pub trait EmberBackend: Backend {
         Self::quant_matmul(x, w)
     }
 
+    /// [`EmberBackend::quant_matmul_solo`] (or, without `solo`, [`EmberBackend::quant_matmul`])
+    /// of the same `x` with each of `ws`, in order: one call, so that a backend may share the
+    /// activations' preparation and run the products together (Q, K and V; gate and up). The
+    /// results are the separate calls' bits. Default: the separate calls.
+    fn quant_matmul_many(
+        x: FloatTensor<Self>,
+        ws: Vec<Arc<QuantMatrix>>,
+        solo: Option<Arc<[SoloRow]>>,
+    ) -> Vec<FloatTensor<Self>> {
+        ws.into_iter()
+            .map(|w| match &solo {
+                Some(s) => Self::quant_matmul_solo(x.clone(), w, Arc::clone(s)),
+                None => Self::quant_matmul(x.clone(), w),
+            })
+            .collect()
+    }
+
     /// Causal attention: `q: [n_head, n, d]` over `k, v: [n_kv, t, d]`, the `n` queries being
     /// the last `n` of `t` positions; query head `h` reads kv head `h / (n_head / n_kv)`.
     /// Returns `[n, n_head * d]`.
@@ -528,6 +545,30 @@ pub fn quant_matmul_solo(x: Tensor<2>, w: &Arc<QuantMatrix>, solo: &Arc<[SoloRow
     ))
 }
 
+/// [`quant_matmul`] (with `solo`: [`quant_matmul_solo`]) of `x` with each of `ws`, in order,
+/// as one call ([`EmberBackend::quant_matmul_many`]).
+pub fn quant_matmul_many(
+    x: Tensor<2>,
+    ws: &[Arc<QuantMatrix>],
+    solo: Option<&Arc<[SoloRow]>>,
+) -> Vec<Tensor<2>> {
+    let [m, k] = x.dims();
+    for w in ws {
+        assert_eq!(
+            k,
+            w.cols(),
+            "quant_matmul: input width must equal the weight's columns"
+        );
+    }
+    if let Some(s) = solo {
+        assert_eq!(m, s.len(), "quant_matmul_solo: one SoloRow per row");
+    }
+    <Dispatch as EmberBackend>::quant_matmul_many(x.into_dispatch(), ws.to_vec(), solo.cloned())
+        .into_iter()
+        .map(Tensor::from_dispatch)
+        .collect()
+}
+
 /// `x @ w^T` on any backend: `x: [m, k]` with `k == w.cols()`, result `[m, w.rows()]`.
 pub fn quant_matmul(x: Tensor<2>, w: &Arc<QuantMatrix>) -> Tensor<2> {
     let [_, k] = x.dims();
@@ -671,6 +712,28 @@ mod flex {
             solo: Arc<[SoloRow]>,
         ) -> FlexTensor {
             matmul(x, w, Some(&solo))
+        }
+
+        fn quant_matmul_many(
+            x: FlexTensor,
+            ws: Vec<Arc<QuantMatrix>>,
+            solo: Option<Arc<[SoloRow]>>,
+        ) -> Vec<FlexTensor> {
+            let m = x.shape()[0];
+            let x = contiguous_f32(x);
+            let refs: Vec<&QuantMatrix> = ws.iter().map(|w| &**w).collect();
+            let xs = x.as_slice::<f32>().expect("contiguous f32");
+            match crate::cpu::quant_matmul_rows_many(&refs, xs, m, solo.as_ref()) {
+                Some(outs) => outs
+                    .into_iter()
+                    .zip(&ws)
+                    .map(|(out, w)| FlexTensor::from_data(TensorData::new(out, [m, w.rows()])))
+                    .collect(),
+                None => ws
+                    .into_iter()
+                    .map(|w| matmul(x.clone(), w, solo.as_ref()))
+                    .collect(),
+            }
         }
 
         fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, scale: f32) -> FlexTensor {

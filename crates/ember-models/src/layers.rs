@@ -71,16 +71,9 @@ impl Linear {
         })
     }
 
-    /// [`forward`](Self::forward), writing the product as `name` and, with a bias, the sum as
-    /// `{name}_b` for [`trace`] (llama.cpp's `build_ffn` names them so).
-    pub fn forward_traced(
-        &self,
-        x: Tensor<2>,
-        pass: &Pass<'_>,
-        name: &str,
-        layer: Option<usize>,
-    ) -> Tensor<2> {
-        let y = pass.matmul(x, &self.w);
+    /// The bias added to the product `y`, writing the product as `name` and, with a bias, the
+    /// sum as `{name}_b` for [`trace`] (llama.cpp's `build_ffn` names them so).
+    fn bias_traced(&self, y: Tensor<2>, name: &str, layer: Option<usize>) -> Tensor<2> {
         trace::tensor(name, layer, &y);
         match &self.b {
             Some(b) => {
@@ -96,12 +89,28 @@ impl Linear {
 
     /// `x: [n, w.cols()]` to `[n, w.rows()]`, with the arithmetic `pass` keeps for its rows.
     pub fn forward(&self, x: Tensor<2>, pass: &Pass<'_>) -> Tensor<2> {
-        let y = pass.matmul(x, &self.w);
+        self.bias(pass.matmul(x, &self.w))
+    }
+
+    /// The bias added to the product `y`.
+    fn bias(&self, y: Tensor<2>) -> Tensor<2> {
         match &self.b {
             // A `[1, rows]` bias broadcast over the rows, as ggml_add does.
             Some(b) => y + b.clone().unsqueeze::<2>(),
             None => y,
         }
+    }
+
+    /// [`forward`](Self::forward) of the same `x` through several layers, their products
+    /// computed as one call ([`Pass::matmul_many`]).
+    fn forward_many<const N: usize>(
+        layers: [&Linear; N],
+        x: Tensor<2>,
+        pass: &Pass<'_>,
+    ) -> [Tensor<2>; N] {
+        let ws = layers.map(|l| Arc::clone(&l.w));
+        let mut ys = pass.matmul_many(x, &ws).into_iter();
+        layers.map(|l| l.bias(ys.next().expect("one product per layer")))
     }
 }
 
@@ -176,11 +185,8 @@ impl QkvProj {
 
     /// `(q, k, v)` for `h: [n, n_embd]`, each `[n, outputs]`.
     pub fn forward(&self, h: Tensor<2>, pass: &Pass<'_>) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
-        (
-            self.q.forward(h.clone(), pass),
-            self.k.forward(h.clone(), pass),
-            self.v.forward(h, pass),
-        )
+        let [q, k, v] = Linear::forward_many([&self.q, &self.k, &self.v], h, pass);
+        (q, k, v)
     }
 }
 
@@ -506,8 +512,13 @@ impl Decoder {
         let (eps, l) = (self.config.rms_eps, Some(layer));
         let h = rms_norm(x, &f.norm, eps);
         trace::tensor("ffn_norm", l, &h);
-        let gate = f.gate.forward_traced(h.clone(), pass, "ffn_gate", l);
-        let up = f.up.forward_traced(h, pass, "ffn_up", l);
+        let ws = [Arc::clone(&f.gate.w), Arc::clone(&f.up.w)];
+        let [gate, up]: [Tensor<2>; 2] = pass
+            .matmul_many(h, &ws)
+            .try_into()
+            .expect("gate and up products");
+        let gate = f.gate.bias_traced(gate, "ffn_gate", l);
+        let up = f.up.bias_traced(up, "ffn_up", l);
         // Named as llama.cpp's `build_ffn` names them.
         let act = match self.spec.gate {
             Gate::Silu => {

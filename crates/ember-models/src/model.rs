@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_kernels::{
-    QuantMatrix, SeqAttn, SoloRow, paged_attention, quant_matmul, quant_matmul_solo,
+    QuantMatrix, SeqAttn, SoloRow, paged_attention, quant_matmul, quant_matmul_many,
+    quant_matmul_solo,
 };
 use ember_kv::{KvBudget, KvCacheConfig, KvOptions, PagedKvCache, SeqId, SequenceCache};
 
@@ -141,6 +142,24 @@ impl Pass<'_> {
             Some(s) if s.len() == x.dims()[0] => quant_matmul_solo(x, w, s),
             _ => quant_matmul(x, w),
         }
+    }
+
+    /// [`matmul`](Self::matmul) of `x` with each of `ws`, as one call (the CPU backend runs
+    /// them in one parallel region over activations quantized once): the same bits.
+    pub fn matmul_many(&self, x: Tensor<2>, ws: &[Arc<QuantMatrix>]) -> Vec<Tensor<2>> {
+        if x.dims()[0] == 0 {
+            return ws
+                .iter()
+                .map(|w| Tensor::<2>::empty([0, w.rows()], &x.device()))
+                .collect();
+        }
+        let solo = if self.selected {
+            &self.solo_out
+        } else {
+            &self.solo_in
+        };
+        let solo = solo.as_ref().filter(|s| s.len() == x.dims()[0]);
+        quant_matmul_many(x, ws, solo)
     }
 
     /// llama.cpp's `inp_out_ids`: in the last layer, right after attention, only the rows whose

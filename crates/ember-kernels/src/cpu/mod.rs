@@ -270,6 +270,123 @@ fn repacked_matmul(rep: &q8::Repacked, x: &[f32], m: usize, fmt: q8::ActFormat) 
     out
 }
 
+/// [`quant_matmul_rows_solo`] of the same activations with each of `ws`, in one parallel
+/// region over every matrix's row groups, where all of them allow it: repacked, as wide as
+/// `x`, and either one activation row (any repacked type whose row dots in place) or Q4_0 to
+/// Q8_0 alone. `None` otherwise (the caller multiplies them one by one). The activations are
+/// quantized once per format, and a decode step's Q/K/V or gate/up products pay for one
+/// fork and join instead of three or two; every result is the one-by-one call's bits (the
+/// same kernels on the same groups).
+pub fn quant_matmul_rows_many(
+    ws: &[&QuantMatrix],
+    x: &[f32],
+    m: usize,
+    solo: Option<&std::sync::Arc<[kquant::SoloRow]>>,
+) -> Option<Vec<Vec<f32>>> {
+    /// One matrix's kernel: q8 groups with the index of their activation batch, or K-quant
+    /// groups dotted in place against the Q8_K row.
+    enum Part<'a> {
+        Q8(&'a q8::Repacked, usize),
+        K(&'a kquant::Repacked),
+    }
+    let k = ws.first()?.cols();
+    if m == 0 || x.len() != m * k || ws.iter().any(|w| w.cols() != k) {
+        return None;
+    }
+    let mut formats: Vec<q8::ActFormat> = Vec::new();
+    let mut parts = Vec::with_capacity(ws.len());
+    for w in ws {
+        match w.repacked()? {
+            Repacked::Blocks(rep) => {
+                let fmt = q8::act_format(w.ggml_type())?;
+                let b = match formats.iter().position(|&f| f == fmt) {
+                    Some(b) => b,
+                    None => {
+                        formats.push(fmt);
+                        formats.len() - 1
+                    }
+                };
+                parts.push(Part::Q8(rep, b));
+            }
+            Repacked::KQuant(rep) if m == 1 => parts.push(Part::K(rep)),
+            Repacked::KQuant(_) => return None,
+        }
+    }
+    let q8k = parts.iter().any(|p| matches!(p, Part::K(_))).then(|| {
+        let mut acts = kquant::quantize_q8k(x, k);
+        acts.solo = solo.filter(|s| s.len() == m).cloned();
+        acts
+    });
+    if let Some(acts) = &q8k
+        && parts
+            .iter()
+            .any(|p| matches!(p, Part::K(rep) if !rep.dots(acts, 0)))
+    {
+        return None;
+    }
+    let batches: Vec<q8::Batch> = formats
+        .iter()
+        .map(|&f| q8::prepare_batch(x, k, m, f))
+        .collect();
+    let mut outs: Vec<Vec<f32>> = ws
+        .iter()
+        .map(|w| Vec::with_capacity(m * w.rows()))
+        .collect();
+    let tasks: Vec<(usize, usize)> = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            let groups = match p {
+                Part::Q8(rep, _) => rep.groups(),
+                Part::K(rep) => rep.groups(),
+            };
+            (0..groups).map(move |g| (i, g))
+        })
+        .collect();
+    {
+        let dsts: Vec<Columns<'_>> = outs
+            .iter_mut()
+            .zip(ws)
+            .map(|(o, w)| Columns::new(&mut o.spare_capacity_mut()[..m * w.rows()], m, w.rows()))
+            .collect();
+        tasks.into_par_iter().for_each(|(i, g)| {
+            with_scratch(&Q8_TILE, |(tile, buf)| match &parts[i] {
+                Part::Q8(rep, b) => {
+                    let rows = rep.group_rows(g);
+                    if buf.len() < m * rows {
+                        buf.resize(m * rows, 0.0);
+                    }
+                    let buf = &mut buf[..m * rows];
+                    if m == 1 {
+                        rep.dot(g, &batches[*b], buf);
+                    } else {
+                        rep.tile_matmul(g, &batches[*b], tile, buf);
+                    }
+                    // SAFETY: task `(i, g)` alone writes matrix `i`'s columns of group `g`.
+                    unsafe { dsts[i].write(g * q8::TILE_ROWS, buf) };
+                }
+                Part::K(rep) => {
+                    let rows = rep.group_rows(g);
+                    if buf.len() < rows {
+                        buf.resize(rows, 0.0);
+                    }
+                    let buf = &mut buf[..rows];
+                    let acts = q8k.as_ref().expect("Q8_K activations for K-quant parts");
+                    rep.dot(g, acts, 0, buf);
+                    // SAFETY: as above.
+                    unsafe { dsts[i].write(g * kquant::repack::GROUP_ROWS, buf) };
+                }
+            })
+        });
+    }
+    for (o, w) in outs.iter_mut().zip(ws) {
+        // SAFETY: the tasks above wrote all `m` rows of every group's columns of every matrix,
+        // which cover `0..w.rows()`.
+        unsafe { o.set_len(m * w.rows()) };
+    }
+    Some(outs)
+}
+
 /// [`quant_matmul_rows`] for K-quants: activations quantized to Q8_K, integer dots per row.
 fn kquant_matmul(
     w: &QuantMatrix,
@@ -684,5 +801,83 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Several matrices over the same activations in one region give each one-by-one call's
+    /// bits: one and several activation rows, two activation formats in one call, K-quants
+    /// mixed with each other and with Q8_0 (one row), rows of a solo prompt, a partial last
+    /// group. Where a matrix does not allow it (not repacked, K-quants with several rows) the
+    /// call says so and the caller multiplies them one by one.
+    #[test]
+    fn matmul_many_equals_separate_calls_bit_for_bit() {
+        use kquant::SoloRow;
+        let mut rng = StdRng::seed_from_u64(0x3a_7c);
+        let avx512 = q8::isa() == q8::Isa::Avx512Vnni;
+        let k = 512;
+        let sets: [&[(GgmlType, usize)]; 5] = [
+            &[
+                (GgmlType::Q4_1, 48),
+                (GgmlType::Q4_1, 16),
+                (GgmlType::Q4_1, 16),
+            ],
+            &[
+                (GgmlType::Q4_0, 37),
+                (GgmlType::Q5_1, 32),
+                (GgmlType::Q8_0, 16),
+            ],
+            &[
+                (GgmlType::Q4_K, 32),
+                (GgmlType::Q4_K, 17),
+                (GgmlType::Q6_K, 16),
+            ],
+            &[(GgmlType::Q8_0, 33), (GgmlType::Q5_K, 16)],
+            &[(GgmlType::Q6_K, 64), (GgmlType::Q4_K, 64)],
+        ];
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for set in sets {
+            let ws: Vec<QuantMatrix> = set
+                .iter()
+                .map(|&(ty, n)| {
+                    let wf: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+                    let mut w = QuantMatrix::quantize(ty, n, k, &wf).unwrap();
+                    assert_eq!(w.repack(), avx512, "{ty}");
+                    w
+                })
+                .collect();
+            let refs: Vec<&QuantMatrix> = ws.iter().collect();
+            let kquants = set.iter().any(|&(ty, _)| kquant::supported(ty));
+            for m in [1usize, 2, 5, 8] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
+                // The last rows of a 7-row solo prompt (Q4_K's gemm fold, Q6_K's tiled
+                // kernel), and no solo rows at all.
+                let solo: std::sync::Arc<[SoloRow]> = (0..m)
+                    .map(|i| SoloRow {
+                        m: 7,
+                        i: (7 - m + i) as u32,
+                    })
+                    .collect();
+                for solo in [None, Some(&solo)] {
+                    let got = quant_matmul_rows_many(&refs, &x, m, solo);
+                    let at = format!("{set:?} m={m} solo={}", solo.is_some());
+                    let Some(got) = got else {
+                        assert!(!avx512 || (kquants && m > 1), "{at}: refused");
+                        continue;
+                    };
+                    assert!(avx512 && (!kquants || m == 1), "{at}: not refused");
+                    assert_eq!(got.len(), ws.len());
+                    for (w, g) in ws.iter().zip(&got) {
+                        let want = quant_matmul_rows_solo(w, &x, m, solo);
+                        assert_eq!(bits(g), bits(&want), "{at} {}", w.ggml_type());
+                    }
+                }
+            }
+        }
+        // Not repacked: refused.
+        let wf: Vec<f32> = (0..16 * k)
+            .map(|_| rng.random_range(-1.0..1.0f32))
+            .collect();
+        let plain = QuantMatrix::quantize(GgmlType::Q4_1, 16, k, &wf).unwrap();
+        let x: Vec<f32> = (0..k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
+        assert!(quant_matmul_rows_many(&[&plain], &x, 1, None).is_none());
     }
 }
