@@ -272,8 +272,8 @@ fn repacked_matmul(rep: &q8::Repacked, x: &[f32], m: usize, fmt: q8::ActFormat) 
 
 /// [`quant_matmul_rows_solo`] of the same activations with each of `ws`, in one parallel
 /// region over every matrix's row groups, where all of them allow it: repacked, as wide as
-/// `x`, and either one activation row (any repacked type whose row dots in place) or Q4_0 to
-/// Q8_0 alone. `None` otherwise (the caller multiplies them one by one). The activations are
+/// `x`, and for K-quants every activation row one that dots in place (decode rows, see
+/// [`kquant::Repacked::dots`]). `None` otherwise (the caller multiplies them one by one). The activations are
 /// quantized once per format, and a decode step's Q/K/V or gate/up products pay for one
 /// fork and join instead of three or two; every result is the one-by-one call's bits (the
 /// same kernels on the same groups).
@@ -308,8 +308,7 @@ pub fn quant_matmul_rows_many(
                 };
                 parts.push(Part::Q8(rep, b));
             }
-            Repacked::KQuant(rep) if m == 1 => parts.push(Part::K(rep)),
-            Repacked::KQuant(_) => return None,
+            Repacked::KQuant(rep) => parts.push(Part::K(rep)),
         }
     }
     let q8k = parts.iter().any(|p| matches!(p, Part::K(_))).then(|| {
@@ -317,10 +316,12 @@ pub fn quant_matmul_rows_many(
         acts.solo = solo.filter(|s| s.len() == m).cloned();
         acts
     });
+    // K-quant rows must all dot in place (decode rows: what `kquant_repacked_matmul` does
+    // for them); prompt rows take its tiles.
     if let Some(acts) = &q8k
         && parts
             .iter()
-            .any(|p| matches!(p, Part::K(rep) if !rep.dots(acts, 0)))
+            .any(|p| matches!(p, Part::K(rep) if !(0..m).all(|i| rep.dots(acts, i))))
     {
         return None;
     }
@@ -367,12 +368,14 @@ pub fn quant_matmul_rows_many(
                 }
                 Part::K(rep) => {
                     let rows = rep.group_rows(g);
-                    if buf.len() < rows {
-                        buf.resize(rows, 0.0);
+                    if buf.len() < m * rows {
+                        buf.resize(m * rows, 0.0);
                     }
-                    let buf = &mut buf[..rows];
+                    let buf = &mut buf[..m * rows];
                     let acts = q8k.as_ref().expect("Q8_K activations for K-quant parts");
-                    rep.dot(g, acts, 0, buf);
+                    for (i, dst_row) in buf.chunks_exact_mut(rows).enumerate() {
+                        rep.dot(g, acts, i, dst_row);
+                    }
                     // SAFETY: as above.
                     unsafe { dsts[i].write(g * kquant::repack::GROUP_ROWS, buf) };
                 }
@@ -834,6 +837,7 @@ mod tests {
             &[(GgmlType::Q6_K, 64), (GgmlType::Q4_K, 64)],
         ];
         let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let mut kquant_decode_taken = 0;
         for set in sets {
             let ws: Vec<QuantMatrix> = set
                 .iter()
@@ -849,29 +853,46 @@ mod tests {
             for m in [1usize, 2, 5, 8] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
                 // The last rows of a 7-row solo prompt (Q4_K's gemm fold, Q6_K's tiled
-                // kernel), and no solo rows at all.
-                let solo: std::sync::Arc<[SoloRow]> = (0..m)
+                // kernel), decode rows of m sequences (as `ember serve` batches them), and no
+                // solo rows at all.
+                let prompt: std::sync::Arc<[SoloRow]> = (0..m)
                     .map(|i| SoloRow {
                         m: 7,
                         i: (7 - m + i) as u32,
                     })
                     .collect();
-                for solo in [None, Some(&solo)] {
+                let decode_rows: std::sync::Arc<[SoloRow]> =
+                    (0..m).map(|_| SoloRow { m: 1, i: 0 }).collect();
+                for (solo, decode) in [
+                    (None, false),
+                    (Some(&prompt), false),
+                    (Some(&decode_rows), true),
+                ] {
                     let got = quant_matmul_rows_many(&refs, &x, m, solo);
-                    let at = format!("{set:?} m={m} solo={}", solo.is_some());
+                    let at = format!("{set:?} m={m} solo={solo:?}");
                     let Some(got) = got else {
-                        assert!(!avx512 || (kquants && m > 1), "{at}: refused");
+                        // Refused only without AVX-512 VNNI, or for K-quant rows that take
+                        // tiles.
+                        assert!(!avx512 || (kquants && m > 1 && !decode), "{at}: refused");
                         continue;
                     };
-                    assert!(avx512 && (!kquants || m == 1), "{at}: not refused");
+                    assert!(avx512, "{at}: taken without repacked weights");
                     assert_eq!(got.len(), ws.len());
                     for (w, g) in ws.iter().zip(&got) {
                         let want = quant_matmul_rows_solo(w, &x, m, solo);
                         assert_eq!(bits(g), bits(&want), "{at} {}", w.ggml_type());
                     }
+                    if kquants && decode {
+                        kquant_decode_taken += 1;
+                    }
                 }
             }
         }
+        // Every K-quant set took the shared region for decode rows, one or several.
+        assert!(
+            !avx512 || kquant_decode_taken == 3 * 4,
+            "{kquant_decode_taken}"
+        );
         // Not repacked: refused.
         let wf: Vec<f32> = (0..16 * k)
             .map(|_| rng.random_range(-1.0..1.0f32))
