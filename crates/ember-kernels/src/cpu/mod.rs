@@ -273,10 +273,10 @@ fn repacked_matmul(rep: &q8::Repacked, x: &[f32], m: usize, fmt: q8::ActFormat) 
 /// [`quant_matmul_rows_solo`] of the same activations with each of `ws`, in one parallel
 /// region over every matrix's row groups, where all of them allow it: repacked, as wide as
 /// `x`, and for K-quants every activation row one that dots in place (decode rows, see
-/// [`kquant::Repacked::dots`]). `None` otherwise (the caller multiplies them one by one). The activations are
-/// quantized once per format, and a decode step's Q/K/V or gate/up products pay for one
-/// fork and join instead of three or two; every result is the one-by-one call's bits (the
-/// same kernels on the same groups).
+/// [`kquant::Repacked::dots`]). `None` otherwise (the caller multiplies them one by one).
+/// The activations are quantized once per format, and a decode step's Q/K/V or gate/up
+/// products pay for one fork and join instead of three or two; every result is the
+/// one-by-one call's bits (the same kernels on the same groups).
 pub fn quant_matmul_rows_many(
     ws: &[&QuantMatrix],
     x: &[f32],
@@ -373,8 +373,8 @@ pub fn quant_matmul_rows_many(
                     }
                     let buf = &mut buf[..m * rows];
                     let acts = q8k.as_ref().expect("Q8_K activations for K-quant parts");
-                    for (i, dst_row) in buf.chunks_exact_mut(rows).enumerate() {
-                        rep.dot(g, acts, i, dst_row);
+                    for (row, dst_row) in buf.chunks_exact_mut(rows).enumerate() {
+                        rep.dot(g, acts, row, dst_row);
                     }
                     // SAFETY: as above.
                     unsafe { dsts[i].write(g * kquant::repack::GROUP_ROWS, buf) };
