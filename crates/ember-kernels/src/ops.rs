@@ -720,6 +720,14 @@ mod flex {
             solo: Option<Arc<[SoloRow]>>,
         ) -> Vec<FlexTensor> {
             let m = x.shape()[0];
+            // A weight whose product takes the float GEMM (Q5_K and other K-quants from 64
+            // rows, packed group-quantized weights from 48) keeps it: each its own call.
+            if ws.iter().any(|w| takes_gemm(w, m)) {
+                return ws
+                    .into_iter()
+                    .map(|w| matmul(x.clone(), w, solo.as_ref()))
+                    .collect();
+            }
             let x = contiguous_f32(x);
             let refs: Vec<&QuantMatrix> = ws.iter().map(|w| &**w).collect();
             let xs = x.as_slice::<f32>().expect("contiguous f32");
@@ -849,12 +857,12 @@ mod flex {
         }
     }
 
-    /// The flex `quant_matmul`, with rows' solo shapes when given.
-    fn matmul(x: FlexTensor, w: Arc<QuantMatrix>, solo: Option<&Arc<[SoloRow]>>) -> FlexTensor {
-        let shape = x.shape();
-        let (m, n) = (shape[0], w.rows());
-        if w.packed_weight().is_some() && m >= PACKED_GEMM_MIN_ROWS {
-            return tiled_gemm(x, &w, m, n);
+    /// Whether the flex `quant_matmul` of `m` rows by `w` runs burn-flex's float GEMM over
+    /// dequantized tiles ([`tiled_gemm`]) rather than the integer kernels of [`crate::cpu`].
+    fn takes_gemm(w: &QuantMatrix, m: usize) -> bool {
+        let packed = w.packed_weight().is_some();
+        if packed {
+            return m >= PACKED_GEMM_MIN_ROWS;
         }
         let ty = w.ggml_type();
         let gemm_min = if crate::cpu::kquant::supported(ty) {
@@ -868,8 +876,14 @@ mod flex {
             ty,
             ember_quant::GgmlType::Q4_K | ember_quant::GgmlType::Q6_K
         );
-        let packed = w.packed_weight().is_some();
-        if !packed && m >= gemm_min && crate::cpu::q8::act_format(ty).is_none() && !exact {
+        m >= gemm_min && crate::cpu::q8::act_format(ty).is_none() && !exact
+    }
+
+    /// The flex `quant_matmul`, with rows' solo shapes when given.
+    fn matmul(x: FlexTensor, w: Arc<QuantMatrix>, solo: Option<&Arc<[SoloRow]>>) -> FlexTensor {
+        let shape = x.shape();
+        let (m, n) = (shape[0], w.rows());
+        if takes_gemm(&w, m) {
             return tiled_gemm(x, &w, m, n);
         }
         let x = contiguous_f32(x);

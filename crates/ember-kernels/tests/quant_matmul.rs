@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use ember_kernels::{QuantMatrix, causal_attention, quant_matmul};
+use ember_kernels::{
+    QuantMatrix, SoloRow, causal_attention, quant_matmul, quant_matmul_many, quant_matmul_solo,
+};
 use ember_quant::GgmlType;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -68,6 +70,69 @@ fn quant_matmul_matches_f64_reference() {
                         (g - want).abs() <= tol,
                         "{ty} m={m} ({i},{j}): {g} vs {want} (tol {tol})"
                     );
+                }
+            }
+        }
+    }
+}
+
+/// `quant_matmul_many` gives each weight's own `quant_matmul` (with solo rows,
+/// `quant_matmul_solo`) bits, repacked or not, at the row counts where a single call changes
+/// path: one row, Q4_K's gemm fold from 4, Q6_K's tiles from 8, the float GEMM of Q5_K and
+/// other K-quants from 64, F16's from 8.
+#[test]
+fn many_weights_equal_their_separate_calls() {
+    use GgmlType::{F16, Q4_1, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0};
+    let mut rng = StdRng::seed_from_u64(0x3a11);
+    let k = 512;
+    let sets: [&[GgmlType]; 4] = [
+        &[Q4_1, Q4_1, Q8_0],
+        &[Q5_K, Q5_K, Q6_K],
+        &[Q4_K, Q6_K],
+        &[Q5_0, F16],
+    ];
+    let bits = |t: Tensor<2>| {
+        t.into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>()
+    };
+    for set in sets {
+        for repack in [false, true] {
+            let ws: Vec<Arc<QuantMatrix>> = set
+                .iter()
+                .zip([32usize, 17, 48])
+                .map(|(&ty, n)| {
+                    let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+                    let mut qm = QuantMatrix::quantize(ty, n, k, &w).unwrap();
+                    if repack {
+                        qm.repack();
+                    }
+                    Arc::new(qm)
+                })
+                .collect();
+            for m in [1usize, 4, 8, 63, 64, 70] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0f32)).collect();
+                let xt = Tensor::<2>::from_data(TensorData::new(x, [m, k]), &device());
+                // Decode rows of m sequences, as `ember serve` batches them.
+                let decode: Arc<[SoloRow]> = (0..m).map(|_| SoloRow { m: 1, i: 0 }).collect();
+                for solo in [None, Some(&decode)] {
+                    let got = quant_matmul_many(xt.clone(), &ws, solo);
+                    assert_eq!(got.len(), ws.len());
+                    for (w, g) in ws.iter().zip(got) {
+                        let want = match solo {
+                            Some(s) => quant_matmul_solo(xt.clone(), w, s),
+                            None => quant_matmul(xt.clone(), w),
+                        };
+                        assert!(
+                            bits(g) == bits(want),
+                            "{set:?} repack={repack} m={m} solo={} {}",
+                            solo.is_some(),
+                            w.ggml_type()
+                        );
+                    }
                 }
             }
         }
