@@ -111,6 +111,9 @@ struct BenchArgs {
     /// Generated tokens of the tg test.
     #[arg(short = 'n', default_value_t = 128)]
     n_gen: usize,
+    /// Tokens in the cache before each test (llama-bench's `-d`, passed to both engines).
+    #[arg(short = 'd', long = "depth", default_value_t = 0)]
+    n_depth: usize,
 }
 
 fn main() -> Result<()> {
@@ -187,18 +190,23 @@ fn run_json(cmd: &mut Command) -> Result<Option<Value>> {
     ))
 }
 
-/// tokens/s of each test in a llama-bench-style JSON list, keyed "pp512" / "tg128".
+/// tokens/s of each test in a llama-bench-style JSON list, keyed "pp512" / "tg128" (at a
+/// depth: "tg128 @ d4096").
 fn rates(v: &Value) -> Vec<(String, f64)> {
     v.as_array()
         .into_iter()
         .flatten()
         .filter_map(|t| {
             let (p, n) = (t["n_prompt"].as_u64()?, t["n_gen"].as_u64()?);
-            let name = if p > 0 {
+            let mut name = if p > 0 {
                 format!("pp{p}")
             } else {
                 format!("tg{n}")
             };
+            // Both engines report `n_depth`; a test at depth is labelled as llama-bench does.
+            if let Some(d) = t["n_depth"].as_u64().filter(|&d| d > 0) {
+                name.push_str(&format!(" @ d{d}"));
+            }
             Some((name, t["avg_ts"].as_f64()?))
         })
         .collect()
@@ -263,17 +271,19 @@ fn bench_one(
     bandwidth: f64,
 ) -> Result<()> {
     let rounds = a.rounds;
-    let (threads, n_prompt, n_gen) = (
+    let (threads, n_prompt, n_gen, n_depth) = (
         a.threads.to_string(),
         a.n_prompt.to_string(),
         a.n_gen.to_string(),
+        a.n_depth.to_string(),
     );
 
     let model_arg = path.to_string_lossy().to_string();
     let llama = |p: &str, n: &str, extra: &[&str]| {
         let mut c = Command::new(bin.join("llama-bench"));
         c.args([
-            "-m", &model_arg, "-t", &threads, "-p", p, "-n", n, "-r", "1", "-o", "json",
+            "-m", &model_arg, "-t", &threads, "-p", p, "-n", n, "-d", &n_depth, "-r", "1", "-o",
+            "json",
         ])
         .args(extra);
         c
@@ -318,8 +328,8 @@ fn bench_one(
         for engine in order {
             let runs = if engine == "ember" {
                 vec![run_json(Command::new(ember).args([
-                    "bench", "-m", &model_arg, "-t", &threads, "-p", &n_prompt, "-n", &n_gen, "-r",
-                    "1", "--json",
+                    "bench", "-m", &model_arg, "-t", &threads, "-p", &n_prompt, "-n", &n_gen, "-d",
+                    &n_depth, "-r", "1", "--json",
                 ]))?]
             } else {
                 let mut runs = Vec::new();
@@ -401,6 +411,12 @@ fn bench_one(
         a.threads,
         per_token / 1e6
     );
+    if a.n_depth > 0 {
+        println!(
+            "(at depth {} each token also reads the cache's K/V, which the limit leaves out)",
+            a.n_depth
+        );
+    }
     if let Some((lb, lm, eb, em)) = tg_medians {
         println!(
             "fraction of the limit (best / median): llama.cpp {:.0}% / {:.0}%, ember {:.0}% / {:.0}%",
@@ -624,6 +640,14 @@ mod tests {
             (a.model.as_str(), a.threads, a.rounds, a.n_prompt, a.n_gen),
             (DEFAULT_MODEL, 2, 5, 512, 128)
         );
+        assert_eq!(a.n_depth, 0);
+        for depth in [&["-d", "4096"][..], &["--depth", "4096"]] {
+            let args = [&["bench-vs-llamacpp"][..], depth].concat();
+            let Task::BenchVsLlamacpp(a) = parse(&args).unwrap() else {
+                panic!("wrong task");
+            };
+            assert_eq!(a.n_depth, 4096);
+        }
         for args in [
             &[
                 "bench-vs-llamacpp",
@@ -661,6 +685,23 @@ mod tests {
             );
         }
         assert!(parse(&["bench-vs-llamacpp", "--rounds", "five"]).is_err());
+    }
+
+    #[test]
+    fn rates_name_tests_as_llama_bench_does() {
+        let v = serde_json::json!([
+            {"n_prompt": 512, "n_gen": 0, "n_depth": 0, "avg_ts": 10.0},
+            {"n_prompt": 0, "n_gen": 128, "avg_ts": 20.0},
+            {"n_prompt": 0, "n_gen": 64, "n_depth": 4096, "avg_ts": 30.0},
+        ]);
+        assert_eq!(
+            rates(&v),
+            [
+                ("pp512".to_string(), 10.0),
+                ("tg128".to_string(), 20.0),
+                ("tg64 @ d4096".to_string(), 30.0)
+            ]
+        );
     }
 
     #[test]

@@ -72,6 +72,11 @@ struct BenchArgs {
     /// Tokens generated one at a time (the tg test); 0 skips it.
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     n_gen: usize,
+    /// Tokens already in the cache when each test starts (llama-bench's -d): a fresh cache is
+    /// filled to this depth before every run, untimed, so pp and tg measure attention over a
+    /// long context.
+    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+    n_depth: usize,
     /// Threads (default: all cores).
     #[arg(short = 't', long = "threads")]
     threads: Option<usize>,
@@ -997,7 +1002,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     }
     let mut results = Vec::new();
     for (p, n) in tests {
-        let r = ember_runtime::bench::bench(&loaded.model, p, n, a.reps, threads)?;
+        let r =
+            ember_runtime::bench::bench_at_depth(&loaded.model, p, n, a.n_depth, a.reps, threads)?;
         results.push(r);
     }
     let model_type = format!("{} {}", cfg.architecture, file_type);
@@ -1022,11 +1028,15 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         println!("| model | size | params | backend | threads | test | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
         for r in &results {
-            let test = if r.n_prompt > 0 {
+            let mut test = if r.n_prompt > 0 {
                 format!("pp{}", r.n_prompt)
             } else {
                 format!("tg{}", r.n_gen)
             };
+            if r.n_depth > 0 {
+                // llama-bench's label for a test at depth.
+                test.push_str(&format!(" @ d{}", r.n_depth));
+            }
             println!(
                 "| {model_type} | {:.2} MiB | {:.2} M | flex | {threads} | {test} | {:.2} ± {:.2} |",
                 size as f64 / (1024.0 * 1024.0),

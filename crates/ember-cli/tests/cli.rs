@@ -70,6 +70,28 @@ fn generate_json_has_the_contract_fields() {
 }
 
 #[test]
+fn bench_runs_each_test_at_the_given_depth() {
+    let out = ember(&[
+        "bench", "-m", MODEL, "-p", "16", "-n", "3", "-d", "40", "-r", "2", "-t", "1", "--json",
+    ]);
+    let v = json_of(&out);
+    let tests = v.as_array().expect("a JSON list");
+    assert_eq!(tests.len(), 2, "pp and tg");
+    for (t, (p, n)) in tests.iter().zip([(16, 0), (0, 3)]) {
+        assert_eq!(t["n_prompt"], p);
+        assert_eq!(t["n_gen"], n);
+        assert_eq!(t["n_depth"], 40);
+        assert_eq!(t["samples_ns"].as_array().map(Vec::len), Some(2));
+    }
+    // The table labels a test at depth as llama-bench does.
+    let out = ember(&[
+        "bench", "-m", MODEL, "-p", "8", "-n", "0", "-d", "20", "-r", "1",
+    ]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("| pp8 @ d20 |"));
+}
+
+#[test]
 fn generate_streams_from_stdin() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
         .args([

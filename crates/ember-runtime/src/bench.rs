@@ -1,9 +1,11 @@
-//! llama-bench semantics: `pp` processes `n_prompt` tokens in one batch from an empty cache;
-//! `tg` generates `n_gen` tokens one at a time from an empty cache. Each test runs once to
+//! llama-bench semantics: `pp` processes `n_prompt` tokens in one batch; `tg` generates
+//! `n_gen` tokens one at a time; both start from a cache holding `n_depth` tokens (llama-bench's
+//! `-d`, 0 by default: an empty cache), filled before the clock starts. Each test runs once to
 //! warm up, then `reps` timed times; throughput is tokens per second of each repetition.
 
 use std::time::Instant;
 
+use ember_kv::SequenceCache;
 use ember_models::{Logits, Model, ModelError};
 use serde::Serialize;
 
@@ -16,6 +18,8 @@ pub struct BenchResult {
     pub n_prompt: usize,
     /// Tokens generated one at a time (a `tg` test); 0 for a `pp` test.
     pub n_gen: usize,
+    /// Tokens already in the cache when the test starts (not timed).
+    pub n_depth: usize,
     /// Thread count reported by the caller (recorded, not applied here).
     pub n_threads: usize,
     /// Mean wall time of one repetition, in nanoseconds.
@@ -47,24 +51,33 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
 }
 
-fn run_pp(model: &Model, n: usize) -> Result<(), ModelError> {
-    let mut cache = model.new_cache(n)?;
+/// A cache for `depth + n` tokens holding `depth` of them.
+fn filled_cache(model: &Model, depth: usize, n: usize) -> Result<SequenceCache, ModelError> {
+    let mut cache = model.new_cache(depth + n)?;
+    if depth > 0 {
+        // Token ids other than the test's, as llama-bench fills its depth with its own.
+        let toks: Vec<u32> = tokens(depth + 1, model.config().n_vocab)[1..].to_vec();
+        model.forward(&toks, &mut cache, Logits::Last)?;
+    }
+    Ok(cache)
+}
+
+fn run_pp(model: &Model, cache: &mut SequenceCache, n: usize) -> Result<(), ModelError> {
     let toks = tokens(n, model.config().n_vocab);
-    last_logits(model.forward(&toks, &mut cache, Logits::Last)?);
+    last_logits(model.forward(&toks, cache, Logits::Last)?);
     Ok(())
 }
 
-fn run_tg(model: &Model, n: usize) -> Result<(), ModelError> {
-    let mut cache = model.new_cache(n)?;
+fn run_tg(model: &Model, cache: &mut SequenceCache, n: usize) -> Result<(), ModelError> {
     let toks = tokens(n, model.config().n_vocab);
     for t in toks {
-        last_logits(model.forward(&[t], &mut cache, Logits::Last)?);
+        last_logits(model.forward(&[t], cache, Logits::Last)?);
     }
     Ok(())
 }
 
-/// Runs one test (`n_prompt` > 0 for pp, else `n_gen` for tg): one warm-up run, then `reps`
-/// timed ones (at least 1), each from a fresh cache.
+/// Runs one test (`n_prompt` > 0 for pp, else `n_gen` for tg) from an empty cache: one
+/// warm-up run, then `reps` timed ones (at least 1), each from a fresh cache.
 pub fn bench(
     model: &Model,
     n_prompt: usize,
@@ -72,19 +85,34 @@ pub fn bench(
     reps: usize,
     n_threads: usize,
 ) -> Result<BenchResult, ModelError> {
-    let run = |m: &Model| {
+    bench_at_depth(model, n_prompt, n_gen, 0, reps, n_threads)
+}
+
+/// [`bench`] with `n_depth` tokens in the cache before each run (llama-bench's `-d`): each
+/// repetition fills a fresh cache to that depth, then times the test alone.
+pub fn bench_at_depth(
+    model: &Model,
+    n_prompt: usize,
+    n_gen: usize,
+    n_depth: usize,
+    reps: usize,
+    n_threads: usize,
+) -> Result<BenchResult, ModelError> {
+    let run = |m: &Model| -> Result<u64, ModelError> {
+        let n = if n_prompt > 0 { n_prompt } else { n_gen };
+        let mut cache = filled_cache(m, n_depth, n)?;
+        let t = Instant::now();
         if n_prompt > 0 {
-            run_pp(m, n_prompt)
+            run_pp(m, &mut cache, n_prompt)?;
         } else {
-            run_tg(m, n_gen)
+            run_tg(m, &mut cache, n_gen)?;
         }
+        Ok(t.elapsed().as_nanos() as u64)
     };
     run(model)?; // warm-up, as llama-bench does
     let mut samples_ns = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
-        let t = Instant::now();
-        run(model)?;
-        samples_ns.push(t.elapsed().as_nanos() as u64);
+        samples_ns.push(run(model)?);
     }
     let n = (n_prompt + n_gen) as f64;
     let samples_ts: Vec<f64> = samples_ns.iter().map(|&ns| n * 1e9 / ns as f64).collect();
@@ -93,6 +121,7 @@ pub fn bench(
     Ok(BenchResult {
         n_prompt,
         n_gen,
+        n_depth,
         n_threads,
         avg_ns: avg_ns as u64,
         stddev_ns: std_ns as u64,
