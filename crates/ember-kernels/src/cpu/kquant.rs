@@ -182,25 +182,43 @@ impl Q8K {
     /// `(m, i)` of row `i` for the kernel choice: its [`SoloRow`], or its place in this batch.
     #[inline]
     pub fn shape(&self, i: usize) -> (usize, usize) {
-        match self.solo.as_deref().and_then(|s| s.get(i)) {
-            Some(r) => (r.m as usize, r.i as usize),
-            None => (self.rows(), i),
-        }
+        row_shape(self.solo.as_deref(), self.rows(), i)
     }
 
     /// Whether row `i` takes Q6_K's tiled arithmetic (llama.cpp's from 8 rows).
     #[inline]
     pub fn q6k_tiled(&self, i: usize) -> bool {
-        self.shape(i).0 >= TILED_MIN_ROWS
+        q6k_tiled_at(self.shape(i))
     }
 
     /// Whether row `i` takes repacked Q4_K's gemm (rows in whole groups of four) rather than
     /// its gemv.
     #[inline]
     pub fn q4k_pairs(&self, i: usize) -> bool {
-        let (m, i) = self.shape(i);
-        m >= 4 && i < m - m % 4
+        q4k_pairs_at(self.shape(i))
     }
+}
+
+/// `(m, i)` of row `i` of a `rows`-row batch for the kernel choice: its [`SoloRow`] (where
+/// `solo` has one for it), or its place in the batch. [`Q8K::shape`] before quantizing.
+#[inline]
+pub fn row_shape(solo: Option<&[SoloRow]>, rows: usize, i: usize) -> (usize, usize) {
+    match solo.and_then(|s| s.get(i)) {
+        Some(r) => (r.m as usize, r.i as usize),
+        None => (rows, i),
+    }
+}
+
+/// [`Q8K::q6k_tiled`] for a row of shape `(m, i)`.
+#[inline]
+pub fn q6k_tiled_at((m, _): (usize, usize)) -> bool {
+    m >= TILED_MIN_ROWS
+}
+
+/// [`Q8K::q4k_pairs`] for a row of shape `(m, i)`.
+#[inline]
+pub fn q4k_pairs_at((m, i): (usize, usize)) -> bool {
+    m >= 4 && i < m - m % 4
 }
 
 /// ggml's `hsum_float_8`.

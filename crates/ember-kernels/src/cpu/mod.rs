@@ -311,20 +311,24 @@ pub fn quant_matmul_rows_many(
             Repacked::KQuant(rep) => parts.push(Part::K(rep)),
         }
     }
-    let q8k = parts.iter().any(|p| matches!(p, Part::K(_))).then(|| {
-        let mut acts = kquant::quantize_q8k(x, k);
-        acts.solo = solo.filter(|s| s.len() == m).cloned();
-        acts
-    });
+    let solo = solo.filter(|s| s.len() == m);
     // K-quant rows must all dot in place (decode rows: what `kquant_repacked_matmul` does
-    // for them); prompt rows take its tiles.
-    if let Some(acts) = &q8k
-        && parts
-            .iter()
-            .any(|p| matches!(p, Part::K(rep) if !(0..m).all(|i| rep.dots(acts, i))))
+    // for them); prompt rows take its tiles. Decided from the rows' shapes, before anything
+    // is quantized.
+    let dots_all = |rep: &kquant::Repacked| {
+        (0..m).all(|i| rep.dots_shape(kquant::row_shape(solo.map(|s| &s[..]), m, i)))
+    };
+    if parts
+        .iter()
+        .any(|p| matches!(p, Part::K(rep) if !dots_all(rep)))
     {
         return None;
     }
+    let q8k = parts.iter().any(|p| matches!(p, Part::K(_))).then(|| {
+        let mut acts = kquant::quantize_q8k(x, k);
+        acts.solo = solo.cloned();
+        acts
+    });
     let batches: Vec<q8::Batch> = formats
         .iter()
         .map(|&f| q8::prepare_batch(x, k, m, f))

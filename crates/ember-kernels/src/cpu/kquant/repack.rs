@@ -241,9 +241,15 @@ impl Repacked {
     /// where llama.cpp takes its gemv (see [`Q8K::q4k_pairs`]); Q6_K where it takes its per-row
     /// dot (see [`Q8K::q6k_tiled`]).
     pub fn dots(&self, acts: &Q8K, i: usize) -> bool {
+        self.dots_shape(acts.shape(i))
+    }
+
+    /// [`Repacked::dots`] for a row of shape `(m, i)` ([`super::row_shape`]), which needs no
+    /// quantized activations.
+    pub fn dots_shape(&self, shape: (usize, usize)) -> bool {
         match self.ty {
-            GgmlType::Q4_K => !acts.q4k_pairs(i),
-            GgmlType::Q6_K => !acts.q6k_tiled(i),
+            GgmlType::Q4_K => !super::q4k_pairs_at(shape),
+            GgmlType::Q6_K => !super::q6k_tiled_at(shape),
             _ => true,
         }
     }
