@@ -75,16 +75,11 @@ impl Linear {
     /// sum as `{name}_b` for [`trace`] (llama.cpp's `build_ffn` names them so).
     fn bias_traced(&self, y: Tensor<2>, name: &str, layer: Option<usize>) -> Tensor<2> {
         trace::tensor(name, layer, &y);
-        match &self.b {
-            Some(b) => {
-                let y = y + b.clone().unsqueeze::<2>();
-                if trace::enabled() {
-                    trace::tensor(&format!("{name}_b"), layer, &y);
-                }
-                y
-            }
-            None => y,
+        let y = self.bias(y);
+        if self.b.is_some() && trace::enabled() {
+            trace::tensor(&format!("{name}_b"), layer, &y);
         }
+        y
     }
 
     /// `x: [n, w.cols()]` to `[n, w.rows()]`, with the arithmetic `pass` keeps for its rows.
@@ -108,9 +103,20 @@ impl Linear {
         x: Tensor<2>,
         pass: &Pass<'_>,
     ) -> [Tensor<2>; N] {
-        let ws = layers.map(|l| Arc::clone(&l.w));
-        let mut ys = pass.matmul_many(x, &ws).into_iter();
+        let mut ys = Self::products_many(layers, x, pass).into_iter();
         layers.map(|l| l.bias(ys.next().expect("one product per layer")))
+    }
+
+    /// The products (before the biases) of [`forward_many`](Self::forward_many).
+    fn products_many<const N: usize>(
+        layers: [&Linear; N],
+        x: Tensor<2>,
+        pass: &Pass<'_>,
+    ) -> [Tensor<2>; N] {
+        let ws = layers.map(|l| Arc::clone(&l.w));
+        pass.matmul_many(x, &ws)
+            .try_into()
+            .expect("one product per weight")
     }
 }
 
@@ -512,11 +518,7 @@ impl Decoder {
         let (eps, l) = (self.config.rms_eps, Some(layer));
         let h = rms_norm(x, &f.norm, eps);
         trace::tensor("ffn_norm", l, &h);
-        let ws = [Arc::clone(&f.gate.w), Arc::clone(&f.up.w)];
-        let [gate, up]: [Tensor<2>; 2] = pass
-            .matmul_many(h, &ws)
-            .try_into()
-            .expect("gate and up products");
+        let [gate, up] = Linear::products_many([&f.gate, &f.up], h, pass);
         let gate = f.gate.bias_traced(gate, "ffn_gate", l);
         let up = f.up.bias_traced(up, "ffn_up", l);
         // Named as llama.cpp's `build_ffn` names them.
