@@ -69,7 +69,7 @@ pub(crate) fn export(
     // SentencePiece vocabularies: BPE(vocab, merges derived from the scores, byte_fallback),
     // normalizer `[Prepend("▁")], Replace(" ", "▁")` and the matching decoder.
     let mut tokenizer_json = tok
-        .inner()
+        .inner()?
         .to_string(true)
         .map_err(|e| ConvertError::BadTokenizerJson(e.to_string()))?;
     let mut tokenizer_model = None;

@@ -2,9 +2,10 @@
 //!
 //! * gpt2: `BPE(vocab, merges)` + pre-tokenizer `Sequence[Split(regex, Isolated)..., ByteLevel]`
 //!   + `ByteLevel` decoder.
-//! * llama (SPM): `BPE(vocab, merges derived from the scores, byte_fallback)` + normalizer
-//!   `[Prepend("▁")], Replace(" ", "▁")` + decoder `Replace("▁", " "), ByteFallback, Fuse,
-//!   [Strip]` (the transformers `LlamaConverter` shape).
+//! * llama (SPM), only for export (Ember encodes with [`super::spm`]): `BPE(vocab, merges
+//!   derived from the scores, byte_fallback)`, normalizer `[Prepend("▁")], Replace(" ", "▁")`
+//!   and decoder `Replace("▁", " "), ByteFallback, Fuse, [Strip]` (the transformers
+//!   `LlamaConverter` shape).
 //!
 //! CONTROL/UNKNOWN tokens are registered as special added tokens and USER_DEFINED ones as
 //! normal added tokens, so `inner()` is usable on its own; [`super::GgufTokenizer::encode`]
@@ -27,79 +28,97 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use super::TokenizerError;
-use super::vocab::{Vocab, VocabKind, attr};
+use super::vocab::{Vocab, attr};
 
 fn build_err(e: impl std::fmt::Display) -> TokenizerError {
     TokenizerError::Build(e.to_string())
 }
 
-/// Builds the HF tokenizer from the vocab, its text -> id map and (gpt2) its GGUF merges.
-pub(crate) fn build(
+/// Builds the HF tokenizer of a byte-level BPE (gpt2) vocab from its text -> id map and its
+/// GGUF merges.
+pub(crate) fn build_bpe(
     v: &Vocab,
     vocab_map: tokenizers::models::bpe::Vocab,
     gguf_merges: Vec<(String, String)>,
 ) -> Result<Tokenizer, TokenizerError> {
-    let mut tok = match v.kind {
-        VocabKind::Bpe => {
-            let merges = filter_bpe_merges(gguf_merges, &vocab_map);
-            let model = BPE::builder()
-                .vocab_and_merges(vocab_map, merges)
-                .ignore_merges(v.ignore_merges)
-                .build()
-                .map_err(build_err)?;
-            let mut tok = Tokenizer::new(model);
-            let prof = v
-                .pre
-                .as_ref()
-                .ok_or_else(|| TokenizerError::Build("BPE vocab without a pre-tokenizer".into()))?;
-            let mut pre: Vec<PreTokenizerWrapper> = Vec::with_capacity(prof.regexes.len() + 1);
-            for re in prof.regexes {
-                let split = Split::new(
-                    SplitPattern::Regex((*re).to_string()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map_err(|e| TokenizerError::Build(format!("pre-tokenizer regex {re:?}: {e}")))?;
-                pre.push(split.into());
-            }
-            pre.push(ByteLevel::new(false, false, false).into());
-            tok.with_pre_tokenizer(Some(PreSequence::new(pre)));
-            tok.with_decoder(Some(ByteLevel::new(false, false, false)));
-            tok
-        }
-        VocabKind::Spm => {
-            let merges = derive_spm_merges(v, &vocab_map);
-            let mut builder = BPE::builder()
-                .vocab_and_merges(vocab_map, merges)
-                .byte_fallback(true);
-            if let Some(unk) = v.special.unk {
-                builder = builder.unk_token(v.texts[unk as usize].clone());
-            }
-            let model = builder.build().map_err(build_err)?;
-            let mut tok = Tokenizer::new(model);
-            let replace = Replace::new(" ", "\u{2581}").map_err(build_err)?;
-            let norm: NormalizerWrapper = if v.add_space_prefix {
-                NormSequence::new(vec![Prepend::new("\u{2581}".into()).into(), replace.into()])
-                    .into()
-            } else {
-                replace.into()
-            };
-            tok.with_normalizer(Some(norm));
-            let mut dec: Vec<DecoderWrapper> = vec![
-                Replace::new("\u{2581}", " ").map_err(build_err)?.into(),
-                ByteFallback::new().into(),
-                Fuse::new().into(),
-            ];
-            if v.add_space_prefix {
-                dec.push(Strip::new(' ', 1, 0).into());
-            }
-            tok.with_decoder(Some(DecoderSequence::new(dec)));
-            tok
-        }
-    };
+    let merges = filter_bpe_merges(gguf_merges, &vocab_map);
+    let model = BPE::builder()
+        .vocab_and_merges(vocab_map, merges)
+        .ignore_merges(v.ignore_merges)
+        .build()
+        .map_err(build_err)?;
+    let mut tok = Tokenizer::new(model);
+    let prof = v
+        .pre
+        .as_ref()
+        .ok_or_else(|| TokenizerError::Build("BPE vocab without a pre-tokenizer".into()))?;
+    let mut pre: Vec<PreTokenizerWrapper> = Vec::with_capacity(prof.regexes.len() + 1);
+    for re in prof.regexes {
+        let split = Split::new(
+            SplitPattern::Regex((*re).to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| TokenizerError::Build(format!("pre-tokenizer regex {re:?}: {e}")))?;
+        pre.push(split.into());
+    }
+    pre.push(ByteLevel::new(false, false, false).into());
+    tok.with_pre_tokenizer(Some(PreSequence::new(pre)));
+    tok.with_decoder(Some(ByteLevel::new(false, false, false)));
+    add_tokens(&mut tok, &v.texts, &v.attrs);
+    Ok(tok)
+}
 
+/// What [`build_spm`] reads of a SentencePiece-style vocab.
+pub(crate) struct SpmParts<'a> {
+    pub texts: &'a [String],
+    pub attrs: &'a [u32],
+    /// Scores as [`super::spm::Spm`] keeps them (no NaN, no -0.0).
+    pub scores: &'a [f32],
+    pub token_to_id: &'a tokenizers::models::bpe::Vocab,
+    pub unk: Option<u32>,
+    pub add_space_prefix: bool,
+}
+
+/// The HF form of a SentencePiece-style vocab (the transformers `LlamaConverter` shape: BPE
+/// with merges derived from the scores and byte fallback, the `▁` normalizer and decoder), for
+/// exporting it as tokenizer.json. Ember's own encoding does not use it (see
+/// [`super::spm`]).
+pub(crate) fn build_spm(p: &SpmParts<'_>) -> Result<Tokenizer, TokenizerError> {
+    let merges = derive_spm_merges(p.texts, p.scores, p.token_to_id);
+    let mut builder = BPE::builder()
+        .vocab_and_merges(p.token_to_id.clone(), merges)
+        .byte_fallback(true);
+    if let Some(unk) = p.unk {
+        builder = builder.unk_token(p.texts[unk as usize].clone());
+    }
+    let model = builder.build().map_err(build_err)?;
+    let mut tok = Tokenizer::new(model);
+    let replace = Replace::new(" ", "\u{2581}").map_err(build_err)?;
+    let norm: NormalizerWrapper = if p.add_space_prefix {
+        NormSequence::new(vec![Prepend::new("\u{2581}".into()).into(), replace.into()]).into()
+    } else {
+        replace.into()
+    };
+    tok.with_normalizer(Some(norm));
+    let mut dec: Vec<DecoderWrapper> = vec![
+        Replace::new("\u{2581}", " ").map_err(build_err)?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if p.add_space_prefix {
+        dec.push(Strip::new(' ', 1, 0).into());
+    }
+    tok.with_decoder(Some(DecoderSequence::new(dec)));
+    add_tokens(&mut tok, p.texts, p.attrs);
+    Ok(tok)
+}
+
+/// Registers CONTROL/UNKNOWN tokens as special added tokens and USER_DEFINED ones as normal
+/// added tokens.
+fn add_tokens(tok: &mut Tokenizer, texts: &[String], attrs: &[u32]) {
     let mut added = Vec::new();
-    for (t, &a) in v.texts.iter().zip(v.attrs.iter()) {
+    for (t, &a) in texts.iter().zip(attrs.iter()) {
         let special = a & (attr::CONTROL | attr::UNKNOWN) != 0;
         if special || a & attr::USER_DEFINED != 0 {
             let mut at = AddedToken::from(t.clone(), special).normalized(false);
@@ -109,7 +128,6 @@ pub(crate) fn build(
         }
     }
     tok.add_tokens(&added);
-    Ok(tok)
 }
 
 /// GGUF merges as the HF BPE model accepts them. llama.cpp keys its ranks by strings and keeps
@@ -144,7 +162,11 @@ fn filter_bpe_merges(
 /// score of the whole token (transformers' `SentencePieceExtractor` does the same). Ties between
 /// equal scores are ranked by token id then split position, so only two *overlapping*
 /// candidates of equal score could order differently from llama.cpp's leftmost rule.
-fn derive_spm_merges(v: &Vocab, vocab: &tokenizers::models::bpe::Vocab) -> Vec<(String, String)> {
+fn derive_spm_merges(
+    texts: &[String],
+    scores: &[f32],
+    vocab: &tokenizers::models::bpe::Vocab,
+) -> Vec<(String, String)> {
     type Cand = (f32, u32, u32);
     fn order(a: &Cand, b: &Cand) -> std::cmp::Ordering {
         b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
@@ -152,19 +174,10 @@ fn derive_spm_merges(v: &Vocab, vocab: &tokenizers::models::bpe::Vocab) -> Vec<(
     let candidates = |ids: std::ops::Range<usize>| -> Vec<Cand> {
         let mut cands = Vec::new();
         for id in ids {
-            let t = &v.texts[id];
+            let t = &texts[id];
             for (k, _) in t.char_indices().skip(1) {
                 if vocab.contains_key(&t[..k]) && vocab.contains_key(&t[k..]) {
-                    let s = v.scores[id];
-                    // llama.cpp compares with `<`: -0.0 == 0.0, NaN never wins.
-                    let s = if s.is_nan() {
-                        f32::NEG_INFINITY
-                    } else if s == 0.0 {
-                        0.0
-                    } else {
-                        s
-                    };
-                    cands.push((s, id as u32, k as u32));
+                    cands.push((scores[id], id as u32, k as u32));
                 }
             }
         }
@@ -175,14 +188,14 @@ fn derive_spm_merges(v: &Vocab, vocab: &tokenizers::models::bpe::Vocab) -> Vec<(
         cands
             .iter()
             .map(|&(_, id, k)| {
-                let t = &v.texts[id as usize];
+                let t = &texts[id as usize];
                 let k = k as usize;
                 (t[..k].to_string(), t[k..].to_string())
             })
             .collect()
     };
     // Two halves on two threads (a 262k vocab yields ~500k merges), then a linear merge.
-    let n = v.texts.len();
+    let n = texts.len();
     let (a, b) = join(|| candidates(0..n / 2), || candidates(n / 2..n));
     let mut cands = Vec::with_capacity(a.len() + b.len());
     let (mut i, mut j) = (0, 0);

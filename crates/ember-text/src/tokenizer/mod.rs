@@ -1,14 +1,13 @@
 //! The tokenizer, built from GGUF metadata, with llama.cpp's token ids.
 //!
-//! [`GgufTokenizer::from_gguf`] reads `tokenizer.ggml.*` and builds a HF
-//! [`tokenizers::Tokenizer`]:
+//! [`GgufTokenizer::from_gguf`] reads `tokenizer.ggml.*`:
 //!
-//! * `tokenizer.ggml.model == "gpt2"`: byte-level BPE from `tokens` + `merges`, pre-tokenized by
-//!   the regex profile that `tokenizer.ggml.pre` names (copied from llama.cpp; an unknown name is
-//!   an error).
-//! * `tokenizer.ggml.model == "llama"`: SentencePiece-style BPE whose merges are derived from
-//!   the token scores (llama.cpp's `llm_tokenizer_spm`), with `<0xXX>` byte fallback and
-//!   `add_space_prefix`.
+//! * `tokenizer.ggml.model == "gpt2"`: byte-level BPE from `tokens` + `merges` in a HF
+//!   [`tokenizers::Tokenizer`], pre-tokenized by the regex profile that `tokenizer.ggml.pre`
+//!   names (copied from llama.cpp; an unknown name is an error).
+//! * `tokenizer.ggml.model == "llama"`: llama.cpp's `llm_tokenizer_spm` (merges by token score),
+//!   with `<0xXX>` byte fallback and `add_space_prefix`, by hand (`spm.rs` says why); its HF
+//!   form is built only when asked for ([`GgufTokenizer::inner`]).
 //!
 //! Encoding follows llama.cpp's `llama_tokenize` exactly: special tokens are split out first
 //! (`tokenizer_st_partition`: CONTROL/UNKNOWN tokens only with `parse_special`, USER_DEFINED
@@ -24,6 +23,7 @@
 
 mod hf;
 mod pre;
+mod spm;
 mod stream;
 mod vocab;
 
@@ -31,7 +31,7 @@ use std::ops::Range;
 
 use aho_corasick::AhoCorasick;
 use ember_formats::GgufFile;
-use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+use tokenizers::{Model as _, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
 
 pub use pre::{pre_names_for_regexes, pre_tokenizer_regexes};
 pub use stream::StreamDecoder;
@@ -122,9 +122,23 @@ pub enum TokenizerError {
     },
 }
 
+/// How the text between special tokens becomes ids.
+enum Model {
+    /// Byte-level BPE: the HF tokenizer's pre-tokenizer and model (boxed: it is large, and
+    /// the tokenizer is built once).
+    Bpe(Box<tokenizers::Tokenizer>),
+    /// SentencePiece-style: llama.cpp's algorithm, and the HF form once asked for.
+    Spm(Box<SpmModel>),
+}
+
+struct SpmModel {
+    spm: spm::Spm,
+    hf: std::sync::OnceLock<Result<tokenizers::Tokenizer, String>>,
+}
+
 /// A tokenizer built from GGUF metadata whose ids match llama.cpp's.
 pub struct GgufTokenizer {
-    inner: tokenizers::Tokenizer,
+    model: Model,
     kind: VocabKind,
     pre_name: Option<String>,
     pre_type: Option<&'static str>,
@@ -259,10 +273,18 @@ impl GgufTokenizer {
         let mut v = Vocab::from_gguf(file)?;
         let map = std::mem::take(&mut v.token_to_id);
         let merges = std::mem::take(&mut v.merges);
-        // The HF model build dominates (~0.3 s for a 262k vocab); the lookup tables are built
-        // meanwhile on a second thread.
-        let (inner, tables) = hf::join(|| hf::build(&v, map, merges), || Tables::new(&v));
-        let (inner, tables) = (inner?, tables?);
+        // The lookup tables are built on a second thread meanwhile.
+        let (model, tables) = hf::join(
+            || match v.kind {
+                VocabKind::Bpe => hf::build_bpe(&v, map, merges).map(|t| Model::Bpe(Box::new(t))),
+                VocabKind::Spm => Ok(Model::Spm(Box::new(SpmModel {
+                    spm: spm::Spm::new(map, &v.scores, v.special.unk)?,
+                    hf: std::sync::OnceLock::new(),
+                }))),
+            },
+            || Tables::new(&v),
+        );
+        let (model, tables) = (model?, tables?);
         // A token covers at most its vocabulary text's bytes (byte-level and `▁` escapes only
         // make the text longer than what it stands for); an unknown-token fallback covers one
         // character, at most 4 bytes.
@@ -271,19 +293,20 @@ impl GgufTokenizer {
             .attrs
             .iter()
             .any(|a| a & (attr::LSTRIP | attr::RSTRIP) != 0);
-        let has = |t: &str| inner.get_model().token_to_id(t).is_some();
         // Bytes that become a token of their own when nothing merges them. A byte that
         // cannot is dropped (or folded into an unknown token) and may cover no token at all,
         // so the length pre-check counts only these.
         let byte_map = byte_to_unicode();
-        let spellable: [bool; 256] = std::array::from_fn(|b| match v.kind {
-            VocabKind::Bpe => {
-                char::from_u32(byte_map[b]).is_some_and(|c| has(c.encode_utf8(&mut [0; 4])))
-            }
-            VocabKind::Spm => v.special.unk.is_some() || has(&format!("<0x{b:02X}>")),
+        let spellable: [bool; 256] = std::array::from_fn(|b| match &model {
+            Model::Bpe(hf) => char::from_u32(byte_map[b]).is_some_and(|c| {
+                hf.get_model()
+                    .token_to_id(c.encode_utf8(&mut [0; 4]))
+                    .is_some()
+            }),
+            Model::Spm(m) => v.special.unk.is_some() || m.spm.has_byte(b as u8),
         });
         Ok(GgufTokenizer {
-            inner,
+            model,
             kind: v.kind,
             pre_name: v.pre_name,
             pre_type: v.pre.as_ref().map(|p| p.kind),
@@ -376,11 +399,31 @@ impl Tables {
 }
 
 impl GgufTokenizer {
-    /// The underlying HF tokenizer (model, normalizer, pre-tokenizer, decoder, added tokens).
-    /// Its own `encode` matches llama.cpp except in rare special-token overlaps; use
-    /// [`GgufTokenizer::encode`] for llama.cpp-exact ids and BOS/EOS handling.
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.inner
+    /// The vocabulary as a HF tokenizer (model, normalizer, pre-tokenizer, decoder, added
+    /// tokens), e.g. to write it as tokenizer.json. For a SentencePiece-style vocab it is
+    /// built on the first call (a BPE model with merges derived from the scores: about half a
+    /// second for a 262k vocab), which is when building it can fail. Its own `encode` matches
+    /// llama.cpp except in rare special-token overlaps (and, for SPM, characters outside the
+    /// vocab); use [`GgufTokenizer::encode`] for llama.cpp-exact ids and BOS/EOS handling.
+    pub fn inner(&self) -> Result<&tokenizers::Tokenizer, TokenizerError> {
+        match &self.model {
+            Model::Bpe(hf) => Ok(hf),
+            Model::Spm(m) => {
+                m.hf.get_or_init(|| {
+                    hf::build_spm(&hf::SpmParts {
+                        texts: &self.texts,
+                        attrs: &self.attrs,
+                        scores: m.spm.scores(),
+                        token_to_id: m.spm.token_to_id(),
+                        unk: self.special.unk,
+                        add_space_prefix: self.add_space_prefix,
+                    })
+                    .map_err(|e| e.to_string())
+                })
+                .as_ref()
+                .map_err(|e| TokenizerError::Build(e.clone()))
+            }
+        }
     }
 
     /// SPM or BPE.
@@ -472,7 +515,10 @@ impl GgufTokenizer {
 
     /// The id of a token text (exact vocabulary text).
     pub fn token_to_id(&self, text: &str) -> Option<u32> {
-        self.inner.get_model().token_to_id(text)
+        match &self.model {
+            Model::Bpe(hf) => hf.get_model().token_to_id(text),
+            Model::Spm(m) => m.spm.id(text),
+        }
     }
 
     /// The raw bytes a token stands for (special tokens rendered as their text). May be a
@@ -638,7 +684,10 @@ impl GgufTokenizer {
                             for c in text[s..e].chars() {
                                 buf.push(if c == ' ' { '\u{2581}' } else { c });
                             }
-                            self.model_tokenize(&buf, &mut out)?;
+                            let Model::Spm(m) = &self.model else {
+                                unreachable!("an SPM vocab has the SPM model");
+                            };
+                            m.spm.tokenize(&buf, &mut out);
                             is_prev_special = false;
                         }
                         Fragment::Token(id) => {
@@ -678,9 +727,13 @@ impl GgufTokenizer {
         Ok(out)
     }
 
-    fn model_tokenize(&self, s: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
-        let toks = self
-            .inner
+    /// The BPE model's ids of one pre-token.
+    fn model_tokenize(
+        hf: &tokenizers::Tokenizer,
+        s: &str,
+        out: &mut Vec<u32>,
+    ) -> Result<(), TokenizerError> {
+        let toks = hf
             .get_model()
             .tokenize(s)
             .map_err(|e| TokenizerError::Encode(e.to_string()))?;
@@ -695,13 +748,16 @@ impl GgufTokenizer {
         out: &mut Vec<u32>,
         limit: usize,
     ) -> Result<(), TokenizerError> {
+        let Model::Bpe(hf) = &self.model else {
+            unreachable!("a BPE vocab has the BPE model");
+        };
         let mut pts = PreTokenizedString::from(s);
-        if let Some(pre) = self.inner.get_pre_tokenizer() {
+        if let Some(pre) = hf.get_pre_tokenizer() {
             pre.pre_tokenize(&mut pts)
                 .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         }
         for (word, _, _) in pts.get_splits(OffsetReferential::Original, OffsetType::None) {
-            self.model_tokenize(word, out)?;
+            Self::model_tokenize(hf, word, out)?;
             if out.len() > limit {
                 break;
             }

@@ -495,6 +495,12 @@ fn diff_vocab() -> Vec<(&'static str, f32)> {
         ("▁▁", -14.0),
         ("cab", -6.5),
         ("éa", -15.0),
+        // Made of characters outside the vocab (x, y, z), which llama.cpp still merges; a tie
+        // of scores ("xy", "bx") goes to the leftmost pair.
+        ("xy", -3.5),
+        ("bx", -3.5),
+        ("xyz", -2.5),
+        ("yb", -4.5),
     ]
 }
 
@@ -517,6 +523,64 @@ proptest! {
         let got = t.encode(&s, false, false).expect("encode");
         prop_assert_eq!(got, expect);
     }
+}
+
+#[test]
+fn spm_merges_characters_outside_the_vocab() {
+    // Neither "x" nor "y" is a token, "xy" is: llama.cpp merges the pair (the BPE emulation
+    // Ember used before spelled each character as bytes instead).
+    let mut spec = spm_spec(&[("xy", -1.0), ("b", -2.0)], &[]);
+    spec.extra
+        .push(("tokenizer.ggml.add_space_prefix", false.into()));
+    let t = build(&spec).expect("build");
+    assert_eq!(
+        t.encode("xyb", false, false).expect("encode"),
+        ids_of(&t, &["xy", "b"])
+    );
+    assert_eq!(
+        t.encode("yxb", false, false).expect("encode"),
+        ids_of(&t, &["<0x79>", "<0x78>", "b"])
+    );
+}
+
+#[test]
+fn spm_without_byte_tokens_falls_back_to_the_unknown_token() {
+    // llama.cpp throws where a byte has no token; Ember gives the character the unknown
+    // token (an SPM vocab always has one: id 0 unless the metadata names another).
+    let spec = Spec {
+        model: "llama",
+        pre: None,
+        tokens: vec![
+            ("a".to_string(), -1.0, NORMAL),
+            ("<unk>".to_string(), 0.0, UNKNOWN),
+        ],
+        merges: vec![],
+        extra: vec![
+            ("tokenizer.ggml.add_space_prefix", false.into()),
+            ("tokenizer.ggml.unknown_token_id", 1u32.into()),
+        ],
+    };
+    let t = build(&spec).expect("build");
+    assert_eq!(t.encode("aéa", false, false).expect("encode"), [0, 1, 0]);
+}
+
+#[test]
+fn spm_hf_form_is_built_when_asked_for() {
+    let mut spec = spm_spec(&diff_vocab(), &[]);
+    spec.extra
+        .push(("tokenizer.ggml.add_space_prefix", false.into()));
+    let t = build(&spec).expect("build");
+    let hf = t.inner().expect("HF form");
+    // Text whose every character is a token: the HF form agrees with llama.cpp's algorithm.
+    for text in ["abc", "cabé", "aaab", "bca"] {
+        let ids = hf
+            .encode(text, false)
+            .expect("HF encode")
+            .get_ids()
+            .to_vec();
+        assert_eq!(ids, t.encode(text, false, false).expect("encode"), "{text}");
+    }
+    assert!(std::ptr::eq(hf, t.inner().expect("again")), "built once");
 }
 
 // ---- bounded encoding, text spans, hostile ids
