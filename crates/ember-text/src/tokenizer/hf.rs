@@ -75,7 +75,6 @@ pub(crate) struct SpmParts<'a> {
     pub attrs: &'a [u32],
     /// Scores as [`super::spm::Spm`] keeps them (no NaN, no -0.0).
     pub scores: &'a [f32],
-    pub token_to_id: &'a tokenizers::models::bpe::Vocab,
     pub unk: Option<u32>,
     pub add_space_prefix: bool,
 }
@@ -85,9 +84,10 @@ pub(crate) struct SpmParts<'a> {
 /// exporting it as tokenizer.json. Ember's own encoding does not use it (see
 /// [`super::spm`]).
 pub(crate) fn build_spm(p: &SpmParts<'_>) -> Result<Tokenizer, TokenizerError> {
-    let merges = derive_spm_merges(p.texts, p.scores, p.token_to_id);
+    let vocab = text_to_id(p.texts);
+    let merges = derive_spm_merges(p.texts, p.scores, &vocab);
     let mut builder = BPE::builder()
-        .vocab_and_merges(p.token_to_id.clone(), merges)
+        .vocab_and_merges(vocab, merges)
         .byte_fallback(true);
     if let Some(unk) = p.unk {
         builder = builder.unk_token(p.texts[unk as usize].clone());
@@ -112,6 +112,15 @@ pub(crate) fn build_spm(p: &SpmParts<'_>) -> Result<Tokenizer, TokenizerError> {
     tok.with_decoder(Some(DecoderSequence::new(dec)));
     add_tokens(&mut tok, p.texts, p.attrs);
     Ok(tok)
+}
+
+/// The HF BPE model's text -> id map of `texts` (distinct: [`super::vocab::TextIndex`] checked).
+pub(crate) fn text_to_id(texts: &[String]) -> tokenizers::models::bpe::Vocab {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect()
 }
 
 /// Registers CONTROL/UNKNOWN tokens as special added tokens and USER_DEFINED ones as normal

@@ -271,14 +271,15 @@ impl GgufTokenizer {
     /// Builds the tokenizer from a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, TokenizerError> {
         let mut v = Vocab::from_gguf(file)?;
-        let map = std::mem::take(&mut v.token_to_id);
+        let index = std::mem::take(&mut v.index);
         let merges = std::mem::take(&mut v.merges);
         // The lookup tables are built on a second thread meanwhile.
         let (model, tables) = hf::join(
             || match v.kind {
-                VocabKind::Bpe => hf::build_bpe(&v, map, merges).map(|t| Model::Bpe(Box::new(t))),
+                VocabKind::Bpe => hf::build_bpe(&v, hf::text_to_id(&v.texts), merges)
+                    .map(|t| Model::Bpe(Box::new(t))),
                 VocabKind::Spm => Ok(Model::Spm(Box::new(SpmModel {
-                    spm: spm::Spm::new(map, &v.scores, v.special.unk)?,
+                    spm: spm::Spm::new(&v.texts, index, &v.scores, v.special.unk)?,
                     hf: std::sync::OnceLock::new(),
                 }))),
             },
@@ -414,7 +415,6 @@ impl GgufTokenizer {
                         texts: &self.texts,
                         attrs: &self.attrs,
                         scores: m.spm.scores(),
-                        token_to_id: m.spm.token_to_id(),
                         unk: self.special.unk,
                         add_space_prefix: self.add_space_prefix,
                     })
@@ -517,7 +517,7 @@ impl GgufTokenizer {
     pub fn token_to_id(&self, text: &str) -> Option<u32> {
         match &self.model {
             Model::Bpe(hf) => hf.get_model().token_to_id(text),
-            Model::Spm(m) => m.spm.id(text),
+            Model::Spm(m) => m.spm.id(&self.texts, text),
         }
     }
 
@@ -687,7 +687,7 @@ impl GgufTokenizer {
                             let Model::Spm(m) = &self.model else {
                                 unreachable!("an SPM vocab has the SPM model");
                             };
-                            m.spm.tokenize(&buf, &mut out);
+                            m.spm.tokenize(&self.texts, &buf, &mut out);
                             is_prev_special = false;
                         }
                         Fragment::Token(id) => {

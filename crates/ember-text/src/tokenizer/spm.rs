@@ -10,13 +10,13 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use tokenizers::models::bpe::Vocab as TextToId;
-
 use super::TokenizerError;
+use super::vocab::TextIndex;
 
-/// The vocabulary's text -> id map and scores, with the byte tokens looked up once.
+/// The vocabulary's text -> id index and scores, with the byte tokens looked up once. The
+/// texts themselves are the caller's (every method that looks a text up takes them).
 pub(crate) struct Spm {
-    token_to_id: TextToId,
+    index: TextIndex,
     /// Token scores, NaN as -inf and -0.0 as 0.0 (llama.cpp compares them with `<`: -0.0 ties
     /// with 0.0, a NaN never wins).
     scores: Vec<f32>,
@@ -69,18 +69,18 @@ impl PartialEq for Bigram {
 impl Eq for Bigram {}
 
 impl Spm {
-    /// The tokenizer of a vocabulary given as its text -> id map and per-id scores (as many
-    /// as the map has ids).
+    /// The tokenizer of the vocabulary `texts`, given their index and one score per text.
     pub(crate) fn new(
-        token_to_id: TextToId,
+        texts: &[String],
+        index: TextIndex,
         scores: &[f32],
         unk: Option<u32>,
     ) -> Result<Self, TokenizerError> {
-        if scores.len() < token_to_id.len() {
+        if scores.len() < texts.len() {
             return Err(TokenizerError::BadVocab(format!(
                 "{} scores for {} tokens",
                 scores.len(),
-                token_to_id.len()
+                texts.len()
             )));
         }
         let scores = scores
@@ -96,17 +96,14 @@ impl Spm {
             })
             .collect();
         let byte_tokens = std::array::from_fn(|b| {
-            token_to_id
-                .get(&format!("<0x{b:02X}>"))
-                .or_else(|| {
-                    let b = u8::try_from(b).ok()?;
-                    // A one-byte text is a `str` only for ASCII.
-                    token_to_id.get(std::str::from_utf8(&[b]).ok()?)
-                })
-                .copied()
+            index.get(texts, &format!("<0x{b:02X}>")).or_else(|| {
+                let b = u8::try_from(b).ok()?;
+                // A one-byte text is a `str` only for ASCII.
+                index.get(texts, std::str::from_utf8(&[b]).ok()?)
+            })
         });
         Ok(Spm {
-            token_to_id,
+            index,
             scores,
             byte_tokens,
             unk,
@@ -114,13 +111,8 @@ impl Spm {
     }
 
     /// The id of a token text.
-    pub(crate) fn id(&self, text: &str) -> Option<u32> {
-        self.token_to_id.get(text).copied()
-    }
-
-    /// The text -> id map.
-    pub(crate) fn token_to_id(&self) -> &TextToId {
-        &self.token_to_id
+    pub(crate) fn id(&self, texts: &[String], text: &str) -> Option<u32> {
+        self.index.get(texts, text)
     }
 
     /// The token scores (normalized as [`Spm::scores`] says).
@@ -135,7 +127,7 @@ impl Spm {
 
     /// Appends the ids of `text` (already escaped: spaces as `▁`) to `out`, as
     /// `llm_tokenizer_spm_session::tokenize` does.
-    pub(crate) fn tokenize(&self, text: &str, out: &mut Vec<u32>) {
+    pub(crate) fn tokenize(&self, texts: &[String], text: &str, out: &mut Vec<u32>) {
         let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
         for (i, (start, c)) in text.char_indices().enumerate() {
             let len = c.len_utf8();
@@ -148,7 +140,14 @@ impl Spm {
         }
         let mut queue = BinaryHeap::new();
         for right in 1..symbols.len() {
-            self.try_add_bigram(text, &symbols, &mut queue, Some(right - 1), Some(right));
+            self.try_add_bigram(
+                texts,
+                text,
+                &symbols,
+                &mut queue,
+                Some(right - 1),
+                Some(right),
+            );
         }
         while let Some(bigram) = queue.pop() {
             let (left, right) = (symbols[bigram.left], symbols[bigram.right]);
@@ -163,13 +162,27 @@ impl Spm {
                 symbols[next].prev = Some(bigram.left);
             }
             let merged = symbols[bigram.left];
-            self.try_add_bigram(text, &symbols, &mut queue, merged.prev, Some(bigram.left));
-            self.try_add_bigram(text, &symbols, &mut queue, Some(bigram.left), merged.next);
+            self.try_add_bigram(
+                texts,
+                text,
+                &symbols,
+                &mut queue,
+                merged.prev,
+                Some(bigram.left),
+            );
+            self.try_add_bigram(
+                texts,
+                text,
+                &symbols,
+                &mut queue,
+                Some(bigram.left),
+                merged.next,
+            );
         }
         let mut at = (!symbols.is_empty()).then_some(0);
         while let Some(i) = at {
             let s = symbols[i];
-            self.resegment(&text[s.start..s.start + s.len], out);
+            self.resegment(texts, &text[s.start..s.start + s.len], out);
             at = s.next;
         }
     }
@@ -177,6 +190,7 @@ impl Spm {
     /// Queues the pair `(left, right)` if their joined text is a token.
     fn try_add_bigram(
         &self,
+        texts: &[String],
         text: &str,
         symbols: &[Symbol],
         queue: &mut BinaryHeap<Bigram>,
@@ -188,7 +202,7 @@ impl Spm {
         };
         let (l, r) = (symbols[left], symbols[right]);
         let size = l.len + r.len;
-        let Some(id) = self.id(&text[l.start..l.start + size]) else {
+        let Some(id) = self.id(texts, &text[l.start..l.start + size]) else {
             return;
         };
         queue.push(Bigram {
@@ -206,8 +220,8 @@ impl Spm {
     /// Where a byte has no token llama.cpp throws (`token_to_id.at`) and the program ends;
     /// Ember gives the character the unknown token instead (which an SPM vocab always has),
     /// as the `tokenizers` BPE model it used before did, or drops it without one.
-    fn resegment(&self, symbol: &str, out: &mut Vec<u32>) {
-        if let Some(id) = self.id(symbol) {
+    fn resegment(&self, texts: &[String], symbol: &str, out: &mut Vec<u32>) {
+        if let Some(id) = self.id(texts, symbol) {
             out.push(id);
             return;
         }

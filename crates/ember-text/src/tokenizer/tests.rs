@@ -565,6 +565,32 @@ fn spm_without_byte_tokens_falls_back_to_the_unknown_token() {
 }
 
 #[test]
+fn a_text_that_appears_twice_is_refused_for_either_model() {
+    for model in ["llama", "gpt2"] {
+        let tokens = ["a", "b", "a"]
+            .iter()
+            .map(|t| (t.to_string(), 0.0, NORMAL))
+            .collect();
+        let spec = Spec {
+            model,
+            pre: (model == "gpt2").then_some("smollm"),
+            tokens,
+            merges: vec![],
+            extra: vec![],
+        };
+        match build(&spec) {
+            Err(TokenizerError::DuplicateToken {
+                text,
+                first,
+                second,
+            }) => assert_eq!((text.as_str(), first, second), ("a", 0, 2), "{model}"),
+            Err(e) => panic!("{model}: {e}"),
+            Ok(_) => panic!("{model}: built"),
+        }
+    }
+}
+
+#[test]
 fn spm_hf_form_is_built_when_asked_for() {
     let mut spec = spm_spec(&diff_vocab(), &[]);
     spec.extra
