@@ -63,11 +63,12 @@ pub(crate) fn export(
         _ => return Err(ConvertError::UnsupportedTokenizerModel(model.to_string())),
     };
     let tok = GgufTokenizer::from_gguf(gguf)?;
-    // The tokenizer ember-text builds is the HF form of the vocabulary: BPE(vocab, merges),
-    // `Split(regex, Isolated)` per llama.cpp regex then `ByteLevel(use_regex = false)`, a
-    // ByteLevel decoder, and added tokens (CONTROL: special, USER_DEFINED: not special). For
-    // SentencePiece vocabularies: BPE(vocab, merges derived from the scores, byte_fallback),
-    // normalizer `[Prepend("▁")], Replace(" ", "▁")` and the matching decoder.
+    // ember-text's HF form of the vocabulary (built for this call for SentencePiece
+    // vocabularies, whose own encoding does not use it): BPE(vocab, merges), `Split(regex,
+    // Isolated)` per llama.cpp regex then `ByteLevel(use_regex = false)`, a ByteLevel decoder,
+    // and added tokens (CONTROL: special, USER_DEFINED: not special). For SentencePiece
+    // vocabularies: BPE(vocab, merges derived from the scores, byte_fallback), normalizer
+    // `[Prepend("▁")], Replace(" ", "▁")` and the matching decoder.
     let mut tokenizer_json = tok
         .inner()?
         .to_string(true)

@@ -418,10 +418,14 @@ impl GgufTokenizer {
                         unk: self.special.unk,
                         add_space_prefix: self.add_space_prefix,
                     })
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| match e {
+                        // Kept as its message, so that the error is not wrapped twice.
+                        TokenizerError::Build(message) => message,
+                        other => other.to_string(),
+                    })
                 })
                 .as_ref()
-                .map_err(|e| TokenizerError::Build(e.clone()))
+                .map_err(|message| TokenizerError::Build(message.clone()))
             }
         }
     }
@@ -668,8 +672,8 @@ impl GgufTokenizer {
                     .ok_or(TokenizerError::MissingSpecialToken("BOS"))?,
             );
         }
-        match self.kind {
-            VocabKind::Spm => {
+        match &self.model {
+            Model::Spm(m) => {
                 // llama.cpp: a raw fragment gets a leading space when add_space_prefix is set
                 // and it follows a special token or starts the text.
                 let mut is_prev_special = true;
@@ -684,10 +688,7 @@ impl GgufTokenizer {
                             for c in text[s..e].chars() {
                                 buf.push(if c == ' ' { '\u{2581}' } else { c });
                             }
-                            let Model::Spm(m) = &self.model else {
-                                unreachable!("an SPM vocab has the SPM model");
-                            };
-                            m.spm.tokenize(&self.texts, &buf, &mut out);
+                            m.spm.tokenize(&self.texts, &buf, &mut out)?;
                             is_prev_special = false;
                         }
                         Fragment::Token(id) => {
@@ -700,10 +701,12 @@ impl GgufTokenizer {
                     }
                 }
             }
-            VocabKind::Bpe => {
+            Model::Bpe(hf) => {
                 for f in frags {
                     match f {
-                        Fragment::Text(s, e) => self.bpe_tokenize(&text[s..e], &mut out, limit)?,
+                        Fragment::Text(s, e) => {
+                            Self::bpe_tokenize(hf, &text[s..e], &mut out, limit)?
+                        }
                         Fragment::Token(id) => out.push(id),
                     }
                     if out.len() > limit {
@@ -743,14 +746,11 @@ impl GgufTokenizer {
 
     /// Stops early (leaving `out` longer than `limit`) once `limit` is passed.
     fn bpe_tokenize(
-        &self,
+        hf: &tokenizers::Tokenizer,
         s: &str,
         out: &mut Vec<u32>,
         limit: usize,
     ) -> Result<(), TokenizerError> {
-        let Model::Bpe(hf) = &self.model else {
-            unreachable!("a BPE vocab has the BPE model");
-        };
         let mut pts = PreTokenizedString::from(s);
         if let Some(pre) = hf.get_pre_tokenizer() {
             pre.pre_tokenize(&mut pts)

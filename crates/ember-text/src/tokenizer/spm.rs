@@ -17,31 +17,39 @@ use super::vocab::TextIndex;
 /// texts themselves are the caller's (every method that looks a text up takes them).
 pub(crate) struct Spm {
     index: TextIndex,
-    /// Token scores, NaN as -inf and -0.0 as 0.0 (llama.cpp compares them with `<`: -0.0 ties
-    /// with 0.0, a NaN never wins).
+    /// Token scores, NaN as -inf and -0.0 as 0.0: llama.cpp compares them with `<`, so -0.0
+    /// ties with 0.0; a NaN makes its comparator inconsistent (its result unspecified), and
+    /// Ember ranks it last.
     scores: Vec<f32>,
-    /// llama.cpp's `byte_to_token`: the `<0xXX>` token, else the byte's own one-byte text.
+    /// The `<0xXX>` token of each byte (llama.cpp's `byte_to_token`; its fallback to the byte's
+    /// one-byte text can never apply here: a one-character symbol reaches the byte fallback
+    /// only when its text is not a token, and bytes from 0x80 are no text of their own).
     byte_tokens: [Option<u32>; 256],
     unk: Option<u32>,
 }
 
+/// No symbol (the ends of the list).
+const NONE: u32 = u32::MAX;
+
 /// A run of the text: the characters merged so far, in a list linked through the indices.
+/// Indices and offsets are `u32` (a text of 4 GiB or more is refused), so a symbol takes 16
+/// bytes for each character of the text.
 #[derive(Clone, Copy)]
 struct Symbol {
-    prev: Option<usize>,
-    next: Option<usize>,
-    start: usize,
+    prev: u32,
+    next: u32,
+    start: u32,
     /// Bytes; 0 once merged into the symbol on its left.
-    len: usize,
+    len: u32,
 }
 
 /// Two adjacent symbols whose texts together make a token of `score`.
 struct Bigram {
-    left: usize,
-    right: usize,
+    left: u32,
+    right: u32,
     score: f32,
     /// The joined text's length, to spot a pair that an earlier merge changed.
-    size: usize,
+    size: u32,
 }
 
 impl Ord for Bigram {
@@ -95,13 +103,7 @@ impl Spm {
                 }
             })
             .collect();
-        let byte_tokens = std::array::from_fn(|b| {
-            index.get(texts, &format!("<0x{b:02X}>")).or_else(|| {
-                let b = u8::try_from(b).ok()?;
-                // A one-byte text is a `str` only for ASCII.
-                index.get(texts, std::str::from_utf8(&[b]).ok()?)
-            })
-        });
+        let byte_tokens = std::array::from_fn(|b| index.get(texts, &format!("<0x{b:02X}>")));
         Ok(Spm {
             index,
             scores,
@@ -120,89 +122,85 @@ impl Spm {
         &self.scores
     }
 
-    /// Whether byte `b` has a token of its own (`<0xXX>` or its one-byte text).
+    /// Whether byte `b` has a `<0xXX>` token.
     pub(crate) fn has_byte(&self, b: u8) -> bool {
         self.byte_tokens[b as usize].is_some()
     }
 
     /// Appends the ids of `text` (already escaped: spaces as `▁`) to `out`, as
-    /// `llm_tokenizer_spm_session::tokenize` does.
-    pub(crate) fn tokenize(&self, texts: &[String], text: &str, out: &mut Vec<u32>) {
-        let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
+    /// `llm_tokenizer_spm_session::tokenize` does. A text of 4 GiB or more is refused.
+    pub(crate) fn tokenize(
+        &self,
+        texts: &[String],
+        text: &str,
+        out: &mut Vec<u32>,
+    ) -> Result<(), TokenizerError> {
+        let Ok(n_bytes) = u32::try_from(text.len()) else {
+            return Err(TokenizerError::Encode(format!(
+                "a text fragment of {} bytes (at most {} are tokenized at once)",
+                text.len(),
+                u32::MAX
+            )));
+        };
+        let mut symbols: Vec<Symbol> = Vec::with_capacity(text.chars().count());
         for (i, (start, c)) in text.char_indices().enumerate() {
-            let len = c.len_utf8();
+            // Both fit: `start < n_bytes`, and there are no more characters than bytes.
+            let (i, start, len) = (i as u32, start as u32, c.len_utf8() as u32);
             symbols.push(Symbol {
-                prev: i.checked_sub(1),
-                next: (start + len < text.len()).then_some(i + 1),
+                prev: if i == 0 { NONE } else { i - 1 },
+                next: if start + len < n_bytes { i + 1 } else { NONE },
                 start,
                 len,
             });
         }
         let mut queue = BinaryHeap::new();
-        for right in 1..symbols.len() {
-            self.try_add_bigram(
-                texts,
-                text,
-                &symbols,
-                &mut queue,
-                Some(right - 1),
-                Some(right),
-            );
+        for right in 1..symbols.len() as u32 {
+            self.try_add_bigram(texts, text, &symbols, &mut queue, right - 1, right);
         }
         while let Some(bigram) = queue.pop() {
-            let (left, right) = (symbols[bigram.left], symbols[bigram.right]);
+            let (li, ri) = (bigram.left as usize, bigram.right as usize);
+            let (left, right) = (symbols[li], symbols[ri]);
             // One side was merged away, or grew, since the pair was queued.
             if left.len == 0 || right.len == 0 || left.len + right.len != bigram.size {
                 continue;
             }
-            symbols[bigram.left].len += right.len;
-            symbols[bigram.right].len = 0;
-            symbols[bigram.left].next = right.next;
-            if let Some(next) = right.next {
-                symbols[next].prev = Some(bigram.left);
+            symbols[li].len += right.len;
+            symbols[ri].len = 0;
+            symbols[li].next = right.next;
+            if right.next != NONE {
+                symbols[right.next as usize].prev = bigram.left;
             }
-            let merged = symbols[bigram.left];
-            self.try_add_bigram(
-                texts,
-                text,
-                &symbols,
-                &mut queue,
-                merged.prev,
-                Some(bigram.left),
-            );
-            self.try_add_bigram(
-                texts,
-                text,
-                &symbols,
-                &mut queue,
-                Some(bigram.left),
-                merged.next,
-            );
+            let merged = symbols[li];
+            self.try_add_bigram(texts, text, &symbols, &mut queue, merged.prev, bigram.left);
+            self.try_add_bigram(texts, text, &symbols, &mut queue, bigram.left, merged.next);
         }
-        let mut at = (!symbols.is_empty()).then_some(0);
-        while let Some(i) = at {
-            let s = symbols[i];
-            self.resegment(texts, &text[s.start..s.start + s.len], out);
+        let mut at = if symbols.is_empty() { NONE } else { 0 };
+        while at != NONE {
+            let s = symbols[at as usize];
+            let (start, end) = (s.start as usize, (s.start + s.len) as usize);
+            self.resegment(texts, &text[start..end], out);
             at = s.next;
         }
+        Ok(())
     }
 
-    /// Queues the pair `(left, right)` if their joined text is a token.
+    /// Queues the pair `(left, right)` if both exist and their joined text is a token.
     fn try_add_bigram(
         &self,
         texts: &[String],
         text: &str,
         symbols: &[Symbol],
         queue: &mut BinaryHeap<Bigram>,
-        left: Option<usize>,
-        right: Option<usize>,
+        left: u32,
+        right: u32,
     ) {
-        let (Some(left), Some(right)) = (left, right) else {
+        if left == NONE || right == NONE {
             return;
-        };
-        let (l, r) = (symbols[left], symbols[right]);
+        }
+        let (l, r) = (symbols[left as usize], symbols[right as usize]);
         let size = l.len + r.len;
-        let Some(id) = self.id(texts, &text[l.start..l.start + size]) else {
+        let start = l.start as usize;
+        let Some(id) = self.id(texts, &text[start..start + size as usize]) else {
             return;
         };
         queue.push(Bigram {
@@ -218,8 +216,9 @@ impl Spm {
     /// is not a token is one character, spelled as byte tokens.
     ///
     /// Where a byte has no token llama.cpp throws (`token_to_id.at`) and the program ends;
-    /// Ember gives the character the unknown token instead (which an SPM vocab always has),
-    /// as the `tokenizers` BPE model it used before did, or drops it without one.
+    /// Ember gives the character the unknown token instead, as the `tokenizers` BPE model it
+    /// used before did (an SPM vocabulary has one unless it is empty: then the character is
+    /// dropped).
     fn resegment(&self, texts: &[String], symbol: &str, out: &mut Vec<u32>) {
         if let Some(id) = self.id(texts, symbol) {
             out.push(id);
