@@ -88,7 +88,7 @@ pub fn bench(
     bench_at_depth(model, n_prompt, n_gen, 0, reps, n_threads)
 }
 
-/// [`bench`] with `n_depth` tokens in the cache before each run (llama-bench's `-d`): each
+/// [`bench()`] with `n_depth` tokens in the cache before each run (llama-bench's `-d`): each
 /// repetition fills a fresh cache to that depth, then times the test alone.
 pub fn bench_at_depth(
     model: &Model,
