@@ -55,7 +55,8 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
 fn filled_cache(model: &Model, depth: usize, n: usize) -> Result<SequenceCache, ModelError> {
     let mut cache = model.new_cache(depth + n)?;
     if depth > 0 {
-        // Token ids other than the test's, as llama-bench fills its depth with its own.
+        // Any valid ids do, as for the test itself (llama-bench fills its depth with random
+        // ones); these are the test's sequence shifted by one.
         let toks: Vec<u32> = tokens(depth + 1, model.config().n_vocab)[1..].to_vec();
         model.forward(&toks, &mut cache, Logits::Last)?;
     }
