@@ -113,6 +113,18 @@ impl<'a> Columns<'a> {
         }
     }
 
+    /// Columns `j0..j0 + cols` of row 0, for a kernel to write the `m` rows itself at stride
+    /// [`Columns::ld`] (under `write`'s rule: no two concurrent writers of a column).
+    fn at(&self, j0: usize, cols: usize) -> *mut f32 {
+        assert!(j0 + cols <= self.n, "columns out of range");
+        self.ptr.wrapping_add(j0)
+    }
+
+    /// The distance between rows, in floats.
+    fn ld(&self) -> usize {
+        self.n
+    }
+
     /// Copies `src` (`[m, cols]`) into columns `j0..j0 + cols` of every row.
     ///
     /// # Safety
@@ -253,16 +265,11 @@ fn repacked_matmul(rep: &q8::Repacked, x: &[f32], m: usize, fmt: q8::ActFormat) 
     let mut out = Vec::with_capacity(m * n);
     let dst = Columns::new(&mut out.spare_capacity_mut()[..m * n], m, n);
     (0..rep.groups()).into_par_iter().for_each(|g| {
-        with_scratch(&Q8_TILE, |(tile, buf)| {
-            let rows = rep.group_rows(g);
-            if buf.len() < m * rows {
-                buf.resize(m * rows, 0.0);
-            }
-            let buf = &mut buf[..m * rows];
-            // Writes all of `buf`.
-            rep.tile_matmul(g, &batch, tile, buf);
-            // SAFETY: task `g` alone writes columns `16g..16g + rows`.
-            unsafe { dst.write(g * q8::TILE_ROWS, buf) };
+        with_scratch(&Q8_TILE, |(tile, _)| {
+            let at = dst.at(g * q8::TILE_ROWS, rep.group_rows(g));
+            // SAFETY: `at` is columns `16g..16g + rows` of the `m` rows of `out` (stride
+            // `n`), which task `g` alone writes; the kernel writes all of them.
+            unsafe { rep.tile_matmul_to(g, &batch, tile, at, dst.ld()) };
         })
     });
     // SAFETY: the tasks above wrote all `m` rows of every group's columns, which cover `0..n`.
@@ -358,17 +365,21 @@ pub fn quant_matmul_rows_many(
             with_scratch(&Q8_TILE, |(tile, buf)| match &parts[i] {
                 Part::Q8(rep, b) => {
                     let rows = rep.group_rows(g);
-                    if buf.len() < m * rows {
-                        buf.resize(m * rows, 0.0);
-                    }
-                    let buf = &mut buf[..m * rows];
                     if m == 1 {
+                        if buf.len() < rows {
+                            buf.resize(rows, 0.0);
+                        }
+                        let buf = &mut buf[..rows];
                         rep.dot(g, &batches[*b], buf);
+                        // SAFETY: task `(i, g)` alone writes matrix `i`'s columns of group `g`.
+                        unsafe { dsts[i].write(g * q8::TILE_ROWS, buf) };
                     } else {
-                        rep.tile_matmul(g, &batches[*b], tile, buf);
+                        let at = dsts[i].at(g * q8::TILE_ROWS, rows);
+                        // SAFETY: `at` is matrix `i`'s columns of group `g` in its `m` rows
+                        // (stride `ld`), which task `(i, g)` alone writes; the kernel writes
+                        // all of them.
+                        unsafe { rep.tile_matmul_to(g, &batches[*b], tile, at, dsts[i].ld()) };
                     }
-                    // SAFETY: task `(i, g)` alone writes matrix `i`'s columns of group `g`.
-                    unsafe { dsts[i].write(g * q8::TILE_ROWS, buf) };
                 }
                 Part::K(rep) => {
                     let rows = rep.group_rows(g);
@@ -469,11 +480,26 @@ fn kquant_repacked_matmul(rep: &kquant::Repacked, acts: &kquant::Q8K, m: usize) 
     let row_bytes = rep.cols() / ember_quant::QK_K * ty.type_size();
     let in_place = (0..m).all(|i| rep.dots(acts, i));
     let tiled = kquant_tiled(ty, acts);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = tiled; // The tile kernel is x86-only.
     let mut out = Vec::with_capacity(m * n);
     let dst = Columns::new(&mut out.spare_capacity_mut()[..m * n], m, n);
     (0..rep.groups()).into_par_iter().for_each(|g| {
         with_scratch(&K_ROWS, |(w_rows, buf)| {
             let rows = rep.group_rows(g);
+            #[cfg(target_arch = "x86_64")]
+            if tiled && !in_place {
+                with_scratch(&K_TILE, |tile| {
+                    tile.load_repacked(rep, g);
+                    let at = dst.at(g * kquant::repack::GROUP_ROWS, rows);
+                    // SAFETY: `tiled` holds only where the CPU supports AVX-512 F/BW/VL/VNNI
+                    // and FMA (`q8::isa`). `at` is columns `16g..16g + rows` of the `m` rows
+                    // of `out` (stride `ld`), which task `g` alone writes; it writes all of
+                    // them.
+                    unsafe { kquant::tile::matmul_to(tile, acts, 0..m, at, dst.ld()) };
+                });
+                return;
+            }
             if buf.len() < m * rows {
                 buf.resize(m * rows, 0.0);
             }
@@ -482,14 +508,6 @@ fn kquant_repacked_matmul(rep: &kquant::Repacked, acts: &kquant::Q8K, m: usize) 
                 for (i, dst_row) in buf.chunks_exact_mut(rows).enumerate() {
                     rep.dot(g, acts, i, dst_row);
                 }
-            } else if tiled {
-                #[cfg(target_arch = "x86_64")]
-                with_scratch(&K_TILE, |tile| {
-                    tile.load_repacked(rep, g);
-                    // SAFETY: `tiled` holds only where the CPU supports AVX-512 F/BW/VL/VNNI
-                    // and FMA (`q8::isa`). It writes all of `buf`.
-                    unsafe { kquant::tile::matmul(tile, acts, 0..m, buf) };
-                });
             } else {
                 w_rows.resize(rows * row_bytes, 0);
                 rep.unpack_group(g, w_rows);
@@ -773,6 +791,9 @@ mod tests {
                 (2, 33, 512),
                 (5, 20, 256),
                 (9, 47, 256),
+                // A prompt past Q4_K's gemm groups and Q6_K's tile limit, written by the
+                // tile kernel straight into the output's columns.
+                (70, 37, 256),
             ] {
                 let wf: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
                 let packed = QuantMatrix::quantize(ty, n, k, &wf).unwrap();

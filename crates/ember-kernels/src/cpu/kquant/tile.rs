@@ -235,16 +235,44 @@ unsafe fn load_lines(tile: &mut KTile, ty: GgmlType, lines: &[Line], nb: usize) 
 /// The CPU must support AVX-512 F/BW/VL/VNNI and FMA.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn matmul(tile: &KTile, acts: &Q8K, range: std::ops::Range<usize>, out: &mut [f32]) {
-    let Some(ty) = tile.ty else { return };
-    let nb = tile.nb;
-    let m = acts.rows();
-    assert_eq!(acts.k, nb * QK_K, "tile width differs from activations");
-    assert!(range.end <= m, "rows past the batch");
     assert_eq!(
         out.len(),
         range.len() * tile.rows,
         "out does not match the tile"
     );
+    // SAFETY: `out` holds `range.len()` rows of `tile.rows` floats (checked); the CPU
+    // features are the caller's.
+    unsafe { matmul_to(tile, acts, range, out.as_mut_ptr(), tile.rows) }
+}
+
+/// [`matmul`] writing the result for activation row `range.start + i` straight to
+/// `out.add(i * ld)` (`tile.rows` floats from there), so that the tasks of one product can
+/// fill their columns of a shared row-major output without a copy.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI and FMA; for every `i < range.len()`,
+/// `out.add(i * ld)` must be valid for writes of `tile.rows` floats that no other thread
+/// reads or writes until this returns.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn matmul_to(
+    tile: &KTile,
+    acts: &Q8K,
+    range: std::ops::Range<usize>,
+    out: *mut f32,
+    ld: usize,
+) {
+    let Some(ty) = tile.ty else { return };
+    let nb = tile.nb;
+    let m = acts.rows();
+    assert_eq!(acts.k, nb * QK_K, "tile width differs from activations");
+    assert!(range.end <= m, "rows past the batch");
+    assert!((1..=ROWS).contains(&tile.rows), "tile rows outside a group");
+    // The first `tile.rows` lanes of each result (the last group of a matrix can be short).
+    let mask: __mmask16 = if tile.rows == ROWS {
+        0xffff
+    } else {
+        (1u16 << tile.rows) - 1
+    };
     assert!(
         acts.qs.len() >= m * acts.k && acts.d.len() >= m * nb && acts.bsums.len() >= m * nb * 16
     );
@@ -276,11 +304,9 @@ pub unsafe fn matmul(tile: &KTile, acts: &Q8K, range: std::ops::Range<usize>, ou
             }
         };
         for (r, vr) in v.iter().enumerate().take(count) {
-            let mut tmp = [0.0f32; ROWS];
-            // SAFETY: `tmp` holds sixteen floats.
-            unsafe { _mm512_storeu_ps(tmp.as_mut_ptr(), *vr) };
-            let oi = g0 + r;
-            out[oi * tile.rows..(oi + 1) * tile.rows].copy_from_slice(&tmp[..tile.rows]);
+            // SAFETY: row `g0 + r < range.len()` of `out` holds `tile.rows` floats ours to
+            // write (the caller's); the mask stores just those.
+            unsafe { _mm512_mask_storeu_ps(out.wrapping_add((g0 + r) * ld), mask, *vr) };
         }
     }
 }

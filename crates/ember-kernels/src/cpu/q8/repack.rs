@@ -306,9 +306,10 @@ impl Repacked {
     /// is left holding the group.
     pub fn tile_matmul(&self, g: usize, batch: &Batch, tile: &mut Tile, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `dot`.
-        unsafe {
-            super::x86::avx512_repacked_tile_matmul(self, g, batch, tile, out)
+        {
+            let out = super::x86::Dst::of(out, batch.m, self.group_rows(g));
+            // SAFETY: as in `dot`; `out` is the checked slice.
+            unsafe { super::x86::avx512_repacked_tile_matmul(self, g, batch, tile, out) }
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!(
@@ -316,6 +317,40 @@ impl Repacked {
             batch.m,
             tile.rows,
             out.len()
+        )
+    }
+
+    /// [`Repacked::tile_matmul`] writing activation row `i`'s results straight to
+    /// `out.add(i * ld)` (`rows` floats from there), so that the tasks of one product can fill
+    /// their columns of a shared row-major output without a copy.
+    ///
+    /// # Safety
+    /// For every `i < batch.m`, `out.add(i * ld)` must be valid for writes of
+    /// [`Repacked::group_rows`]`(g)` floats that no other thread reads or writes until this
+    /// returns.
+    pub unsafe fn tile_matmul_to(
+        &self,
+        g: usize,
+        batch: &Batch,
+        tile: &mut Tile,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot`; `out` is the caller's.
+        unsafe {
+            super::x86::avx512_repacked_tile_matmul(
+                self,
+                g,
+                batch,
+                tile,
+                super::x86::Dst { ptr: out, ld },
+            )
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!(
+            "no repacked weights off x86-64 ({g}, {}, {}, {out:?}, {ld})",
+            batch.m, tile.rows
         )
     }
 

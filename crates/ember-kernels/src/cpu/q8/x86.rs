@@ -750,6 +750,41 @@ impl<const R: usize> ActRows<R> {
     }
 }
 
+/// Where a kernel writes a group's results: activation row `r`'s lanes start at
+/// `ptr + r * ld`. A raw pointer, because the tasks of one product write disjoint columns of
+/// the same output rows at once; the functions that take one say what must hold.
+#[derive(Clone, Copy)]
+pub(super) struct Dst {
+    pub(super) ptr: *mut f32,
+    pub(super) ld: usize,
+}
+
+impl Dst {
+    /// Row `r`'s first lane.
+    #[inline(always)]
+    fn row(self, r: usize) -> *mut f32 {
+        self.ptr.wrapping_add(r * self.ld)
+    }
+
+    /// The same destination, starting `r` rows further down.
+    #[inline(always)]
+    fn skip(self, r: usize) -> Dst {
+        Dst {
+            ptr: self.row(r),
+            ld: self.ld,
+        }
+    }
+
+    /// `out` as `m` rows of `rows` floats, after checking its length.
+    pub(super) fn of(out: &mut [f32], m: usize, rows: usize) -> Dst {
+        assert_eq!(out.len(), m * rows, "out is not m rows of the group's rows");
+        Dst {
+            ptr: out.as_mut_ptr(),
+            ld: rows,
+        }
+    }
+}
+
 /// Running sums of sixteen weight rows (lanes) against `R` activation rows: llama.cpp's eight
 /// accumulator lanes as eight vectors, and the offsets' FMA chain.
 struct Sums<const R: usize> {
@@ -801,6 +836,46 @@ impl<const R: usize> Sums<R> {
         }
     }
 
+    /// Row `r`'s sixteen results: the eight lanes summed in llama.cpp's order, plus the
+    /// offsets.
+    #[inline(always)]
+    unsafe fn total<W: Weights>(&self, r: usize) -> __m512 {
+        // SAFETY: AVX-512 F is the caller's.
+        unsafe {
+            let a = &self.acc[r];
+            let h = _mm512_add_ps(
+                _mm512_add_ps(_mm512_add_ps(a[4], a[0]), _mm512_add_ps(a[6], a[2])),
+                _mm512_add_ps(_mm512_add_ps(a[5], a[1]), _mm512_add_ps(a[7], a[3])),
+            );
+            if W::WITH_MIN {
+                _mm512_add_ps(h, self.summs[r])
+            } else {
+                h
+            }
+        }
+    }
+
+    /// Writes row `r`'s results (the first `rows` lanes) to `dst.ptr + r * dst.ld` for every
+    /// `r` below `m`, straight from the registers (a masked store for a partial group).
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `rows` floats at each of those rows, and no other
+    /// thread may access them meanwhile.
+    #[inline(always)]
+    unsafe fn store_rows<W: Weights>(&self, m: usize, rows: usize, dst: Dst) {
+        debug_assert!((1..=TILE_ROWS).contains(&rows), "rows outside a group");
+        let mask: __mmask16 = if rows >= TILE_ROWS {
+            0xffff
+        } else {
+            (1u16 << rows) - 1
+        };
+        for r in 0..R.min(m) {
+            // SAFETY: AVX-512 F is the caller's; the masked store writes only the first
+            // `rows` floats at row `r`, which the caller guarantees are ours to write.
+            unsafe { _mm512_mask_storeu_ps(dst.row(r), mask, self.total::<W>(r)) };
+        }
+    }
+
     /// Writes row `r`'s results (first `rows` lanes) to `out[(i0 + r) * ld + col0..]` for every
     /// `r` that is a row of the batch (below `m`).
     #[inline(always)]
@@ -817,18 +892,8 @@ impl<const R: usize> Sums<R> {
         for r in 0..R.min(m - i0) {
             // SAFETY: AVX-512 F is the caller's; `tmp` holds 16 floats.
             let tmp = unsafe {
-                let a = &self.acc[r];
-                let h = _mm512_add_ps(
-                    _mm512_add_ps(_mm512_add_ps(a[4], a[0]), _mm512_add_ps(a[6], a[2])),
-                    _mm512_add_ps(_mm512_add_ps(a[5], a[1]), _mm512_add_ps(a[7], a[3])),
-                );
-                let h = if W::WITH_MIN {
-                    _mm512_add_ps(h, self.summs[r])
-                } else {
-                    h
-                };
                 let mut tmp = [0.0f32; TILE_ROWS];
-                _mm512_storeu_ps(tmp.as_mut_ptr(), h);
+                _mm512_storeu_ps(tmp.as_mut_ptr(), self.total::<W>(r));
                 tmp
             };
             let at = (i0 + r) * ld + col0;
@@ -902,8 +967,9 @@ unsafe fn packed_batch16<const TY: u8>(rows: &[u8], batch: &Batch, out: &mut [f3
         while i0 < batch.m {
             let sub = (batch.m - i0).min(8);
             let dst = &mut buf[..sub * cnt];
-            // SAFETY: as above.
-            unsafe { tile_rows(tile, batch, with_min, i0..i0 + sub, dst) };
+            let to = Dst::of(dst, sub, cnt);
+            // SAFETY: as above; `to` is `dst`, checked.
+            unsafe { tile_rows(tile, batch, with_min, i0..i0 + sub, to) };
             for (ii, row) in dst.chunks_exact(cnt).enumerate() {
                 let at = (i0 + ii) * n + g * TILE_ROWS;
                 out[at..at + cnt].copy_from_slice(row);
@@ -1166,20 +1232,23 @@ unsafe fn tile_load_repacked_typed<const TY: u8>(rep: &super::Repacked, g: usize
 /// (`m` rows of the group's rows): the first two activation rows are dotted as each block is
 /// read and stored into `tile`, so the arithmetic overlaps the group's stream from memory;
 /// the other rows read the tile back, as [`tile_matmul`] does.
+///
+/// # Safety
+/// `out` must be valid for writes of the group's rows at each of `batch.m` rows, untouched
+/// by any other thread meanwhile; CPU features are the caller's.
 #[inline(always)]
 unsafe fn repacked_tile_matmul_typed<const TY: u8>(
     rep: &super::Repacked,
     g: usize,
     batch: &Batch,
     tile: &mut Tile,
-    out: &mut [f32],
+    out: Dst,
 ) {
     type W<const TY: u8> = Packed<TY>;
     let w = RepackedGroup::<TY>::new(rep, g);
     let (nb, rows, m) = (w.nb, rep.group_rows(g), batch.m);
     assert!(m >= 1, "no activation rows");
     assert_eq!(nb * BLOCK, batch.acts.k, "activations differ in width");
-    assert_eq!(out.len(), m * rows, "out does not match the group");
     batch.check(<W<TY> as Weights>::SIGNED);
     let bufs = TileBuffers::new(tile, nb);
     let a = ActRows::<2>::new(batch, 0, <W<TY> as Weights>::SIGNED);
@@ -1194,23 +1263,16 @@ unsafe fn repacked_tile_matmul_typed<const TY: u8>(
             bufs.store(b, &t, dw, mw);
             sums.add_block::<W<TY>>(&t, dw, mw, b, &a);
         }
-        sums.store::<W<TY>>(m.min(2), 0, rows, out, rows, 0);
+        // SAFETY: rows 0 and 1 of `out` (those below `m`) are ours to write (the caller's).
+        sums.store_rows::<W<TY>>(m, rows, out);
     }
     tile.rows = rows;
     tile.nb = nb;
     tile.signed = <W<TY> as Weights>::SIGNED;
     tile.interleaved = true;
     if m > 2 {
-        // SAFETY: forwarded; `tile_rows` checks every bound.
-        unsafe {
-            tile_rows(
-                tile,
-                batch,
-                <W<TY> as Weights>::WITH_MIN,
-                2..m,
-                &mut out[2 * rows..],
-            )
-        };
+        // SAFETY: forwarded; `tile_rows` checks every bound but `out`'s, the caller's.
+        unsafe { tile_rows(tile, batch, <W<TY> as Weights>::WITH_MIN, 2..m, out.skip(2)) };
     }
 }
 
@@ -1295,31 +1357,32 @@ unsafe fn tile_load(ty: GgmlType, rows: &[u8], row_bytes: usize, tile: &mut Tile
     }
 }
 
-/// [`tile_pair`] over activation rows `range`, two at a time; `out` is `range.len()` rows of
-/// `tile.rows`.
+/// [`tile_pair`] over activation rows `range`, two at a time, into `out`'s rows from 0.
+///
+/// # Safety
+/// `out` must be valid for writes of `tile.rows` floats at each of `range.len()` rows,
+/// untouched by any other thread meanwhile; CPU features are the caller's.
 #[inline(always)]
 unsafe fn tile_rows(
     tile: &Tile,
     batch: &Batch,
     with_min: bool,
     range: std::ops::Range<usize>,
-    out: &mut [f32],
+    out: Dst,
 ) {
     tile.check(batch);
     batch.check(tile.signed);
     assert!(range.end <= batch.m, "rows past the batch");
-    assert_eq!(
-        out.len(),
-        range.len() * tile.rows,
-        "out does not match the tile"
+    assert!(
+        (1..=TILE_ROWS).contains(&tile.rows),
+        "tile rows outside a group"
     );
     assert!(!with_min || !tile.signed, "offsets with signed weights");
     let (first, end) = (range.start, range.end);
     let mut i0 = first;
     while i0 < end {
-        let dst_off = (i0 - first) * tile.rows;
-        let dst = &mut out[dst_off..];
-        // SAFETY: forwarded; buffers checked above and in `ActRows::new`.
+        let dst = out.skip(i0 - first);
+        // SAFETY: forwarded; buffers checked above and in `ActRows::new`, `out` by the caller.
         unsafe {
             match (tile.signed, with_min) {
                 (false, true) => tile_pair::<Unpacked<false, true>>(tile, batch, i0, end, dst),
@@ -1331,15 +1394,9 @@ unsafe fn tile_rows(
     }
 }
 
-/// Rows `i0` and `i0 + 1` (when below `end`) into `dst[0..]` and `dst[rows..]`.
+/// Rows `i0` and `i0 + 1` (when below `end`) into `dst`'s rows 0 and 1.
 #[inline(always)]
-unsafe fn tile_pair<W: Weights>(
-    tile: &Tile,
-    batch: &Batch,
-    i0: usize,
-    end: usize,
-    dst: &mut [f32],
-) {
+unsafe fn tile_pair<W: Weights>(tile: &Tile, batch: &Batch, i0: usize, end: usize, dst: Dst) {
     let a = ActRows::<2>::new(batch, i0, W::SIGNED);
     let (q, d, mm) = (tile.q.as_ptr(), tile.d.as_ptr(), tile.m.as_ptr());
     // SAFETY: the tile's buffers cover `nb` blocks of 16 rows (`Tile::check`), the activation
@@ -1359,15 +1416,16 @@ unsafe fn tile_pair<W: Weights>(
             };
             sums.add_block::<W>(&t, dw, mw, b, &a);
         }
-        // Store as if the batch started at `i0`: row r goes to dst[r * rows..].
-        sums.store::<W>(end - i0, 0, tile.rows, dst, tile.rows, 0);
+        // Row `i0 + r` goes to `dst`'s row `r`.
+        sums.store_rows::<W>(end - i0, tile.rows, dst);
     }
 }
 
 /// `out[i * tile.rows + l]` = dot of the tile's row `l` with activation row `i`, every `i`.
 #[inline(always)]
 unsafe fn tile_matmul(tile: &Tile, batch: &Batch, with_min: bool, out: &mut [f32]) {
-    // SAFETY: forwarded; `tile_rows` checks every bound.
+    let out = Dst::of(out, batch.m, tile.rows);
+    // SAFETY: forwarded; `tile_rows` checks every other bound.
     unsafe { tile_rows(tile, batch, with_min, 0..batch.m, out) }
 }
 
@@ -1651,16 +1709,18 @@ pub(super) unsafe fn avx512_tile_load_repacked(rep: &super::Repacked, g: usize, 
 }
 
 /// # Safety
-/// The CPU must support AVX-512 F/BW/VL/VNNI (and AVX2, FMA, F16C).
+/// The CPU must support AVX-512 F/BW/VL/VNNI (and AVX2, FMA, F16C); `out` must be valid for
+/// writes of the group's rows at each of `batch.m` rows, untouched by other threads meanwhile.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn avx512_repacked_tile_matmul(
     rep: &super::Repacked,
     g: usize,
     batch: &Batch,
     tile: &mut Tile,
-    out: &mut [f32],
+    out: Dst,
 ) {
-    // SAFETY: the features the body needs are enabled on this function.
+    // SAFETY: the features the body needs are enabled on this function; `out` is the
+    // caller's.
     unsafe {
         match repacked_tag(rep.ty()) {
             Some(Q4_0) => repacked_tile_matmul_typed::<Q4_0>(rep, g, batch, tile, out),
