@@ -22,8 +22,9 @@ unsafe fn hsum256(v: __m256i) -> i32 {
 /// How far ahead of the block being dotted decode's kernels prefetch weights: the hardware
 /// prefetchers alone leave the two-thread decode well short of the bandwidth limit. Measured
 /// on a 1B Q4_K_M decode: 21.7 t/s without, about 30 at 1 KiB, about 36 at 4 KiB
-/// (docs/performance.md, 2026-12-06).
-const PREFETCH_BYTES: usize = 4096;
+/// (docs/performance.md, 2026-12-06, AMD host); on the Intel host of 2026-12-07 (evening),
+/// 16 KiB ran 7-8% faster than 4 KiB in each of six rounds, 2, 8, 32 and 64 KiB slower.
+const PREFETCH_BYTES: usize = 16384;
 
 /// Prefetches the cache lines of the `len`-byte block `PREFETCH_BYTES` past the one at `p`.
 #[inline(always)]
