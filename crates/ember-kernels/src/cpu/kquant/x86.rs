@@ -24,6 +24,8 @@ unsafe fn hsum256(v: __m256i) -> i32 {
 /// on a 1B Q4_K_M decode: 21.7 t/s without, about 30 at 1 KiB, about 36 at 4 KiB
 /// (docs/performance.md, 2026-12-06, AMD host); on the Intel host of 2026-12-07 (evening),
 /// 16 KiB ran 7-8% faster than 4 KiB in each of six rounds, 2, 8, 32 and 64 KiB slower.
+/// The hint is T1 (to L2, not L1): a block is read once, so L1 gains nothing from holding
+/// it early; on that host T1 and T2 ran 3-17% faster than T0 and NTA at half the speed.
 const PREFETCH_BYTES: usize = 16384;
 
 /// Prefetches the cache lines of the `len`-byte block `PREFETCH_BYTES` past the one at `p`.
@@ -35,7 +37,7 @@ fn prefetch_ahead(p: *const u8, len: usize) {
         // dereferenced).
         let q = p.wrapping_add(PREFETCH_BYTES + off);
         // SAFETY: prefetching has no architectural effect and cannot fault.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(q.cast()) };
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(q.cast()) };
         off += 64;
     }
 }
@@ -824,7 +826,7 @@ pub mod avx512 {
                 // core's miss buffers and stalled it on the prefetches.
                 let prefetch = |t: usize| {
                     let ahead = l.wrapping_add(t).cast::<u8>().wrapping_add(PREFETCH_BYTES);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
                 };
                 for t in 0..nib {
                     prefetch(t);
@@ -963,7 +965,7 @@ pub mod avx512 {
                 // Hints only (never dereferenced), one line per step as in `repacked_dot`.
                 let prefetch = |t: usize| {
                     let ahead = l.wrapping_add(t).cast::<u8>().wrapping_add(PREFETCH_BYTES);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
                 };
                 let line = |t: usize| _mm512_load_si512(l.add(t).cast());
                 // Scale `j` (signed byte `j % 4` of word `48 + j / 4`) of every row, as an i32
