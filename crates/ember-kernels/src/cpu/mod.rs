@@ -98,8 +98,8 @@ struct Columns<'a> {
     _out: PhantomData<&'a mut [MaybeUninit<f32>]>,
 }
 
-// SAFETY: `Columns` is only written, through `write`, whose callers keep the column ranges of
-// concurrent calls disjoint.
+// SAFETY: `Columns` is only written, through `write` or the pointer `at` gives a kernel, whose
+// callers keep the column ranges of concurrent calls disjoint.
 unsafe impl Sync for Columns<'_> {}
 
 impl<'a> Columns<'a> {
@@ -113,10 +113,12 @@ impl<'a> Columns<'a> {
         }
     }
 
-    /// Columns `j0..j0 + cols` of row 0, for a kernel to write the `m` rows itself at stride
+    /// Columns `j0..j0 + cols` of row 0, for a kernel to write all `m` rows (which the caller
+    /// states, so that it cannot write rows past the output) itself at stride
     /// [`Columns::ld`] (under `write`'s rule: no two concurrent writers of a column).
-    fn at(&self, j0: usize, cols: usize) -> *mut f32 {
+    fn at(&self, j0: usize, cols: usize, m: usize) -> *mut f32 {
         assert!(j0 + cols <= self.n, "columns out of range");
+        assert_eq!(m, self.m, "rows other than the output's");
         self.ptr.wrapping_add(j0)
     }
 
@@ -266,7 +268,7 @@ fn repacked_matmul(rep: &q8::Repacked, x: &[f32], m: usize, fmt: q8::ActFormat) 
     let dst = Columns::new(&mut out.spare_capacity_mut()[..m * n], m, n);
     (0..rep.groups()).into_par_iter().for_each(|g| {
         with_scratch(&Q8_TILE, |(tile, _)| {
-            let at = dst.at(g * q8::TILE_ROWS, rep.group_rows(g));
+            let at = dst.at(g * q8::TILE_ROWS, rep.group_rows(g), batch.m);
             // SAFETY: `at` is columns `16g..16g + rows` of the `m` rows of `out` (stride
             // `n`), which task `g` alone writes; the kernel writes all of them.
             unsafe { rep.tile_matmul_to(g, &batch, tile, at, dst.ld()) };
@@ -374,7 +376,7 @@ pub fn quant_matmul_rows_many(
                         // SAFETY: task `(i, g)` alone writes matrix `i`'s columns of group `g`.
                         unsafe { dsts[i].write(g * q8::TILE_ROWS, buf) };
                     } else {
-                        let at = dsts[i].at(g * q8::TILE_ROWS, rows);
+                        let at = dsts[i].at(g * q8::TILE_ROWS, rows, batches[*b].m);
                         // SAFETY: `at` is matrix `i`'s columns of group `g` in its `m` rows
                         // (stride `ld`), which task `(i, g)` alone writes; the kernel writes
                         // all of them.
@@ -491,7 +493,7 @@ fn kquant_repacked_matmul(rep: &kquant::Repacked, acts: &kquant::Q8K, m: usize) 
             if tiled && !in_place {
                 with_scratch(&K_TILE, |tile| {
                     tile.load_repacked(rep, g);
-                    let at = dst.at(g * kquant::repack::GROUP_ROWS, rows);
+                    let at = dst.at(g * kquant::repack::GROUP_ROWS, rows, m);
                     // SAFETY: `tiled` holds only where the CPU supports AVX-512 F/BW/VL/VNNI
                     // and FMA (`q8::isa`). `at` is columns `16g..16g + rows` of the `m` rows
                     // of `out` (stride `ld`), which task `g` alone writes; it writes all of

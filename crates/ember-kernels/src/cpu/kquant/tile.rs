@@ -261,7 +261,8 @@ pub unsafe fn matmul_to(
     out: *mut f32,
     ld: usize,
 ) {
-    let Some(ty) = tile.ty else { return };
+    // An empty tile would leave `out` unwritten, which the callers hand on as results.
+    let ty = tile.ty.expect("the tile holds no rows");
     let nb = tile.nb;
     let m = acts.rows();
     assert_eq!(acts.k, nb * QK_K, "tile width differs from activations");
@@ -527,6 +528,53 @@ mod tests {
                             want[j].to_bits(),
                             "{ty} rows {range:?}: ({i}, {j})"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// `matmul_to` into a wider output (2 columns before the tile's, 3 after, every row) writes
+    /// `matmul`'s bits into the tile's columns and nothing else: partial groups of 1 and 15
+    /// rows, a whole group, 1 to 5 activation rows.
+    #[test]
+    fn matmul_to_writes_only_its_columns() {
+        if !Isa::Avx512Vnni.supported() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(0x70_c0);
+        let sentinel = f32::from_bits(0x7fc0_dead);
+        let k = 512;
+        for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+            for n in [1usize, 15, 16] {
+                let wf: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+                let w = ember_quant::quantize(ty, &wf).unwrap();
+                let mut tile = KTile::default();
+                tile.load(ty, &w, k / QK_K * ty.type_size());
+                for m in [1usize, 2, 3, 5] {
+                    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0f32)).collect();
+                    let acts = quantize_q8k(&x, k);
+                    let mut want = vec![0.0f32; m * n];
+                    // SAFETY: the CPU supports AVX-512 VNNI (checked above) and FMA with it.
+                    unsafe { matmul(&tile, &acts, 0..m, &mut want) };
+                    let ld = n + 5;
+                    let mut wide = vec![sentinel; m * ld];
+                    // SAFETY: as above; row `i`'s columns 2..2 + n of `wide` lie inside it.
+                    unsafe { matmul_to(&tile, &acts, 0..m, wide.as_mut_ptr().add(2), ld) };
+                    for (i, row) in wide.chunks_exact(ld).enumerate() {
+                        for (j, v) in row.iter().enumerate() {
+                            let expect = if (2..2 + n).contains(&j) {
+                                want[i * n + j - 2]
+                            } else {
+                                sentinel
+                            };
+                            assert_eq!(
+                                v.to_bits(),
+                                expect.to_bits(),
+                                "{ty} n={n} m={m} ({i}, {j})"
+                            );
+                        }
                     }
                 }
             }

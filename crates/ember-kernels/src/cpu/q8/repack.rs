@@ -489,6 +489,29 @@ mod tests {
                         let mut again = vec![0.0f32; m * n];
                         tile_matmul_with(isa, &fused_tile, &batch, with_min, &mut again);
                         assert_eq!(bits(&again), bits(&got), "{ty} fused tile {rows}x{k} g{g}");
+                        // Into a wider output (2 columns before, 3 after, every row): the
+                        // same bits in the group's columns, nothing written elsewhere.
+                        let (ld, sentinel) = (n + 5, f32::from_bits(0x7fc0_dead));
+                        let mut wide = vec![sentinel; m * ld];
+                        // SAFETY: row `i`'s columns `2..2 + n` lie inside `wide`; one thread.
+                        unsafe {
+                            rep.tile_matmul_to(
+                                g,
+                                &batch,
+                                &mut fused_tile,
+                                wide.as_mut_ptr().add(2),
+                                ld,
+                            )
+                        };
+                        for (i, row) in wide.chunks_exact(ld).enumerate() {
+                            let mut expect = vec![sentinel; ld];
+                            expect[2..2 + n].copy_from_slice(&got[i * n..(i + 1) * n]);
+                            assert_eq!(
+                                bits(row),
+                                bits(&expect),
+                                "{ty} strided {rows}x{k} g{g} row {i}"
+                            );
+                        }
                     }
                 }
             }
