@@ -876,8 +876,9 @@ impl<const R: usize> Sums<R> {
         }
     }
 
-    /// Writes row `r`'s results (first `rows` lanes) to `out[(i0 + r) * ld + col0..]` for every
-    /// `r` that is a row of the batch (below `m`).
+    /// [`Sums::store_rows`] into a slice: row `r`'s results (first `rows` lanes) to
+    /// `out[(i0 + r) * ld + col0..]` for every `r` that is a row of the batch (below `m`),
+    /// after checking that they lie inside `out`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn store<W: Weights>(
@@ -889,15 +890,26 @@ impl<const R: usize> Sums<R> {
         ld: usize,
         col0: usize,
     ) {
-        for r in 0..R.min(m - i0) {
-            // SAFETY: AVX-512 F is the caller's; `tmp` holds 16 floats.
-            let tmp = unsafe {
-                let mut tmp = [0.0f32; TILE_ROWS];
-                _mm512_storeu_ps(tmp.as_mut_ptr(), self.total::<W>(r));
-                tmp
-            };
-            let at = (i0 + r) * ld + col0;
-            out[at..at + rows].copy_from_slice(&tmp[..rows]);
+        let n = R.min(m - i0);
+        if n == 0 {
+            return;
+        }
+        let start = i0 * ld + col0;
+        assert!(
+            (1..=TILE_ROWS).contains(&rows) && start + (n - 1) * ld + rows <= out.len(),
+            "results past out"
+        );
+        // SAFETY: rows `0..n` of the destination, `rows` floats each, lie inside `out`
+        // (checked), which this call borrows mutably; CPU features are the caller's.
+        unsafe {
+            self.store_rows::<W>(
+                n,
+                rows,
+                Dst {
+                    ptr: out.as_mut_ptr().add(start),
+                    ld,
+                },
+            )
         }
     }
 }
