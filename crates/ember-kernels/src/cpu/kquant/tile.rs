@@ -298,8 +298,12 @@ pub unsafe fn matmul_to(
             if ty == GgmlType::Q4_K {
                 // llama.cpp's repacked Q4_K: gemm (FMA per sub-block pair) for the rows in
                 // whole groups of four, gemv (per block) for the rest.
-                let pairs = std::array::from_fn(|r| acts.q4k_pairs(at(r)));
-                q4k_rows(tile, &xs, &da, &bsums, pairs)
+                let pairs: [bool; ACT_ROWS] = std::array::from_fn(|r| acts.q4k_pairs(at(r)));
+                if pairs.iter().all(|&p| p) {
+                    q4k_pair_rows(tile, &xs, &da, &bsums)
+                } else {
+                    q4k_rows(tile, &xs, &da, &bsums, pairs)
+                }
             } else {
                 q6k_rows(tile, &xs, &da, &bsums)
             }
@@ -411,6 +415,62 @@ unsafe fn q4k_rows<const R: usize>(
     }
 }
 
+/// [`q4k_rows`] where every activation row takes the gemm (all `pairs`), the case of every
+/// prompt row but a ragged last few: a sub-block pair's `sc_lo * lo + sc_hi * hi` is formed in
+/// float instead of with two `vpmulld`s (two uops each, ten cycles' latency) and converted
+/// once. That is exact, so the same bits: `|lo|, |hi| <= 32 * 15 * 128 = 61440` and scales
+/// `<= 63`, so every product and their sum (`<= 7.8e6 < 2^24`) is an integer a float holds
+/// exactly, and the one rounding `fma` does is of an exact value. Without the per-block
+/// integer sums of the gemv rows, the per-row state fits the 32 vector registers (the mixed
+/// kernel spills a few to the stack).
+#[inline(always)]
+unsafe fn q4k_pair_rows<const R: usize>(
+    tile: &KTile,
+    xs: &[*const i8; R],
+    da: &[*const f32; R],
+    bsums: &[*const i16; R],
+) -> [__m512; R] {
+    // SAFETY (caller): AVX-512 F/VNNI and FMA; buffers checked by `matmul`.
+    unsafe {
+        let (mut acc, mut acc_min) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
+        for b in 0..tile.nb {
+            let wd = _mm512_loadu_ps(tile.d.as_ptr().add(b * ROWS));
+            let wmin = _mm512_loadu_ps(tile.dmin.as_ptr().add(b * ROWS));
+            let (mut dd, mut dmin) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
+            for r in 0..R {
+                let da = _mm512_set1_ps(*da[r].add(b));
+                dd[r] = _mm512_mul_ps(wd, da);
+                dmin[r] = _mm512_mul_ps(wmin, da);
+            }
+            for c in 0..4 {
+                let sc = tile.sc.as_ptr().add((b * 8 + 2 * c) * ROWS);
+                let sc_lo = _mm512_cvtepi32_ps(_mm512_loadu_si512(sc.cast()));
+                let sc_hi = _mm512_cvtepi32_ps(_mm512_loadu_si512(sc.add(ROWS).cast()));
+                let mut s = [_mm512_setzero_ps(); R];
+                for (f, v) in s.iter_mut().zip(group_sums(tile, b, 16 * c, 8, xs)) {
+                    *f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), sc_lo);
+                }
+                let hi = group_sums(tile, b, 16 * c + 8, 8, xs);
+                let mn = _mm512_loadu_si512(tile.mn.as_ptr().add((b * 4 + c) * ROWS).cast());
+                for r in 0..R {
+                    let s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[r]), sc_hi, s[r]);
+                    let bs = bsums[r].add(b * 16 + 4 * c);
+                    let b_lo = *bs as i32 + *bs.add(1) as i32;
+                    let b_hi = *bs.add(2) as i32 + *bs.add(3) as i32;
+                    let b2 = (b_lo as u16 as u32 | (b_hi as u16 as u32) << 16) as i32;
+                    let mi = _mm512_madd_epi16(mn, _mm512_set1_epi32(b2));
+                    acc[r] = _mm512_fmadd_ps(s, dd[r], acc[r]);
+                    acc_min[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mi), dmin[r], acc_min[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            acc[r] = _mm512_sub_ps(acc[r], acc_min[r]);
+        }
+        acc
+    }
+}
+
 /// Activation rows `xs` against the tile's sixteen Q6_K rows, with llama.cpp's tiled-kernel
 /// combination (`fma(isum * dw, da, sum)` per block; see `super::scalar::dot_q6k`).
 #[inline(always)]
@@ -499,6 +559,54 @@ mod tests {
 
     /// Any range of activation rows, grouped in fours from its start (partial last groups,
     /// gemm and gemv Q4_K rows in one group), gives the scalar row dots' bits.
+    #[test]
+    fn q4k_gemm_rows_are_exact_at_the_largest_sums() {
+        // Every nibble 15 and every scale and min 63 (all bits set), against activations that
+        // quantize to -127 throughout (a row of equal values; Q8_K's range is +-127) and to
+        // -127 / +127 alternately: the largest sub-block sums the float scale path of
+        // `q4k_pair_rows` must hold exactly (60960 and 7.7e6 in magnitude).
+        if !Isa::Avx512Vnni.supported() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        let ty = GgmlType::Q4_K;
+        let (n, k) = (16, 2 * QK_K);
+        let row_bytes = k / QK_K * ty.type_size();
+        let mut w = vec![0xffu8; n * row_bytes];
+        for (r, block) in w.chunks_exact_mut(ty.type_size()).enumerate() {
+            // d from 1.0 up, varied per block; dmin = 1.0 (f16).
+            let d = half::f16::from_f32(1.0 + r as f32 / 64.0).to_le_bytes();
+            block[..2].copy_from_slice(&d);
+            block[2..4].copy_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+        }
+        let m = 8;
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| match (i / k) % 2 {
+                0 => 1.0,
+                _ if i % 2 == 0 => 1.0,
+                _ => -1.0,
+            })
+            .collect();
+        let acts = quantize_q8k(&x, k);
+        assert!(
+            acts.qs[..k].iter().all(|&q| q == -127),
+            "the extreme activations"
+        );
+        let mut tile = KTile::default();
+        tile.load(ty, &w, row_bytes);
+        let mut out = vec![0.0f32; m * n];
+        // SAFETY: the CPU supports AVX-512 VNNI (checked above) and FMA with it.
+        unsafe { matmul(&tile, &acts, 0..m, &mut out) };
+        for i in 0..m {
+            assert!(acts.q4k_pairs(i), "row {i} takes the gemm");
+            let mut want = vec![0.0f32; n];
+            dot_rows_with(Isa::Scalar, ty, &w, &acts, i, &mut want);
+            for j in 0..n {
+                assert_eq!(out[i * n + j].to_bits(), want[j].to_bits(), "({i}, {j})");
+            }
+        }
+    }
+
     #[test]
     fn row_ranges_match_row_dots() {
         if !Isa::Avx512Vnni.supported() {
