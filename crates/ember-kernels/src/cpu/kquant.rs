@@ -71,6 +71,10 @@ pub struct Q8K {
     pub d: Vec<f32>,
     /// Sum of each 16 consecutive values (16 per block).
     pub bsums: Vec<i16>,
+    /// Per block (4 per block), the sums of 32-value sub-blocks `2c` (low i16) and `2c + 1`
+    /// (high i16) from `bsums`, packed for one `vpmaddwd` against Q4_K's mins: the prompt
+    /// tile reads them once per weight tile, so they are added up here once per batch.
+    pub pair_sums: Vec<i32>,
     /// Each row's place in the batch it has alone ([`SoloRow`]), which picks llama.cpp's
     /// arithmetic; `None`: row `i` of these `m` rows.
     pub solo: Option<std::sync::Arc<[SoloRow]>>,
@@ -110,6 +114,7 @@ pub fn quantize_q8k(x: &[f32], k: usize) -> Q8K {
         qs: vec![0; x.len()],
         d: vec![0.0; nb],
         bsums: vec![0; nb * 16],
+        pair_sums: Vec::new(),
         solo: None,
     };
     let vector = q8k_vector();
@@ -128,7 +133,17 @@ pub fn quantize_q8k(x: &[f32], k: usize) -> Q8K {
             .with_min_len(Q8K_BLOCKS_PER_TASK)
             .for_each(|(((xb, qs), d), bsums)| quantize_q8k_block(vector, xb, qs, d, bsums));
     }
+    out.pair_sums = out.bsums.chunks_exact(4).map(pack_pair_sums).collect();
     out
+}
+
+/// Four consecutive 16-value sums as one [`Q8K::pair_sums`] entry: `s[0] + s[1]` in the low
+/// i16, `s[2] + s[3]` in the high (each `|.| <= 32 * 127`, an exact i16).
+#[inline]
+fn pack_pair_sums(s: &[i16]) -> i32 {
+    let lo = s[0] as i32 + s[1] as i32;
+    let hi = s[2] as i32 + s[3] as i32;
+    (lo as u16 as u32 | (hi as u16 as u32) << 16) as i32
 }
 
 /// One 256-value block of [`quantize_q8k`]: its values, scale and sixteen sums (left zero for

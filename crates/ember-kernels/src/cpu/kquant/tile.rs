@@ -275,7 +275,10 @@ pub unsafe fn matmul_to(
         (1u16 << tile.rows) - 1
     };
     assert!(
-        acts.qs.len() >= m * acts.k && acts.d.len() >= m * nb && acts.bsums.len() >= m * nb * 16
+        acts.qs.len() >= m * acts.k
+            && acts.d.len() >= m * nb
+            && acts.bsums.len() >= m * nb * 16
+            && acts.pair_sums.len() >= m * nb * 4
     );
     let subs = if ty == GgmlType::Q4_K { 8 } else { 16 };
     assert!(tile.q.len() >= nb * QK_K * ROWS && tile.sc.len() >= nb * subs * ROWS);
@@ -299,10 +302,12 @@ pub unsafe fn matmul_to(
                 // llama.cpp's repacked Q4_K: gemm (FMA per sub-block pair) for the rows in
                 // whole groups of four, gemv (per block) for the rest.
                 let pairs: [bool; ACT_ROWS] = std::array::from_fn(|r| acts.q4k_pairs(at(r)));
+                let sums: [*const i32; ACT_ROWS] =
+                    std::array::from_fn(|r| acts.pair_sums[at(r) * nb * 4..].as_ptr());
                 if pairs.iter().all(|&p| p) {
-                    q4k_pair_rows(tile, &xs, &da, &bsums)
+                    q4k_pair_rows(tile, &xs, &da, &sums)
                 } else {
-                    q4k_rows(tile, &xs, &da, &bsums, pairs)
+                    q4k_rows(tile, &xs, &da, &sums, pairs)
                 }
             } else {
                 q6k_rows(tile, &xs, &da, &bsums)
@@ -355,7 +360,7 @@ unsafe fn q4k_rows<const R: usize>(
     tile: &KTile,
     xs: &[*const i8; R],
     da: &[*const f32; R],
-    bsums: &[*const i16; R],
+    pair_sums: &[*const i32; R],
     pairs: [bool; R],
 ) -> [__m512; R] {
     // SAFETY (caller): AVX-512 F/VNNI and FMA; buffers checked by `matmul`.
@@ -385,13 +390,10 @@ unsafe fn q4k_rows<const R: usize>(
                 let mn = _mm512_loadu_si512(tile.mn.as_ptr().add((b * 4 + c) * ROWS).cast());
                 for r in 0..R {
                     let s = _mm512_add_epi32(s[r], _mm512_mullo_epi32(sc_hi, hi[r]));
-                    let bs = bsums[r].add(b * 16 + 4 * c);
-                    let b_lo = *bs as i32 + *bs.add(1) as i32;
-                    let b_hi = *bs.add(2) as i32 + *bs.add(3) as i32;
                     // Mins 0..63 and sums of 32 activations (|.| <= 4064) are exact i16
                     // pairs; `vpmaddwd` adds their products exactly in i32.
-                    let b2 = (b_lo as u16 as u32 | (b_hi as u16 as u32) << 16) as i32;
-                    let mi = _mm512_madd_epi16(mn, _mm512_set1_epi32(b2));
+                    let b2 = _mm512_set1_epi32(*pair_sums[r].add(b * 4 + c));
+                    let mi = _mm512_madd_epi16(mn, b2);
                     if pairs[r] {
                         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd[r], acc[r]);
                         acc_min[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mi), dmin[r], acc_min[r]);
@@ -428,7 +430,7 @@ unsafe fn q4k_pair_rows<const R: usize>(
     tile: &KTile,
     xs: &[*const i8; R],
     da: &[*const f32; R],
-    bsums: &[*const i16; R],
+    pair_sums: &[*const i32; R],
 ) -> [__m512; R] {
     // SAFETY (caller): AVX-512 F/VNNI and FMA; buffers checked by `matmul`.
     unsafe {
@@ -454,11 +456,8 @@ unsafe fn q4k_pair_rows<const R: usize>(
                 let mn = _mm512_loadu_si512(tile.mn.as_ptr().add((b * 4 + c) * ROWS).cast());
                 for r in 0..R {
                     let s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[r]), sc_hi, s[r]);
-                    let bs = bsums[r].add(b * 16 + 4 * c);
-                    let b_lo = *bs as i32 + *bs.add(1) as i32;
-                    let b_hi = *bs.add(2) as i32 + *bs.add(3) as i32;
-                    let b2 = (b_lo as u16 as u32 | (b_hi as u16 as u32) << 16) as i32;
-                    let mi = _mm512_madd_epi16(mn, _mm512_set1_epi32(b2));
+                    let b2 = _mm512_set1_epi32(*pair_sums[r].add(b * 4 + c));
+                    let mi = _mm512_madd_epi16(mn, b2);
                     acc[r] = _mm512_fmadd_ps(s, dd[r], acc[r]);
                     acc_min[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mi), dmin[r], acc_min[r]);
                 }
