@@ -293,8 +293,6 @@ pub unsafe fn matmul_to(
         let at = |r: usize| start + g0 + r.min(count - 1);
         let xs: [*const i8; ACT_ROWS] = std::array::from_fn(|r| acts.qs[at(r) * acts.k..].as_ptr());
         let da: [*const f32; ACT_ROWS] = std::array::from_fn(|r| acts.d[at(r) * nb..].as_ptr());
-        let bsums: [*const i16; ACT_ROWS] =
-            std::array::from_fn(|r| acts.bsums[at(r) * nb * 16..].as_ptr());
         // SAFETY: the buffers were checked above to cover `nb` blocks of sixteen rows (tile)
         // and of these activation rows (`at(r) < m`); the CPU features are this function's.
         let v = unsafe {
@@ -310,6 +308,8 @@ pub unsafe fn matmul_to(
                     q4k_rows(tile, &xs, &da, &sums, pairs)
                 }
             } else {
+                let bsums: [*const i16; ACT_ROWS] =
+                    std::array::from_fn(|r| acts.bsums[at(r) * nb * 16..].as_ptr());
                 q6k_rows(tile, &xs, &da, &bsums)
             }
         };
@@ -556,14 +556,15 @@ mod tests {
         }
     }
 
-    /// Any range of activation rows, grouped in fours from its start (partial last groups,
-    /// gemm and gemv Q4_K rows in one group), gives the scalar row dots' bits.
     #[test]
     fn q4k_gemm_rows_are_exact_at_the_largest_sums() {
         // Every nibble 15 and every scale and min 63 (all bits set), against activations that
         // quantize to -127 throughout (a row of equal values; Q8_K's range is +-127) and to
-        // -127 / +127 alternately: the largest sub-block sums the float scale path of
-        // `q4k_pair_rows` must hold exactly (60960 and 7.7e6 in magnitude).
+        // one -127 then +127 per block (a leading maximum, then its negation): the largest
+        // negative and positive sub-block sums the float scale path of `q4k_pair_rows` must
+        // hold exactly (60960 and 7.7e6 in magnitude). Every third weight row has all scales
+        // and mins zero, where that path's sum is -0.0 for negative sums (the integer path's
+        // +0.0): the results must still be the same bits.
         if !Isa::Avx512Vnni.supported() {
             eprintln!("skipped: this CPU has no AVX-512 VNNI");
             return;
@@ -572,17 +573,21 @@ mod tests {
         let (n, k) = (16, 2 * QK_K);
         let row_bytes = k / QK_K * ty.type_size();
         let mut w = vec![0xffu8; n * row_bytes];
-        for (r, block) in w.chunks_exact_mut(ty.type_size()).enumerate() {
-            // d from 1.0 up, varied per block; dmin = 1.0 (f16).
-            let d = half::f16::from_f32(1.0 + r as f32 / 64.0).to_le_bytes();
-            block[..2].copy_from_slice(&d);
-            block[2..4].copy_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+        for (r, row) in w.chunks_exact_mut(row_bytes).enumerate() {
+            for (b, block) in row.chunks_exact_mut(ty.type_size()).enumerate() {
+                // d from 1.0 up, varied per row and block; dmin = 1.0 (f16).
+                let d = half::f16::from_f32(1.0 + (r * 2 + b) as f32 / 64.0).to_le_bytes();
+                block[..2].copy_from_slice(&d);
+                block[2..4].copy_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+                if r % 3 == 2 {
+                    block[4..16].fill(0);
+                }
+            }
         }
         let m = 8;
         let x: Vec<f32> = (0..m * k)
-            .map(|i| match (i / k) % 2 {
-                0 => 1.0,
-                _ if i % 2 == 0 => 1.0,
+            .map(|i| match ((i / k) % 2, i % QK_K) {
+                (0, _) | (_, 0) => 1.0,
                 _ => -1.0,
             })
             .collect();
@@ -590,6 +595,10 @@ mod tests {
         assert!(
             acts.qs[..k].iter().all(|&q| q == -127),
             "the extreme activations"
+        );
+        assert!(
+            (1..k).all(|j| acts.qs[k + j] == if j % QK_K == 0 { -127 } else { 127 }),
+            "the extreme positive activations"
         );
         let mut tile = KTile::default();
         tile.load(ty, &w, row_bytes);
@@ -606,6 +615,8 @@ mod tests {
         }
     }
 
+    /// Any range of activation rows, grouped in fours from its start (partial last groups,
+    /// gemm and gemv Q4_K rows in one group), gives the scalar row dots' bits.
     #[test]
     fn row_ranges_match_row_dots() {
         if !Isa::Avx512Vnni.supported() {
